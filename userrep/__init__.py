@@ -1,0 +1,1 @@
+"""userrep: generalized user representations for transfer learning."""

@@ -1,0 +1,158 @@
+"""The ``userrep`` command line: one subcommand per job.
+
+    userrep world generate --users 20000 --out data/world
+    userrep data validate data/world
+    userrep data import lastfm-hetrec ../shared/data/hetrec2011-lastfm-2k data/lastfm
+    userrep data import deezer ../shared/data/deezer-ro data/deezer
+    userrep demo
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Generalized user representations: data, training, batches, serving.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+world_app = typer.Typer(help="The synthetic music world.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets in the contract (docs/data.md).", no_args_is_help=True)
+import_app = typer.Typer(help="Convert real datasets into the contract.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+app.add_typer(data_app, name="data")
+data_app.add_typer(import_app, name="import")
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _validate_or_exit(directory: Path, as_json: bool = False) -> dict:
+    """Load a dataset; on problems print each one and exit 1; else print and return the summary."""
+    from userrep.data import DatasetError, load_dataset, summarize
+
+    try:
+        summary = summarize(load_dataset(directory))
+    except DatasetError as exc:
+        errors.print(f"[bold red]invalid dataset[/] {exc.path}: {len(exc.problems)} problem(s)")
+        for problem in exc.problems:
+            errors.print(f"  - {problem}", markup=False, highlight=False)
+        raise typer.Exit(code=1) from None
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(title=f"dataset {summary['path']}", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    rows = [
+        ("events", f"{summary['events']:,} (total weight {summary['total_weight']:,.0f})"),
+        ("users with events", f"{summary['users_with_events']:,} (median {summary['events_per_user_median']:.0f} events)"),
+        ("items", f"{summary['items']:,} ({summary['items_with_events']:,} played)"),
+        ("artists / genres", f"{summary['artists']:,} / {summary['genres']:,}"),
+        ("time range", f"{summary['ts_min']} .. {summary['ts_max']} ({summary['distinct_ts']:,} distinct)"),
+        ("users table", f"{summary['users_table']:,} rows" + (
+            f", {summary['users_without_events']:,} without events" if summary["users_table"] else "")),
+        ("pairs", f"{summary['pairs']:,}"),
+    ]
+    if summary.get("attributes"):
+        rows.append(("attributes", ", ".join(f"{k} ({v})" for k, v in summary["attributes"].items())))
+    rows.append(("coverage", ", ".join(f"{k} {v:.0%}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in summary["coverage"].items())))
+    rows += [("note", note) for note in summary["notes"]]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@data_app.command("validate")
+def data_validate(
+    directory: Annotated[Path, typer.Argument(help="Dataset directory (events, items, users, pairs).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Check a dataset against the contract; print a summary or every problem (exit 1)."""
+    _validate_or_exit(directory, as_json)
+
+
+@import_app.command("lastfm-hetrec")
+def import_lastfm(
+    src: Annotated[Path, typer.Argument(help="Folder with the HetRec 2011 Last.fm 2K .dat files.")],
+    out: Annotated[Path, typer.Argument(help="Output dataset directory.")],
+) -> None:
+    """Import HetRec 2011 Last.fm 2K (plays, friends, dated tags)."""
+    from userrep.importers import import_lastfm_hetrec
+
+    _require_files(src, ["user_artists.dat", "artists.dat", "tags.dat", "user_taggedartists.dat", "user_friends.dat"])
+    console.print(f"wrote {import_lastfm_hetrec(src, out)}")
+    _validate_or_exit(out)
+
+
+@import_app.command("deezer")
+def import_deezer_cmd(
+    src: Annotated[Path, typer.Argument(help="Folder with the Deezer social network files.")],
+    out: Annotated[Path, typer.Argument(help="Output dataset directory.")],
+    country: Annotated[str, typer.Option(help="Country prefix of the files (RO, HR, HU).")] = "RO",
+) -> None:
+    """Import a Deezer social network (friendships, liked genres)."""
+    from userrep.importers import import_deezer
+
+    _require_files(src, [f"{country}_genres.json", f"{country}_edges.csv"])
+    console.print(f"wrote {import_deezer(src, out, country)}")
+    _validate_or_exit(out)
+
+
+def _require_files(src: Path, names: list[str]) -> None:
+    missing = [n for n in names if not (src / n).exists()]
+    if missing:
+        errors.print(f"[bold red]error[/] {src}: missing source file(s) {missing}")
+        raise typer.Exit(code=2)
+
+
+@world_app.command("generate")
+def world_generate(
+    out: Annotated[Path, typer.Option(help="Output dataset directory.")] = Path("data/world"),
+    users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same world).")] = 0,
+    days: Annotated[int, typer.Option(min=1, help="Length of the listening window in days.")] = 180,
+    start: Annotated[str, typer.Option(help="First day of the window (UTC, ISO-8601).")] = "2026-01-01",
+    chunk_users: Annotated[int, typer.Option(min=100, help="Users per streamed chunk (bounds memory).")] = 5_000,
+) -> None:
+    """Generate a synthetic music world (a valid dataset plus truth.parquet)."""
+    from userrep.world import WorldConfig, generate_world
+
+    config = WorldConfig(users=users, seed=seed, days=days, start=start, chunk_users=chunk_users)
+    started = time.perf_counter()
+    counts = generate_world(config, out)
+    console.print(f"world written to {out} in {time.perf_counter() - started:.1f}s: {counts}")
+
+
+@app.command()
+def demo(
+    work: Annotated[Path, typer.Option(help="Work directory for generated data and batches.")] = Path("work"),
+    users: Annotated[int, typer.Option(min=1, help="Users in the synthetic world.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """The main job on the embedded default: generate the world (if absent) and summarize it."""
+    from userrep.world import WorldConfig, generate_world, world_is_current
+
+    config = WorldConfig(users=users, seed=seed)
+    world = work / "world"
+    if world_is_current(config, world):
+        console.print(f"[dim]world {world} is current (users={users}, seed={seed}); not regenerating[/]")
+    else:
+        started = time.perf_counter()
+        counts = generate_world(config, world)
+        console.print(f"generated {world} in {time.perf_counter() - started:.1f}s: {counts}")
+    _validate_or_exit(world)
+
+
+if __name__ == "__main__":
+    app()

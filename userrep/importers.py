@@ -1,0 +1,132 @@
+"""Convert real public datasets into the dataset contract (mapping choices: docs/data.md).
+
+Each importer reads the original files columnar (pandas C parser), writes parquet tables and
+returns the row counts it wrote. Nothing is keyed to these files' ids: ids are kept as they
+come, as strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from userrep.data import TS_TYPE
+
+# Last.fm opened in March 2002; tag dates before it are corrupt (the file has 1956, 1957, 1979).
+LASTFM_FIRST_VALID = pd.Timestamp("2002-03-20", tz="UTC")
+LASTFM_GENRES_PER_ARTIST = 3
+LASTFM_GENRE_VOCABULARY = 200  # the most used tags; the long tail is personal ("seen live", "my top")
+# Deezer RO was collected in November 2017 and has no event times (dataset README).
+DEEZER_SNAPSHOT = pd.Timestamp("2017-11-01", tz="UTC")
+
+
+def _read_tsv(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, encoding=encoding, dtype=str, keep_default_na=False)
+
+
+def _write(table: pd.DataFrame | pa.Table, path: Path) -> int:
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    pq.write_table(table, path)
+    return table.num_rows
+
+
+def _clean_label(values: pd.Series) -> pd.Series:
+    """Lowercase, trimmed labels; '|' is the contract's list separator, so it becomes '/'."""
+    return values.str.strip().str.lower().str.replace("|", "/", regex=False)
+
+
+def import_lastfm_hetrec(src: str | Path, out: str | Path) -> dict[str, int]:
+    """HetRec 2011 Last.fm 2K -> events (one per user-artist row), items (artists), pairs (friends).
+
+    Play counts are undated totals. An event is dated by the first (valid) day the user tagged
+    that artist, the only dated trace of the user engaging with it; otherwise by the snapshot
+    date, the first day of the month after the last valid tag date.
+    """
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plays = _read_tsv(src / "user_artists.dat")
+    artists = _read_tsv(src / "artists.dat")
+    tags = _read_tsv(src / "tags.dat", encoding="latin-1")
+    tagged = _read_tsv(src / "user_taggedartists.dat")
+    friends = _read_tsv(src / "user_friends.dat")
+
+    tag_date = pd.to_datetime(
+        {"year": tagged["year"].astype(int), "month": tagged["month"].astype(int), "day": tagged["day"].astype(int)},
+        errors="coerce",
+    ).dt.tz_localize("UTC")
+    tagged = tagged.assign(date=tag_date)
+    valid = tagged[tagged["date"] >= LASTFM_FIRST_VALID]
+    snapshot = (valid["date"].max() + pd.offsets.MonthBegin(1)).normalize()
+    first_tag = valid.groupby(["userID", "artistID"], as_index=False)["date"].min()
+    events = plays.merge(first_tag, on=["userID", "artistID"], how="left", validate="one_to_one")
+    events_table = pa.table({
+        "user_id": pa.array(events["userID"], pa.string()),
+        "item_id": pa.array(events["artistID"], pa.string()),
+        "ts": pa.array(events["date"].fillna(snapshot).dt.as_unit("us"), TS_TYPE),
+        "weight": pa.array(events["weight"].astype(float), pa.float64()),
+    })
+
+    # Genres: each artist's most assigned tags among the overall most used ones.
+    tag_names = tags.set_index("tagID")["tagValue"]
+    tagged = tagged.assign(tag=_clean_label(tagged["tagID"].map(tag_names).fillna("")))
+    tagged = tagged[tagged["tag"] != ""]
+    vocabulary = tagged["tag"].value_counts().index[:LASTFM_GENRE_VOCABULARY]
+    counts = (tagged[tagged["tag"].isin(vocabulary)].groupby(["artistID", "tag"]).size()
+              .rename("n").reset_index().sort_values(["artistID", "n", "tag"], ascending=[True, False, True]))
+    top = counts.groupby("artistID").head(LASTFM_GENRES_PER_ARTIST)
+    genres = top.groupby("artistID")["tag"].agg("|".join)
+    items = pd.DataFrame({
+        "item_id": artists["id"],
+        "artist_id": artists["id"],
+        "name": artists["name"],
+        "genres": artists["id"].map(genres),
+    })
+    pairs = pd.DataFrame({"user_a": friends["userID"], "user_b": friends["friendID"]})
+    return {
+        "events": _write(events_table, out / "events.parquet"),
+        "events_dated_by_tag": int(events["date"].notna().sum()),
+        "items": _write(items, out / "items.parquet"),
+        "pairs": _write(pairs, out / "pairs.parquet"),
+        "users": int(plays["userID"].nunique()),
+    }
+
+
+def import_deezer(src: str | Path, out: str | Path, country: str = "RO") -> dict[str, int]:
+    """Deezer social network (one country) -> events (user likes genre), items (genres), pairs (friends).
+
+    There are no tracks and no times: every liked genre is one item and one event of weight 1 at
+    the collection date, so time splits fall back to a random hold-out downstream.
+    """
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(src / f"{country}_genres.json", encoding="utf-8") as fh:
+        liked = json.load(fh)
+    edges = pd.read_csv(src / f"{country}_edges.csv", dtype=str)
+    user_ids = np.array(list(liked.keys()), dtype=object)
+    lengths = np.fromiter((len(v) for v in liked.values()), dtype=np.int64, count=len(liked))
+    genre_names = np.array([g.replace("|", "/") for v in liked.values() for g in v], dtype=object)
+    events = pa.table({
+        "user_id": pa.array(np.repeat(user_ids, lengths), pa.string()),
+        "item_id": pa.array(genre_names, pa.string()),
+        "ts": pa.array(np.full(len(genre_names), DEEZER_SNAPSHOT.value // 1000), pa.int64()).cast(TS_TYPE),
+        "weight": pa.array(np.ones(len(genre_names))),
+    })
+    vocabulary = sorted(set(genre_names))
+    items = pd.DataFrame({"item_id": vocabulary, "genres": vocabulary})
+    # Users who like nothing still exist (they have friends): list every node.
+    all_users = sorted(set(user_ids) | set(edges["node_1"]) | set(edges["node_2"]), key=int)
+    users = pd.DataFrame({"user_id": all_users})
+    pairs = pd.DataFrame({"user_a": edges["node_1"], "user_b": edges["node_2"]})
+    return {
+        "events": _write(events, out / "events.parquet"),
+        "items": _write(items, out / "items.parquet"),
+        "users": _write(users, out / "users.parquet"),
+        "pairs": _write(pairs, out / "pairs.parquet"),
+    }
