@@ -27,8 +27,8 @@ app.add_typer(world_app, name="world")
 app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
 
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=True)  # status lines stay whole (greppable); tables still fit
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def _validate_or_exit(directory: Path, as_json: bool = False) -> dict:
@@ -49,6 +49,10 @@ def _validate_or_exit(directory: Path, as_json: bool = False) -> dict:
     return summary
 
 
+def _short_ts(iso: str | None) -> str:
+    return iso[:19].replace("T", " ") if iso else "-"
+
+
 def _print_summary(summary: dict) -> None:
     table = Table(title=f"dataset {summary['path']}", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
@@ -58,7 +62,8 @@ def _print_summary(summary: dict) -> None:
         ("users with events", f"{summary['users_with_events']:,} (median {summary['events_per_user_median']:.0f} events)"),
         ("items", f"{summary['items']:,} ({summary['items_with_events']:,} played)"),
         ("artists / genres", f"{summary['artists']:,} / {summary['genres']:,}"),
-        ("time range", f"{summary['ts_min']} .. {summary['ts_max']} ({summary['distinct_ts']:,} distinct)"),
+        ("time range (UTC)", f"{_short_ts(summary['ts_min'])} .. {_short_ts(summary['ts_max'])} "
+                             f"({summary['distinct_ts']:,} distinct)"),
         ("users table", f"{summary['users_table']:,} rows" + (
             f", {summary['users_without_events']:,} without events" if summary["users_table"] else "")),
         ("pairs", f"{summary['pairs']:,}"),

@@ -62,7 +62,7 @@ class WorldConfig:
     onboarding_share: float = 0.8  # users who made onboarding picks
     pairs_per_user: float = 1.5
     pair_noise: float = 0.1  # share of pairs between users of different dominant genres
-    demographic_tilt: float = 0.6  # strength of the age/country prior on taste (weak by design)
+    demographic_tilt: float = 0.3  # strength of the age/country prior on taste (weak by design)
     chunk_users: int = 5_000
 
     @property

@@ -1,0 +1,50 @@
+# userrep — the two README commands are `make demo` and `make test`.
+# Set-up is stamp-based: .venv is (re)built only when pyproject.toml or constraints.txt change.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+WORK   ?= work
+PYTEST_ARGS ?=
+
+# No telemetry, no tokens in ~/.ray, no surprise downloads (docs/STACK-NOTES in ../shared).
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export BENTOML_DO_NOT_TRACK := True
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-fast bench lock clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project (fast when current)
+
+demo: $(STAMP) ## Run the main job on the embedded default (synthetic world)
+	$(BIN)/userrep demo --work $(WORK)
+
+test: $(STAMP) ## Run the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## Run the tests not marked slow (inner loop)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP) ## Run the benchmarks (JSON on stdout; never part of the tests)
+	@for f in bench/*.py; do echo "# $$f" >&2; $(BIN)/python $$f; done
+
+lock: ## Re-resolve dependencies from pyproject.toml into constraints.txt
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	{ echo "# Full resolved dependency set (make lock). Installed with pip -c so every machine gets the same versions."; \
+	  .lock-venv/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/'; } > constraints.txt
+	rm -rf .lock-venv
+
+clean: ## Remove the virtualenv and generated data
+	rm -rf $(VENV) $(WORK) .pytest_cache

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny datasets written on the fly, a small synthetic world, the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """Real datasets live beside the repo (../shared/data); never copied into it."""
+    return Path(os.environ.get("USERREP_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"real datasets missing at {path} (set USERREP_SHARED_DATA)")
+        pytest.skip(f"real datasets not found at {path} (set USERREP_SHARED_DATA)")
+    return path
+
+
+def write_dataset(directory: Path, fmt: str = "csv", **tables: pd.DataFrame) -> Path:
+    """Write each DataFrame as NAME.csv / NAME.parquet under directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        if fmt == "csv":
+            frame.to_csv(directory / f"{name}.csv", index=False)
+        else:
+            frame.to_parquet(directory / f"{name}.parquet", index=False)
+    return directory
+
+
+@pytest.fixture
+def tiny_tables() -> dict[str, pd.DataFrame]:
+    """A valid four-table dataset small enough to reason about by hand."""
+    return {
+        "events": pd.DataFrame({
+            "user_id": ["u1", "u1", "u2", "u3"],
+            "item_id": ["t1", "t2", "t2", "t3"],
+            "ts": ["2026-01-01T10:00:00Z", "2026-01-02T11:00:00+02:00", "2026-01-03", "2026-01-04T00:00:00Z"],
+            "weight": [1.0, 3.0, 2.0, 0.0],
+        }),
+        "items": pd.DataFrame({
+            "item_id": ["t1", "t2", "t3"],
+            "artist_id": ["a1", "a1", "a2"],
+            "genres": ["rock|indie", "rock", "jazz"],
+            "content_energy": [0.1, 0.5, None],
+        }),
+        "users": pd.DataFrame({
+            "user_id": ["u1", "u2", "u3", "u4"],
+            "signup_ts": ["2025-12-01", None, "2026-01-01", "2026-01-05"],
+            "onboarding_artists": ["a1", None, "a2|a1", ""],
+            "onboarding_genres": ["rock", None, "jazz", "rock|jazz"],
+            "country": ["SE", "SE", "US", None],
+        }),
+        "pairs": pd.DataFrame({"user_a": ["u1", "u2"], "user_b": ["u2", "u4"]}),
+    }
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory) -> Path:
+    """1,500 users in three streamed chunks: big enough for statistics, ~1 s to make."""
+    from userrep.world import WorldConfig, generate_world
+
+    out = tmp_path_factory.mktemp("world")
+    generate_world(WorldConfig(users=1_500, seed=7, chunk_users=500), out, progress=False)
+    return out

@@ -1,0 +1,38 @@
+"""The installed ``userrep`` entry point and the demo job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from userrep.cli import app
+
+runner = CliRunner()
+
+
+def test_entry_point_is_installed_and_lists_jobs():
+    exe = Path(sys.executable).parent / "userrep"
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
+    for job in ("world", "data", "demo"):
+        assert job in result.stdout
+    result = subprocess.run([str(exe), "data", "--help"], capture_output=True, text=True, check=True)
+    assert "validate" in result.stdout and "import" in result.stdout
+
+
+def test_demo_generates_once_then_reuses(tmp_path):
+    first = runner.invoke(app, ["demo", "--work", str(tmp_path), "--users", "300"])
+    assert first.exit_code == 0, first.output
+    assert "generated" in first.output and "users with events" in first.output
+    second = runner.invoke(app, ["demo", "--work", str(tmp_path), "--users", "300"])
+    assert second.exit_code == 0 and "is current" in second.output
+    third = runner.invoke(app, ["demo", "--work", str(tmp_path), "--users", "300", "--seed", "1"])
+    assert "generated" in third.output
+
+
+def test_validate_missing_directory_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["data", "validate", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "not a directory" in result.output

@@ -1,0 +1,74 @@
+"""Importers on the real public datasets in ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from userrep.cli import app
+from userrep.data import load_dataset, summarize
+from userrep.importers import DEEZER_SNAPSHOT
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def lastfm(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lastfm")
+    result = runner.invoke(app, ["data", "import", "lastfm-hetrec", str(shared_data / "hetrec2011-lastfm-2k"), str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def deezer(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deezer")
+    result = runner.invoke(app, ["data", "import", "deezer", str(shared_data / "deezer-ro"), str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_lastfm_documented_counts(lastfm):
+    summary = summarize(load_dataset(lastfm))
+    assert summary["events"] == 92_834
+    assert summary["users_with_events"] == 1_892
+    assert summary["items"] == 17_632 and summary["artists"] == 17_632
+    assert summary["pairs"] == 25_434
+    assert summary["total_weight"] == 69_183_975  # the sum of listening counts, untouched
+
+
+def test_lastfm_events_are_dated_by_first_tag_else_snapshot(lastfm, shared_data):
+    events = pd.read_parquet(lastfm / "events.parquet")
+    tagged = pd.read_csv(shared_data / "hetrec2011-lastfm-2k" / "user_taggedartists.dat", sep="\t")
+    # User 2 tagged artist 52 first on 2009-04-01 (the file's first row).
+    first = tagged[(tagged.userID == 2) & (tagged.artistID == 52)][["year", "month", "day"]].min()
+    assert tuple(first) == (2009, 4, 1)
+    row = events[(events.user_id == "2") & (events.item_id == "52")]
+    assert row["ts"].iloc[0] == pd.Timestamp("2009-04-01", tz="UTC")
+    # Undated plays sit at the snapshot, after every tag date; corrupt pre-2002 years are never used.
+    snapshot = events["ts"].max()
+    assert snapshot == pd.Timestamp("2011-06-01", tz="UTC")
+    assert (events["ts"] == snapshot).sum() == 92_834 - 20_664
+    assert events["ts"].min() >= pd.Timestamp("2002-03-20", tz="UTC")
+
+
+def test_lastfm_genres_come_from_tags(lastfm):
+    items = pd.read_parquet(lastfm / "items.parquet").set_index("item_id")
+    assert items.loc["707", "genres"] == "metal|heavy metal|thrash metal"  # Metallica: most assigned tags, in order
+    assert items["genres"].dropna().str.split("|").str.len().max() == 3
+
+
+def test_deezer_documented_counts(deezer):
+    summary = summarize(load_dataset(deezer))
+    assert summary["users_table"] == 41_773
+    assert summary["pairs"] == 125_826
+    assert summary["items"] == 84
+    assert summary["events"] == 252_132  # one per liked genre
+    assert summary["distinct_ts"] == 1 and summary["ts_min"] == DEEZER_SNAPSHOT.isoformat()
+
+
+def test_import_reports_missing_source_files(tmp_path):
+    result = runner.invoke(app, ["data", "import", "deezer", str(tmp_path), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "RO_genres.json" in result.output
