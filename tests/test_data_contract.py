@@ -43,6 +43,19 @@ def test_weight_defaults_to_one_and_numeric_ids_become_strings(tmp_path):
     assert ds.artist_column == "item_id"
 
 
+def test_parquet_timestamps_naive_aware_and_null(tmp_path, tiny_tables):
+    instants = pd.to_datetime(["2026-01-01 10:00", "2026-01-02 09:00", "2026-01-03 00:00", "2026-01-04 00:00"])
+    tiny_tables["events"]["ts"] = instants  # naive: taken as UTC
+    naive = load_dataset(write_dataset(tmp_path / "naive", "parquet", **tiny_tables))
+    tiny_tables["events"]["ts"] = instants.tz_localize("UTC").tz_convert("Europe/Stockholm")
+    aware = load_dataset(write_dataset(tmp_path / "aware", "parquet", **tiny_tables))
+    assert naive.events.column("ts").equals(aware.events.column("ts"))
+    assert naive.events.column("ts").to_pylist()[0].isoformat() == "2026-01-01T10:00:00+00:00"
+    tiny_tables["events"]["ts"] = [instants[0], pd.NaT, instants[2], instants[3]]
+    _, problems = _invalid(tmp_path / "null", tiny_tables, fmt="parquet")
+    assert problems[0].column == "ts" and problems[0].rows == (2,)
+
+
 def test_summary_counts(tmp_path, tiny_tables):
     summary = summarize(load_dataset(write_dataset(tmp_path, **tiny_tables)))
     assert summary["events"] == 4

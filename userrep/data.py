@@ -9,6 +9,7 @@ first bad rows. Nothing is dropped silently: a row is either accepted as-is or r
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,8 @@ def read_table(path: Path, name: str) -> pa.Table:
     path = Path(path)
     if path.suffix == ".parquet":
         return pq.read_table(path)
-    header = pacsv.read_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 16)).column_names
+    with open(path, newline="", encoding="utf-8") as fh:  # header only; the body is read once, below
+        header = next(csv.reader(fh), [])
     forced = {c: pa.string() for c in STRING_COLUMNS.get(name, ()) if c in header}
     if name == "users":  # categorical attributes are labels, never numbers
         forced.update({c: pa.string() for c in header if c not in KNOWN_COLUMNS["users"]})
@@ -292,7 +294,16 @@ def _parse_ts(file: str, column: str, table: pa.Table, *, allow_null: bool):
     """Timestamps: parquet timestamp/date, epoch seconds (numbers) or ISO-8601 text, all -> UTC."""
     raw = table.column(column)
     kind = raw.type
-    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+    if pa.types.is_timestamp(kind):
+        # Arrow-native: naive timestamps are taken as UTC, aware ones keep their instant.
+        parsed = pc.cast(raw, TS_TYPE, safe=False)
+        bad = _mask(pc.or_(pc.less(parsed, pa.scalar(_MIN_TS, TS_TYPE)), pc.greater_equal(parsed, pa.scalar(_MAX_TS, TS_TYPE))))
+        if not allow_null:
+            bad |= _mask(pc.is_null(raw))
+        if bad.any():
+            return parsed, _problem(file, column, "null or out-of-range timestamp (1970..2100)", table, bad)
+        return parsed, None
+    if pa.types.is_date(kind):
         series = pd.to_datetime(raw.to_pandas(), utc=True)
         bad_parse = np.zeros(len(series), dtype=bool)
     else:
@@ -312,8 +323,7 @@ def _parse_ts(file: str, column: str, table: pa.Table, *, allow_null: bool):
         bad_parse = (series.isna() & (text.notna() | numeric.notna())).to_numpy()
     bad = bad_parse | ((series < _MIN_TS) | (series >= _MAX_TS)).to_numpy()
     if not allow_null:
-        bad |= (raw.is_null().to_numpy(zero_copy_only=False) if isinstance(raw, pa.Array)
-                else _mask(pc.is_null(raw)))
+        bad |= _mask(pc.is_null(raw))
     parsed = pa.chunked_array([pa.array(series.dt.as_unit("us"), type=TS_TYPE)])
     if bad.any():
         hint = "expected ISO-8601 text or epoch seconds between 1970 and 2100"
