@@ -36,3 +36,11 @@ def test_validate_missing_directory_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["data", "validate", str(tmp_path / "nope")])
     assert result.exit_code == 1
     assert "not a directory" in result.output
+
+
+def test_world_generate_rejects_bad_options_by_name(tmp_path):
+    result = runner.invoke(app, ["world", "generate", "--users", "10", "--start", "garbage", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "start must be an ISO-8601 date" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["world", "generate", "--users", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "users" in result.output

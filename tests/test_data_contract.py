@@ -151,6 +151,12 @@ def test_rejects_missing_items_table_and_ambiguous_formats(tmp_path, tiny_tables
     assert "both events.parquet and events.csv exist" in text
 
 
+def test_rejects_empty_events_table(tmp_path, tiny_tables):
+    tiny_tables["events"] = tiny_tables["events"].iloc[:0]
+    output, problems = _invalid(tmp_path, tiny_tables, fmt="parquet")
+    assert "events.parquet: table 'events' has no rows" in output
+
+
 def test_valid_dataset_prints_summary_and_exits_zero(tmp_path, tiny_tables):
     write_dataset(tmp_path, **tiny_tables)
     result = runner.invoke(app, ["data", "validate", str(tmp_path), "--json"])

@@ -13,20 +13,20 @@ from userrep.importers import DEEZER_SNAPSHOT
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def lastfm(shared_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lastfm")
-    result = runner.invoke(app, ["data", "import", "lastfm-hetrec", str(shared_data / "hetrec2011-lastfm-2k"), str(out)])
+def _import(kind: str, src, out):
+    result = runner.invoke(app, ["data", "import", kind, str(src), str(out)])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="module")
+def lastfm(shared_data, tmp_path_factory):
+    return _import("lastfm-hetrec", shared_data / "hetrec2011-lastfm-2k", tmp_path_factory.mktemp("lastfm"))
 
 
 @pytest.fixture(scope="module")
 def deezer(shared_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("deezer")
-    result = runner.invoke(app, ["data", "import", "deezer", str(shared_data / "deezer-ro"), str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return _import("deezer", shared_data / "deezer-ro", tmp_path_factory.mktemp("deezer"))
 
 
 def test_lastfm_documented_counts(lastfm):

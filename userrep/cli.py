@@ -133,7 +133,11 @@ def world_generate(
     """Generate a synthetic music world (a valid dataset plus truth.parquet)."""
     from userrep.world import WorldConfig, generate_world
 
-    config = WorldConfig(users=users, seed=seed, days=days, start=start, chunk_users=chunk_users)
+    try:
+        config = WorldConfig(users=users, seed=seed, days=days, start=start, chunk_users=chunk_users)
+    except ValueError as exc:
+        errors.print(f"[bold red]error[/] {exc}")
+        raise typer.Exit(code=2) from None
     started = time.perf_counter()
     counts = generate_world(config, out)
     console.print(f"world written to {out} in {time.perf_counter() - started:.1f}s: {counts}")

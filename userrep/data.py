@@ -168,6 +168,8 @@ def load_dataset(directory: str | Path) -> Dataset:
         if missing:
             del tables[name]
             continue
+        if table.num_rows == 0 and name in REQUIRED_TABLES:
+            problems.append(Problem(files[name], None, f"table '{name}' has no rows"))
         tables[name], table_problems, table_notes = _normalize(name, files[name], table)
         problems += table_problems
         notes += table_notes

@@ -65,6 +65,20 @@ class WorldConfig:
     demographic_tilt: float = 0.3  # strength of the age/country prior on taste (weak by design)
     chunk_users: int = 5_000
 
+    def __post_init__(self) -> None:
+        for name in ("users", "days", "chunk_users", "tracks_per_artist", "session_rate", "tracks_per_session"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("favorite_share", "new_user_share", "onboarding_share", "pair_noise"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)!r}")
+        if self.artists < 0 or self.pairs_per_user < 0 or self.demographic_tilt < 0:
+            raise ValueError("artists, pairs_per_user and demographic_tilt must be >= 0")
+        try:
+            pd.Timestamp(self.start, tz="UTC")
+        except (ValueError, TypeError):
+            raise ValueError(f"start must be an ISO-8601 date, got {self.start!r}") from None
+
     @property
     def n_artists(self) -> int:
         return self.artists or int(np.clip(self.users // 8, 200, 100_000))
