@@ -151,6 +151,13 @@ def test_rejects_missing_items_table_and_ambiguous_formats(tmp_path, tiny_tables
     assert "both events.parquet and events.csv exist" in text
 
 
+def test_rejects_float_ids_without_crashing(tmp_path, tiny_tables):
+    tiny_tables["items"]["item_id"] = [1.5, 2.5, 3.5]
+    output, problems = _invalid(tmp_path, tiny_tables, fmt="parquet")
+    assert [p.column for p in problems] == ["item_id"]
+    assert "must be text or integer ids, got double" in output
+
+
 def test_rejects_empty_events_table(tmp_path, tiny_tables):
     tiny_tables["events"] = tiny_tables["events"].iloc[:0]
     output, problems = _invalid(tmp_path, tiny_tables, fmt="parquet")

@@ -104,8 +104,12 @@ class Dataset:
 
     @property
     def artist_column(self) -> str:
-        """Artists are items grouped by ``artist_id``; without it every item is its own artist."""
-        return "artist_id" if "artist_id" in self.items.column_names else "item_id"
+        return artist_column(self.items)
+
+
+def artist_column(items: pa.Table) -> str:
+    """Artists are items grouped by ``artist_id``; without it every item is its own artist."""
+    return "artist_id" if "artist_id" in items.column_names else "item_id"
 
 
 def table_path(directory: Path, name: str) -> Path | None:
@@ -174,7 +178,9 @@ def load_dataset(directory: str | Path) -> Dataset:
         problems += table_problems
         notes += table_notes
 
-    if "events" in tables and "items" in tables:
+    ids_are_text = all(pa.types.is_string(t.schema.field(c).type)
+                       for name, t in tables.items() for c in STRING_COLUMNS[name] if c in t.column_names)
+    if "events" in tables and "items" in tables and ids_are_text:  # else the type problems say it all
         problems += _check_references(tables, files)
     if problems:
         raise DatasetError(directory, problems)
@@ -222,14 +228,12 @@ def _normalize(name: str, file: str, table: pa.Table) -> tuple[pa.Table, list[Pr
     for col in STRING_COLUMNS[name]:
         if col not in cols:
             continue
-        if pa.types.is_dictionary(cols[col].type):
-            cols[col] = cols[col].cast(cols[col].type.value_type)
-        if not (pa.types.is_string(cols[col].type) or pa.types.is_large_string(cols[col].type)):
-            if pa.types.is_integer(cols[col].type) or pa.types.is_null(cols[col].type):
-                cols[col] = cols[col].cast(pa.string())
-            else:
-                problems.append(Problem(file, col, f"must be text or integer ids, got {cols[col].type}"))
-                continue
+        kind = cols[col].type
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
+                or pa.types.is_null(kind)):
+            problems.append(Problem(file, col, f"must be text or integer ids, got {kind}"))
+            continue
         cols[col] = cols[col].cast(pa.string())
     table = pa.table(cols)
 
@@ -275,14 +279,14 @@ def _normalize(name: str, file: str, table: pa.Table) -> tuple[pa.Table, list[Pr
         if bad.any():
             problems.append(_problem(file, "user_a", "a user paired with itself", table, bad))
 
-    if name != "users":
-        ignored = [c for c in cols if c not in KNOWN_COLUMNS[name] and not c.startswith(CONTENT_PREFIX)]
+    if name != "users":  # users keep every column: the unknown ones are attributes
+        def kept(c: str) -> bool:
+            return c in KNOWN_COLUMNS[name] or (name == "items" and c.startswith(CONTENT_PREFIX))
+
+        ignored = [c for c in cols if not kept(c)]
         if ignored:
             notes.append(f"{file}: ignored columns {ignored}")
-        if name == "items":
-            cols = {c: v for c, v in cols.items() if c in KNOWN_COLUMNS[name] or c.startswith(CONTENT_PREFIX)}
-        else:
-            cols = {c: v for c, v in cols.items() if c in KNOWN_COLUMNS[name]}
+        cols = {c: v for c, v in cols.items() if kept(c)}
     return pa.table(cols), problems, notes
 
 
@@ -369,7 +373,7 @@ def _check_references(tables: dict[str, pa.Table], files: dict[str, str]) -> lis
                 problems.append(_problem(files["pairs"], col, "unknown user (not in events or users)", pairs, bad))
     users = tables.get("users")
     if users is not None and "onboarding_artists" in users.column_names:
-        artist_col = "artist_id" if "artist_id" in items.column_names else "item_id"
+        artist_col = artist_column(items)
         lists = split_list(users.column("onboarding_artists"))
         flat_bad = ~_mask(pc.is_in(lists.flatten(), value_set=pc.unique(items.column(artist_col).combine_chunks())))
         if flat_bad.any():
