@@ -1,0 +1,174 @@
+"""Modality encoders: item vectors from co-listening (collaborative) and from content/genres.
+
+Both share one small interface — ``fit(dataset, as_of) -> ItemVectors`` — and are fitted only
+on events strictly before ``as_of``. ``ItemVectors`` saves/loads its table as parquet and derives
+artist vectors as the mean of the artist's item vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from sklearn.utils.extmath import randomized_svd
+
+from userrep.data import Dataset, artist_column, split_list
+
+
+@dataclass(frozen=True)
+class ItemVectors:
+    """One vector per catalog item (rows aligned with ``item_ids``)."""
+
+    name: str
+    item_ids: np.ndarray  # (n,) object
+    vectors: np.ndarray  # (n, d) float32
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def save(self, path: str | Path) -> None:
+        table = pa.table({
+            "item_id": pa.array(self.item_ids, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel(), pa.float32()), self.dim),
+        })
+        pq.write_table(table.replace_schema_metadata({"encoder": self.name}), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ItemVectors":
+        table = pq.read_table(path)
+        vectors = table.column("vector").combine_chunks()
+        dim = vectors.type.list_size
+        flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        return cls(table.schema.metadata[b"encoder"].decode(), np.asarray(table.column("item_id").to_pylist(), object),
+                   flat.reshape(-1, dim))
+
+    def lookup(self, item_ids) -> np.ndarray:
+        """Row index of each id in this table (-1 for unknown)."""
+        index = pd.Index(self.item_ids)
+        return index.get_indexer(pd.Index(item_ids))
+
+    def artist_vectors(self, items: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(artist_ids, vectors): each artist's vector is the mean of its items' vectors."""
+        col = artist_column(items)
+        rows = self.lookup(items.column("item_id").to_numpy(zero_copy_only=False))
+        artists, inverse = np.unique(items.column(col).to_numpy(zero_copy_only=False).astype(object),
+                                     return_inverse=True)
+        sums = np.zeros((len(artists), self.dim), np.float64)
+        np.add.at(sums, inverse[rows >= 0], self.vectors[rows[rows >= 0]])
+        counts = np.bincount(inverse[rows >= 0], minlength=len(artists))[:, None]
+        return artists, (sums / np.maximum(counts, 1)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CollaborativeEncoder:
+    """Co-listening vectors: truncated SVD of the user x item matrix (LSA-style).
+
+    Cells are log(1 + plays) scaled by item IDF, rows L2-normalized so heavy users do not
+    dominate; items listened by the same users get similar right singular vectors. Randomized
+    SVD keeps 50k+ items well under a minute on 2 cores. Items unplayed before ``as_of`` take
+    their artist's mean vector when the artist has played items, else zeros.
+    """
+
+    dim: int = 32
+    seed: int = 0
+    name: str = "collab"
+
+    def fit(self, ds: Dataset, as_of) -> ItemVectors:
+        events = events_before(ds, as_of)
+        item_ids = ds.items.column("item_id").to_numpy(zero_copy_only=False).astype(object)
+        users, user_idx = np.unique(events.column("user_id").to_numpy(zero_copy_only=False), return_inverse=True)
+        item_idx = pd.Index(item_ids).get_indexer(events.column("item_id").to_numpy(zero_copy_only=False))
+        weights = events.column("weight").to_numpy()
+        matrix = sp.csr_matrix((weights, (user_idx, item_idx)), shape=(len(users), len(item_ids)))
+        matrix.sum_duplicates()
+        matrix.data = np.log1p(matrix.data)
+        df = np.bincount(matrix.indices, minlength=len(item_ids))
+        idf = np.log((1 + len(users)) / (1 + df)) + 1.0
+        matrix = matrix @ sp.diags(idf)
+        norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1))).ravel()
+        matrix = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ matrix
+        k = max(1, min(self.dim, min(matrix.shape) - 1))
+        _, s, vt = randomized_svd(matrix, n_components=k, random_state=self.seed, n_iter=4)
+        vectors = np.zeros((len(item_ids), self.dim), np.float32)
+        vectors[:, :k] = (vt.T * np.sqrt(s)).astype(np.float32)
+        vectors = _fill_unplayed_from_artist(ds.items, vectors, played=df > 0)
+        return ItemVectors(self.name, item_ids, vectors)
+
+
+@dataclass(frozen=True)
+class ContentEncoder:
+    """Content vectors: z-scored ``content_*`` columns plus genre multi-hot, reduced by PCA.
+
+    Items without content columns (or with missing values) still get a vector from their genres
+    alone; a catalog with neither gets zeros. Genres beyond the ``max_genres`` most frequent are
+    folded away (long tag tails are noise). Uses only the catalog, which is known at any ``as_of``.
+    """
+
+    dim: int = 16
+    max_genres: int = 64
+    name: str = "content"
+
+    def fit(self, ds: Dataset, as_of=None) -> ItemVectors:
+        items = ds.items
+        item_ids = items.column("item_id").to_numpy(zero_copy_only=False).astype(object)
+        blocks = []
+        if ds.content_columns:
+            content = np.column_stack([items.column(c).to_numpy(zero_copy_only=False) for c in ds.content_columns])
+            mean, std = np.nanmean(content, axis=0), np.nanstd(content, axis=0)
+            z = (content - np.nan_to_num(mean)) / np.where(np.nan_to_num(std) > 0, std, 1.0)
+            blocks.append(np.nan_to_num(z))
+        vocabulary = genre_vocabulary(items, self.max_genres)
+        if vocabulary:
+            blocks.append(genre_matrix(items, vocabulary) * 2.0)  # genres weigh about as much as content
+        vectors = np.zeros((len(item_ids), self.dim), np.float32)
+        if blocks:
+            x = np.hstack(blocks)
+            x = x - x.mean(axis=0)
+            k = max(1, min(self.dim, x.shape[1], x.shape[0] - 1))
+            u, s, _ = randomized_svd(x, n_components=k, random_state=0)
+            vectors[:, :k] = (u * s / np.sqrt(len(x))).astype(np.float32)
+        return ItemVectors(self.name, item_ids, vectors)
+
+
+def events_before(ds: Dataset, as_of) -> pa.Table:
+    """Events strictly before ``as_of`` (point-in-time correctness starts here)."""
+    cutoff = pa.scalar(pd.Timestamp(as_of).tz_convert("UTC") if pd.Timestamp(as_of).tzinfo
+                       else pd.Timestamp(as_of, tz="UTC"), pa.timestamp("us", tz="UTC"))
+    return ds.events.filter(pc.less(ds.events.column("ts"), cutoff))
+
+
+def genre_vocabulary(items: pa.Table, max_genres: int) -> list[str]:
+    """The ``max_genres`` most frequent genres over the catalog (ties broken by name)."""
+    if "genres" not in items.column_names:
+        return []
+    counts = pc.value_counts(split_list(items.column("genres")).flatten())
+    frame = pd.DataFrame({"genre": counts.field("values").to_pylist(), "n": counts.field("counts").to_numpy()})
+    return frame.sort_values(["n", "genre"], ascending=[False, True])["genre"].head(max_genres).tolist()
+
+
+def genre_matrix(items: pa.Table, vocabulary: list[str]) -> np.ndarray:
+    """(items, genres) rows summing to 1 over the item's known genres (zeros when none)."""
+    lists = split_list(items.column("genres"))
+    flat = pd.Index(vocabulary).get_indexer(lists.flatten().to_numpy(zero_copy_only=False))
+    parents = pc.list_parent_indices(lists).to_numpy()
+    keep = flat >= 0
+    out = np.zeros((items.num_rows, len(vocabulary)), np.float32)
+    np.add.at(out, (parents[keep], flat[keep]), 1.0)
+    return out / np.maximum(out.sum(axis=1, keepdims=True), 1.0)
+
+
+def _fill_unplayed_from_artist(items: pa.Table, vectors: np.ndarray, played: np.ndarray) -> np.ndarray:
+    artists = items.column(artist_column(items)).to_numpy(zero_copy_only=False).astype(object)
+    _, inverse = np.unique(artists, return_inverse=True)
+    sums = np.zeros((inverse.max() + 1, vectors.shape[1]), np.float64)
+    np.add.at(sums, inverse[played], vectors[played])
+    counts = np.bincount(inverse[played], minlength=len(sums))[:, None]
+    means = (sums / np.maximum(counts, 1)).astype(np.float32)
+    return np.where(played[:, None], vectors, means[inverse])

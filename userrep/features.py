@@ -1,0 +1,308 @@
+"""Point-in-time user features, in batch and incrementally, derived by one shared function.
+
+A ``FeatureSpace`` holds everything fitted before ``as_of`` (item vectors of both encoders, the
+genre vocabulary, attribute categories). Features for a user at ``as_of`` come from two parts:
+
+* history: the user's (day, item, weight) buckets for events with ``ts < as_of``; window ``w``
+  covers bucket days ``>= day(as_of) - w`` (w whole days plus the part of as_of's own day);
+* static: onboarding picks and categorical attributes (known from sign-up).
+
+``build_user_features`` aggregates a dataset into buckets with vectorized pandas/scipy;
+``FeatureState`` keeps the same buckets per user and ``apply_events`` updates them online. Both
+call ``features_from_buckets`` so their vectors agree to float tolerance.
+
+Groups (``collab_7d``, ``content_30d``, ``genres_180d``, ``activity_7d``, ``onboarding``,
+``demographics``) are contiguous column ranges, so ablations drop whole groups by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+
+from userrep.data import Dataset, artist_column, split_list
+from userrep.encoders import CollaborativeEncoder, ContentEncoder, ItemVectors, events_before, genre_matrix, genre_vocabulary
+
+HISTORY_KINDS = ("collab", "content", "genres", "activity")
+ACTIVITY = ("log_plays", "log_distinct_artists", "active_day_share", "has_history")
+_DAY_US = 86_400 * 1_000_000
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    windows: tuple[int, ...] = (7, 30, 180)  # days before as_of
+    collab_dim: int = 32
+    content_dim: int = 16
+    max_genres: int = 32
+    max_categories: int = 16  # per categorical attribute; the rest share an "other" slot
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """Ordered (group, size) pairs; a group is a contiguous column range."""
+
+    groups: tuple[tuple[str, int], ...]
+
+    @property
+    def n_features(self) -> int:
+        return sum(size for _, size in self.groups)
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for name, size in self.groups:
+            out[name] = slice(start, start + size)
+            start += size
+        return out
+
+    def history_groups(self) -> list[str]:
+        return [name for name, _ in self.groups if name.split("_")[0] in HISTORY_KINDS]
+
+    def without(self, drop: list[str] | tuple[str, ...]) -> tuple["FeatureSchema", np.ndarray]:
+        """The schema minus the groups matched by ``drop`` and the column indices kept.
+
+        A token matches a group by full name (``collab_7d``), kind (``collab``) or window (``7d``).
+        """
+        unknown = [d for d in drop if not any(_matches(n, d) for n, _ in self.groups)]
+        if unknown:
+            raise ValueError(f"unknown feature group(s) {unknown}; groups: {[n for n, _ in self.groups]}")
+        slices = self.slices()
+        keep = [n for n, _ in self.groups if not any(_matches(n, d) for d in drop)]
+        cols = [np.arange(slices[n].start, slices[n].stop) for n in keep]
+        return FeatureSchema(tuple(g for g in self.groups if g[0] in keep)), np.concatenate(cols or [np.array([], int)])
+
+
+def _matches(name: str, token: str) -> bool:
+    return name == token or name.startswith(f"{token}_") or name.endswith(f"_{token}")
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """What turns raw data into feature vectors; fitted on data before ``as_of`` only."""
+
+    config: FeatureConfig
+    as_of: str
+    collab: ItemVectors
+    content: ItemVectors
+    genres: tuple[str, ...]
+    attributes: dict[str, tuple[str, ...]]
+    item_artist: np.ndarray  # (items,) artist index
+    artists: np.ndarray  # (artists,) artist ids
+    item_genres: np.ndarray = field(repr=False)  # (items, genres)
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        return self.collab.item_ids
+
+    @property
+    def schema(self) -> FeatureSchema:
+        cfg, n_genres = self.config, len(self.genres)
+        groups = []
+        for w in cfg.windows:
+            groups += [(f"collab_{w}d", self.collab.dim), (f"content_{w}d", self.content.dim),
+                       (f"genres_{w}d", n_genres), (f"activity_{w}d", len(ACTIVITY))]
+        groups.append(("onboarding", self.collab.dim + self.content.dim + n_genres + 1))
+        groups.append(("demographics", sum(len(c) + 1 for c in self.attributes.values())))
+        return FeatureSchema(tuple((n, s) for n, s in groups if s > 0))
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.collab.save(directory / "collab.parquet")
+        self.content.save(directory / "content.parquet")
+        np.savez_compressed(directory / "space.npz", item_artist=self.item_artist, artists=self.artists.astype(str),
+                            item_genres=self.item_genres)
+        meta = {"config": asdict(self.config), "as_of": self.as_of, "genres": list(self.genres),
+                "attributes": {k: list(v) for k, v in self.attributes.items()}}
+        (directory / "space.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "FeatureSpace":
+        directory = Path(directory)
+        meta = json.loads((directory / "space.json").read_text())
+        arrays = np.load(directory / "space.npz")
+        config = FeatureConfig(**{**meta["config"], "windows": tuple(meta["config"]["windows"])})
+        return cls(config, meta["as_of"], ItemVectors.load(directory / "collab.parquet"),
+                   ItemVectors.load(directory / "content.parquet"), tuple(meta["genres"]),
+                   {k: tuple(v) for k, v in meta["attributes"].items()}, arrays["item_artist"],
+                   arrays["artists"].astype(object), arrays["item_genres"])
+
+    def artist_index(self, artist_ids) -> np.ndarray:
+        return pd.Index(self.artists).get_indexer(pd.Index(artist_ids))
+
+    def item_index(self, item_ids) -> np.ndarray:
+        return self.collab.lookup(item_ids)
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    user_ids: np.ndarray  # (users,) object
+    matrix: np.ndarray  # (users, features) float32
+    schema: FeatureSchema
+
+    def without(self, drop) -> "UserFeatures":
+        schema, cols = self.schema.without(drop)
+        return UserFeatures(self.user_ids, self.matrix[:, cols], schema)
+
+
+def to_utc(ts) -> pd.Timestamp:
+    ts = pd.Timestamp(ts)
+    return ts.tz_convert("UTC") if ts.tzinfo else ts.tz_localize("UTC")
+
+
+def fit_feature_space(ds: Dataset, as_of, config: FeatureConfig = FeatureConfig()) -> FeatureSpace:
+    """Fit both encoders and the vocabularies on data strictly before ``as_of``."""
+    as_of = to_utc(as_of)
+    collab = CollaborativeEncoder(dim=config.collab_dim, seed=config.seed).fit(ds, as_of)
+    content = ContentEncoder(dim=config.content_dim, max_genres=config.max_genres).fit(ds, as_of)
+    genres = tuple(genre_vocabulary(ds.items, config.max_genres))
+    attributes = {}
+    if ds.users is not None:
+        for col in ds.attribute_columns:
+            counts = pc.value_counts(pc.drop_null(ds.users.column(col)).combine_chunks())
+            frame = pd.DataFrame({"v": counts.field("values").to_pylist(), "n": counts.field("counts").to_numpy()})
+            attributes[col] = tuple(frame.sort_values(["n", "v"], ascending=[False, True])["v"].head(config.max_categories))
+    artist_ids = ds.items.column(artist_column(ds.items)).to_numpy(zero_copy_only=False).astype(object)
+    artists, item_artist = np.unique(artist_ids, return_inverse=True)
+    item_genres = genre_matrix(ds.items, list(genres)) if genres else np.zeros((ds.items.num_rows, 0), np.float32)
+    return FeatureSpace(config, as_of.isoformat(), collab, content, genres, attributes,
+                        item_artist.astype(np.int32), artists, item_genres)
+
+
+def build_user_features(ds: Dataset, as_of, space: FeatureSpace, user_ids=None) -> UserFeatures:
+    """Features of ``user_ids`` (default: the users table plus everyone with events before ``as_of``)."""
+    as_of = to_utc(as_of)
+    events = events_before(ds, as_of)
+    event_users = events.column("user_id").to_numpy(zero_copy_only=False).astype(object)
+    if user_ids is None:
+        known = [event_users] + ([ds.users.column("user_id").to_numpy(zero_copy_only=False)] if ds.users is not None else [])
+        user_ids = np.unique(np.concatenate(known).astype(object))
+    user_ids = np.asarray(user_ids, dtype=object)
+    buckets = bucket_events(space, pd.Index(user_ids).get_indexer(event_users),
+                             events.column("ts").cast(pa.int64()).to_numpy(),
+                             events.column("item_id").to_numpy(zero_copy_only=False).astype(object),
+                             events.column("weight").to_numpy())
+    static = static_inputs(ds, user_ids)
+    return UserFeatures(user_ids, features_from_buckets(space, len(user_ids), buckets, day_index(as_of), static), space.schema)
+
+
+def day_index(ts: pd.Timestamp) -> int:
+    return int(ts.value // 1000 // _DAY_US)
+
+
+def bucket_events(space: FeatureSpace, user: np.ndarray, ts_us: np.ndarray, item_ids: np.ndarray,
+                   weight: np.ndarray):
+    """Aggregate events to sorted (user, day, item) -> summed weight. ``user`` < 0 marks rows of
+    users nobody asked for; unknown items keep index -1 and are skipped by ``features_from_buckets``."""
+    keep = user >= 0
+    frame = pd.DataFrame({"user": user[keep], "day": (ts_us[keep] // _DAY_US).astype(np.int32),
+                          "item": space.item_index(item_ids[keep]).astype(np.int32), "weight": weight[keep]})
+    grouped = frame.groupby(["user", "day", "item"], sort=True, as_index=False)["weight"].sum()
+    return (grouped["user"].to_numpy(np.int64), grouped["day"].to_numpy(np.int32),
+            grouped["item"].to_numpy(np.int32), grouped["weight"].to_numpy(np.float64))
+
+
+@dataclass(frozen=True)
+class StaticInputs:
+    """Onboarding picks as flat (parent, value) arrays plus one attribute column per name."""
+
+    artist_parent: np.ndarray
+    artist_ids: np.ndarray
+    genre_parent: np.ndarray
+    genre_names: np.ndarray
+    attributes: dict[str, np.ndarray]
+
+
+def static_inputs(ds: Dataset, user_ids: np.ndarray) -> StaticInputs:
+    empty = np.array([], dtype=np.int64), np.array([], dtype=object)
+    if ds.users is None:
+        return StaticInputs(*empty, *empty, {})
+    rows = pd.Index(ds.users.column("user_id").to_numpy(zero_copy_only=False)).get_indexer(pd.Index(user_ids))
+
+    def flat(col: str):
+        if col not in ds.users.column_names:
+            return empty
+        lists = split_list(ds.users.column(col))
+        parent_row = pc.list_parent_indices(lists).to_numpy()
+        values = lists.flatten().to_numpy(zero_copy_only=False).astype(object)
+        row_to_user = pd.Series(np.arange(len(user_ids)))[rows >= 0].set_axis(rows[rows >= 0])
+        user = row_to_user.reindex(parent_row).to_numpy()
+        keep = ~np.isnan(user)
+        return user[keep].astype(np.int64), values[keep]
+
+    attributes = {}
+    for col in ds.attribute_columns:
+        values = ds.users.column(col).to_numpy(zero_copy_only=False).astype(object)
+        attributes[col] = np.where(rows >= 0, values[np.maximum(rows, 0)], None)
+    return StaticInputs(*flat("onboarding_artists"), *flat("onboarding_genres"), attributes)
+
+
+def features_from_buckets(space: FeatureSpace, n_users: int, buckets, as_of_day: int, static: StaticInputs) -> np.ndarray:
+    """The one feature function both paths call: history windows, then onboarding, then demographics."""
+    user, day, item, weight = buckets
+    known = item >= 0  # events on items unknown to the space carry no vector
+    user, day, item, weight = user[known], day[known], item[known], weight[known]
+    blocks = []
+    for w in space.config.windows:
+        mask = day >= as_of_day - w
+        u, i, wt = user[mask], item[mask], weight[mask]
+        plays = sp.csr_matrix((wt, (u, i)), shape=(n_users, len(space.item_ids)))
+        total = np.asarray(plays.sum(axis=1)).ravel()
+        inv = np.where(total > 0, 1.0 / np.maximum(total, 1e-12), 0.0)[:, None]
+        blocks += [plays @ space.collab.vectors * inv, plays @ space.content.vectors * inv]
+        if space.genres:
+            blocks.append(plays @ space.item_genres * inv)
+        artist_plays = sp.csr_matrix((wt, (u, space.item_artist[i])), shape=(n_users, len(space.artists)))
+        artist_plays.sum_duplicates()
+        distinct_artists = np.diff(artist_plays.indptr)
+        user_days = np.unique(u.astype(np.int64) * (1 << 32) + day[mask].astype(np.int64))
+        active_days = np.bincount(user_days >> 32, minlength=n_users)
+        blocks.append(np.column_stack([np.log1p(total), np.log1p(distinct_artists), active_days / w, total > 0]))
+    blocks.append(_onboarding(space, n_users, static))
+    blocks.append(_demographics(space, n_users, static))
+    return np.hstack([np.asarray(b, dtype=np.float32) for b in blocks])
+
+
+def _onboarding(space: FeatureSpace, n_users: int, static: StaticInputs) -> np.ndarray:
+    artist = space.artist_index(static.artist_ids) if len(static.artist_ids) else np.array([], int)
+    ok = artist >= 0
+    picks = sp.csr_matrix((np.ones(ok.sum()), (static.artist_parent[ok], artist[ok])), shape=(n_users, len(space.artists)))
+    counts = np.asarray(picks.sum(axis=1)).ravel()
+    inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)[:, None]
+    artist_collab = _artist_means(space, space.collab.vectors)
+    artist_content = _artist_means(space, space.content.vectors)
+    genre = pd.Index(space.genres).get_indexer(pd.Index(static.genre_names)) if len(static.genre_names) else np.array([], int)
+    g_ok = genre >= 0
+    genre_picks = sp.csr_matrix((np.ones(g_ok.sum()), (static.genre_parent[g_ok], genre[g_ok])),
+                                shape=(n_users, len(space.genres))).toarray()
+    genre_shares = genre_picks / np.maximum(genre_picks.sum(axis=1, keepdims=True), 1)
+    has = (counts > 0) | (genre_picks.sum(axis=1) > 0)
+    return np.hstack([picks @ artist_collab * inv, picks @ artist_content * inv, genre_shares, has[:, None]])
+
+
+def _artist_means(space: FeatureSpace, vectors: np.ndarray) -> np.ndarray:
+    sums = np.zeros((len(space.artists), vectors.shape[1]))
+    np.add.at(sums, space.item_artist, vectors)
+    return sums / np.maximum(np.bincount(space.item_artist, minlength=len(space.artists)), 1)[:, None]
+
+
+def _demographics(space: FeatureSpace, n_users: int, static: StaticInputs) -> np.ndarray:
+    """One-hot per attribute; values outside the fitted categories share the last ("other") slot."""
+    blocks = []
+    for col, categories in space.attributes.items():
+        values = static.attributes.get(col, np.full(n_users, None, dtype=object))
+        onehot = np.zeros((n_users, len(categories) + 1), np.float32)
+        index = pd.Index(categories).get_indexer(pd.Index(values))
+        present = pd.notna(values)
+        index = np.where((index < 0) & present, len(categories), index)
+        rows = np.flatnonzero(index >= 0)
+        onehot[rows, index[rows]] = 1.0
+        blocks.append(onehot)
+    return np.hstack(blocks) if blocks else np.zeros((n_users, 0), np.float32)

@@ -1,0 +1,120 @@
+"""Near-real-time features: a per-user state of (day, item, weight) buckets updated by events.
+
+The state holds exactly what ``build_user_features`` aggregates in batch, and features are
+derived by the same ``features_from_buckets``; so applying a user's events one by one gives the
+batch vector (float tolerance). Buckets older than the longest window (relative to the user's
+latest event) can never be read again and are pruned on update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from userrep.data import Dataset, split_list
+from userrep.encoders import events_before
+from userrep.features import (FeatureSpace, StaticInputs, UserFeatures, bucket_events, day_index,
+                              features_from_buckets, to_utc)
+
+
+@dataclass
+class UserState:
+    """One user's mutable buckets (sorted by day, item) and static sign-up information."""
+
+    day: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    item: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    weight: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    onboarding_artists: tuple[str, ...] = ()
+    onboarding_genres: tuple[str, ...] = ()
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FeatureState:
+    space: FeatureSpace
+    users: dict[str, UserState] = field(default_factory=dict)
+
+
+def register_user(state: FeatureState, user_id: str, onboarding_artists=(), onboarding_genres=(),
+                  attributes: dict | None = None) -> UserState:
+    """Create (or update the sign-up information of) a user; history is kept."""
+    user = state.users.setdefault(str(user_id), UserState())
+    user.onboarding_artists = tuple(onboarding_artists)
+    user.onboarding_genres = tuple(onboarding_genres)
+    user.attributes = dict(attributes or {})
+    return user
+
+
+def apply_events(state: FeatureState, events: pd.DataFrame) -> list[str]:
+    """Add events (``user_id``, ``item_id``, ``ts``, optional ``weight``) to the state.
+
+    Returns the touched user ids. Raises ValueError naming ``item_id`` for items the state's
+    feature space does not know (they have no vectors), before changing anything.
+    """
+    events = events.copy()
+    items = events["item_id"].astype(str).to_numpy(dtype=object)
+    unknown = np.flatnonzero(state.space.item_index(items) < 0)
+    if unknown.size:
+        raise ValueError(f"item_id: unknown item(s) {sorted(set(items[unknown]))[:5]}")
+    weight = events["weight"].to_numpy(np.float64) if "weight" in events else np.ones(len(events))
+    ts_us = pd.to_datetime(events["ts"], utc=True).dt.as_unit("us").astype("int64").to_numpy()
+    user_ids = events["user_id"].astype(str).to_numpy(dtype=object)
+    touched, user_index = np.unique(user_ids, return_inverse=True)
+    user, day, item, weight = bucket_events(state.space, user_index, ts_us, items, weight)
+    bounds = np.searchsorted(user, np.arange(len(touched) + 1))
+    horizon = max(state.space.config.windows)
+    for k, user_id in enumerate(touched):
+        rows = slice(bounds[k], bounds[k + 1])
+        current = state.users.setdefault(user_id, UserState())
+        _merge(current, day[rows], item[rows], weight[rows], horizon)
+    return list(touched)
+
+
+def _merge(user: UserState, day: np.ndarray, item: np.ndarray, weight: np.ndarray, horizon: int) -> None:
+    day = np.concatenate([user.day, day])
+    item = np.concatenate([user.item, item])
+    weight = np.concatenate([user.weight, weight])
+    key = day.astype(np.int64) * (1 << 32) + item
+    uniq, inverse = np.unique(key, return_inverse=True)
+    summed = np.bincount(inverse, weights=weight, minlength=len(uniq))
+    keep = (uniq >> 32) >= (uniq[-1] >> 32) - horizon - 1 if len(uniq) else np.zeros(0, bool)
+    user.day, user.item, user.weight = (uniq[keep] >> 32).astype(np.int32), (uniq[keep] & 0xFFFFFFFF).astype(np.int32), summed[keep]
+
+
+def state_features(state: FeatureState, user_ids, as_of) -> UserFeatures:
+    """Features of ``user_ids`` at ``as_of`` from the state (unknown users: all-zero history)."""
+    user_ids = np.asarray([str(u) for u in user_ids], dtype=object)
+    users = [state.users.get(u, UserState()) for u in user_ids]
+    sizes = [len(u.day) for u in users]
+    buckets = (np.repeat(np.arange(len(users)), sizes),
+               np.concatenate([u.day for u in users] + [np.zeros(0, np.int32)]),
+               np.concatenate([u.item for u in users] + [np.zeros(0, np.int32)]),
+               np.concatenate([u.weight for u in users] + [np.zeros(0)]))
+    artists = [(i, a) for i, u in enumerate(users) for a in u.onboarding_artists]
+    genres = [(i, g) for i, u in enumerate(users) for g in u.onboarding_genres]
+    static = StaticInputs(
+        np.array([i for i, _ in artists], np.int64), np.array([a for _, a in artists], object),
+        np.array([i for i, _ in genres], np.int64), np.array([g for _, g in genres], object),
+        {col: np.array([u.attributes.get(col) for u in users], object) for col in state.space.attributes},
+    )
+    matrix = features_from_buckets(state.space, len(users), buckets, day_index(to_utc(as_of)), static)
+    return UserFeatures(user_ids, matrix, state.space.schema)
+
+
+def state_from_dataset(space: FeatureSpace, ds: Dataset, as_of) -> FeatureState:
+    """Bootstrap the online state from a dataset: sign-up info of every user, buckets before ``as_of``."""
+    state = FeatureState(space)
+    if ds.users is not None:
+        users = ds.users
+        artists = split_list(users.column("onboarding_artists")).to_pylist() if "onboarding_artists" in users.column_names else None
+        genres = split_list(users.column("onboarding_genres")).to_pylist() if "onboarding_genres" in users.column_names else None
+        attrs = {c: users.column(c).to_pylist() for c in ds.attribute_columns}
+        for i, user_id in enumerate(users.column("user_id").to_pylist()):
+            register_user(state, user_id, artists[i] if artists else (), genres[i] if genres else (),
+                          {c: v[i] for c, v in attrs.items() if v[i] is not None})
+    events = events_before(ds, to_utc(as_of)).select(["user_id", "item_id", "ts", "weight"]).to_pandas()
+    if len(events):
+        apply_events(state, events)
+    return state
