@@ -22,14 +22,16 @@ def test_entry_point_is_installed_and_lists_jobs():
     assert "validate" in result.stdout and "import" in result.stdout
 
 
-def test_demo_generates_once_then_reuses(tmp_path):
-    first = runner.invoke(app, ["demo", "--work", str(tmp_path), "--users", "300"])
+def test_demo_generates_and_trains_once_then_reuses(tmp_path):
+    args = ["demo", "--work", str(tmp_path), "--users", "300", "--workers", "0", "--epochs", "2"]
+    first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "generated" in first.output and "users with events" in first.output
-    second = runner.invoke(app, ["demo", "--work", str(tmp_path), "--users", "300"])
-    assert second.exit_code == 0 and "is current" in second.output
-    third = runner.invoke(app, ["demo", "--work", str(tmp_path), "--users", "300", "--seed", "1"])
-    assert "generated" in third.output
+    assert "users embedded" in first.output and len(list((tmp_path / "batches").glob("*/manifest.json"))) == 1
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0 and "is current" in second.output and "already built" in second.output
+    third = runner.invoke(app, args + ["--seed", "1"])
+    assert "generated" in third.output and len(list((tmp_path / "batches").glob("*/manifest.json"))) == 2
 
 
 def test_validate_missing_directory_is_a_clear_error(tmp_path):

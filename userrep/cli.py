@@ -144,16 +144,103 @@ def world_generate(
 
 
 @app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Dataset directory.")],
+    out: Annotated[Path, typer.Option(help="Batch directory to write.")],
+    as_of: Annotated[str | None, typer.Option(help="Feature cut-off (ISO-8601, UTC); default: midnight after the last event.")] = None,
+    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
+    workers: Annotated[int, typer.Option(min=0, help="0: in-process; N: Ray Train + Ray Data with N workers.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = False,
+    batch_id: Annotated[str | None, typer.Option(help="Batch id; default: derived from data, as_of and settings.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Build a batch: encoders -> features -> autoencoder -> backfill -> manifest."""
+    from userrep.build import BuildConfig, build_batch
+    from userrep.features import FeatureConfig
+    from userrep.model import AEConfig
+
+    config = BuildConfig(features=FeatureConfig(seed=seed), ae=AEConfig(latent=dim, epochs=epochs, seed=seed),
+                         workers=workers, resume=resume)
+    manifest = _run_or_exit(lambda: build_batch(data, out, as_of, config, batch_id, log=console.print,
+                                                progress=_epoch_printer(epochs)))
+    _print_manifest(manifest, out)
+
+
+@app.command()
+def embed(
+    batch: Annotated[Path, typer.Option(help="Batch directory (from `userrep train`).")],
+    data: Annotated[Path, typer.Option(help="Dataset directory.")],
+    users: Annotated[str, typer.Option(help="Comma-separated user ids.")],
+    as_of: Annotated[str | None, typer.Option(help="Feature cut-off; default: the batch's as_of.")] = None,
+) -> None:
+    """Print embeddings (JSON lines) for users, cold-start users included."""
+    from userrep.backfill import embed_users
+    from userrep.data import load_dataset
+
+    ids = [u.strip() for u in users.split(",") if u.strip()]
+    if not (batch / "manifest.json").exists():
+        errors.print(f"[bold red]error[/] --batch {batch}: no manifest.json (not a finished batch)")
+        raise typer.Exit(code=2)
+    vectors, batch_id = _run_or_exit(lambda: embed_users(batch, load_dataset(data), ids, as_of))
+    for user_id, vector in zip(ids, vectors):
+        print(json.dumps({"user_id": user_id, "batch_id": batch_id, "embedding": [round(float(v), 6) for v in vector]}))
+
+
+def _run_or_exit(job):
+    """Run a job; contract, id and value problems become a message and exit 1, not a traceback."""
+    from userrep.data import DatasetError
+
+    try:
+        return job()
+    except DatasetError as exc:
+        errors.print(f"[bold red]invalid dataset[/] {exc.path}")
+        for problem in exc.problems:
+            errors.print(f"  - {problem}", markup=False, highlight=False)
+    except (KeyError, ValueError) as exc:
+        errors.print(f"[bold red]error[/] {exc.args[0] if exc.args else exc}", markup=False, highlight=False)
+    raise typer.Exit(code=1)
+
+
+def _epoch_printer(epochs: int):
+    def report(epoch: int, total: int, loss: float) -> None:
+        console.print(f"    epoch {epoch:>3}/{total}  loss {loss:.4f}")
+    return report
+
+
+def _print_manifest(manifest: dict, out: Path) -> None:
+    table = Table(title=f"batch {manifest['batch_id']} -> {out}", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    losses = manifest["training"]["losses"]
+    groups = manifest["feature_schema"]
+    table.add_row("as_of", manifest["as_of"])
+    table.add_row("users embedded", f"{manifest['users']:,} x {manifest['ae_config']['latent']} dims")
+    table.add_row("features", f"{manifest['n_features']} in {len(groups)} groups")
+    table.add_row("loss", f"{losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} epochs")
+    table.add_row("timings (s)", ", ".join(f"{k} {v}" for k, v in manifest["timings_s"].items()))
+    console.print(table)
+
+
+@app.command()
 def demo(
     work: Annotated[Path, typer.Option(help="Work directory for generated data and batches.")] = Path("work"),
     users: Annotated[int, typer.Option(min=1, help="Users in the synthetic world.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Ray workers for training and backfill (0: in-process).")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
 ) -> None:
-    """The main job on the embedded default: generate the world (if absent) and summarize it."""
+    """The main job on the embedded default: world (if absent) -> train and backfill a batch."""
     from userrep.world import WorldConfig, generate_world, world_is_current
+
+    from userrep.build import BuildConfig, build_batch, data_fingerprint, default_as_of, default_batch_id
+    from userrep.data import load_dataset
+    from userrep.features import FeatureConfig
+    from userrep.model import AEConfig
 
     config = WorldConfig(users=users, seed=seed)
     world = work / "world"
+    console.rule("1. synthetic world")
     if world_is_current(config, world):
         console.print(f"[dim]world {world} is current (users={users}, seed={seed}); not regenerating[/]")
     else:
@@ -161,6 +248,19 @@ def demo(
         counts = generate_world(config, world)
         console.print(f"generated {world} in {time.perf_counter() - started:.1f}s: {counts}")
     _validate_or_exit(world)
+
+    console.rule(f"2. batch: encoders -> features -> autoencoder -> backfill ({workers} Ray workers)")
+    build = BuildConfig(features=FeatureConfig(seed=seed), ae=AEConfig(epochs=epochs, seed=seed), workers=workers)
+    as_of = default_as_of(load_dataset(world))
+    batch_id = default_batch_id(as_of, data_fingerprint(world), build)
+    out = work / "batches" / batch_id
+    if (out / "manifest.json").exists():
+        console.print(f"[dim]batch {batch_id} already built; not retraining[/]")
+        manifest = json.loads((out / "manifest.json").read_text())
+    else:
+        manifest = _run_or_exit(lambda: build_batch(world, out, as_of, build, batch_id, log=console.print,
+                                                    progress=_epoch_printer(epochs)))
+    _print_manifest(manifest, out)
 
 
 if __name__ == "__main__":

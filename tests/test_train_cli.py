@@ -1,0 +1,67 @@
+"""`userrep train` and `userrep embed` end to end on the small world (in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from userrep.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def batch(small_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch") / "b1"
+    result = runner.invoke(app, ["train", "--data", str(small_world), "--out", str(out), "--epochs", "3",
+                                 "--dim", "16", "--as-of", "2026-05-01"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_writes_manifest_and_embeddings_for_every_user(batch, small_world):
+    manifest = json.loads((batch / "manifest.json").read_text())
+    assert manifest["as_of"] == "2026-05-01T00:00:00+00:00"
+    assert {"load", "encoders", "features", "fit", "backfill", "total"} <= set(manifest["timings_s"])
+    assert len(manifest["training"]["losses"]) == 3
+    assert sum(size for _, size in manifest["feature_schema"]) == manifest["n_features"]
+    assert set(manifest["data"]["fingerprint"]) == {"events.parquet", "items.parquet", "users.parquet", "pairs.parquet"}
+    table = pq.read_table(batch / "embeddings.parquet")
+    assert table.schema.field("user_id").type == "string"
+    assert table.column("batch_id").unique().to_pylist() == [manifest["batch_id"]]
+    users = pd.read_parquet(small_world / "users.parquet")["user_id"]
+    assert set(table.column("user_id").to_pylist()) == set(users)  # cold ones included
+    assert len(table.column("embedding")[0]) == 16
+
+
+def test_batch_id_is_deterministic(batch, small_world, tmp_path):
+    again = tmp_path / "again"
+    runner.invoke(app, ["train", "--data", str(small_world), "--out", str(again), "--epochs", "3", "--dim", "16",
+                        "--as-of", "2026-05-01"])
+    first = json.loads((batch / "manifest.json").read_text())
+    second = json.loads((again / "manifest.json").read_text())
+    assert first["batch_id"] == second["batch_id"]
+    assert first["files"]["embeddings.parquet"] == second["files"]["embeddings.parquet"]
+
+
+def test_embed_prints_cold_and_warm_users(batch, small_world):
+    users = pd.read_parquet(small_world / "users.parquet")
+    cold = users[users["signup_ts"] > pd.Timestamp("2026-05-01", tz="UTC")]["user_id"].iloc[0]
+    warm = pd.read_parquet(small_world / "events.parquet")["user_id"].iloc[0]
+    result = runner.invoke(app, ["embed", "--batch", str(batch), "--data", str(small_world), "--users", f"{warm},{cold}"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [r["user_id"] for r in rows] == [warm, cold]
+    assert all(len(r["embedding"]) == 16 for r in rows)
+    backfilled = pq.read_table(batch / "embeddings.parquet").to_pandas().set_index("user_id")
+    assert backfilled.loc[warm, "embedding"][:3] == pytest.approx(rows[0]["embedding"][:3], abs=1e-5)
+
+
+def test_embed_unknown_user_is_a_clear_error(batch, small_world):
+    result = runner.invoke(app, ["embed", "--batch", str(batch), "--data", str(small_world), "--users", "nobody"])
+    assert result.exit_code == 1
+    assert "unknown user_id(s) ['nobody']" in result.output and "Traceback" not in result.output

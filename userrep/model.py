@@ -1,0 +1,125 @@
+"""The denoising autoencoder that compresses user features into one embedding.
+
+Standardization stats live inside the model (buffers), so ``encode(raw_features)`` is all a
+caller needs. Corruption during training has three parts:
+
+* Gaussian noise and single-feature dropout on the standardized input (classic denoising);
+* each feature group dropped with ``group_drop_rate`` (a skipped onboarding, a quiet week);
+* **all history groups dropped together with ``history_drop_rate``** — our cold-start
+  mechanism. The target stays the full clean vector, so the encoder learns to place a user seen
+  only through onboarding and demographics where users with that history tend to be. A new user
+  then gets an embedding in the same space, and as history arrives the input moves continuously
+  from the "history absent" values to real ones, so the embedding moves smoothly too.
+
+"Dropped" means set to the standardized value of a raw 0 — exactly what a user without that
+signal looks like — not to the mean, which would look like an average listener.
+
+The loss is the reconstruction MSE with every group weighted equally (a 32-d vector group
+would otherwise outweigh a 4-d activity group eightfold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from userrep.features import FeatureSchema
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    latent: int = 64
+    hidden: int = 256
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    noise_std: float = 0.1
+    feature_dropout: float = 0.05
+    group_drop_rate: float = 0.1
+    history_drop_rate: float = 0.25  # the cold-start mechanism (see module docstring)
+    seed: int = 0
+
+
+class UserAutoencoder(nn.Module):
+    def __init__(self, schema: FeatureSchema, mean: np.ndarray, std: np.ndarray, config: AEConfig):
+        super().__init__()
+        self.schema, self.config = schema, config
+        n = schema.n_features
+        group_of = np.repeat(np.arange(len(schema.groups)), [size for _, size in schema.groups])
+        history = {name for name in schema.history_groups()}
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        self.register_buffer("group_of", torch.as_tensor(group_of, dtype=torch.long))
+        self.register_buffer("is_history", torch.tensor([name in history for name, _ in schema.groups]))
+        sizes = torch.tensor([size for _, size in schema.groups], dtype=torch.float32)
+        weights = (1.0 / sizes)[self.group_of]
+        self.register_buffer("loss_weight", weights / weights.sum())
+        self.encoder = nn.Sequential(nn.Linear(n, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.latent))
+        self.decoder = nn.Sequential(nn.Linear(config.latent, config.hidden), nn.GELU(), nn.Linear(config.hidden, n))
+
+    def standardize(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.mean) / self.std
+
+    @property
+    def absent(self) -> torch.Tensor:
+        """Standardized value of a raw 0 (the signal is missing)."""
+        return -self.mean / self.std
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        cfg, n_groups = self.config, len(self.schema.groups)
+        rand = lambda *shape: torch.rand(*shape, generator=generator, device=x.device)  # noqa: E731
+        noisy = x + cfg.noise_std * torch.randn(x.shape, generator=generator, device=x.device)
+        drop = rand(x.shape) < cfg.feature_dropout
+        group_drop = rand(x.shape[0], n_groups) < cfg.group_drop_rate
+        group_drop |= (rand(x.shape[0], 1) < cfg.history_drop_rate) & self.is_history
+        drop |= group_drop[:, self.group_of]
+        return torch.where(drop, self.absent.expand_as(x), noisy)
+
+    def encode(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw feature rows -> embeddings (what backfill and serving call)."""
+        return self.encoder(self.standardize(raw))
+
+    def forward(self, corrupted: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(corrupted))
+
+    def loss(self, raw: torch.Tensor, generator: torch.Generator | None = None, forward=None) -> torch.Tensor:
+        """Group-weighted reconstruction MSE of the clean input from a corrupted copy.
+
+        ``forward`` is the module to run (a DDP wrapper of this model when distributed).
+        """
+        clean = self.standardize(raw)
+        recon = (forward or self)(self.corrupt(clean, generator))
+        return (((recon - clean) ** 2) * self.loss_weight).sum(dim=1).mean()
+
+    def save(self, path: str | Path) -> None:
+        torch.save({"schema": self.schema.groups, "config": asdict(self.config), "state": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "UserAutoencoder":
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        schema = FeatureSchema(tuple(tuple(g) for g in blob["schema"]))
+        n = schema.n_features
+        model = cls(schema, np.zeros(n), np.ones(n), AEConfig(**blob["config"]))
+        model.load_state_dict(blob["state"])
+        return model.eval()
+
+
+def standardization(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and std (std floored so constant columns stay finite)."""
+    mean = matrix.mean(axis=0, dtype=np.float64)
+    std = matrix.std(axis=0, dtype=np.float64)
+    return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+
+@torch.no_grad()
+def embed(model: UserAutoencoder, matrix: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """Embeddings of raw feature rows, in chunks (in-process path)."""
+    model.eval()
+    out = [model.encode(torch.from_numpy(np.ascontiguousarray(matrix[i:i + batch_size], dtype=np.float32))).numpy()
+           for i in range(0, len(matrix), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, model.config.latent), np.float32)

@@ -1,0 +1,167 @@
+"""Fit the autoencoder: one training loop for one process or N Ray Train workers.
+
+    userrep train --data work/world --out runs/b1               # plain torch, in-process
+    userrep train --data work/world --out runs/b1 --workers 2   # Ray Train TorchTrainer, local Ray
+    RAY_ADDRESS=... userrep train ... --workers 8               # the same on a Ray cluster
+
+``train_loop_per_worker`` is the loop in every mode: under Ray it wraps the model in DDP and reads
+its shard of a Ray Dataset holding one packed tensor column; in-process it batches a numpy
+array. Rank 0 writes a checkpoint after every epoch (write-then-rename); the loop always starts
+from the newest checkpoint in its directory, which is how ``--resume`` and Ray's worker
+restarts continue. On a cluster the checkpoint directory must be shared storage.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from userrep.features import FeatureSchema, UserFeatures
+from userrep.model import AEConfig, UserAutoencoder, standardization
+
+
+@dataclass(frozen=True)
+class FitResult:
+    model: UserAutoencoder
+    losses: tuple[float, ...]  # mean training loss per epoch
+    resumed_from_epoch: int
+
+
+def latest_checkpoint(directory: str | Path | None) -> Path | None:
+    if not directory or not Path(directory).is_dir():
+        return None
+    found = sorted(Path(directory).glob("epoch_*.pt"))
+    return found[-1] if found else None
+
+
+def _save_checkpoint(directory: Path, epoch: int, model: UserAutoencoder, optimizer, losses: list[float]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"epoch_{epoch:04d}.pt"
+    tmp = final.with_suffix(".tmp")
+    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses}, tmp)
+    os.replace(tmp, final)  # a reader never sees a half-written checkpoint
+
+
+def _build_model(config: dict) -> UserAutoencoder:
+    schema = FeatureSchema(tuple(tuple(g) for g in config["schema"]))
+    return UserAutoencoder(schema, np.asarray(config["mean"]), np.asarray(config["std"]), AEConfig(**config["ae"]))
+
+
+def _local_batches(matrix: np.ndarray, batch_size: int, generator: torch.Generator):
+    data = torch.from_numpy(matrix)
+    order = torch.randperm(len(data), generator=generator)
+    for start in range(0, len(data), batch_size):
+        yield data[order[start:start + batch_size]]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point (the trained model comes back through the checkpoints)."""
+    _train(config)
+
+
+def _train(config: dict) -> tuple[UserAutoencoder, list[float]]:
+    """The training loop, identical for the in-process path and each Ray Train worker."""
+    under_ray = config.get("matrix") is None
+    rank, world = 0, 1
+    model = core = _build_model(config)
+    ae: AEConfig = core.config
+    optimizer = torch.optim.AdamW(core.parameters(), lr=ae.lr, weight_decay=ae.weight_decay)
+    checkpoint_dir = Path(config["checkpoint_dir"]) if config.get("checkpoint_dir") else None
+    start_epoch, losses = 0, []
+    found = latest_checkpoint(checkpoint_dir)
+    if found:
+        blob = torch.load(found, map_location="cpu", weights_only=False)
+        core.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        start_epoch, losses = blob["epoch"], list(blob["losses"])
+    if under_ray:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        model = ray.train.torch.prepare_model(core)  # DDP: gradients averaged across workers
+        shard = ray.train.get_dataset_shard("train")
+    progress = config.get("progress") if rank == 0 else None
+    for epoch in range(start_epoch, ae.epochs):
+        generator = torch.Generator().manual_seed(ae.seed * 1_000_003 + epoch * 101 + rank)
+        if under_ray:
+            batches = (b["data"] for b in shard.iter_torch_batches(
+                batch_size=ae.batch_size, dtypes=torch.float32,
+                local_shuffle_buffer_size=4 * ae.batch_size, local_shuffle_seed=ae.seed + epoch))
+        else:
+            batches = _local_batches(config["matrix"], ae.batch_size, generator)
+        model.train()
+        total, count = torch.zeros(2, dtype=torch.float64), 0
+        for raw in batches:
+            loss = core.loss(raw, generator, forward=model)  # through DDP when distributed
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += torch.tensor([loss.item() * len(raw), len(raw)], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        losses.append(float(total[0] / max(total[1], 1)))
+        if rank == 0 and checkpoint_dir:
+            _save_checkpoint(checkpoint_dir, epoch + 1, core, optimizer, losses)
+        if under_ray:
+            ray.train.report({"epoch": epoch + 1, "loss": losses[-1]})
+        if progress:
+            progress(epoch + 1, ae.epochs, losses[-1])
+    return core.eval(), losses
+
+
+def fit_autoencoder(features: UserFeatures, ae: AEConfig = AEConfig(), workers: int = 0,
+                    checkpoint_dir: str | Path | None = None, resume: bool = False,
+                    progress=None) -> FitResult:
+    """Train on ``features``. ``workers=0``: plain torch here; ``workers>=1``: Ray Train workers.
+
+    Without ``resume`` an existing checkpoint directory is cleared first.
+    """
+    # Absolute: Ray Train workers run in their own working directory.
+    checkpoint_dir = Path(checkpoint_dir).resolve() if checkpoint_dir else None
+    if checkpoint_dir and not resume:
+        for stale in Path(checkpoint_dir).glob("epoch_*.pt"):
+            stale.unlink()
+    if workers and not checkpoint_dir:
+        raise ValueError("checkpoint_dir is required with workers >= 1 (the model comes back through it)")
+    resumed = latest_checkpoint(checkpoint_dir)
+    resumed_epoch = int(resumed.stem.split("_")[1]) if resumed else 0
+    matrix = np.ascontiguousarray(features.matrix, dtype=np.float32)
+    mean, std = standardization(matrix)
+    torch.manual_seed(ae.seed)  # initial weights
+    config = {"schema": [list(g) for g in features.schema.groups], "mean": mean.tolist(), "std": std.tolist(),
+              "ae": asdict(ae), "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
+    if workers == 0:
+        model, losses = _train({**config, "matrix": matrix, "progress": progress})
+        return FitResult(model, tuple(losses), resumed_epoch)
+    _fit_with_ray(matrix, config, workers, checkpoint_dir)
+    final = latest_checkpoint(checkpoint_dir)
+    if final is None or int(final.stem.split("_")[1]) != ae.epochs:
+        raise RuntimeError(f"Ray training finished without the epoch {ae.epochs} checkpoint in {checkpoint_dir}")
+    blob = torch.load(final, weights_only=False)
+    model = _build_model(config)
+    model.load_state_dict(blob["model"])
+    return FitResult(model.eval(), tuple(blob["losses"]), resumed_epoch)
+
+
+def _fit_with_ray(matrix: np.ndarray, config: dict, workers: int, checkpoint_dir: Path) -> None:
+    import ray.data
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from userrep.raylocal import cpus_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker(workers)}),
+        run_config=RunConfig(name="autoencoder", storage_path=str(checkpoint_dir.parent / "ray_results"),
+                             failure_config=FailureConfig(max_failures=1)),
+        datasets={"train": ray.data.from_numpy(matrix)},  # one packed tensor column, "data"
+    )
+    trainer.fit()
