@@ -33,15 +33,9 @@ errors = Console(stderr=True, soft_wrap=True)
 
 def _validate_or_exit(directory: Path, as_json: bool = False) -> dict:
     """Load a dataset; on problems print each one and exit 1; else print and return the summary."""
-    from userrep.data import DatasetError, load_dataset, summarize
+    from userrep.data import load_dataset, summarize
 
-    try:
-        summary = summarize(load_dataset(directory))
-    except DatasetError as exc:
-        errors.print(f"[bold red]invalid dataset[/] {exc.path}: {len(exc.problems)} problem(s)")
-        for problem in exc.problems:
-            errors.print(f"  - {problem}", markup=False, highlight=False)
-        raise typer.Exit(code=1) from None
+    summary = _run_or_exit(lambda: summarize(load_dataset(directory)))
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -178,7 +172,7 @@ def embed(
     from userrep.backfill import embed_users
     from userrep.data import load_dataset
 
-    ids = [u.strip() for u in users.split(",") if u.strip()]
+    ids = list(dict.fromkeys(u.strip() for u in users.split(",") if u.strip()))
     if not (batch / "manifest.json").exists():
         errors.print(f"[bold red]error[/] --batch {batch}: no manifest.json (not a finished batch)")
         raise typer.Exit(code=2)
@@ -194,7 +188,7 @@ def _run_or_exit(job):
     try:
         return job()
     except DatasetError as exc:
-        errors.print(f"[bold red]invalid dataset[/] {exc.path}")
+        errors.print(f"[bold red]invalid dataset[/] {exc.path}: {len(exc.problems)} problem(s)")
         for problem in exc.problems:
             errors.print(f"  - {problem}", markup=False, highlight=False)
     except (KeyError, ValueError) as exc:

@@ -185,6 +185,8 @@ def build_user_features(ds: Dataset, as_of, space: FeatureSpace, user_ids=None) 
         known = [event_users] + ([ds.users.column("user_id").to_numpy(zero_copy_only=False)] if ds.users is not None else [])
         user_ids = np.unique(np.concatenate(known).astype(object))
     user_ids = np.asarray(user_ids, dtype=object)
+    if len(set(user_ids)) != len(user_ids):
+        raise ValueError("user_ids: duplicate ids requested")
     buckets = bucket_events(space, pd.Index(user_ids).get_indexer(event_users),
                              events.column("ts").cast(pa.int64()).to_numpy(),
                              events.column("item_id").to_numpy(zero_copy_only=False).astype(object),

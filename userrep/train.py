@@ -67,6 +67,7 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float]]:
     """The training loop, identical for the in-process path and each Ray Train worker."""
     under_ray = config.get("matrix") is None
     rank, world = 0, 1
+    torch.manual_seed(config["ae"]["seed"])  # initial weights (DDP then broadcasts rank 0's anyway)
     model = core = _build_model(config)
     ae: AEConfig = core.config
     optimizer = torch.optim.AdamW(core.parameters(), lr=ae.lr, weight_decay=ae.weight_decay)
@@ -133,7 +134,6 @@ def fit_autoencoder(features: UserFeatures, ae: AEConfig = AEConfig(), workers: 
     resumed_epoch = int(resumed.stem.split("_")[1]) if resumed else 0
     matrix = np.ascontiguousarray(features.matrix, dtype=np.float32)
     mean, std = standardization(matrix)
-    torch.manual_seed(ae.seed)  # initial weights
     config = {"schema": [list(g) for g in features.schema.groups], "mean": mean.tolist(), "std": std.tolist(),
               "ae": asdict(ae), "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
     if workers == 0:
