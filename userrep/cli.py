@@ -181,6 +181,42 @@ def embed(
         print(json.dumps({"user_id": user_id, "batch_id": batch_id, "embedding": [round(float(v), 6) for v in vector]}))
 
 
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Dataset directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory for metrics.json and report.html.")],
+    cutoff: Annotated[str | None, typer.Option(help="Time split (ISO-8601); default: 80% quantile of event times.")] = None,
+    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension (and PCA/ALS dimension).")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
+    top_k: Annotated[int, typer.Option(min=1, help="Artists ranked by the future-listening head.")] = 1000,
+    ablations: Annotated[bool, typer.Option(help="Retrain without each feature group.")] = True,
+) -> None:
+    """Evaluate the embedding against baselines on downstream tasks; write metrics.json and report.html."""
+    from userrep.evaluate import EvalConfig, evaluate as run
+
+    config = EvalConfig(cutoff=cutoff, dim=dim, seed=seed, epochs=epochs, top_k=top_k, ablations=ablations)
+    metrics = _run_or_exit(lambda: run(data, out, config, log=console.print))
+    _print_metrics(metrics)
+    console.print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
+
+
+def _print_metrics(metrics: dict) -> None:
+    for task, methods in metrics["tasks"].items():
+        names = list(next(iter(methods.values())))
+        table = Table(title=task, title_justify="left")
+        table.add_column("method")
+        for name in names:
+            table.add_column(name, justify="right")
+        best = {n: max((v.get(n) or -1) for v in methods.values()) for n in names}
+        for method, values in methods.items():
+            cells = [f"[bold]{values[n]:.4f}[/]" if values[n] == best[n] else f"{values[n]:.4f}" for n in names]
+            table.add_row(f"[bold cyan]{method}[/]" if method == "gur" else method, *cells)
+        console.print(table)
+    for task, reason in metrics["skipped"].items():
+        console.print(f"[yellow]skipped[/] {task}: {reason}")
+
+
 def _run_or_exit(job):
     """Run a job; contract, id and value problems become a message and exit 1, not a traceback."""
     from userrep.data import DatasetError

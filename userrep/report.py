@@ -1,0 +1,137 @@
+"""The evaluation report: one self-contained HTML page (plotly inlined, no network needed).
+
+Metric bars per task and method, a 2-D map of the embedding space coloured by dominant genre,
+the cold -> warm convergence curve and the ablation table.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from sklearn.decomposition import PCA
+
+MAIN_METRIC = {"future_listening": "ndcg@10", "artist_preference": "auc", "similar_users": "ndcg@50",
+               "cold_start": "ndcg@10"}
+_MAP_POINTS = 3000
+
+
+def write_report(metrics: dict, ctx, embeddings: np.ndarray, genres: tuple[str, ...], data_dir: Path,
+                 path: Path) -> None:
+    figures = [_task_bars(metrics), _embedding_map(ctx, embeddings, genres, data_dir), _convergence(metrics)]
+    parts = [f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+             for i, f in enumerate(f for f in figures if f is not None)]
+    skipped = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>userrep evaluation: {html.escape(metrics['dataset'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+th{{background:#f3f3f3}}td:first-child,th:first-child{{text-align:left}}.neg{{color:#b00}}.pos{{color:#070}}</style></head><body>
+<h1>Evaluation: {html.escape(metrics['dataset'])}</h1>
+<p>{html.escape(metrics['note'])}. Users with a representation: {metrics['n_users']:,};
+warm train/test {metrics['counts']['warm_train']:,}/{metrics['counts']['warm_test']:,}; cold {metrics['counts']['cold']:,};
+top-K artists {metrics['counts']['top_k_artists']:,}. Total time {metrics['timings_s']['total']} s.</p>
+{f'<p>Skipped:</p><ul>{skipped}</ul>' if skipped else ''}
+<h2>Tasks</h2>{_metrics_table(metrics)}{parts[0]}
+<h2>Embedding space</h2>{''.join(parts[1:2])}
+<h2>Cold &rarr; warm convergence</h2><p>Mean cosine between a warm user's embedding from only its first d days of history and
+from all of it (d = 0: onboarding and attributes only).</p>{''.join(parts[2:3])}
+<h2>Ablations</h2><p>The autoencoder retrained without each feature group; difference to the full embedding (gur).</p>
+{_ablation_table(metrics)}</body></html>"""
+    path.write_text(page, encoding="utf-8")
+
+
+def _metrics_table(metrics: dict) -> str:
+    rows = []
+    for task, methods in metrics["tasks"].items():
+        for method, values in methods.items():
+            cells = "".join(f"<td>{_fmt(v)}</td>" for v in values.values())
+            names = "".join(f"<th>{html.escape(k)}</th>" for k in values)
+            rows.append((task, method, names, cells))
+    out, last = [], None
+    for task, method, names, cells in rows:
+        if task != last:
+            out.append(f"<tr><th>{html.escape(task)}</th>{names}</tr>")
+            last = task
+        bold = " style='font-weight:bold'" if method == "gur" else ""
+        out.append(f"<tr{bold}><td>{html.escape(method)}</td>{cells}</tr>")
+    return f"<table>{''.join(out)}</table>"
+
+
+def _task_bars(metrics: dict) -> go.Figure:
+    fig = go.Figure()
+    methods = sorted({m for task in metrics["tasks"].values() for m in task})
+    for method in methods:
+        x, y = [], []
+        for task, values in metrics["tasks"].items():
+            if method in values:
+                x.append(f"{task}<br>{MAIN_METRIC[task]}")
+                y.append(values[method].get(MAIN_METRIC[task]))
+        fig.add_bar(name=method, x=x, y=y)
+    fig.update_layout(barmode="group", height=420, margin=dict(t=30), legend_title="method")
+    return fig
+
+
+def _embedding_map(ctx, embeddings: np.ndarray, genres: tuple[str, ...], data_dir: Path) -> go.Figure:
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(len(embeddings), size=min(_MAP_POINTS, len(embeddings)), replace=False))
+    xy = PCA(n_components=2, random_state=0).fit_transform(embeddings[rows])
+    labels, source = _dominant_genre(ctx, genres, data_dir, rows)
+    fig = go.Figure()
+    for label in pd.Series(labels).value_counts().index[:20]:
+        mask = labels == label
+        fig.add_scattergl(x=xy[mask, 0], y=xy[mask, 1], mode="markers", name=str(label), marker=dict(size=4))
+    fig.update_layout(height=520, margin=dict(t=30), title=f"PCA of {len(rows):,} user embeddings, coloured by {source}")
+    return fig
+
+
+def _dominant_genre(ctx, genres: tuple[str, ...], data_dir: Path, rows: np.ndarray) -> tuple[np.ndarray, str]:
+    """Hidden dominant genre when the dataset has truth.parquet, else the top genre of the history."""
+    truth = data_dir / "truth.parquet"
+    users = ctx.features.user_ids[rows]
+    if truth.exists():
+        dominant = pd.read_parquet(truth, columns=["user_id", "dominant_genre"]).set_index("user_id")["dominant_genre"]
+        return dominant.reindex(users).fillna("unknown").to_numpy(), "hidden dominant genre (truth.parquet)"
+    groups = [n for n, _ in ctx.features.schema.groups if n.startswith("genres_")]
+    if not groups or not genres:
+        return np.full(len(rows), "all"), "nothing (no genres)"
+    shares = ctx.features.matrix[rows][:, ctx.features.schema.slices()[groups[-1]]]
+    top = np.array(genres, dtype=object)[shares.argmax(axis=1)]
+    return np.where(shares.sum(axis=1) > 0, top, "no history"), f"top genre in {groups[-1]}"
+
+
+def _convergence(metrics: dict) -> go.Figure | None:
+    if not metrics["convergence"]:
+        return None
+    days = list(metrics["convergence"])
+    fig = go.Figure(go.Scatter(x=[int(d) for d in days], y=[metrics["convergence"][d] for d in days],
+                               mode="lines+markers"))
+    fig.update_layout(height=360, margin=dict(t=30), xaxis_title="days of history", yaxis_title="mean cosine to full",
+                      yaxis_range=[min(0, *metrics["convergence"].values()), 1])
+    return fig
+
+
+def _ablation_table(metrics: dict) -> str:
+    if not metrics["ablations"]:
+        return "<p>(not run)</p>"
+    full = metrics["tasks"]
+    head = "".join(f"<th>{html.escape(t)} {html.escape(MAIN_METRIC[t])}</th>" for t in MAIN_METRIC if t in full)
+    body = []
+    for group, tasks in metrics["ablations"].items():
+        cells = []
+        for task in (t for t in MAIN_METRIC if t in full):
+            value = tasks.get(task, {}).get(MAIN_METRIC[task])
+            base = full[task].get("gur", {}).get(MAIN_METRIC[task])
+            if value is None or base is None:
+                cells.append("<td>-</td>")
+                continue
+            delta = value - base
+            cells.append(f"<td>{value:.4f} <span class='{'neg' if delta < 0 else 'pos'}'>({delta:+.4f})</span></td>")
+        body.append(f"<tr><td>without {html.escape(group)}</td>{''.join(cells)}</tr>")
+    return f"<table><tr><th>ablation</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

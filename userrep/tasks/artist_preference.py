@@ -1,0 +1,46 @@
+"""Artist preference: will the user play artist X in the label window? (binary, AUC)
+
+Pairs: every label-window artist of the user among the top-K (at most ``max_pos``) as positives,
+the same number of negatives drawn by popularity from top-K artists the user did not play —
+popular negatives make the task about taste, not about popularity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from userrep.metrics import auc
+from userrep.tasks._mlp import HeadConfig, MLPHead, fit_mlp, predict
+
+
+def sample_pairs(labels: np.ndarray, popularity: np.ndarray, seed: int, max_pos: int = 20):
+    """(user_rows, artist_cols, label) for rows of a binary label matrix (users, K)."""
+    rng = np.random.default_rng(seed)
+    users, artists, ys = [], [], []
+    p = popularity / popularity.sum()
+    for row in np.flatnonzero(labels.sum(axis=1) > 0):
+        pos = np.flatnonzero(labels[row])
+        pos = rng.choice(pos, size=min(max_pos, len(pos)), replace=False)
+        weights = np.where(labels[row] > 0, 0.0, p)
+        if weights.sum() <= 0:
+            continue
+        n_neg = min(len(pos), int((weights > 0).sum()))
+        neg = rng.choice(len(p), size=n_neg, replace=False, p=weights / weights.sum())
+        users += [row] * (len(pos) + n_neg)
+        artists += list(pos) + list(neg)
+        ys += [1] * len(pos) + [0] * n_neg
+    return np.array(users, np.int64), np.array(artists, np.int64), np.array(ys, np.float32)
+
+
+def _inputs(x_users: np.ndarray, artist_vectors: np.ndarray, users: np.ndarray, artists: np.ndarray) -> np.ndarray:
+    return np.hstack([x_users[users], artist_vectors[artists]])
+
+
+def fit_head(x_users: np.ndarray, artist_vectors: np.ndarray, pairs, config: HeadConfig = HeadConfig()) -> MLPHead:
+    users, artists, y = pairs
+    return fit_mlp(_inputs(x_users, artist_vectors, users, artists), y[:, None], config)
+
+
+def evaluate(head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs) -> float:
+    users, artists, y = pairs
+    return auc(y, predict(head, _inputs(x_users, artist_vectors, users, artists))[:, 0])
