@@ -51,8 +51,8 @@ def test_planted_future_event_changes_nothing(world, space, features):
 
 def test_groups_are_named_and_sized(space, features):
     names = [name for name, _ in features.schema.groups]
-    for w in (7, 30, 180):
-        assert {f"collab_{w}d", f"content_{w}d", f"genres_{w}d", f"activity_{w}d"} <= set(names)
+    for w in ("7d", "30d", "180d", "all"):
+        assert {f"collab_{w}", f"content_{w}", f"genres_{w}", f"activity_{w}"} <= set(names)
     assert names[-2:] == ["onboarding", "demographics"]
     assert features.matrix.shape == (1_500, features.schema.n_features)
     assert dict(features.schema.groups)["collab_7d"] == space.collab.dim
@@ -75,8 +75,9 @@ def test_dropping_groups_by_kind_window_or_name(features):
 def test_windows_nest_and_activity_is_sane(features):
     sl = features.schema.slices()
     m = features.matrix
-    plays = {w: m[:, sl[f"activity_{w}d"]][:, 0] for w in (7, 30, 180)}
-    assert (plays[7] <= plays[30] + 1e-6).all() and (plays[30] <= plays[180] + 1e-6).all()
+    plays = {w: m[:, sl[f"activity_{w}"]][:, 0] for w in ("7d", "30d", "180d", "all")}
+    assert (plays["7d"] <= plays["30d"] + 1e-6).all() and (plays["30d"] <= plays["180d"] + 1e-6).all()
+    assert (plays["180d"] <= plays["all"] + 1e-6).all()
     has = m[:, sl["activity_180d"]][:, 3]
     assert set(np.unique(has)) <= {0.0, 1.0}
     # A user with no history in a window has an all-zero mean vector there.
@@ -125,12 +126,16 @@ def test_state_rejects_unknown_items_without_changing(space):
     assert state.users == {}
 
 
-def test_state_prunes_buckets_beyond_longest_window(space):
-    state = FeatureState(space)
-    item = space.item_ids[0]
-    apply_events(state, pd.DataFrame({"user_id": ["x"], "item_id": [item], "ts": ["2025-01-01T00:00:00Z"]}))
-    apply_events(state, pd.DataFrame({"user_id": ["x"], "item_id": [item], "ts": ["2026-04-30T00:00:00Z"]}))
-    assert len(state.users["x"].day) == 1
+def test_state_prunes_buckets_beyond_longest_window_only_without_all_history(world, space):
+    events = [pd.DataFrame({"user_id": ["x"], "item_id": [space.item_ids[0]], "ts": [ts]})
+              for ts in ("2025-01-01T00:00:00Z", "2026-04-30T00:00:00Z")]
+    windowed = FeatureState(fit_feature_space(world, AS_OF, FeatureConfig(windows=(7, 30, 180))))
+    everything = FeatureState(space)  # default windows include "all"
+    for frame in events:
+        apply_events(windowed, frame)
+        apply_events(everything, frame)
+    assert len(windowed.users["x"].day) == 1
+    assert len(everything.users["x"].day) == 2
 
 
 def test_space_save_load_round_trip(tmp_path, space, world, features):

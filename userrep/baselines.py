@@ -84,6 +84,8 @@ def fit_als(user_artists: sp.csr_matrix, dim: int, seed: int, onboarding: sp.csr
 
     confidence = user_artists.copy().astype(np.float32)
     confidence.data = np.log1p(confidence.data)
+    # More factors than about half the catalog lets ALS memorize the matrix (84 Deezer genres, 64 factors).
+    dim = max(2, min(dim, user_artists.shape[1] // 2))
     with threadpool_limits(1, "blas"):  # implicit's advice: BLAS threads fight its own (it checks at init)
         model = AlternatingLeastSquares(factors=dim, regularization=0.05, iterations=15, random_state=seed)
         model.fit(confidence, show_progress=False)

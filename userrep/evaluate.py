@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,8 @@ import scipy.sparse as sp
 from userrep import baselines
 from userrep.data import Dataset, load_dataset
 from userrep.metrics import auc, ndcg_at_k
-from userrep.features import FeatureConfig, UserFeatures, build_user_features, fit_feature_space, static_inputs
+from userrep.features import (FeatureConfig, UserFeatures, build_user_features, fit_feature_space, static_inputs,
+                              window_name)
 from userrep.model import AEConfig, embed
 from userrep.split import Split, make_split
 from userrep.tasks import artist_preference, future_listening, similar_users
@@ -91,11 +92,9 @@ def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(data)
-    split = make_split(ds, config.cutoff, config.seed)
+    ctx, space = prepare(ds, config)
+    split, features = ctx.split, ctx.features
     log(split.note)
-    space = fit_feature_space(split.train, split.as_of, FeatureConfig(seed=config.seed))
-    features = build_user_features(split.train, split.as_of, space)
-    ctx = _context(ds, split, space, features, config)
     lap("split + features")
     ae = AEConfig(latent=config.dim, epochs=config.epochs, seed=config.seed)
     gur_model = fit_autoencoder(features, ae).model
@@ -136,6 +135,14 @@ def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(
 
     write_report(metrics, ctx, reps["gur"], space.genres, Path(data), out / "report.html")
     return metrics
+
+
+def prepare(ds: Dataset, config: EvalConfig):
+    """Split, fit the feature space on history, build features and the shared task context."""
+    split = make_split(ds, config.cutoff, config.seed)
+    space = fit_feature_space(split.train, split.as_of, FeatureConfig(seed=config.seed))
+    features = build_user_features(split.train, split.as_of, space)
+    return _context(ds, split, space, features, config), space
 
 
 def _context(ds: Dataset, split: Split, space, features: UserFeatures, config: EvalConfig) -> Context:
@@ -197,7 +204,9 @@ def _head_tasks(ctx: Context, x: np.ndarray, config: EvalConfig) -> dict[str, di
     head = future_listening.fit_head(x[train], ctx.labels[train], config.head)
     out = {"future_listening": future_listening.ranking_metrics(
         future_listening.scores(head, x[test]), ctx.labels[test], ctx.history[test])}
-    pref = artist_preference.fit_head(x[train], ctx.artist_vectors, ctx.train_pairs, config.head)
+    # Pairs outnumber users ~30x: larger batches keep epochs comparable in cost.
+    pair_config = replace(config.head, batch_size=max(config.head.batch_size, 1024))
+    pref = artist_preference.fit_head(x[train], ctx.artist_vectors, ctx.train_pairs, pair_config)
     out["artist_preference"] = {"auc": artist_preference.evaluate(pref, x[test], ctx.artist_vectors, ctx.test_pairs)}
     if len(cold) >= MIN_COLD:
         out["cold_start"] = {"ndcg@10": ndcg_at_k(future_listening.scores(head, x[cold]), ctx.labels[cold], 10)}
@@ -262,7 +271,7 @@ def _ablations(ctx: Context, features: UserFeatures, ae: AEConfig, config: EvalC
     """The autoencoder retrained without each group (by kind, then by window); same heads and users."""
     present = {name for name, _ in features.schema.groups}
     tokens = [g for g in ABLATION_GROUPS if any(n == g or n.startswith(f"{g}_") for n in present)]
-    tokens += [f"{w}d" for w in windows]
+    tokens += [window_name(w) for w in windows]
     out = {}
     for token in tokens:
         reduced = features.without([token])
@@ -285,9 +294,11 @@ def _convergence(ctx: Context, space, model, full: np.ndarray, config: EvalConfi
                           "ts": events.column("ts").cast("int64").to_numpy()})
     first = frame.groupby("user")["ts"].min()
     start = first.reindex(frame["user"]).to_numpy()
+    sampled = frame["user"].isin(set(users)).to_numpy()
+    ts = frame["ts"].to_numpy()
     out = {}
     for days in config.convergence_days:
-        keep = np.isin(frame["user"].to_numpy(), users) & (frame["ts"].to_numpy() < start + days * 86_400_000_000)
+        keep = sampled & (ts < start + days * 86_400_000_000)
         partial = Dataset(ctx.ds.path, events.filter(keep), ctx.ds.items, ctx.ds.users, ctx.ds.pairs)
         x = embed(model, build_user_features(partial, ctx.split.as_of, space, user_ids=users).matrix)
         out[str(days)] = float(np.mean(_cosine(x, full[rows])))

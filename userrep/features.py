@@ -31,13 +31,14 @@ from userrep.data import Dataset, artist_column, split_list
 from userrep.encoders import CollaborativeEncoder, ContentEncoder, ItemVectors, events_before, genre_matrix, genre_vocabulary
 
 HISTORY_KINDS = ("collab", "content", "genres", "activity")
-ACTIVITY = ("log_plays", "log_distinct_artists", "active_day_share", "has_history")
+ACTIVITY = ("log_plays", "log_distinct_artists", "active_day_share", "has_history")  # "all": log active days
 _DAY_US = 86_400 * 1_000_000
 
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    windows: tuple[int, ...] = (7, 30, 180)  # days before as_of
+    # Days before as_of; 0 = all history (long, sparse histories live mostly outside 180 days).
+    windows: tuple[int, ...] = (7, 30, 180, 0)
     collab_dim: int = 32
     content_dim: int = 16
     max_genres: int = 32
@@ -83,6 +84,11 @@ def _matches(name: str, token: str) -> bool:
     return name == token or name.startswith(f"{token}_") or name.endswith(f"_{token}")
 
 
+def window_name(days: int) -> str:
+    """``7`` -> ``7d``; ``0`` (all history) -> ``all``."""
+    return f"{days}d" if days > 0 else "all"
+
+
 @dataclass(frozen=True)
 class FeatureSpace:
     """What turns raw data into feature vectors; fitted on data before ``as_of`` only."""
@@ -106,8 +112,9 @@ class FeatureSpace:
         cfg, n_genres = self.config, len(self.genres)
         groups = []
         for w in cfg.windows:
-            groups += [(f"collab_{w}d", self.collab.dim), (f"content_{w}d", self.content.dim),
-                       (f"genres_{w}d", n_genres), (f"activity_{w}d", len(ACTIVITY))]
+            tag = window_name(w)
+            groups += [(f"collab_{tag}", self.collab.dim), (f"content_{tag}", self.content.dim),
+                       (f"genres_{tag}", n_genres), (f"activity_{tag}", len(ACTIVITY))]
         groups.append(("onboarding", self.collab.dim + self.content.dim + n_genres + 1))
         groups.append(("demographics", sum(len(c) + 1 for c in self.attributes.values())))
         return FeatureSchema(tuple((n, s) for n, s in groups if s > 0))
@@ -253,7 +260,7 @@ def features_from_buckets(space: FeatureSpace, n_users: int, buckets, as_of_day:
     user, day, item, weight = user[known], day[known], item[known], weight[known]
     blocks = []
     for w in space.config.windows:
-        mask = day >= as_of_day - w
+        mask = day >= as_of_day - w if w > 0 else np.ones(len(day), bool)
         u, i, wt = user[mask], item[mask], weight[mask]
         plays = sp.csr_matrix((wt, (u, i)), shape=(n_users, len(space.item_ids)))
         total = np.asarray(plays.sum(axis=1)).ravel()
@@ -266,7 +273,8 @@ def features_from_buckets(space: FeatureSpace, n_users: int, buckets, as_of_day:
         distinct_artists = np.diff(artist_plays.indptr)
         user_days = np.unique(u.astype(np.int64) * (1 << 32) + day[mask].astype(np.int64))
         active_days = np.bincount(user_days >> 32, minlength=n_users)
-        blocks.append(np.column_stack([np.log1p(total), np.log1p(distinct_artists), active_days / w, total > 0]))
+        day_share = active_days / w if w > 0 else np.log1p(active_days)  # no span to divide by
+        blocks.append(np.column_stack([np.log1p(total), np.log1p(distinct_artists), day_share, total > 0]))
     blocks.append(_onboarding(space, n_users, static))
     blocks.append(_demographics(space, n_users, static))
     return np.hstack([np.asarray(b, dtype=np.float32) for b in blocks])

@@ -42,6 +42,7 @@ class AEConfig:
     feature_dropout: float = 0.05
     group_drop_rate: float = 0.1
     history_drop_rate: float = 0.25  # the cold-start mechanism (see module docstring)
+    group_weighting: str = "equal"  # "equal": every group weighs the same; "features": every column does
     seed: int = 0
 
 
@@ -57,7 +58,9 @@ class UserAutoencoder(nn.Module):
         self.register_buffer("group_of", torch.as_tensor(group_of, dtype=torch.long))
         self.register_buffer("is_history", torch.tensor([name in history for name, _ in schema.groups]))
         sizes = torch.tensor([size for _, size in schema.groups], dtype=torch.float32)
-        weights = (1.0 / sizes)[self.group_of]
+        if config.group_weighting not in ("equal", "features"):
+            raise ValueError(f"group_weighting must be 'equal' or 'features', got {config.group_weighting!r}")
+        weights = (1.0 / sizes)[self.group_of] if config.group_weighting == "equal" else torch.ones(n)
         self.register_buffer("loss_weight", weights / weights.sum())
         self.encoder = nn.Sequential(nn.Linear(n, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.latent))
         self.decoder = nn.Sequential(nn.Linear(config.latent, config.hidden), nn.GELU(), nn.Linear(config.hidden, n))

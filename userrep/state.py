@@ -2,8 +2,8 @@
 
 The state holds exactly what ``build_user_features`` aggregates in batch, and features are
 derived by the same ``features_from_buckets``; so applying a user's events one by one gives the
-batch vector (float tolerance). Buckets older than the longest window (relative to the user's
-latest event) can never be read again and are pruned on update.
+batch vector (float tolerance). Without an all-history window, buckets older than the longest
+window (relative to the user's latest event) can never be read again and are pruned on update.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def apply_events(state: FeatureState, events: pd.DataFrame) -> list[str]:
     touched, user_index = np.unique(user_ids, return_inverse=True)
     user, day, item, weight = bucket_events(state.space, user_index, ts_us, items, weight)
     bounds = np.searchsorted(user, np.arange(len(touched) + 1))
-    horizon = max(state.space.config.windows)
+    windows = state.space.config.windows
+    horizon = None if 0 in windows else max(windows)  # an all-history window needs every bucket
     for k, user_id in enumerate(touched):
         rows = slice(bounds[k], bounds[k + 1])
         current = state.users.setdefault(user_id, UserState())
@@ -72,14 +73,17 @@ def apply_events(state: FeatureState, events: pd.DataFrame) -> list[str]:
     return list(touched)
 
 
-def _merge(user: UserState, day: np.ndarray, item: np.ndarray, weight: np.ndarray, horizon: int) -> None:
+def _merge(user: UserState, day: np.ndarray, item: np.ndarray, weight: np.ndarray, horizon: int | None) -> None:
     day = np.concatenate([user.day, day])
     item = np.concatenate([user.item, item])
     weight = np.concatenate([user.weight, weight])
     key = day.astype(np.int64) * (1 << 32) + item
     uniq, inverse = np.unique(key, return_inverse=True)
     summed = np.bincount(inverse, weights=weight, minlength=len(uniq))
-    keep = (uniq >> 32) >= (uniq[-1] >> 32) - horizon - 1 if len(uniq) else np.zeros(0, bool)
+    if horizon is None or not len(uniq):
+        keep = np.ones(len(uniq), bool)
+    else:
+        keep = (uniq >> 32) >= (uniq[-1] >> 32) - horizon - 1
     user.day, user.item, user.weight = (uniq[keep] >> 32).astype(np.int32), (uniq[keep] & 0xFFFFFFFF).astype(np.int32), summed[keep]
 
 
