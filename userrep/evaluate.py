@@ -131,9 +131,10 @@ def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(
         "timings_s": timings,
     }
     (out / "metrics.json").write_text(json.dumps(_rounded(metrics), indent=2))
-    from userrep.report import write_report
+    from userrep.report import markdown_summary, write_report
 
     write_report(metrics, ctx, reps["gur"], space.genres, Path(data), out / "report.html")
+    (out / "summary.md").write_text(markdown_summary(_rounded(metrics)))
     return metrics
 
 

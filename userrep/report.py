@@ -1,6 +1,6 @@
 """The evaluation report: one self-contained HTML page (plotly inlined, no network needed).
 
-Metric bars per task and method, a 2-D map of the embedding space coloured by dominant genre,
+Metric bars per task and method, a 2-D (t-SNE) map of the embedding space coloured by dominant genre,
 the cold -> warm convergence curve and the ablation table.
 """
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 
 MAIN_METRIC = {"future_listening": "ndcg@10", "artist_preference": "auc", "similar_users": "ndcg@50",
                "cold_start": "ndcg@10"}
-_MAP_POINTS = 3000
+_MAP_POINTS = 2000
 
 
 def write_report(metrics: dict, ctx, embeddings: np.ndarray, genres: tuple[str, ...], data_dir: Path,
@@ -77,13 +77,15 @@ def _task_bars(metrics: dict) -> go.Figure:
 def _embedding_map(ctx, embeddings: np.ndarray, genres: tuple[str, ...], data_dir: Path) -> go.Figure:
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(len(embeddings), size=min(_MAP_POINTS, len(embeddings)), replace=False))
-    xy = PCA(n_components=2, random_state=0).fit_transform(embeddings[rows])
+    # t-SNE, not PCA: 2-D PCA shows activity level; t-SNE keeps taste neighbourhoods (10-NN genre
+    # accuracy in 2-D 0.46 vs 0.24 on the default world) for ~5 s on 2,000 points.
+    xy = TSNE(n_components=2, init="pca", perplexity=30, random_state=0).fit_transform(embeddings[rows])
     labels, source = _dominant_genre(ctx, genres, data_dir, rows)
     fig = go.Figure()
     for label in pd.Series(labels).value_counts().index[:20]:
         mask = labels == label
         fig.add_scattergl(x=xy[mask, 0], y=xy[mask, 1], mode="markers", name=str(label), marker=dict(size=4))
-    fig.update_layout(height=520, margin=dict(t=30), title=f"PCA of {len(rows):,} user embeddings, coloured by {source}")
+    fig.update_layout(height=520, margin=dict(t=30), title=f"t-SNE of {len(rows):,} user embeddings, coloured by {source}")
     return fig
 
 
@@ -135,3 +137,26 @@ def _ablation_table(metrics: dict) -> str:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+COLUMNS = (("future_listening", "ndcg@10"), ("future_listening", "recall@50"), ("future_listening", "ndcg@10_new"),
+           ("artist_preference", "auc"), ("similar_users", "ndcg@50"), ("cold_start", "ndcg@10"))
+
+
+def markdown_summary(metrics: dict) -> str:
+    """One markdown table: methods x main metrics (the README's results tables)."""
+    tasks = metrics["tasks"]
+    methods = list(dict.fromkeys(m for task in tasks.values() for m in task))
+    header = "| method | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in COLUMNS) + " |"
+    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
+    for method in methods:
+        cells = []
+        for task, metric in COLUMNS:
+            value = tasks.get(task, {}).get(method, {}).get(metric)
+            best = max((v.get(metric) or -1 for v in tasks.get(task, {}).values()), default=None)
+            text = "-" if value is None else f"{value:.3f}"
+            cells.append(f"**{text}**" if value is not None and value == best else text)
+        name = f"**{method}**" if method == "gur" else method
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    skipped = "".join(f"\n\n{task} skipped: {reason}" for task, reason in metrics["skipped"].items())
+    return "\n".join(lines) + skipped + "\n"
