@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from userrep.data import TABLES, Dataset, load_dataset, table_path
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
 from userrep.features import FeatureConfig, UserFeatures, build_user_features, fit_feature_space, to_utc
 from userrep.model import AEConfig
+from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
 
 
@@ -81,29 +81,12 @@ def save_features(features: UserFeatures, path: Path) -> None:
     pq.write_table(table, path)
 
 
-class _Stages:
-    """Wall time per stage, logged as each one ends."""
-
-    def __init__(self, log):
-        self.log, self.timings = log, {}
-        self.started = self.last = time.perf_counter()
-
-    def done(self, name: str) -> None:
-        now = time.perf_counter()
-        self.timings[name] = round(now - self.last, 2)
-        self.last = now
-        self.log(f"  {name:<10} {self.timings[name]:>7.2f}s")
-
-    def finish(self) -> dict[str, float]:
-        return {**self.timings, "total": round(time.perf_counter() - self.started, 2)}
-
-
 def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConfig = BuildConfig(),
                 batch_id: str | None = None, log=print, progress=None) -> dict:
     """Run every stage and write the batch directory; returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = _Stages(log)
+    stage = Stopwatch(log)
     ds = load_dataset(data)
     fingerprint = data_fingerprint(data)
     as_of = to_utc(as_of) if as_of is not None else default_as_of(ds)

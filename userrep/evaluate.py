@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,10 +35,12 @@ from userrep.model import AEConfig, embed
 from userrep.split import Split, make_split
 from userrep.tasks import artist_preference, future_listening, similar_users
 from userrep.tasks._mlp import HeadConfig
+from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
 
 HEAD_METHODS = ("gur", "pca", "raw", "item_mean")
 ABLATION_GROUPS = ("onboarding", "collab", "content", "demographics")
+MIN_COLD = 5  # fewer cold users with labels than this: the cold-start task is skipped
 
 
 @dataclass(frozen=True)
@@ -80,22 +81,14 @@ class Context:
 
 
 def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(), log=print) -> dict:
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        timings[name] = round(time.perf_counter() - clock[0], 1)
-        clock[0] = time.perf_counter()
-        log(f"  {name:<22} {timings[name]:>6.1f}s")
-
+    watch = Stopwatch(log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(data)
     ctx, space = prepare(ds, config)
     split, features = ctx.split, ctx.features
     log(split.note)
-    lap("split + features")
+    watch.done("split + features")
     ae = AEConfig(latent=config.dim, epochs=config.epochs, seed=config.seed)
     gur_model = fit_autoencoder(features, ae).model
     reps = {
@@ -106,15 +99,14 @@ def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(
         "onboarding_mean": baselines.onboarding_mean_representation(features, space.collab.dim),
     }
     als = baselines.fit_als(ctx.history_artists, config.dim, config.seed, _onboarding_matrix(split.train, features, space))
-    lap("representations")
+    watch.done("representations")
 
     tasks, skipped = _run_tasks(ctx, reps, als, config)
-    lap("tasks")
+    watch.done("tasks")
     ablations = _ablations(ctx, features, ae, config, space.config.windows) if config.ablations and tasks else {}
-    lap("ablations")
+    watch.done("ablations")
     convergence = _convergence(ctx, space, gur_model, reps["gur"], config)
-    lap("convergence")
-    timings["total"] = round(time.perf_counter() - started, 1)
+    watch.done("convergence")
     metrics = {
         "dataset": Path(data).resolve().name,
         "split": split.kind,
@@ -127,8 +119,8 @@ def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(
         "note": split.note,
         "counts": {"warm_train": len(ctx.train_rows), "warm_test": len(ctx.test_rows), "cold": len(ctx.cold_rows),
                    "top_k_artists": int(ctx.labels.shape[1])},
-        "config": {**asdict(config), "head": asdict(config.head)},
-        "timings_s": timings,
+        "config": asdict(config),
+        "timings_s": watch.finish(),
     }
     (out / "metrics.json").write_text(json.dumps(_rounded(metrics), indent=2))
     from userrep.report import markdown_summary, write_report
@@ -194,9 +186,6 @@ def _onboarding_matrix(train: Dataset, features: UserFeatures, space) -> sp.csr_
     ok = artist >= 0
     return sp.csr_matrix((np.ones(ok.sum()), (static.artist_parent[ok], artist[ok])),
                          shape=(len(features.user_ids), len(space.artists)))
-
-
-MIN_COLD = 5
 
 
 def _head_tasks(ctx: Context, x: np.ndarray, config: EvalConfig) -> dict[str, dict]:

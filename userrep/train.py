@@ -97,7 +97,7 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float]]:
         else:
             batches = _local_batches(config["matrix"], ae.batch_size, generator)
         model.train()
-        total, count = torch.zeros(2, dtype=torch.float64), 0
+        total = torch.zeros(2, dtype=torch.float64)  # (loss sum, rows), all-reduced across workers
         for raw in batches:
             loss = core.loss(raw, generator, forward=model)  # through DDP when distributed
             optimizer.zero_grad(set_to_none=True)
