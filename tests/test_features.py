@@ -122,10 +122,17 @@ def test_incremental_state_equals_batch(world, space, features):
     np.testing.assert_allclose(bulk, features.matrix, rtol=1e-5, atol=1e-6)
 
 
-def test_state_rejects_unknown_items_without_changing(space):
+@pytest.mark.parametrize("column, value, message", [
+    ("item_id", "nope", "item_id: unknown item"),
+    ("weight", -1.0, "weight: must be a finite number >= 0"),
+    ("weight", float("nan"), "weight: must be a finite number >= 0"),
+    ("ts", "yesterday", "ts: unparseable"),
+])
+def test_state_rejects_bad_events_by_field_without_changing(space, column, value, message):
     state = FeatureState(space)
-    with pytest.raises(ValueError, match="item_id: unknown item"):
-        apply_events(state, pd.DataFrame({"user_id": ["x"], "item_id": ["nope"], "ts": [AS_OF]}))
+    event = {"user_id": "x", "item_id": space.item_ids[0], "ts": AS_OF, "weight": 1.0, column: value}
+    with pytest.raises(ValueError, match=message):
+        apply_events(state, pd.DataFrame([event]))
     assert state.users == {}
 
 

@@ -53,13 +53,18 @@ def apply_events(state: FeatureState, events: pd.DataFrame) -> list[str]:
     Returns the touched user ids. Raises ValueError naming ``item_id`` for items the state's
     feature space does not know (they have no vectors), before changing anything.
     """
-    events = events.copy()
     items = events["item_id"].astype(str).to_numpy(dtype=object)
     unknown = np.flatnonzero(state.space.item_index(items) < 0)
     if unknown.size:
         raise ValueError(f"item_id: unknown item(s) {sorted(set(items[unknown]))[:5]}")
-    weight = events["weight"].to_numpy(np.float64) if "weight" in events else np.ones(len(events))
-    ts_us = pd.to_datetime(events["ts"], utc=True).dt.as_unit("us").astype("int64").to_numpy()
+    weight = pd.to_numeric(events["weight"], errors="coerce").to_numpy(np.float64) if "weight" in events \
+        else np.ones(len(events))
+    if not (np.isfinite(weight) & (weight >= 0)).all():
+        raise ValueError("weight: must be a finite number >= 0")
+    ts = pd.to_datetime(events["ts"], utc=True, errors="coerce", format="ISO8601")
+    if ts.isna().any():
+        raise ValueError(f"ts: unparseable timestamp(s) {list(events['ts'][ts.isna()].astype(str))[:3]}")
+    ts_us = ts.dt.as_unit("us").astype("int64").to_numpy()
     user_ids = events["user_id"].astype(str).to_numpy(dtype=object)
     touched, user_index = np.unique(user_ids, return_inverse=True)
     user, day, item, weight = bucket_events(state.space, user_index, ts_us, items, weight)
