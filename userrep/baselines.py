@@ -21,20 +21,17 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 from threadpoolctl import threadpool_limits
 
-from userrep.data import Dataset, artist_column
 from userrep.features import FeatureSpace, UserFeatures
 from userrep.model import standardization
 
 
-def user_artist_matrix(events, items, user_ids: np.ndarray, artists: np.ndarray) -> sp.csr_matrix:
-    """Summed play weight per (user, artist) for the given users and artist vocabulary."""
-    item_artist = pd.Series(items.column(artist_column(items)).to_numpy(zero_copy_only=False),
-                            index=items.column("item_id").to_numpy(zero_copy_only=False))
+def user_artist_matrix(events, space: FeatureSpace, user_ids: np.ndarray) -> sp.csr_matrix:
+    """Summed play weight per (user, artist of the space) for the given users."""
     user = pd.Index(user_ids).get_indexer(events.column("user_id").to_numpy(zero_copy_only=False))
-    artist = pd.Index(artists).get_indexer(item_artist.reindex(events.column("item_id").to_numpy(zero_copy_only=False)))
-    keep = (user >= 0) & (artist >= 0)
-    matrix = sp.csr_matrix((events.column("weight").to_numpy()[keep], (user[keep], artist[keep])),
-                           shape=(len(user_ids), len(artists)))
+    item = space.item_index(events.column("item_id").to_numpy(zero_copy_only=False))
+    keep = (user >= 0) & (item >= 0)
+    matrix = sp.csr_matrix((events.column("weight").to_numpy()[keep], (user[keep], space.item_artist[item[keep]])),
+                           shape=(len(user_ids), len(space.artists)))
     matrix.sum_duplicates()
     return matrix
 
@@ -51,15 +48,12 @@ def pca_representation(features: UserFeatures, fit_rows: np.ndarray, dim: int, s
     return PCA(n_components=dim, random_state=seed).fit(raw[fit_rows]).transform(raw).astype(np.float32)
 
 
-def item_mean_representation(space: FeatureSpace, train: Dataset, user_ids: np.ndarray) -> np.ndarray:
-    """Play-weighted mean collaborative item vector over all history (zeros without history)."""
-    user = pd.Index(user_ids).get_indexer(train.events.column("user_id").to_numpy(zero_copy_only=False))
-    item = space.item_index(train.events.column("item_id").to_numpy(zero_copy_only=False))
-    keep = (user >= 0) & (item >= 0)
-    plays = sp.csr_matrix((train.events.column("weight").to_numpy()[keep], (user[keep], item[keep])),
-                          shape=(len(user_ids), len(space.item_ids)))
-    total = np.asarray(plays.sum(axis=1)).ravel()
-    return np.asarray(plays @ space.collab.vectors / np.maximum(total, 1e-12)[:, None], dtype=np.float32)
+def item_mean_representation(features: UserFeatures) -> np.ndarray:
+    """Play-weighted mean collaborative item vector over all history: the ``collab_all`` group."""
+    slices = features.schema.slices()
+    if "collab_all" not in slices:
+        raise ValueError("item_mean needs the all-history window (FeatureConfig.windows containing 0)")
+    return features.matrix[:, slices["collab_all"]]
 
 
 def onboarding_mean_representation(features: UserFeatures, collab_dim: int) -> np.ndarray:

@@ -95,7 +95,7 @@ def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(
         "gur": embed(gur_model, features.matrix),
         "pca": baselines.pca_representation(features, ctx.train_rows, config.dim, config.seed),
         "raw": baselines.raw_representation(features),
-        "item_mean": baselines.item_mean_representation(space, split.train, features.user_ids),
+        "item_mean": baselines.item_mean_representation(features),
         "onboarding_mean": baselines.onboarding_mean_representation(features, space.collab.dim),
     }
     als = baselines.fit_als(ctx.history_artists, config.dim, config.seed, _onboarding_matrix(split.train, features, space))
@@ -140,8 +140,8 @@ def prepare(ds: Dataset, config: EvalConfig):
 
 def _context(ds: Dataset, split: Split, space, features: UserFeatures, config: EvalConfig) -> Context:
     users = features.user_ids
-    history_all = baselines.user_artist_matrix(split.train.events, ds.items, users, space.artists)
-    future_all = baselines.user_artist_matrix(split.future, ds.items, users, space.artists)
+    history_all = baselines.user_artist_matrix(split.train.events, space, users)
+    future_all = baselines.user_artist_matrix(split.future, space, users)
     weight = np.asarray(history_all.sum(axis=0)).ravel()
     played = np.flatnonzero(weight > 0)
     top = played[np.argsort(-weight[played], kind="stable")][: config.top_k]
