@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 from pathlib import Path
@@ -22,16 +24,22 @@ def test_entry_point_is_installed_and_lists_jobs():
     assert "validate" in result.stdout and "import" in result.stdout
 
 
-def test_demo_generates_and_trains_once_then_reuses(tmp_path):
+def test_demo_runs_the_batch_lifecycle_once_then_reuses(tmp_path):
     args = ["demo", "--work", str(tmp_path), "--users", "300", "--workers", "0", "--epochs", "2"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "generated" in first.output and "users with events" in first.output
-    assert "users embedded" in first.output and len(list((tmp_path / "batches").glob("*/manifest.json"))) == 1
+    built = sorted(p.parent.name for p in (tmp_path / "batches").glob("*/manifest.json"))
+    assert len(built) == 2 and first.output.count("users embedded") == 2
+    assert f"gate {built[1]} vs serving {built[0]}" in first.output  # batch 2 gated against batch 1
+    pointer = json.loads((tmp_path / "batches" / "SERVING.json").read_text())
+    if "not promoted" in first.output:  # the gate's verdict on 300 users is not the point here
+        assert pointer["serving"] == built[0] and "blocked:" in first.output
+    else:
+        assert pointer == {**pointer, "serving": built[1], "history": [built[0]]}
     second = runner.invoke(app, args)
-    assert second.exit_code == 0 and "is current" in second.output and "already built" in second.output
-    third = runner.invoke(app, args + ["--seed", "1"])
-    assert "generated" in third.output and len(list((tmp_path / "batches").glob("*/manifest.json"))) == 2
+    assert second.exit_code == 0 and "is current" in second.output and second.output.count("already built") == 2
+    assert json.loads((tmp_path / "batches" / "SERVING.json").read_text())["serving"] == pointer["serving"]
 
 
 def test_validate_missing_directory_is_a_clear_error(tmp_path):

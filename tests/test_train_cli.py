@@ -16,9 +16,10 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def batch(small_world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("batch") / "b1"
+    work = tmp_path_factory.mktemp("batch")
+    out = work / "b1"
     result = runner.invoke(app, ["train", "--data", str(small_world), "--out", str(out), "--epochs", "3",
-                                 "--dim", "16", "--as-of", "2026-05-01"])
+                                 "--dim", "16", "--as-of", "2026-05-01", "--feast-home", str(work / "feast")])
     assert result.exit_code == 0, result.output
     return out
 
@@ -26,7 +27,10 @@ def batch(small_world, tmp_path_factory):
 def test_train_writes_manifest_and_embeddings_for_every_user(batch, small_world):
     manifest = json.loads((batch / "manifest.json").read_text())
     assert manifest["as_of"] == "2026-05-01T00:00:00+00:00"
-    assert {"load", "encoders", "features", "fit", "backfill", "total"} <= set(manifest["timings_s"])
+    assert {"load", "materialize", "features", "fit", "backfill", "publish", "downstream", "total"} <= set(manifest["timings_s"])
+    records = {p.stem: json.loads(p.read_text()) for p in (batch / "downstream").glob("*.json")}
+    assert set(records) == {"future_listening", "artist_preference", "similar_users"}
+    assert all(r["batch_id"] == manifest["batch_id"] for r in records.values())
     assert len(manifest["training"]["losses"]) == 3
     assert sum(size for _, size in manifest["feature_schema"]) == manifest["n_features"]
     assert set(manifest["data"]["fingerprint"]) == {"events.parquet", "items.parquet", "users.parquet", "pairs.parquet"}
@@ -38,10 +42,12 @@ def test_train_writes_manifest_and_embeddings_for_every_user(batch, small_world)
     assert len(table.column("embedding")[0]) == 16
 
 
-def test_batch_id_is_deterministic(batch, small_world, tmp_path):
+def test_batch_id_is_deterministic_and_feast_changes_nothing(batch, small_world, tmp_path):
+    """Same settings without Feast (features computed in-process): same id, bit-identical embeddings."""
     again = tmp_path / "again"
-    runner.invoke(app, ["train", "--data", str(small_world), "--out", str(again), "--epochs", "3", "--dim", "16",
-                        "--as-of", "2026-05-01"])
+    result = runner.invoke(app, ["train", "--data", str(small_world), "--out", str(again), "--epochs", "3",
+                                 "--dim", "16", "--as-of", "2026-05-01", "--no-feast", "--no-downstream"])
+    assert result.exit_code == 0, result.output
     first = json.loads((batch / "manifest.json").read_text())
     second = json.loads((again / "manifest.json").read_text())
     assert first["batch_id"] == second["batch_id"]
@@ -65,3 +71,10 @@ def test_embed_unknown_user_is_a_clear_error(batch, small_world):
     result = runner.invoke(app, ["embed", "--batch", str(batch), "--data", str(small_world), "--users", "nobody"])
     assert result.exit_code == 1
     assert "unknown user_id(s) ['nobody']" in result.output and "Traceback" not in result.output
+
+
+def test_materialize_bad_as_of_is_a_clear_error(small_world, tmp_path):
+    result = runner.invoke(app, ["features", "materialize", "--data", str(small_world), "--as-of", "someday",
+                                 "--feast-home", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "as_of: not an ISO-8601 time: 'someday'" in result.output

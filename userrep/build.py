@@ -8,6 +8,12 @@ A batch directory holds everything needed to embed a user the way this batch doe
     model.pt       the autoencoder with its standardization stats
     embeddings.parquet user_id, batch_id, embedding for every user known at as_of
     manifest.json  batch id, data fingerprint, as_of, schema, settings, loss curve, timings, hashes
+    downstream/    one model per task, trained on this batch's embeddings (userrep.downstream)
+    gate.json, drift_report.html   the promotion gate's decision and report (userrep.gate)
+
+With a Feast store configured, the encoders come from the materialized snapshot and the training
+set from a point-in-time ``get_historical_features``; the embeddings are published to the online
+store under this batch id.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userrep.backfill import backfill_embeddings
+from userrep.downstream import TASKS, DownstreamConfig, task_data, train_task
 from userrep.data import TABLES, Dataset, load_dataset, table_path
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
-from userrep.features import FeatureConfig, UserFeatures, build_user_features, fit_feature_space, to_utc
+from userrep.features import (FeatureConfig, FeatureSpace, UserFeatures, build_user_features, fit_feature_space,
+                              to_utc)
 from userrep.model import AEConfig
+from userrep.store import StoreConfig
 from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
 
@@ -40,6 +49,8 @@ class BuildConfig:
     ae: AEConfig = field(default_factory=AEConfig)
     workers: int = 0  # 0: in-process torch and backfill; N: Ray Train + Ray Data with N workers
     resume: bool = False
+    feast: StoreConfig | None = None  # None: features computed in-process, nothing published
+    downstream: DownstreamConfig | None = field(default_factory=DownstreamConfig)  # None: no task models
 
 
 def default_as_of(ds: Dataset) -> pd.Timestamp:
@@ -93,10 +104,21 @@ def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConf
     batch_id = batch_id or default_batch_id(as_of, fingerprint, config)
     log(f"batch {batch_id}: data {data}, as_of {as_of.isoformat()}, workers {config.workers}")
     stage.done("load")
-    space = fit_feature_space(ds, as_of, config.features)
-    space.save(out / "encoders")
-    stage.done("encoders")
-    features = build_user_features(ds, as_of, space)
+    store = None
+    if config.feast is not None:
+        from userrep import store as feast
+
+        store = feast.open_store(config.feast)
+        snapshot = feast.materialize(ds, as_of, config.feast, config.features, store=store, log=log)
+        space = FeatureSpace.load(snapshot.space_dir)
+        space.save(out / "encoders")
+        stage.done("materialize")
+        features = feast.training_set(store, snapshot, space, snapshot.user_ids)
+    else:
+        space = fit_feature_space(ds, as_of, config.features)
+        space.save(out / "encoders")
+        stage.done("encoders")
+        features = build_user_features(ds, as_of, space)
     save_features(features, out / "features.parquet")
     stage.done("features")
     ray_ctx = nullcontext()
@@ -112,6 +134,11 @@ def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConf
         n_users = backfill_embeddings(out / "model.pt", features, batch_id, out / "embeddings.parquet",
                                       workers=config.workers)
         stage.done("backfill")
+    if store is not None:
+        published = feast.publish_embeddings(store, config.feast, pq.read_table(out / "embeddings.parquet"),
+                                             batch_id, as_of)
+        log(f"published {published} embeddings of batch {batch_id} to the {config.feast.online} online store")
+        stage.done("publish")
     timings = stage.finish()
     manifest = {
         "batch_id": batch_id,
@@ -136,5 +163,14 @@ def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConf
     }
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / "manifest.json")  # written last: a batch without a manifest is incomplete
+    tmp.replace(out / "manifest.json")  # embeddings done: a batch without a manifest is incomplete
+    if config.downstream is not None:
+        data = task_data(out, ds, config.downstream)
+        for task in TASKS:
+            record = train_task(out, task, ds, config.downstream, data)
+            log(f"downstream {task}: {record['metrics']}")
+        stage.done("downstream")
+        manifest["timings_s"] = stage.finish()
+        tmp.write_text(json.dumps(manifest, indent=2))
+        tmp.replace(out / "manifest.json")
     return manifest

@@ -4,6 +4,8 @@
     userrep data validate data/world
     userrep data import lastfm-hetrec ../shared/data/hetrec2011-lastfm-2k data/lastfm
     userrep data import deezer ../shared/data/deezer-ro data/deezer
+    userrep features materialize --data data/world --as-of 2026-06-01
+    userrep batch list | show ID | gate ID | promote ID | rollback
     userrep demo
 """
 
@@ -23,7 +25,11 @@ app = typer.Typer(help="Generalized user representations: data, training, batche
 world_app = typer.Typer(help="The synthetic music world.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets in the contract (docs/data.md).", no_args_is_help=True)
 import_app = typer.Typer(help="Convert real datasets into the contract.", no_args_is_help=True)
+features_app = typer.Typer(help="The Feast feature store (feature_repo/).", no_args_is_help=True)
+batch_app = typer.Typer(help="Batches: list, show, gate, promote, roll back.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
+app.add_typer(features_app, name="features")
+app.add_typer(batch_app, name="batch")
 app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
 
@@ -148,14 +154,22 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = False,
     batch_id: Annotated[str | None, typer.Option(help="Batch id; default: derived from data, as_of and settings.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    feast: Annotated[bool, typer.Option(help="Materialize to Feast, train on its point-in-time training set, "
+                                             "publish embeddings online.")] = True,
+    feast_home: Annotated[Path, typer.Option(help="Feast work dir (offline tables, registry, online store).")] = Path("work/feast"),
+    downstream: Annotated[bool, typer.Option(help="Train the downstream task models on this batch.")] = True,
+    label_days: Annotated[int, typer.Option(min=1, help="Label window of the downstream tasks (days before as_of).")] = 28,
 ) -> None:
-    """Build a batch: encoders -> features -> autoencoder -> backfill -> manifest."""
+    """Build a batch: features (Feast) -> autoencoder -> backfill -> publish -> downstream models."""
     from userrep.build import BuildConfig, build_batch
+    from userrep.downstream import DownstreamConfig
     from userrep.features import FeatureConfig
     from userrep.model import AEConfig
+    from userrep.store import StoreConfig
 
     config = BuildConfig(features=FeatureConfig(seed=seed), ae=AEConfig(latent=dim, epochs=epochs, seed=seed),
-                         workers=workers, resume=resume)
+                         workers=workers, resume=resume, feast=StoreConfig(home=feast_home) if feast else None,
+                         downstream=DownstreamConfig(label_days=label_days, seed=seed) if downstream else None)
     manifest = _run_or_exit(lambda: build_batch(data, out, as_of, config, batch_id, log=console.print,
                                                 progress=_epoch_printer(epochs)))
     _print_manifest(manifest, out)
@@ -252,6 +266,126 @@ def _print_manifest(manifest: dict, out: Path) -> None:
     console.print(table)
 
 
+def _store_config(home: Path, online: str, redis: str):
+    from userrep.store import StoreConfig
+
+    return _run_or_exit(lambda: StoreConfig(home=home, online=online, redis=redis))
+
+
+@features_app.command("materialize")
+def features_materialize(
+    data: Annotated[Path, typer.Option(help="Dataset directory.")],
+    as_of: Annotated[str, typer.Option(help="Snapshot time (ISO-8601, UTC): features use events before it.")],
+    feast_home: Annotated[Path, typer.Option(help="Feast work dir.")] = Path("work/feast"),
+    online: Annotated[str, typer.Option(help="Online store: sqlite (embedded) or redis.")] = "sqlite",
+    redis: Annotated[str, typer.Option(help="Redis connection string host:port[,password=...] (--online redis).")] = "127.0.0.1:6379",
+) -> None:
+    """Fit encoders as of --as-of, write the offline tables, feast apply, materialize online."""
+    from userrep.store import materialize
+
+    config = _store_config(feast_home, online, redis)
+    snapshot = _run_or_exit(lambda: materialize(data, as_of, config, log=console.print))
+    console.print(f"snapshot {snapshot.space_id}: {len(snapshot.user_ids):,} users, encoders in {snapshot.space_dir}")
+
+
+ROOT_OPTION = Annotated[Path, typer.Option(help="Directory holding the batches and SERVING.json.")]
+
+
+def _batch_call(job):
+    from userrep.batches import BatchError
+
+    try:
+        return job()
+    except BatchError as exc:
+        errors.print(f"[bold red]refused[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(code=1) from None
+
+
+@batch_app.command("list")
+def batch_list(root: ROOT_OPTION = Path("work/batches")) -> None:
+    """Every batch with its state (serving, gated, rejected, candidate, incomplete, failed)."""
+    from userrep.batches import list_batches
+
+    table = Table(title=f"batches in {root}", title_justify="left")
+    for column in ("batch_id", "as_of", "created_at", "users", "state"):
+        table.add_column(column)
+    for row in list_batches(root):
+        style = {"serving": "bold green", "rejected": "red", "failed": "red"}.get(row["state"], "")
+        table.add_row(*(str(row[c]) for c in ("batch_id", "as_of", "created_at", "users")),
+                      f"[{style}]{row['state']}[/]" if style else row["state"])
+    console.print(table)
+
+
+@batch_app.command("show")
+def batch_show(batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")) -> None:
+    """Manifest, downstream metrics, gate decision of one batch (JSON)."""
+    from userrep.batches import show
+
+    print(json.dumps(_batch_call(lambda: show(root, batch_id)), indent=2))
+
+
+@batch_app.command("gate")
+def batch_gate(
+    batch_id: Annotated[str, typer.Argument(help="Candidate batch id.")],
+    root: ROOT_OPTION = Path("work/batches"),
+    data: Annotated[Path | None, typer.Option(help="Dataset directory; default: the one the batch was built on.")] = None,
+) -> None:
+    """Measure the candidate against the serving batch, decide, write gate.json and drift_report.html."""
+    record = _gate(root, batch_id, data)
+    raise typer.Exit(code=0 if record["passed"] else 3)
+
+
+def _gate(root: Path, batch_id: str, data: Path | None) -> dict:
+    from userrep.batches import batch_dir, serving_batch
+    from userrep.data import load_dataset
+    from userrep.gate import run_gate
+
+    candidate = _batch_call(lambda: batch_dir(root, batch_id))
+    manifest = json.loads((candidate / "manifest.json").read_text())
+    serving = serving_batch(root)
+    serving_dir = _batch_call(lambda: batch_dir(root, serving)) if serving and serving != batch_id else None
+    ds = _run_or_exit(lambda: load_dataset(data or manifest["data"]["path"]))
+    record = _run_or_exit(lambda: run_gate(candidate, serving_dir, ds, log=console.print))
+    _print_gate(record)
+    return record
+
+
+def _print_gate(record: dict) -> None:
+    verdict = "[bold green]PASS[/]" if record["passed"] else "[bold red]BLOCK[/]"
+    table = Table(title=f"gate {record['candidate']} vs serving {record['serving'] or '(none)'}: {verdict}",
+                  title_justify="left")
+    for column in ("check", "value", "limit", "ok"):
+        table.add_column(column)
+    for name, check in record["checks"].items():
+        value = check["value"]
+        if isinstance(value, dict) and set(value) == {"candidate", "serving"}:
+            value = f"{value['candidate']:.4f} vs {value['serving']:.4f}"
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        table.add_row(name, str(value), str(check["limit"]), "[green]yes[/]" if check["passed"] else "[red]no[/]")
+    console.print(table)
+    for reason in record["reasons"]:
+        console.print(f"[red]blocked:[/] {reason}", highlight=False)
+
+
+@batch_app.command("promote")
+def batch_promote(batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")) -> None:
+    """Serve this batch (gate passed, all models present): one atomic pointer switch."""
+    from userrep.batches import promote
+
+    pointer = _batch_call(lambda: promote(root, batch_id))
+    console.print(f"serving {pointer['serving']} (previous: {pointer['history'][-1] if pointer['history'] else 'none'})")
+
+
+@batch_app.command("rollback")
+def batch_rollback(root: ROOT_OPTION = Path("work/batches")) -> None:
+    """Serve the previous batch again."""
+    from userrep.batches import rollback
+
+    pointer = _batch_call(lambda: rollback(root))
+    console.print(f"serving {pointer['serving']} again (rolled back from {pointer['rolled_back_from']})")
+
+
 @app.command()
 def demo(
     work: Annotated[Path, typer.Option(help="Work directory for generated data and batches.")] = Path("work"),
@@ -259,17 +393,20 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     workers: Annotated[int, typer.Option(min=0, help="Ray workers for training and backfill (0: in-process).")] = 2,
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
+    later_days: Annotated[int, typer.Option(min=1, help="Batch 2 sees this many more days of data than batch 1.")] = 30,
 ) -> None:
-    """The main job on the embedded default: world (if absent) -> train and backfill a batch."""
+    """The lifecycle on the embedded default: world -> batch 1 -> promote -> batch 2 on later data -> gate."""
     from userrep.world import WorldConfig, generate_world, world_is_current
 
-    from userrep.build import BuildConfig, build_batch, data_fingerprint, default_as_of, default_batch_id
+    from userrep.batches import promote, serving_batch, state
+    from userrep.build import BuildConfig, data_fingerprint, default_as_of, default_batch_id
     from userrep.data import load_dataset
     from userrep.features import FeatureConfig
     from userrep.model import AEConfig
+    from userrep.store import StoreConfig
 
     config = WorldConfig(users=users, seed=seed)
-    world = work / "world"
+    world, root = work / "world", work / "batches"
     console.rule("1. synthetic world")
     if world_is_current(config, world):
         console.print(f"[dim]world {world} is current (users={users}, seed={seed}); not regenerating[/]")
@@ -279,18 +416,51 @@ def demo(
         console.print(f"generated {world} in {time.perf_counter() - started:.1f}s: {counts}")
     _validate_or_exit(world)
 
-    console.rule(f"2. batch: encoders -> features -> autoencoder -> backfill ({workers} Ray workers)")
-    build = BuildConfig(features=FeatureConfig(seed=seed), ae=AEConfig(epochs=epochs, seed=seed), workers=workers)
-    as_of = default_as_of(load_dataset(world))
-    batch_id = default_batch_id(as_of, data_fingerprint(world), build)
-    out = work / "batches" / batch_id
-    if (out / "manifest.json").exists():
+    build = BuildConfig(features=FeatureConfig(seed=seed), ae=AEConfig(epochs=epochs, seed=seed), workers=workers,
+                        feast=StoreConfig(home=work / "feast"))
+    end = default_as_of(load_dataset(world))
+    ids = []
+    for step, (label, as_of) in enumerate([("batch 1", end - pd_days(later_days)), ("batch 2, later data", end)]):
+        batch_id = default_batch_id(as_of, data_fingerprint(world), build)
+        ids.append(batch_id)
+        console.rule(f"{2 + 2 * step}. {label}: Feast snapshot as of {as_of:%Y-%m-%d} -> autoencoder ({workers} Ray "
+                     f"workers) -> backfill -> downstream models")
+        _build_once(world, root / batch_id, as_of, build, batch_id, epochs)
+        console.rule(f"{3 + 2 * step}. gate {batch_id} against the serving batch")
+        current = state(root, batch_id)
+        if current in ("serving", "previous"):
+            console.print(f"[dim]{batch_id} was promoted before ({current}); not gating it again[/]")
+            continue
+        record = _gate(root, batch_id, None)
+        if record["passed"]:
+            pointer = _batch_call(lambda: promote(root, batch_id))
+            console.print(f"[bold green]promoted[/] {batch_id}: serving switched atomically "
+                          f"(previous: {pointer['history'][-1] if pointer['history'] else 'none'})")
+        else:
+            console.print(f"[bold red]not promoted[/] {batch_id}; {serving_batch(root)} keeps serving")
+    batch_list(root)
+    console.print(f"gate reports: {root}/<batch>/gate.json and drift_report.html; "
+                  f"rollback: userrep batch rollback --root {root}")
+
+
+def pd_days(days: int):
+    import pandas as pd
+
+    return pd.Timedelta(days=days)
+
+
+def _build_once(world: Path, out: Path, as_of, build, batch_id: str, epochs: int) -> dict:
+    from userrep.build import build_batch
+    from userrep.downstream import missing_tasks
+
+    if (out / "manifest.json").exists() and not missing_tasks(out):
         console.print(f"[dim]batch {batch_id} already built; not retraining[/]")
         manifest = json.loads((out / "manifest.json").read_text())
     else:
         manifest = _run_or_exit(lambda: build_batch(world, out, as_of, build, batch_id, log=console.print,
                                                     progress=_epoch_printer(epochs)))
     _print_manifest(manifest, out)
+    return manifest
 
 
 if __name__ == "__main__":

@@ -92,6 +92,10 @@ def window_name(days: int) -> str:
     return f"{days}d" if days > 0 else "all"
 
 
+def longest_window(windows: tuple[int, ...]) -> int:
+    return 0 if 0 in windows else max(windows)
+
+
 @dataclass(frozen=True)
 class FeatureSpace:
     """What turns raw data into feature vectors; fitted on data before ``as_of`` only."""
@@ -113,20 +117,37 @@ class FeatureSpace:
 
     @property
     def longest_window(self) -> int:
-        return 0 if 0 in self.config.windows else max(self.config.windows)
+        return longest_window(self.config.windows)
 
     @property
     def schema(self) -> FeatureSchema:
-        cfg, n_genres = self.config, len(self.genres)
-        groups = []
-        for w in cfg.windows:
+        names = self.column_names()
+        sizes = {group: sum(1 for g, _, _ in names if g == group) for group, _, _ in names}
+        return FeatureSchema(tuple(sizes.items()))
+
+    def column_names(self) -> list[tuple[str, str, bool]]:
+        """(group, column, comparable) for every feature column, in matrix order.
+
+        ``comparable`` is False for coordinates of a fitted basis (collab/content vectors): two
+        encoder fits give unrelated coordinates, so only named columns (genre and artist shares,
+        activity counts, onboarding genres, demographics) can be compared across batches.
+        """
+        out = []
+        for w in self.config.windows:
             tag = window_name(w)
-            groups += [(f"collab_{tag}", self.collab.dim), (f"content_{tag}", self.content.dim),
-                       (f"genres_{tag}", n_genres), (f"activity_{tag}", len(ACTIVITY))]
-        groups.append((f"artists_{window_name(self.longest_window)}", len(self.top_artists)))
-        groups.append(("onboarding", self.collab.dim + self.content.dim + n_genres + 1))
-        groups.append(("demographics", sum(len(c) + 1 for c in self.attributes.values())))
-        return FeatureSchema(tuple((n, s) for n, s in groups if s > 0))
+            out += [(f"collab_{tag}", f"collab_{tag}[{i}]", False) for i in range(self.collab.dim)]
+            out += [(f"content_{tag}", f"content_{tag}[{i}]", False) for i in range(self.content.dim)]
+            out += [(f"genres_{tag}", f"genres_{tag}:{g}", True) for g in self.genres]
+            out += [(f"activity_{tag}", f"activity_{tag}:{a}", True) for a in ACTIVITY]
+        tag = window_name(self.longest_window)
+        out += [(f"artists_{tag}", f"artists_{tag}:{self.artists[a]}", True) for a in self.top_artists]
+        out += [("onboarding", f"onboarding:collab[{i}]", False) for i in range(self.collab.dim)]
+        out += [("onboarding", f"onboarding:content[{i}]", False) for i in range(self.content.dim)]
+        out += [("onboarding", f"onboarding:genre:{g}", True) for g in self.genres]
+        out.append(("onboarding", "onboarding:has_picks", True))
+        for col, categories in self.attributes.items():
+            out += [("demographics", f"{col}={c}", True) for c in categories] + [("demographics", f"{col}=other", True)]
+        return out
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -168,8 +189,14 @@ class UserFeatures:
         return UserFeatures(self.user_ids, self.matrix[:, cols], schema)
 
 
-def to_utc(ts) -> pd.Timestamp:
-    ts = pd.Timestamp(ts)
+def to_utc(ts, field: str = "as_of") -> pd.Timestamp:
+    """A UTC timestamp; naive values are taken as UTC. Bad input names ``field``."""
+    try:
+        ts = pd.Timestamp(ts)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}: not an ISO-8601 time: {ts!r}") from None
+    if pd.isna(ts):
+        raise ValueError(f"{field}: missing time")
     return ts.tz_convert("UTC") if ts.tzinfo else ts.tz_localize("UTC")
 
 

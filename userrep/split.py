@@ -39,7 +39,7 @@ def make_split(ds: Dataset, cutoff=None, seed: int = 0, holdout: float = 0.2, qu
     if cutoff is None:
         values = ts.cast(pa.int64()).to_numpy()
         cutoff = pd.Timestamp(int(np.quantile(values, quantile)), unit="us", tz="UTC")
-    cutoff = to_utc(cutoff)
+    cutoff = to_utc(cutoff, "cutoff")
     before = pc.less(ts, pa.scalar(cutoff, pa.timestamp("us", tz="UTC")))
     train_events, future = ds.events.filter(before), ds.events.filter(pc.invert(before))
     if train_events.num_rows == 0 or future.num_rows == 0:

@@ -1,0 +1,155 @@
+"""Batch lifecycle on the small world with a real Feast store: build, gate, promote, roll back, crash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from userrep import batches
+from userrep.backfill import embeddings_table, read_embeddings
+from userrep.build import BuildConfig, build_batch
+from userrep.cli import app
+from userrep.data import load_dataset
+from userrep.downstream import sha256
+from userrep.features import FeatureSpace
+from userrep.gate import run_gate
+from userrep.model import AEConfig
+from userrep.store import StoreConfig, online_embeddings, open_store
+
+pytestmark = pytest.mark.slow
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def lifecycle(small_world, tmp_path_factory):
+    """b1 (as of May 1) built, gated and serving; b2 (as of June 30, later data) built, not gated."""
+    work = tmp_path_factory.mktemp("lifecycle")
+    root = work / "batches"
+    config = BuildConfig(ae=AEConfig(epochs=8), feast=StoreConfig(home=work / "feast"))
+    build_batch(small_world, root / "b1", "2026-05-01", config, batch_id="b1", **QUIET)
+    ds = load_dataset(small_world)
+    assert run_gate(root / "b1", None, ds, **QUIET)["passed"]
+    batches.promote(root, "b1")
+    build_batch(small_world, root / "b2", "2026-06-30", config, batch_id="b2", **QUIET)
+    return root, ds, config
+
+
+def corrupt_copy(root: Path, name: str) -> Path:
+    """A copy of b2 to break; its manifest hashes are refreshed so only the content checks can catch it."""
+    target = root.parent / "corrupt" / name
+    shutil.copytree(root / "b2", target)
+    return target
+
+
+def refresh_hashes(batch: Path) -> None:
+    manifest = json.loads((batch / "manifest.json").read_text())
+    manifest["files"] = {name: sha256(batch / name) for name in manifest["files"]}
+    (batch / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_clean_retrain_on_later_data_passes_the_gate(lifecycle):
+    root, ds, _ = lifecycle
+    record = run_gate(root / "b2", root / "b1", ds, **QUIET)
+    assert record["passed"], record["reasons"]
+    inputs = record["inputs"]
+    assert inputs["knn_overlap"] > 0.5 and inputs["head_auc_kept"] > 0.9 and inputs["embedding_drift"] < 0.7
+    assert (root / "b2" / "gate.json").exists() and (root / "b2" / "drift_report.html").stat().st_size > 10_000
+    assert batches.state(root, "b2") == "gated"
+
+
+def test_shuffled_embeddings_are_blocked_as_unstable(lifecycle):
+    root, ds, _ = lifecycle
+    bad = corrupt_copy(root, "shuffled")
+    ids, vectors, batch_id = read_embeddings(bad / "embeddings.parquet")
+    shuffled = vectors[np.random.default_rng(0).permutation(len(vectors))]
+    pq.write_table(embeddings_table(ids, shuffled, batch_id), bad / "embeddings.parquet")
+    refresh_hashes(bad)
+    record = run_gate(bad, root / "b1", ds, **QUIET)
+    assert not record["passed"]
+    assert any(r.startswith("stability_knn") for r in record["reasons"]), record["reasons"]
+
+
+def test_a_feature_column_scaled_tenfold_is_blocked_by_name(lifecycle):
+    root, ds, _ = lifecycle
+    bad = corrupt_copy(root, "scaled")
+    names = [name for _, name, _ in FeatureSpace.load(bad / "encoders").column_names()]
+    column = names.index("activity_30d:log_plays")
+    table = pq.read_table(bad / "features.parquet")
+    matrix = table.column("features").combine_chunks().flatten().to_numpy().reshape(len(table), -1).copy()
+    matrix[:, column] *= 10
+    flat = pa.array(matrix.ravel(), pa.float32())
+    pq.write_table(table.set_column(1, "features", pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])),
+                   bad / "features.parquet")
+    refresh_hashes(bad)
+    record = run_gate(bad, root / "b1", ds, **QUIET)
+    assert not record["passed"]
+    assert any(r.startswith("feature_column_drift") and "activity_30d:log_plays" in r for r in record["reasons"])
+
+
+def test_a_missing_head_blocks_the_gate_and_promotion(lifecycle):
+    root, ds, _ = lifecycle
+    bad = corrupt_copy(root, "nohead")
+    (bad / "downstream" / "artist_preference.pt").unlink()
+    record = run_gate(bad, root / "b1", ds, **QUIET)
+    assert not record["passed"] and "artist_preference" in record["reasons"][0]
+    # Even with a forged passing decision, promotion checks the models itself.
+    shutil.copytree(bad, root / "nohead")
+    forged = json.loads((root / "b2" / "gate.json").read_text()) if (root / "b2" / "gate.json").exists() else {}
+    (root / "nohead" / "gate.json").write_text(json.dumps({**forged, "passed": True, "serving": "b1", "reasons": []}))
+    with pytest.raises(batches.BatchError, match="lacks downstream model.*artist_preference"):
+        batches.promote(root, "nohead")
+    shutil.rmtree(root / "nohead")
+
+
+def test_a_crash_before_the_switch_leaves_the_old_batch_serving(lifecycle):
+    root, ds, _ = lifecycle
+    if not (root / "b2" / "gate.json").exists():
+        run_gate(root / "b2", root / "b1", ds, **QUIET)
+    assert batches.serving_batch(root) == "b1"
+    crash = ("import os, sys; from userrep import batches; "
+             "os.replace = lambda *a, **k: os._exit(9); batches.promote(sys.argv[1], 'b2')")
+    done = subprocess.run([sys.executable, "-c", crash, str(root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 9, done.stderr  # died between writing the new pointer and switching
+    assert batches.serving_batch(root) == "b1"
+    assert [b["batch_id"] for b in batches.list_batches(root) if b["state"] == "serving"] == ["b1"]
+
+
+def test_promote_rollback_round_trip_and_online_reads_per_batch(lifecycle):
+    root, ds, config = lifecycle
+    if not (root / "b2" / "gate.json").exists():
+        run_gate(root / "b2", root / "b1", ds, **QUIET)
+    pointer = batches.promote(root, "b2")
+    assert pointer["serving"] == "b2" and pointer["history"] == ["b1"]
+    assert batches.state(root, "b1") == "previous"
+    with pytest.raises(batches.BatchError, match="already serving"):
+        batches.promote(root, "b2")
+    store = open_store(config.feast, apply=False)
+    for batch_id in ("b1", "b2"):  # both batches readable online, each with its own vectors
+        ids, vectors, _ = read_embeddings(root / batch_id / "embeddings.parquet")
+        got, found = online_embeddings(store, ids[:20], batch_id)
+        assert found.all() and np.array_equal(got, vectors[:20])
+    assert batches.rollback(root)["serving"] == "b1"
+    assert batches.read_pointer(root)["history"] == []
+    with pytest.raises(batches.BatchError, match="no previous batch"):
+        batches.rollback(root)
+    assert batches.promote(root, "b2")["serving"] == "b2"  # gated against b1, which serves again
+
+
+def test_cli_lists_shows_and_refuses_with_reasons(lifecycle):
+    root, _, _ = lifecycle
+    runner = CliRunner()
+    listed = runner.invoke(app, ["batch", "list", "--root", str(root)])
+    assert listed.exit_code == 0 and "b1" in listed.output and "serving" in listed.output
+    shown = runner.invoke(app, ["batch", "show", batches.serving_batch(root), "--root", str(root)])
+    assert shown.exit_code == 0 and json.loads(shown.output)["state"] == "serving"
+    unknown = runner.invoke(app, ["batch", "promote", "nope", "--root", str(root)])
+    assert unknown.exit_code == 1 and "no finished batch 'nope'" in unknown.output

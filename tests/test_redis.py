@@ -1,0 +1,70 @@
+"""The Redis profile against a real redis-server started by the test on 127.0.0.1."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from userrep.backfill import embeddings_table
+from userrep.data import load_dataset
+from userrep.features import FeatureSpace
+from userrep.store import StoreConfig, materialize, online_embeddings, open_store, publish_embeddings
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not installed (apt-get install -y redis-server; .ci/run does it)")
+    port, workdir = free_port(), tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    yield f"127.0.0.1:{port}"
+    proc.terminate()  # ours, by PID
+    proc.wait(timeout=10)
+
+
+def test_redis_profile_materializes_and_serves_batches(redis_server, small_world, tmp_path):
+    import redis
+
+    config = StoreConfig(home=tmp_path / "feast", online="redis", redis=redis_server)
+    store = open_store(config)
+    snapshot = materialize(load_dataset(small_world), "2026-04-01", config, store=store, log=lambda *_: None)
+    host, port = redis_server.split(":")
+    assert redis.Redis(host=host, port=int(port)).dbsize() >= len(snapshot.user_ids)  # rows really in Redis
+    online = store.get_online_features(features=["user_history:history", "user_history:space_id"],
+                                       entity_rows=[{"user_id": str(snapshot.user_ids[0])}]).to_dict()
+    space = FeatureSpace.load(snapshot.space_dir)
+    n_history = sum(size for name, size in space.schema.groups if name in space.schema.history_groups())
+    assert online["space_id"] == [snapshot.space_id] and len(online["history"][0]) == n_history
+    users = [str(u) for u in snapshot.user_ids[:30]]
+    a, b = (np.random.default_rng(i).normal(size=(30, 4)).astype(np.float32) for i in (1, 2))
+    publish_embeddings(store, config, embeddings_table(users, a, "ra"), "ra", "2026-04-01")
+    publish_embeddings(store, config, embeddings_table(users, b, "rb"), "rb", "2026-04-01")
+    got_a, found_a = online_embeddings(store, users, "ra")
+    got_b, found_b = online_embeddings(store, users, "rb")
+    assert found_a.all() and found_b.all()
+    assert np.array_equal(got_a, a) and np.array_equal(got_b, b)

@@ -1,0 +1,93 @@
+"""Feast: materialization, point-in-time training sets (with the dropped-row guard), online reads per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from userrep.data import load_dataset
+from userrep.features import FeatureSpace, build_user_features
+from userrep.store import (StoreConfig, historical_features, materialize, online_embeddings, open_store,
+                           publish_embeddings, training_set)
+from userrep.backfill import embeddings_table
+
+pytestmark = pytest.mark.slow  # Feast import + apply take seconds
+
+
+@pytest.fixture(scope="module")
+def feast_world(small_world, tmp_path_factory):
+    config = StoreConfig(home=tmp_path_factory.mktemp("feast"))
+    store = open_store(config)
+    ds = load_dataset(small_world)
+    early = materialize(ds, "2026-03-01", config, store=store, log=lambda *_: None)
+    late = materialize(ds, "2026-06-01", config, store=store, log=lambda *_: None)
+    return config, store, ds, early, late
+
+
+def test_training_set_is_the_point_in_time_snapshot(feast_world):
+    _, store, ds, early, late = feast_world
+    activity = []
+    for snapshot in (early, late):
+        space = FeatureSpace.load(snapshot.space_dir)
+        direct = build_user_features(ds, snapshot.as_of, space)
+        got = training_set(store, snapshot, space, direct.user_ids)
+        assert list(got.user_ids) == list(direct.user_ids)
+        assert np.array_equal(got.matrix, direct.matrix)  # through Feast and back, bit for bit
+        activity.append(got.matrix[:, got.schema.slices()["activity_all"]][:, 0])
+    assert (activity[1] >= activity[0]).all() and (activity[1] > activity[0]).mean() > 0.5  # later = more plays
+
+
+def test_rows_feast_cannot_join_come_back_in_order_with_nulls(feast_world):
+    _, store, _, early, late = feast_world
+    user = str(early.user_ids[0])
+    planted = pd.DataFrame({"user_id": [user, user, "nobody", str(late.user_ids[1])],
+                            "event_timestamp": pd.to_datetime(["2026-03-02", "2025-01-01", "2026-03-02", "2026-06-02"],
+                                                              utc=True)})
+    frame, _ = historical_features(store, planted, store.get_feature_service("training_features"))
+    assert list(frame["user_id"]) == list(planted["user_id"])  # every row, in the caller's order
+    spaces = list(frame["user_history__space_id"])
+    assert spaces[0] == early.space_id and spaces[3] == late.space_id
+    assert pd.isna(spaces[1]) and pd.isna(spaces[2])  # before any snapshot / unknown: empty, not dropped
+
+
+def test_the_dask_file_store_drops_such_rows_and_the_guard_restores_them(feast_world):
+    config, _, _, early, _ = feast_world
+    store = open_store(StoreConfig(home=config.home, offline="file"))
+    user = str(early.user_ids[0])
+    planted = pd.DataFrame({"user_id": [user, user], "event_timestamp": pd.to_datetime(["2026-03-02", "2025-01-01"], utc=True)})
+    raw = store.get_historical_features(entity_df=planted, features=store.get_feature_service("training_features"),
+                                        full_feature_names=True).to_df()
+    frame, dropped = historical_features(store, planted, store.get_feature_service("training_features"))
+    assert len(raw) == 1 and dropped == 1  # Feast silently lost the early row
+    assert frame["user_history__space_id"].iloc[0] == early.space_id and pd.isna(frame["user_history__space_id"].iloc[1])
+
+
+def test_training_set_refuses_users_without_a_snapshot_row(feast_world):
+    _, store, _, early, _ = feast_world
+    space = FeatureSpace.load(early.space_dir)
+    with pytest.raises(ValueError, match=r"user_id: no feature row .* 1 of 2 users \(e\.g\. ghost\)"):
+        training_set(store, early, space, [str(early.user_ids[0]), "ghost"])
+
+
+def test_online_reads_never_mix_batches(feast_world):
+    config, store, _, early, _ = feast_world
+    users = [str(u) for u in early.user_ids[:50]]
+    rng = np.random.default_rng(0)
+    vectors = {b: rng.normal(size=(len(users), 8)).astype(np.float32) for b in ("b-one", "b-two")}
+    for batch_id, matrix in vectors.items():
+        publish_embeddings(store, config, embeddings_table(users, matrix, batch_id), batch_id, "2026-03-01")
+    for batch_id, matrix in vectors.items():
+        got, found = online_embeddings(store, users + ["nobody"], batch_id)
+        assert found[:-1].all() and not found[-1]
+        assert np.array_equal(got[:-1], matrix)  # this batch's vectors, none of the other's
+    got, found = online_embeddings(store, users, "b-three")
+    assert not found.any()
+    assert store.get_feature_service("batch_b_one").tags["batch_id"] == "b-one"
+
+
+def test_bad_store_settings_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="online: expected"):
+        StoreConfig(home=tmp_path, online="memcached")
+    with pytest.raises(ValueError, match="offline: expected"):
+        StoreConfig(home=tmp_path, offline="bigquery")

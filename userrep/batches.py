@@ -1,0 +1,155 @@
+"""Batch registry: list, show, promote, roll back. The serving batch is one pointer file.
+
+A batch root (default ``work/batches``) holds one directory per batch and ``SERVING.json``:
+
+    {"serving": "20260630-ab12cd34", "history": ["20260531-..."], "updated_at": "..."}
+
+Promotion writes the new pointer to a temporary file, fsyncs it and renames it over the old one
+(atomic on POSIX): a reader sees the old batch or the new one, never a mix, and a crash before
+the rename leaves the old batch serving. Everything a batch serves (encoders, model, embeddings,
+downstream heads, neighbour index) lives in its directory, so the one rename moves all of it.
+Rollback is the same rename with the previous id from ``history``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from userrep.downstream import missing_tasks
+
+POINTER = "SERVING.json"
+
+
+class BatchError(ValueError):
+    """A refused batch operation (the message says why)."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_pointer(root: str | Path) -> dict:
+    path = Path(root) / POINTER
+    if not path.exists():
+        return {"serving": None, "history": [], "updated_at": None}
+    return json.loads(path.read_text())
+
+
+def serving_batch(root: str | Path) -> str | None:
+    return read_pointer(root)["serving"]
+
+
+def _write_pointer(root: Path, pointer: dict) -> None:
+    tmp = root / f".{POINTER}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(pointer, indent=2))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / POINTER)  # the switch: atomic
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def batch_dir(root: str | Path, batch_id: str) -> Path:
+    path = Path(root) / batch_id
+    if not (path / "manifest.json").exists():
+        known = ", ".join(b["batch_id"] for b in list_batches(root)) or "none"
+        raise BatchError(f"batch_id: no finished batch {batch_id!r} under {root} (known: {known})")
+    return path
+
+
+def state(root: str | Path, batch_id: str) -> str:
+    """serving | previous (a rollback target) | failed | rejected | gated | candidate (no gate yet) |
+    incomplete (models missing)."""
+    path = Path(root) / batch_id
+    pointer = read_pointer(root)
+    if pointer["serving"] == batch_id:
+        return "serving"
+    if batch_id in pointer["history"]:
+        return "previous"
+    if (path / "FAILED.json").exists():
+        return "failed"
+    gate = path / "gate.json"
+    if gate.exists():
+        return "gated" if json.loads(gate.read_text())["passed"] else "rejected"
+    return "incomplete" if missing_tasks(path) else "candidate"
+
+
+def list_batches(root: str | Path) -> list[dict]:
+    rows = []
+    for path in sorted(Path(root).glob("*/manifest.json")):
+        manifest = json.loads(path.read_text())
+        rows.append({"batch_id": manifest["batch_id"], "as_of": manifest["as_of"],
+                     "created_at": manifest["created_at"], "users": manifest["users"],
+                     "state": state(root, path.parent.name)})
+    return rows
+
+
+def show(root: str | Path, batch_id: str) -> dict:
+    path = batch_dir(root, batch_id)
+    out = {"batch_id": batch_id, "state": state(root, batch_id), "path": str(path),
+           "manifest": json.loads((path / "manifest.json").read_text()), "missing_tasks": missing_tasks(path)}
+    for name in ("gate.json", "FAILED.json"):
+        if (path / name).exists():
+            out[name.split(".")[0].lower()] = json.loads((path / name).read_text())
+    out["downstream"] = {p.stem: json.loads(p.read_text())["metrics"]
+                         for p in sorted((path / "downstream").glob("*.json"))}
+    return out
+
+
+def mark_failed(root: str | Path, batch_id: str, reason: str) -> None:
+    """A failed candidate can never be promoted (the pipeline's exit handler calls this)."""
+    path = Path(root) / batch_id
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "FAILED.json").write_text(json.dumps({"reason": reason, "at": _now()}, indent=2))
+
+
+def promote(root: str | Path, batch_id: str) -> dict:
+    """Switch serving to ``batch_id`` if it is complete, intact and passed its gate."""
+    root = Path(root)
+    path = batch_dir(root, batch_id)
+    pointer = read_pointer(root)
+    if pointer["serving"] == batch_id:
+        raise BatchError(f"batch_id: {batch_id} is already serving")
+    if (path / "FAILED.json").exists():
+        raise BatchError(f"batch_id: {batch_id} is marked failed: {json.loads((path / 'FAILED.json').read_text())['reason']}")
+    missing = missing_tasks(path)
+    if missing:
+        raise BatchError(f"batch_id: {batch_id} lacks downstream model(s) {', '.join(missing)}")
+    if not (path / "gate.json").exists():
+        raise BatchError(f"batch_id: {batch_id} has no gate decision (run `userrep batch gate {batch_id}`)")
+    gate = json.loads((path / "gate.json").read_text())
+    if not gate["passed"]:
+        raise BatchError(f"batch_id: the gate rejected {batch_id}: " + "; ".join(gate["reasons"]))
+    if gate["serving"] != pointer["serving"]:
+        raise BatchError(f"batch_id: {batch_id} was gated against {gate['serving']}, but {pointer['serving']} "
+                         f"is serving now; gate it again")
+    from userrep.gate import integrity_problems
+
+    changed = integrity_problems(path)
+    if changed:
+        raise BatchError(f"batch_id: files of {batch_id} changed since its manifest: {', '.join(changed)}")
+    history = pointer["history"] + ([pointer["serving"]] if pointer["serving"] else [])
+    new = {"serving": batch_id, "history": history, "updated_at": _now()}
+    _write_pointer(root, new)
+    return new
+
+
+def rollback(root: str | Path) -> dict:
+    """Serve the previous batch again (one step)."""
+    root = Path(root)
+    pointer = read_pointer(root)
+    if not pointer["history"]:
+        raise BatchError("rollback: no previous batch to return to")
+    previous = pointer["history"][-1]
+    batch_dir(root, previous)
+    new = {"serving": previous, "history": pointer["history"][:-1], "updated_at": _now(),
+           "rolled_back_from": pointer["serving"]}
+    _write_pointer(root, new)
+    return new

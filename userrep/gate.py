@@ -1,0 +1,270 @@
+"""The promotion gate: measure a candidate batch against the serving one, then decide.
+
+``measure`` computes every number (slow: features, Evidently, FAISS); ``decide`` is a pure
+function of those numbers and a ``GatePolicy`` (one test per branch). ``run_gate`` writes
+``gate.json`` first and the Evidently HTML report after it, so the decision never waits on plots.
+
+Two batches' embeddings live in unrelated bases (each autoencoder fit is its own space), so the
+embedding checks first align the candidate onto the serving space with orthogonal Procrustes,
+fitted on the same users at the same time embedded by both batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from userrep.backfill import read_embeddings
+from userrep.data import Dataset
+from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, missing_tasks, task_data
+from userrep.features import FeatureSpace, build_user_features, to_utc
+from userrep.model import UserAutoencoder, embed
+
+# Which metric of each task the quality check compares (higher is better for all three).
+QUALITY_METRICS = {"future_listening": "ndcg@10", "artist_preference": "auc", "similar_users": "ndcg@50"}
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Every threshold of the gate. Calibration: bench/gate_calibration.py (docs/batches.md)."""
+
+    max_drift_share: float = 0.5  # share of comparable feature columns Evidently flags as drifted
+    max_column_drift: float = 1.0  # any one column: Wasserstein distance in reference std units
+    max_embedding_drift: float = 0.75  # domain-classifier ROC AUC, aligned candidate vs serving embeddings
+    min_knn_overlap: float = 0.3  # kNN@10 overlap of the same users in the serving index
+    min_head_auc_kept: float = 0.85  # serving AP head on aligned candidate embeddings / on its own
+    max_quality_drop: float = 0.05  # candidate head metric may be at most this much (relative) worse
+    sample: int = 2000  # rows per side for drift checks, queries for kNN overlap
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """The numbers ``decide`` needs (None: not measurable, e.g. no serving batch yet)."""
+
+    candidate: str
+    serving: str | None
+    missing_tasks: tuple[str, ...] = ()
+    integrity: tuple[str, ...] = ()  # files whose hash no longer matches the manifest
+    drift_share: float | None = None
+    column_drift: dict[str, float] = field(default_factory=dict)  # columns above the per-column limit
+    embedding_drift: float | None = None
+    knn_overlap: float | None = None
+    head_auc_kept: float | None = None
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {candidate, serving}
+
+
+@dataclass(frozen=True)
+class Decision:
+    passed: bool
+    reasons: tuple[str, ...]
+    checks: dict
+
+
+def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
+    """Pure: promote only if every check that can be measured passes."""
+    checks, reasons = {}, []
+
+    def check(name: str, ok: bool, value, limit, why: str) -> None:
+        checks[name] = {"passed": bool(ok), "value": value, "limit": limit}
+        if not ok:
+            reasons.append(f"{name}: {why}")
+
+    check("downstream_models", not inputs.missing_tasks, list(inputs.missing_tasks), [],
+          f"missing or changed downstream model(s): {', '.join(inputs.missing_tasks)}")
+    check("integrity", not inputs.integrity, list(inputs.integrity), [],
+          f"files changed since the manifest: {', '.join(inputs.integrity)}")
+    if inputs.serving is None:
+        return Decision(not reasons, tuple(reasons), checks)
+    if inputs.drift_share is not None:
+        check("feature_drift", inputs.drift_share <= policy.max_drift_share, inputs.drift_share,
+              policy.max_drift_share, f"{inputs.drift_share:.0%} of comparable feature columns drifted "
+                                      f"(limit {policy.max_drift_share:.0%})")
+        worst = sorted(inputs.column_drift.items(), key=lambda kv: -kv[1])
+        check("feature_column_drift", not worst, dict(worst[:10]), policy.max_column_drift,
+              "column(s) shifted beyond the limit: " + ", ".join(f"{c} ({v:.2f})" for c, v in worst[:5]))
+    if inputs.embedding_drift is not None:
+        check("embedding_drift", inputs.embedding_drift <= policy.max_embedding_drift, inputs.embedding_drift,
+              policy.max_embedding_drift, f"domain classifier separates aligned candidate from serving embeddings "
+                                          f"(ROC AUC {inputs.embedding_drift:.3f})")
+    if inputs.knn_overlap is not None:
+        check("stability_knn", inputs.knn_overlap >= policy.min_knn_overlap, inputs.knn_overlap,
+              policy.min_knn_overlap, f"kNN@10 overlap after alignment {inputs.knn_overlap:.3f} is below the floor")
+    if inputs.head_auc_kept is not None:
+        check("stability_heads", inputs.head_auc_kept >= policy.min_head_auc_kept, inputs.head_auc_kept,
+              policy.min_head_auc_kept, f"serving heads keep only {inputs.head_auc_kept:.0%} of their AUC on the "
+                                        f"aligned candidate space")
+    for task, pair in inputs.quality.items():
+        cand, serv = pair["candidate"], pair["serving"]
+        ok = math.isfinite(cand) and cand >= serv * (1 - policy.max_quality_drop)
+        check(f"quality_{task}", ok, pair, policy.max_quality_drop,
+              f"{QUALITY_METRICS[task]} {cand:.4f} vs serving {serv:.4f} (more than "
+              f"{policy.max_quality_drop:.0%} worse)")
+    return Decision(not reasons, tuple(reasons), checks)
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def integrity_problems(batch_dir: Path) -> list[str]:
+    from userrep.downstream import sha256
+
+    manifest = json.loads((batch_dir / "manifest.json").read_text())
+    return [name for name, digest in manifest.get("files", {}).items()
+            if not (batch_dir / name).exists() or sha256(batch_dir / name) != digest]
+
+
+def comparable_frame(batch_dir: Path, rows: np.ndarray | None = None) -> pd.DataFrame:
+    """The training snapshot's named (basis-independent) columns as a DataFrame."""
+    space = FeatureSpace.load(batch_dir / "encoders")
+    table = pq.read_table(batch_dir / "features.parquet")
+    column = table.column("features").combine_chunks()
+    matrix = column.flatten().to_numpy().reshape(len(table), -1)
+    if rows is not None:
+        matrix = matrix[rows]
+    names = space.column_names()
+    keep = [i for i, (_, _, comparable) in enumerate(names) if comparable]
+    return pd.DataFrame(matrix[:, keep], columns=[names[i][1] for i in keep])
+
+
+def feature_drift(candidate: Path, serving: Path, policy: GatePolicy):
+    """(drifted share, {column: score over the limit}, Evidently snapshot) on common named columns."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    rng = np.random.default_rng(policy.seed)
+    frames = []
+    for path in (candidate, serving):
+        n = pq.read_metadata(path / "features.parquet").num_rows
+        frames.append(comparable_frame(path, np.sort(rng.choice(n, size=min(n, policy.sample), replace=False))))
+    common = [c for c in frames[0].columns if c in set(frames[1].columns)]
+    # Columns zero in both snapshots carry no signal and only slow Evidently down.
+    common = [c for c in common if frames[0][c].any() or frames[1][c].any()]
+    cur, ref = frames[0][common], frames[1][common]
+    definition = DataDefinition(numerical_columns=common)
+    snapshot = Report([DataDriftPreset()]).run(Dataset.from_pandas(cur, data_definition=definition),
+                                                Dataset.from_pandas(ref, data_definition=definition))
+    share, scores = None, {}
+    for metric in snapshot.dict()["metrics"]:
+        config = metric["config"]
+        if config["type"].endswith("DriftedColumnsCount"):
+            share = float(metric["value"]["share"])
+        elif config["type"].endswith("ValueDrift"):
+            scores[config["column"]] = float(metric["value"])
+    over = {c: round(v, 4) for c, v in scores.items() if v > policy.max_column_drift}
+    return share, over, snapshot
+
+
+def procrustes(source: np.ndarray, target: np.ndarray):
+    """A map x -> aligned x (orthogonal rotation + scale + shift) taking ``source`` rows onto ``target``."""
+    from scipy.linalg import orthogonal_procrustes
+
+    mu_s, mu_t = source.mean(axis=0), target.mean(axis=0)
+    a, b = source - mu_s, target - mu_t
+    scale_a, scale_b = np.linalg.norm(a), np.linalg.norm(b)
+    rotation, _ = orthogonal_procrustes(a / max(scale_a, 1e-12), b / max(scale_b, 1e-12))
+    return lambda x: ((x - mu_s) / max(scale_a, 1e-12)) @ rotation * scale_b + mu_t
+
+
+def knn_overlap(aligned: np.ndarray, reference: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """Mean |kNN(aligned[q]) & kNN(reference[q])| / k, both searched among ``reference`` (self excluded)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(reference.shape[1])
+    index.add(np.ascontiguousarray(reference, np.float32))
+    _, ours = index.search(np.ascontiguousarray(aligned[queries], np.float32), k + 1)
+    _, theirs = index.search(np.ascontiguousarray(reference[queries], np.float32), k + 1)
+    top = lambda found, q: set([i for i in found if i != q][:k])  # noqa: E731
+    overlaps = [len(top(a, q) & top(b, q)) / k for q, a, b in zip(queries, ours, theirs)]
+    return float(np.mean(overlaps))
+
+
+def measure(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePolicy = GatePolicy(),
+            downstream: DownstreamConfig = DownstreamConfig(), log=print):
+    """Every number of the gate; returns (GateInputs, Evidently snapshot or None, alignment details)."""
+    candidate = Path(candidate)
+    manifest = json.loads((candidate / "manifest.json").read_text())
+    base = dict(candidate=manifest["batch_id"], missing_tasks=tuple(missing_tasks(candidate)),
+                integrity=tuple(integrity_problems(candidate)))
+    if serving is None:
+        return GateInputs(serving=None, **base), None
+    serving = Path(serving)
+    serving_manifest = json.loads((serving / "manifest.json").read_text())
+    share, over, snapshot = feature_drift(candidate, serving, policy)
+    log(f"feature drift: {share:.1%} of columns drifted, {len(over)} beyond the per-column limit")
+
+    # Same users, same time (the candidate's as_of), embedded by both batches -> alignment.
+    rng = np.random.default_rng(policy.seed)
+    ids, cand, _ = read_embeddings(candidate / "embeddings.parquet")
+    serving_ids, serving_emb, _ = read_embeddings(serving / "embeddings.parquet")
+    common = np.flatnonzero(pd.Index(serving_ids).get_indexer(pd.Index(ids)) >= 0)
+    fit_rows = np.sort(rng.choice(common, size=min(len(common), 4 * policy.sample), replace=False))
+    serving_space = FeatureSpace.load(serving / "encoders")
+    serving_model = UserAutoencoder.load(serving / "model.pt")
+    as_of = to_utc(manifest["as_of"])
+    same_time = embed(serving_model, build_user_features(ds, as_of, serving_space, user_ids=ids[fit_rows]).matrix)
+    align = procrustes(cand[fit_rows], same_time)
+    queries = np.arange(min(len(fit_rows), policy.sample))
+    overlap = knn_overlap(align(cand[fit_rows]), same_time, queries)
+    log(f"stability: kNN@10 overlap after Procrustes {overlap:.3f} on {len(queries)} users")
+
+    from evidently.metrics.embeddings import ModelDriftMethod
+
+    pick = lambda n: np.sort(rng.choice(n, size=min(n, policy.sample), replace=False))  # noqa: E731
+    cur = pd.DataFrame(align(cand[pick(len(cand))]))
+    ref = pd.DataFrame(serving_emb[pick(len(serving_emb))])
+    emb_drift, _, _ = ModelDriftMethod(threshold=policy.max_embedding_drift)(cur, ref)
+    log(f"embedding drift: domain-classifier ROC AUC {emb_drift:.3f}")
+
+    kept = None
+    if not missing_tasks(serving):
+        data = task_data(candidate, ds, downstream)
+        start = as_of - pd.Timedelta(days=downstream.label_days)
+        own = embed(serving_model, build_user_features(ds, start, serving_space, user_ids=data.user_ids).matrix)
+        auc_own = head_scores_auc(serving, own, data)
+        auc_aligned = head_scores_auc(serving, align(data.x), data)
+        kept = auc_aligned / auc_own if auc_own > 0 else float("nan")
+        log(f"stability: serving AP head AUC {auc_aligned:.3f} on aligned candidate vs {auc_own:.3f} ({kept:.0%})")
+    quality = {}
+    for task in TASKS:
+        paths = [p / "downstream" / f"{task}.json" for p in (candidate, serving)]
+        if all(p.exists() for p in paths):
+            metric = QUALITY_METRICS[task]
+            c, s = (json.loads(p.read_text())["metrics"][metric] for p in paths)
+            quality[task] = {"candidate": c, "serving": s}
+    inputs = GateInputs(serving=serving_manifest["batch_id"], drift_share=share, column_drift=over,
+                        embedding_drift=round(float(emb_drift), 4), knn_overlap=round(overlap, 4),
+                        head_auc_kept=None if kept is None else round(float(kept), 4), quality=quality, **base)
+    return inputs, snapshot
+
+
+def run_gate(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePolicy = GatePolicy(),
+             downstream: DownstreamConfig = DownstreamConfig(), log=print, report: bool = True) -> dict:
+    """Measure, decide, write ``gate.json`` (then the HTML report); returns the gate record."""
+    candidate = Path(candidate)
+    inputs, snapshot = measure(candidate, serving, ds, policy, downstream, log)
+    decision = decide(inputs, policy)
+    record = {"candidate": inputs.candidate, "serving": inputs.serving, "passed": decision.passed,
+              "reasons": list(decision.reasons), "checks": decision.checks, "inputs": asdict(inputs),
+              "policy": asdict(policy), "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    tmp = candidate / "gate.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=_json_default))
+    os.replace(tmp, candidate / "gate.json")
+    if report and snapshot is not None:
+        snapshot.save_html(str(candidate / "drift_report.html"))
+    return record
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value)}")
