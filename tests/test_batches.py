@@ -103,6 +103,8 @@ def test_a_missing_head_blocks_the_gate_and_promotion(lifecycle):
     assert not record["passed"] and "artist_preference" in record["reasons"][0]
     # Even with a forged passing decision, promotion checks the models itself.
     shutil.copytree(bad, root / "nohead")
+    manifest = json.loads((root / "nohead" / "manifest.json").read_text())
+    (root / "nohead" / "manifest.json").write_text(json.dumps({**manifest, "batch_id": "nohead"}))
     forged = json.loads((root / "b2" / "gate.json").read_text()) if (root / "b2" / "gate.json").exists() else {}
     (root / "nohead" / "gate.json").write_text(json.dumps({**forged, "passed": True, "serving": "b1", "reasons": []}))
     with pytest.raises(batches.BatchError, match="lacks downstream model.*artist_preference"):

@@ -61,6 +61,9 @@ def batch_dir(root: str | Path, batch_id: str) -> Path:
     if not (path / "manifest.json").exists():
         known = ", ".join(b["batch_id"] for b in list_batches(root)) or "none"
         raise BatchError(f"batch_id: no finished batch {batch_id!r} under {root} (known: {known})")
+    recorded = json.loads((path / "manifest.json").read_text())["batch_id"]
+    if recorded != batch_id:  # the pointer names directories; they must be the batch's own id
+        raise BatchError(f"batch_id: directory {path} holds batch {recorded!r}; a batch lives in ROOT/<its id>")
     return path
 
 
