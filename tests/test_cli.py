@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from userrep.cli import app
@@ -24,21 +25,22 @@ def test_entry_point_is_installed_and_lists_jobs():
     assert "validate" in result.stdout and "import" in result.stdout
 
 
-def test_demo_runs_the_batch_lifecycle_once_then_reuses(tmp_path):
+@pytest.mark.slow
+def test_demo_runs_the_pipeline_twice_then_reuses(tmp_path):
     args = ["demo", "--work", str(tmp_path), "--users", "300", "--workers", "0", "--epochs", "2"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "generated" in first.output and "users with events" in first.output
     built = sorted(p.parent.name for p in (tmp_path / "batches").glob("*/manifest.json"))
-    assert len(built) == 2 and first.output.count("users embedded") == 2
+    assert len(built) == 2 and first.output.count("pipeline finished") == 2
     assert f"gate {built[1]} vs serving {built[0]}" in first.output  # batch 2 gated against batch 1
+    assert "downstream models" in first.output and (tmp_path / "kfp").is_dir()
     pointer = json.loads((tmp_path / "batches" / "SERVING.json").read_text())
-    if "not promoted" in first.output:  # the gate's verdict on 300 users is not the point here
-        assert pointer["serving"] == built[0] and "blocked:" in first.output
-    else:
-        assert pointer == {**pointer, "serving": built[1], "history": [built[0]]}
+    gate = json.loads((tmp_path / "batches" / built[1] / "gate.json").read_text())
+    assert pointer["serving"] == (built[1] if gate["passed"] else built[0])
     second = runner.invoke(app, args)
-    assert second.exit_code == 0 and "is current" in second.output and second.output.count("already built") == 2
+    assert second.exit_code == 0 and "is current" in second.output
+    assert second.output.count("not rerunning") == 2
     assert json.loads((tmp_path / "batches" / "SERVING.json").read_text())["serving"] == pointer["serving"]
 
 

@@ -95,3 +95,11 @@ def test_procrustes_recovers_a_rotation_and_knn_overlap_is_then_perfect():
     assert knn_overlap(align(source), target, queries) == 1.0
     shuffled = source[rng.permutation(len(source))]
     assert knn_overlap(procrustes(shuffled, target)(shuffled), target, queries) < 0.2
+
+
+def test_a_drop_within_sampling_error_of_small_validation_sets_passes():
+    small = {**QUALITY, "similar_users": {"candidate": 0.43, "serving": 0.46, "n_candidate": 120, "n_serving": 120}}
+    assert decide(healthy(quality=small), POLICY).passed  # 0.03 < 2 x 0.5 x sqrt(2/120) = 0.129
+    large = {**QUALITY, "similar_users": {"candidate": 0.43, "serving": 0.46, "n_candidate": 4000, "n_serving": 4000}}
+    decision = decide(healthy(quality=large), POLICY)  # allowance max(0.023, 0.022): 0.03 is a real drop
+    assert not decision.passed and decision.reasons[0].startswith("quality_similar_users")

@@ -92,9 +92,44 @@ def save_features(features: UserFeatures, path: Path) -> None:
     pq.write_table(table, path)
 
 
-def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConfig = BuildConfig(),
-                batch_id: str | None = None, log=print, progress=None) -> dict:
-    """Run every stage and write the batch directory; returns the manifest."""
+def config_from_dict(raw: dict) -> BuildConfig:
+    """Inverse of ``asdict(BuildConfig)`` (how pipeline steps pass settings to each other)."""
+    from userrep.tasks._mlp import HeadConfig
+
+    feast = raw.get("feast")
+    downstream = raw.get("downstream")
+    return BuildConfig(
+        features=FeatureConfig(**{**raw["features"], "windows": tuple(raw["features"]["windows"])}),
+        ae=AEConfig(**raw["ae"]), workers=int(raw["workers"]), resume=bool(raw["resume"]),
+        feast=StoreConfig(**{**feast, "home": Path(feast["home"])}) if feast else None,
+        downstream=DownstreamConfig(**{**downstream, "head": HeadConfig(**downstream["head"])}) if downstream else None)
+
+
+def load_features(batch_dir: Path) -> UserFeatures:
+    table = pq.read_table(batch_dir / "features.parquet")
+    matrix = table.column("features").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    schema = FeatureSpace.load(batch_dir / "encoders").schema
+    return UserFeatures(np.asarray(table.column("user_id").to_pylist(), object), matrix, schema)
+
+
+def _ray_if(workers: int):
+    """A Ray session for N workers (joins one already running: one session per build)."""
+    if not workers:
+        return nullcontext()
+    from userrep.raylocal import ray_session
+
+    return ray_session()
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))  # Paths in configs become strings
+    tmp.replace(path)
+
+
+def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig = BuildConfig(),
+              batch_id: str | None = None, snapshot_id: str | None = None, log=print, progress=None) -> dict:
+    """Training set (from a Feast snapshot, or in-process) -> autoencoder; writes BATCH/build.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage = Stopwatch(log)
@@ -104,47 +139,68 @@ def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConf
     batch_id = batch_id or default_batch_id(as_of, fingerprint, config)
     log(f"batch {batch_id}: data {data}, as_of {as_of.isoformat()}, workers {config.workers}")
     stage.done("load")
-    store = None
+    snapshot = None
     if config.feast is not None:
         from userrep import store as feast
 
         store = feast.open_store(config.feast)
-        snapshot = feast.materialize(ds, as_of, config.feast, config.features, store=store, log=log)
+        if snapshot_id:
+            snapshot = feast.load_snapshot(config.feast, snapshot_id)
+            if snapshot.as_of != as_of:
+                raise ValueError(f"snapshot_id: {snapshot_id} is as of {snapshot.as_of.isoformat()}, "
+                                 f"the batch as of {as_of.isoformat()}")
+        else:
+            snapshot = feast.materialize(ds, as_of, config.feast, config.features, store=store, log=log)
+            stage.done("materialize")
         space = FeatureSpace.load(snapshot.space_dir)
-        space.save(out / "encoders")
-        stage.done("materialize")
         features = feast.training_set(store, snapshot, space, snapshot.user_ids)
     else:
         space = fit_feature_space(ds, as_of, config.features)
-        space.save(out / "encoders")
         stage.done("encoders")
         features = build_user_features(ds, as_of, space)
+    space.save(out / "encoders")
     save_features(features, out / "features.parquet")
     stage.done("features")
-    ray_ctx = nullcontext()
-    if config.workers:
-        from userrep.raylocal import ray_session
-
-        ray_ctx = ray_session()
-    with ray_ctx:
+    with _ray_if(config.workers):
         fit = fit_autoencoder(features, config.ae, workers=config.workers, checkpoint_dir=out / "checkpoints",
                               resume=config.resume, progress=progress)
-        fit.model.save(out / "model.pt")
-        stage.done("fit")
+    fit.model.save(out / "model.pt")
+    stage.done("fit")
+    record = {"batch_id": batch_id, "as_of": as_of.isoformat(),
+              "data": {"path": str(Path(data).resolve()), "fingerprint": fingerprint},
+              "snapshot": snapshot.space_id if snapshot else None, "config": asdict(config),
+              "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
+              "timings_s": {k: v for k, v in stage.finish().items() if k != "total"}}
+    _write_json(out / "build.json", record)
+    return record
+
+
+def backfill_stage(out: str | Path, log=print) -> dict:
+    """Embed every user with the fitted model, publish online, write the manifest (embeddings done)."""
+    out = Path(out)
+    record = json.loads((out / "build.json").read_text())
+    config = config_from_dict(record["config"])
+    batch_id = record["batch_id"]
+    stage = Stopwatch(log)
+    features = load_features(out)
+    with _ray_if(config.workers):
         n_users = backfill_embeddings(out / "model.pt", features, batch_id, out / "embeddings.parquet",
                                       workers=config.workers)
-        stage.done("backfill")
-    if store is not None:
-        published = feast.publish_embeddings(store, config.feast, pq.read_table(out / "embeddings.parquet"),
-                                             batch_id, as_of)
+    stage.done("backfill")
+    if config.feast is not None:
+        from userrep import store as feast
+
+        published = feast.publish_embeddings(feast.open_store(config.feast, apply=False), config.feast,
+                                             pq.read_table(out / "embeddings.parquet"), batch_id, record["as_of"])
         log(f"published {published} embeddings of batch {batch_id} to the {config.feast.online} online store")
         stage.done("publish")
-    timings = stage.finish()
+    timings = {**record["timings_s"], **{k: v for k, v in stage.finish().items() if k != "total"}}
     manifest = {
         "batch_id": batch_id,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "as_of": as_of.isoformat(),
-        "data": {"path": str(Path(data).resolve()), "fingerprint": fingerprint},
+        "as_of": record["as_of"],
+        "data": record["data"],
+        "snapshot": record["snapshot"],
         "users": n_users,
         "feature_schema": [list(g) for g in features.schema.groups],
         "n_features": features.schema.n_features,
@@ -157,20 +213,42 @@ def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConf
         "feature_config": asdict(config.features),
         "ae_config": asdict(config.ae),
         "workers": config.workers,
-        "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
-        "timings_s": timings,
+        "training": record["training"],
+        "timings_s": {**timings, "total": round(sum(timings.values()), 2)},
         "files": {name: _sha256(out / name) for name in ("model.pt", "embeddings.parquet", "features.parquet")},
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / "manifest.json")  # embeddings done: a batch without a manifest is incomplete
+    _write_json(out / "manifest.json", manifest)  # a batch without a manifest is incomplete
+    return manifest
+
+
+def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
+    """Train the downstream task models of a finished batch (the settings come from build.json)."""
+    out = Path(out)
+    record = json.loads((out / "build.json").read_text())
+    config = config_from_dict(record["config"])
+    ds = load_dataset(record["data"]["path"])
+    downstream = config.downstream or DownstreamConfig()
+    data = task_data(out, ds, downstream)
+    results = {}
+    for task in tasks:
+        results[task] = train_task(out, task, ds, downstream, data)
+        log(f"downstream {task}: {results[task]['metrics']}")
+    return results
+
+
+def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConfig = BuildConfig(),
+                batch_id: str | None = None, log=print, progress=None) -> dict:
+    """Every stage in one process (one Ray session); returns the manifest."""
+    out = Path(out)
+    with _ray_if(config.workers):
+        fit_stage(data, out, as_of, config, batch_id, log=log, progress=progress)
+        manifest = backfill_stage(out, log=log)
     if config.downstream is not None:
-        data = task_data(out, ds, config.downstream)
-        for task in TASKS:
-            record = train_task(out, task, ds, config.downstream, data)
-            log(f"downstream {task}: {record['metrics']}")
-        stage.done("downstream")
-        manifest["timings_s"] = stage.finish()
-        tmp.write_text(json.dumps(manifest, indent=2))
-        tmp.replace(out / "manifest.json")
+        watch = Stopwatch(log)
+        downstream_stage(out, log=log)
+        watch.done("downstream")
+        timings = {k: v for k, v in manifest["timings_s"].items() if k != "total"}
+        timings["downstream"] = watch.timings["downstream"]
+        manifest["timings_s"] = {**timings, "total": round(sum(timings.values()), 2)}
+        _write_json(out / "manifest.json", manifest)
     return manifest

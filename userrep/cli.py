@@ -29,7 +29,9 @@ features_app = typer.Typer(help="The Feast feature store (feature_repo/).", no_a
 batch_app = typer.Typer(help="Batches: list, show, gate, promote, roll back.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 app.add_typer(features_app, name="features")
+pipeline_app = typer.Typer(help="Kubeflow pipelines: run embedded, compile, submit.", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
+app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
 
@@ -358,7 +360,7 @@ def _print_gate(record: dict) -> None:
         table.add_column(column)
     for name, check in record["checks"].items():
         value = check["value"]
-        if isinstance(value, dict) and set(value) == {"candidate", "serving"}:
+        if isinstance(value, dict) and "candidate" in value:
             value = f"{value['candidate']:.4f} vs {value['serving']:.4f}"
         elif isinstance(value, float):
             value = f"{value:.4f}"
@@ -386,6 +388,74 @@ def batch_rollback(root: ROOT_OPTION = Path("work/batches")) -> None:
     console.print(f"serving {pointer['serving']} again (rolled back from {pointer['rolled_back_from']})")
 
 
+@pipeline_app.command("run")
+def pipeline_run(
+    data: Annotated[Path, typer.Option(help="Dataset directory.")] = Path("work/world"),
+    as_of: Annotated[str, typer.Option(help="Batch cut-off (ISO-8601); default: midnight after the last event.")] = "",
+    work: Annotated[Path, typer.Option(help="Work dir: batches/, feast/, kfp/ (pipeline root).")] = Path("work"),
+    pipeline: Annotated[str, typer.Option(help="training or refresh.")] = "training",
+    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
+    epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
+    workers: Annotated[int, typer.Option(min=0, help="Ray Train/Data workers (0: in-process).")] = 2,
+    label_days: Annotated[int, typer.Option(min=1, help="Downstream label window (days).")] = 28,
+    ray_address: Annotated[str, typer.Option(help="Ray Job Submission API of a RayCluster (fit runs there).")] = "",
+    rayjob: Annotated[str, typer.Option(help="Namespace to create a KubeRay RayJob in for the fit.")] = "",
+) -> None:
+    """Run a pipeline embedded with kfp.local (SubprocessRunner): each step's progress on the console."""
+    from pipelines.runner import run_local
+
+    if pipeline not in ("training", "refresh"):
+        errors.print(f"[bold red]error[/] --pipeline: expected training or refresh, got {pipeline!r}")
+        raise typer.Exit(code=2)
+    _validate_or_exit(data)
+    params = dict(data=str(data), as_of=as_of, batch_root=str(work / "batches"), feast_home=str(work / "feast"))
+    if pipeline == "training":
+        params.update(dim=dim, epochs=epochs, workers=workers, label_days=label_days, ray_address=ray_address,
+                      rayjob_namespace=rayjob)
+    try:
+        outcome = run_local(pipeline, work, **params)
+    except RuntimeError as exc:  # kfp.local: a step failed; its log is above
+        errors.print(f"[bold red]pipeline failed[/] {str(exc).splitlines()[0]}", highlight=False)
+        raise typer.Exit(code=1) from None
+    if outcome["gate"]:
+        _print_gate(outcome["gate"])
+    console.print(f"latest batch {outcome['latest']}; serving {outcome['serving']}")
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Annotated[Path, typer.Option(help="Directory for training.yaml and refresh.yaml.")] = Path("work/pipelines"),
+    image: Annotated[str, typer.Option(help="Container image of every step (the Dockerfile's).")] = "userrep:0.1.0",
+) -> None:
+    """Compile both pipelines to KFP IR YAML with kfp-kubernetes settings (PVC, Redis secret, resources)."""
+    from pipelines.runner import compile_pipelines
+
+    for path in compile_pipelines(out, image):
+        console.print(f"wrote {path}")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: Annotated[str, typer.Option(help="Kubeflow Pipelines API, e.g. http://localhost:8080.")],
+    experiment: Annotated[str, typer.Option(help="Experiment name.")] = "userrep",
+    package: Annotated[Path, typer.Option(help="Compiled pipeline (userrep pipeline compile).")] = Path("work/pipelines/training.yaml"),
+    as_of: Annotated[str, typer.Option(help="Batch cut-off; default: the pipeline's.")] = "",
+) -> None:
+    """Submit a compiled pipeline with kfp.Client and print the run URL."""
+    from pipelines.runner import submit
+
+    if not package.exists():
+        errors.print(f"[bold red]error[/] --package {package}: not found (run `userrep pipeline compile` first)")
+        raise typer.Exit(code=2)
+    try:
+        url = submit(host, package, experiment, {"as_of": as_of} if as_of else None)
+    except Exception as exc:  # connection refused, auth, API errors: say which host, never a traceback
+        errors.print(f"[bold red]error[/] --host {host}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                     highlight=False)
+        raise typer.Exit(code=1) from None
+    console.print(f"run: {url}")
+
+
 @app.command()
 def demo(
     work: Annotated[Path, typer.Option(help="Work directory for generated data and batches.")] = Path("work"),
@@ -395,15 +465,15 @@ def demo(
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
     later_days: Annotated[int, typer.Option(min=1, help="Batch 2 sees this many more days of data than batch 1.")] = 30,
 ) -> None:
-    """The lifecycle on the embedded default: world -> batch 1 -> promote -> batch 2 on later data -> gate."""
+    """The lifecycle on the embedded default: world -> training pipeline for batch 1 (promoted) ->
+    training pipeline for batch 2 on later data (gated against batch 1) -> decision and metrics."""
     from userrep.world import WorldConfig, generate_world, world_is_current
 
-    from userrep.batches import promote, serving_batch, state
-    from userrep.build import BuildConfig, data_fingerprint, default_as_of, default_batch_id
+    from pipelines.runner import run_local
+    from userrep.batches import state
+    from userrep.build import default_as_of
     from userrep.data import load_dataset
-    from userrep.features import FeatureConfig
-    from userrep.model import AEConfig
-    from userrep.store import StoreConfig
+    from userrep.jobs import FitSpec
 
     config = WorldConfig(users=users, seed=seed)
     world, root = work / "world", work / "batches"
@@ -416,51 +486,55 @@ def demo(
         console.print(f"generated {world} in {time.perf_counter() - started:.1f}s: {counts}")
     _validate_or_exit(world)
 
-    build = BuildConfig(features=FeatureConfig(seed=seed), ae=AEConfig(epochs=epochs, seed=seed), workers=workers,
-                        feast=StoreConfig(home=work / "feast"))
     end = default_as_of(load_dataset(world))
     ids = []
-    for step, (label, as_of) in enumerate([("batch 1", end - pd_days(later_days)), ("batch 2, later data", end)]):
-        batch_id = default_batch_id(as_of, data_fingerprint(world), build)
+    for step, (label, as_of) in enumerate([("batch 1", end - pd_days(later_days)), ("batch 2 on later data", end)]):
+        spec = FitSpec(data=str(world), batch_root=str(root), as_of=as_of.isoformat(), feast_home=str(work / "feast"),
+                       epochs=epochs, workers=workers, seed=seed)
+        _, batch_id, _ = spec.batch_dir_and_id()
         ids.append(batch_id)
-        console.rule(f"{2 + 2 * step}. {label}: Feast snapshot as of {as_of:%Y-%m-%d} -> autoencoder ({workers} Ray "
-                     f"workers) -> backfill -> downstream models")
-        _build_once(world, root / batch_id, as_of, build, batch_id, epochs)
-        console.rule(f"{3 + 2 * step}. gate {batch_id} against the serving batch")
-        current = state(root, batch_id)
-        if current in ("serving", "previous"):
-            console.print(f"[dim]{batch_id} was promoted before ({current}); not gating it again[/]")
+        console.rule(f"{2 + step}. training pipeline (kfp.local), {label}: as of {as_of:%Y-%m-%d} -> {batch_id}")
+        if (root / batch_id / "manifest.json").exists() and state(root, batch_id) in ("serving", "previous", "rejected"):
+            console.print(f"[dim]batch {batch_id} already ran through the pipeline ({state(root, batch_id)}); "
+                          f"not rerunning[/]")
             continue
-        record = _gate(root, batch_id, None)
-        if record["passed"]:
-            pointer = _batch_call(lambda: promote(root, batch_id))
-            console.print(f"[bold green]promoted[/] {batch_id}: serving switched atomically "
-                          f"(previous: {pointer['history'][-1] if pointer['history'] else 'none'})")
-        else:
-            console.print(f"[bold red]not promoted[/] {batch_id}; {serving_batch(root)} keeps serving")
+        started = time.perf_counter()
+        try:
+            outcome = run_local("training", work, data=str(world), as_of=as_of.isoformat(), batch_root=str(root),
+                                feast_home=str(work / "feast"), epochs=epochs, workers=workers)
+        except RuntimeError as exc:
+            errors.print(f"[bold red]pipeline failed[/] {str(exc).splitlines()[0]}", highlight=False)
+            raise typer.Exit(code=1) from None
+        console.print(f"pipeline finished in {time.perf_counter() - started:.0f}s; serving {outcome['serving']}")
+
+    console.rule("4. gate decision for batch 2 and downstream metrics of both batches")
+    gate_path = root / ids[1] / "gate.json"
+    if gate_path.exists():
+        _print_gate(json.loads(gate_path.read_text()))
+    _print_downstream(root, ids)
     batch_list(root)
-    console.print(f"gate reports: {root}/<batch>/gate.json and drift_report.html; "
-                  f"rollback: userrep batch rollback --root {root}")
+    console.print(f"reports: {root}/<batch>/drift_report.html (Evidently), gate.json; KFP run artifacts under "
+                  f"{work}/kfp; rollback: userrep batch rollback --root {root}")
+
+
+def _print_downstream(root: Path, ids: list[str]) -> None:
+    from userrep.batches import show
+
+    table = Table(title="downstream models (validation on the batch's own label window)", title_justify="left")
+    table.add_column("task / metric")
+    for batch_id in ids:
+        table.add_column(batch_id, justify="right")
+    infos = [show(root, b)["downstream"] if (root / b / "manifest.json").exists() else {} for b in ids]
+    keys = sorted({(t, m) for info in infos for t, values in info.items() for m in values})
+    for task, metric in keys:
+        table.add_row(f"{task} {metric}", *(f"{info.get(task, {}).get(metric, float('nan')):.4f}" for info in infos))
+    console.print(table)
 
 
 def pd_days(days: int):
     import pandas as pd
 
     return pd.Timedelta(days=days)
-
-
-def _build_once(world: Path, out: Path, as_of, build, batch_id: str, epochs: int) -> dict:
-    from userrep.build import build_batch
-    from userrep.downstream import missing_tasks
-
-    if (out / "manifest.json").exists() and not missing_tasks(out):
-        console.print(f"[dim]batch {batch_id} already built; not retraining[/]")
-        manifest = json.loads((out / "manifest.json").read_text())
-    else:
-        manifest = _run_or_exit(lambda: build_batch(world, out, as_of, build, batch_id, log=console.print,
-                                                    progress=_epoch_printer(epochs)))
-    _print_manifest(manifest, out)
-    return manifest
 
 
 if __name__ == "__main__":

@@ -52,6 +52,15 @@ class StoreConfig:
             raise ValueError(f"offline: expected 'duckdb' or 'file', got {self.offline!r}")
 
 
+def store_config(home: str | Path, online: str = "sqlite", redis: str = "127.0.0.1:6379") -> StoreConfig:
+    """A StoreConfig from flat settings (CLI, pipeline parameters); the Redis password comes from
+    ``REDIS_PASSWORD`` (a Kubernetes Secret on a cluster), never from a parameter."""
+    password = os.environ.get("REDIS_PASSWORD")
+    if online == "redis" and password and "password=" not in redis:
+        redis = f"{redis},password={password}"
+    return StoreConfig(home=Path(home), online=online, redis=redis)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     space_id: str
@@ -118,9 +127,13 @@ def materialize(data: str | Path | Dataset, as_of, config: StoreConfig = StoreCo
     space = fit_feature_space(ds, as_of, features)
     sid = space_id(data_fingerprint(ds.path), as_of, features)
     home = Path(config.home)
+    (home / "data").mkdir(parents=True, exist_ok=True)
     space_dir = home / "snapshots" / sid
     space.save(space_dir)
     user_features = build_user_features(ds, as_of, space)
+    np.save(space_dir / "users.npy", user_features.user_ids.astype(str))
+    (space_dir / "snapshot.json").write_text(json.dumps({"space_id": sid, "as_of": as_of.isoformat(),
+                                                         "users": len(user_features.user_ids)}))
     history, profile = offline_frames(user_features, sid, as_of)
     _upsert(home / "data" / "user_history.parquet", history, "space_id", sid)
     _upsert(home / "data" / "user_profile.parquet", profile, "space_id", sid)
@@ -130,6 +143,16 @@ def materialize(data: str | Path | Dataset, as_of, config: StoreConfig = StoreCo
     log(f"materialized snapshot {sid}: {len(user_features.user_ids)} users as of {as_of.isoformat()} "
         f"-> {home / 'data'} and the {config.online} online store")
     return Snapshot(sid, as_of, space_dir, user_features.user_ids)
+
+
+def load_snapshot(config: StoreConfig, sid: str) -> Snapshot:
+    """A snapshot materialized earlier (by another process or pipeline step)."""
+    space_dir = Path(config.home) / "snapshots" / sid
+    if not (space_dir / "snapshot.json").exists():
+        known = sorted(p.name for p in (Path(config.home) / "snapshots").glob("*")) if space_dir.parent.exists() else []
+        raise ValueError(f"snapshot_id: no snapshot {sid!r} in {config.home} (known: {known or 'none'})")
+    meta = json.loads((space_dir / "snapshot.json").read_text())
+    return Snapshot(sid, to_utc(meta["as_of"]), space_dir, np.load(space_dir / "users.npy").astype(object))
 
 
 def offline_frames(features: UserFeatures, sid: str, as_of: pd.Timestamp) -> tuple[pa.Table, pa.Table]:

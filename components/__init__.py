@@ -1,0 +1,1 @@
+"""KFP components (thin shells over the userrep core)."""

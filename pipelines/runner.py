@@ -1,0 +1,62 @@
+"""Run the pipelines embedded (kfp.local), compile them for a cluster, submit them to Kubeflow."""
+
+import json
+from pathlib import Path
+
+IMAGE_PLACEHOLDER = "userrep:0.1.0"
+
+
+def run_local(pipeline: str, work: Path, **params) -> dict:
+    """Execute a pipeline with kfp.local's SubprocessRunner in this interpreter (progress per step)."""
+    from kfp import local
+
+    from pipelines.refresh import refresh_pipeline
+    from pipelines.training import training_pipeline
+
+    work = Path(work).resolve()
+    for key in ("data", "batch_root", "feast_home"):  # steps run as subprocesses: no relative paths
+        if params.get(key):
+            params[key] = str(Path(params[key]).resolve())
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"), raise_on_error=True)
+    func = {"training": training_pipeline, "refresh": refresh_pipeline}[pipeline]
+    func(**{k: v for k, v in params.items() if v is not None})
+    return _outcome(Path(params["batch_root"]))
+
+
+def _outcome(batch_root: Path) -> dict:
+    from userrep.batches import list_batches, read_pointer
+
+    rows = sorted(list_batches(batch_root), key=lambda r: r["created_at"])
+    latest = rows[-1]["batch_id"] if rows else None
+    gate_path = batch_root / latest / "gate.json" if latest else None
+    gate = json.loads(gate_path.read_text()) if gate_path and gate_path.exists() else None
+    return {"latest": latest, "serving": read_pointer(batch_root)["serving"], "gate": gate}
+
+
+def compile_pipelines(out: Path, image: str = IMAGE_PLACEHOLDER) -> list[Path]:
+    """IR YAML for both pipelines, with kfp-kubernetes settings (PVC, secret, resources) and `image`."""
+    from kfp import compiler
+
+    from pipelines.refresh import refresh_pipeline
+    from pipelines.training import training_pipeline
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, func in (("training", training_pipeline), ("refresh", refresh_pipeline)):
+        path = out / f"{name}.yaml"
+        compiler.Compiler().compile(func, str(path))
+        if image != IMAGE_PLACEHOLDER:
+            path.write_text(path.read_text().replace(f"image: {IMAGE_PLACEHOLDER}", f"image: {image}"))
+        paths.append(path)
+    return paths
+
+
+def submit(host: str, package: Path, experiment: str, arguments: dict | None = None) -> str:
+    """Submit a compiled pipeline to a Kubeflow Pipelines API; returns the run's URL."""
+    import kfp
+
+    client = kfp.Client(host=host)
+    run = client.create_run_from_pipeline_package(str(package), arguments=arguments or {},
+                                                  experiment_name=experiment)
+    return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"

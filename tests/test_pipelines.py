@@ -1,0 +1,148 @@
+"""KFP: the compiled DAGs, the components' logic without a pipeline, and full local runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from components.batch import finalize_batch, plan_batch
+from pipelines.runner import compile_pipelines, run_local
+from userrep import batches
+from userrep.jobs import FitSpec, rayjob_manifest, submit_rayjob
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled")
+    paths = compile_pipelines(out, image="registry.example/userrep:1.2.3")
+    return {p.stem: list(yaml.safe_load_all(p.read_text())) for p in paths}
+
+
+def test_training_dag_wires_every_step_in_order(compiled):
+    spec, platform = compiled["training"]
+    assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finalize-batch"}
+    exit_task = spec["root"]["dag"]["tasks"]["finalize-batch"]
+    assert exit_task["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"  # runs even after a failure
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert deps["materialize-features"] == {"plan-batch"}
+    assert deps["fit-encoder"] == {"materialize-features", "plan-batch"}
+    assert deps["backfill-embeddings"] == {"fit-encoder"}
+    assert deps["for-loop-2"] == {"backfill-embeddings"}
+    assert {"for-loop-2", "backfill-embeddings"} <= deps["evaluate-batch"]
+    assert "evaluate-batch" in deps["drift-gate"]
+    assert "drift-gate" in deps["condition-3"]
+    condition = tasks["condition-3"]["triggerPolicy"]["condition"]
+    assert "drift-gate-Output" in condition and "true" in condition
+    assert tasks["for-loop-2"]["parameterIterator"]["itemInput"].endswith("tasks-loop-item")
+    promote = spec["components"]["comp-condition-3"]["dag"]["tasks"]
+    assert list(promote) == ["promote-batch"]
+    assert all(task["taskInfo"]["name"][0].isdigit() or name.startswith(("condition", "for-loop"))
+               for name, task in tasks.items())  # display names on every step
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"data", "as_of", "dim", "epochs", "workers", "label_days", "ray_address", "rayjob_namespace",
+            "tasks"} <= set(params)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    fit = executors["exec-fit-encoder"]
+    assert fit["pvcMount"][0]["mountPath"] == "/work"
+    assert fit["secretAsEnv"][0]["keyToEnv"][0]["envVar"] == "REDIS_PASSWORD"
+    resources = spec["deploymentSpec"]["executors"]["exec-fit-encoder"]["container"]["resources"]
+    assert resources["cpuRequest"] == 2 and resources["memoryLimit"] > 0
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/userrep:1.2.3"}
+
+
+def test_refresh_dag_is_one_step_with_the_volume(compiled):
+    spec, platform = compiled["refresh"]
+    assert list(spec["root"]["dag"]["tasks"]) == ["refresh-embeddings"]
+    assert "exec-refresh-embeddings" in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_plan_step_gives_the_deterministic_batch_id(small_world, tmp_path):
+    settings = dict(data=str(small_world), as_of="2026-05-01", batch_root=str(tmp_path), feast_home=str(tmp_path / "f"),
+                    online="sqlite", redis="127.0.0.1:6379", dim=16, epochs=3, workers=0, label_days=28)
+    plan = plan_batch.python_func(**settings)
+    again = plan_batch.python_func(**settings)
+    assert plan.batch_id == again.batch_id and plan.batch_id.startswith("20260501-")
+    assert plan.as_of == "2026-05-01T00:00:00+00:00"
+    assert plan_batch.python_func(**{**settings, "epochs": 4}).batch_id != plan.batch_id
+
+
+def test_exit_handler_marks_only_unsuccessful_runs_failed(small_world, tmp_path):
+    settings = dict(data=str(small_world), as_of="2026-05-01", batch_root=str(tmp_path), feast_home=str(tmp_path / "f"),
+                    online="sqlite", redis="127.0.0.1:6379", dim=16, epochs=3, workers=0, label_days=28)
+    _, batch_id, _ = FitSpec(**{k: v for k, v in settings.items()}).batch_dir_and_id()
+    (tmp_path / batch_id).mkdir()
+    ok = SimpleNamespace(state="SUCCEEDED", error_message="", pipeline_job_resource_name="run-1")
+    assert finalize_batch.python_func(**settings, status=ok) == "SUCCEEDED"
+    assert not (tmp_path / batch_id / "FAILED.json").exists()
+    failed = SimpleNamespace(state="FAILED", error_message="fit-encoder: OOM", pipeline_job_resource_name="run-2")
+    finalize_batch.python_func(**settings, status=failed)
+    assert "fit-encoder: OOM" in json.loads((tmp_path / batch_id / "FAILED.json").read_text())["reason"]
+
+
+def test_rayjob_manifest_and_submission_against_a_fake_api(small_world, tmp_path):
+    """The Kubernetes API server cannot run here: a fake CustomObjectsApi stands in for it."""
+    spec = FitSpec(data="/work/world", batch_root="/work/batches", as_of="2026-05-01", workers=2)
+    manifest = rayjob_manifest("userrep-fit-x", "ml", spec, image="reg/userrep:1")
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    job = manifest["spec"]
+    assert job["entrypoint"].startswith("python -m userrep.jobs fit --spec ")
+    assert json.loads(job["entrypoint"].split("--spec ", 1)[1].strip("'")) == {**spec.__dict__}
+    assert job["shutdownAfterJobFinishes"] is True and job["submissionMode"] == "K8sJobMode"
+    cluster = job["rayClusterSpec"]
+    for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        container = pod["spec"]["containers"][0]
+        assert container["image"] == "reg/userrep:1" and container["volumeMounts"][0]["mountPath"] == "/work"
+        assert container["resources"]["requests"] and container["securityContext"]["runAsNonRoot"]
+
+    class FakeApi:
+        def __init__(self):
+            self.created, self.polls = [], 0
+
+        def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+            self.created.append((group, version, namespace, plural, body))
+
+        def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+            self.polls += 1
+            states = [("Initializing", None), ("Running", "RUNNING"), ("Complete", "SUCCEEDED")]
+            return {"status": dict(zip(("jobDeploymentStatus", "jobStatus"), states[min(self.polls, 3) - 1]))}
+
+    api, lines = FakeApi(), []
+    local = FitSpec(data=str(small_world), batch_root=str(tmp_path), as_of="2026-05-01", workers=2)
+    status = submit_rayjob("ml", local, log=lines.append, poll_s=0, api=api)
+    assert status["jobStatus"] == "SUCCEEDED" and api.polls == 3
+    assert api.created[0][:4] == ("ray.io", "v1", "ml", "rayjobs")
+    assert any("Running" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_training_pipeline_runs_locally_and_promotes_then_a_failed_run_is_marked(tmp_path):
+    import time
+
+    from userrep.world import WorldConfig, generate_world
+
+    generate_world(WorldConfig(users=400, seed=5, chunk_users=400), tmp_path / "world", progress=False)
+    params = dict(data=str(tmp_path / "world"), batch_root=str(tmp_path / "batches"), feast_home=str(tmp_path / "feast"),
+                  dim=16, epochs=3, workers=0)
+    started = time.perf_counter()
+    outcome = run_local("training", tmp_path, as_of="2026-05-01", **params)
+    assert time.perf_counter() - started < 180
+    batch_id = outcome["latest"]
+    assert outcome["serving"] == batch_id and outcome["gate"]["passed"]
+    info = batches.show(tmp_path / "batches", batch_id)
+    assert info["state"] == "serving" and not info["missing_tasks"]
+    assert set(info["downstream"]) == {"future_listening", "artist_preference", "similar_users"}
+    assert (tmp_path / "kfp").is_dir()
+    # A run whose downstream step cannot work (label window longer than the data) fails as a whole:
+    with pytest.raises(RuntimeError, match="finished with status"):
+        run_local("training", tmp_path, as_of="2026-06-30", label_days=400, **params)
+    failed = [b for b in batches.list_batches(tmp_path / "batches") if b["state"] == "failed"]
+    assert len(failed) == 1 and failed[0]["as_of"].startswith("2026-06-30")
+    with pytest.raises(batches.BatchError, match="marked failed"):
+        batches.promote(tmp_path / "batches", failed[0]["batch_id"])
+    assert batches.serving_batch(tmp_path / "batches") == batch_id

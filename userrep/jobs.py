@@ -1,0 +1,182 @@
+"""Where the autoencoder fit runs: here (local Ray), on a RayCluster, or as a KubeRay RayJob.
+
+The fit is the same function everywhere (`userrep.build.fit_stage`); a cluster runs it as
+
+    python -m userrep.jobs fit --spec '{"data": ..., "batch_root": ..., ...}'
+
+with the data and batch root on shared storage (the PVC the pipeline mounts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RAYJOB_API = ("ray.io", "v1", "rayjobs")
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    data: str
+    batch_root: str
+    as_of: str = ""  # "" -> midnight after the last event
+    snapshot_id: str = ""  # "" -> materialize now
+    batch_id: str = ""  # "" -> derived from data, as_of and settings
+    feast_home: str = "work/feast"
+    online: str = "sqlite"
+    redis: str = "127.0.0.1:6379"
+    dim: int = 64
+    epochs: int = 20
+    workers: int = 2
+    label_days: int = 28
+    seed: int = 0
+
+    def build_config(self):
+        from userrep.build import BuildConfig
+        from userrep.downstream import DownstreamConfig
+        from userrep.features import FeatureConfig
+        from userrep.model import AEConfig
+        from userrep.store import store_config
+
+        return BuildConfig(features=FeatureConfig(seed=self.seed), ae=AEConfig(latent=self.dim, epochs=self.epochs,
+                                                                               seed=self.seed),
+                           workers=self.workers, feast=store_config(self.feast_home, self.online, self.redis),
+                           downstream=DownstreamConfig(label_days=self.label_days, seed=self.seed))
+
+    def batch_dir_and_id(self) -> tuple[Path, str, str]:
+        """(batch dir, batch id, as_of ISO): what a run of this spec writes."""
+        from userrep.build import data_fingerprint, default_as_of, default_batch_id
+        from userrep.data import load_dataset
+        from userrep.features import to_utc
+
+        as_of = to_utc(self.as_of) if self.as_of else default_as_of(load_dataset(self.data))
+        batch_id = self.batch_id or default_batch_id(as_of, data_fingerprint(self.data), self.build_config())
+        return Path(self.batch_root) / batch_id, batch_id, as_of.isoformat()
+
+
+def fit_here(spec: FitSpec, log=print) -> dict:
+    from userrep.build import fit_stage
+
+    out, batch_id, as_of = spec.batch_dir_and_id()
+    return fit_stage(spec.data, out, as_of, spec.build_config(), batch_id, spec.snapshot_id or None, log=log)
+
+
+def entrypoint(spec: FitSpec, python: str = "python") -> str:
+    return f"{python} -m userrep.jobs fit --spec '{json.dumps(asdict(spec))}'"
+
+
+def run_fit(spec: FitSpec, ray_address: str = "", rayjob_namespace: str = "", log=print, poll_s: float = 5.0) -> dict:
+    """Fit locally, or submit to Ray on Kubernetes and wait; returns the batch's build record."""
+    out, _, _ = spec.batch_dir_and_id()
+    if ray_address:
+        submit_to_cluster(ray_address, spec, log=log, poll_s=poll_s)
+    elif rayjob_namespace:
+        submit_rayjob(rayjob_namespace, spec, log=log, poll_s=poll_s)
+    else:
+        return fit_here(spec, log=log)
+    return json.loads((out / "build.json").read_text())  # written by the job on the shared volume
+
+
+def submit_to_cluster(address: str, spec: FitSpec, log=print, poll_s: float = 5.0, timeout_s: float = 3600) -> str:
+    """Ray Job Submission API (KubeRay's recommended path); streams status until the job ends."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(entrypoint=entrypoint(spec), runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    log(f"submitted {job_id} to {address}")
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status != last:
+            log(f"ray job {job_id}: {status}")
+            last = status
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(poll_s)
+    if last != JobStatus.SUCCEEDED:
+        logs = client.get_job_logs(job_id)[-2000:]
+        raise RuntimeError(f"ray job {job_id} ended {last}:\n{logs}")
+    return job_id
+
+
+def rayjob_manifest(name: str, namespace: str, spec: FitSpec, image: str = "userrep:0.1.0",
+                    pvc: str = "userrep-work", mount: str = "/work", worker_replicas: int = 2,
+                    cpu: str = "2", memory: str = "4Gi") -> dict:
+    """A ray.io/v1 RayJob that runs the fit on a fresh RayCluster and tears it down after."""
+    volume = [{"name": "work", "persistentVolumeClaim": {"claimName": pvc}}]
+    mounts = [{"name": "work", "mountPath": mount}]
+    resources = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}
+    security = {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False}
+
+    def pod(container_name: str) -> dict:
+        return {"spec": {"volumes": volume, "containers": [{
+            "name": container_name, "image": image, "imagePullPolicy": "IfNotPresent", "resources": resources,
+            "volumeMounts": mounts, "securityContext": security,
+            "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]}]}}
+
+    return {
+        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "userrep"}},
+        "spec": {
+            "entrypoint": entrypoint(spec),
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 600,
+            "rayClusterSpec": {
+                "rayVersion": "2.60.0",
+                "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod("ray-head")},
+                "workerGroupSpecs": [{"groupName": "train", "replicas": worker_replicas, "minReplicas": worker_replicas,
+                                      "maxReplicas": worker_replicas, "rayStartParams": {},
+                                      "template": pod("ray-worker")}],
+            },
+        },
+    }
+
+
+def submit_rayjob(namespace: str, spec: FitSpec, log=print, poll_s: float = 5.0, timeout_s: float = 3600,
+                  api=None) -> dict:
+    """Create the RayJob with the kubernetes client and wait for `jobStatus` to end."""
+    from kubernetes import client, config
+
+    if api is None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        api = client.CustomObjectsApi()
+    _, batch_id, _ = spec.batch_dir_and_id()
+    name = f"userrep-fit-{batch_id.lower().replace('_', '-')}"[:63]
+    group, version, plural = RAYJOB_API
+    api.create_namespaced_custom_object(group, version, namespace, plural, rayjob_manifest(name, namespace, spec))
+    log(f"created RayJob {namespace}/{name}")
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        status = api.get_namespaced_custom_object(group, version, namespace, plural, name).get("status", {})
+        state = (status.get("jobDeploymentStatus"), status.get("jobStatus"))
+        if state != last:
+            log(f"RayJob {name}: deployment {state[0]}, job {state[1]}")
+            last = state
+        if state[1] in ("SUCCEEDED", "FAILED", "STOPPED") or state[0] == "Failed":
+            break
+        time.sleep(poll_s)
+    if last is None or last[1] != "SUCCEEDED":
+        raise RuntimeError(f"RayJob {namespace}/{name} ended with {last}")
+    return status
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m userrep.jobs")
+    parser.add_argument("job", choices=["fit"])
+    parser.add_argument("--spec", required=True, help="FitSpec as JSON")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    record = fit_here(FitSpec(**json.loads(args.spec)))
+    print(json.dumps({"batch_id": record["batch_id"], "timings_s": record["timings_s"]}))
+
+
+if __name__ == "__main__":
+    main()
