@@ -146,3 +146,123 @@ def test_training_pipeline_runs_locally_and_promotes_then_a_failed_run_is_marked
     with pytest.raises(batches.BatchError, match="marked failed"):
         batches.promote(tmp_path / "batches", failed[0]["batch_id"])
     assert batches.serving_batch(tmp_path / "batches") == batch_id
+
+
+def test_submit_posts_the_compiled_pipeline_to_a_kfp_api(compiled, tmp_path):
+    """No Kubeflow here: a fake KFP v2beta1 API on 127.0.0.1 records what `pipeline submit` sends."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from typer.testing import CliRunner
+
+    from userrep.cli import app
+
+    seen = []
+
+    class FakeKfp(BaseHTTPRequestHandler):
+        def _reply(self, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            seen.append(("GET", self.path.split("?")[0], None))
+            self._reply({"multi_user": False} if "healthz" in self.path else {"experiments": []})
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(("POST", self.path, body))
+            self._reply({"experiment_id": "exp-1", "display_name": body.get("display_name")}
+                        if self.path.endswith("/experiments") else {"run_id": "run-42", "experiment_id": "exp-1"})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    package = tmp_path / "training.yaml"
+    compile_pipelines(tmp_path)
+    try:
+        result = CliRunner().invoke(app, ["pipeline", "submit", "--host", host, "--experiment", "nightly",
+                                          "--package", str(package), "--param", "as_of=2026-06-30",
+                                          "--param", "epochs=5"])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 0, result.output
+    assert f"run: {host}/#/runs/details/run-42" in result.output
+    runs = [body for method, path, body in seen if method == "POST" and path.endswith("/runs")]
+    assert len(runs) == 1
+    sent = runs[0]["pipeline_spec"]  # the IR and its kubernetes platform spec, as compiled
+    assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "userrep-training"
+    assert "exec-fit-encoder" in sent["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert runs[0]["runtime_config"]["parameters"] == {"as_of": "2026-06-30", "epochs": 5}
+    assert any(path.endswith("/experiments") and body["display_name"] == "nightly"
+               for method, path, body in seen if method == "POST")
+
+
+def test_submit_to_an_unreachable_host_is_a_clear_error(compiled, tmp_path):
+    from typer.testing import CliRunner
+
+    from userrep.cli import app
+
+    compile_pipelines(tmp_path)
+    result = CliRunner().invoke(app, ["pipeline", "submit", "--host", "http://127.0.0.1:9",
+                                      "--package", str(tmp_path / "training.yaml")])
+    assert result.exit_code == 1 and "--host http://127.0.0.1:9" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_path):
+    """A real Ray head (started here, stopped by its process group) stands in for a RayCluster."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from userrep.jobs import run_fit
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    bin_dir = Path(sys.executable).parent
+    port, dashboard = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="ur-rj-")  # short: Ray's unix socket paths must stay < 108 bytes
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=1",
+                             "--include-dashboard=true", f"--temp-dir={temp}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dashboard), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        spec = FitSpec(data=str(small_world), batch_root=str(tmp_path / "batches"), as_of="2026-05-01",
+                       feast_home=str(tmp_path / "feast"), dim=8, epochs=2, workers=0)
+        lines = []
+        record = run_fit(spec, ray_address=address, log=lines.append, poll_s=1.0)
+        assert any("SUCCEEDED" in line for line in lines), lines
+        assert record["batch_id"] == spec.batch_dir_and_id()[1] and len(record["training"]["losses"]) == 2
+        assert (tmp_path / "batches" / record["batch_id"] / "model.pt").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # ours only: never `ray stop`
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -439,7 +439,8 @@ def pipeline_submit(
     host: Annotated[str, typer.Option(help="Kubeflow Pipelines API, e.g. http://localhost:8080.")],
     experiment: Annotated[str, typer.Option(help="Experiment name.")] = "userrep",
     package: Annotated[Path, typer.Option(help="Compiled pipeline (userrep pipeline compile).")] = Path("work/pipelines/training.yaml"),
-    as_of: Annotated[str, typer.Option(help="Batch cut-off; default: the pipeline's.")] = "",
+    param: Annotated[list[str] | None, typer.Option(help="Pipeline parameter KEY=VALUE (repeatable), e.g. "
+                                                         "ray_address=http://raycluster-head-svc.ray:8265")] = None,
 ) -> None:
     """Submit a compiled pipeline with kfp.Client and print the run URL."""
     from pipelines.runner import submit
@@ -447,8 +448,15 @@ def pipeline_submit(
     if not package.exists():
         errors.print(f"[bold red]error[/] --package {package}: not found (run `userrep pipeline compile` first)")
         raise typer.Exit(code=2)
+    arguments = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            errors.print(f"[bold red]error[/] --param {item!r}: expected KEY=VALUE")
+            raise typer.Exit(code=2)
+        arguments[key] = int(value) if value.isdigit() else value
     try:
-        url = submit(host, package, experiment, {"as_of": as_of} if as_of else None)
+        url = submit(host, package, experiment, arguments)
     except Exception as exc:  # connection refused, auth, API errors: say which host, never a traceback
         errors.print(f"[bold red]error[/] --host {host}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
                      highlight=False)

@@ -110,7 +110,7 @@ def rayjob_manifest(name: str, namespace: str, spec: FitSpec, image: str = "user
     volume = [{"name": "work", "persistentVolumeClaim": {"claimName": pvc}}]
     mounts = [{"name": "work", "mountPath": mount}]
     resources = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}
-    security = {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False}
+    security = {"runAsNonRoot": True, "runAsUser": 10001, "allowPrivilegeEscalation": False}
 
     def pod(container_name: str) -> dict:
         return {"spec": {"volumes": volume, "containers": [{
