@@ -122,16 +122,12 @@ def test_rayjob_manifest_and_submission_against_a_fake_api(small_world, tmp_path
 
 @pytest.mark.slow
 def test_training_pipeline_runs_locally_and_promotes_then_a_failed_run_is_marked(tmp_path):
-    import time
-
     from userrep.world import WorldConfig, generate_world
 
     generate_world(WorldConfig(users=400, seed=5, chunk_users=400), tmp_path / "world", progress=False)
     params = dict(data=str(tmp_path / "world"), batch_root=str(tmp_path / "batches"), feast_home=str(tmp_path / "feast"),
                   dim=16, epochs=3, workers=0)
-    started = time.perf_counter()
     outcome = run_local("training", tmp_path, as_of="2026-05-01", **params)
-    assert time.perf_counter() - started < 180
     batch_id = outcome["latest"]
     assert outcome["serving"] == batch_id and outcome["gate"]["passed"]
     info = batches.show(tmp_path / "batches", batch_id)
