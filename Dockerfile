@@ -9,6 +9,7 @@ COPY userrep ./userrep
 COPY feature_repo ./feature_repo
 COPY components ./components
 COPY pipelines ./pipelines
+COPY serving ./serving
 # CPU torch: PyPI's torch==2.13.0 is a multi-GB CUDA build; the CPU index has 2.13.0+cpu,
 # which satisfies the ==2.13.0 pin.
 RUN /opt/venv/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu \

@@ -465,6 +465,23 @@ def pipeline_submit(
 
 
 @app.command()
+def serve(
+    work: Annotated[Path, typer.Option(help="Work dir: batches/, feast/, online/ (event log), bentoml/.")] = Path("work"),
+    port: Annotated[int, typer.Option(help="Ray Serve port (embeddings, events).")] = 8000,
+    bento_port: Annotated[int, typer.Option(help="BentoML port (recommendations, preferences).")] = 3000,
+    feast: Annotated[bool, typer.Option(help="Read and write the Feast online store in WORK/feast.")] = True,
+) -> None:
+    """Serve the promoted batch on 127.0.0.1 until Ctrl-C: Ray Serve + BentoML, reloading on promotion."""
+    from serving.launch import serve_forever
+    from userrep.batches import serving_batch
+
+    if serving_batch(work / "batches") is None:
+        errors.print(f"[bold red]error[/] {work / 'batches'}: no batch is serving; run `make demo` first")
+        raise typer.Exit(code=2)
+    serve_forever(work / "batches", work / "feast" if feast else None, port, bento_port, work, log=console.print)
+
+
+@app.command()
 def demo(
     work: Annotated[Path, typer.Option(help="Work directory for generated data and batches.")] = Path("work"),
     users: Annotated[int, typer.Option(min=1, help="Users in the synthetic world.")] = 20_000,

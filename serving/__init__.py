@@ -1,0 +1,1 @@
+"""HTTP adapters: Ray Serve (embeddings, events) and BentoML (downstream task inference)."""

@@ -1,0 +1,140 @@
+"""The HTTP API of the embedding service (FastAPI): routes, validation, error mapping.
+
+Plain FastAPI over ``userrep.online.OnlineService``: Ray Serve mounts it as its ingress
+(serving/ray_app.py) and the latency bench serves the same app with bare uvicorn.
+Every response carries the serving ``batch_id`` and an ``X-Batch-Id`` header; bad input is a
+4xx naming the field, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+MAX_BODY = 1 << 20  # bytes
+MAX_EVENTS = 1000
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(min_length=1, max_length=256)
+    item_id: str = Field(min_length=1, max_length=256)
+    ts: datetime
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+
+
+class NewUser(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(min_length=1, max_length=256)
+    onboarding_artists: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default=[], max_length=100)
+    onboarding_genres: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default=[], max_length=100)
+    attributes: dict[str, str] = Field(default={}, max_length=50)
+
+
+class Holder:
+    """Where the routes find the service (set by the Ray Serve replica or the bench)."""
+
+    service = None
+
+
+def _reply(body: dict, status: int = 200) -> JSONResponse:
+    batch_id = body.get("batch_id")
+    return JSONResponse(body, status_code=status, headers={"X-Batch-Id": batch_id} if batch_id else None)
+
+
+def _field(loc) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "path", "query")]
+    return ".".join(parts) or "body"
+
+
+def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
+    from userrep.online import UnknownUser
+
+    api = FastAPI(title="userrep embeddings", version="0.1.0",
+                  description="General user embeddings of the promoted batch; near-real-time updates.")
+
+    def batch_id() -> str | None:
+        return holder.service.batch.batch_id if holder.service and holder.service.batch else None
+
+    @api.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            return _reply({"error": f"body: {int(length)} bytes, at most {MAX_BODY}", "batch_id": batch_id()}, 413)
+        return await call_next(request)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        text = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+        return _reply({"error": text, "errors": errors[:20], "batch_id": batch_id()}, 422)
+
+    @api.exception_handler(UnknownUser)
+    async def unknown(request: Request, exc: UnknownUser):
+        return _reply({"error": f"user_id: unknown user {exc.args[0]!r}",
+                       "hint": "register new users with POST /users first", "batch_id": batch_id()}, 404)
+
+    @api.exception_handler(ValueError)
+    async def bad_value(request: Request, exc: ValueError):
+        return _reply({"error": str(exc.args[0] if exc.args else exc), "batch_id": batch_id()}, 422)
+
+    @api.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):  # never a traceback in a response
+        return _reply({"error": f"internal error ({type(exc).__name__}); see the server log", "batch_id": batch_id()},
+                      500)
+
+    @api.get("/healthz")
+    def healthz():
+        return _reply({"status": "ok", "batch_id": batch_id()})
+
+    @api.get("/readyz")
+    def readyz():
+        ready = batch_id() is not None
+        return _reply({"status": "ready" if ready else "loading", "batch_id": batch_id()}, 200 if ready else 503)
+
+    @api.get("/users/{user_id}/embedding")
+    def get_embedding(user_id: Annotated[str, Field(max_length=256)]):
+        return _reply(holder.service.embedding(user_id))
+
+    @api.get("/users/{user_id}/similar")
+    def similar(user_id: str, k: Annotated[int, Query(ge=1, le=1000)] = 10):
+        return _reply(holder.service.similar(user_id, k))
+
+    events_adapter = TypeAdapter(list[Event])
+
+    @api.post("/events", openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
+        "oneOf": [Event.model_json_schema(), {"type": "array", "items": Event.model_json_schema()}]}}}}})
+    async def post_events(request: Request):
+        """One event or a list of events: logged durably, applied, re-embedded, pushed online."""
+        try:
+            raw = json.loads(await request.body())
+        except ValueError as exc:
+            raise ValueError(f"body: not valid JSON ({exc})") from None
+        raw = [raw] if isinstance(raw, dict) else raw
+        if not isinstance(raw, list) or not raw or len(raw) > MAX_EVENTS:
+            raise ValueError(f"events: send one event object or a list of 1 to {MAX_EVENTS}")
+        try:
+            events = events_adapter.validate_python(raw)
+        except ValidationError as exc:
+            errors = [{"field": f"events[{e['loc'][0]}]." + ".".join(map(str, e["loc"][1:])), "message": e["msg"]}
+                      for e in exc.errors()]
+            text = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
+            return _reply({"error": text, "errors": errors[:20], "batch_id": batch_id()}, 422)
+        rows = [{"user_id": e.user_id, "item_id": e.item_id, "weight": e.weight,
+                 "ts": (e.ts if e.ts.tzinfo else e.ts.replace(tzinfo=timezone.utc)).isoformat()} for e in events]
+        return _reply(await run_in_threadpool(holder.service.post_events, rows))
+
+    @api.post("/users", status_code=201)
+    def post_user(user: NewUser):
+        body = holder.service.register_user(user.user_id, user.onboarding_artists, user.onboarding_genres,
+                                            user.attributes)
+        return _reply(body, 201)
+
+    return api

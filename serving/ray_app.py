@@ -1,0 +1,33 @@
+"""Ray Serve application: the embedding API (serving/api.py) as a Serve deployment.
+
+One replica: the incremental feature state lives in the replica's memory (rebuilt from the
+dataset plus the durable event log on start and on every batch switch); scaling out needs that
+state in the online store first (see serving/README.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import serve
+
+from serving.api import Holder, create_app
+
+api = create_app(Holder)
+
+
+@serve.deployment(name="embeddings", num_replicas=1, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.ingress(api)
+class EmbeddingService:
+    def __init__(self, batch_root: str, feast_home: str | None, online: str = "sqlite", redis: str = "127.0.0.1:6379",
+                 events_log: str | None = None, watch_s: float = 1.0):
+        from userrep.online import OnlineService
+        from userrep.store import store_config
+
+        store = store_config(feast_home, online, redis) if feast_home else None
+        Holder.service = OnlineService(Path(batch_root), store, events_log)
+        Holder.service.watch(watch_s)  # reload when SERVING.json changes
+
+
+def application(batch_root: str, feast_home: str | None = None, **kwargs):
+    return EmbeddingService.bind(batch_root, feast_home, **kwargs)

@@ -1,0 +1,259 @@
+"""Both servers over real HTTP on 127.0.0.1: `userrep serve` started once for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pytest
+
+from userrep import batches
+from userrep.backfill import read_embeddings
+from userrep.build import BuildConfig, build_batch
+from userrep.data import load_dataset
+from userrep.downstream import load_head
+from userrep.features import FeatureSpace, build_user_features
+from userrep.gate import run_gate
+from userrep.model import AEConfig, UserAutoencoder, embed
+from userrep.store import StoreConfig
+from userrep.tasks._mlp import predict
+
+pytestmark = pytest.mark.slow
+QUIET = dict(log=lambda *_: None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(url: str, body=None, raw: bytes | None = None, timeout: float = 30):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, dict(reply.headers), json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode()
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = {"raw": text}
+        return exc.code, dict(exc.headers), parsed
+
+
+@pytest.fixture(scope="module")
+def served(small_world, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve")
+    root = work / "batches"
+    config = BuildConfig(ae=AEConfig(epochs=6), feast=StoreConfig(home=work / "feast"))
+    build_batch(small_world, root / "b1", "2026-05-01", config, batch_id="b1", **QUIET)
+    ds = load_dataset(small_world)
+    assert run_gate(root / "b1", None, ds, report=False, **QUIET)["passed"]
+    batches.promote(root, "b1")
+    build_batch(small_world, root / "b2", "2026-06-30", config, batch_id="b2", **QUIET)
+    assert run_gate(root / "b2", root / "b1", ds, report=False, **QUIET)["passed"]
+    port, bento_port = free_port(), free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    exe = Path(sys.executable).parent / "userrep"
+    log = open(work / "serve.log", "w")
+    proc = subprocess.Popen([str(exe), "serve", "--work", str(work), "--port", str(port), "--bento-port", str(bento_port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (work / "serve.log").read_text()[-3000:]
+        if "Ctrl-C stops" in (work / "serve.log").read_text():
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("servers not ready: " + (work / "serve.log").read_text()[-3000:])
+    yield SimpleServers(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{bento_port}", root, ds, work)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the CLI stops Serve, Ray and BentoML
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+class SimpleServers:
+    def __init__(self, api, tasks, root, ds, work):
+        self.api, self.tasks, self.root, self.ds, self.work = api, tasks, root, ds, work
+
+
+def batch_vector(root: Path, batch_id: str, user_id: str) -> np.ndarray:
+    ids, vectors, _ = read_embeddings(root / batch_id / "embeddings.parquet")
+    return vectors[list(ids).index(user_id)]
+
+
+def test_health_embedding_and_similar(served):
+    status, headers, body = call(f"{served.api}/readyz")
+    assert status == 200 and body["batch_id"] == "b1" and headers["x-batch-id"] == "b1"
+    user = "u0000003"
+    status, headers, body = call(f"{served.api}/users/{user}/embedding")
+    assert status == 200 and body["batch_id"] == "b1" and headers["x-batch-id"] == "b1"
+    assert np.allclose(body["embedding"], batch_vector(served.root, "b1", user), atol=1e-6)
+    status, _, body = call(f"{served.api}/users/{user}/similar?k=5")
+    assert status == 200 and len(body["neighbours"]) == 5 and user not in [n["user_id"] for n in body["neighbours"]]
+    scores = [n["score"] for n in body["neighbours"]]
+    assert scores == sorted(scores, reverse=True)
+    status, _, openapi = call(f"{served.api}/openapi.json")
+    assert status == 200 and "/users/{user_id}/embedding" in openapi["paths"]
+
+
+def test_an_event_updates_the_embedding_like_a_batch_recomputation(served):
+    user, item = "u0000010", "t0000042"
+    before = call(f"{served.api}/users/{user}/embedding")[2]["embedding"]
+    events = [{"user_id": user, "item_id": item, "ts": "2026-07-03T09:30:00Z", "weight": 2.0},
+              {"user_id": user, "item_id": "t0000043", "ts": "2026-07-03T10:00:00+02:00"}]
+    status, headers, body = call(f"{served.api}/events", events)
+    assert status == 200 and headers["x-batch-id"] == "b1" and body["freshness_ms"] > 0
+    after = np.array(body["users"][0]["embedding"])
+    assert not np.allclose(after, before)
+    # The same history (the batch's data before its as_of, plus these events) recomputed in batch as of
+    # the midnight after the newest event:
+    extra = pa.table({"user_id": [user, user], "item_id": [item, "t0000043"],
+                      "ts": pa.array(pd.to_datetime(["2026-07-03T09:30:00Z", "2026-07-03T08:00:00Z"], utc=True),
+                                     pa.timestamp("us", tz="UTC")),
+                      "weight": [2.0, 1.0]})
+    known = served.ds.events.filter(pa.compute.less(served.ds.events.column("ts"),
+                                                    pa.scalar(pd.Timestamp("2026-05-01", tz="UTC"),
+                                                              pa.timestamp("us", tz="UTC"))))
+    ds = replace(served.ds, events=pa.concat_tables([known, extra.cast(served.ds.events.schema)]))
+    space = FeatureSpace.load(served.root / "b1" / "encoders")
+    features = build_user_features(ds, "2026-07-04", space, user_ids=[user])
+    expected = embed(UserAutoencoder.load(served.root / "b1" / "model.pt"), features.matrix)[0]
+    assert np.allclose(after, expected, atol=1e-4)
+    got = call(f"{served.api}/users/{user}/embedding")[2]  # read back from the online store
+    assert np.allclose(got["embedding"], after, atol=1e-6)
+    logged = [json.loads(line) for line in (served.work / "online" / "events.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "events" and r["events"][0]["user_id"] == user for r in logged)  # durable before the reply
+
+
+def test_a_new_user_gets_an_embedding_and_recommendations_at_once(served):
+    status, headers, body = call(f"{served.api}/users", {"user_id": "newcomer-1", "onboarding_artists": ["a000016"],
+                                                         "onboarding_genres": ["rock"], "attributes": {"country": "SE"}})
+    assert status == 201 and body["batch_id"] == "b1" and len(body["embedding"]) == 64
+    status, _, recs = call(f"{served.tasks}/recommend/artists", {"user_id": "newcomer-1", "k": 5})
+    assert status == 200 and recs["batch_id"] == "b1" and len(recs["artists"]) == 5
+    status, _, similar = call(f"{served.api}/users/newcomer-1/similar?k=3")
+    assert status == 200 and len(similar["neighbours"]) == 3  # inserted into the neighbour index
+
+
+def test_bento_heads_match_offline_inference_and_refuse_other_batches(served):
+    user = "u0000020"
+    vector = batch_vector(served.root, "b1", user)
+    head, meta = load_head(served.root / "b1" / "downstream" / "future_listening.pt")
+    expected = [meta["artists"][i] for i in np.argsort(-predict(head, vector[None, :])[0])[:5]]
+    status, _, body = call(f"{served.tasks}/recommend/artists", {"embedding": vector.tolist(), "batch_id": "b1", "k": 5})
+    assert status == 200 and [a["artist_id"] for a in body["artists"]] == expected
+    status, _, body = call(f"{served.tasks}/recommend/artists", {"embedding": vector.tolist(), "batch_id": "b2"})
+    assert status == 409 and "b2" in json.dumps(body)
+    artists = meta["artists"][:3]
+    status, _, body = call(f"{served.tasks}/predict/artist-preference", {"user_id": user, "artists": artists})
+    assert status == 200 and set(body["probabilities"]) == set(artists)
+    assert all(0 < p < 1 for p in body["probabilities"].values())
+
+
+BAD_API = [
+    ("malformed JSON", "/events", b'{"user_id": "u0000001",', "body"),
+    ("wrong type", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": "heavy"},
+     "weight"),
+    ("unknown field", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "mood": "happy"},
+     "mood"),
+    ("NaN weight", "/events", b'{"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": NaN}',
+     "weight"),
+    ("infinite weight", "/events", b'{"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": 1e999}',
+     "weight"),
+    ("negative weight", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": -1},
+     "weight"),
+    ("bad timestamp", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "yesterday"}, "ts"),
+    ("unknown item", "/events", {"user_id": "u0000001", "item_id": "no-such-item", "ts": "2026-07-01"}, "item_id"),
+    ("empty list", "/events", [], "events"),
+    ("oversized body", "/events", b"[" + b" " * (2 << 20) + b"]", "body"),
+    ("user without id", "/users", {"onboarding_artists": ["a000016"]}, "user_id"),
+]
+
+
+@pytest.mark.parametrize("name, path, payload, field", BAD_API, ids=[b[0] for b in BAD_API])
+def test_bad_input_is_a_4xx_naming_the_field(served, name, path, payload, field):
+    raw = payload if isinstance(payload, bytes) else None
+    status, _, body = call(served.api + path, None if raw else payload, raw=raw)
+    assert 400 <= status < 500, (status, body)
+    text = json.dumps(body)
+    assert field in text and "Traceback" not in text
+    assert call(f"{served.api}/healthz")[0] == 200  # still serving
+
+
+def test_unknown_users_are_404_with_a_hint(served):
+    status, _, body = call(f"{served.api}/users/nobody/embedding")
+    assert status == 404 and "user_id" in body["error"] and "POST /users" in body["hint"]
+    status, _, body = call(f"{served.api}/events", {"user_id": "nobody", "item_id": "t0000001", "ts": "2026-07-01"})
+    assert status == 404
+    status, _, body = call(f"{served.tasks}/recommend/artists", {"user_id": "nobody"})
+    assert status == 404 and "user_id" in json.dumps(body)
+    status, _, body = call(f"{served.tasks}/recommend/artists", {"user_id": "u0000001", "surprise": 1})
+    assert 400 <= status < 500 and "surprise" in json.dumps(body)
+
+
+def test_batch_switch_under_concurrent_readers_never_mixes_batches(served):
+    user = "u0000030"
+    vectors = {b: batch_vector(served.root, b, user) for b in ("b1", "b2")}
+    tops = {}
+    for b in ("b1", "b2"):
+        head, meta = load_head(served.root / b / "downstream" / "future_listening.pt")
+        tops[b] = [meta["artists"][i] for i in np.argsort(-predict(head, vectors[b][None, :])[0])[:3]]
+    seen, problems, stop = [], [], threading.Event()
+
+    def read_embeddings_loop():
+        while not stop.is_set():
+            status, headers, body = call(f"{served.api}/users/{user}/embedding")
+            if status != 200 or headers.get("x-batch-id") != body.get("batch_id"):
+                problems.append(("embedding", status, body))
+                continue
+            if not np.allclose(body["embedding"], vectors[body["batch_id"]], atol=1e-5):
+                problems.append(("mixed embedding", body["batch_id"]))
+            seen.append(("api", body["batch_id"]))
+
+    def read_recommendations_loop():
+        while not stop.is_set():
+            status, _, body = call(f"{served.tasks}/recommend/artists", {"user_id": user, "k": 3})
+            if status != 200:
+                problems.append(("recommend", status, body))
+                continue
+            if [a["artist_id"] for a in body["artists"]] != tops[body["batch_id"]]:
+                problems.append(("mixed head/embedding", body["batch_id"]))
+            seen.append(("tasks", body["batch_id"]))
+
+    threads = [threading.Thread(target=f) for f in (read_embeddings_loop, read_embeddings_loop,
+                                                    read_recommendations_loop)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    batches.promote(served.root, "b2")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not {("api", "b2"), ("tasks", "b2")} <= set(seen[-50:]):
+        time.sleep(0.5)
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not problems, problems[:5]
+    assert ("api", "b1") in seen and ("api", "b2") in seen and ("tasks", "b1") in seen and ("tasks", "b2") in seen
+    last = {kind: batch for kind, batch in seen}
+    assert last == {"api": "b2", "tasks": "b2"}

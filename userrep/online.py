@@ -1,0 +1,285 @@
+"""The near-real-time side of a batch, without any server: what Ray Serve wraps.
+
+``OnlineBatch`` is everything one batch serves (encoders, model, incremental feature state,
+neighbour index); it is built whole and then swapped in by reference, so a request that took
+one batch finishes on it: no response mixes batches. ``OnlineService`` owns the durable event
+log, the current ``OnlineBatch`` and the reload when ``SERVING.json`` changes; a new batch's
+state is its dataset as of its ``as_of`` plus a replay of every accepted event in the log.
+
+Online time: features are computed as of the later of the batch's ``as_of`` and the midnight
+after the newest accepted event, which is what a batch recomputation of the same history at
+that time gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from userrep.backfill import read_embeddings
+from userrep.batches import batch_dir, read_pointer
+from userrep.data import load_dataset
+from userrep.features import FeatureSpace, to_utc
+from userrep.model import UserAutoencoder, embed
+from userrep.state import FeatureState, apply_events, register_user, state_features, state_from_dataset
+
+
+class UnknownUser(KeyError):
+    """A user the serving batch has never seen (HTTP 404)."""
+
+
+@dataclass
+class OnlineBatch:
+    batch_id: str
+    as_of: pd.Timestamp
+    space: FeatureSpace
+    model: UserAutoencoder
+    state: FeatureState
+    index: object  # faiss.IndexIDMap2 over L2-normalized embeddings
+    rows: dict  # user_id -> index id
+    vectors: dict  # user_id -> (embedding, updated_at) for users changed online
+    lock: threading.Lock
+    clock: pd.Timestamp  # online "now" for feature windows
+    replayed: list = None  # users whose state the event log changed at load
+
+    def features_now(self, user_ids):
+        return state_features(self.state, user_ids, self.clock)
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) -> OnlineBatch:
+    import faiss
+
+    started = time.perf_counter()
+    directory = batch_dir(root, batch_id)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    space = FeatureSpace.load(directory / "encoders")
+    as_of = to_utc(manifest["as_of"])
+    state = state_from_dataset(space, load_dataset(manifest["data"]["path"]), as_of)
+    ids, vectors, _ = read_embeddings(directory / "embeddings.parquet")
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    index.add_with_ids(_normalized(vectors), np.arange(len(ids), dtype=np.int64))
+    online = OnlineBatch(batch_id, as_of, space, UserAutoencoder.load(directory / "model.pt"), state, index,
+                         {u: i for i, u in enumerate(ids)}, {}, threading.Lock(), as_of)
+    replayed, touched = 0, set()
+    for record in read_log(events_log):  # every write accepted so far, in order
+        if record["kind"] == "events":  # older events are in the batch's own data (its as_of covers them)
+            record = {**record, "events": [e for e in record["events"] if to_utc(e["ts"], "ts") >= as_of]}
+            if not record["events"]:
+                continue
+        touched.update(_apply(online, record))
+        replayed += 1
+    online.replayed = sorted(touched)
+    log(f"loaded batch {batch_id} ({len(ids)} users, {replayed} logged writes replayed) "
+        f"in {time.perf_counter() - started:.1f}s")
+    return online
+
+
+def read_log(path: Path | None):
+    if path is None or not path.exists():
+        return
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _day_after(ts: pd.Timestamp) -> pd.Timestamp:
+    return (ts + pd.Timedelta(microseconds=1)).ceil("D")
+
+
+def _apply(online: OnlineBatch, record: dict) -> list[str]:
+    """Apply one logged write to a batch's state; returns the users whose features changed."""
+    if record["kind"] == "user":
+        register_user(online.state, record["user_id"], record.get("onboarding_artists", ()),
+                      record.get("onboarding_genres", ()), record.get("attributes") or {})
+        return [record["user_id"]]
+    events = pd.DataFrame(record["events"])
+    touched = apply_events(online.state, events)
+    newest = pd.to_datetime(events["ts"], utc=True, format="ISO8601").max()
+    online.clock = max(online.clock, _day_after(newest))
+    return touched
+
+
+def _reembed(online: OnlineBatch, user_ids: list[str]) -> dict:
+    """Recompute features and embeddings of users now, re-insert them in the neighbour index."""
+    features = online.features_now(user_ids)
+    vectors = embed(online.model, features.matrix)
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    for user_id, vector in zip(user_ids, vectors):
+        row = online.rows.get(user_id)
+        if row is None:
+            row = online.rows[user_id] = len(online.rows) + 10_000_000  # ids of users added online
+        else:
+            online.index.remove_ids(np.array([row], np.int64))
+        online.index.add_with_ids(_normalized(vector), np.array([row], np.int64))
+        online.vectors[user_id] = (vector, now)
+    return {"features": features, "vectors": vectors, "updated_at": now}
+
+
+class OnlineService:
+    """Serve the promoted batch: reads, near-real-time writes, reload on promotion."""
+
+    def __init__(self, root: str | Path, store=None, events_log: str | Path | None = None, log=print):
+        self.root = Path(root)
+        self.store_config = store
+        self.events_log = Path(events_log) if events_log else self.root / "online" / "events.jsonl"
+        self.events_log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        self._write_lock = threading.Lock()
+        self._store = None
+        self.batch: OnlineBatch | None = None
+        self._pointer = None
+        self.reload()
+
+    # -- batches -------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Load the promoted batch if it changed; the swap is one reference assignment."""
+        pointer = read_pointer(self.root)
+        if pointer["serving"] is None:
+            raise ValueError(f"batch_root: no batch is serving under {self.root}; promote one first")
+        if self.batch is not None and pointer["serving"] == self.batch.batch_id:
+            return False
+        with self._write_lock:  # no write slips between the log replay and the swap
+            fresh = load_batch(self.root, pointer["serving"], self.events_log, self.log)
+            if fresh.replayed:  # their online rows in this batch must include the logged writes
+                self._push(fresh, _reembed(fresh, fresh.replayed))
+            self.batch = fresh
+        self._pointer = pointer
+        return True
+
+    def watch(self, interval_s: float = 1.0, stop: threading.Event | None = None) -> threading.Thread:
+        """Poll SERVING.json in a daemon thread and reload on change (a failed load keeps the old batch)."""
+        stop = stop or threading.Event()
+
+        def loop():
+            while not stop.wait(interval_s):
+                try:
+                    self.reload()
+                except Exception as exc:  # keep serving the loaded batch; say why
+                    self.log(f"reload failed, still serving {self.batch.batch_id}: {exc}")
+
+        thread = threading.Thread(target=loop, name="batch-watch", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def store(self):
+        if self._store is None and self.store_config is not None:
+            from userrep.store import open_store
+
+            self._store = open_store(self.store_config, apply=False)
+        return self._store
+
+    # -- reads ---------------------------------------------------------------------------
+    def embedding(self, user_id: str) -> dict:
+        online = self.batch
+        updated = online.vectors.get(user_id, (None, online.as_of.isoformat()))[1]
+        if self.store is not None:  # the online store is the source of truth for reads
+            from userrep.store import online_embeddings
+
+            got, found = online_embeddings(self.store, [user_id], online.batch_id)
+            if found[0]:
+                return {"user_id": user_id, "batch_id": online.batch_id, "embedding": got[0].tolist(),
+                        "updated_at": updated}
+        if user_id in online.vectors:
+            return {"user_id": user_id, "batch_id": online.batch_id, "embedding": online.vectors[user_id][0].tolist(),
+                    "updated_at": updated}
+        if user_id in online.rows:
+            vector = online.index.reconstruct(int(online.rows[user_id]))
+            return {"user_id": user_id, "batch_id": online.batch_id, "embedding": vector.tolist(),
+                    "updated_at": online.as_of.isoformat()}
+        raise UnknownUser(user_id)
+
+    def similar(self, user_id: str, k: int = 10) -> dict:
+        online = self.batch
+        if user_id not in online.rows:
+            raise UnknownUser(user_id)
+        row = online.rows[user_id]
+        query = online.index.reconstruct(int(row))
+        with online.lock:
+            scores, found = online.index.search(_normalized(query), k + 1)
+        ids = {v: u for u, v in online.rows.items()}
+        neighbours = [{"user_id": ids[int(i)], "score": round(float(s), 6)}
+                      for s, i in zip(scores[0], found[0]) if i >= 0 and int(i) != row][:k]
+        return {"user_id": user_id, "batch_id": online.batch_id, "neighbours": neighbours}
+
+    # -- writes --------------------------------------------------------------------------
+    def _append(self, record: dict) -> None:
+        with open(self.events_log, "a") as fh:  # durable before acknowledged
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def post_events(self, events: list[dict]) -> dict:
+        """Validate against the batch, log durably, update state, re-embed, push online."""
+        received = time.perf_counter()
+        with self._write_lock:
+            online = self.batch
+            unknown = sorted({e["user_id"] for e in events if e["user_id"] not in online.state.users})
+            if unknown:
+                raise UnknownUser(unknown[0])
+            record = {"kind": "events", "events": [{**e, "ts": to_utc(e["ts"], "ts").isoformat()} for e in events]}
+            frame = pd.DataFrame(record["events"])
+            items = online.space.item_index(frame["item_id"].astype(str).to_numpy(dtype=object))
+            if (items < 0).any():
+                raise ValueError(f"item_id: unknown item(s) {sorted(set(frame['item_id'][items < 0]))[:5]}")
+            weight = pd.to_numeric(frame.get("weight", pd.Series(1.0, index=frame.index)), errors="coerce")
+            if not (np.isfinite(weight) & (weight >= 0)).all():
+                raise ValueError("weight: must be a finite number >= 0")
+            self._append(record)
+            with online.lock:
+                touched = _apply(online, record)
+                result = _reembed(online, touched)
+            self._push(online, result)
+        freshness = (time.perf_counter() - received) * 1000
+        return {"batch_id": online.batch_id, "freshness_ms": round(freshness, 2),
+                "users": [{"user_id": u, "embedding": v.tolist(), "updated_at": result["updated_at"]}
+                          for u, v in zip(result["features"].user_ids, result["vectors"])]}
+
+    def register_user(self, user_id: str, onboarding_artists=(), onboarding_genres=(), attributes=None) -> dict:
+        with self._write_lock:
+            online = self.batch
+            record = {"kind": "user", "user_id": user_id, "onboarding_artists": list(onboarding_artists),
+                      "onboarding_genres": list(onboarding_genres), "attributes": attributes or {}}
+            self._append(record)
+            with online.lock:
+                _apply(online, record)
+                result = _reembed(online, [user_id])
+            self._push(online, result)
+        return {"user_id": user_id, "batch_id": online.batch_id, "embedding": result["vectors"][0].tolist(),
+                "updated_at": result["updated_at"]}
+
+    def _push(self, online: OnlineBatch, result: dict) -> None:
+        """Features and embeddings of changed users to the online store, under this batch id."""
+        if self.store is None:
+            return
+        from userrep.backfill import embeddings_table
+        from userrep.store import offline_frames
+
+        features = result["features"]
+        history, profile = offline_frames(features, _space_id(self.root, online.batch_id), online.clock)
+        self.store.write_to_online_store("user_history", history.to_pandas())
+        self.store.write_to_online_store("user_profile", profile.to_pandas())
+        table = embeddings_table(features.user_ids, result["vectors"], online.batch_id).to_pandas()
+        table["embedding_batch"] = online.batch_id
+        table["event_timestamp"] = online.clock
+        table["created"] = pd.Timestamp.now(tz="UTC")
+        self.store.write_to_online_store("user_embedding", table)
+
+
+def _space_id(root: Path, batch_id: str) -> str:
+    manifest = json.loads((Path(root) / batch_id / "manifest.json").read_text())
+    return manifest.get("snapshot") or batch_id
