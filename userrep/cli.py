@@ -489,9 +489,11 @@ def demo(
     workers: Annotated[int, typer.Option(min=0, help="Ray workers for training and backfill (0: in-process).")] = 2,
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
     later_days: Annotated[int, typer.Option(min=1, help="Batch 2 sees this many more days of data than batch 1.")] = 30,
+    smoke: Annotated[bool, typer.Option(help="End with a serving smoke (start both servers, new user, events).")] = True,
 ) -> None:
     """The lifecycle on the embedded default: world -> training pipeline for batch 1 (promoted) ->
-    training pipeline for batch 2 on later data (gated against batch 1) -> decision and metrics."""
+    training pipeline for batch 2 on later data (gated against batch 1) -> decision and metrics ->
+    serve the promoted batch and react to live events."""
     from userrep.world import WorldConfig, generate_world, world_is_current
 
     from pipelines.runner import run_local
@@ -540,6 +542,32 @@ def demo(
     batch_list(root)
     console.print(f"reports: {root}/<batch>/drift_report.html (Evidently), gate.json; KFP run artifacts under "
                   f"{work}/kfp; rollback: userrep batch rollback --root {root}")
+    if smoke:
+        console.rule("5. serve the promoted batch (Ray Serve + BentoML) and react to live events")
+        _smoke(work, world)
+
+
+def _smoke(work: Path, world: Path) -> None:
+    import pyarrow.compute as pc
+
+    from serving.smoke import run_smoke
+    from userrep.batches import batch_dir, serving_batch
+    from userrep.data import artist_column, load_dataset
+    from userrep.downstream import load_head
+
+    root = work / "batches"
+    serving = batch_dir(root, serving_batch(root))
+    _, meta = load_head(serving / "downstream" / "future_listening.pt")
+    artists = meta["artists"]
+    items = load_dataset(world).items
+    listened = artists[min(50, len(artists) - 1)]  # a mid-popularity artist the newcomer did not pick
+    tracks = items.filter(pc.equal(items.column(artist_column(items)), listened)).column("item_id").to_pylist()[:5]
+    as_of = json.loads((serving / "manifest.json").read_text())["as_of"]
+    try:
+        run_smoke(work, artists[:2], tracks, as_of, log=console.print)
+    except (AssertionError, RuntimeError, TimeoutError) as exc:
+        errors.print(f"[bold red]serving smoke failed[/] {exc}", highlight=False)
+        raise typer.Exit(code=1) from None
 
 
 def _print_downstream(root: Path, ids: list[str]) -> None:

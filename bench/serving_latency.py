@@ -1,0 +1,102 @@
+"""Serving latency: Ray Serve + BentoML vs a bare FastAPI doing the same work, in one run (JSON).
+
+Needs a promoted batch in WORK (run `make demo` first). Sequential requests from one client:
+
+* embedding GET (online-store read),
+* event POST (validate, durable log, state update, re-embed, online write; the server's own
+  receipt -> online write time is reported too),
+* recommend POST (online-store read + future-listening head).
+
+    python bench/serving_latency.py [--work work] [--n 300]
+"""
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def percentiles(samples: list[float]) -> dict:
+    ms = np.array(samples) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+def measure(api: str, tasks: str, users: list[str], items: list[str], ts: str, n: int) -> dict:
+    from serving.smoke import call
+
+    out = {}
+    timings = []
+    for i in range(n):
+        started = time.perf_counter()
+        status, _ = call(f"{api}/users/{users[i % len(users)]}/embedding")
+        timings.append(time.perf_counter() - started)
+        assert status == 200
+    out["embedding_get"] = percentiles(timings)
+    timings, fresh = [], []
+    for i in range(n):
+        body = {"user_id": users[i % len(users)], "item_id": items[i % len(items)], "ts": ts}
+        started = time.perf_counter()
+        status, reply = call(f"{api}/events", body)
+        timings.append(time.perf_counter() - started)
+        assert status == 200, reply
+        fresh.append(reply["freshness_ms"] / 1000)
+    out["event_post"] = percentiles(timings)
+    out["event_receipt_to_online_write"] = percentiles(fresh)
+    timings = []
+    for i in range(n):
+        started = time.perf_counter()
+        status, _ = call(f"{tasks}/recommend/artists", {"user_id": users[i % len(users)], "k": 10})
+        timings.append(time.perf_counter() - started)
+        assert status == 200
+    out["recommend_post"] = percentiles(timings)
+    return out
+
+
+def main() -> None:
+    from serving.smoke import free_port, start, stop
+    from userrep.backfill import read_embeddings
+    from userrep.batches import batch_dir, serving_batch
+    from userrep.data import load_dataset
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=Path("work"))
+    parser.add_argument("--n", type=int, default=300)
+    args = parser.parse_args()
+    root = args.work / "batches"
+    if serving_batch(root) is None:
+        raise SystemExit(f"no promoted batch under {root}: run `make demo` first")
+    directory = batch_dir(root, serving_batch(root))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    ids, _, _ = read_embeddings(directory / "embeddings.parquet")
+    users = [str(u) for u in ids[:200]]
+    items = load_dataset(manifest["data"]["path"]).items.column("item_id").to_pylist()[:200]
+    ts = manifest["as_of"]
+
+    proc, api, tasks = start(args.work, args.work / "serve-bench.log")
+    try:
+        served = measure(api, tasks, users, items, ts, args.n)
+    finally:
+        stop(proc)
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serving_bare.py")), "--work",
+                             str(args.work), "--port", str(port)], start_new_session=True)
+    try:
+        from serving.launch import wait_ready
+
+        wait_ready(f"http://127.0.0.1:{port}/readyz", timeout_s=240, proc=bare)
+        baseline = measure(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}", users, items, ts, args.n)
+    finally:
+        bare.send_signal(signal.SIGINT)
+        bare.wait(timeout=60)
+    ratios = {k: round(served[k]["p50_ms"] / max(baseline[k]["p50_ms"], 1e-9), 2) for k in served}
+    print(json.dumps({"requests_per_endpoint": args.n, "ray_serve_and_bentoml": served, "bare_fastapi": baseline,
+                      "p50_ratio_served_over_bare": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

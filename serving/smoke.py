@@ -1,0 +1,97 @@
+"""A short end-to-end smoke of both servers (the end of `make demo`): start `userrep serve`,
+register a new user, post listening events, show the embedding move and the recommendations
+change, ask for similar users, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(url: str, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def start(work: Path, log_path: Path, timeout_s: float = 240) -> tuple[subprocess.Popen, str, str]:
+    port, bento_port = free_port(), free_port()
+    exe = Path(sys.executable).parent / "userrep"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(exe), "serve", "--work", str(work), "--port", str(port), "--bento-port",
+                             str(bento_port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"userrep serve exited ({proc.returncode}); see {log_path}")
+        if "Ctrl-C stops" in log_path.read_text():
+            return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{bento_port}"
+        time.sleep(1)
+    stop(proc)
+    raise TimeoutError(f"servers not ready after {timeout_s:.0f}s; see {log_path}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Serve, Ray and BentoML shut down in order
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _cosine(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def run_smoke(work: Path, onboarding_artists: list[str], items: list[str], ts: str, log=print) -> dict:
+    """Returns what it measured; raises if any step does not answer as it should."""
+    work = Path(work)
+    started = time.perf_counter()
+    proc, api, tasks = start(work, work / "serve.log")
+    try:
+        log(f"servers up in {time.perf_counter() - started:.0f}s: {api} (docs {api}/docs), {tasks}")
+        user = f"demo-newcomer-{int(time.time())}"
+        status, created = call(f"{api}/users", {"user_id": user, "onboarding_artists": onboarding_artists})
+        assert status == 201, created
+        log(f"POST /users {user} (onboarding {onboarding_artists}) -> cold-start embedding of batch "
+            f"{created['batch_id']}, |e| = {np.linalg.norm(created['embedding']):.2f}")
+        _, before = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5})
+        log(f"recommendations before listening: {[a['artist_id'] for a in before['artists']]}")
+        events = [{"user_id": user, "item_id": item, "ts": ts, "weight": 1.0} for item in items]
+        status, posted = call(f"{api}/events", events)
+        assert status == 200, posted
+        moved = posted["users"][0]["embedding"]
+        log(f"POST /events ({len(events)} plays) -> embedding moved: cosine to cold start "
+            f"{_cosine(created['embedding'], moved):.3f}; receipt -> online write {posted['freshness_ms']:.0f} ms")
+        _, after = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5})
+        log(f"recommendations after listening:  {[a['artist_id'] for a in after['artists']]}")
+        _, similar = call(f"{api}/users/{user}/similar?k=3")
+        log(f"similar users: {[(n['user_id'], n['score']) for n in similar['neighbours']]}")
+        return {"user": user, "cosine_moved": _cosine(created["embedding"], moved),
+                "recommendations_changed": before["artists"] != after["artists"],
+                "freshness_ms": posted["freshness_ms"]}
+    finally:
+        stop(proc)
+        log("servers stopped")
