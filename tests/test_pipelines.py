@@ -223,12 +223,8 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
     import tempfile
     import time
 
+    from serving.smoke import free_port
     from userrep.jobs import run_fit
-
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
 
     bin_dir = Path(sys.executable).parent
     port, dashboard = free_port(), free_port()

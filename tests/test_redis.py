@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from serving.smoke import free_port
 
 from userrep.backfill import embeddings_table
 from userrep.data import load_dataset
@@ -17,11 +18,6 @@ from userrep.store import StoreConfig, materialize, online_embeddings, open_stor
 
 pytestmark = pytest.mark.slow
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

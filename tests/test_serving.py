@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
+from serving.smoke import free_port
 
 from userrep import batches
 from userrep.backfill import read_embeddings
@@ -35,11 +35,6 @@ from userrep.tasks._mlp import predict
 pytestmark = pytest.mark.slow
 QUIET = dict(log=lambda *_: None)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def call(url: str, body=None, raw: bytes | None = None, timeout: float = 30):

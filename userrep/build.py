@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userrep.backfill import backfill_embeddings
-from userrep.downstream import TASKS, DownstreamConfig, task_data, train_task
+from userrep.downstream import TASKS, DownstreamConfig, sha256, task_data, train_task
 from userrep.data import TABLES, Dataset, load_dataset, table_path
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
 from userrep.features import (FeatureConfig, FeatureSpace, UserFeatures, build_user_features, fit_feature_space,
@@ -65,16 +65,8 @@ def data_fingerprint(directory: str | Path) -> dict[str, str]:
     for name in TABLES:
         path = table_path(Path(directory), name)
         if path is not None:
-            out[path.name] = _sha256(path)
+            out[path.name] = sha256(path)
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_batch_id(as_of: pd.Timestamp, fingerprint: dict[str, str], config: BuildConfig) -> str:
@@ -215,7 +207,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         "workers": config.workers,
         "training": record["training"],
         "timings_s": {**timings, "total": round(sum(timings.values()), 2)},
-        "files": {name: _sha256(out / name) for name in ("model.pt", "embeddings.parquet", "features.parquet")},
+        "files": {name: sha256(out / name) for name in ("model.pt", "embeddings.parquet", "features.parquet")},
     }
     _write_json(out / "manifest.json", manifest)  # a batch without a manifest is incomplete
     return manifest
