@@ -155,3 +155,18 @@ def test_cli_lists_shows_and_refuses_with_reasons(lifecycle):
     assert shown.exit_code == 0 and json.loads(shown.output)["state"] == "serving"
     unknown = runner.invoke(app, ["batch", "promote", "nope", "--root", str(root)])
     assert unknown.exit_code == 1 and "no finished batch 'nope'" in unknown.output
+
+
+def test_refresh_reembeds_with_the_serving_batch_and_publishes_under_its_id(lifecycle, small_world):
+    from userrep.refresh import refresh
+
+    root, ds, config = lifecycle
+    serving = batches.serving_batch(root)
+    result = refresh(small_world, "2026-06-15", root, config.feast, **QUIET)
+    assert result["batch_id"] == serving and result["as_of"].startswith("2026-06-15")
+    ids, vectors, batch_id = read_embeddings(result["path"])
+    assert batch_id == serving and len(ids) == result["users"]
+    _, backfilled, _ = read_embeddings(root / serving / "embeddings.parquet")
+    assert not np.allclose(vectors, backfilled)  # other day, other features, same encoder
+    got, found = online_embeddings(open_store(config.feast, apply=False), ids[:10], serving)
+    assert found.all() and np.allclose(got, vectors[:10])
