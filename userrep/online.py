@@ -48,6 +48,7 @@ class OnlineBatch:
     vectors: dict  # user_id -> (embedding, updated_at) for users changed online
     lock: threading.Lock
     clock: pd.Timestamp  # online "now" for feature windows
+    backfilled: np.ndarray = None  # (users, d) the batch's embeddings, rows as in ``rows``
     replayed: list = None  # users whose state the event log changed at load
 
     def features_now(self, user_ids):
@@ -72,7 +73,7 @@ def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) ->
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     index.add_with_ids(_normalized(vectors), np.arange(len(ids), dtype=np.int64))
     online = OnlineBatch(batch_id, as_of, space, UserAutoencoder.load(directory / "model.pt"), state, index,
-                         {u: i for i, u in enumerate(ids)}, {}, threading.Lock(), as_of)
+                         {u: i for i, u in enumerate(ids)}, {}, threading.Lock(), as_of, vectors)
     replayed, touched = 0, set()
     for record in read_log(events_log):  # every write accepted so far, in order
         if record["kind"] == "events":  # older events are in the batch's own data (its as_of covers them)
@@ -197,10 +198,9 @@ class OnlineService:
         if user_id in online.vectors:
             return {"user_id": user_id, "batch_id": online.batch_id, "embedding": online.vectors[user_id][0].tolist(),
                     "updated_at": updated}
-        if user_id in online.rows:
-            vector = online.index.reconstruct(int(online.rows[user_id]))
-            return {"user_id": user_id, "batch_id": online.batch_id, "embedding": vector.tolist(),
-                    "updated_at": online.as_of.isoformat()}
+        if user_id in online.rows and online.rows[user_id] < len(online.backfilled):  # no online store
+            return {"user_id": user_id, "batch_id": online.batch_id,
+                    "embedding": online.backfilled[online.rows[user_id]].tolist(), "updated_at": online.as_of.isoformat()}
         raise UnknownUser(user_id)
 
     def similar(self, user_id: str, k: int = 10) -> dict:
