@@ -32,6 +32,14 @@ def wait_ready(url: str, timeout_s: float = 120.0, proc: subprocess.Popen | None
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f}s")
 
 
+def _die_with_parent() -> None:
+    """Linux: the BentoML server gets SIGTERM if `userrep serve` dies without cleaning up (e.g. a
+    second signal while Ray shuts down), so it is never orphaned."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_bento(root: Path, feast_home: Path | None, port: int, work: Path) -> subprocess.Popen:
     env = {**os.environ, **SERVE_ENV, "USERREP_BATCH_ROOT": str(Path(root).resolve()),
            "BENTOML_HOME": str((work / "bentoml").resolve()),
@@ -40,7 +48,8 @@ def start_bento(root: Path, feast_home: Path | None, port: int, work: Path) -> s
         env["USERREP_FEAST_HOME"] = str(Path(feast_home).resolve())
     bentoml = Path(sys.executable).parent / "bentoml"
     return subprocess.Popen([str(bentoml), "serve", "serving.bento_service:TaskService", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, start_new_session=True)
+                             "--port", str(port)], env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
 def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_port: int = 3000,
