@@ -5,6 +5,10 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Manifest validators pin old packages (checkov: packaging 23, networkx 2.6) that would downgrade
+# the main stack (STACK-NOTES): they get their own venv.
+TOOLS  := .tools
+TOOLS_STAMP := $(TOOLS)/.installed
 WORK   ?= work
 PYTEST_ARGS ?=
 
@@ -25,7 +29,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the project (fast when current)
+$(TOOLS_STAMP): tools-requirements.txt
+	@test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet -r tools-requirements.txt
+	@touch $(TOOLS_STAMP)
+
+install: $(STAMP) $(TOOLS_STAMP) ## Create .venv (and .tools, the manifest validators) (fast when current)
 
 demo: $(STAMP) ## Run the main job on the embedded default (synthetic world)
 	$(BIN)/userrep demo --work $(WORK)
@@ -33,10 +42,10 @@ demo: $(STAMP) ## Run the main job on the embedded default (synthetic world)
 serve: $(STAMP) ## Serve the promoted batch on 127.0.0.1 (Ray Serve :8000, BentoML :3000) until Ctrl-C
 	$(BIN)/userrep serve --work $(WORK)
 
-test: $(STAMP) ## Run the whole test suite
+test: $(STAMP) $(TOOLS_STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) ## Run the tests not marked slow (inner loop)
+test-fast: $(STAMP) $(TOOLS_STAMP) ## Run the tests not marked slow (inner loop)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP) ## Run the benchmarks (JSON on stdout; never part of the tests)
@@ -50,4 +59,4 @@ lock: ## Re-resolve dependencies from pyproject.toml into constraints.txt
 	rm -rf .lock-venv
 
 clean: ## Remove the virtualenv and generated data
-	rm -rf $(VENV) $(WORK) .pytest_cache
+	rm -rf $(VENV) $(TOOLS) $(WORK) .pytest_cache

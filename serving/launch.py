@@ -68,8 +68,9 @@ def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_p
     try:
         with ray_session(num_cpus=2):
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(application(str(Path(root).resolve()), str(Path(feast_home).resolve()) if feast_home else None,
-                                  events_log=str((work / "online" / "events.jsonl").resolve())),
+            serve.run(application({"batch_root": str(Path(root).resolve()),
+                                   "feast_home": str(Path(feast_home).resolve()) if feast_home else None,
+                                   "events_log": str((work / "online" / "events.jsonl").resolve())}),
                       name="userrep", route_prefix="/", blocking=False)
             wait_ready(f"http://127.0.0.1:{port}/readyz")
             wait_ready(f"http://127.0.0.1:{bento_port}/readyz", proc=bento)

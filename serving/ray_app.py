@@ -29,5 +29,8 @@ class EmbeddingService:
         Holder.service.watch(watch_s)  # reload when SERVING.json changes
 
 
-def application(batch_root: str, feast_home: str | None = None, **kwargs):
-    return EmbeddingService.bind(batch_root, feast_home, **kwargs)
+def application(args: dict):
+    """Serve's application builder (`import_path: serving.ray_app:application` + `args` in a
+    RayService's serveConfigV2); keys: batch_root, feast_home, online, redis, events_log, watch_s."""
+    args = dict(args)
+    return EmbeddingService.bind(args.pop("batch_root"), args.pop("feast_home", None), **args)
