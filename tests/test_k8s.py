@@ -124,3 +124,34 @@ def test_ray_objects_have_the_fields_kuberay_requires():
     service = next(o for o in rays if o["kind"] == "RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert config["applications"][0]["import_path"] == "serving.ray_app:application"
+
+
+CHECKOV = REPO / ".tools" / "bin" / "checkov"
+
+
+def checkov(*args: str) -> subprocess.CompletedProcess:
+    if not CHECKOV.exists():
+        pytest.fail(f"{CHECKOV} missing: `make test` creates the .tools venv (tools-requirements.txt)")
+    return subprocess.run([str(CHECKOV), *args, "--compact", "--quiet", "--skip-download"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_checkov_finds_nothing_in_the_rendered_overlay(overlay):
+    done = checkov("-d", f"k8s/overlays/{overlay}", "--framework", "kustomize")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "Failed checks: 0" in done.stdout
+
+
+def test_checkov_finds_nothing_in_the_dockerfile():
+    done = checkov("-f", "Dockerfile", "--framework", "dockerfile")
+    assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_checkov_is_wired_a_deployment_without_limits_fails(tmp_path):
+    objects = kustomize(REPO / "k8s" / "overlays" / "kind")
+    deployment = yaml.safe_load(yaml.safe_dump(next(o for o in objects if o["kind"] == "Deployment")))
+    del deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(deployment))
+    done = checkov("-f", str(tmp_path / "broken.yaml"), "--framework", "kubernetes")
+    assert done.returncode != 0 and "CKV_K8S_11" in done.stdout  # CPU limits

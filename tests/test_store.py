@@ -91,3 +91,17 @@ def test_bad_store_settings_name_the_field(tmp_path):
         StoreConfig(home=tmp_path, online="memcached")
     with pytest.raises(ValueError, match="offline: expected"):
         StoreConfig(home=tmp_path, offline="bigquery")
+
+
+def test_the_redis_password_comes_from_the_environment_or_a_mounted_secret(tmp_path, monkeypatch):
+    from userrep.store import store_config
+
+    monkeypatch.delenv("REDIS_PASSWORD", raising=False)
+    monkeypatch.delenv("REDIS_PASSWORD_FILE", raising=False)
+    assert store_config(tmp_path, "redis", "h:1").redis == "h:1"
+    (tmp_path / "password").write_text("s3cret\n")
+    monkeypatch.setenv("REDIS_PASSWORD_FILE", str(tmp_path / "password"))
+    assert store_config(tmp_path, "redis", "h:1").redis == "h:1,password=s3cret"
+    monkeypatch.setenv("REDIS_PASSWORD", "from-env")
+    assert store_config(tmp_path, "redis", "h:1").redis == "h:1,password=from-env"
+    assert store_config(tmp_path, "sqlite", "h:1").redis == "h:1"  # never added for SQLite

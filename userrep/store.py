@@ -54,8 +54,11 @@ class StoreConfig:
 
 def store_config(home: str | Path, online: str = "sqlite", redis: str = "127.0.0.1:6379") -> StoreConfig:
     """A StoreConfig from flat settings (CLI, pipeline parameters); the Redis password comes from
-    ``REDIS_PASSWORD`` (a Kubernetes Secret on a cluster), never from a parameter."""
+    ``REDIS_PASSWORD`` or the file named by ``REDIS_PASSWORD_FILE`` (a mounted Kubernetes Secret),
+    never from a parameter."""
     password = os.environ.get("REDIS_PASSWORD")
+    if not password and os.environ.get("REDIS_PASSWORD_FILE"):  # a mounted Secret (preferred on Kubernetes)
+        password = Path(os.environ["REDIS_PASSWORD_FILE"]).read_text().strip()
     if online == "redis" and password and "password=" not in redis:
         redis = f"{redis},password={password}"
     return StoreConfig(home=Path(home), online=online, redis=redis)
