@@ -155,3 +155,78 @@ def test_checkov_is_wired_a_deployment_without_limits_fails(tmp_path):
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(deployment))
     done = checkov("-f", str(tmp_path / "broken.yaml"), "--framework", "kubernetes")
     assert done.returncode != 0 and "CKV_K8S_11" in done.stdout  # CPU limits
+
+
+CHART = REPO / "k8s" / "helm" / "userrep"
+CI_VALUES = CHART / "ci" / "ci-values.yaml"
+
+
+def helm(values: dict | None, tmp_path: Path, base: Path | None = CI_VALUES) -> dict:
+    """Lint, schema-check and render the chart with Helm's own library (from the .tools venv)."""
+    import json
+
+    merged = yaml.safe_load(base.read_text()) if base else {}
+    for key, value in (values or {}).items():  # dotted keys: "tasks.autoscaling.enabled"
+        node, *path, leaf = [merged] + key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(merged))
+    python = REPO / ".tools" / "bin" / "python"
+    done = subprocess.run([str(python), str(REPO / "tests" / "_helm.py"), str(CHART), str(path), "userrep"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    out["objects"] = [d for text in (out["rendered"] or {}).values() for d in yaml.safe_load_all(text) if d]
+    return out
+
+
+def test_chart_lints_and_ci_values_render_valid_objects(tmp_path):
+    out = helm(None, tmp_path)
+    assert "'errors': []" in out["lint"] and out["schema_error"] is None
+    objects = out["objects"]
+    assert {"PersistentVolumeClaim", "StatefulSet", "Deployment", "Service", "HorizontalPodAutoscaler",
+            "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding", "RayCluster", "RayService"} <= {o["kind"] for o in objects}
+    done = validate(core(objects), tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert policy_problems(objects) == []
+    rendered = tmp_path / "rendered"
+    rendered.mkdir()
+    (rendered / "all.yaml").write_text(yaml.safe_dump_all(objects))
+    scan = checkov("-d", str(rendered), "--framework", "kubernetes")
+    assert scan.returncode == 0, scan.stdout[-3000:]
+
+
+def test_chart_should_drop_the_hpa_when_autoscaling_is_disabled(tmp_path):
+    kinds = {o["kind"] for o in helm({"tasks.autoscaling.enabled": False}, tmp_path)["objects"]}
+    assert "HorizontalPodAutoscaler" not in kinds and "Deployment" in kinds
+
+
+def test_chart_should_use_the_image_tag_everywhere_when_it_is_set(tmp_path):
+    objects = helm({"image.tag": "0.2.0-rc1"}, tmp_path)["objects"]
+    images = set()
+    for obj in objects:
+        if obj["kind"] in WORKLOADS:
+            images |= {c["image"] for c in containers(obj) if not c["image"].startswith("redis:")}
+        if obj["apiVersion"].startswith("ray.io/"):
+            cluster = obj["spec"].get("rayClusterConfig", obj["spec"])
+            groups = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
+            images |= {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    assert images == {"userrep:0.2.0-rc1"}
+
+
+def test_chart_should_omit_ray_objects_when_disabled_and_set_the_storage_class(tmp_path):
+    objects = helm({"training.enabled": False, "embeddings.enabled": False, "storage.storageClassName": "fast"},
+                   tmp_path)["objects"]
+    assert not [o for o in objects if o["apiVersion"].startswith("ray.io/")]
+    pvc = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"] == "fast"
+
+
+@pytest.mark.parametrize("values, field", [({"tasks.replicas": "two"}, "replicas"),
+                                           ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
+                                           ({"surprise": 1}, "surprise")])
+def test_chart_values_schema_rejects_bad_values(values, field, tmp_path):
+    out = helm(values, tmp_path)
+    assert out["schema_error"] and field in out["schema_error"]
