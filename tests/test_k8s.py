@@ -69,6 +69,19 @@ def policy_problems(objects: list[dict]) -> list[str]:
     return problems
 
 
+def project_images(objects: list[dict]) -> set[str]:
+    """Images of every workload and Ray pod, Redis (a third-party image) left out."""
+    images = set()
+    for obj in objects:
+        if obj["kind"] in WORKLOADS:
+            images |= {c["image"] for c in containers(obj) if not c["image"].startswith("redis:")}
+        if obj["apiVersion"].startswith("ray.io/"):
+            cluster = obj["spec"].get("rayClusterConfig", obj["spec"])
+            groups = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
+            images |= {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    return images
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_and_core_objects_pass_strict_validation(overlay, tmp_path):
     objects = kustomize(REPO / "k8s" / "overlays" / overlay)
@@ -97,14 +110,7 @@ def test_every_image_is_the_one_the_pipelines_compile_with(tmp_path):
     from pipelines.runner import IMAGE_PLACEHOLDER, compile_pipelines
 
     objects = kustomize(REPO / "k8s" / "overlays" / "kind")
-    images = set()
-    for obj in objects:
-        if obj["kind"] in WORKLOADS:
-            images |= {c["image"] for c in containers(obj) if not c["image"].startswith("redis:")}
-        if obj["apiVersion"].startswith("ray.io/"):
-            cluster = obj["spec"].get("rayClusterConfig", obj["spec"])
-            groups = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
-            images |= {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    images = project_images(objects)
     assert images == {IMAGE_PLACEHOLDER}
     compiled = yaml.safe_load(compile_pipelines(tmp_path)[0].read_text().split("\n---\n")[0])
     assert {e["container"]["image"] for e in compiled["deploymentSpec"]["executors"].values()} == images
@@ -205,14 +211,7 @@ def test_chart_should_drop_the_hpa_when_autoscaling_is_disabled(tmp_path):
 
 def test_chart_should_use_the_image_tag_everywhere_when_it_is_set(tmp_path):
     objects = helm({"image.tag": "0.2.0-rc1"}, tmp_path)["objects"]
-    images = set()
-    for obj in objects:
-        if obj["kind"] in WORKLOADS:
-            images |= {c["image"] for c in containers(obj) if not c["image"].startswith("redis:")}
-        if obj["apiVersion"].startswith("ray.io/"):
-            cluster = obj["spec"].get("rayClusterConfig", obj["spec"])
-            groups = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
-            images |= {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    images = project_images(objects)
     assert images == {"userrep:0.2.0-rc1"}
 
 

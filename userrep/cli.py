@@ -496,6 +496,8 @@ def demo(
     serve the promoted batch and react to live events."""
     from userrep.world import WorldConfig, generate_world, world_is_current
 
+    import pandas as pd
+
     from pipelines.runner import run_local
     from userrep.batches import state
     from userrep.build import default_as_of
@@ -515,7 +517,8 @@ def demo(
 
     end = default_as_of(load_dataset(world))
     ids = []
-    for step, (label, as_of) in enumerate([("batch 1", end - pd_days(later_days)), ("batch 2 on later data", end)]):
+    for step, (label, as_of) in enumerate([("batch 1", end - pd.Timedelta(days=later_days)),
+                                           ("batch 2 on later data", end)]):
         spec = FitSpec(data=str(world), batch_root=str(root), as_of=as_of.isoformat(), feast_home=str(work / "feast"),
                        epochs=epochs, workers=workers, seed=seed)
         _, batch_id, _ = spec.batch_dir_and_id()
@@ -582,12 +585,6 @@ def _print_downstream(root: Path, ids: list[str]) -> None:
     for task, metric in keys:
         table.add_row(f"{task} {metric}", *(f"{info.get(task, {}).get(metric, float('nan')):.4f}" for info in infos))
     console.print(table)
-
-
-def pd_days(days: int):
-    import pandas as pd
-
-    return pd.Timedelta(days=days)
 
 
 if __name__ == "__main__":

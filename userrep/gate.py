@@ -130,10 +130,10 @@ def integrity_problems(batch_dir: Path) -> list[str]:
 
 def comparable_frame(batch_dir: Path, rows: np.ndarray | None = None) -> pd.DataFrame:
     """The training snapshot's named (basis-independent) columns as a DataFrame."""
+    from userrep.build import load_features
+
     space = FeatureSpace.load(batch_dir / "encoders")
-    table = pq.read_table(batch_dir / "features.parquet")
-    column = table.column("features").combine_chunks()
-    matrix = column.flatten().to_numpy().reshape(len(table), -1)
+    matrix = load_features(batch_dir).matrix
     if rows is not None:
         matrix = matrix[rows]
     names = space.column_names()

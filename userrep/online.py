@@ -45,6 +45,8 @@ class OnlineBatch:
     state: FeatureState
     index: object  # faiss.IndexIDMap2 over L2-normalized embeddings
     rows: dict  # user_id -> index id
+    users: dict  # index id -> user_id (neighbour answers)
+    space_id: str  # the snapshot the batch's features come from (stamped on pushed feature rows)
     vectors: dict  # user_id -> (embedding, updated_at) for users changed online
     lock: threading.Lock
     clock: pd.Timestamp  # online "now" for feature windows
@@ -73,7 +75,8 @@ def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) ->
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     index.add_with_ids(_normalized(vectors), np.arange(len(ids), dtype=np.int64))
     online = OnlineBatch(batch_id, as_of, space, UserAutoencoder.load(directory / "model.pt"), state, index,
-                         {u: i for i, u in enumerate(ids)}, {}, threading.Lock(), as_of, vectors)
+                         {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)), manifest.get("snapshot") or batch_id,
+                         {}, threading.Lock(), as_of, vectors)
     replayed, touched = 0, set()
     for record in read_log(events_log):  # every write accepted so far, in order
         if record["kind"] == "events":  # older events are in the batch's own data (its as_of covers them)
@@ -123,6 +126,7 @@ def _reembed(online: OnlineBatch, user_ids: list[str]) -> dict:
         row = online.rows.get(user_id)
         if row is None:
             row = online.rows[user_id] = len(online.rows) + 10_000_000  # ids of users added online
+            online.users[row] = user_id
         else:
             online.index.remove_ids(np.array([row], np.int64))
         online.index.add_with_ids(_normalized(vector), np.array([row], np.int64))
@@ -211,8 +215,7 @@ class OnlineService:
         query = online.index.reconstruct(int(row))
         with online.lock:
             scores, found = online.index.search(_normalized(query), k + 1)
-        ids = {v: u for u, v in online.rows.items()}
-        neighbours = [{"user_id": ids[int(i)], "score": round(float(s), 6)}
+        neighbours = [{"user_id": online.users[int(i)], "score": round(float(s), 6)}
                       for s, i in zip(scores[0], found[0]) if i >= 0 and int(i) != row][:k]
         return {"user_id": user_id, "batch_id": online.batch_id, "neighbours": neighbours}
 
@@ -270,7 +273,7 @@ class OnlineService:
         from userrep.store import offline_frames
 
         features = result["features"]
-        history, profile = offline_frames(features, _space_id(self.root, online.batch_id), online.clock)
+        history, profile = offline_frames(features, online.space_id, online.clock)
         self.store.write_to_online_store("user_history", history.to_pandas())
         self.store.write_to_online_store("user_profile", profile.to_pandas())
         table = embeddings_table(features.user_ids, result["vectors"], online.batch_id).to_pandas()
@@ -279,7 +282,3 @@ class OnlineService:
         table["created"] = pd.Timestamp.now(tz="UTC")
         self.store.write_to_online_store("user_embedding", table)
 
-
-def _space_id(root: Path, batch_id: str) -> str:
-    manifest = json.loads((Path(root) / batch_id / "manifest.json").read_text())
-    return manifest.get("snapshot") or batch_id

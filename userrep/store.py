@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from userrep.backfill import list_column
 from userrep.data import Dataset, load_dataset
 from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, build_user_features, fit_feature_space, to_utc
 
@@ -170,19 +171,13 @@ def offline_frames(features: UserFeatures, sid: str, as_of: pd.Timestamp) -> tup
                          "event_timestamp": pa.array([as_of] * n, pa.timestamp("us", tz="UTC")),
                          "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
                          "space_id": pa.array([sid] * n, pa.string()),
-                         **{name: _list_column(block) for name, block in columns.items()}})
+                         **{name: list_column(block) for name, block in columns.items()}})
 
     def block(group: str) -> np.ndarray:
         return features.matrix[:, slices[group]] if group in slices else np.zeros((n, 0), np.float32)
 
     return (table({"history": np.hstack([features.matrix[:, s] for s in history]) if history else block("none")}),
             table({g: block(g) for g in PROFILE_GROUPS}))
-
-
-def _list_column(block: np.ndarray) -> pa.Array:
-    block = np.ascontiguousarray(block, np.float32)
-    offsets = np.arange(len(block) + 1, dtype=np.int32) * block.shape[1]
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(block.ravel(), pa.float32()))
 
 
 def _upsert(path: Path, table: pa.Table, key: str, value: str) -> None:
@@ -248,13 +243,12 @@ def publish_embeddings(store, config: StoreConfig, embeddings: pa.Table, batch_i
     from feature_repo.feature_services import batch_service
 
     n = embeddings.num_rows
-    vectors = np.asarray(embeddings.column("embedding").combine_chunks().flatten(), np.float32).reshape(n, -1)
     now = pd.Timestamp(datetime.now(timezone.utc))
     table = pa.table({"user_id": embeddings.column("user_id").cast(pa.string()),
                       "batch_id": pa.array([batch_id] * n, pa.string()),
                       "event_timestamp": pa.array([to_utc(as_of)] * n, pa.timestamp("us", tz="UTC")),
                       "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-                      "embedding": _list_column(vectors),
+                      "embedding": embeddings.column("embedding").cast(pa.list_(pa.float32())),
                       "embedding_batch": pa.array([batch_id] * n, pa.string())})
     _upsert(Path(config.home) / "data" / "user_embedding.parquet", table, "batch_id", batch_id)
     store.write_to_online_store("user_embedding", table.to_pandas())
