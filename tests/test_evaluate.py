@@ -83,13 +83,17 @@ def evaluated(small_world, tmp_path_factory):
 
 
 def test_gur_beats_popularity_and_item_mean_where_it_should(evaluated):
-    """Measured on this world: future listening nDCG@10 gur ~0.55 vs popularity ~0.31; cold start
-    gur ~0.40 vs item_mean ~0.22 and popularity ~0.28. On warm future listening item_mean is
-    *ahead* of gur (~0.58): a general 64-d embedding gives up some collaborative detail (README)."""
+    """Measured on this world (seed 7): future listening nDCG@10 gur 0.548 vs item_mean 0.527 and
+    popularity 0.301, recall@50 0.724 vs 0.689; cold start gur 0.386 vs item_mean 0.267 and
+    popularity 0.273. Worlds with seeds 1-3 gave warm margins over item_mean of +0.017..+0.029
+    (nDCG@10) and +0.029..+0.044 (recall@50). With the artist shares reconstructed by MSE instead
+    of as a distribution gur falls to 0.523, below item_mean: these asserts catch that."""
     tasks = evaluated[0]["tasks"]
     fl, cold = tasks["future_listening"], tasks["cold_start"]
     assert fl["gur"]["ndcg@10"] > fl["popularity"]["ndcg@10"] + 0.1
     assert fl["gur"]["recall@50"] > fl["popularity"]["recall@50"] + 0.05
+    assert fl["gur"]["ndcg@10"] > fl["item_mean"]["ndcg@10"] + 0.01
+    assert fl["gur"]["recall@50"] > fl["item_mean"]["recall@50"] + 0.015
     assert cold["gur"]["ndcg@10"] > cold["item_mean"]["ndcg@10"] + 0.05
     assert cold["gur"]["ndcg@10"] > cold["popularity"]["ndcg@10"] + 0.05
     assert tasks["artist_preference"]["gur"]["auc"] > tasks["artist_preference"]["popularity"]["auc"] + 0.15

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_dataset
 from userrep.data import load_dataset
-from userrep.encoders import CollaborativeEncoder, ContentEncoder, ItemVectors
+from userrep.encoders import CollaborativeEncoder, ContentEncoder, ItemVectors, events_before
 from userrep.features import FeatureConfig, build_user_features, fit_feature_space
 from userrep.state import FeatureState, apply_events, register_user, state_features, state_from_dataset
 
@@ -49,12 +49,17 @@ def test_planted_future_event_changes_nothing(world, space, features):
     assert not np.array_equal(build_user_features(earlier, AS_OF, space, user_ids=[user]).matrix, features.matrix[:1])
 
 
-def test_groups_are_named_and_sized(space, features):
+def test_groups_are_named_and_sized(world, space, features):
     names = [name for name, _ in features.schema.groups]
     for w in ("7d", "30d", "180d", "all"):
         assert {f"collab_{w}", f"content_{w}", f"genres_{w}", f"activity_{w}"} <= set(names)
     assert names[-3:] == ["artists_all", "onboarding", "demographics"]
-    assert dict(features.schema.groups)["artists_all"] == len(space.top_artists) == 128
+    # The most played artists, capped by the config (this world plays fewer than 256 of them).
+    items = pd.Index(world.items.column("item_id").to_numpy(zero_copy_only=False))
+    artists = world.items.column("artist_id").to_numpy(zero_copy_only=False)
+    before = events_before(world, AS_OF).column("item_id").to_numpy(zero_copy_only=False)
+    played = np.unique(artists[items.get_indexer(before)])
+    assert dict(features.schema.groups)["artists_all"] == len(space.top_artists) == min(FeatureConfig().top_artists, len(played))
     assert features.matrix.shape == (1_500, features.schema.n_features)
     assert dict(features.schema.groups)["collab_7d"] == space.collab.dim
     assert np.isfinite(features.matrix).all()

@@ -129,3 +129,38 @@ def test_history_drop_maps_to_absent_values_not_means(world, fitted):
     assert torch.allclose(restored[:, history], torch.zeros(1), atol=1e-4)
     static = features.schema.slices()["onboarding"]
     assert torch.allclose(restored[:, static], raw[:, static], atol=1e-4)
+
+
+def test_share_loss_is_zero_only_for_a_perfect_reconstruction(world, fitted):
+    """Artist shares are reconstructed as a distribution: decoder outputs that are the shares'
+    log-probabilities (and the clean values elsewhere) cost nothing; any other logits cost more."""
+    import torch
+
+    _, _, features, _ = world
+    model = fitted[0].model
+    raw = torch.from_numpy(features.matrix[:256])
+    shares = features.schema.slices()["artists_all"]
+    perfect = model.standardize(raw).clone()
+    probs = raw[:, shares] / raw[:, shares].sum(dim=1, keepdim=True).clamp_min(1e-12)
+    perfect[:, shares] = torch.log(probs.clamp_min(1e-30))
+    assert float(model.loss(raw, forward=lambda _: perfect)) == pytest.approx(0.0, abs=1e-5)
+    shuffled = perfect.clone()
+    shuffled[:, shares] = perfect[:, shares].flip(dims=[1])
+    assert float(model.loss(raw, forward=lambda _: shuffled)) > 0.1
+    with pytest.raises(ValueError, match="share_loss"):
+        UserAutoencoder(model.schema, model.mean.numpy(), model.std.numpy(), AEConfig(share_loss="l1"))
+
+
+def test_the_embedding_keeps_which_artists_a_user_plays(world, fitted):
+    """Decoded from the 64-d embedding, the user's most played artist is among the top 5 of ~200
+    for 0.97 of warm users (measured; chance 0.025)."""
+    import torch
+
+    _, _, features, _ = world
+    model = fitted[0].model
+    shares = features.matrix[:, features.schema.slices()["artists_all"]]
+    warm = shares.sum(axis=1) > 0
+    with torch.no_grad():
+        logits = model(model.standardize(torch.from_numpy(features.matrix[warm])))
+    top5 = np.argsort(-logits[:, features.schema.slices()["artists_all"]].numpy(), axis=1)[:, :5]
+    assert (top5 == shares[warm].argmax(axis=1)[:, None]).any(axis=1).mean() > 0.9

@@ -44,8 +44,9 @@ class FeatureConfig:
     max_genres: int = 32
     max_categories: int = 16  # per categorical attribute; the rest share an "other" slot
     # Play shares of the most played artists over the longest window: keeps *which* artists a
-    # user plays, which the mean vectors blur (future-listening nDCG@10 +0.017 on validation).
-    top_artists: int = 128
+    # user plays, which the mean vectors blur. The autoencoder reconstructs them as a
+    # distribution (model.py); 256 vs 128: synthetic-world validation recall@50 +0.015.
+    top_artists: int = 256
     seed: int = 0
 
 

@@ -15,7 +15,13 @@ caller needs. Corruption during training has three parts:
 signal looks like — not to the mean, which would look like an average listener.
 
 The loss is the reconstruction MSE with every group weighted equally (a 32-d vector group
-would otherwise outweigh a 4-d activity group eightfold).
+would otherwise outweigh a 4-d activity group eightfold), except for *share groups* (play shares
+of the top artists): those are a distribution, so the decoder's outputs for them are logits and
+the loss is the multinomial likelihood (softmax cross-entropy, as in Mult-DAE, Liang et al. 2018)
+weighted as ``share_weight`` groups. MSE on these sparse shares kept little of them (R^2 0.29);
+which artists a user plays is what listening tasks need. Validation nDCG@10 of the
+future-listening head (synthetic world / Last.fm / Deezer): MSE over 128 shares 0.459 / 0.325 /
+0.762; multinomial over 256, weight 32: 0.510 / 0.322 / 0.781 (the sweep: docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import torch
 from torch import nn
 
 from userrep.features import FeatureSchema
+
+SHARE_KINDS = ("artists",)  # groups holding a play distribution (shares that sum to <= 1)
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,10 @@ class AEConfig:
     group_drop_rate: float = 0.1
     history_drop_rate: float = 0.25  # the cold-start mechanism (see module docstring)
     group_weighting: str = "equal"  # "equal": every group weighs the same; "features": every column does
+    # "multinomial": share groups (artists_*) are reconstructed as a distribution (softmax +
+    # cross-entropy, as in Mult-DAE); "mse": like every other group.
+    share_loss: str = "multinomial"
+    share_weight: float = 32.0  # a share group counts as this many groups (see module docstring)
     seed: int = 0
 
 
@@ -61,7 +73,18 @@ class UserAutoencoder(nn.Module):
         if config.group_weighting not in ("equal", "features"):
             raise ValueError(f"group_weighting must be 'equal' or 'features', got {config.group_weighting!r}")
         weights = (1.0 / sizes)[self.group_of] if config.group_weighting == "equal" else torch.ones(n)
-        self.register_buffer("loss_weight", weights / weights.sum())
+        if config.share_loss not in ("multinomial", "mse"):
+            raise ValueError(f"share_loss must be 'multinomial' or 'mse', got {config.share_loss!r}")
+        shares = [s for name, s in schema.slices().items()
+                  if config.share_loss == "multinomial" and name.split("_")[0] in SHARE_KINDS]
+        self.share_slices = shares
+        is_share = torch.zeros(n, dtype=torch.bool)
+        for sl in shares:
+            is_share[sl] = True
+        weights = weights / weights.sum()
+        # A share group weighs what it would under MSE; its columns leave the MSE term.
+        self.share_weights = [config.share_weight * float(weights[sl].sum()) for sl in shares]
+        self.register_buffer("loss_weight", torch.where(is_share, 0.0, weights))
         self.encoder = nn.Sequential(nn.Linear(n, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.latent))
         self.decoder = nn.Sequential(nn.Linear(config.latent, config.hidden), nn.GELU(), nn.Linear(config.hidden, n))
 
@@ -97,7 +120,15 @@ class UserAutoencoder(nn.Module):
         """
         clean = self.standardize(raw)
         recon = (forward or self)(self.corrupt(clean, generator))
-        return (((recon - clean) ** 2) * self.loss_weight).sum(dim=1).mean()
+        loss = (((recon - clean) ** 2) * self.loss_weight).sum(dim=1)
+        for sl, weight in zip(self.share_slices, self.share_weights):
+            # Multinomial likelihood minus its floor: sum(shares) * KL(shares normalized ||
+            # softmax), 0 for a perfect reconstruction as with MSE; rows without plays add 0.
+            shares = raw[:, sl]
+            target = shares / shares.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            kl = torch.xlogy(shares, target) - shares * torch.log_softmax(recon[:, sl], dim=1)
+            loss = loss + weight * kl.sum(dim=1)
+        return loss.mean()
 
     def save(self, path: str | Path) -> None:
         torch.save({"schema": self.schema.groups, "config": asdict(self.config), "state": self.state_dict()}, path)
