@@ -1,6 +1,7 @@
 """Run the pipelines embedded (kfp.local), compile them for a cluster, submit them to Kubeflow."""
 
 import json
+import logging
 from pathlib import Path
 
 IMAGE_PLACEHOLDER = "userrep:0.1.0"
@@ -56,7 +57,17 @@ def submit(host: str, package: Path, experiment: str, arguments: dict | None = N
     """Submit a compiled pipeline to a Kubeflow Pipelines API; returns the run's URL."""
     import kfp
 
-    client = kfp.Client(host=host)
-    run = client.create_run_from_pipeline_package(str(package), arguments=arguments or {},
-                                                  experiment_name=experiment)
+    # urllib3 logs one warning per connection retry before kfp gives up; the caller reports an
+    # unreachable host in one line, so those are noise (and, in-process after another CLI call,
+    # a root handler left on that call's closed stream turned each into a "Logging error"
+    # traceback). A filter, not a level: kfp's API client resets the urllib3 logger's level.
+    retries = logging.getLogger("urllib3.connectionpool")
+    drop = lambda record: record.levelno >= logging.ERROR  # noqa: E731
+    retries.addFilter(drop)
+    try:
+        client = kfp.Client(host=host)
+        run = client.create_run_from_pipeline_package(str(package), arguments=arguments or {},
+                                                      experiment_name=experiment)
+    finally:
+        retries.removeFilter(drop)
     return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"

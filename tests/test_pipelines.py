@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -206,8 +208,17 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(compiled, tmp_path):
     from userrep.cli import app
 
     compile_pipelines(tmp_path)
-    result = CliRunner().invoke(app, ["pipeline", "submit", "--host", "http://127.0.0.1:9",
-                                      "--package", str(tmp_path / "training.yaml")])
+    # What an earlier in-process CLI call can leave behind (seen in CI): a root handler on a closed
+    # stream. urllib3's retry warnings then printed "--- Logging error ---" tracebacks.
+    stale = io.StringIO()
+    handler = logging.StreamHandler(stale)
+    stale.close()
+    logging.getLogger().addHandler(handler)
+    try:
+        result = CliRunner().invoke(app, ["pipeline", "submit", "--host", "http://127.0.0.1:9",
+                                          "--package", str(tmp_path / "training.yaml")])
+    finally:
+        logging.getLogger().removeHandler(handler)
     assert result.exit_code == 1 and "--host http://127.0.0.1:9" in result.output and "Traceback" not in result.output
 
 
