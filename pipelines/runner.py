@@ -62,12 +62,12 @@ def submit(host: str, package: Path, experiment: str, arguments: dict | None = N
     # a root handler left on that call's closed stream turned each into a "Logging error"
     # traceback). A filter, not a level: kfp's API client resets the urllib3 logger's level.
     retries = logging.getLogger("urllib3.connectionpool")
-    drop = lambda record: record.levelno >= logging.ERROR  # noqa: E731
-    retries.addFilter(drop)
+    errors_only = lambda record: record.levelno >= logging.ERROR  # noqa: E731
+    retries.addFilter(errors_only)
     try:
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(str(package), arguments=arguments or {},
                                                       experiment_name=experiment)
     finally:
-        retries.removeFilter(drop)
+        retries.removeFilter(errors_only)
     return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"

@@ -114,7 +114,8 @@ class UserAutoencoder(nn.Module):
         return self.decoder(self.encoder(corrupted))
 
     def loss(self, raw: torch.Tensor, generator: torch.Generator | None = None, forward=None) -> torch.Tensor:
-        """Group-weighted reconstruction MSE of the clean input from a corrupted copy.
+        """Group-weighted reconstruction loss of the clean input from a corrupted copy (MSE; share
+        groups: multinomial, see the module docstring).
 
         ``forward`` is the module to run (a DDP wrapper of this model when distributed).
         """
