@@ -80,7 +80,7 @@ def load_bundle(root: Path) -> Bundle:
     preference, pmeta = load_head(directory / "downstream" / "artist_preference.pt")
     return Bundle(batch_id, mtime, recommend, meta["artists"], preference,
                   {a: i for i, a in enumerate(pmeta["artists"])}, np.asarray(pmeta["artist_vectors"], np.float32),
-                  recommend.net[0].in_features)
+                  recommend.hidden[0].in_features)
 
 
 @bentoml.service(name="userrep_tasks", traffic={"timeout": 30})

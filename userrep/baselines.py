@@ -8,12 +8,22 @@ heads are then shared, so methods differ only in what the user looks like:
 * ``item_mean``: play-weighted mean collaborative item vector over all of the user's history;
 * ``onboarding_mean``: mean collaborative vector of the user's onboarding artists (cold start);
 * ``als``: implicit ALS on the pre-cutoff user x artist matrix, scored directly (no head);
+  factors and regularization chosen on validation users;
+* ``history``: the user's own past artists by play weight with recency decay (half-life chosen
+  on validation users), then the rest by popularity: what a team ships first, and in music, where
+  most plays are repeats, hard to beat;
+* ``ease``: EASE^R (Steck 2019), a closed-form item-item model over the candidate artists, L2
+  chosen on validation users; it scores from co-occurrence only (its diagonal is 0);
 * ``popularity``: every user gets the same artist ranking (no representation).
+
+Choosing on validation users (a share of the head-training users, never test users) is what
+the embedding's heads get too: a sandbagged baseline would make every comparison a lie.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -36,24 +46,26 @@ def user_artist_matrix(events, space: FeatureSpace, user_ids: np.ndarray) -> sp.
     return matrix
 
 
-def raw_representation(features: UserFeatures) -> np.ndarray:
+def raw_encoder(features: UserFeatures):
+    """The full feature vector standardized with the statistics of ``features``: raw rows -> rows."""
     mean, std = standardization(features.matrix)
-    return (features.matrix - mean) / std
+    return lambda matrix: (matrix - mean) / std
 
 
-def pca_representation(features: UserFeatures, fit_rows: np.ndarray, dim: int, seed: int) -> np.ndarray:
-    """PCA fitted on ``fit_rows`` only (the head-training users), applied to everyone."""
-    raw = raw_representation(features)
-    dim = min(dim, raw.shape[1], len(fit_rows))
-    return PCA(n_components=dim, random_state=seed).fit(raw[fit_rows]).transform(raw).astype(np.float32)
+def pca_encoder(features: UserFeatures, fit_rows: np.ndarray, dim: int, seed: int):
+    """PCA of the standardized features, fitted on ``fit_rows`` only (the head-training users)."""
+    raw = raw_encoder(features)
+    dim = min(dim, features.matrix.shape[1], len(fit_rows))
+    pca = PCA(n_components=dim, random_state=seed).fit(raw(features.matrix[fit_rows]))
+    return lambda matrix: pca.transform(raw(matrix)).astype(np.float32)
 
 
-def item_mean_representation(features: UserFeatures) -> np.ndarray:
+def item_mean_encoder(features: UserFeatures):
     """Play-weighted mean collaborative item vector over all history: the ``collab_all`` group."""
     slices = features.schema.slices()
     if "collab_all" not in slices:
         raise ValueError("item_mean needs the all-history window (FeatureConfig.windows containing 0)")
-    return features.matrix[:, slices["collab_all"]]
+    return lambda matrix: matrix[:, slices["collab_all"]]
 
 
 def onboarding_mean_representation(features: UserFeatures, collab_dim: int) -> np.ndarray:
@@ -71,7 +83,8 @@ class ALSModel:
         return self.user_factors[rows] @ self.artist_factors[artist_cols].T
 
 
-def fit_als(user_artists: sp.csr_matrix, dim: int, seed: int, onboarding: sp.csr_matrix | None = None) -> ALSModel:
+def fit_als(user_artists: sp.csr_matrix, dim: int, seed: int, onboarding: sp.csr_matrix | None = None,
+            regularization: float = 0.05) -> ALSModel:
     """implicit ALS with confidence log(1 + plays); users without history but with onboarding
     artists get factors solved from those picks (ALS's own fold-in)."""
     from implicit.cpu.als import AlternatingLeastSquares
@@ -81,7 +94,7 @@ def fit_als(user_artists: sp.csr_matrix, dim: int, seed: int, onboarding: sp.csr
     # More factors than about half the catalog lets ALS memorize the matrix (84 Deezer genres, 64 factors).
     dim = max(2, min(dim, user_artists.shape[1] // 2))
     with threadpool_limits(1, "blas"):  # implicit's advice: BLAS threads fight its own (it checks at init)
-        model = AlternatingLeastSquares(factors=dim, regularization=0.05, iterations=15, random_state=seed)
+        model = AlternatingLeastSquares(factors=dim, regularization=regularization, iterations=15, random_state=seed)
         model.fit(confidence, show_progress=False)
     users = np.array(model.user_factors, dtype=np.float32)
     users[np.asarray(confidence.sum(axis=1)).ravel() == 0] = 0.0
@@ -91,3 +104,71 @@ def fit_als(user_artists: sp.csr_matrix, dim: int, seed: int, onboarding: sp.csr
             picks = onboarding[cold].astype(np.float32)
             users[cold] = np.asarray(model.recalculate_user(np.arange(cold.size), picks), dtype=np.float32)
     return ALSModel(users, np.asarray(model.item_factors, dtype=np.float32))
+
+
+def choose(candidates, fit: Callable, score: Callable) -> tuple[object, object, dict]:
+    """Fit each candidate setting, score it on validation users (higher is better); return the
+    best setting, its fitted model, and every score (so the choice is reported, not hidden)."""
+    best, best_model, best_value, scores = None, None, -np.inf, {}
+    for setting in candidates:  # a setting may be None (e.g. no decay): compare values, not settings
+        model = fit(setting)
+        scores[str(setting)] = value = float(score(model))
+        if value > best_value:
+            best, best_model, best_value = setting, model, value
+    return best, best_model, scores
+
+
+def tune_als(user_artists: sp.csr_matrix, dim: int, seed: int, onboarding, score: Callable):
+    """Factors (half, same, twice the embedding's dimension), then L2 at the best factors."""
+    factors, model, by_factors = choose((dim // 2, dim, dim * 2),
+                                        lambda f: fit_als(user_artists, f, seed, onboarding), score)
+    regularization, tuned, by_reg = choose(
+        (0.005, 0.5, 5.0), lambda r: fit_als(user_artists, factors, seed, onboarding, r), score)
+    if by_reg[str(regularization)] <= by_factors[str(factors)]:
+        regularization, tuned = 0.05, model
+    return tuned, {"factors": factors, "regularization": regularization,
+                   "validation": {**{f"factors={k}": v for k, v in by_factors.items()},
+                                  **{f"regularization={k}": v for k, v in by_reg.items()}}}
+
+
+def decayed_matrix(events, space: FeatureSpace, user_ids: np.ndarray, as_of: pd.Timestamp,
+                   half_life_days: float | None) -> sp.csr_matrix:
+    """Like ``user_artist_matrix`` with each play weighted 0.5 ** (age in days / half-life)."""
+    if half_life_days is None:
+        return user_artist_matrix(events, space, user_ids)
+    age_days = (as_of.value // 1000 - events.column("ts").cast("int64").to_numpy()) / 86_400e6
+    decay = np.power(0.5, np.maximum(age_days, 0.0) / half_life_days)
+    import pyarrow as pa
+
+    decayed = events.set_column(events.schema.get_field_index("weight"), "weight",
+                                pa.array(events.column("weight").to_numpy() * decay))
+    return user_artist_matrix(decayed, space, user_ids)
+
+
+def history_scores(decayed: sp.csr_matrix, popularity: np.ndarray) -> np.ndarray:
+    """Past artists first, by decayed play weight, then the rest by popularity (all in (0, 2])."""
+    played = decayed.toarray() if sp.issparse(decayed) else np.asarray(decayed)
+    top = played.max(axis=1, keepdims=True)
+    fill = popularity / max(float(popularity.max()), 1e-12) * 0.999
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(played > 0, 1.0 + played / np.where(top > 0, top, 1.0), fill[None, :]).astype(np.float32)
+
+
+def fit_ease(x: sp.csr_matrix | np.ndarray, l2: float) -> np.ndarray:
+    """EASE^R item-item weights B (items, items): argmin ||X - XB||^2 + l2 ||B||^2, diag(B) = 0,
+    closed form B = I - P diagMat(1 / diag(P)) with P = (X^T X + l2 I)^-1 (Steck 2019)."""
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    gram = (x.T @ x).astype(np.float64)
+    gram[np.diag_indices_from(gram)] += l2
+    p = np.linalg.inv(gram)
+    b = -p / np.diag(p)[None, :]
+    b[np.diag_indices_from(b)] = 0.0
+    return b.astype(np.float32)
+
+
+def tune_ease(x: np.ndarray, score: Callable):
+    """L2 on a grid scaled by the mean item count (EASE's L2 lives on the Gram matrix's scale)."""
+    scale = max(float((x > 0).sum(axis=0).mean()), 1.0)
+    l2, weights, scores = choose(tuple(round(scale * f, 3) for f in (0.03, 0.1, 0.3, 1.0, 3.0)),
+                                 lambda v: fit_ease(x, v), score)
+    return weights, {"l2": l2, "validation": scores}

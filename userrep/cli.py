@@ -39,6 +39,14 @@ console = Console(soft_wrap=True)  # status lines stay whole (greppable); tables
 errors = Console(stderr=True, soft_wrap=True)
 
 
+def _error(label: str, message: str) -> None:
+    """One error line: the label in red, the message as plain text (never read as markup, so a
+    message holding brackets prints as written)."""
+    from rich.text import Text
+
+    errors.print(Text.assemble((label, "bold red"), " ", message), highlight=False)
+
+
 def _validate_or_exit(directory: Path, as_json: bool = False) -> dict:
     """Load a dataset; on problems print each one and exit 1; else print and return the summary."""
     from userrep.data import load_dataset, summarize
@@ -119,7 +127,7 @@ def import_deezer_cmd(
 def _require_files(src: Path, names: list[str]) -> None:
     missing = [n for n in names if not (src / n).exists()]
     if missing:
-        errors.print(f"[bold red]error[/] {src}: missing source file(s) {missing}")
+        _error("error", f"{src}: missing source file(s) {missing}")
         raise typer.Exit(code=2)
 
 
@@ -138,7 +146,7 @@ def world_generate(
     try:
         config = WorldConfig(users=users, seed=seed, days=days, start=start, chunk_users=chunk_users)
     except ValueError as exc:
-        errors.print(f"[bold red]error[/] {exc}")
+        _error("error", f"{exc}")
         raise typer.Exit(code=2) from None
     started = time.perf_counter()
     counts = generate_world(config, out)
@@ -190,7 +198,7 @@ def embed(
 
     ids = list(dict.fromkeys(u.strip() for u in users.split(",") if u.strip()))
     if not (batch / "manifest.json").exists():
-        errors.print(f"[bold red]error[/] --batch {batch}: no manifest.json (not a finished batch)")
+        _error("error", f"--batch {batch}: no manifest.json (not a finished batch)")
         raise typer.Exit(code=2)
     vectors, batch_id = _run_or_exit(lambda: embed_users(batch, load_dataset(data), ids, as_of))
     for user_id, vector in zip(ids, vectors):
@@ -207,30 +215,42 @@ def evaluate(
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
     top_k: Annotated[int, typer.Option(min=1, help="Artists ranked by the future-listening head.")] = 1000,
     ablations: Annotated[bool, typer.Option(help="Retrain without each feature group.")] = True,
+    split: Annotated[str, typer.Option(help="auto | time | user-time | random (docs/evaluation.md).")] = "auto",
+    seeds: Annotated[int, typer.Option(min=1, help="Repeat with seeds SEED..SEED+N-1; report mean and spread.")] = 1,
 ) -> None:
     """Evaluate the embedding against baselines on downstream tasks; write metrics.json and report.html."""
     from userrep.evaluate import EvalConfig, evaluate as run
 
-    config = EvalConfig(cutoff=cutoff, dim=dim, seed=seed, epochs=epochs, top_k=top_k, ablations=ablations)
+    config = EvalConfig(cutoff=cutoff, split=split, dim=dim, seed=seed, seeds=seeds, epochs=epochs, top_k=top_k,
+                        ablations=ablations)
     metrics = _run_or_exit(lambda: run(data, out, config, log=console.print))
     _print_metrics(metrics)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
 
 
 def _print_metrics(metrics: dict) -> None:
+    """A table per task (value and 95% interval, best per column bold), then the comparisons."""
+    from userrep.report import comparison_lines
+
     for task, methods in metrics["tasks"].items():
-        names = list(next(iter(methods.values())))
+        names = list(dict.fromkeys(k for v in methods.values() for k in v if not k.endswith("_ci")))
         table = Table(title=task, title_justify="left")
         table.add_column("method")
         for name in names:
-            table.add_column(name, justify="right")
-        best = {n: max((v.get(n) or -1) for v in methods.values()) for n in names}
+            table.add_column(f"{name} [95% CI]", justify="right")
+        best = {n: max((v[n] for v in methods.values() if v.get(n) is not None), default=None) for n in names}
         for method, values in methods.items():
-            cells = [f"[bold]{values[n]:.4f}[/]" if values[n] == best[n] else f"{values[n]:.4f}" for n in names]
-            table.add_row(f"[bold cyan]{method}[/]" if method == "gur" else method, *cells)
+            cells = []
+            for n in names:
+                value, ci = values.get(n), values.get(f"{n}_ci") or [None, None]
+                text = "-" if value is None else f"{value:.4f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+                cells.append(f"[bold]{text}[/]" if value is not None and value == best[n] else text)
+            table.add_row(f"[cyan]{method}[/]" if method.startswith("gur") else method, *cells)
         console.print(table)
+    for line in comparison_lines(metrics):
+        console.print(line, markup=False, highlight=False)
     for task, reason in metrics["skipped"].items():
-        console.print(f"[yellow]skipped[/] {task}: {reason}")
+        console.print(f"[yellow]skipped[/] {task}: {reason}", highlight=False)
 
 
 def _run_or_exit(job):
@@ -240,11 +260,11 @@ def _run_or_exit(job):
     try:
         return job()
     except DatasetError as exc:
-        errors.print(f"[bold red]invalid dataset[/] {exc.path}: {len(exc.problems)} problem(s)")
+        _error("invalid dataset", f"{exc.path}: {len(exc.problems)} problem(s)")
         for problem in exc.problems:
             errors.print(f"  - {problem}", markup=False, highlight=False)
     except (KeyError, ValueError) as exc:
-        errors.print(f"[bold red]error[/] {exc.args[0] if exc.args else exc}", markup=False, highlight=False)
+        _error("error", f"{exc.args[0] if exc.args else exc}")
     raise typer.Exit(code=1)
 
 
@@ -299,7 +319,7 @@ def _batch_call(job):
     try:
         return job()
     except BatchError as exc:
-        errors.print(f"[bold red]refused[/] {exc}", markup=True, highlight=False)
+        _error("refused", f"{exc}")
         raise typer.Exit(code=1) from None
 
 
@@ -405,7 +425,7 @@ def pipeline_run(
     from pipelines.runner import run_local
 
     if pipeline not in ("training", "refresh"):
-        errors.print(f"[bold red]error[/] --pipeline: expected training or refresh, got {pipeline!r}")
+        _error("error", f"--pipeline: expected training or refresh, got {pipeline!r}")
         raise typer.Exit(code=2)
     _validate_or_exit(data)
     params = dict(data=str(data), as_of=as_of, batch_root=str(work / "batches"), feast_home=str(work / "feast"))
@@ -415,7 +435,7 @@ def pipeline_run(
     try:
         outcome = run_local(pipeline, work, **params)
     except RuntimeError as exc:  # kfp.local: a step failed; its log is above
-        errors.print(f"[bold red]pipeline failed[/] {str(exc).splitlines()[0]}", highlight=False)
+        _error("pipeline failed", f"{str(exc).splitlines()[0]}")
         raise typer.Exit(code=1) from None
     if outcome["gate"]:
         _print_gate(outcome["gate"])
@@ -446,20 +466,19 @@ def pipeline_submit(
     from pipelines.runner import submit
 
     if not package.exists():
-        errors.print(f"[bold red]error[/] --package {package}: not found (run `userrep pipeline compile` first)")
+        _error("error", f"--package {package}: not found (run `userrep pipeline compile` first)")
         raise typer.Exit(code=2)
     arguments = {}
     for item in param or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            errors.print(f"[bold red]error[/] --param {item!r}: expected KEY=VALUE")
+            _error("error", f"--param {item!r}: expected KEY=VALUE")
             raise typer.Exit(code=2)
         arguments[key] = int(value) if value.isdigit() else value
     try:
         url = submit(host, package, experiment, arguments)
     except Exception as exc:  # connection refused, auth, API errors: say which host, never a traceback
-        errors.print(f"[bold red]error[/] --host {host}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
-                     highlight=False)
+        _error("error", f"--host {host}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         raise typer.Exit(code=1) from None
     console.print(f"run: {url}")
 
@@ -476,7 +495,7 @@ def serve(
     from userrep.batches import serving_batch
 
     if serving_batch(work / "batches") is None:
-        errors.print(f"[bold red]error[/] {work / 'batches'}: no batch is serving; run `make demo` first")
+        _error("error", f"{work / 'batches'}: no batch is serving; run `make demo` first")
         raise typer.Exit(code=2)
     serve_forever(work / "batches", work / "feast" if feast else None, port, bento_port, work, log=console.print)
 
@@ -533,7 +552,7 @@ def demo(
             outcome = run_local("training", work, data=str(world), as_of=as_of.isoformat(), batch_root=str(root),
                                 feast_home=str(work / "feast"), epochs=epochs, workers=workers)
         except RuntimeError as exc:
-            errors.print(f"[bold red]pipeline failed[/] {str(exc).splitlines()[0]}", highlight=False)
+            _error("pipeline failed", f"{str(exc).splitlines()[0]}")
             raise typer.Exit(code=1) from None
         console.print(f"pipeline finished in {time.perf_counter() - started:.0f}s; serving {outcome['serving']}")
 
@@ -569,7 +588,7 @@ def _smoke(work: Path, world: Path) -> None:
     try:
         run_smoke(work, artists[:2], tracks, as_of, log=console.print)
     except (AssertionError, RuntimeError, TimeoutError) as exc:
-        errors.print(f"[bold red]serving smoke failed[/] {exc}", highlight=False)
+        _error("serving smoke failed", f"{exc}")
         raise typer.Exit(code=1) from None
 
 

@@ -134,7 +134,7 @@ def train_task(batch_dir: str | Path, task: str, ds: Dataset, config: Downstream
         np.save(out / "similar_users.ids.npy", ids.astype(str))
         queries = valid[: 1000]
         found = similar_users.neighbours(similar_users.build_index(x), x, queries, 50)
-        metrics = {"ndcg@50": similar_users.ndcg_with_overlap(found, queries, data.window_artists)}
+        metrics = {"ndcg@50": similar_users.mean(similar_users.ndcg_with_overlap(found, queries, data.window_artists))}
         files = [out / "similar_users.faiss", out / "similar_users.ids.npy"]
     record = {**meta, "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
               "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -153,15 +153,16 @@ def _reindex(pairs, rows: np.ndarray):
 
 
 def _save_head(path: Path, head: MLPHead, meta: dict) -> Path:
-    torch.save({"meta": meta, "n_in": head.net[0].in_features, "n_out": head.net[-1].out_features,
-                "config": asdict(head.config), "state": head.state_dict()}, path)
+    torch.save({"meta": meta, "n_in": head.hidden[0].in_features, "n_out": head.out.out_features,
+                "n_side": head.n_side, "config": asdict(head.config), "state": head.state_dict()}, path)
     return path
 
 
 def load_head(path: str | Path) -> tuple[MLPHead, dict]:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     n_in = blob["n_in"]
-    head = MLPHead(n_in, blob["n_out"], np.zeros(n_in), np.ones(n_in), HeadConfig(**blob["config"]))
+    head = MLPHead(n_in, blob["n_out"], np.zeros(n_in), np.ones(n_in), HeadConfig(**blob["config"]),
+                   n_side=blob.get("n_side", 0))
     head.load_state_dict(blob["state"])
     return head.eval(), blob["meta"]
 

@@ -35,21 +35,32 @@ def ndcg_from_gains(ranked_gains: np.ndarray, ideal_gains: np.ndarray) -> np.nda
         return np.where(ideal > 0, dcg / ideal, np.nan)
 
 
-def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int) -> float:
-    """Mean nDCG@k of rankings by ``scores`` against (graded or binary) ``relevance``, both (n, m)."""
+def ndcg_rows(scores: np.ndarray, relevance: np.ndarray, k: int) -> np.ndarray:
+    """Per-row nDCG@k of rankings by ``scores`` against (graded or binary) ``relevance``, both
+    (n, m); NaN for rows without a relevant item."""
     relevance = np.asarray(relevance, dtype=np.float64)
     ranked = np.take_along_axis(relevance, top_k(scores, k), axis=1)
     ideal = -np.sort(-relevance, axis=1)[:, :k]
-    return _nanmean(ndcg_from_gains(ranked, ideal))
+    return ndcg_from_gains(ranked, ideal)
 
 
-def recall_at_k(scores: np.ndarray, relevance: np.ndarray, k: int) -> float:
-    """Mean over rows with a relevant item of (relevant items in the top k) / (relevant items)."""
+def ndcg_at_k(scores: np.ndarray, relevance: np.ndarray, k: int) -> float:
+    """Mean nDCG@k over rows with a relevant item."""
+    return _nanmean(ndcg_rows(scores, relevance, k))
+
+
+def recall_rows(scores: np.ndarray, relevance: np.ndarray, k: int) -> np.ndarray:
+    """Per row: (relevant items in the top k) / (relevant items); NaN without a relevant item."""
     relevant = np.asarray(relevance) > 0
     hits = np.take_along_axis(relevant, top_k(scores, k), axis=1).sum(axis=1)
     total = relevant.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return _nanmean(np.where(total > 0, hits / total, np.nan))
+        return np.where(total > 0, hits / total, np.nan)
+
+
+def recall_at_k(scores: np.ndarray, relevance: np.ndarray, k: int) -> float:
+    """Mean recall@k over rows with a relevant item."""
+    return _nanmean(recall_rows(scores, relevance, k))
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -44,20 +44,47 @@ from all of it (d = 0: onboarding and attributes only).</p>{''.join(parts[2:3])}
 
 
 def _metrics_table(metrics: dict) -> str:
-    rows = []
+    """Methods x metrics per task; value with its 95% interval; the best value per column bold."""
+    out = []
     for task, methods in metrics["tasks"].items():
+        names = list(dict.fromkeys(k for v in methods.values() for k in v if not k.endswith("_ci")))
+        best = {n: _best(methods, n) for n in names}
+        out.append(f"<tr><th>{html.escape(task)}</th>{''.join(f'<th>{html.escape(n)}</th>' for n in names)}</tr>")
         for method, values in methods.items():
-            cells = "".join(f"<td>{_fmt(v)}</td>" for v in values.values())
-            names = "".join(f"<th>{html.escape(k)}</th>" for k in values)
-            rows.append((task, method, names, cells))
-    out, last = [], None
-    for task, method, names, cells in rows:
-        if task != last:
-            out.append(f"<tr><th>{html.escape(task)}</th>{names}</tr>")
-            last = task
-        bold = " style='font-weight:bold'" if method == "gur" else ""
-        out.append(f"<tr{bold}><td>{html.escape(method)}</td>{cells}</tr>")
-    return f"<table>{''.join(out)}</table>"
+            cells = "".join(
+                f"<td{' style=font-weight:bold' if values.get(n) is not None and values.get(n) == best[n] else ''}>"
+                f"{_fmt(values.get(n))}{_ci_text(values.get(f'{n}_ci'))}</td>" for n in names)
+            out.append(f"<tr><td>{html.escape(method)}</td>{cells}</tr>")
+    return f"<table>{''.join(out)}</table>{_comparison_list(metrics)}"
+
+
+def _best(methods: dict, metric: str):
+    found = [v.get(metric) for v in methods.values() if v.get(metric) is not None]
+    return max(found) if found else None
+
+
+def _ci_text(ci) -> str:
+    return "" if not ci or ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def comparison_lines(metrics: dict) -> list[str]:
+    """One line per task metric: our best row vs the best baseline, paired difference, verdict."""
+    lines = []
+    for task, by_metric in metrics.get("comparisons", {}).items():
+        for metric, c in by_metric.items():
+            if c["diff"] is None:
+                continue
+            verdict = ("significantly better" if c["significant"] and c["diff"] > 0 else
+                       "significantly worse" if c["significant"] else "not significantly different")
+            lines.append(f"{task} {metric}: {c['ours']} vs {c['baseline']} {c['diff']:+.4f}"
+                         f"{_ci_text(c['diff_ci'])}: {verdict}")
+    return lines
+
+
+def _comparison_list(metrics: dict) -> str:
+    lines = comparison_lines(metrics)
+    return ("<p>Our best row against the best baseline (paired bootstrap, 95%):</p><ul>"
+            + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>") if lines else ""
 
 
 def _task_bars(metrics: dict) -> go.Figure:
@@ -144,7 +171,8 @@ COLUMNS = (("future_listening", "ndcg@10"), ("future_listening", "recall@50"), (
 
 
 def markdown_summary(metrics: dict) -> str:
-    """One markdown table: methods x main metrics (the README's results tables)."""
+    """One markdown table: methods x main metrics with 95% intervals, the best per column bold, then
+    the paired comparisons (the README's results tables)."""
     tasks = metrics["tasks"]
     methods = list(dict.fromkeys(m for task in tasks.values() for m in task))
     header = "| method | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in COLUMNS) + " |"
@@ -152,11 +180,13 @@ def markdown_summary(metrics: dict) -> str:
     for method in methods:
         cells = []
         for task, metric in COLUMNS:
-            value = tasks.get(task, {}).get(method, {}).get(metric)
-            best = max((v.get(metric) or -1 for v in tasks.get(task, {}).values()), default=None)
+            values = tasks.get(task, {}).get(method, {})
+            value, best = values.get(metric), _best(tasks.get(task, {}), metric)
             text = "-" if value is None else f"{value:.3f}"
-            cells.append(f"**{text}**" if value is not None and value == best else text)
-        name = f"**{method}**" if method == "gur" else method
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            text = f"**{text}**" if value is not None and value == best else text
+            ci = values.get(f"{metric}_ci")
+            cells.append(text + ("" if not ci or ci[0] is None else f" ({ci[0]:.3f}-{ci[1]:.3f})"))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    compared = "".join(f"\n- {line}" for line in comparison_lines(metrics))
     skipped = "".join(f"\n\n{task} skipped: {reason}" for task, reason in metrics["skipped"].items())
-    return "\n".join(lines) + skipped + "\n"
+    return "\n".join(lines) + ("\n" + compared if compared else "") + skipped + "\n"

@@ -32,15 +32,27 @@ def sample_pairs(labels: np.ndarray, popularity: np.ndarray, seed: int, max_pos:
     return np.array(users, np.int64), np.array(artists, np.int64), np.array(ys, np.float32)
 
 
-def _inputs(x_users: np.ndarray, artist_vectors: np.ndarray, users: np.ndarray, artists: np.ndarray) -> np.ndarray:
-    return np.hstack([x_users[users], artist_vectors[artists]])
+def _inputs(x_users: np.ndarray, artist_vectors: np.ndarray, users: np.ndarray, artists: np.ndarray,
+            side: np.ndarray | None) -> np.ndarray:
+    """(user representation, artist vector[, the user's own history of that artist]) per pair."""
+    parts = [x_users[users], artist_vectors[artists]]
+    if side is not None:  # (users, K, f): the pair's f history features
+        parts.append(side[users, artists])
+    return np.hstack(parts)
 
 
-def fit_head(x_users: np.ndarray, artist_vectors: np.ndarray, pairs, config: HeadConfig = HeadConfig()) -> MLPHead:
+def fit_head(x_users: np.ndarray, artist_vectors: np.ndarray, pairs, config: HeadConfig = HeadConfig(),
+             side: np.ndarray | None = None) -> MLPHead:
     users, artists, y = pairs
-    return fit_mlp(_inputs(x_users, artist_vectors, users, artists), y[:, None], config)
+    return fit_mlp(_inputs(x_users, artist_vectors, users, artists, side), y[:, None], config)
 
 
-def evaluate(head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs) -> float:
-    users, artists, y = pairs
-    return auc(y, predict(head, _inputs(x_users, artist_vectors, users, artists))[:, 0])
+def scores(head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs,
+           side: np.ndarray | None = None) -> np.ndarray:
+    users, artists, _ = pairs
+    return predict(head, _inputs(x_users, artist_vectors, users, artists, side))[:, 0]
+
+
+def evaluate(head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs,
+             side: np.ndarray | None = None) -> float:
+    return auc(pairs[2], scores(head, x_users, artist_vectors, pairs, side))

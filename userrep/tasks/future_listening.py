@@ -4,23 +4,35 @@ from __future__ import annotations
 
 import numpy as np
 
-from userrep.metrics import ndcg_at_k, recall_at_k
+from userrep.metrics import ndcg_rows, recall_rows
 from userrep.tasks._mlp import HeadConfig, MLPHead, fit_mlp, predict
 
 
-def fit_head(x: np.ndarray, labels: np.ndarray, config: HeadConfig = HeadConfig()) -> MLPHead:
-    """Multi-label head: representation -> one logit per top-K artist; bias starts at base rates."""
-    return fit_mlp(x, labels, config, prior=labels.mean(axis=0))
+def fit_head(x: np.ndarray, labels: np.ndarray, config: HeadConfig = HeadConfig(),
+             side: np.ndarray | None = None) -> MLPHead:
+    """Multi-label head: representation (+ optional per-artist side features (n, K, f)) -> one
+    logit per top-K artist; bias starts at base rates."""
+    return fit_mlp(x, labels, config, prior=labels.mean(axis=0), side=side)
 
 
-def scores(head: MLPHead, x: np.ndarray) -> np.ndarray:
-    return predict(head, x)
+def scores(head: MLPHead, x: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
+    return predict(head, x, side)
 
 
-def ranking_metrics(scores: np.ndarray, labels: np.ndarray, history: np.ndarray) -> dict[str, float]:
-    """nDCG@10 and recall@50 over all top-K artists, and nDCG@10_new over artists the user did
-    not play before the cutoff (those are masked out of the ranking)."""
+def ranking_rows(scores: np.ndarray, labels: np.ndarray, history: np.ndarray,
+                 unseen_only: bool = False) -> dict[str, np.ndarray]:
+    """Per-user nDCG@10 and recall@50, and nDCG@10_new over artists the user did not play before
+    the cutoff (those are masked out of the ranking). ``unseen_only``: the first two rank unseen
+    artists only as well (where users do not come back to what they played, e.g. movies)."""
     new_scores = np.where(history > 0, -np.inf, scores)
     new_labels = np.where(history > 0, 0, labels)
-    return {"ndcg@10": ndcg_at_k(scores, labels, 10), "recall@50": recall_at_k(scores, labels, 50),
-            "ndcg@10_new": ndcg_at_k(new_scores, new_labels, 10)}
+    main_scores, main_labels = (new_scores, new_labels) if unseen_only else (scores, labels)
+    return {"ndcg@10": ndcg_rows(main_scores, main_labels, 10), "recall@50": recall_rows(main_scores, main_labels, 50),
+            "ndcg@10_new": ndcg_rows(new_scores, new_labels, 10)}
+
+
+def ranking_metrics(scores: np.ndarray, labels: np.ndarray, history: np.ndarray,
+                    unseen_only: bool = False) -> dict[str, float]:
+    """The means of ``ranking_rows`` over users with a relevant artist."""
+    return {name: float(np.nanmean(rows)) if np.isfinite(rows).any() else float("nan")
+            for name, rows in ranking_rows(scores, labels, history, unseen_only).items()}

@@ -36,18 +36,19 @@ def neighbours(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: 
     return out
 
 
-def ndcg_with_pairs(found: np.ndarray, queries: np.ndarray, related: sp.csr_matrix, k: int = 50) -> float:
-    """Binary relevance: ``related[q, c]`` > 0 when users q and c are a ground-truth pair."""
+def ndcg_with_pairs(found: np.ndarray, queries: np.ndarray, related: sp.csr_matrix, k: int = 50) -> np.ndarray:
+    """Per-query nDCG@k, binary relevance: ``related[q, c]`` > 0 when q and c are a ground-truth pair."""
     gains = np.zeros(found.shape, np.float64)
     valid = found >= 0
     gains[valid] = np.asarray(related[np.repeat(queries, found.shape[1])[valid.ravel()], found[valid]]).ravel() > 0
     n_related = np.diff(related.indptr)[queries]
     ideal = (np.arange(k)[None, :] < n_related[:, None]).astype(np.float64)
-    return _mean(ndcg_from_gains(gains, ideal))
+    return ndcg_from_gains(gains, ideal)
 
 
-def ndcg_with_overlap(found: np.ndarray, queries: np.ndarray, artists: sp.csr_matrix, k: int = 50) -> float:
-    """Graded relevance: Jaccard overlap of label-window artist sets (when no pairs exist)."""
+def ndcg_with_overlap(found: np.ndarray, queries: np.ndarray, artists: sp.csr_matrix, k: int = 50) -> np.ndarray:
+    """Per-query nDCG@k, graded relevance: Jaccard overlap of label-window artist sets (when no
+    pairs exist)."""
     binary = (artists > 0).astype(np.float32).tocsr()
     sizes = np.asarray(binary.sum(axis=1)).ravel()
     inter = (binary[queries] @ binary.T).toarray()
@@ -56,7 +57,7 @@ def ndcg_with_overlap(found: np.ndarray, queries: np.ndarray, artists: sp.csr_ma
     jaccard[np.arange(len(queries)), queries] = 0.0
     gains = np.where(found >= 0, np.take_along_axis(jaccard, np.maximum(found, 0), axis=1), 0.0)
     ideal = -np.sort(-jaccard, axis=1)[:, :k]
-    return _mean(ndcg_from_gains(gains, ideal))
+    return ndcg_from_gains(gains, ideal)
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
@@ -64,6 +65,7 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _mean(values: np.ndarray) -> float:
+def mean(values: np.ndarray) -> float:
+    """Mean over queries with a relevant user."""
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else float("nan")
