@@ -78,3 +78,47 @@ def test_materialize_bad_as_of_is_a_clear_error(small_world, tmp_path):
                                  "--feast-home", str(tmp_path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "as_of: not an ISO-8601 time: 'someday'" in result.output
+
+
+def _thinned_world(small_world, directory, keep_recent_users: int):
+    """The small world with the last 56 days' events kept for only ``keep_recent_users`` users."""
+    from tests.conftest import write_dataset
+    from userrep.data import load_dataset
+
+    ds = load_dataset(small_world)
+    events = ds.events.to_pandas()
+    end = events["ts"].max()
+    recent_users = sorted(events["user_id"].unique())[:keep_recent_users]
+    keep = (events["ts"] < end - pd.Timedelta(days=56)) | events["user_id"].isin(recent_users)
+    events = events[keep].assign(ts=lambda t: t["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return write_dataset(directory, "parquet", events=events, items=ds.items.to_pandas(), users=ds.users.to_pandas())
+
+
+@pytest.mark.slow
+def test_train_on_thin_data_widens_the_label_window_or_skips_with_the_reason(small_world, tmp_path):
+    from userrep.downstream import missing_tasks
+
+    widened = _thinned_world(small_world, tmp_path / "widened", keep_recent_users=10)
+    out = tmp_path / "b-widened"
+    result = runner.invoke(app, ["train", "--data", str(widened), "--out", str(out), "--epochs", "2", "--dim", "8",
+                                 "--no-feast"])
+    assert result.exit_code == 0, result.output
+    downstream = json.loads((out / "manifest.json").read_text())["downstream"]
+    # 28 days: <= 10 users with labels; 56: the same; 112 days reach back into the full history.
+    assert {task: d["label_days"] for task, d in downstream.items()} == dict.fromkeys(downstream, 112)
+    assert all("metrics" in d for d in downstream.values())
+
+    thin = _thinned_world(small_world, tmp_path / "thin", keep_recent_users=10)
+    events = pd.read_parquet(thin / "events.parquet")
+    events[events["user_id"].isin(sorted(events["user_id"].unique())[:12])].to_parquet(  # 12 users in all
+        thin / "events.parquet", index=False)
+    out = tmp_path / "b-thin"
+    result = runner.invoke(app, ["train", "--data", str(thin), "--out", str(out), "--epochs", "2", "--dim", "8",
+                                 "--no-feast"])
+    assert result.exit_code == 0, result.output
+    assert "[bold" not in result.output and "skipped: label_days: only" in result.output
+    downstream = json.loads((out / "manifest.json").read_text())["downstream"]
+    for task in ("future_listening", "artist_preference"):
+        assert "at least 20 are needed" in downstream[task]["skipped"]
+    assert "metrics" in downstream["similar_users"]  # the neighbour index needs no labels
+    assert missing_tasks(out) == []  # skipped is registered, not missing: the batch is complete

@@ -223,8 +223,9 @@ def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
     data = task_data(out, ds, downstream)
     results = {}
     for task in tasks:
-        results[task] = train_task(out, task, ds, downstream, data)
-        log(f"downstream {task}: {results[task]['metrics']}")
+        results[task] = record = train_task(out, task, ds, downstream, data)
+        log(f"downstream {task}: skipped: {record['skipped']}" if record.get("skipped")
+            else f"downstream {task}: {record['metrics']}")
     return results
 
 
@@ -237,8 +238,10 @@ def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConf
         manifest = backfill_stage(out, log=log)
     if config.downstream is not None:
         watch = Stopwatch(log)
-        downstream_stage(out, log=log)
+        results = downstream_stage(out, log=log)
         watch.done("downstream")
+        manifest["downstream"] = {task: {"label_days": r["label_days"], **({"skipped": r["skipped"]} if r.get("skipped")
+                                         else {"metrics": r["metrics"]})} for task, r in results.items()}
         timings = {k: v for k, v in manifest["timings_s"].items() if k != "total"}
         timings["downstream"] = watch.timings["downstream"]
         manifest["timings_s"] = {**timings, "total": round(sum(timings.values()), 2)}

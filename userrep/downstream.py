@@ -60,15 +60,48 @@ class TaskData:
     train: np.ndarray
     valid: np.ndarray
     window_artists: object  # (users, all artists) csr window plays, for neighbour relevance
+    label_days: int  # the window used (wider than asked where the data is sparse)
+    skipped: str | None = None  # why the tasks cannot be trained on this batch, if they cannot
+
+
+MIN_LABELLED = 20  # users with a label-window play needed to train and validate a task
 
 
 def task_data(batch_dir: str | Path, ds: Dataset, config: DownstreamConfig = DownstreamConfig()) -> TaskData:
+    """Embeddings as of T - L and labels from [T - L, T). Where fewer than ``MIN_LABELLED`` users
+    play a top artist in the window (sparse data), the window doubles while the data reaches back
+    that far; if it is still too thin the tasks are skipped (``TaskData.skipped`` says why)."""
     batch_dir = Path(batch_dir)
     manifest = json.loads((batch_dir / "manifest.json").read_text())
     space = FeatureSpace.load(batch_dir / "encoders")
     model = UserAutoencoder.load(batch_dir / "model.pt")
     as_of = to_utc(manifest["as_of"])
-    start = as_of - pd.Timedelta(days=config.label_days)
+    first = pd.Timestamp(pc.min(ds.events.column("ts")).as_py())
+    label_days = config.label_days
+    while True:
+        found = _labelled(ds, space, as_of, label_days, config.top_k)
+        if len(found[0]) >= MIN_LABELLED or as_of - pd.Timedelta(days=2 * label_days) < first:
+            break
+        label_days *= 2
+    rows, features, labels, history, top, win_all = found
+    users = features.user_ids
+    skipped = None
+    if len(rows) < MIN_LABELLED:
+        skipped = (f"label_days: only {len(rows)} users play a top artist in the {label_days} days before "
+                   f"{as_of.isoformat()} (the widest window the data allows); at least {MIN_LABELLED} are needed")
+    rows = np.random.default_rng(config.seed).permutation(rows)
+    n_valid = max(1, int(round(config.valid_share * len(rows))))
+    artist_ids, vectors = space.collab.artist_vectors(ds.items)
+    artist_vectors = vectors[pd.Index(artist_ids).get_indexer(space.artists[top])]
+    return TaskData(manifest["batch_id"], users, embed(model, features.matrix), labels, history,
+                    space.artists[top].astype(str), artist_vectors, np.sort(rows[n_valid:]), np.sort(rows[:n_valid]),
+                    win_all, label_days, skipped)
+
+
+def _labelled(ds: Dataset, space: FeatureSpace, as_of: pd.Timestamp, label_days: int, top_k: int):
+    """Users with a top-artist play in [as_of - label_days, as_of), their features as of the window's
+    start, and the label and history matrices."""
+    start = as_of - pd.Timedelta(days=label_days)
     features = build_user_features(ds, start, space)
     users = features.user_ids
     ts = ds.events.column("ts")
@@ -77,20 +110,10 @@ def task_data(batch_dir: str | Path, ds: Dataset, config: DownstreamConfig = Dow
     hist_all, win_all = user_artist_matrix(before, space, users), user_artist_matrix(window, space, users)
     weight = np.asarray(hist_all.sum(axis=0)).ravel()
     played = np.flatnonzero(weight > 0)
-    top = played[np.argsort(-weight[played], kind="stable")][: config.top_k]
+    top = played[np.argsort(-weight[played], kind="stable")][:top_k]
     labels = (win_all[:, top] > 0).toarray().astype(np.float32)
     history = (hist_all[:, top] > 0).toarray().astype(np.float32)
-    rows = np.flatnonzero(labels.sum(axis=1) > 0)
-    if len(rows) < 20:
-        raise ValueError(f"label_days: only {len(rows)} users play a top artist in the {config.label_days} days "
-                         f"before {as_of.isoformat()}; too few to train downstream models")
-    rows = np.random.default_rng(config.seed).permutation(rows)
-    n_valid = max(1, int(round(config.valid_share * len(rows))))
-    artist_ids, vectors = space.collab.artist_vectors(ds.items)
-    artist_vectors = vectors[pd.Index(artist_ids).get_indexer(space.artists[top])]
-    return TaskData(manifest["batch_id"], users, embed(model, features.matrix), labels, history,
-                    space.artists[top].astype(str), artist_vectors, np.sort(rows[n_valid:]), np.sort(rows[:n_valid]),
-                    win_all)
+    return np.flatnonzero(labels.sum(axis=1) > 0), features, labels, history, top, win_all
 
 
 def pa_ts(ts: pd.Timestamp):
@@ -109,7 +132,10 @@ def train_task(batch_dir: str | Path, task: str, ds: Dataset, config: Downstream
     out.mkdir(exist_ok=True)
     data = data or task_data(batch_dir, ds, config)
     x, train, valid = data.x, data.train, data.valid
-    meta = {"task": task, "batch_id": data.batch_id, "label_days": config.label_days, "head": asdict(config.head)}
+    meta = {"task": task, "batch_id": data.batch_id, "label_days": data.label_days, "head": asdict(config.head)}
+    if data.skipped and task != "similar_users":  # registered as skipped: the batch is complete without it, the gate sees why
+        return _register(out, task, {**meta, "skipped": data.skipped, "metrics": {}, "n_train": 0, "n_valid": 0,
+                                     "files": {}})
     if task == "future_listening":
         head = future_listening.fit_head(x[train], data.labels[train], config.head)
         metrics = future_listening.ranking_metrics(future_listening.scores(head, x[valid]), data.labels[valid],
@@ -132,18 +158,29 @@ def train_task(batch_dir: str | Path, task: str, ds: Dataset, config: Downstream
             raise ValueError(f"embeddings.parquet: batch_id {batch_id} in batch {data.batch_id}")
         faiss.write_index(similar_users.build_index(vectors), str(out / "similar_users.faiss"))
         np.save(out / "similar_users.ids.npy", ids.astype(str))
-        queries = valid[: 1000]
+        queries = valid[: 1000]  # (the index needs no labels: it is built even on thin data)
         found = similar_users.neighbours(similar_users.build_index(x), x, queries, 50)
         metrics = {"ndcg@50": similar_users.mean(similar_users.ndcg_with_overlap(found, queries, data.window_artists))}
         files = [out / "similar_users.faiss", out / "similar_users.ids.npy"]
-    record = {**meta, "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
-              "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "n_train": int(len(train)), "n_valid": int(len(valid)),
-              "files": {f.name: sha256(f) for f in files}}
+    return _register(out, task, {**meta, "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
+                                 "n_train": int(len(train)), "n_valid": int(len(valid)),
+                                 "files": {f.name: sha256(f) for f in files}})
+
+
+def _register(out: Path, task: str, record: dict) -> dict:
+    record = {**record, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     tmp = out / f"{task}.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(out / f"{task}.json")  # the record last: a task without it is not done
     return record
+
+
+def skipped_tasks(batch_dir: str | Path) -> dict[str, str]:
+    """Tasks registered as skipped (too little data), with the reason."""
+    out = Path(batch_dir) / "downstream"
+    records = {task: out / f"{task}.json" for task in TASKS}
+    return {task: reason for task, path in records.items() if path.exists()
+            and (reason := json.loads(path.read_text()).get("skipped"))}
 
 
 def _reindex(pairs, rows: np.ndarray):

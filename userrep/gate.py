@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from userrep.backfill import read_embeddings
 from userrep.data import Dataset
-from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, missing_tasks, task_data
+from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, missing_tasks, skipped_tasks, task_data
 from userrep.features import FeatureSpace, build_user_features, to_utc
 from userrep.model import UserAutoencoder, embed
 
@@ -231,9 +231,10 @@ def measure(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePoli
     log(f"embedding drift: domain-classifier ROC AUC {emb_drift:.3f}")
 
     kept = None
-    if not missing_tasks(serving):
+    skipped = {**skipped_tasks(candidate), **skipped_tasks(serving)}
+    if not missing_tasks(serving) and "artist_preference" not in skipped:
         data = task_data(candidate, ds, downstream)
-        start = as_of - pd.Timedelta(days=downstream.label_days)
+        start = as_of - pd.Timedelta(days=data.label_days)
         own = embed(serving_model, build_user_features(ds, start, serving_space, user_ids=data.user_ids).matrix)
         auc_own = head_scores_auc(serving, own, data)
         auc_aligned = head_scores_auc(serving, align(data.x), data)
@@ -242,10 +243,15 @@ def measure(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePoli
     quality = {}
     for task in TASKS:
         paths = [p / "downstream" / f"{task}.json" for p in (candidate, serving)]
-        if all(p.exists() for p in paths):
-            metric = QUALITY_METRICS[task]
-            (c, nc), (s, ns) = ((r["metrics"][metric], r["n_valid"]) for r in (json.loads(p.read_text()) for p in paths))
-            quality[task] = {"candidate": c, "serving": s, "n_candidate": nc, "n_serving": ns}
+        if not all(p.exists() for p in paths):
+            continue
+        metric = QUALITY_METRICS[task]
+        cand_record, serving_record = (json.loads(p.read_text()) for p in paths)
+        if metric not in serving_record["metrics"]:  # skipped by the serving batch (or both): absent
+            continue
+        c = cand_record["metrics"].get(metric, float("nan"))  # skipped by the candidate only: a regression
+        quality[task] = {"candidate": c, "serving": serving_record["metrics"][metric],
+                         "n_candidate": cand_record["n_valid"], "n_serving": serving_record["n_valid"]}
     inputs = GateInputs(serving=serving_manifest["batch_id"], drift_share=share, column_drift=over,
                         embedding_drift=round(float(emb_drift), 4), knn_overlap=round(overlap, 4),
                         head_auc_kept=None if kept is None else round(float(kept), 4), quality=quality, **base)
