@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -72,3 +73,18 @@ def test_import_reports_missing_source_files(tmp_path):
     result = runner.invoke(app, ["data", "import", "deezer", str(tmp_path), str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "RO_genres.json" in result.output
+
+
+def test_thin_keeps_a_share_of_every_users_events(small_world, tmp_path):
+    from userrep.data import load_dataset
+    from userrep.importers import thin_dataset
+
+    counts = thin_dataset(small_world, tmp_path / "thin", keep=0.2, seed=1)
+    before, after = load_dataset(small_world), load_dataset(tmp_path / "thin")
+    per_user = lambda ds: pd.Series(ds.events.column("user_id").to_numpy(zero_copy_only=False)).value_counts()  # noqa: E731
+    full, thin = per_user(before), per_user(after)
+    assert set(thin.index) == set(full.index)  # every user stays
+    assert (thin == np.maximum(np.floor(0.2 * full.reindex(thin.index) + 0.5), 1)).all()
+    assert counts["events"] == after.events.num_rows and after.items.num_rows == before.items.num_rows
+    with pytest.raises(ValueError, match="keep"):
+        thin_dataset(small_world, tmp_path / "bad", keep=0.0)

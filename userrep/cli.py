@@ -4,6 +4,7 @@
     userrep data validate data/world
     userrep data import lastfm-hetrec ../shared/data/hetrec2011-lastfm-2k data/lastfm
     userrep data import deezer ../shared/data/deezer-ro data/deezer
+    userrep data thin data/lastfm data/lastfm-thin --keep 0.2
     userrep features materialize --data data/world --as-of 2026-06-01
     userrep batch list | show ID | gate ID | promote ID | rollback
     userrep demo
@@ -107,6 +108,20 @@ def import_lastfm(
 
     _require_files(src, ["user_artists.dat", "artists.dat", "tags.dat", "user_taggedartists.dat", "user_friends.dat"])
     console.print(f"wrote {import_lastfm_hetrec(src, out)}")
+    _validate_or_exit(out)
+
+
+@data_app.command("thin")
+def data_thin(
+    src: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    out: Annotated[Path, typer.Argument(help="Output dataset directory.")],
+    keep: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of each user's events to keep.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Keep a random share of each user's events (robustness checks on thinner data)."""
+    from userrep.importers import thin_dataset
+
+    console.print(f"wrote {_run_or_exit(lambda: thin_dataset(src, out, keep, seed))}")
     _validate_or_exit(out)
 
 

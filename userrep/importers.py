@@ -130,3 +130,30 @@ def import_deezer(src: str | Path, out: str | Path, country: str = "RO") -> dict
         "users": _write(users, out / "users.parquet"),
         "pairs": _write(pairs, out / "pairs.parquet"),
     }
+
+
+def thin_dataset(src: str | Path, out: str | Path, keep: float, seed: int = 0) -> dict[str, int]:
+    """A copy of a dataset keeping a random ``keep`` share of each user's events (rounded half up,
+    at least one, so every user stays): the same people with sparser histories, to check that what
+    was chosen on the full data holds on thin data. Other tables are copied as they are."""
+    import shutil
+
+    from userrep.data import load_dataset, table_path
+
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep: expected a share in (0, 1], got {keep}")
+    src, out = Path(src), Path(out)
+    ds = load_dataset(src)
+    out.mkdir(parents=True, exist_ok=True)
+    users = ds.events.column("user_id").to_numpy(zero_copy_only=False)
+    frame = pd.DataFrame({"user": users, "key": np.random.default_rng(seed).random(len(users))})
+    rank = frame.groupby("user")["key"].rank(method="first").to_numpy() - 1
+    size = frame.groupby("user")["key"].transform("size").to_numpy()
+    kept = ds.events.filter(pa.array(rank < np.maximum(np.floor(keep * size + 0.5), 1)))
+    counts = {"events": _write(kept, out / "events.parquet")}
+    for name in ("items", "users", "pairs"):
+        path = table_path(src, name)
+        if path is not None:
+            shutil.copy(path, out / path.name)
+            counts[name] = getattr(ds, name).num_rows
+    return counts
