@@ -18,7 +18,8 @@ from userrep.tasks._mlp import HeadConfig
 
 FAST = EvalConfig(epochs=3, head=HeadConfig(epochs=3), convergence_users=100, similar_queries=100, top_k=200)
 # Enough training for stable margins on the 1,500-user world (~30 s with ablations).
-MARGINS = EvalConfig(epochs=10, head=HeadConfig(epochs=8), convergence_users=200, similar_queries=200, top_k=300)
+MARGINS = EvalConfig(epochs=10, head=HeadConfig(epochs=8), convergence_users=200, similar_queries=200, top_k=300,
+                     ablations=True)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,21 @@ def test_weighted_auc_equals_the_auc_of_the_expanded_pairs():
     scores = np.array([0.9, 0.8, 0.3, 0.3, 0.5, 0.1])  # one tie across classes (0.3)
     users = np.array([0, 0, 1, 1, 2, 2])
     counts = np.array([[1, 1, 1], [2, 0, 1], [0, 3, 0]], np.float32)
-    got = weighted_aucs(labels, scores, (c[users] for c in counts), len(counts))
+    got = weighted_aucs(labels, scores, users, counts)
     for c, value in zip(counts, got):
         keep = np.repeat(np.arange(6), c[users].astype(int))
         assert value == pytest.approx(auc(labels[keep], scores[keep]))
     assert got[2] == pytest.approx(0.5)  # user 1 alone: its positive ties its negative
+
+
+def test_binned_auc_interval_is_close_to_the_exact_one():
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 200, 20_000)
+    labels = rng.random(20_000) < 0.5
+    scores = rng.normal(size=20_000) + labels * 0.5
+    weights = resample_weights(200, seed=4, rounds=200)
+    exact = weighted_aucs(labels, scores, users, weights, levels=10**6)
+    assert np.abs(weighted_aucs(labels, scores, users, weights) - exact).max() < 1e-3
 
 
 def test_interval_of_a_mean_matches_the_normal_approximation():

@@ -51,6 +51,7 @@ class BuildConfig:
     resume: bool = False
     feast: StoreConfig | None = None  # None: features computed in-process, nothing published
     downstream: DownstreamConfig | None = field(default_factory=DownstreamConfig)  # None: no task models
+    tuned: dict | None = None  # the tuned.json choice (userrep tune) these settings came from, if any
 
 
 def default_as_of(ds: Dataset) -> pd.Timestamp:
@@ -94,7 +95,8 @@ def config_from_dict(raw: dict) -> BuildConfig:
         features=FeatureConfig(**{**raw["features"], "windows": tuple(raw["features"]["windows"])}),
         ae=AEConfig(**raw["ae"]), workers=int(raw["workers"]), resume=bool(raw["resume"]),
         feast=StoreConfig(**{**feast, "home": Path(feast["home"])}) if feast else None,
-        downstream=DownstreamConfig(**{**downstream, "head": HeadConfig(**downstream["head"])}) if downstream else None)
+        downstream=DownstreamConfig(**{**downstream, "head": HeadConfig(**downstream["head"])}) if downstream else None,
+        tuned=raw.get("tuned"))
 
 
 def load_features(batch_dir: Path) -> UserFeatures:
@@ -204,6 +206,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         },
         "feature_config": asdict(config.features),
         "ae_config": asdict(config.ae),
+        "tuned": config.tuned,
         "workers": config.workers,
         "training": record["training"],
         "timings_s": {**timings, "total": round(sum(timings.values()), 2)},

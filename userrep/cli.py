@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -184,6 +185,8 @@ def train(
     feast_home: Annotated[Path, typer.Option(help="Feast work dir (offline tables, registry, online store).")] = Path("work/feast"),
     downstream: Annotated[bool, typer.Option(help="Train the downstream task models on this batch.")] = True,
     label_days: Annotated[int, typer.Option(min=1, help="Label window of the downstream tasks (days before as_of).")] = 28,
+    tuned: Annotated[Path | None, typer.Option(help="tuned.json from `userrep tune`: its autoencoder and head "
+                                                    "settings replace --dim/--epochs (recorded in the manifest).")] = None,
 ) -> None:
     """Build a batch: features (Feast) -> autoencoder -> backfill -> publish -> downstream models."""
     from userrep.build import BuildConfig, build_batch
@@ -191,10 +194,23 @@ def train(
     from userrep.features import FeatureConfig
     from userrep.model import AEConfig
     from userrep.store import StoreConfig
+    from userrep.tasks._mlp import HeadConfig
 
-    config = BuildConfig(features=FeatureConfig(seed=seed), ae=AEConfig(latent=dim, epochs=epochs, seed=seed),
-                         workers=workers, resume=resume, feast=StoreConfig(home=feast_home) if feast else None,
-                         downstream=DownstreamConfig(label_days=label_days, seed=seed) if downstream else None)
+    ae, head, choice = AEConfig(latent=dim, epochs=epochs, seed=seed), HeadConfig(seed=seed), None
+    if tuned is not None:
+        from userrep.tune import tuned_configs
+
+        if not tuned.is_file():
+            _error("error", f"--tuned {tuned}: no such file (write it with `userrep tune`)")
+            raise typer.Exit(code=1)
+        record = json.loads(tuned.read_text())
+        tuned_ae, tuned_head = tuned_configs(record)
+        ae, head = replace(tuned_ae, seed=seed), replace(tuned_head, seed=seed)
+        choice = {"from": str(tuned), **record["best"]}
+    config = BuildConfig(features=FeatureConfig(seed=seed), ae=ae, workers=workers, resume=resume,
+                         feast=StoreConfig(home=feast_home) if feast else None,
+                         downstream=DownstreamConfig(label_days=label_days, head=head, seed=seed) if downstream else None,
+                         tuned=choice)
     manifest = _run_or_exit(lambda: build_batch(data, out, as_of, config, batch_id, log=console.print,
                                                 progress=_epoch_printer(epochs)))
     _print_manifest(manifest, out)
@@ -229,18 +245,50 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
     top_k: Annotated[int, typer.Option(min=1, help="Artists ranked by the future-listening head.")] = 1000,
-    ablations: Annotated[bool, typer.Option(help="Retrain without each feature group.")] = True,
+    ablations: Annotated[bool, typer.Option(help="Also retrain without each feature group (~5 min more on 20k users).")] = False,
     split: Annotated[str, typer.Option(help="auto | time | user-time | random (docs/evaluation.md).")] = "auto",
     seeds: Annotated[int, typer.Option(min=1, help="Repeat with seeds SEED..SEED+N-1; report mean and spread.")] = 1,
+    tune: Annotated[bool, typer.Option(help="First choose the autoencoder and head settings on a validation "
+                                            "split of the history (userrep tune), then evaluate with them.")] = False,
 ) -> None:
     """Evaluate the embedding against baselines on downstream tasks; write metrics.json and report.html."""
     from userrep.evaluate import EvalConfig, evaluate as run
 
     config = EvalConfig(cutoff=cutoff, split=split, dim=dim, seed=seed, seeds=seeds, epochs=epochs, top_k=top_k,
                         ablations=ablations)
+    if tune:
+        from userrep.tune import TuneConfig, tune_dataset, tuned_configs
+
+        tuned = _run_or_exit(lambda: tune_dataset(data, out / "tuned", TuneConfig(seed=seed), split, cutoff,
+                                                  log=console.print))
+        ae, head = tuned_configs(tuned)
+        config = replace(config, dim=ae.latent, epochs=ae.epochs, ae=ae, head=head)
     metrics = _run_or_exit(lambda: run(data, out, config, log=console.print))
     _print_metrics(metrics)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
+
+
+@app.command()
+def tune(
+    data: Annotated[Path, typer.Option(help="Dataset directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory for tuned.json (and Ray Tune's trial logs).")],
+    trials: Annotated[int, typer.Option(min=1, help="Trials sampled from the space (ASHA stops the weak ones).")] = 12,
+    budget: Annotated[float, typer.Option(min=10, help="Seconds after which no new trial starts.")] = 240.0,
+    split: Annotated[str, typer.Option(help="auto | time | user-time | random: as `evaluate` will split.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Choose autoencoder and head settings on a validation split of the history (Ray Tune, ASHA)."""
+    from userrep.tune import TuneConfig, tune_dataset
+
+    record = _run_or_exit(lambda: tune_dataset(data, out, TuneConfig(trials=trials, budget_s=budget, seed=seed), split,
+                                               log=console.print))
+    table = Table(title=f"{len(record['trials'])} trials, best first ({record['seconds']} s)", title_justify="left")
+    for name in record["trials"][0]:
+        table.add_column(name, justify="right")
+    for trial in record["trials"][:10]:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in trial.values()))
+    console.print(table)
+    console.print(f"wrote {out / 'tuned.json'}")
 
 
 def _print_metrics(metrics: dict) -> None:

