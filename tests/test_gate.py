@@ -103,3 +103,29 @@ def test_a_drop_within_sampling_error_of_small_validation_sets_passes():
     large = {**QUALITY, "similar_users": {"candidate": 0.43, "serving": 0.46, "n_candidate": 4000, "n_serving": 4000}}
     decision = decide(healthy(quality=large), POLICY)  # allowance max(0.023, 0.022): 0.03 is a real drop
     assert not decision.passed and decision.reasons[0].startswith("quality_similar_users")
+
+
+def _records(batch, **tasks):
+    """Downstream registration records as train_task writes them (metrics empty when skipped)."""
+    import json
+
+    (batch / "downstream").mkdir(parents=True)
+    for task, auc in tasks.items():
+        record = {"metrics": {} if auc is None else {"auc": auc}, "n_valid": 0 if auc is None else 400}
+        (batch / "downstream" / f"{task}.json").write_text(json.dumps(record))
+
+
+def test_a_task_skipped_by_both_batches_is_absent_and_one_skipped_by_the_candidate_blocks(tmp_path):
+    from userrep.gate import quality_pairs
+
+    _records(tmp_path / "serving", artist_preference=None)
+    _records(tmp_path / "both", artist_preference=None)
+    assert quality_pairs(tmp_path / "both", tmp_path / "serving") == {}  # nothing to regress from
+    assert decide(healthy(quality={})).passed
+
+    _records(tmp_path / "was_trained", artist_preference=0.8)
+    _records(tmp_path / "now_skipped", artist_preference=None)
+    quality = quality_pairs(tmp_path / "now_skipped", tmp_path / "was_trained")
+    assert math.isnan(quality["artist_preference"]["candidate"])
+    decision = decide(healthy(quality=quality))
+    assert not decision.passed and "quality_artist_preference" in decision.reasons[0]

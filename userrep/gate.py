@@ -240,22 +240,32 @@ def measure(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePoli
         auc_aligned = head_scores_auc(serving, align(data.x), data)
         kept = auc_aligned / auc_own if auc_own > 0 else float("nan")
         log(f"stability: serving AP head AUC {auc_aligned:.3f} on aligned candidate vs {auc_own:.3f} ({kept:.0%})")
+    inputs = GateInputs(serving=serving_manifest["batch_id"], drift_share=share, column_drift=over,
+                        embedding_drift=round(float(emb_drift), 4), knn_overlap=round(overlap, 4),
+                        head_auc_kept=None if kept is None else round(float(kept), 4),
+                        quality=quality_pairs(candidate, serving), **base)
+    return inputs, snapshot
+
+
+def quality_pairs(candidate: Path, serving: Path) -> dict[str, dict]:
+    """Per task, the validation metric of both batches' downstream records.
+
+    A task the serving batch skipped (too little data), or both did, is absent: there is nothing
+    to regress from. A task only the candidate skipped compares as NaN, which ``decide`` blocks.
+    """
     quality = {}
     for task in TASKS:
-        paths = [p / "downstream" / f"{task}.json" for p in (candidate, serving)]
+        paths = [Path(p) / "downstream" / f"{task}.json" for p in (candidate, serving)]
         if not all(p.exists() for p in paths):
             continue
         metric = QUALITY_METRICS[task]
         cand_record, serving_record = (json.loads(p.read_text()) for p in paths)
-        if metric not in serving_record["metrics"]:  # skipped by the serving batch (or both): absent
+        if metric not in serving_record["metrics"]:
             continue
-        c = cand_record["metrics"].get(metric, float("nan"))  # skipped by the candidate only: a regression
-        quality[task] = {"candidate": c, "serving": serving_record["metrics"][metric],
+        quality[task] = {"candidate": cand_record["metrics"].get(metric, float("nan")),
+                         "serving": serving_record["metrics"][metric],
                          "n_candidate": cand_record["n_valid"], "n_serving": serving_record["n_valid"]}
-    inputs = GateInputs(serving=serving_manifest["batch_id"], drift_share=share, column_drift=over,
-                        embedding_drift=round(float(emb_drift), 4), knn_overlap=round(overlap, 4),
-                        head_auc_kept=None if kept is None else round(float(kept), 4), quality=quality, **base)
-    return inputs, snapshot
+    return quality
 
 
 def run_gate(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePolicy = GatePolicy(),
