@@ -38,7 +38,7 @@ from userrep import baselines
 from userrep.data import Dataset, load_dataset
 from userrep.features import (FeatureConfig, UserFeatures, build_user_features, fit_feature_space, static_inputs,
                               window_name)
-from userrep.metrics import ndcg_at_k, ndcg_rows
+from userrep.metrics import auc, ndcg_at_k, ndcg_rows
 from userrep.model import AEConfig, embed
 from userrep.split import Split, make_split
 from userrep.tasks import artist_preference, future_listening, similar_users
@@ -57,7 +57,6 @@ PAIR_SAMPLES = 2_500_000  # training budget of the artist-preference head (pairs
 # pointless (a rating is not given twice): rank unseen artists only.
 REPEAT_NEAR_ZERO = 0.05
 HALF_LIVES = (None, 7.0, 30.0, 90.0, 365.0)  # days; the history baseline's recency decay
-N_SIDE = 3  # per-artist history features (_side_features)
 
 
 @dataclass(frozen=True)
@@ -92,19 +91,21 @@ class Context:
     history: np.ndarray  # (users, K) pre-cutoff plays of the same artists
     popularity: np.ndarray  # (K,) pre-cutoff play weight
     artist_vectors: np.ndarray  # (K, d) collaborative artist vectors
-    train_rows: np.ndarray
+    train_rows: np.ndarray  # head-training users: fit_rows + valid_rows
     test_rows: np.ndarray
-    valid_rows: np.ndarray  # a share of train_rows: validation of baseline choices
+    fit_rows: np.ndarray  # what heads are fitted on
+    valid_rows: np.ndarray  # validation: baseline choices, heads' early stopping
     cold_rows: np.ndarray
     related: sp.csr_matrix | None  # (users, users) ground-truth pairs
     label_artists: sp.csr_matrix  # (users, all artists) label-window plays
     history_artists: sp.csr_matrix  # (users, all artists) pre-cutoff plays
     top_cols: np.ndarray  # (K,) column of each top-K artist among all artists
-    train_pairs: tuple  # artist-preference pairs, rows relative to train_rows
+    fit_pairs: tuple  # artist-preference pairs, rows relative to fit_rows
+    valid_pairs: tuple  # ... relative to valid_rows
     test_pairs: tuple  # ... relative to test_rows
     repeat_rate: float  # share of label-window plays on artists the user played before
     unseen_only: bool  # rank unseen artists only (repeat_rate below REPEAT_NEAR_ZERO)
-    side: np.ndarray | None = None  # (users, K, N_SIDE) history features, set once the decay is chosen
+    side: np.ndarray | None = None  # (users, K, 3) _side_features, set once the decay is chosen
 
 
 def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(), log=print) -> dict:
@@ -153,7 +154,8 @@ def _evaluate_once(ds: Dataset, config: EvalConfig, log) -> tuple[dict, Context,
     }
     reps = {name: encode(features.matrix) for name, encode in encoders.items()}
     reps["onboarding_mean"] = baselines.onboarding_mean_representation(features, space.collab.dim)
-    # Head-training users seen through onboarding and attributes alone: what a cold user looks like.
+    # Head-training users seen through onboarding and attributes alone: what a cold user looks like
+    # (rows follow ctx.train_rows).
     cold_like = _cold_like(features, ctx.train_rows)
     cold_reps = {name: encode(cold_like) for name, encode in encoders.items()}
     watch.done("representations")
@@ -217,17 +219,17 @@ def _context(ds: Dataset, split: Split, space, features: UserFeatures, config: E
     warm = rng.permutation(warm)
     n_test = int(round(config.test_share * len(warm)))
     train, test = warm[n_test:], warm[:n_test]
-    valid = np.sort(train[: int(round(config.valid_share * len(train)))])
+    n_valid = int(round(config.valid_share * len(train)))
+    fit, valid = np.sort(train[n_valid:]), np.sort(train[:n_valid])
     repeat = future_all.multiply(history_all > 0).sum() / max(float(future_all[has_history].sum()), 1e-12)
     artist_ids, artist_vecs = space.collab.artist_vectors(ds.items)
     vectors = artist_vecs[pd.Index(artist_ids).get_indexer(space.artists[top])]
     train, test = np.sort(train), np.sort(test)
-    return Context(ds, split, features, labels, history, weight[top], vectors, train, test, valid,
+    pairs = lambda rows, seed: artist_preference.sample_pairs(labels[rows], weight[top], seed)  # noqa: E731
+    return Context(ds, split, features, labels, history, weight[top], vectors, train, test, fit, valid,
                    np.flatnonzero(~has_history & has_static & has_labels), _related(ds, users), future_all,
-                   history_all, top,
-                   artist_preference.sample_pairs(labels[train], weight[top], config.seed),
-                   artist_preference.sample_pairs(labels[test], weight[top], config.seed + 1),
-                   float(repeat), bool(repeat < REPEAT_NEAR_ZERO))
+                   history_all, top, pairs(fit, config.seed), pairs(valid, config.seed + 2),
+                   pairs(test, config.seed + 1), float(repeat), bool(repeat < REPEAT_NEAR_ZERO))
 
 
 def _cold_like(features: UserFeatures, rows: np.ndarray) -> np.ndarray:
@@ -240,7 +242,7 @@ def _cold_like(features: UserFeatures, rows: np.ndarray) -> np.ndarray:
 
 
 def _side_features(ctx: Context, decayed: sp.csr_matrix) -> np.ndarray:
-    """(users, K, N_SIDE): played (0/1), log(1 + plays), log(1 + recency-decayed plays).
+    """(users, K, 3): played (0/1), log(1 + plays), log(1 + recency-decayed plays).
 
     Log scale: a user's play counts span orders of magnitude, and the head adds these linearly
     to a logit (nDCG@10 on the held-out users of the 1,500-user test world: log counts 0.679,
@@ -311,36 +313,61 @@ def _pair_config(ctx: Context, head: HeadConfig) -> HeadConfig:
     # Pairs outnumber users ~20x: larger batches, and at most PAIR_SAMPLES pairs seen in training
     # (8 epochs instead of 15 on the default world: 12 s instead of 25 s per head, validation AUC
     # -0.004 for every method; small datasets keep all their epochs).
-    n_pairs = max(len(ctx.train_pairs[0]), 1)
+    n_pairs = max(len(ctx.fit_pairs[0]), 1)
     return replace(head, batch_size=max(head.batch_size, 1024),
                    epochs=max(1, min(head.epochs, round(PAIR_SAMPLES / n_pairs))))
 
 
+def _ranking_validation(ctx: Context, x: np.ndarray, side: np.ndarray | None, cold_x: np.ndarray | None = None):
+    """Early-stopping score of a future-listening head: nDCG@10 on the validation users; for a
+    head that serves cold users too (``cold_x``: the validation users' cold-like representations),
+    the mean of that and the same users' nDCG@10 seen as cold users."""
+    valid = ctx.valid_rows
+    if len(valid) < MIN_TEST:
+        return None
+
+    def ndcg(head, rows_x, rows_side) -> float:
+        return float(np.nanmean(future_listening.ranking_rows(future_listening.scores(head, rows_x, rows_side),
+                                                              ctx.labels[valid], ctx.history[valid],
+                                                              ctx.unseen_only)["ndcg@10"]))
+
+    if side is None:
+        return lambda head: ndcg(head, x[valid], None)
+    no_history = np.zeros_like(side[valid])
+    return lambda head: (ndcg(head, x[valid], side[valid]) + ndcg(head, cold_x, no_history)) / 2
+
+
 def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: EvalConfig,
                 cold_x: np.ndarray | None = None, warm: bool = True, preference: bool = True) -> None:
-    """Heads for one representation, fit on warm training users, scored on test and cold users.
+    """Heads for one representation, fit on warm head-training users (early-stopped on the
+    validation users), scored on test and cold users.
 
-    With ``cold_x`` (the training users' cold-like representations) the heads also see the user's
-    history of each candidate (row ``METHOD+history``), and the future-listening head learns from
-    the training users twice: with their history, and as cold-like users (no history).
+    With ``cold_x`` (the head-training users' cold-like representations) the heads also see the
+    user's history of each candidate (row ``METHOD+history``), and the future-listening head
+    learns from the fitting users twice: with their history, and as cold-like users (no history).
     """
-    train, test, cold = ctx.train_rows, ctx.test_rows, ctx.cold_rows
+    fit, test, cold, valid = ctx.fit_rows, ctx.test_rows, ctx.cold_rows, ctx.valid_rows
     side = ctx.side if cold_x is not None else None
     if cold_x is None:
-        head = future_listening.fit_head(x[train], ctx.labels[train], config.head)
+        head = future_listening.fit_head(x[fit], ctx.labels[fit], config.head, validate=_ranking_validation(ctx, x, None))
     else:
-        head = future_listening.fit_head(np.vstack([x[train], cold_x]), np.vstack([ctx.labels[train]] * 2),
-                                         config.head, np.concatenate([side[train], np.zeros_like(side[train])]))
+        cold_fit, cold_valid = (cold_x[np.searchsorted(ctx.train_rows, rows)] for rows in (fit, valid))
+        head = future_listening.fit_head(np.vstack([x[fit], cold_fit]), np.vstack([ctx.labels[fit]] * 2), config.head,
+                                         np.concatenate([side[fit], np.zeros_like(side[fit])]),
+                                         _ranking_validation(ctx, x, side, cold_valid))
     if warm:
         scores = future_listening.scores(head, x[test], None if side is None else side[test])
         board.add_rows("future_listening", method, "test",
                        future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only))
     if warm and preference:
-        pref = artist_preference.fit_head(x[train], ctx.artist_vectors, ctx.train_pairs, _pair_config(ctx, config.head),
-                                          None if side is None else side[train])
+        pick = lambda rows: None if side is None else side[rows]  # noqa: E731
+        check = None if len(valid) < MIN_TEST else (lambda h: auc(ctx.valid_pairs[2], artist_preference.scores(
+            h, x[valid], ctx.artist_vectors, ctx.valid_pairs, pick(valid))))
+        pref = artist_preference.fit_head(x[fit], ctx.artist_vectors, ctx.fit_pairs, _pair_config(ctx, config.head),
+                                          pick(fit), check)
         users, _, y = ctx.test_pairs
         board.add_auc("artist_preference", method, "test", users, y, artist_preference.scores(
-            pref, x[test], ctx.artist_vectors, ctx.test_pairs, None if side is None else side[test]))
+            pref, x[test], ctx.artist_vectors, ctx.test_pairs, pick(test)))
     if len(cold) >= MIN_COLD:
         no_history = None if side is None else np.zeros((len(cold),) + side.shape[1:], np.float32)
         board.add_rows("cold_start", method, "cold",
@@ -352,7 +379,7 @@ def _run_tasks(ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_fact
     """Every task on its own users: a task that cannot run is skipped with its reason, alone."""
     train, test, cold = ctx.train_rows, ctx.test_rows, ctx.cold_rows
     skipped: dict[str, str] = {}
-    heads = len(train) >= MIN_TRAIN
+    heads = len(ctx.fit_rows) >= MIN_TRAIN
     warm = heads and len(test) >= MIN_TEST
     if not warm:
         reason = f"too few warm users with both history and labels ({len(train) + len(test)})"
@@ -372,8 +399,10 @@ def _run_tasks(ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_fact
                            future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only))
             board.add_auc("artist_preference", method, "test", users, y, np.asarray(scores)[users, artists])
     if "cold_start" not in skipped:
-        onboarding_head = future_listening.fit_head(reps["onboarding_mean"][train], ctx.labels[train], config.head)
-        cold_scores = {"onboarding_mean": future_listening.scores(onboarding_head, reps["onboarding_mean"][cold]),
+        onboarding = reps["onboarding_mean"]
+        onboarding_head = future_listening.fit_head(onboarding[ctx.fit_rows], ctx.labels[ctx.fit_rows], config.head,
+                                                    validate=_ranking_validation(ctx, onboarding, None))
+        cold_scores = {"onboarding_mean": future_listening.scores(onboarding_head, onboarding[cold]),
                        "popularity": direct["popularity"](cold), "als": direct["als"](cold)}
         for method, scores in cold_scores.items():
             board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(scores, ctx.labels[cold], 10)})

@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 
+PATIENCE = 2  # epochs without a validation gain before a validated head stops
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     hidden: int = 256
@@ -54,9 +57,14 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def fit_mlp(x: np.ndarray, y: np.ndarray, config: HeadConfig, prior: np.ndarray | None = None,
-            side: np.ndarray | None = None) -> MLPHead:
+            side: np.ndarray | None = None, validate=None) -> MLPHead:
     """Train on inputs (n, d), binary targets (n, k) and optional side features (n, k, f) with
-    BCE; deterministic for a seed."""
+    BCE; deterministic for a seed.
+
+    ``validate(head) -> score`` (higher is better), when given, is called after every epoch: the
+    head keeps the weights of its best epoch and stops after ``PATIENCE`` epochs without a gain
+    (heads that start from history peak after a few epochs and then overfit).
+    """
     torch.manual_seed(config.seed)
     x = np.ascontiguousarray(x, dtype=np.float32)
     mean, std = x.mean(axis=0), x.std(axis=0)
@@ -70,8 +78,9 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, config: HeadConfig, prior: np.ndarray 
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     loss_fn = nn.BCEWithLogitsLoss()
-    head.train()
+    best, best_state, since_best = -np.inf, None, 0
     for _ in range(config.epochs):
+        head.train()
         order = torch.randperm(len(xt), generator=generator)
         for start in range(0, len(xt), config.batch_size):
             rows = order[start:start + config.batch_size]
@@ -79,6 +88,15 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, config: HeadConfig, prior: np.ndarray 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if validate is not None:
+            score = validate(head.eval())
+            if score > best:
+                best, since_best = score, 0
+                best_state = {k: v.clone() for k, v in head.state_dict().items()}
+            elif (since_best := since_best + 1) >= PATIENCE:
+                break
+    if best_state is not None:
+        head.load_state_dict(best_state)
     return head.eval()
 
 

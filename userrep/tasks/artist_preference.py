@@ -42,9 +42,10 @@ def _inputs(x_users: np.ndarray, artist_vectors: np.ndarray, users: np.ndarray, 
 
 
 def fit_head(x_users: np.ndarray, artist_vectors: np.ndarray, pairs, config: HeadConfig = HeadConfig(),
-             side: np.ndarray | None = None) -> MLPHead:
+             side: np.ndarray | None = None, validate=None) -> MLPHead:
+    """Pair head: (user, artist[, history]) -> logit. ``validate``: see ``fit_mlp``."""
     users, artists, y = pairs
-    return fit_mlp(_inputs(x_users, artist_vectors, users, artists, side), y[:, None], config)
+    return fit_mlp(_inputs(x_users, artist_vectors, users, artists, side), y[:, None], config, validate=validate)
 
 
 def scores(head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs,

@@ -9,10 +9,10 @@ from userrep.tasks._mlp import HeadConfig, MLPHead, fit_mlp, predict
 
 
 def fit_head(x: np.ndarray, labels: np.ndarray, config: HeadConfig = HeadConfig(),
-             side: np.ndarray | None = None) -> MLPHead:
+             side: np.ndarray | None = None, validate=None) -> MLPHead:
     """Multi-label head: representation (+ optional per-artist side features (n, K, f)) -> one
-    logit per top-K artist; bias starts at base rates."""
-    return fit_mlp(x, labels, config, prior=labels.mean(axis=0), side=side)
+    logit per top-K artist; bias starts at base rates. ``validate``: see ``fit_mlp``."""
+    return fit_mlp(x, labels, config, prior=labels.mean(axis=0), side=side, validate=validate)
 
 
 def scores(head: MLPHead, x: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
