@@ -273,7 +273,7 @@ def tune(
     data: Annotated[Path, typer.Option(help="Dataset directory.")],
     out: Annotated[Path, typer.Option(help="Output directory for tuned.json (and Ray Tune's trial logs).")],
     trials: Annotated[int, typer.Option(min=1, help="Trials sampled from the space (ASHA stops the weak ones).")] = 12,
-    budget: Annotated[float, typer.Option(min=10, help="Seconds after which no new trial starts.")] = 240.0,
+    budget: Annotated[float, typer.Option(min=10, help="Seconds after which no new trial starts.")] = 180.0,
     split: Annotated[str, typer.Option(help="auto | time | user-time | random: as `evaluate` will split.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:

@@ -57,6 +57,7 @@ PAIR_SAMPLES = 2_500_000  # training budget of the artist-preference head (pairs
 # pointless (a rating is not given twice): rank unseen artists only.
 REPEAT_NEAR_ZERO = 0.05
 HALF_LIVES = (None, 7.0, 30.0, 90.0, 365.0)  # days; the history baseline's recency decay
+BLEND_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)  # of the history score added to +history heads
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ class Context:
     repeat_rate: float  # share of label-window plays on artists the user played before
     unseen_only: bool  # rank unseen artists only (repeat_rate below REPEAT_NEAR_ZERO)
     side: np.ndarray | None = None  # (users, K, 3) _side_features, set once the decay is chosen
+    history_scores: object = None  # rows -> (rows, K) the history baseline's scores, set with ``side``
+    blends: dict = field(default_factory=dict)  # method -> the history/prior weights chosen for +history heads
 
 
 def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(), log=print) -> dict:
@@ -179,6 +182,7 @@ def _evaluate_once(ds: Dataset, config: EvalConfig, log) -> tuple[dict, Context,
         "tasks": board.tasks(),
         "comparisons": board.comparisons(lambda method: method.startswith("gur")),
         "baselines": choices,
+        "history_blend": ctx.blends,
         "ablations": ablations,
         "convergence": convergence,
         "skipped": skipped,
@@ -272,6 +276,7 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
         HALF_LIVES, lambda h: baselines.decayed_matrix(events, space, users, as_of, h),
         lambda m: score(lambda rows: baselines.history_scores(m[rows][:, ctx.top_cols], ctx.popularity)))
     ctx.side = _side_features(ctx, decayed)
+    ctx.history_scores = lambda rows: baselines.history_scores(decayed[rows][:, ctx.top_cols], ctx.popularity)
     binary = (ctx.history_artists[:, ctx.top_cols] > 0).astype(np.float32).toarray()
     ease, ease_choice = baselines.tune_ease(binary, lambda b: score(lambda rows: binary[rows] @ b))
     onboarding = _onboarding_matrix(ctx.split.train, ctx.features, space)
@@ -279,7 +284,7 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
                                          lambda m: score(lambda rows: m.scores(rows, ctx.top_cols)))
     direct = {
         "popularity": lambda rows: np.broadcast_to(ctx.popularity, (len(rows), len(ctx.popularity))),
-        "history": lambda rows: baselines.history_scores(decayed[rows][:, ctx.top_cols], ctx.popularity),
+        "history": ctx.history_scores,
         "ease": lambda rows: binary[rows] @ ease,
         "als": lambda rows: als.scores(rows, ctx.top_cols),
     }
@@ -348,6 +353,7 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
     """
     fit, test, cold, valid = ctx.fit_rows, ctx.test_rows, ctx.cold_rows, ctx.valid_rows
     side = ctx.side if cold_x is not None else None
+    cold_valid = None
     if cold_x is None:
         head = future_listening.fit_head(x[fit], ctx.labels[fit], config.head, validate=_ranking_validation(ctx, x, None))
     else:
@@ -355,8 +361,14 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
         head = future_listening.fit_head(np.vstack([x[fit], cold_fit]), np.vstack([ctx.labels[fit]] * 2), config.head,
                                          np.concatenate([side[fit], np.zeros_like(side[fit])]),
                                          _ranking_validation(ctx, x, side, cold_valid))
+    warm_weight = cold_weight = 0.0
+    if side is not None and len(valid) >= MIN_TEST:
+        warm_weight, cold_weight = _blend_weights(ctx, head, x[valid], side[valid], cold_valid)
+        ctx.blends[method] = {"history_weight": warm_weight, "prior_weight": cold_weight}
     if warm:
         scores = future_listening.scores(head, x[test], None if side is None else side[test])
+        if warm_weight:
+            scores = scores + warm_weight * _played_scores(ctx, test)
         board.add_rows("future_listening", method, "test",
                        future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only))
     if warm and preference:
@@ -370,8 +382,36 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
             pref, x[test], ctx.artist_vectors, ctx.test_pairs, pick(test)))
     if len(cold) >= MIN_COLD:
         no_history = None if side is None else np.zeros((len(cold),) + side.shape[1:], np.float32)
-        board.add_rows("cold_start", method, "cold",
-                       {"ndcg@10": ndcg_rows(future_listening.scores(head, x[cold], no_history), ctx.labels[cold], 10)})
+        scores = future_listening.scores(head, x[cold], no_history) + cold_weight * _prior(ctx, len(cold))
+        board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(scores, ctx.labels[cold], 10)})
+
+
+def _prior(ctx: Context, n: int) -> np.ndarray:
+    """The history score of a user without history: popularity scaled into [0, 1)."""
+    return np.broadcast_to(baselines.history_scores(np.zeros((1, len(ctx.popularity))), ctx.popularity), (n, len(ctx.popularity)))
+
+
+def _played_scores(ctx: Context, rows: np.ndarray) -> np.ndarray:
+    """The history score on the artists the user played, 0 elsewhere (the head ranks the rest)."""
+    return np.where(ctx.history[rows] > 0, ctx.history_scores(rows), 0.0)
+
+
+def _blend_weights(ctx: Context, head, x_valid: np.ndarray, side_valid: np.ndarray, cold_valid: np.ndarray):
+    """Weights of scores added to a +history head's logits, chosen on the validation users: for
+    warm users the history score of the artists they played (how strictly "what you played"
+    comes first; the head alone still ranks everything else), for the same users seen cold the
+    popularity prior. Weight 0 when the head alone ranks best."""
+    valid = ctx.valid_rows
+
+    def best(logits: np.ndarray, extra: np.ndarray) -> float:
+        score = lambda w: float(np.nanmean(future_listening.ranking_rows(  # noqa: E731
+            logits + w * extra, ctx.labels[valid], ctx.history[valid], ctx.unseen_only)["ndcg@10"]))
+        values = [score(w) for w in BLEND_WEIGHTS]
+        return BLEND_WEIGHTS[int(np.argmax(values))]
+
+    warm = best(future_listening.scores(head, x_valid, side_valid), _played_scores(ctx, valid))
+    cold = best(future_listening.scores(head, cold_valid, np.zeros_like(side_valid)), _prior(ctx, len(valid)))
+    return warm, cold
 
 
 def _run_tasks(ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_factors: np.ndarray, board: Board,
@@ -441,17 +481,18 @@ def _ablations(ctx: Context, features: UserFeatures, ae: AEConfig, config: EvalC
     tokens = [g for g in ABLATION_GROUPS if any(n == g or n.startswith(f"{g}_") for n in present)]
     tokens += [window_name(w) for w in windows]
     board = Board({"test": len(ctx.test_rows), "cold": len(ctx.cold_rows)}, config.seed, rounds=1)
+    similar = {}
     for token in tokens:
         reduced = features.without([token])
         x = embed(fit_autoencoder(reduced, ae).model, reduced.matrix)
         _head_tasks(ctx, board, token, x, config, preference=False)  # the pair head: the slowest, least telling
-        similar = _similar_users(ctx, None, {token: x}, config)
-        if similar:
-            board.values.setdefault("similar_users", {})[token] = similar[token]
-    out: dict[str, dict] = {}
+        similar.update(_similar_users(ctx, None, {token: x}, config) or {})
+    out: dict[str, dict] = {token: {} for token in tokens}
     for task, methods in board.tasks().items():
         for token, values in methods.items():
-            out.setdefault(token, {})[task] = {k: v for k, v in values.items() if not k.endswith("_ci")}
+            out[token][task] = {k: v for k, v in values.items() if not k.endswith("_ci")}
+    for token, values in similar.items():
+        out[token]["similar_users"] = values
     return out
 
 
