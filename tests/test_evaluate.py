@@ -203,3 +203,4 @@ def test_seeds_report_mean_and_spread(small_world, tmp_path):
     assert len(spread["values"]) == 2 and spread["values"][0] != spread["values"][1]
     assert spread["mean"] == pytest.approx(np.mean(spread["values"]))
     assert (tmp_path / "seed_0" / "metrics.json").exists() and (tmp_path / "seed_1" / "metrics.json").exists()
+    assert "Over 2 seeds (mean +- standard deviation)" in (tmp_path / "summary.md").read_text()

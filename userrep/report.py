@@ -189,4 +189,25 @@ def markdown_summary(metrics: dict) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     compared = "".join(f"\n- {line}" for line in comparison_lines(metrics))
     skipped = "".join(f"\n\n{task} skipped: {reason}" for task, reason in metrics["skipped"].items())
-    return "\n".join(lines) + ("\n" + compared if compared else "") + skipped + "\n"
+    return "\n".join(lines) + ("\n" + compared if compared else "") + skipped + "\n" + _seeds_table(metrics)
+
+
+def _seeds_table(metrics: dict) -> str:
+    """Mean +- standard deviation over the seeds' runs, best mean per column bold (when --seeds > 1)."""
+    seeds = metrics.get("over_seeds")
+    if not seeds:
+        return ""
+    runs = len(next(v for task in seeds.values() for m in task.values() for v in m.values())["values"])
+    methods = list(dict.fromkeys(m for task in seeds.values() for m in task))
+    lines = [f"\nOver {runs} seeds (mean +- standard deviation):\n",
+             "| method | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
+    for method in methods:
+        cells = []
+        for task, metric in COLUMNS:
+            found = seeds.get(task, {}).get(method, {}).get(metric)
+            means = [v[metric]["mean"] for v in seeds.get(task, {}).values() if metric in v and v[metric]["mean"] is not None]
+            text = "-" if not found or found["mean"] is None else f"{found['mean']:.3f} +- {found['std']:.3f}"
+            cells.append(f"**{text}**" if found and means and found["mean"] == max(means) else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
