@@ -323,7 +323,11 @@ def _parse_ts(file: str, column: str, table: pa.Table, *, allow_null: bool):
             return raw, Problem(file, column, f"must be a timestamp, epoch seconds or ISO-8601 text, got {kind}")
         numeric = numeric.where(np.isfinite(numeric.to_numpy(dtype=float, na_value=np.nan)))
         in_range = numeric.between(_MIN_TS.timestamp(), _MAX_TS.timestamp())
-        from_epoch = pd.to_datetime(numeric.where(in_range), unit="s", utc=True)
+        # Only the in-range numbers are converted: pandas' unit conversion of a column holding NaN
+        # raised "overflow encountered in multiply" now and then (ISO-text timestamps in parquet).
+        from_epoch = pd.Series(pd.NaT, index=numeric.index, dtype="datetime64[ns, UTC]")
+        if in_range.any():
+            from_epoch[in_range] = pd.to_datetime(numeric[in_range], unit="s", utc=True)
         from_text = pd.to_datetime(text.where(numeric.isna()), utc=True, errors="coerce", format="ISO8601")
         series = from_epoch.fillna(from_text)
         bad_parse = (series.isna() & (text.notna() | numeric.notna())).to_numpy()

@@ -107,9 +107,10 @@ def _held_out_split(ds: Dataset, holdout: float, keys: np.ndarray, kind: str, wh
     mask = pa.array(rank_from_end < np.floor(holdout * size + 0.5))
     as_of = (pd.Timestamp(pc.max(ds.events.column("ts")).as_py()) + pd.Timedelta(days=1)).ceil("D")
     train_events, future = ds.events.filter(pc.invert(mask)), ds.events.filter(mask)
-    order = "by time" if kind == "user-time" else "at random"
-    note = (f"{kind} split ({why}): the last {holdout:.0%} of each user's events {order} are held out "
-            f"({future.num_rows:,} label / {train_events.num_rows:,} history events)")
+    held = (f"each user's last {holdout:.0%} of events by time" if kind == "user-time"
+            else f"a random {holdout:.0%} of each user's events")
+    note = (f"{kind} split ({why}): {held} held out ({future.num_rows:,} label / {train_events.num_rows:,} "
+            f"history events)")
     return Split(kind, None, as_of, _with_events(ds, train_events), future, note)
 
 
