@@ -15,6 +15,7 @@ The score is the embedding-only head's: the representation is what is being chos
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -116,6 +117,8 @@ def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneCon
             print(f"  trial {trial.trial_id}: {result['epochs']:>2} epochs, validation nDCG@10 "
                   f"{result['ndcg@10']:.4f}", flush=True)
 
+    # Trials the budget never started have no results; Tune warns about each at length.
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
     with ray_session(num_cpus=config.cpus):
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_trial, data=payload), {"cpu": 1}),
@@ -140,5 +143,6 @@ def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneCon
               "head_training_users": int(len(ctx.train_rows)), "validation_users": int(len(ctx.test_rows))},
               "config": asdict(config), "seconds": round(time.monotonic() - started, 1)}
     (out / "tuned.json").write_text(json.dumps(record, indent=2))
-    log(f"best of {len(trials)} trials: {trials[0]} ({record['seconds']} s)")
+    log(f"{len(trials)} of {config.trials} trials ran within the {config.budget_s:g} s budget; best: {trials[0]} "
+        f"({record['seconds']} s)")
     return record
