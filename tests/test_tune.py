@@ -23,6 +23,9 @@ def test_tune_writes_the_best_trial_and_train_records_it(small_world, tmp_path):
     scores = [t["ndcg@10"] for t in record["trials"]]
     assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True) and 0 < scores[0] < 1
     assert all(record["best"][name] in values for name, values in SPACE.items())
+    defaults = {"latent": 64, "share_weight": 32.0, "group_drop_rate": 0.1, "history_drop_rate": 0.25, "hidden": 256,
+                "weight_decay": 1e-4}
+    assert any(all(t[k] == v for k, v in defaults.items()) for t in record["trials"])  # the defaults ran too
     assert record["best"]["epochs"] in (5, 10, 20)
 
     out = tmp_path / "batch"
