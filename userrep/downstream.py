@@ -200,8 +200,14 @@ def load_head(path: str | Path) -> tuple[MLPHead, dict]:
     n_in = blob["n_in"]
     head = MLPHead(n_in, blob["n_out"], np.zeros(n_in), np.ones(n_in), HeadConfig(**blob["config"]),
                    n_side=blob.get("n_side", 0))
-    head.load_state_dict(blob["state"])
+    head.load_state_dict(_renamed(blob["state"]))
     return head.eval(), blob["meta"]
+
+
+def _renamed(state: dict) -> dict:
+    """Heads saved before the side features had one ``net`` Sequential (0: hidden, 3: output)."""
+    names = {"net.0.": "hidden.0.", "net.3.": "out."}
+    return {next((new + k[len(old):] for old, new in names.items() if k.startswith(old)), k): v for k, v in state.items()}
 
 
 def sha256(path: Path) -> str:
