@@ -38,7 +38,7 @@ from userrep import baselines
 from userrep.data import Dataset, load_dataset
 from userrep.features import (FeatureConfig, UserFeatures, build_user_features, fit_feature_space, static_inputs,
                               window_name)
-from userrep.metrics import auc, ndcg_at_k, ndcg_rows
+from userrep.metrics import auc, ndcg_rows
 from userrep.model import AEConfig, embed
 from userrep.split import Split, make_split
 from userrep.tasks import artist_preference, future_listening, similar_users
@@ -264,13 +264,7 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
     events, as_of = ctx.split.train.events, ctx.split.as_of
 
     def score(scores_of) -> float:
-        if len(valid) == 0:
-            return 0.0
-        s = scores_of(valid)
-        if ctx.unseen_only:
-            s = np.where(ctx.history[valid] > 0, -np.inf, s)
-        return ndcg_at_k(s, np.where(ctx.history[valid] > 0, 0, ctx.labels[valid]) if ctx.unseen_only
-                         else ctx.labels[valid], 10)
+        return _valid_ndcg(ctx, scores_of(valid)) if len(valid) else 0.0
 
     half_life, decayed, by_decay = baselines.choose(
         HALF_LIVES, lambda h: baselines.decayed_matrix(events, space, users, as_of, h),
@@ -323,6 +317,14 @@ def _pair_config(ctx: Context, head: HeadConfig) -> HeadConfig:
                    epochs=max(1, min(head.epochs, round(PAIR_SAMPLES / n_pairs))))
 
 
+def _valid_ndcg(ctx: Context, scores: np.ndarray) -> float:
+    """nDCG@10 of ``scores`` (validation users x K) as the test users are scored (unseen-only or not):
+    every choice made on validation users uses this one number."""
+    valid = ctx.valid_rows
+    return float(np.nanmean(future_listening.ranking_rows(scores, ctx.labels[valid], ctx.history[valid],
+                                                          ctx.unseen_only)["ndcg@10"]))
+
+
 def _ranking_validation(ctx: Context, x: np.ndarray, side: np.ndarray | None, cold_x: np.ndarray | None = None):
     """Early-stopping score of a future-listening head: nDCG@10 on the validation users; for a
     head that serves cold users too (``cold_x``: the validation users' cold-like representations),
@@ -332,9 +334,7 @@ def _ranking_validation(ctx: Context, x: np.ndarray, side: np.ndarray | None, co
         return None
 
     def ndcg(head, rows_x, rows_side) -> float:
-        return float(np.nanmean(future_listening.ranking_rows(future_listening.scores(head, rows_x, rows_side),
-                                                              ctx.labels[valid], ctx.history[valid],
-                                                              ctx.unseen_only)["ndcg@10"]))
+        return _valid_ndcg(ctx, future_listening.scores(head, rows_x, rows_side))
 
     if side is None:
         return lambda head: ndcg(head, x[valid], None)
@@ -404,9 +404,7 @@ def _blend_weights(ctx: Context, head, x_valid: np.ndarray, side_valid: np.ndarr
     valid = ctx.valid_rows
 
     def best(logits: np.ndarray, extra: np.ndarray) -> float:
-        score = lambda w: float(np.nanmean(future_listening.ranking_rows(  # noqa: E731
-            logits + w * extra, ctx.labels[valid], ctx.history[valid], ctx.unseen_only)["ndcg@10"]))
-        values = [score(w) for w in BLEND_WEIGHTS]
+        values = [_valid_ndcg(ctx, logits + w * extra) for w in BLEND_WEIGHTS]
         return BLEND_WEIGHTS[int(np.argmax(values))]
 
     warm = best(future_listening.scores(head, x_valid, side_valid), _played_scores(ctx, valid))
