@@ -21,6 +21,13 @@ user_embedding_source = FileSource(
     timestamp_field="event_timestamp", created_timestamp_column="created",
     description="Backfilled embeddings of every batch, keyed by (user_id, batch_id).")
 
+user_artist_history_source = FileSource(
+    name="user_artist_history_source", path="data/user_artist_history.parquet",
+    timestamp_field="event_timestamp", created_timestamp_column="created",
+    description="Each user's plays of a batch's candidate artists (the task features of its +history heads), "
+                "keyed by (user_id, batch_id).")
+
 # Near-real-time writes (the event path pushes updated features and embeddings online).
 user_history_push = PushSource(name="user_history_push", batch_source=user_history_source)
 user_embedding_push = PushSource(name="user_embedding_push", batch_source=user_embedding_source)
+user_artist_history_push = PushSource(name="user_artist_history_push", batch_source=user_artist_history_source)

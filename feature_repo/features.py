@@ -14,7 +14,8 @@ from datetime import timedelta
 from feast import FeatureView, Field
 from feast.types import Array, Float32, String
 
-from feature_repo.data_sources import user_embedding_push, user_history_push, user_profile_source
+from feature_repo.data_sources import (user_artist_history_push, user_embedding_push, user_history_push,
+                                      user_profile_source)
 from feature_repo.entities import batch, user
 PROFILE_GROUPS = ("onboarding", "demographics")
 
@@ -33,3 +34,11 @@ user_embedding = FeatureView(
     online=True,
     schema=[Field(name="embedding", dtype=Array(Float32)), Field(name="embedding_batch", dtype=String)],
     description="The general user embedding of one batch; `embedding_batch` repeats the key as a read check.")
+
+user_artist_history = FeatureView(
+    name="user_artist_history", entities=[user, batch], ttl=timedelta(days=3650), source=user_artist_history_push,
+    online=True,
+    schema=[Field(name="artists", dtype=Array(String)), Field(name="plays", dtype=Array(Float32)),
+            Field(name="recent", dtype=Array(Float32)), Field(name="history_batch", dtype=String)],
+    description="The user's play weight of each candidate artist of one batch that the user played, and the same "
+                "with the batch's recency decay: the task features its +history heads take next to the embedding.")

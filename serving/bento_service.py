@@ -8,6 +8,10 @@ SERVING.json changes; a request takes one bundle, so it never mixes a head of on
 embedding of another. A user's embedding comes from the online store under the bundle's batch id;
 an embedding stamped with another batch id is refused with 409.
 
+Heads of the ``embedding+history`` design also take the user's history of each candidate artist:
+for a ``user_id`` it is read from the online store (``user_artist_history``, same batch id, kept
+current by the event path); a request with an ``embedding`` is scored as a user without history.
+
 Settings from the environment: USERREP_BATCH_ROOT, USERREP_FEAST_HOME (optional), USERREP_ONLINE,
 USERREP_REDIS.
 """
@@ -25,6 +29,8 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict, Field
+
+from userrep.tasks.history import WITH_HISTORY
 
 
 class Conflict(BentoMLException):
@@ -59,11 +65,17 @@ class Bundle:
     batch_id: str
     pointer_mtime: float
     recommend: object
-    artists: list
+    recommend_meta: dict
+    artists: list  # the candidate artists (the order of both heads' history features)
     preference: object
+    preference_meta: dict
     artist_index: dict
     artist_vectors: np.ndarray
     dim: int
+
+    @property
+    def takes_history(self) -> bool:
+        return WITH_HISTORY in (self.recommend_meta.get("design"), self.preference_meta.get("design"))
 
 
 def load_bundle(root: Path) -> Bundle:
@@ -78,7 +90,9 @@ def load_bundle(root: Path) -> Bundle:
     directory = batch_dir(root, batch_id)
     recommend, meta = load_head(directory / "downstream" / "future_listening.pt")
     preference, pmeta = load_head(directory / "downstream" / "artist_preference.pt")
-    return Bundle(batch_id, mtime, recommend, meta["artists"], preference,
+    if pmeta["artists"] != meta["artists"]:
+        raise RuntimeError(f"batch {batch_id}: the two heads have different candidate artists")
+    return Bundle(batch_id, mtime, recommend, meta, meta["artists"], preference, pmeta,
                   {a: i for i, a in enumerate(pmeta["artists"])}, np.asarray(pmeta["artist_vectors"], np.float32),
                   recommend.hidden[0].in_features)
 
@@ -131,15 +145,23 @@ class TaskService:
                               f"(register new users with POST /users on the embedding service)")
         return vectors[:1]
 
+    def _history(self, bundle: Bundle, user_id: str | None):
+        """(plays, recent) (1, K) of a user for heads that take history; (None, None) otherwise."""
+        if user_id is None or self._store is None or not bundle.takes_history:
+            return None, None
+        from userrep.store import online_history
+
+        return online_history(self._store, [user_id], bundle.batch_id, bundle.artists)
+
     @bentoml.api(route="/recommend/artists", input_spec=RecommendInput)
     def recommend_artists(self, user_id: str | None = None, embedding: list[float] | None = None,
                           batch_id: str | None = None, k: int = 10) -> dict:
-        from userrep.tasks._mlp import predict
+        from userrep.tasks.future_listening import deployed_scores
 
         bundle = self.current()
         x = self._embedding(bundle, user_id, embedding, batch_id)
-        scores = predict(bundle.recommend, x)[0]
-        top = np.argsort(-scores)[:k]
+        scores = deployed_scores(bundle.recommend, bundle.recommend_meta, x, *self._history(bundle, user_id))[0]
+        top = np.argsort(-scores)[:k]  # score: the sigmoid of the ranking score (a +history head adds the history score)
         return {"batch_id": bundle.batch_id, "user_id": user_id,
                 "artists": [{"artist_id": bundle.artists[i], "score": round(float(1 / (1 + np.exp(-scores[i]))), 6)}
                             for i in top]}
@@ -147,7 +169,8 @@ class TaskService:
     @bentoml.api(route="/predict/artist-preference", input_spec=PreferenceInput)
     def predict_artist_preference(self, artists: list[str], user_id: str | None = None,
                                   embedding: list[float] | None = None, batch_id: str | None = None) -> dict:
-        from userrep.tasks._mlp import predict
+        from userrep.tasks import artist_preference
+        from userrep.tasks.history import side_features
 
         bundle = self.current()
         unknown = [a for a in artists if a not in bundle.artist_index]
@@ -155,8 +178,13 @@ class TaskService:
             raise BadInput(f"artists: unknown to batch {bundle.batch_id}: {unknown[:5]}")
         x = self._embedding(bundle, user_id, embedding, batch_id)
         rows = np.array([bundle.artist_index[a] for a in artists])
-        inputs = np.hstack([np.repeat(x, len(rows), axis=0), bundle.artist_vectors[rows]])
-        logits = predict(bundle.preference, inputs)[:, 0]
+        side = None
+        if bundle.preference_meta.get("design") == WITH_HISTORY:
+            plays, recent = self._history(bundle, user_id)
+            plays = np.zeros((1, len(bundle.artists)), np.float32) if plays is None else plays
+            side = side_features(plays, plays if recent is None else recent)
+        pairs = (np.zeros(len(rows), np.int64), rows, None)
+        logits = artist_preference.scores(bundle.preference, x, bundle.artist_vectors, pairs, side)
         return {"batch_id": bundle.batch_id, "user_id": user_id,
                 "probabilities": {a: round(float(1 / (1 + np.exp(-v))), 6) for a, v in zip(artists, logits)}}
 

@@ -19,11 +19,11 @@ from userrep.backfill import embeddings_table, read_embeddings
 from userrep.build import BuildConfig, build_batch
 from userrep.cli import app
 from userrep.data import load_dataset
-from userrep.downstream import sha256
+from userrep.downstream import serving_history, sha256, task_data
 from userrep.features import FeatureSpace
 from userrep.gate import run_gate
 from userrep.model import AEConfig
-from userrep.store import StoreConfig, online_embeddings, open_store
+from userrep.store import StoreConfig, online_embeddings, online_history, open_store
 
 pytestmark = pytest.mark.slow
 QUIET = dict(log=lambda *_: None)
@@ -64,6 +64,24 @@ def test_clean_retrain_on_later_data_passes_the_gate(lifecycle):
     assert inputs["knn_overlap"] > 0.5 and inputs["head_auc_kept"] > 0.9 and inputs["embedding_drift"] < 0.7
     assert (root / "b2" / "gate.json").exists() and (root / "b2" / "drift_report.html").stat().st_size > 10_000
     assert batches.state(root, "b2") == "gated"
+
+
+def test_each_head_deploys_the_design_that_validates_better_and_its_features_are_online(lifecycle):
+    root, ds, config = lifecycle
+    manifest = json.loads((root / "b1" / "manifest.json").read_text())
+    store = open_store(config.feast, apply=False)
+    for task in ("future_listening", "artist_preference"):
+        entry = manifest["downstream"][task]
+        designs = entry["designs"]
+        assert entry["design"] == max(designs, key=designs.get)
+        assert entry["metrics"]["ndcg@10" if task == "future_listening" else "auc"] == designs[entry["design"]]
+    # On this world the user's own history wins both tasks by a wide margin (as in `userrep evaluate`).
+    assert manifest["downstream"]["future_listening"]["design"] == "embedding+history"
+    data = task_data(root / "b1", ds)
+    ids, plays, recent = serving_history(root / "b1", ds, data)
+    got_plays, got_recent = online_history(store, ids[:50], "b1", list(data.artists))
+    assert (got_plays > 0).sum() > 100
+    assert np.allclose(got_plays, plays[:50].toarray()) and np.allclose(got_recent, recent[:50].toarray(), rtol=1e-5)
 
 
 def test_shuffled_embeddings_are_blocked_as_unstable(lifecycle):

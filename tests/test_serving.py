@@ -23,14 +23,16 @@ from serving.smoke import free_port
 
 from userrep import batches
 from userrep.backfill import read_embeddings
+from userrep.baselines import decayed_matrix, user_artist_matrix
 from userrep.build import BuildConfig, build_batch
 from userrep.data import load_dataset
 from userrep.downstream import load_head
+from userrep.encoders import events_before
 from userrep.features import FeatureSpace, build_user_features
 from userrep.gate import run_gate
 from userrep.model import AEConfig, UserAutoencoder, embed
-from userrep.store import StoreConfig
-from userrep.tasks._mlp import predict
+from userrep.store import StoreConfig, online_history, open_store
+from userrep.tasks.future_listening import deployed_scores
 
 pytestmark = pytest.mark.slow
 QUIET = dict(log=lambda *_: None)
@@ -96,6 +98,25 @@ def batch_vector(root: Path, batch_id: str, user_id: str) -> np.ndarray:
     return vectors[list(ids).index(user_id)]
 
 
+def user_history(served, batch_id: str, user_id: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The user's (plays, recent) of the head's artists from the batch's data, computed here."""
+    space = FeatureSpace.load(served.root / batch_id / "encoders")
+    as_of = pd.Timestamp(json.loads((served.root / batch_id / "manifest.json").read_text())["as_of"])
+    events = events_before(served.ds, as_of)
+    users, columns = np.array([user_id], dtype=object), space.artist_index(meta["artists"])
+    plays = user_artist_matrix(events, space, users)[:, columns].toarray()
+    half_life = meta["half_life_days"]
+    recent = plays if half_life is None else decayed_matrix(events, space, users, as_of, half_life)[:, columns].toarray()
+    return plays, recent
+
+
+def top_artists(served, batch_id: str, user_id: str, k: int, with_history: bool = True) -> list[str]:
+    head, meta = load_head(served.root / batch_id / "downstream" / "future_listening.pt")
+    vector = batch_vector(served.root, batch_id, user_id)[None, :]
+    plays, recent = user_history(served, batch_id, user_id, meta) if with_history else (None, None)
+    return [meta["artists"][i] for i in np.argsort(-deployed_scores(head, meta, vector, plays, recent)[0])[:k]]
+
+
 def test_health_embedding_and_similar(served):
     status, headers, body = call(f"{served.api}/readyz")
     assert status == 200 and body["batch_id"] == "b1" and headers["x-batch-id"] == "b1"
@@ -136,6 +157,18 @@ def test_an_event_updates_the_embedding_like_a_batch_recomputation(served):
     assert np.allclose(after, expected, atol=1e-4)
     got = call(f"{served.api}/users/{user}/embedding")[2]  # read back from the online store
     assert np.allclose(got["embedding"], after, atol=1e-6)
+    # The heads' history features follow the events too: the played artist gained the events' weight.
+    _, meta = load_head(served.root / "b1" / "downstream" / "future_listening.pt")
+    artists = space.artists[space.item_artist[space.item_index([item, "t0000043"])]]
+    gained = {a: 0.0 for a in artists}
+    for artist, weight in zip(artists, (2.0, 1.0)):
+        gained[artist] += weight
+    store = open_store(StoreConfig(home=served.work / "feast"), apply=False)
+    online_plays, _ = online_history(store, [user], "b1", meta["artists"])
+    batch_plays, _ = user_history(served, "b1", user, meta)
+    for artist, weight in gained.items():
+        column = meta["artists"].index(artist)
+        assert online_plays[0, column] == pytest.approx(batch_plays[0, column] + weight)
     logged = [json.loads(line) for line in (served.work / "online" / "events.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "events" and r["events"][0]["user_id"] == user for r in logged)  # durable before the reply
 
@@ -153,10 +186,14 @@ def test_a_new_user_gets_an_embedding_and_recommendations_at_once(served):
 def test_bento_heads_match_offline_inference_and_refuse_other_batches(served):
     user = "u0000020"
     vector = batch_vector(served.root, "b1", user)
-    head, meta = load_head(served.root / "b1" / "downstream" / "future_listening.pt")
-    expected = [meta["artists"][i] for i in np.argsort(-predict(head, vector[None, :])[0])[:5]]
+    _, meta = load_head(served.root / "b1" / "downstream" / "future_listening.pt")
     status, _, body = call(f"{served.tasks}/recommend/artists", {"embedding": vector.tolist(), "batch_id": "b1", "k": 5})
-    assert status == 200 and [a["artist_id"] for a in body["artists"]] == expected
+    assert status == 200 and [a["artist_id"] for a in body["artists"]] == top_artists(served, "b1", user, 5, False)
+    # By user id the head also takes the user's history of each artist (from the online store):
+    status, _, body = call(f"{served.tasks}/recommend/artists", {"user_id": user, "k": 5})
+    assert status == 200 and [a["artist_id"] for a in body["artists"]] == top_artists(served, "b1", user, 5)
+    if meta["design"] == "embedding+history":
+        assert top_artists(served, "b1", user, 5) != top_artists(served, "b1", user, 5, False)
     status, _, body = call(f"{served.tasks}/recommend/artists", {"embedding": vector.tolist(), "batch_id": "b2"})
     assert status == 409 and "b2" in json.dumps(body)
     artists = meta["artists"][:3]
@@ -209,10 +246,7 @@ def test_unknown_users_are_404_with_a_hint(served):
 def test_batch_switch_under_concurrent_readers_never_mixes_batches(served):
     user = "u0000030"
     vectors = {b: batch_vector(served.root, b, user) for b in ("b1", "b2")}
-    tops = {}
-    for b in ("b1", "b2"):
-        head, meta = load_head(served.root / b / "downstream" / "future_listening.pt")
-        tops[b] = [meta["artists"][i] for i in np.argsort(-predict(head, vectors[b][None, :])[0])[:3]]
+    tops = {b: top_artists(served, b, user, 3) for b in ("b1", "b2")}
     seen, problems, stop = [], [], threading.Event()
 
     def read_embeddings_loop():

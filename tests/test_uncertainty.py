@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from userrep.baselines import choose, fit_ease, history_scores
+from userrep.baselines import choose, fit_ease
+from userrep.tasks.history import history_scores
 from userrep.metrics import auc
 from userrep.uncertainty import Board, interval, resample_weights, weighted_aucs, weighted_means
 

@@ -145,15 +145,6 @@ def decayed_matrix(events, space: FeatureSpace, user_ids: np.ndarray, as_of: pd.
     return user_artist_matrix(decayed, space, user_ids)
 
 
-def history_scores(decayed: sp.csr_matrix, popularity: np.ndarray) -> np.ndarray:
-    """Past artists first, by decayed play weight, then the rest by popularity (all in (0, 2])."""
-    played = decayed.toarray() if sp.issparse(decayed) else np.asarray(decayed)
-    top = played.max(axis=1, keepdims=True)
-    fill = popularity / max(float(popularity.max()), 1e-12) * 0.999
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(played > 0, 1.0 + played / np.where(top > 0, top, 1.0), fill[None, :]).astype(np.float32)
-
-
 def fit_ease(x: sp.csr_matrix | np.ndarray, l2: float) -> np.ndarray:
     """EASE^R item-item weights B (items, items): argmin ||X - XB||^2 + l2 ||B||^2, diag(B) = 0,
     closed form B = I - P diagMat(1 / diag(P)) with P = (X^T X + l2 I)^-1 (Steck 2019)."""

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userrep.backfill import backfill_embeddings
-from userrep.downstream import TASKS, DownstreamConfig, sha256, task_data, train_task
+from userrep.downstream import TASKS, DownstreamConfig, serving_history, sha256, task_data, train_task
 from userrep.data import TABLES, Dataset, load_dataset, table_path
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
 from userrep.features import (FeatureConfig, FeatureSpace, UserFeatures, build_user_features, fit_feature_space,
@@ -226,10 +226,25 @@ def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
     data = task_data(out, ds, downstream)
     results = {}
     for task in tasks:
-        results[task] = record = train_task(out, task, ds, downstream, data)
-        log(f"downstream {task}: skipped: {record['skipped']}" if record.get("skipped")
-            else f"downstream {task}: {record['metrics']}")
+        results[task] = done = train_task(out, task, ds, downstream, data)
+        log(f"downstream {task}: skipped: {done['skipped']}" if done.get("skipped")
+            else f"downstream {task} ({done.get('design', 'index')}): {done['metrics']}")
+    if config.feast is not None and "future_listening" in tasks and not data.skipped:
+        # The task features of the batch's +history heads, online under the batch id (the
+        # future-listening step publishes them: both heads take the same features).
+        from userrep import store as feast
+
+        as_of = json.loads((out / "manifest.json").read_text())["as_of"]
+        ids, plays, recent = serving_history(out, ds, data)
+        table = feast.history_table(ids, data.artists, plays, recent, data.batch_id, as_of)
+        published = feast.publish_history(feast.open_store(config.feast, apply=False), config.feast, table,
+                                          data.batch_id)
+        log(f"published the candidate-artist history of {published} users of batch {data.batch_id}")
     return results
+
+
+def _design(record: dict) -> dict:
+    return {"design": record["design"], "designs": record["designs"]} if "design" in record else {}
 
 
 def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConfig = BuildConfig(),
@@ -244,7 +259,7 @@ def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConf
         results = downstream_stage(out, log=log)
         watch.done("downstream")
         manifest["downstream"] = {task: {"label_days": r["label_days"], **({"skipped": r["skipped"]} if r.get("skipped")
-                                         else {"metrics": r["metrics"]})} for task, r in results.items()}
+                                         else {"metrics": r["metrics"], **_design(r)})} for task, r in results.items()}
         timings = {k: v for k, v in manifest["timings_s"].items() if k != "total"}
         timings["downstream"] = watch.timings["downstream"]
         manifest["timings_s"] = {**timings, "total": round(sum(timings.values()), 2)}

@@ -7,10 +7,16 @@ embeddings as of T (and later, online) to predict the next window.
 
 Each task is one call (the KFP pipeline fans out over ``TASKS``) writing into BATCH/downstream/:
 
-    future_listening.pt      multi-label head: embedding -> logit per top-K artist
-    artist_preference.pt     pair head: (embedding, artist vector) -> logit
+    future_listening.pt      multi-label head: embedding [+ the user's history of each artist] -> logit per top-K artist
+    artist_preference.pt     pair head: (embedding, artist vector [, the user's history of it]) -> logit
     similar_users.faiss      FAISS index over the batch's embeddings (+ similar_users.ids.npy)
-    TASK.json                batch id, validation metrics, file hashes (the registration record)
+    TASK.json                batch id, validation metrics, design, file hashes (the registration record)
+
+Two designs per head, the better on validation users deployed (``design`` in the record and the
+head's meta): ``embedding`` (the embedding alone) and ``embedding+history`` (the embedding plus the
+user's own history of each candidate, ``userrep.tasks.history``; what a downstream team deploys).
+The validation users choose early stopping, blend weights and the design, and report the metric
+the gate compares: both batches of a comparison are measured the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +33,17 @@ import pandas as pd
 import pyarrow.compute as pc
 import torch
 
-from userrep.baselines import user_artist_matrix
+from userrep.baselines import choose, decayed_matrix, user_artist_matrix
 from userrep.backfill import read_embeddings
 from userrep.data import Dataset
 from userrep.features import FeatureSpace, build_user_features, to_utc
 from userrep.model import UserAutoencoder, embed
-from userrep.tasks import artist_preference, future_listening, similar_users
+from userrep.metrics import auc
+from userrep.tasks import artist_preference, future_listening, history, similar_users
 from userrep.tasks._mlp import HeadConfig, MLPHead
 
 TASKS = ("future_listening", "artist_preference", "similar_users")
+EMBEDDING, WITH_HISTORY = "embedding", history.WITH_HISTORY  # the two designs of a head
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,17 @@ class TaskData:
     valid: np.ndarray
     window_artists: object  # (users, all artists) csr window plays, for neighbour relevance
     label_days: int  # the window used (wider than asked where the data is sparse)
+    plays: np.ndarray  # (users, K) play weight of the top-K artists before T - L
+    recent: np.ndarray  # (users, K) the same with the recency decay chosen on validation users
+    half_life_days: float | None  # that decay (None: none)
+    popularity: np.ndarray  # (K,) play weight of the top-K artists before T - L
+    cold_x: np.ndarray  # (users, d) the users embedded from onboarding and attributes alone
     skipped: str | None = None  # why the tasks cannot be trained on this batch, if they cannot
+
+    @cached_property
+    def side(self) -> np.ndarray:
+        """(users, K, 3) the history features of every (user, top-K artist)."""
+        return history.side_features(self.plays, self.recent)
 
 
 MIN_LABELLED = 20  # users with a label-window play needed to train and validate a task
@@ -83,7 +102,7 @@ def task_data(batch_dir: str | Path, ds: Dataset, config: DownstreamConfig = Dow
         if len(found[0]) >= MIN_LABELLED or as_of - pd.Timedelta(days=2 * label_days) < first:
             break
         label_days *= 2
-    rows, features, labels, history, top, win_all = found
+    rows, features, labels, played, top, win_all, before, start, plays_all = found
     users = features.user_ids
     skipped = None
     if len(rows) < MIN_LABELLED:
@@ -91,16 +110,31 @@ def task_data(batch_dir: str | Path, ds: Dataset, config: DownstreamConfig = Dow
                    f"{as_of.isoformat()} (the widest window the data allows); at least {MIN_LABELLED} are needed")
     rows = np.random.default_rng(config.seed).permutation(rows)
     n_valid = max(1, int(round(config.valid_share * len(rows))))
+    train, valid = np.sort(rows[n_valid:]), np.sort(rows[:n_valid])
+    popularity = np.asarray(plays_all.sum(axis=0)).ravel()[top].astype(np.float32)
+
+    def ndcg(recent: np.ndarray) -> float:  # the history baseline on the validation users
+        scores = history.history_scores(recent[valid], popularity)
+        value = future_listening.ranking_metrics(scores, labels[valid], played[valid])["ndcg@10"] if len(valid) else 0.0
+        return float(np.nan_to_num(value))
+
+    half_life, recent, _ = choose(history.HALF_LIVES, lambda h: _dense(decayed_matrix(before, space, users, start, h), top),
+                                  ndcg)
     artist_ids, vectors = space.collab.artist_vectors(ds.items)
     artist_vectors = vectors[pd.Index(artist_ids).get_indexer(space.artists[top])]
-    return TaskData(manifest["batch_id"], users, embed(model, features.matrix), labels, history,
-                    space.artists[top].astype(str), artist_vectors, np.sort(rows[n_valid:]), np.sort(rows[:n_valid]),
-                    win_all, label_days, skipped)
+    return TaskData(manifest["batch_id"], users, embed(model, features.matrix), labels, played,
+                    space.artists[top].astype(str), artist_vectors, train, valid, win_all, label_days,
+                    _dense(plays_all, top), recent, half_life, popularity, embed(model, features.cold_like()), skipped)
+
+
+def _dense(matrix, cols: np.ndarray) -> np.ndarray:
+    return matrix[:, cols].toarray().astype(np.float32)
 
 
 def _labelled(ds: Dataset, space: FeatureSpace, as_of: pd.Timestamp, label_days: int, top_k: int):
     """Users with a top-artist play in [as_of - label_days, as_of), their features as of the window's
-    start, and the label and history matrices."""
+    start, the label and played (0/1) matrices, the top-K artists, the window's plays, the events
+    before the window, its start and their plays (users, all artists)."""
     start = as_of - pd.Timedelta(days=label_days)
     features = build_user_features(ds, start, space)
     users = features.user_ids
@@ -112,8 +146,8 @@ def _labelled(ds: Dataset, space: FeatureSpace, as_of: pd.Timestamp, label_days:
     played = np.flatnonzero(weight > 0)
     top = played[np.argsort(-weight[played], kind="stable")][:top_k]
     labels = (win_all[:, top] > 0).toarray().astype(np.float32)
-    history = (hist_all[:, top] > 0).toarray().astype(np.float32)
-    return np.flatnonzero(labels.sum(axis=1) > 0), features, labels, history, top, win_all
+    played = (hist_all[:, top] > 0).toarray().astype(np.float32)
+    return np.flatnonzero(labels.sum(axis=1) > 0), features, labels, played, top, win_all, before, start, hist_all
 
 
 def pa_ts(ts: pd.Timestamp):
@@ -132,24 +166,24 @@ def train_task(batch_dir: str | Path, task: str, ds: Dataset, config: Downstream
     out.mkdir(exist_ok=True)
     data = data or task_data(batch_dir, ds, config)
     x, train, valid = data.x, data.train, data.valid
-    meta = {"task": task, "batch_id": data.batch_id, "label_days": data.label_days, "head": asdict(config.head)}
+    meta = {"task": task, "batch_id": data.batch_id, "label_days": data.label_days, "head": asdict(config.head),
+            "half_life_days": data.half_life_days}  # the recency decay of the history features
     if data.skipped and task != "similar_users":  # registered as skipped: the batch is complete without it, the gate sees why
         return _register(out, task, {**meta, "skipped": data.skipped, "metrics": {}, "n_train": 0, "n_valid": 0,
                                      "files": {}})
     if task == "future_listening":
-        head = future_listening.fit_head(x[train], data.labels[train], config.head)
-        metrics = future_listening.ranking_metrics(future_listening.scores(head, x[valid]), data.labels[valid],
-                                                   data.history[valid])
-        files = [_save_head(out / "future_listening.pt", head, {**meta, "artists": data.artists.tolist()})]
+        head, design = _future_listening(data, config.head)
+        designs = design.pop("validation")
+        scores = future_listening.deployed_scores(head, design, data.x[valid], data.plays[valid], data.recent[valid])
+        metrics = future_listening.ranking_metrics(scores, data.labels[valid], data.history[valid])
+        files = [_save_head(out / "future_listening.pt", head, {**meta, **design, "artists": data.artists.tolist()})]
+        meta.update(design=design["design"], designs=designs)
     elif task == "artist_preference":
-        popularity = data.labels[train].sum(axis=0) + 1.0
-        pairs = artist_preference.sample_pairs(data.labels[train], popularity, config.seed)
-        valid_pairs = artist_preference.sample_pairs(data.labels[valid], popularity, config.seed + 1)
-        head = artist_preference.fit_head(x[train], data.artist_vectors, pairs,
-                                          HeadConfig(**{**asdict(config.head), "batch_size": 1024}))
-        metrics = {"auc": artist_preference.evaluate(head, x, data.artist_vectors, _reindex(valid_pairs, valid))}
-        files = [_save_head(out / "artist_preference.pt", head,
-                            {**meta, "artists": data.artists.tolist(), "artist_vectors": data.artist_vectors})]
+        head, design, metrics = _artist_preference(data, config)
+        designs = design.pop("validation")
+        files = [_save_head(out / "artist_preference.pt", head, {**meta, **design, "artists": data.artists.tolist(),
+                                                                 "artist_vectors": data.artist_vectors})]
+        meta.update(design=design["design"], designs=designs)
     else:
         import faiss
 
@@ -165,6 +199,79 @@ def train_task(batch_dir: str | Path, task: str, ds: Dataset, config: Downstream
     return _register(out, task, {**meta, "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
                                  "n_train": int(len(train)), "n_valid": int(len(valid)),
                                  "files": {f.name: sha256(f) for f in files}})
+
+
+def _future_listening(data: TaskData, config: HeadConfig) -> tuple[MLPHead, dict]:
+    """Both designs, each early-stopped on the validation users; the better one by their nDCG@10.
+
+    The +history head learns from the training users twice, with their history and as new users
+    (embedded from onboarding and attributes, no history), so it serves both; the weights of the
+    history score (users with history) and the popularity prior (users without) added to its
+    logits are chosen on the validation users.
+    """
+    x, cold_x, labels, train, valid = data.x, data.cold_x, data.labels, data.train, data.valid
+    side, none = data.side, np.zeros_like(data.side[valid])
+
+    def ndcg(scores: np.ndarray) -> float:
+        return float(np.nan_to_num(future_listening.ranking_metrics(scores, labels[valid], data.history[valid])["ndcg@10"]))
+
+    plain = future_listening.fit_head(x[train], labels[train], config,
+                                      validate=lambda h: ndcg(future_listening.scores(h, x[valid])))
+    both = future_listening.fit_head(
+        np.vstack([x[train], cold_x[train]]), np.vstack([labels[train]] * 2), config,
+        np.concatenate([side[train], np.zeros_like(side[train])]),
+        lambda h: (ndcg(future_listening.scores(h, x[valid], side[valid]))
+                   + ndcg(future_listening.scores(h, cold_x[valid], none))) / 2)
+    warm = history.best_weight(future_listening.scores(both, x[valid], side[valid]),
+                               history.played_scores(data.plays[valid], data.recent[valid], data.popularity), ndcg)
+    cold = history.best_weight(future_listening.scores(both, cold_x[valid], none),
+                               history.prior(data.popularity, len(valid)), ndcg)
+    with_history = {"design": WITH_HISTORY, "history_weight": warm,
+                    "prior_weight": cold, "popularity": data.popularity.tolist()}
+    validation = {EMBEDDING: ndcg(future_listening.scores(plain, x[valid])),
+                  WITH_HISTORY: ndcg(future_listening.deployed_scores(both, with_history, x[valid], data.plays[valid],
+                                                                      data.recent[valid]))}
+    validation = {k: round(v, 6) for k, v in validation.items()}
+    if validation[WITH_HISTORY] >= validation[EMBEDDING]:
+        return both, {**with_history, "validation": validation}
+    return plain, {"design": EMBEDDING, "validation": validation}
+
+
+def _artist_preference(data: TaskData, config: DownstreamConfig) -> tuple[MLPHead, dict, dict]:
+    """Both designs (the +history head also sees the user's own history of the pair's artist),
+    early-stopped on validation pairs; the better by their AUC."""
+    x, train, valid = data.x, data.train, data.valid
+    popularity = data.labels[train].sum(axis=0) + 1.0
+    pairs = artist_preference.sample_pairs(data.labels[train], popularity, config.seed)
+    valid_pairs = _reindex(artist_preference.sample_pairs(data.labels[valid], popularity, config.seed + 1), valid)
+    head_config = artist_preference.pair_config(config.head, len(pairs[0]))
+    heads, validation = {}, {}
+    for design, side in ((EMBEDDING, None), (WITH_HISTORY, data.side)):
+        def valid_auc(head, side=side) -> float:
+            return auc(valid_pairs[2], artist_preference.scores(head, x, data.artist_vectors, valid_pairs, side))
+
+        heads[design] = artist_preference.fit_head(x[train], data.artist_vectors, pairs, head_config,
+                                                   None if side is None else side[train], valid_auc)
+        validation[design] = round(float(np.nan_to_num(valid_auc(heads[design]))), 6)
+    design = WITH_HISTORY if validation[WITH_HISTORY] >= validation[EMBEDDING] else EMBEDDING
+    return heads[design], {"design": design, "validation": validation}, {"auc": validation[design]}
+
+
+def serving_history(batch_dir: str | Path, ds: Dataset, data: TaskData):
+    """(user_ids, plays, recent) of every user of the batch as of its ``as_of`` over the batch's
+    candidate artists (sparse (users, K)): what its +history heads take when serving."""
+    from userrep.encoders import events_before
+
+    batch_dir = Path(batch_dir)
+    manifest = json.loads((batch_dir / "manifest.json").read_text())
+    space = FeatureSpace.load(batch_dir / "encoders")
+    ids, _, _ = read_embeddings(batch_dir / "embeddings.parquet")
+    as_of = to_utc(manifest["as_of"])
+    events = events_before(ds, as_of)
+    cols = space.artist_index(data.artists)
+    plays = user_artist_matrix(events, space, ids)[:, cols]
+    recent = plays if data.half_life_days is None else decayed_matrix(events, space, ids, as_of, data.half_life_days)[:, cols]
+    return ids, plays, recent
 
 
 def _register(out: Path, task: str, record: dict) -> dict:
@@ -236,9 +343,10 @@ def missing_tasks(batch_dir: str | Path) -> list[str]:
 def head_scores_auc(batch_dir: str | Path, x: np.ndarray, data: TaskData) -> float:
     """AUC of a batch's artist-preference head on embeddings ``x`` (rows of ``data``) for validation pairs."""
     head, meta = load_head(Path(batch_dir) / "downstream" / "artist_preference.pt")
-    vectors = pd.Index(meta["artists"]).get_indexer(pd.Index(data.artists))
+    columns = pd.Index(meta["artists"]).get_indexer(pd.Index(data.artists))  # data's artist -> the head's
+    vectors = np.asarray(meta["artist_vectors"], np.float32)[np.maximum(columns, 0)]
     popularity = data.labels[data.train].sum(axis=0) + 1.0
     users, artists, y = _reindex(artist_preference.sample_pairs(data.labels[data.valid], popularity, 1), data.valid)
-    known = vectors[artists] >= 0
-    return artist_preference.evaluate(head, x, meta["artist_vectors"], (users[known], vectors[artists[known]], y[known]))
-
+    known = columns[artists] >= 0
+    side = data.side if meta.get("design") == WITH_HISTORY else None
+    return artist_preference.evaluate(head, x, vectors, (users[known], artists[known], y[known]), side)

@@ -41,7 +41,7 @@ from userrep.features import (FeatureConfig, UserFeatures, build_user_features, 
 from userrep.metrics import auc, ndcg_rows
 from userrep.model import AEConfig, embed
 from userrep.split import Split, make_split
-from userrep.tasks import artist_preference, future_listening, similar_users
+from userrep.tasks import artist_preference, future_listening, history, similar_users
 from userrep.tasks._mlp import HeadConfig
 from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
@@ -52,12 +52,9 @@ WITH_HISTORY = "+history"  # suffix of the rows whose heads also see the user's 
 ABLATION_GROUPS = ("onboarding", "collab", "content", "artists", "demographics")
 MIN_COLD = 5  # fewer cold users with labels than this: the cold-start task is skipped
 MIN_TRAIN, MIN_TEST = 10, 5  # warm users needed to train heads / to score warm tasks
-PAIR_SAMPLES = 2_500_000  # training budget of the artist-preference head (pairs x epochs)
 # Below this share of label-window plays on artists already played, ranking seen artists is
 # pointless (a rating is not given twice): rank unseen artists only.
 REPEAT_NEAR_ZERO = 0.05
-HALF_LIVES = (None, 7.0, 30.0, 90.0, 365.0)  # days; the history baseline's recency decay
-BLEND_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)  # of the history score added to +history heads
 
 
 @dataclass(frozen=True)
@@ -106,8 +103,8 @@ class Context:
     test_pairs: tuple  # ... relative to test_rows
     repeat_rate: float  # share of label-window plays on artists the user played before
     unseen_only: bool  # rank unseen artists only (repeat_rate below REPEAT_NEAR_ZERO)
-    side: np.ndarray | None = None  # (users, K, 3) _side_features, set once the decay is chosen
-    history_scores: object = None  # rows -> (rows, K) the history baseline's scores, set with ``side``
+    recent: np.ndarray | None = None  # (users, K) pre-cutoff plays with the chosen recency decay
+    side: np.ndarray | None = None  # (users, K, 3) ``history.side_features``, set with ``recent``
     blends: dict = field(default_factory=dict)  # method -> the history/prior weights chosen for +history heads
 
 
@@ -159,7 +156,7 @@ def _evaluate_once(ds: Dataset, config: EvalConfig, log) -> tuple[dict, Context,
     reps["onboarding_mean"] = baselines.onboarding_mean_representation(features, space.collab.dim)
     # Head-training users seen through onboarding and attributes alone: what a cold user looks like
     # (rows follow ctx.train_rows).
-    cold_like = _cold_like(features, ctx.train_rows)
+    cold_like = features.cold_like(ctx.train_rows)
     cold_reps = {name: encode(cold_like) for name, encode in encoders.items()}
     watch.done("representations")
     direct, choices, als = _tuned_baselines(ctx, space, config)
@@ -236,27 +233,6 @@ def _context(ds: Dataset, split: Split, space, features: UserFeatures, config: E
                    pairs(test, config.seed + 1), float(repeat), bool(repeat < REPEAT_NEAR_ZERO))
 
 
-def _cold_like(features: UserFeatures, rows: np.ndarray) -> np.ndarray:
-    """Feature rows of ``rows`` with every history group at a raw 0, as for a user without history."""
-    matrix = features.matrix[rows].copy()
-    slices = features.schema.slices()
-    for name in features.schema.history_groups():
-        matrix[:, slices[name]] = 0.0
-    return matrix
-
-
-def _side_features(ctx: Context, decayed: sp.csr_matrix) -> np.ndarray:
-    """(users, K, 3): played (0/1), log(1 + plays), log(1 + recency-decayed plays).
-
-    Log scale: a user's play counts span orders of magnitude, and the head adds these linearly
-    to a logit (nDCG@10 on the held-out users of the 1,500-user test world: log counts 0.679,
-    linear shares 0.645).
-    """
-    plays = ctx.history_artists[:, ctx.top_cols].toarray().astype(np.float32)
-    recent = decayed[:, ctx.top_cols].toarray().astype(np.float32)
-    return np.stack([plays > 0, np.log1p(plays), np.log1p(recent)], axis=2).astype(np.float32)
-
-
 def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dict, baselines.ALSModel]:
     """The directly scored baselines as ``rows -> (rows, K) scores``, each choice made on the
     validation users' future-listening nDCG@10; also sets ``ctx.side`` (with the chosen decay)."""
@@ -267,10 +243,11 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
         return _valid_ndcg(ctx, scores_of(valid)) if len(valid) else 0.0
 
     half_life, decayed, by_decay = baselines.choose(
-        HALF_LIVES, lambda h: baselines.decayed_matrix(events, space, users, as_of, h),
-        lambda m: score(lambda rows: baselines.history_scores(m[rows][:, ctx.top_cols], ctx.popularity)))
-    ctx.side = _side_features(ctx, decayed)
-    ctx.history_scores = lambda rows: baselines.history_scores(decayed[rows][:, ctx.top_cols], ctx.popularity)
+        history.HALF_LIVES, lambda h: baselines.decayed_matrix(events, space, users, as_of, h),
+        lambda m: score(lambda rows: history.history_scores(m[rows][:, ctx.top_cols], ctx.popularity)))
+    ctx.recent = decayed[:, ctx.top_cols].toarray().astype(np.float32)
+    ctx.side = history.side_features(ctx.history_artists[:, ctx.top_cols].toarray(), ctx.recent)
+    history_scores = lambda rows: history.history_scores(ctx.recent[rows], ctx.popularity)  # noqa: E731
     binary = (ctx.history_artists[:, ctx.top_cols] > 0).astype(np.float32).toarray()
     ease, ease_choice = baselines.tune_ease(binary, lambda b: score(lambda rows: binary[rows] @ b))
     onboarding = _onboarding_matrix(ctx.split.train, ctx.features, space)
@@ -278,7 +255,7 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
                                          lambda m: score(lambda rows: m.scores(rows, ctx.top_cols)))
     direct = {
         "popularity": lambda rows: np.broadcast_to(ctx.popularity, (len(rows), len(ctx.popularity))),
-        "history": ctx.history_scores,
+        "history": history_scores,
         "ease": lambda rows: binary[rows] @ ease,
         "als": lambda rows: als.scores(rows, ctx.top_cols),
     }
@@ -306,15 +283,6 @@ def _onboarding_matrix(train: Dataset, features: UserFeatures, space) -> sp.csr_
     ok = artist >= 0
     return sp.csr_matrix((np.ones(ok.sum()), (static.artist_parent[ok], artist[ok])),
                          shape=(len(features.user_ids), len(space.artists)))
-
-
-def _pair_config(ctx: Context, head: HeadConfig) -> HeadConfig:
-    # Pairs outnumber users ~20x: larger batches, and at most PAIR_SAMPLES pairs seen in training
-    # (8 epochs instead of 15 on the default world: 12 s instead of 25 s per head, validation AUC
-    # -0.004 for every method; small datasets keep all their epochs).
-    n_pairs = max(len(ctx.fit_pairs[0]), 1)
-    return replace(head, batch_size=max(head.batch_size, 1024),
-                   epochs=max(1, min(head.epochs, round(PAIR_SAMPLES / n_pairs))))
 
 
 def _valid_ndcg(ctx: Context, scores: np.ndarray) -> float:
@@ -375,25 +343,20 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
         pick = lambda rows: None if side is None else side[rows]  # noqa: E731
         check = None if len(valid) < MIN_TEST else (lambda h: auc(ctx.valid_pairs[2], artist_preference.scores(
             h, x[valid], ctx.artist_vectors, ctx.valid_pairs, pick(valid))))
-        pref = artist_preference.fit_head(x[fit], ctx.artist_vectors, ctx.fit_pairs, _pair_config(ctx, config.head),
+        pref = artist_preference.fit_head(x[fit], ctx.artist_vectors, ctx.fit_pairs, artist_preference.pair_config(config.head, len(ctx.fit_pairs[0])),
                                           pick(fit), check)
         users, _, y = ctx.test_pairs
         board.add_auc("artist_preference", method, "test", users, y, artist_preference.scores(
             pref, x[test], ctx.artist_vectors, ctx.test_pairs, pick(test)))
     if len(cold) >= MIN_COLD:
         no_history = None if side is None else np.zeros((len(cold),) + side.shape[1:], np.float32)
-        scores = future_listening.scores(head, x[cold], no_history) + cold_weight * _prior(ctx, len(cold))
+        scores = future_listening.scores(head, x[cold], no_history) + cold_weight * history.prior(ctx.popularity,
+                                                                                                  len(cold))
         board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(scores, ctx.labels[cold], 10)})
 
 
-def _prior(ctx: Context, n: int) -> np.ndarray:
-    """The history score of a user without history: popularity scaled into [0, 1)."""
-    return np.broadcast_to(baselines.history_scores(np.zeros((1, len(ctx.popularity))), ctx.popularity), (n, len(ctx.popularity)))
-
-
 def _played_scores(ctx: Context, rows: np.ndarray) -> np.ndarray:
-    """The history score on the artists the user played, 0 elsewhere (the head ranks the rest)."""
-    return np.where(ctx.history[rows] > 0, ctx.history_scores(rows), 0.0)
+    return history.played_scores(ctx.side[rows, :, 0], ctx.recent[rows], ctx.popularity)
 
 
 def _blend_weights(ctx: Context, head, x_valid: np.ndarray, side_valid: np.ndarray, cold_valid: np.ndarray):
@@ -402,13 +365,10 @@ def _blend_weights(ctx: Context, head, x_valid: np.ndarray, side_valid: np.ndarr
     comes first; the head alone still ranks everything else), for the same users seen cold the
     popularity prior. Weight 0 when the head alone ranks best."""
     valid = ctx.valid_rows
-
-    def best(logits: np.ndarray, extra: np.ndarray) -> float:
-        values = [_valid_ndcg(ctx, logits + w * extra) for w in BLEND_WEIGHTS]
-        return BLEND_WEIGHTS[int(np.argmax(values))]
-
-    warm = best(future_listening.scores(head, x_valid, side_valid), _played_scores(ctx, valid))
-    cold = best(future_listening.scores(head, cold_valid, np.zeros_like(side_valid)), _prior(ctx, len(valid)))
+    score = lambda scores: _valid_ndcg(ctx, scores)  # noqa: E731
+    warm = history.best_weight(future_listening.scores(head, x_valid, side_valid), _played_scores(ctx, valid), score)
+    cold = history.best_weight(future_listening.scores(head, cold_valid, np.zeros_like(side_valid)),
+                               history.prior(ctx.popularity, len(valid)), score)
     return warm, cold
 
 

@@ -189,6 +189,15 @@ class UserFeatures:
         schema, cols = self.schema.without(drop)
         return UserFeatures(self.user_ids, self.matrix[:, cols], schema)
 
+    def cold_like(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Feature rows (all, or ``rows``) with every history group at a raw 0: the users as a new
+        user without history looks, through onboarding picks and attributes alone."""
+        matrix = (self.matrix if rows is None else self.matrix[rows]).copy()
+        slices = self.schema.slices()
+        for name in self.schema.history_groups():
+            matrix[:, slices[name]] = 0.0
+        return matrix
+
 
 def to_utc(ts, field: str = "as_of") -> pd.Timestamp:
     """A UTC timestamp; naive values are taken as UTC. Bad input names ``field``."""

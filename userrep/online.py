@@ -52,6 +52,7 @@ class OnlineBatch:
     clock: pd.Timestamp  # online "now" for feature windows
     backfilled: np.ndarray = None  # (users, d) the batch's embeddings, rows as in ``rows``
     replayed: list = None  # users whose state the event log changed at load
+    history: tuple | None = None  # (artist indices, artist ids, half-life): the heads' history features
 
     def features_now(self, user_ids):
         return state_features(self.state, user_ids, self.clock)
@@ -76,7 +77,7 @@ def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) ->
     index.add_with_ids(_normalized(vectors), np.arange(len(ids), dtype=np.int64))
     online = OnlineBatch(batch_id, as_of, space, UserAutoencoder.load(directory / "model.pt"), state, index,
                          {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)), manifest.get("snapshot") or batch_id,
-                         {}, threading.Lock(), as_of, vectors)
+                         {}, threading.Lock(), as_of, vectors, history=_history_spec(directory, space))
     replayed, touched = 0, set()
     for record in read_log(events_log):  # every write accepted so far, in order
         if record["kind"] == "events":  # older events are in the batch's own data (its as_of covers them)
@@ -89,6 +90,18 @@ def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) ->
     log(f"loaded batch {batch_id} ({len(ids)} users, {replayed} logged writes replayed) "
         f"in {time.perf_counter() - started:.1f}s")
     return online
+
+
+def _history_spec(directory: Path, space: FeatureSpace) -> tuple | None:
+    """What the batch's heads take besides the embedding: the candidate artists and the recency
+    decay of the user's history of them (from the future-listening head; None without one)."""
+    path = directory / "downstream" / "future_listening.pt"
+    if not path.exists():
+        return None
+    from userrep.downstream import load_head
+
+    _, meta = load_head(path)
+    return space.artist_index(meta["artists"]), meta["artists"], meta.get("half_life_days")
 
 
 def read_log(path: Path | None):
@@ -281,4 +294,13 @@ class OnlineService:
         table["event_timestamp"] = online.clock
         table["created"] = pd.Timestamp.now(tz="UTC")
         self.store.write_to_online_store("user_embedding", table)
+        if online.history is not None:
+            from userrep.state import artist_history
+            from userrep.store import history_table
+
+            columns, artists, half_life = online.history
+            plays, recent = artist_history(online.state, features.user_ids, online.clock, columns, half_life)
+            rows = history_table(features.user_ids, artists, plays, recent, online.batch_id, online.clock)
+            if rows.num_rows:
+                self.store.write_to_online_store("user_artist_history", rows.to_pandas())
 

@@ -127,3 +127,28 @@ def state_from_dataset(space: FeatureSpace, ds: Dataset, as_of) -> FeatureState:
     if len(events):
         apply_events(state, events)
     return state
+
+
+def artist_history(state: FeatureState, user_ids, as_of, artists: np.ndarray,
+                   half_life_days: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(plays, recent) (users, K): each user's play weight of ``artists`` (K artist indices of the
+    space), and the same with each play weighted 0.5 ** (age in days / half-life): the task
+    features of a batch's +history heads (``userrep.tasks.history``). Ages count whole days from
+    a play's day bucket; the batch computes them from timestamps (under a day apart)."""
+    column = np.full(len(state.space.artists), -1, np.int64)
+    column[np.asarray(artists, np.int64)] = np.arange(len(artists))
+    today = day_index(to_utc(as_of))
+    plays = np.zeros((len(user_ids), len(artists)), np.float64)
+    recent = np.zeros_like(plays)
+    for i, user_id in enumerate(user_ids):
+        user = state.users.get(str(user_id))
+        if user is None or not len(user.item):
+            continue
+        cols = column[state.space.item_artist[user.item]]
+        keep = cols >= 0
+        weight = user.weight[keep]
+        np.add.at(plays[i], cols[keep], weight)
+        if half_life_days is not None:
+            weight = weight * np.power(0.5, np.maximum(today - user.day[keep], 0) / half_life_days)
+        np.add.at(recent[i], cols[keep], weight)
+    return plays.astype(np.float32), recent.astype(np.float32)

@@ -6,6 +6,7 @@ Layout of a Feast home (default ``work/feast``; the Feast repo path, so the rela
     data/user_history.parquet   window features, one row per (user, snapshot)
     data/user_profile.parquet   onboarding + demographics, one row per (user, snapshot)
     data/user_embedding.parquet embeddings of every batch, keyed by (user_id, batch_id)
+    data/user_artist_history.parquet  each user's plays of a batch's candidate artists, same keys
     snapshots/SPACE_ID/         the encoders (FeatureSpace) a snapshot's vectors were computed with
     registry.db, online.db      Feast registry and SQLite online store (Redis with the redis profile)
 
@@ -35,6 +36,8 @@ from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, build_us
 
 PROFILE_GROUPS = ("onboarding", "demographics")
 EMBEDDING_FIELDS = ["user_embedding:embedding", "user_embedding:embedding_batch"]
+HISTORY_FIELDS = ["user_artist_history:artists", "user_artist_history:plays", "user_artist_history:recent",
+                  "user_artist_history:history_batch"]
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,10 @@ def definitions(home: Path) -> list:
 
     objects = copy.deepcopy([  # one deepcopy: views keep pointing at the (copied) sources in this list
         entities.user, entities.batch, data_sources.user_history_source, data_sources.user_profile_source,
-        data_sources.user_embedding_source, data_sources.user_history_push, data_sources.user_embedding_push,
-        features.user_history, features.user_profile, features.user_embedding, feature_services.training_features])
+        data_sources.user_embedding_source, data_sources.user_artist_history_source, data_sources.user_history_push,
+        data_sources.user_embedding_push, data_sources.user_artist_history_push, features.user_history,
+        features.user_profile, features.user_embedding, features.user_artist_history,
+        feature_services.training_features])
     for obj in objects:
         if isinstance(obj, FileSource) and not Path(obj.path).is_absolute():
             obj.file_options.uri = str(Path(home).resolve() / obj.path)
@@ -271,3 +276,60 @@ def online_embeddings(store, user_ids, batch_id: str) -> tuple[np.ndarray, np.nd
         if v is not None:
             vectors[i] = v
     return vectors, found
+
+
+def history_table(user_ids, artists, plays, recent, batch_id: str, as_of) -> pa.Table:
+    """Rows of ``user_artist_history``: per user with a play among ``artists`` (K,), the artists
+    played with their ``plays`` and ``recent`` values ((users, K), dense or sparse; users without
+    a play have no row)."""
+    import scipy.sparse as sp
+
+    plays = sp.csr_matrix(plays, dtype=np.float32)
+    plays.eliminate_zeros()
+    plays.sort_indices()
+    users = np.repeat(np.arange(plays.shape[0]), np.diff(plays.indptr))
+    recent_at = (np.asarray(sp.csr_matrix(recent, dtype=np.float32)[users, plays.indices], np.float32).ravel()
+                 if len(users) else np.zeros(0, np.float32))
+    has = np.flatnonzero(np.diff(plays.indptr) > 0)
+    n = len(has)
+
+    def lists(values: np.ndarray, kind) -> pa.Array:
+        offsets = pa.array(plays.indptr[np.r_[has, has[-1] + 1]] if n else [0], pa.int32())
+        flat = values[plays.indptr[has[0]]:plays.indptr[has[-1] + 1]] if n else values[:0]
+        return pa.ListArray.from_arrays(pa.compute.subtract(offsets, offsets[0]), pa.array(flat, kind))
+
+    now = pd.Timestamp(datetime.now(timezone.utc))
+    return pa.table({"user_id": pa.array(np.asarray(user_ids, dtype=object)[has].astype(str), pa.string()),
+                     "batch_id": pa.array([batch_id] * n, pa.string()),
+                     "event_timestamp": pa.array([to_utc(as_of)] * n, pa.timestamp("us", tz="UTC")),
+                     "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+                     "artists": lists(np.asarray(artists, dtype=object)[plays.indices].astype(str), pa.string()),
+                     "plays": lists(plays.data, pa.float32()),
+                     "recent": lists(recent_at, pa.float32()),
+                     "history_batch": pa.array([batch_id] * n, pa.string())})
+
+
+def publish_history(store, config: StoreConfig, table: pa.Table, batch_id: str) -> int:
+    """Write one batch's ``user_artist_history`` rows offline (keyed by batch) and online."""
+    _upsert(Path(config.home) / "data" / "user_artist_history.parquet", table, "batch_id", batch_id)
+    if table.num_rows:
+        store.write_to_online_store("user_artist_history", table.to_pandas())
+    return table.num_rows
+
+
+def online_history(store, user_ids, batch_id: str, artists) -> tuple[np.ndarray, np.ndarray]:
+    """(plays, recent) (users, K) over ``artists`` for users of one batch (zeros: no history)."""
+    rows = [{"user_id": str(u), "batch_id": batch_id} for u in user_ids]
+    got = store.get_online_features(features=HISTORY_FIELDS, entity_rows=rows).to_dict()
+    column = {a: i for i, a in enumerate(artists)}
+    plays, recent = np.zeros((2, len(rows), len(column)), np.float32)
+    for i, (names, stamp) in enumerate(zip(got["artists"], got["history_batch"])):
+        if names is None:
+            continue
+        if stamp != batch_id:
+            raise RuntimeError(f"batch_id: online store returned history of batch {stamp} for a read of {batch_id}")
+        cols = np.array([column.get(a, -1) for a in names], np.int64)
+        keep = cols >= 0
+        plays[i, cols[keep]] = np.asarray(got["plays"][i], np.float32)[keep]
+        recent[i, cols[keep]] = np.asarray(got["recent"][i], np.float32)[keep]
+    return plays, recent

@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 
 from userrep.data import load_dataset
 

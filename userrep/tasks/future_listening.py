@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from userrep.metrics import ndcg_rows, recall_rows
+from userrep.tasks import history
 from userrep.tasks._mlp import HeadConfig, MLPHead, fit_mlp, predict
 
 
@@ -36,3 +37,18 @@ def ranking_metrics(scores: np.ndarray, labels: np.ndarray, history: np.ndarray,
     """The means of ``ranking_rows`` over users with a relevant artist."""
     return {name: float(np.nanmean(rows)) if np.isfinite(rows).any() else float("nan")
             for name, rows in ranking_rows(scores, labels, history, unseen_only).items()}
+
+
+def deployed_scores(head: MLPHead, meta: dict, x: np.ndarray, plays: np.ndarray | None = None,
+                    recent: np.ndarray | None = None) -> np.ndarray:
+    """Ranking scores of a batch's future-listening head as it was deployed (``meta``: the head's
+    saved meta). An ``embedding+history`` head takes the users' ``plays`` / ``recent`` (users, K)
+    over its artists; without them (or all zero) a user is scored as one without history."""
+    if meta.get("design") != history.WITH_HISTORY:
+        return scores(head, x)
+    zeros = np.zeros((len(x), head.out.out_features), np.float32)
+    plays = zeros if plays is None else np.asarray(plays, np.float32)
+    recent = plays if recent is None else np.asarray(recent, np.float32)
+    logits = scores(head, x, history.side_features(plays, recent))
+    return history.blended(logits, plays, recent, np.asarray(meta["popularity"], np.float32),
+                           meta["history_weight"], meta["prior_weight"])

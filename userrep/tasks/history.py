@@ -1,0 +1,68 @@
+"""The user's own history of each candidate artist: the task features a deployed head takes next to
+the embedding (``+history`` rows in ``userrep evaluate``, the ``embedding+history`` design of a
+batch's downstream models), and the history score blended into its ranking.
+
+One owner for these definitions: ``userrep.evaluate`` measures the design with them, a batch's
+downstream models train with them, and serving scores with them, so what is measured is what runs.
+
+Inputs are two (users, K) matrices over the K candidate artists: ``plays`` (summed play weight
+before the reference time) and ``recent`` (the same with each play weighted 0.5 ** (age in days /
+half-life); ``recent = plays`` without decay).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+HALF_LIVES = (None, 7.0, 30.0, 90.0, 365.0)  # days; recency decays tried, the best on validation users kept
+BLEND_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)  # of the history score added to a +history head
+WITH_HISTORY = "embedding+history"  # the design of a batch's heads that take these features
+
+
+def side_features(plays: np.ndarray, recent: np.ndarray) -> np.ndarray:
+    """(users, K, 3): played (0/1), log(1 + plays), log(1 + recency-decayed plays).
+
+    Log scale: a user's play counts span orders of magnitude, and the head adds these linearly
+    to a logit (nDCG@10 on the held-out users of the 1,500-user test world: log counts 0.679,
+    linear shares 0.645).
+    """
+    plays, recent = np.asarray(plays, np.float32), np.asarray(recent, np.float32)
+    return np.stack([plays > 0, np.log1p(plays), np.log1p(recent)], axis=2).astype(np.float32)
+
+
+def history_scores(recent: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+    """Past artists first, by decayed play weight, then the rest by popularity (all in (0, 2])."""
+    played = np.asarray(recent.toarray() if hasattr(recent, "toarray") else recent)
+    top = played.max(axis=1, keepdims=True)
+    fill = popularity / max(float(popularity.max()), 1e-12) * 0.999
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(played > 0, 1.0 + played / np.where(top > 0, top, 1.0), fill[None, :]).astype(np.float32)
+
+
+def played_scores(plays: np.ndarray, recent: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+    """The history score on the artists the user played, 0 elsewhere (the head ranks the rest)."""
+    return np.where(np.asarray(plays) > 0, history_scores(recent, popularity), 0.0).astype(np.float32)
+
+
+def prior(popularity: np.ndarray, n: int) -> np.ndarray:
+    """The history score of a user without history: popularity scaled into [0, 1)."""
+    return np.broadcast_to(history_scores(np.zeros((1, len(popularity))), popularity), (n, len(popularity)))
+
+
+def best_weight(logits: np.ndarray, extra: np.ndarray, score: Callable[[np.ndarray], float]) -> float:
+    """The blend weight w of ``logits + w * extra`` that ``score`` (validation users) likes best."""
+    values = [score(logits + w * extra) for w in BLEND_WEIGHTS]
+    return BLEND_WEIGHTS[int(np.argmax(values))]
+
+
+def blended(logits: np.ndarray, plays: np.ndarray, recent: np.ndarray, popularity: np.ndarray,
+            history_weight: float, prior_weight: float) -> np.ndarray:
+    """A +history head's ranking scores: its logits plus, for users with history among the
+    candidates, the weighted history score of the artists they played, and for users without,
+    the weighted popularity prior (the weights were chosen on validation users)."""
+    warm = (np.asarray(plays) > 0).any(axis=1, keepdims=True)
+    extra = np.where(warm, history_weight * played_scores(plays, recent, popularity),
+                     prior_weight * prior(popularity, len(logits)))
+    return (logits + extra).astype(np.float32)
