@@ -20,17 +20,36 @@ IMAGE = "userrep:0.1.0"  # replaced by `userrep pipeline compile --image`
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def plan_batch(data: str, as_of: str, batch_root: str, feast_home: str, online: str, redis: str, dim: int,
-               epochs: int, workers: int, label_days: int) -> NamedTuple("Plan", [("batch_id", str), ("as_of", str)]):
-    """The batch id (deterministic: data fingerprint, as_of, settings) before anything runs, so the
-    exit handler knows which batch to mark failed."""
+               epochs: int, workers: int, label_days: int, tune: bool = False
+               ) -> NamedTuple("Plan", [("batch_id", str), ("as_of", str)]):
+    """The batch id (deterministic: data fingerprint, as_of, settings, the tune step's choice)
+    before the batch is built, so the exit handler knows which batch to mark failed."""
     from collections import namedtuple
 
     from userrep.jobs import FitSpec
 
     spec = FitSpec(data=data, as_of=as_of, batch_root=batch_root, feast_home=feast_home, online=online, redis=redis,
-                   dim=dim, epochs=epochs, workers=workers, label_days=label_days)
+                   dim=dim, epochs=epochs, workers=workers, label_days=label_days, tune=tune)
     _, batch_id, as_of_iso = spec.batch_dir_and_id()
     return namedtuple("Plan", ["batch_id", "as_of"])(batch_id, as_of_iso)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def tune_settings(data: str, as_of: str, batch_root: str, tune: bool, budget_s: float, choice: Output[Metrics]) -> str:
+    """Ray Tune (ASHA) on a validation split of the events before `as_of`: the batch's autoencoder
+    and head settings (`userrep.tune`). Off (`tune=False`) it returns at once and the batch uses
+    the pipeline's dim/epochs. Returns where the choice was written."""
+    from userrep.jobs import FitSpec
+    from userrep.tune import TuneConfig, tune_dataset
+
+    if not tune:
+        return ""
+    spec = FitSpec(data=data, as_of=as_of, batch_root=batch_root, tune=True)
+    path = spec.tuned_path()
+    record = tune_dataset(data, path.parent, TuneConfig(budget_s=budget_s), as_of=spec.resolved_as_of())
+    for name, value in record["best"].items():
+        choice.log_metric(name, float(value))
+    return str(path)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -51,7 +70,7 @@ def materialize_features(data: str, as_of: str, feast_home: str, online: str, re
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def fit_encoder(data: str, as_of: str, snapshot_id: str, batch_root: str, batch_id: str, feast_home: str,
                 online: str, redis: str, dim: int, epochs: int, workers: int, label_days: int, ray_address: str,
-                rayjob_namespace: str, model: Output[Model]) -> str:
+                rayjob_namespace: str, model: Output[Model], tune: bool = False) -> str:
     """Training set from the Feast snapshot -> autoencoder (Ray Train); returns the batch id.
 
     `ray_address` (a RayCluster's Job Submission API) or `rayjob_namespace` (create a RayJob with
@@ -65,7 +84,7 @@ def fit_encoder(data: str, as_of: str, snapshot_id: str, batch_root: str, batch_
 
     spec = FitSpec(data=data, as_of=as_of, snapshot_id=snapshot_id, batch_root=batch_root, batch_id=batch_id,
                    feast_home=feast_home, online=online, redis=redis, dim=dim, epochs=epochs, workers=workers,
-                   label_days=label_days)
+                   label_days=label_days, tune=tune)
     record = run_fit(spec, ray_address=ray_address, rayjob_namespace=rayjob_namespace)
     out = Path(batch_root) / record["batch_id"]
     shutil.copyfile(out / "model.pt", model.path)
@@ -162,7 +181,8 @@ def promote_batch(batch_root: str, batch_id: str) -> str:
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finalize_batch(data: str, as_of: str, batch_root: str, feast_home: str, online: str, redis: str, dim: int,
-                   epochs: int, workers: int, label_days: int, status: dsl.PipelineTaskFinalStatus) -> str:
+                   epochs: int, workers: int, label_days: int, status: dsl.PipelineTaskFinalStatus,
+                   tune: bool = False) -> str:
     """Exit handler: a run that did not succeed marks its batch failed, so it can never be promoted.
 
     An exit task may not consume other tasks' outputs, so it derives the (deterministic) batch id
@@ -174,7 +194,7 @@ def finalize_batch(data: str, as_of: str, batch_root: str, feast_home: str, onli
     if status.state == "SUCCEEDED":
         return status.state
     spec = FitSpec(data=data, as_of=as_of, batch_root=batch_root, feast_home=feast_home, online=online, redis=redis,
-                   dim=dim, epochs=epochs, workers=workers, label_days=label_days)
+                   dim=dim, epochs=epochs, workers=workers, label_days=label_days, tune=tune)
     try:
         out, batch_id, _ = spec.batch_dir_and_id()
     except Exception as exc:  # the data itself was unreadable: no batch was started

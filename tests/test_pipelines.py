@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import yaml
 
-from components.batch import finalize_batch, plan_batch
+from components.batch import finalize_batch, plan_batch, tune_settings
 from pipelines.runner import compile_pipelines, run_local
 from userrep import batches
 from userrep.jobs import FitSpec, rayjob_manifest, submit_rayjob
@@ -269,3 +270,32 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_tune_step_chooses_settings_that_plan_fit_and_exit_handler_all_use(small_world, tmp_path):
+    from kfp.dsl import Metrics
+
+    settings = dict(data=str(small_world), as_of="2026-05-01", batch_root=str(tmp_path), feast_home=str(tmp_path / "f"),
+                    online="sqlite", redis="127.0.0.1:6379", dim=16, epochs=3, workers=0, label_days=28)
+    off = tune_settings.python_func(data=settings["data"], as_of="2026-05-01", batch_root=str(tmp_path), tune=False,
+                                    budget_s=10.0, choice=Metrics(name="c", uri=str(tmp_path / "c0")))
+    assert off == "" and not (tmp_path / "_tuning").exists()
+    choice = Metrics(name="c", uri=str(tmp_path / "c1"))
+    path = Path(tune_settings.python_func(data=settings["data"], as_of="2026-05-01", batch_root=str(tmp_path),
+                                          tune=True, budget_s=10.0, choice=choice))
+    record = json.loads(path.read_text())
+    validation = record["validation"]  # every score came from events before the batch's as_of
+    assert validation["history_before"] == "2026-05-01T00:00:00+00:00"
+    assert pd.Timestamp(validation["newest_event"]) < pd.Timestamp("2026-05-01", tz="UTC")
+    assert choice.metadata["latent"] == record["best"]["latent"]
+    spec = FitSpec(**settings, tune=True)
+    config = spec.build_config()
+    assert config.ae.latent == record["best"]["latent"] and config.downstream.head.hidden == record["best"]["hidden"]
+    assert config.tuned["from"] == str(path)
+    tuned_plan = plan_batch.python_func(**settings, tune=True)
+    assert tuned_plan.batch_id == spec.batch_dir_and_id()[1] != plan_batch.python_func(**settings).batch_id
+    (tmp_path / tuned_plan.batch_id).mkdir()
+    failed = SimpleNamespace(state="FAILED", error_message="fit-encoder: OOM", pipeline_job_resource_name="run-3")
+    finalize_batch.python_func(**settings, status=failed, tune=True)  # the exit handler finds the same batch
+    assert (tmp_path / tuned_plan.batch_id / "FAILED.json").exists()

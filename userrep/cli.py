@@ -198,15 +198,12 @@ def train(
 
     ae, head, choice = AEConfig(latent=dim, epochs=epochs, seed=seed), HeadConfig(seed=seed), None
     if tuned is not None:
-        from userrep.tune import tuned_configs
+        from userrep.tune import tuned_settings
 
         if not tuned.is_file():
             _error("error", f"--tuned {tuned}: no such file (write it with `userrep tune`)")
             raise typer.Exit(code=1)
-        record = json.loads(tuned.read_text())
-        tuned_ae, tuned_head = tuned_configs(record)
-        ae, head = replace(tuned_ae, seed=seed), replace(tuned_head, seed=seed)
-        choice = {"from": str(tuned), **record["best"]}
+        ae, head, choice = tuned_settings(tuned, seed)
     config = BuildConfig(features=FeatureConfig(seed=seed), ae=ae, workers=workers, resume=resume,
                          feast=StoreConfig(home=feast_home) if feast else None,
                          downstream=DownstreamConfig(label_days=label_days, head=head, seed=seed) if downstream else None,
@@ -483,6 +480,9 @@ def pipeline_run(
     label_days: Annotated[int, typer.Option(min=1, help="Downstream label window (days).")] = 28,
     ray_address: Annotated[str, typer.Option(help="Ray Job Submission API of a RayCluster (fit runs there).")] = "",
     rayjob: Annotated[str, typer.Option(help="Namespace to create a KubeRay RayJob in for the fit.")] = "",
+    tune: Annotated[bool, typer.Option(help="Tune the autoencoder and head settings first (Ray Tune on a validation "
+                                            "split of the history; replaces --dim/--epochs; recorded in the manifest).")] = False,
+    tune_budget: Annotated[float, typer.Option(min=1, help="Seconds after which the tune step starts no new trial.")] = 180.0,
 ) -> None:
     """Run a pipeline embedded with kfp.local (SubprocessRunner): each step's progress on the console."""
     from pipelines.runner import run_local
@@ -494,7 +494,7 @@ def pipeline_run(
     params = dict(data=str(data), as_of=as_of, batch_root=str(work / "batches"), feast_home=str(work / "feast"))
     if pipeline == "training":
         params.update(dim=dim, epochs=epochs, workers=workers, label_days=label_days, ray_address=ray_address,
-                      rayjob_namespace=rayjob)
+                      rayjob_namespace=rayjob, tune=tune, tune_budget_s=tune_budget)
     try:
         outcome = run_local(pipeline, work, **params)
     except RuntimeError as exc:  # kfp.local: a step failed; its log is above

@@ -343,15 +343,15 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
         pick = lambda rows: None if side is None else side[rows]  # noqa: E731
         check = None if len(valid) < MIN_TEST else (lambda h: auc(ctx.valid_pairs[2], artist_preference.scores(
             h, x[valid], ctx.artist_vectors, ctx.valid_pairs, pick(valid))))
-        pref = artist_preference.fit_head(x[fit], ctx.artist_vectors, ctx.fit_pairs, artist_preference.pair_config(config.head, len(ctx.fit_pairs[0])),
-                                          pick(fit), check)
+        pair_config = artist_preference.pair_config(config.head, len(ctx.fit_pairs[0]))
+        pref = artist_preference.fit_head(x[fit], ctx.artist_vectors, ctx.fit_pairs, pair_config, pick(fit), check)
         users, _, y = ctx.test_pairs
         board.add_auc("artist_preference", method, "test", users, y, artist_preference.scores(
             pref, x[test], ctx.artist_vectors, ctx.test_pairs, pick(test)))
     if len(cold) >= MIN_COLD:
         no_history = None if side is None else np.zeros((len(cold),) + side.shape[1:], np.float32)
-        scores = future_listening.scores(head, x[cold], no_history) + cold_weight * history.prior(ctx.popularity,
-                                                                                                  len(cold))
+        prior = history.prior(ctx.popularity, len(cold))
+        scores = future_listening.scores(head, x[cold], no_history) + cold_weight * prior
         board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(scores, ctx.labels[cold], 10)})
 
 

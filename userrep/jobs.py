@@ -34,6 +34,7 @@ class FitSpec:
     workers: int = 2
     label_days: int = 28
     seed: int = 0
+    tune: bool = False  # settings from the tune step's choice (``tuned_path``) instead of dim/epochs
 
     def build_config(self):
         from userrep.build import BuildConfig
@@ -41,19 +42,43 @@ class FitSpec:
         from userrep.features import FeatureConfig
         from userrep.model import AEConfig
         from userrep.store import store_config
+        from userrep.tasks._mlp import HeadConfig
 
-        return BuildConfig(features=FeatureConfig(seed=self.seed), ae=AEConfig(latent=self.dim, epochs=self.epochs,
-                                                                               seed=self.seed),
-                           workers=self.workers, feast=store_config(self.feast_home, self.online, self.redis),
-                           downstream=DownstreamConfig(label_days=self.label_days, seed=self.seed))
+        ae, head, choice = AEConfig(latent=self.dim, epochs=self.epochs, seed=self.seed), HeadConfig(seed=self.seed), None
+        if self.tune:
+            from userrep.tune import tuned_settings
 
-    def batch_dir_and_id(self) -> tuple[Path, str, str]:
-        """(batch dir, batch id, as_of ISO): what a run of this spec writes."""
-        from userrep.build import data_fingerprint, default_as_of, default_batch_id
+            ae, head, choice = tuned_settings(self.tuned_path(), self.seed)
+        return BuildConfig(features=FeatureConfig(seed=self.seed), ae=ae, workers=self.workers,
+                           feast=store_config(self.feast_home, self.online, self.redis),
+                           downstream=DownstreamConfig(label_days=self.label_days, head=head, seed=self.seed),
+                           tuned=choice)
+
+    def resolved_as_of(self):
+        from userrep.build import default_as_of
         from userrep.data import load_dataset
         from userrep.features import to_utc
 
-        as_of = to_utc(self.as_of) if self.as_of else default_as_of(load_dataset(self.data))
+        return to_utc(self.as_of) if self.as_of else default_as_of(load_dataset(self.data))
+
+    def tuned_path(self) -> Path:
+        """Where the tune step writes its choice for this data, cut-off and seed: a fixed place,
+        so the plan step, the fit and the exit handler all derive the same settings and batch id."""
+        import hashlib
+
+        from userrep.build import data_fingerprint
+
+        as_of = self.resolved_as_of()
+        key = json.dumps({"data": data_fingerprint(self.data), "as_of": as_of.isoformat(), "seed": self.seed},
+                         sort_keys=True)
+        return Path(self.batch_root) / "_tuning" / f"{as_of:%Y%m%d}-{hashlib.sha256(key.encode()).hexdigest()[:8]}" \
+            / "tuned.json"
+
+    def batch_dir_and_id(self) -> tuple[Path, str, str]:
+        """(batch dir, batch id, as_of ISO): what a run of this spec writes."""
+        from userrep.build import data_fingerprint, default_batch_id
+
+        as_of = self.resolved_as_of()
         batch_id = self.batch_id or default_batch_id(as_of, data_fingerprint(self.data), self.build_config())
         return Path(self.batch_root) / batch_id, batch_id, as_of.isoformat()
 

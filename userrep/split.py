@@ -114,5 +114,11 @@ def _held_out_split(ds: Dataset, holdout: float, keys: np.ndarray, kind: str, wh
     return Split(kind, None, as_of, _with_events(ds, train_events), future, note)
 
 
+def history_before(ds: Dataset, as_of) -> Dataset:
+    """The dataset with its events before ``as_of`` only (what a batch as of that time may see)."""
+    cutoff = pa.scalar(to_utc(as_of), pa.timestamp("us", tz="UTC"))
+    return _with_events(ds, ds.events.filter(pc.less(ds.events.column("ts"), cutoff)))
+
+
 def _with_events(ds: Dataset, events: pa.Table) -> Dataset:
     return Dataset(ds.path, events, ds.items, ds.users, ds.pairs, ds.notes)

@@ -55,6 +55,17 @@ def tuned_configs(tuned: dict):
     return ae, HeadConfig(hidden=best["hidden"], weight_decay=best["weight_decay"])
 
 
+def tuned_settings(path: str | Path, seed: int):
+    """(AEConfig, HeadConfig, choice) of a batch built with the tuned.json at ``path``; the choice
+    (the file and the best trial) goes into the batch manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tuned: {path}: no such file (write it with `userrep tune` or the pipeline's tune step)")
+    record = json.loads(path.read_text())
+    ae, head = tuned_configs(record)
+    return replace(ae, seed=seed), replace(head, seed=seed), {"from": str(path), **record["best"]}
+
+
 def _defaults() -> dict:
     """The untuned settings, as a point of ``SPACE``."""
     from userrep.model import AEConfig
@@ -93,8 +104,12 @@ def _trial(params: dict, data: dict) -> None:
 
 
 def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneConfig(), split: str = "auto",
-                 cutoff: str | None = None, log=print) -> dict:
-    """Search ``SPACE`` with ASHA on the inner validation split; write and return ``OUT/tuned.json``."""
+                 cutoff: str | None = None, log=print, as_of=None) -> dict:
+    """Search ``SPACE`` with ASHA on the inner validation split; write and return ``OUT/tuned.json``.
+
+    ``as_of`` (for a batch as of that time): the events before it are the history, split once;
+    there is no outer evaluation split to keep out (a batch has no test users).
+    """
     from ray import tune
     from ray.tune import Callback
     from ray.tune.schedulers import ASHAScheduler
@@ -102,14 +117,19 @@ def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneCon
 
     from userrep.evaluate import EvalConfig, prepare
     from userrep.raylocal import ray_session
-    from userrep.split import make_split
+    import pandas as pd
+    import pyarrow.compute as pc
+
+    from userrep.features import to_utc
+    from userrep.split import history_before, make_split
 
     started = time.monotonic()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new output engine draws boxes even at verbose=0
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    outer = make_split(load_dataset(data), cutoff, config.seed, kind=split)
-    ctx, _ = prepare(outer.train, EvalConfig(split=split, seed=config.seed))  # history only, split again
+    ds = load_dataset(data)
+    history = history_before(ds, as_of) if as_of is not None else make_split(ds, cutoff, config.seed, kind=split).train
+    ctx, _ = prepare(history, EvalConfig(split=split, seed=config.seed))  # history only, split again
     if len(ctx.train_rows) < 10 or len(ctx.test_rows) < 5:
         raise ValueError(f"data: too few warm users in the validation split ({len(ctx.train_rows) + len(ctx.test_rows)})")
     log(f"validation split of the history: {ctx.split.note}; {len(ctx.train_rows):,} head-training / "
@@ -149,7 +169,9 @@ def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneCon
     if not trials:
         raise RuntimeError(f"tune: no trial reported a score (see {out / 'ray_results'})")
     trials.sort(key=lambda t: -t["ndcg@10"])
-    record = {"best": trials[0], "trials": trials, "validation": {"split": ctx.split.note,
+    record = {"best": trials[0], "trials": trials, "validation": {
+              "split": ctx.split.note, "history_before": None if as_of is None else to_utc(as_of).isoformat(),
+              "newest_event": pd.Timestamp(pc.max(ctx.split.future.column("ts")).as_py()).isoformat(),
               "head_training_users": int(len(ctx.train_rows)), "validation_users": int(len(ctx.test_rows))},
               "config": asdict(config), "seconds": round(time.monotonic() - started, 1)}
     (out / "tuned.json").write_text(json.dumps(record, indent=2))
