@@ -24,6 +24,8 @@ MAX_EVENTS = 1000
 
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # The client's idempotency key: an event_id accepted before is acknowledged, never applied twice.
+    event_id: str | None = Field(default=None, min_length=1, max_length=128)
     user_id: str = Field(min_length=1, max_length=256)
     item_id: str = Field(min_length=1, max_length=256)
     ts: datetime
@@ -112,7 +114,9 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
     @api.post("/events", openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
         "oneOf": [Event.model_json_schema(), {"type": "array", "items": Event.model_json_schema()}]}}}}})
     async def post_events(request: Request):
-        """One event or a list of events: logged durably, applied, re-embedded, pushed online."""
+        """One event or a list of events: logged durably, applied, re-embedded, pushed online. An
+        event whose `event_id` was accepted before is acknowledged (`duplicates`) and not applied;
+        a `ts` later than the server's clock plus its allowed skew (1 h) is a 422 naming it."""
         try:
             raw = json.loads(await request.body())
         except ValueError as exc:
@@ -127,7 +131,7 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
                       for e in exc.errors()]
             text = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
             return _reply({"error": text, "errors": errors[:20], "batch_id": batch_id()}, 422)
-        rows = [{"user_id": e.user_id, "item_id": e.item_id, "weight": e.weight,
+        rows = [{"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "weight": e.weight,
                  "ts": (e.ts if e.ts.tzinfo else e.ts.replace(tzinfo=timezone.utc)).isoformat()} for e in events]
         return _reply(await run_in_threadpool(holder.service.post_events, rows))
 

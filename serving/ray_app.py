@@ -20,17 +20,19 @@ api = create_app(Holder)
 @serve.ingress(api)
 class EmbeddingService:
     def __init__(self, batch_root: str, feast_home: str | None, online: str = "sqlite", redis: str = "127.0.0.1:6379",
-                 events_log: str | None = None, watch_s: float = 1.0):
-        from userrep.online import OnlineService
+                 events_log: str | None = None, watch_s: float = 1.0, max_future_s: float | None = None):
+        from userrep.online import MAX_FUTURE_S, OnlineService
         from userrep.store import store_config
 
         store = store_config(feast_home, online, redis) if feast_home else None
-        Holder.service = OnlineService(Path(batch_root), store, events_log)
+        Holder.service = OnlineService(Path(batch_root), store, events_log,
+                                       max_future_s=MAX_FUTURE_S if max_future_s is None else max_future_s)
         Holder.service.watch(watch_s)  # reload when SERVING.json changes
 
 
 def application(args: dict):
     """Serve's application builder (`import_path: serving.ray_app:application` + `args` in a
-    RayService's serveConfigV2); keys: batch_root, feast_home, online, redis, events_log, watch_s."""
+    RayService's serveConfigV2); keys: batch_root, feast_home, online, redis, events_log, watch_s,
+    max_future_s (how far past the server's clock an event's ts may lie; default 1 h)."""
     args = dict(args)
     return EmbeddingService.bind(args.pop("batch_root"), args.pop("feast_home", None), **args)

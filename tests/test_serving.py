@@ -173,6 +173,17 @@ def test_an_event_updates_the_embedding_like_a_batch_recomputation(served):
     assert any(r["kind"] == "events" and r["events"][0]["user_id"] == user for r in logged)  # durable before the reply
 
 
+def test_a_retried_event_is_acknowledged_again_and_applied_once(served):
+    event = {"event_id": "retry-test-1", "user_id": "u0000011", "item_id": "t0000042", "ts": "2026-07-03T09:30:00Z"}
+    status, _, first = call(f"{served.api}/events", event)
+    assert status == 200 and first["accepted"] == 1 and first["duplicates"] == []
+    status, _, again = call(f"{served.api}/events", [event])  # the client's retry after a lost reply
+    assert status == 200 and again["accepted"] == 0 and again["duplicates"] == ["retry-test-1"]
+    logged = [e for line in (served.work / "online" / "events.jsonl").read_text().splitlines()
+              for e in json.loads(line).get("events", []) if e.get("event_id") == "retry-test-1"]
+    assert len(logged) == 1
+
+
 def test_a_new_user_gets_an_embedding_and_recommendations_at_once(served):
     status, headers, body = call(f"{served.api}/users", {"user_id": "newcomer-1", "onboarding_artists": ["a000016"],
                                                          "onboarding_genres": ["rock"], "attributes": {"country": "SE"}})
@@ -220,6 +231,10 @@ BAD_API = [
     ("negative weight", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": -1},
      "weight"),
     ("bad timestamp", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "yesterday"}, "ts"),
+    ("far-future timestamp", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "2099-01-01T00:00:00Z"},
+     "events[0].ts"),
+    ("empty event_id", "/events", {"event_id": "", "user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01"},
+     "event_id"),
     ("unknown item", "/events", {"user_id": "u0000001", "item_id": "no-such-item", "ts": "2026-07-01"}, "item_id"),
     ("empty list", "/events", [], "events"),
     ("oversized body", "/events", b"[" + b" " * (2 << 20) + b"]", "body"),

@@ -6,9 +6,13 @@ one batch finishes on it: no response mixes batches. ``OnlineService`` owns the 
 log, the current ``OnlineBatch`` and the reload when ``SERVING.json`` changes; a new batch's
 state is its dataset as of its ``as_of`` plus a replay of every accepted event in the log.
 
-Online time: features are computed as of the later of the batch's ``as_of`` and the midnight
-after the newest accepted event, which is what a batch recomputation of the same history at
-that time gives.
+Online time, per user: a user's features are computed as of the later of the batch's ``as_of``
+and the midnight after that user's newest accepted event, which is what a batch recomputation of
+the same history at that time gives (``userrep.state.user_clocks``). No client can move another
+user's windows, and an event dated later than now plus ``max_future_s`` is refused naming ``ts``.
+
+Idempotency: an event may carry a client ``event_id``; an id already accepted (in this process or
+in the durable log before it) is acknowledged again and never applied twice.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from userrep.batches import batch_dir, read_pointer
 from userrep.data import load_dataset
 from userrep.features import FeatureSpace, to_utc
 from userrep.model import UserAutoencoder, embed
-from userrep.state import FeatureState, apply_events, register_user, state_features, state_from_dataset
+from userrep.state import FeatureState, apply_events, register_user, state_features_at, state_from_dataset, user_clocks
+
+MAX_FUTURE_S = 3600.0  # default: how far past the server's clock an event's ts may lie (client clock skew)
 
 
 class UnknownUser(KeyError):
@@ -49,13 +55,15 @@ class OnlineBatch:
     space_id: str  # the snapshot the batch's features come from (stamped on pushed feature rows)
     vectors: dict  # user_id -> (embedding, updated_at) for users changed online
     lock: threading.Lock
-    clock: pd.Timestamp  # online "now" for feature windows
     backfilled: np.ndarray = None  # (users, d) the batch's embeddings, rows as in ``rows``
     replayed: list = None  # users whose state the event log changed at load
     history: tuple | None = None  # (artist indices, artist ids, half-life): the heads' history features
 
+    def clocks(self, user_ids) -> list[pd.Timestamp]:
+        return user_clocks(self.state, user_ids, self.as_of)
+
     def features_now(self, user_ids):
-        return state_features(self.state, user_ids, self.clock)
+        return state_features_at(self.state, user_ids, self.clocks(user_ids))
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
@@ -77,7 +85,7 @@ def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) ->
     index.add_with_ids(_normalized(vectors), np.arange(len(ids), dtype=np.int64))
     online = OnlineBatch(batch_id, as_of, space, UserAutoencoder.load(directory / "model.pt"), state, index,
                          {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)), manifest.get("snapshot") or batch_id,
-                         {}, threading.Lock(), as_of, vectors, history=_history_spec(directory, space))
+                         {}, threading.Lock(), vectors, history=_history_spec(directory, space))
     replayed, touched = 0, set()
     for record in read_log(events_log):  # every write accepted so far, in order
         if record["kind"] == "events":  # older events are in the batch's own data (its as_of covers them)
@@ -113,26 +121,19 @@ def read_log(path: Path | None):
                 yield json.loads(line)
 
 
-def _day_after(ts: pd.Timestamp) -> pd.Timestamp:
-    return (ts + pd.Timedelta(microseconds=1)).ceil("D")
-
-
 def _apply(online: OnlineBatch, record: dict) -> list[str]:
     """Apply one logged write to a batch's state; returns the users whose features changed."""
     if record["kind"] == "user":
         register_user(online.state, record["user_id"], record.get("onboarding_artists", ()),
                       record.get("onboarding_genres", ()), record.get("attributes") or {})
         return [record["user_id"]]
-    events = pd.DataFrame(record["events"])
-    touched = apply_events(online.state, events)
-    newest = pd.to_datetime(events["ts"], utc=True, format="ISO8601").max()
-    online.clock = max(online.clock, _day_after(newest))
-    return touched
+    return apply_events(online.state, pd.DataFrame(record["events"]))
 
 
 def _reembed(online: OnlineBatch, user_ids: list[str]) -> dict:
     """Recompute features and embeddings of users now, re-insert them in the neighbour index."""
-    features = online.features_now(user_ids)
+    clocks = online.clocks(user_ids)
+    features = state_features_at(online.state, user_ids, clocks)
     vectors = embed(online.model, features.matrix)
     now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     for user_id, vector in zip(user_ids, vectors):
@@ -144,14 +145,16 @@ def _reembed(online: OnlineBatch, user_ids: list[str]) -> dict:
             online.index.remove_ids(np.array([row], np.int64))
         online.index.add_with_ids(_normalized(vector), np.array([row], np.int64))
         online.vectors[user_id] = (vector, now)
-    return {"features": features, "vectors": vectors, "updated_at": now}
+    return {"features": features, "vectors": vectors, "updated_at": now, "clocks": clocks}
 
 
 class OnlineService:
     """Serve the promoted batch: reads, near-real-time writes, reload on promotion."""
 
-    def __init__(self, root: str | Path, store=None, events_log: str | Path | None = None, log=print):
+    def __init__(self, root: str | Path, store=None, events_log: str | Path | None = None, log=print,
+                 max_future_s: float = MAX_FUTURE_S):
         self.root = Path(root)
+        self.max_future = pd.Timedelta(seconds=max_future_s)
         self.store_config = store
         self.events_log = Path(events_log) if events_log else self.root / "online" / "events.jsonl"
         self.events_log.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +163,9 @@ class OnlineService:
         self._store = None
         self.batch: OnlineBatch | None = None
         self._pointer = None
+        # Every client event id accepted so far (the log is the record): a retry is applied once.
+        self._seen = {e["event_id"] for r in read_log(self.events_log) if r["kind"] == "events"
+                      for e in r["events"] if e.get("event_id")}
         self.reload()
 
     # -- batches -------------------------------------------------------------------------
@@ -240,15 +246,37 @@ class OnlineService:
             os.fsync(fh.fileno())
 
     def post_events(self, events: list[dict]) -> dict:
-        """Validate against the batch, log durably, update state, re-embed, push online."""
+        """Validate against the batch, log durably, update state, re-embed, push online.
+
+        Events whose ``event_id`` was accepted before (or repeats within the request) are
+        acknowledged under ``duplicates`` and not applied again.
+        """
         received = time.perf_counter()
         with self._write_lock:
             online = self.batch
             unknown = sorted({e["user_id"] for e in events if e["user_id"] not in online.state.users})
             if unknown:
                 raise UnknownUser(unknown[0])
-            record = {"kind": "events", "events": [{**e, "ts": to_utc(e["ts"], "ts").isoformat()} for e in events]}
-            frame = pd.DataFrame(record["events"])
+            latest = pd.Timestamp.now(tz="UTC") + self.max_future
+            rows = []
+            for i, event in enumerate(events):
+                ts = to_utc(event["ts"], f"events[{i}].ts")
+                if ts > latest:
+                    raise ValueError(f"events[{i}].ts: {ts.isoformat()} is later than the server's clock plus "
+                                     f"{self.max_future} (max_future_s)")
+                rows.append({**{k: v for k, v in event.items() if v is not None}, "ts": ts.isoformat()})
+            fresh, duplicates, ids = [], [], set()
+            for row in rows:
+                event_id = row.get("event_id")
+                if event_id is not None and (event_id in self._seen or event_id in ids):
+                    duplicates.append(event_id)
+                    continue
+                ids.add(event_id)
+                fresh.append(row)
+            if not fresh:
+                return {"batch_id": online.batch_id, "accepted": 0, "duplicates": duplicates, "users": []}
+            record = {"kind": "events", "events": fresh}
+            frame = pd.DataFrame(fresh)
             items = online.space.item_index(frame["item_id"].astype(str).to_numpy(dtype=object))
             if (items < 0).any():
                 raise ValueError(f"item_id: unknown item(s) {sorted(set(frame['item_id'][items < 0]))[:5]}")
@@ -256,12 +284,14 @@ class OnlineService:
             if not (np.isfinite(weight) & (weight >= 0)).all():
                 raise ValueError("weight: must be a finite number >= 0")
             self._append(record)
+            self._seen.update(i for i in ids if i is not None)
             with online.lock:
                 touched = _apply(online, record)
                 result = _reembed(online, touched)
             self._push(online, result)
         freshness = (time.perf_counter() - received) * 1000
-        return {"batch_id": online.batch_id, "freshness_ms": round(freshness, 2),
+        return {"batch_id": online.batch_id, "accepted": len(fresh), "duplicates": duplicates,
+                "freshness_ms": round(freshness, 2),
                 "users": [{"user_id": u, "embedding": v.tolist(), "updated_at": result["updated_at"]}
                           for u, v in zip(result["features"].user_ids, result["vectors"])]}
 
@@ -285,13 +315,13 @@ class OnlineService:
         from userrep.backfill import embeddings_table
         from userrep.store import offline_frames
 
-        features = result["features"]
-        history, profile = offline_frames(features, online.space_id, online.clock)
+        features, clocks = result["features"], result["clocks"]
+        history, profile = offline_frames(features, online.space_id, clocks)
         self.store.write_to_online_store("user_history", history.to_pandas())
         self.store.write_to_online_store("user_profile", profile.to_pandas())
         table = embeddings_table(features.user_ids, result["vectors"], online.batch_id).to_pandas()
         table["embedding_batch"] = online.batch_id
-        table["event_timestamp"] = online.clock
+        table["event_timestamp"] = pd.DatetimeIndex(clocks)
         table["created"] = pd.Timestamp.now(tz="UTC")
         self.store.write_to_online_store("user_embedding", table)
         if online.history is not None:
@@ -299,8 +329,8 @@ class OnlineService:
             from userrep.store import history_table
 
             columns, artists, half_life = online.history
-            plays, recent = artist_history(online.state, features.user_ids, online.clock, columns, half_life)
-            rows = history_table(features.user_ids, artists, plays, recent, online.batch_id, online.clock)
+            plays, recent = artist_history(online.state, features.user_ids, clocks, columns, half_life)
+            rows = history_table(features.user_ids, artists, plays, recent, online.batch_id, clocks)
             if rows.num_rows:
                 self.store.write_to_online_store("user_artist_history", rows.to_pandas())
 

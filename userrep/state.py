@@ -112,6 +112,30 @@ def state_features(state: FeatureState, user_ids, as_of) -> UserFeatures:
     return UserFeatures(user_ids, matrix, state.space.schema)
 
 
+def user_clocks(state: FeatureState, user_ids, as_of) -> list[pd.Timestamp]:
+    """Where each user's feature windows end online: the later of ``as_of`` (the batch's) and the
+    midnight after the user's own newest event, which is what a batch recomputation of that
+    user's history at that time gives. Per user: one client's events move only their own user."""
+    as_of = to_utc(as_of)
+    clocks = []
+    for user_id in user_ids:
+        user = state.users.get(str(user_id))
+        newest = None if user is None or not len(user.day) else pd.Timestamp(int(user.day.max()) + 1, unit="D", tz="UTC")
+        clocks.append(as_of if newest is None or newest <= as_of else newest)
+    return clocks
+
+
+def state_features_at(state: FeatureState, user_ids, clocks) -> UserFeatures:
+    """``state_features`` with each user's own time (``clocks``, one per user)."""
+    user_ids = np.asarray([str(u) for u in user_ids], dtype=object)
+    clocks = pd.DatetimeIndex([to_utc(c) for c in clocks])
+    matrix = np.zeros((len(user_ids), state.space.schema.n_features), np.float32)
+    for clock in clocks.unique():
+        rows = np.flatnonzero(clocks == clock)
+        matrix[rows] = state_features(state, user_ids[rows], clock).matrix
+    return UserFeatures(user_ids, matrix, state.space.schema)
+
+
 def state_from_dataset(space: FeatureSpace, ds: Dataset, as_of) -> FeatureState:
     """Bootstrap the online state from a dataset: sign-up info of every user, buckets before ``as_of``."""
     state = FeatureState(space)
@@ -134,13 +158,15 @@ def artist_history(state: FeatureState, user_ids, as_of, artists: np.ndarray,
     """(plays, recent) (users, K): each user's play weight of ``artists`` (K artist indices of the
     space), and the same with each play weighted 0.5 ** (age in days / half-life): the task
     features of a batch's +history heads (``userrep.tasks.history``). Ages count whole days from
-    a play's day bucket; the batch computes them from timestamps (under a day apart)."""
+    a play's day bucket; the batch computes them from timestamps (under a day apart). ``as_of``:
+    one time, or one per user (``user_clocks``)."""
     column = np.full(len(state.space.artists), -1, np.int64)
     column[np.asarray(artists, np.int64)] = np.arange(len(artists))
-    today = day_index(to_utc(as_of))
+    times = as_of if isinstance(as_of, (list, tuple, np.ndarray, pd.Index)) else [as_of] * len(user_ids)
+    todays = [day_index(to_utc(t)) for t in times]
     plays = np.zeros((len(user_ids), len(artists)), np.float64)
     recent = np.zeros_like(plays)
-    for i, user_id in enumerate(user_ids):
+    for i, (user_id, today) in enumerate(zip(user_ids, todays)):
         user = state.users.get(str(user_id))
         if user is None or not len(user.item):
             continue

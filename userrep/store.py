@@ -164,8 +164,15 @@ def load_snapshot(config: StoreConfig, sid: str) -> Snapshot:
     return Snapshot(sid, to_utc(meta["as_of"]), space_dir, np.load(space_dir / "users.npy").astype(object))
 
 
-def offline_frames(features: UserFeatures, sid: str, as_of: pd.Timestamp) -> tuple[pa.Table, pa.Table]:
-    """Arrow tables for the history view (all history groups packed) and the profile view."""
+def _times(as_of, n: int) -> pa.Array:
+    """One timestamp per row: ``as_of`` is one time for all rows or a sequence of n (one per user)."""
+    times = list(as_of) if isinstance(as_of, (list, tuple, np.ndarray, pd.Index, pd.Series)) else [as_of] * n
+    return pa.array([to_utc(t) for t in times], pa.timestamp("us", tz="UTC"))
+
+
+def offline_frames(features: UserFeatures, sid: str, as_of) -> tuple[pa.Table, pa.Table]:
+    """Arrow tables for the history view (all history groups packed) and the profile view; ``as_of``:
+    one time, or one per user."""
     slices = features.schema.slices()
     now = pd.Timestamp(datetime.now(timezone.utc))
     n = len(features.user_ids)
@@ -173,7 +180,7 @@ def offline_frames(features: UserFeatures, sid: str, as_of: pd.Timestamp) -> tup
 
     def table(columns: dict[str, np.ndarray]) -> pa.Table:
         return pa.table({"user_id": pa.array(features.user_ids, pa.string()),
-                         "event_timestamp": pa.array([as_of] * n, pa.timestamp("us", tz="UTC")),
+                         "event_timestamp": _times(as_of, n),
                          "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
                          "space_id": pa.array([sid] * n, pa.string()),
                          **{name: list_column(block) for name, block in columns.items()}})
@@ -281,7 +288,7 @@ def online_embeddings(store, user_ids, batch_id: str) -> tuple[np.ndarray, np.nd
 def history_table(user_ids, artists, plays, recent, batch_id: str, as_of) -> pa.Table:
     """Rows of ``user_artist_history``: per user with a play among ``artists`` (K,), the artists
     played with their ``plays`` and ``recent`` values ((users, K), dense or sparse; users without
-    a play have no row)."""
+    a play have no row); ``as_of``: one time, or one per user."""
     import scipy.sparse as sp
 
     plays = sp.csr_matrix(plays, dtype=np.float32)
@@ -301,7 +308,7 @@ def history_table(user_ids, artists, plays, recent, batch_id: str, as_of) -> pa.
     now = pd.Timestamp(datetime.now(timezone.utc))
     return pa.table({"user_id": pa.array(np.asarray(user_ids, dtype=object)[has].astype(str), pa.string()),
                      "batch_id": pa.array([batch_id] * n, pa.string()),
-                     "event_timestamp": pa.array([to_utc(as_of)] * n, pa.timestamp("us", tz="UTC")),
+                     "event_timestamp": _times(as_of, plays.shape[0]).take(pa.array(has, pa.int64())),
                      "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
                      "artists": lists(np.asarray(artists, dtype=object)[plays.indices].astype(str), pa.string()),
                      "plays": lists(plays.data, pa.float32()),

@@ -1,0 +1,82 @@
+"""The online core (``userrep.online``) without servers: idempotent writes, bounded and per-user time."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from userrep.batches import _write_pointer
+from userrep.build import BuildConfig, build_batch
+from userrep.model import AEConfig, embed
+from userrep.online import OnlineService
+from userrep.state import state_features
+
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def served_root(small_world, tmp_path_factory):
+    """One batch (no Feast, no heads) set serving by hand: these tests are about the online core."""
+    root = tmp_path_factory.mktemp("online") / "batches"
+    build_batch(small_world, root / "b1", "2026-05-01", BuildConfig(ae=AEConfig(epochs=3), downstream=None),
+                batch_id="b1", **QUIET)
+    _write_pointer(root, {"serving": "b1", "history": []})
+    return root
+
+
+def service(root, log_path) -> OnlineService:
+    return OnlineService(root, store=None, events_log=log_path, **QUIET)
+
+
+def weight_of(online: OnlineService, user: str) -> float:
+    return float(online.batch.state.users[user].weight.sum())
+
+
+def test_a_retried_event_id_is_acknowledged_and_applied_once_even_after_a_restart(served_root, tmp_path):
+    online = service(served_root, tmp_path / "events.jsonl")
+    user = "u0000005"
+    before = weight_of(online, user)
+    event = {"event_id": "client-7:1", "user_id": user, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z",
+             "weight": 3.0}
+    first = online.post_events([event])
+    assert first["accepted"] == 1 and first["duplicates"] == []
+    again = online.post_events([event, {**event, "event_id": "client-7:2"}, {**event, "event_id": "client-7:2"}])
+    assert again["accepted"] == 1 and again["duplicates"] == ["client-7:1", "client-7:2"]
+    assert weight_of(online, user) == pytest.approx(before + 6.0)  # 3 + 3, not 3 x 4
+    logged = [e["event_id"] for line in (tmp_path / "events.jsonl").read_text().splitlines()
+              for e in json.loads(line)["events"]]
+    assert logged == ["client-7:1", "client-7:2"]
+    restarted = service(served_root, tmp_path / "events.jsonl")  # ids come back from the durable log
+    assert restarted.post_events([event])["accepted"] == 0
+    assert weight_of(restarted, user) == pytest.approx(before + 6.0)
+
+
+def test_a_far_future_ts_is_refused_by_field_and_nothing_is_logged(served_root, tmp_path):
+    online = service(served_root, tmp_path / "events.jsonl")
+    late = (pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=2)).isoformat()
+    ok = {"user_id": "u0000006", "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}
+    with pytest.raises(ValueError, match=r"events\[1\]\.ts: .* later than the server's clock"):
+        online.post_events([ok, {**ok, "ts": late}])
+    assert not (tmp_path / "events.jsonl").exists() or not (tmp_path / "events.jsonl").read_text()
+    soon = (pd.Timestamp.now(tz="UTC") + pd.Timedelta(minutes=30)).isoformat()  # inside the allowed skew
+    assert online.post_events([{**ok, "ts": soon}])["accepted"] == 1
+
+
+def test_one_users_late_event_moves_only_that_users_windows(served_root, tmp_path):
+    online = service(served_root, tmp_path / "events.jsonl")
+    mover, bystander = "u0000007", "u0000008"
+    now = pd.Timestamp.now(tz="UTC").isoformat()  # months after the batch: the mover's 7/30/180-day windows empty
+    online.post_events([{"user_id": mover, "item_id": "t0000001", "ts": now}])
+    online.post_events([{"user_id": bystander, "item_id": "t0000002", "ts": "2026-05-01T12:00:00Z"}])
+    clocks = dict(zip([mover, bystander], online.batch.clocks([mover, bystander])))
+    assert clocks[mover] > pd.Timestamp("2026-11-01", tz="UTC")
+    assert clocks[bystander] == pd.Timestamp("2026-05-02", tz="UTC")  # the midnight after its own event
+    # The bystander's embedding is its history embedded as of its own clock, not the mover's:
+    got = np.array(online.embedding(bystander)["embedding"])
+    state, model = online.batch.state, online.batch.model
+    own = embed(model, state_features(state, [bystander], clocks[bystander]).matrix)[0]
+    moved = embed(model, state_features(state, [bystander], clocks[mover]).matrix)[0]
+    assert np.allclose(got, own, atol=1e-5) and not np.allclose(got, moved, atol=1e-2)
