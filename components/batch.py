@@ -35,6 +35,22 @@ def plan_batch(data: str, as_of: str, batch_root: str, feast_home: str, online: 
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def compact_events(data: str, events_log: str) -> int:
+    """Append the online events logged since the last compaction to the dataset (its
+    events.online/ parts), so this batch trains on every acknowledged event before its as_of.
+    No log ("" or missing): nothing to do. Returns the number of events appended."""
+    from pathlib import Path
+
+    from userrep.eventlog import compact
+
+    if not events_log or not Path(events_log).exists():
+        return 0
+    done = compact(events_log, data)
+    print(f"compacted {done['events']} events into {done['parts']}")
+    return done["events"]
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def tune_settings(data: str, as_of: str, batch_root: str, tune: bool, budget_s: float, choice: Output[Metrics]) -> str:
     """Ray Tune (ASHA) on a validation split of the events before `as_of`: the batch's autoencoder
     and head settings (`userrep.tune`). Off (`tune=False`) it returns at once and the batch uses

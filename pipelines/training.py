@@ -1,6 +1,8 @@
 """The training pipeline: one retrain = one batch, promoted only if every check passes.
 
-0. tune the autoencoder and head settings on the history (Ray Tune + ASHA; off unless `tune`)
+0. compact the online event log into the dataset, so every acknowledged event reaches training
+   (with `events_log`); tune the autoencoder and head settings on the history (Ray Tune + ASHA;
+   with `tune`)
 1. plan the batch id (deterministic, before the batch is built)
 2. materialize features in Feast as of `as_of`
 3. fit the autoencoder on Feast's point-in-time training set (Ray Train; local, RayCluster or RayJob)
@@ -15,8 +17,9 @@ An exit handler marks the batch failed if any step fails, so it can never be pro
 
 from kfp import dsl
 
-from components.batch import (backfill_embeddings, drift_gate, evaluate_batch, finalize_batch, fit_encoder,
-                              materialize_features, plan_batch, promote_batch, train_downstream, tune_settings)
+from components.batch import (backfill_embeddings, compact_events, drift_gate, evaluate_batch, finalize_batch,
+                              fit_encoder, materialize_features, plan_batch, promote_batch, train_downstream,
+                              tune_settings)
 from pipelines.k8s import on_cluster
 
 TASKS = ["future_listening", "artist_preference", "similar_users"]
@@ -27,15 +30,18 @@ def training_pipeline(data: str = "/work/world", as_of: str = "", batch_root: st
                       feast_home: str = "/work/feast", online: str = "sqlite", redis: str = "127.0.0.1:6379",
                       dim: int = 64, epochs: int = 20, workers: int = 2, label_days: int = 28,
                       ray_address: str = "", rayjob_namespace: str = "", tasks: list = TASKS, tune: bool = False,
-                      tune_budget_s: float = 180.0):
+                      tune_budget_s: float = 180.0, events_log: str = ""):
     store = dict(feast_home=feast_home, online=online, redis=redis)
     settings = dict(data=data, as_of=as_of, batch_root=batch_root, dim=dim, epochs=epochs, workers=workers,
                     label_days=label_days, tune=tune, **store)
     finalize = on_cluster(finalize_batch(**settings), display_name="mark the batch failed unless the run succeeded")
     with dsl.ExitHandler(finalize, name="batch"):
+        compaction = on_cluster(compact_events(data=data, events_log=events_log), memory="4Gi",
+                                display_name="0. compact online events into the dataset")
         tuning = on_cluster(tune_settings(data=data, as_of=as_of, batch_root=batch_root, tune=tune,
                                           budget_s=tune_budget_s),
-                            cpu="2", memory="8Gi", display_name="0. tune settings (Ray Tune; off unless tune)")
+                            cpu="2", memory="8Gi", display_name="0. tune settings (Ray Tune; off unless tune)"
+                            ).after(compaction)
         plan = on_cluster(plan_batch(**settings), display_name="1. plan batch id").after(tuning)
         batch_id = plan.outputs["batch_id"]
         snapshot = on_cluster(materialize_features(data=data, as_of=plan.outputs["as_of"], **store),

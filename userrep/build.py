@@ -35,6 +35,7 @@ from userrep.backfill import backfill_embeddings
 from userrep.downstream import TASKS, DownstreamConfig, serving_history, sha256, task_data, train_task
 from userrep.data import TABLES, Dataset, load_dataset, table_path
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
+from userrep.eventlog import part_files, watermark
 from userrep.features import (FeatureConfig, FeatureSpace, UserFeatures, build_user_features, fit_feature_space,
                               to_utc)
 from userrep.model import AEConfig
@@ -67,6 +68,8 @@ def data_fingerprint(directory: str | Path) -> dict[str, str]:
         path = table_path(Path(directory), name)
         if path is not None:
             out[path.name] = sha256(path)
+    for path in part_files(directory):  # online events compacted into the dataset
+        out[str(path.relative_to(directory))] = sha256(path)
     return out
 
 
@@ -161,7 +164,8 @@ def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig
     fit.model.save(out / "model.pt")
     stage.done("fit")
     record = {"batch_id": batch_id, "as_of": as_of.isoformat(),
-              "data": {"path": str(Path(data).resolve()), "fingerprint": fingerprint},
+              "data": {"path": str(Path(data).resolve()), "fingerprint": fingerprint,
+                       "events_watermark": watermark(data)},  # the logged events the data holds
               "snapshot": snapshot.space_id if snapshot else None, "config": asdict(config),
               "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
               "timings_s": {k: v for k, v in stage.finish().items() if k != "total"}}

@@ -36,6 +36,8 @@ app.add_typer(batch_app, name="batch")
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
+events_app = typer.Typer(help="The durable log of online events.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
 
 console = Console(soft_wrap=True)  # status lines stay whole (greppable); tables still fit
 errors = Console(stderr=True, soft_wrap=True)
@@ -313,6 +315,22 @@ def _print_metrics(metrics: dict) -> None:
         console.print(f"[yellow]skipped[/] {task}: {reason}", highlight=False)
 
 
+@events_app.command("compact")
+def events_compact(
+    data: Annotated[Path, typer.Option(help="Dataset the events join (its events.online/ directory).")],
+    log: Annotated[Path, typer.Option(help="The online service's event log.")] = Path("work/online/events.jsonl"),
+) -> None:
+    """Append the events logged since the last compaction to the dataset, so the next batch trains on them."""
+    from userrep.eventlog import compact
+
+    if not data.is_dir():
+        _error("error", f"--data {data}: not a directory")
+        raise typer.Exit(code=1)
+    done = _run_or_exit(lambda: compact(log, data))
+    console.print(f"compacted {done['events']} event(s) from log bytes {done['from_offset']}-{done['to_offset']} "
+                  f"into {data}/events.online ({len(done['parts'])} part(s))")
+
+
 def _run_or_exit(job):
     """Run a job; contract, id and value problems become a message and exit 1, not a traceback."""
     from userrep.data import DatasetError
@@ -483,6 +501,8 @@ def pipeline_run(
     tune: Annotated[bool, typer.Option(help="Tune the autoencoder and head settings first (Ray Tune on a validation "
                                             "split of the history; replaces --dim/--epochs; recorded in the manifest).")] = False,
     tune_budget: Annotated[float, typer.Option(min=1, help="Seconds after which the tune step starts no new trial.")] = 180.0,
+    events_log: Annotated[str, typer.Option(help="The online event log to compact into the dataset first "
+                                                 "(e.g. work/online/events.jsonl); '' skips it.")] = "",
 ) -> None:
     """Run a pipeline embedded with kfp.local (SubprocessRunner): each step's progress on the console."""
     from pipelines.runner import run_local
@@ -494,7 +514,8 @@ def pipeline_run(
     params = dict(data=str(data), as_of=as_of, batch_root=str(work / "batches"), feast_home=str(work / "feast"))
     if pipeline == "training":
         params.update(dim=dim, epochs=epochs, workers=workers, label_days=label_days, ray_address=ray_address,
-                      rayjob_namespace=rayjob, tune=tune, tune_budget_s=tune_budget)
+                      rayjob_namespace=rayjob, tune=tune, tune_budget_s=tune_budget,
+                      events_log=str(Path(events_log).resolve()) if events_log else "")
     try:
         outcome = run_local(pipeline, work, **params)
     except RuntimeError as exc:  # kfp.local: a step failed; its log is above

@@ -178,6 +178,8 @@ def load_dataset(directory: str | Path) -> Dataset:
         problems += table_problems
         notes += table_notes
 
+    if "events" in tables and not any(p.file == files["events"] for p in problems):
+        tables["events"] = _with_online_events(directory, tables["events"], problems)
     ids_are_text = all(pa.types.is_string(t.schema.field(c).type)
                        for name, t in tables.items() for c in STRING_COLUMNS[name] if c in t.column_names)
     if "events" in tables and "items" in tables and ids_are_text:  # else the type problems say it all
@@ -288,6 +290,26 @@ def _normalize(name: str, file: str, table: pa.Table) -> tuple[pa.Table, list[Pr
             notes.append(f"{file}: ignored columns {ignored}")
         cols = {c: v for c, v in cols.items() if kept(c)}
     return pa.table(cols), problems, notes
+
+
+def _with_online_events(directory: Path, events: pa.Table, problems: list[Problem]) -> pa.Table:
+    """The events table plus the online events compacted into ``events.online/`` (``userrep.eventlog``),
+    each part checked by the same rules."""
+    from userrep.eventlog import part_files
+
+    parts = []
+    for path in part_files(directory):
+        file = str(path.relative_to(directory))
+        try:
+            raw = pq.read_table(path, columns=["user_id", "item_id", "ts", "weight"])
+        except (pa.ArrowInvalid, OSError, KeyError) as exc:
+            problems.append(Problem(file, None, f"cannot be read: {exc}"))
+            continue
+        table, part_problems, _ = _normalize("events", file, raw)
+        problems += part_problems
+        if not part_problems:
+            parts.append(table.select(events.column_names).cast(events.schema))
+    return pa.concat_tables([events, *parts]) if parts else events
 
 
 def _duplicates(column: pa.ChunkedArray) -> np.ndarray:

@@ -4,7 +4,8 @@
 neighbour index); it is built whole and then swapped in by reference, so a request that took
 one batch finishes on it: no response mixes batches. ``OnlineService`` owns the durable event
 log, the current ``OnlineBatch`` and the reload when ``SERVING.json`` changes; a new batch's
-state is its dataset as of its ``as_of`` plus a replay of every accepted event in the log.
+state is its dataset as of its ``as_of`` plus a replay of the logged writes that data does not
+hold (``userrep.eventlog``: the log, and its compaction into the dataset).
 
 Online time, per user: a user's features are computed as of the later of the batch's ``as_of``
 and the midnight after that user's newest accepted event, which is what a batch recomputation of
@@ -18,16 +19,17 @@ in the durable log before it) is acknowledged again and never applied twice.
 from __future__ import annotations
 
 import json
-import os
+import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from userrep import eventlog
 from userrep.backfill import read_embeddings
 from userrep.batches import batch_dir, read_pointer
 from userrep.data import load_dataset
@@ -35,7 +37,20 @@ from userrep.features import FeatureSpace, to_utc
 from userrep.model import UserAutoencoder, embed
 from userrep.state import FeatureState, apply_events, register_user, state_features_at, state_from_dataset, user_clocks
 
+MICRO_BATCH = 2000  # events the writer commits together at most (one fsync, one re-embed, one online write)
 MAX_FUTURE_S = 3600.0  # default: how far past the server's clock an event's ts may lie (client clock skew)
+
+
+@dataclass
+class _Write:
+    """One POST /events request waiting for the writer."""
+
+    rows: list[dict]
+    done: threading.Event = field(default_factory=threading.Event)
+    fresh: list[dict] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    result: dict | None = None
+    error: Exception | None = None
 
 
 class UnknownUser(KeyError):
@@ -86,9 +101,13 @@ def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) ->
     online = OnlineBatch(batch_id, as_of, space, UserAutoencoder.load(directory / "model.pt"), state, index,
                          {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)), manifest.get("snapshot") or batch_id,
                          {}, threading.Lock(), vectors, history=_history_spec(directory, space))
+    # Replay what the batch's data does not hold: every write logged after the part of the log
+    # compacted into that data, and from the compacted part the events at or after as_of (the
+    # batch's state holds its data's events before as_of only). Sign-ups are never compacted.
+    compacted = manifest["data"].get("events_watermark", 0)
     replayed, touched = 0, set()
-    for record in read_log(events_log):  # every write accepted so far, in order
-        if record["kind"] == "events":  # older events are in the batch's own data (its as_of covers them)
+    for start, _, record in eventlog.read(events_log):  # every write accepted so far, in order
+        if record["kind"] == "events" and start < compacted:
             record = {**record, "events": [e for e in record["events"] if to_utc(e["ts"], "ts") >= as_of]}
             if not record["events"]:
                 continue
@@ -110,15 +129,6 @@ def _history_spec(directory: Path, space: FeatureSpace) -> tuple | None:
 
     _, meta = load_head(path)
     return space.artist_index(meta["artists"]), meta["artists"], meta.get("half_life_days")
-
-
-def read_log(path: Path | None):
-    if path is None or not path.exists():
-        return
-    with open(path) as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
 
 
 def _apply(online: OnlineBatch, record: dict) -> list[str]:
@@ -156,17 +166,19 @@ class OnlineService:
         self.root = Path(root)
         self.max_future = pd.Timedelta(seconds=max_future_s)
         self.store_config = store
-        self.events_log = Path(events_log) if events_log else self.root / "online" / "events.jsonl"
+        self.events_log = Path(events_log) if events_log else eventlog.default_log(self.root)
         self.events_log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         self._write_lock = threading.Lock()
         self._store = None
         self.batch: OnlineBatch | None = None
         self._pointer = None
+        self._queue: queue.Queue[_Write] = queue.Queue()
         # Every client event id accepted so far (the log is the record): a retry is applied once.
-        self._seen = {e["event_id"] for r in read_log(self.events_log) if r["kind"] == "events"
+        self._seen = {e["event_id"] for _, _, r in eventlog.read(self.events_log) if r["kind"] == "events"
                       for e in r["events"] if e.get("event_id")}
         self.reload()
+        threading.Thread(target=self._write_loop, name="event-writer", daemon=True).start()
 
     # -- batches -------------------------------------------------------------------------
     def reload(self) -> bool:
@@ -239,68 +251,109 @@ class OnlineService:
         return {"user_id": user_id, "batch_id": online.batch_id, "neighbours": neighbours}
 
     # -- writes --------------------------------------------------------------------------
-    def _append(self, record: dict) -> None:
-        with open(self.events_log, "a") as fh:  # durable before acknowledged
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
     def post_events(self, events: list[dict]) -> dict:
-        """Validate against the batch, log durably, update state, re-embed, push online.
+        """Validate, then hand the events to the writer, which logs them durably, applies them,
+        re-embeds and pushes online together with every other request waiting at that moment
+        (group commit: one fsync, one re-embed, one online write per micro-batch); returns once
+        this request's events are applied.
 
-        Events whose ``event_id`` was accepted before (or repeats within the request) are
+        Events whose ``event_id`` was accepted before (or repeats within the micro-batch) are
         acknowledged under ``duplicates`` and not applied again.
         """
         received = time.perf_counter()
+        rows = self._validated(self.batch, events)
+        write = _Write(rows)
+        self._queue.put(write)
+        write.done.wait()
+        if write.error is not None:
+            raise write.error
+        result = write.result
+        return {**result, "freshness_ms": round((time.perf_counter() - received) * 1000, 2)}
+
+    def _validated(self, online: OnlineBatch, events: list[dict]) -> list[dict]:
+        """The events as log rows (ts normalized), or an error naming the field; changes nothing."""
+        unknown = sorted({e["user_id"] for e in events if e["user_id"] not in online.state.users})
+        if unknown:
+            raise UnknownUser(unknown[0])
+        latest = pd.Timestamp.now(tz="UTC") + self.max_future
+        rows = []
+        for i, event in enumerate(events):
+            ts = to_utc(event["ts"], f"events[{i}].ts")
+            if ts > latest:
+                raise ValueError(f"events[{i}].ts: {ts.isoformat()} is later than the server's clock plus "
+                                 f"{self.max_future} (max_future_s)")
+            row = {**{k: v for k, v in event.items() if v is not None}, "ts": ts.isoformat()}
+            rows.append({**row, "weight": row.get("weight", 1.0)})  # one shape, whoever else shares the commit
+        frame = pd.DataFrame(rows)
+        items = online.space.item_index(frame["item_id"].astype(str).to_numpy(dtype=object))
+        if (items < 0).any():
+            raise ValueError(f"item_id: unknown item(s) {sorted(set(frame['item_id'][items < 0]))[:5]}")
+        weight = pd.to_numeric(frame.get("weight", pd.Series(1.0, index=frame.index)), errors="coerce")
+        if not (np.isfinite(weight) & (weight >= 0)).all():
+            raise ValueError("weight: must be a finite number >= 0")
+        return rows
+
+    def _write_loop(self) -> None:
+        """The one writer: takes every request waiting (up to ``MICRO_BATCH`` events) and commits them together."""
+        while True:
+            writes = [self._queue.get()]
+            size = len(writes[0].rows)
+            while size < MICRO_BATCH:
+                try:
+                    writes.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+                size += len(writes[-1].rows)
+            try:
+                self._commit(writes)
+            except Exception as exc:  # noqa: BLE001 (handed to each waiting request)
+                for write in writes:
+                    if write.result is None:
+                        write.error = exc
+            for write in writes:
+                write.done.set()
+
+    def _commit(self, writes: list["_Write"]) -> None:
         with self._write_lock:
             online = self.batch
-            unknown = sorted({e["user_id"] for e in events if e["user_id"] not in online.state.users})
-            if unknown:
-                raise UnknownUser(unknown[0])
-            latest = pd.Timestamp.now(tz="UTC") + self.max_future
-            rows = []
-            for i, event in enumerate(events):
-                ts = to_utc(event["ts"], f"events[{i}].ts")
-                if ts > latest:
-                    raise ValueError(f"events[{i}].ts: {ts.isoformat()} is later than the server's clock plus "
-                                     f"{self.max_future} (max_future_s)")
-                rows.append({**{k: v for k, v in event.items() if v is not None}, "ts": ts.isoformat()})
-            fresh, duplicates, ids = [], [], set()
-            for row in rows:
-                event_id = row.get("event_id")
-                if event_id is not None and (event_id in self._seen or event_id in ids):
-                    duplicates.append(event_id)
+            fresh, ids = [], set()
+            for write in writes:
+                try:  # re-checked against the batch serving now (a switch may have happened since)
+                    self._validated(online, write.rows)
+                except (UnknownUser, ValueError) as exc:
+                    write.error = exc
                     continue
-                ids.add(event_id)
-                fresh.append(row)
-            if not fresh:
-                return {"batch_id": online.batch_id, "accepted": 0, "duplicates": duplicates, "users": []}
-            record = {"kind": "events", "events": fresh}
-            frame = pd.DataFrame(fresh)
-            items = online.space.item_index(frame["item_id"].astype(str).to_numpy(dtype=object))
-            if (items < 0).any():
-                raise ValueError(f"item_id: unknown item(s) {sorted(set(frame['item_id'][items < 0]))[:5]}")
-            weight = pd.to_numeric(frame.get("weight", pd.Series(1.0, index=frame.index)), errors="coerce")
-            if not (np.isfinite(weight) & (weight >= 0)).all():
-                raise ValueError("weight: must be a finite number >= 0")
-            self._append(record)
-            self._seen.update(i for i in ids if i is not None)
-            with online.lock:
-                touched = _apply(online, record)
-                result = _reembed(online, touched)
-            self._push(online, result)
-        freshness = (time.perf_counter() - received) * 1000
-        return {"batch_id": online.batch_id, "accepted": len(fresh), "duplicates": duplicates,
-                "freshness_ms": round(freshness, 2),
-                "users": [{"user_id": u, "embedding": v.tolist(), "updated_at": result["updated_at"]}
-                          for u, v in zip(result["features"].user_ids, result["vectors"])]}
+                for row in write.rows:
+                    event_id = row.get("event_id")
+                    if event_id is not None and (event_id in self._seen or event_id in ids):
+                        write.duplicates.append(event_id)
+                        continue
+                    ids.add(event_id)
+                    write.fresh.append(row)
+                fresh += write.fresh
+            result = None
+            if fresh:
+                record = {"kind": "events", "events": fresh}
+                eventlog.append(self.events_log, record)
+                self._seen.update(i for i in ids if i is not None)
+                with online.lock:
+                    result = _reembed(online, _apply(online, record))
+                self._push(online, result)
+        by_user = {} if result is None else {
+            u: {"user_id": u, "embedding": v.tolist(), "updated_at": result["updated_at"]}
+            for u, v in zip(result["features"].user_ids, result["vectors"])}
+        for write in writes:
+            if write.error is None:
+                users = list(dict.fromkeys(row["user_id"] for row in write.fresh))
+                write.result = {"batch_id": online.batch_id, "accepted": len(write.fresh),
+                                "duplicates": write.duplicates, "users": [by_user[u] for u in users]}
 
     def register_user(self, user_id: str, onboarding_artists=(), onboarding_genres=(), attributes=None) -> dict:
         with self._write_lock:
             online = self.batch
             record = {"kind": "user", "user_id": user_id, "onboarding_artists": list(onboarding_artists),
                       "onboarding_genres": list(onboarding_genres), "attributes": attributes or {}}
-            self._append(record)
+            eventlog.append(self.events_log, record)
             with online.lock:
                 _apply(online, record)
                 result = _reembed(online, [user_id])

@@ -1,0 +1,89 @@
+"""Event ingestion throughput: acknowledged events/s at 1, 8 and 32 clients, one event or ten per
+request, against `userrep serve` on a promoted batch (run `make demo` first), in one run (JSON).
+
+Each client posts in a loop for `--seconds`; an event counts once its request is answered 200
+(durable in the log, applied, re-embedded, written online). Request latency and the server's own
+receipt -> online-write time (`freshness_ms`) are reported as p50/p99.
+
+    python bench/event_throughput.py [--work work] [--seconds 10]
+"""
+
+import argparse
+import itertools
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per_request: int, seconds: float,
+        run_id: str) -> dict:
+    from serving.smoke import call
+
+    counter = itertools.count()
+    lock = threading.Lock()
+    latencies, freshness, accepted, errors = [], [], [0], [0]
+    deadline = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        while time.monotonic() < deadline:
+            n = next(counter)
+            body = [{"event_id": f"{run_id}-{n}-{j}", "user_id": users[(n * per_request + j) % len(users)],
+                     "item_id": items[(n + j) % len(items)], "ts": ts} for j in range(per_request)]
+            started = time.perf_counter()
+            status, reply = call(f"{api}/events", body)
+            elapsed = time.perf_counter() - started
+            with lock:
+                if status == 200:
+                    accepted[0] += reply["accepted"]
+                    latencies.append(elapsed)
+                    freshness.append(reply["freshness_ms"])
+                else:
+                    errors[0] += 1
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    wall = time.monotonic() - started
+    ms = np.array(latencies) * 1000
+    return {"clients": clients, "events_per_request": per_request, "events_per_s": round(accepted[0] / wall, 1),
+            "requests_per_s": round(len(latencies) / wall, 1), "errors": errors[0],
+            "request_p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+            "request_p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
+            "freshness_p50_ms": round(float(np.percentile(freshness, 50)), 1) if freshness else None,
+            "freshness_p99_ms": round(float(np.percentile(freshness, 99)), 1) if freshness else None}
+
+
+def main() -> None:
+    from serving.smoke import start, stop
+    from userrep.backfill import read_embeddings
+    from userrep.batches import batch_dir, serving_batch
+    from userrep.data import load_dataset
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=Path("work"))
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    root = args.work / "batches"
+    if serving_batch(root) is None:
+        raise SystemExit(f"no promoted batch under {root}: run `make demo` first")
+    directory = batch_dir(root, serving_batch(root))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    ids, _, _ = read_embeddings(directory / "embeddings.parquet")
+    users = [str(u) for u in ids[:2000]]
+    items = load_dataset(manifest["data"]["path"]).items.column("item_id").to_pylist()[:500]
+    run_id = f"bench-{int(time.time())}"
+    proc, api, _ = start(args.work, args.work / "serve-events-bench.log")
+    try:
+        rows = [run(api, users, items, manifest["as_of"], clients, per_request, args.seconds,
+                    f"{run_id}-{clients}-{per_request}") for per_request in (1, 10) for clients in (1, 8, 32)]
+    finally:
+        stop(proc)
+    print(json.dumps({"seconds_per_cell": args.seconds, "users": len(ids), "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
