@@ -73,6 +73,8 @@ class OnlineBatch:
     backfilled: np.ndarray = None  # (users, d) the batch's embeddings, rows as in ``rows``
     replayed: list = None  # users whose state the event log changed at load
     history: tuple | None = None  # (artist indices, artist ids, half-life): the heads' history features
+    compacted: int = 0  # log offset up to which the batch's data holds the logged events
+    log_offset: int = 0  # log offset up to which the state has been brought
 
     def clocks(self, user_ids) -> list[pd.Timestamp]:
         return user_clocks(self.state, user_ids, self.as_of)
@@ -101,22 +103,29 @@ def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) ->
     online = OnlineBatch(batch_id, as_of, space, UserAutoencoder.load(directory / "model.pt"), state, index,
                          {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)), manifest.get("snapshot") or batch_id,
                          {}, threading.Lock(), vectors, history=_history_spec(directory, space))
-    # Replay what the batch's data does not hold: every write logged after the part of the log
-    # compacted into that data, and from the compacted part the events at or after as_of (the
-    # batch's state holds its data's events before as_of only). Sign-ups are never compacted.
-    compacted = manifest["data"].get("events_watermark", 0)
-    replayed, touched = 0, set()
-    for start, _, record in eventlog.read(events_log):  # every write accepted so far, in order
-        if record["kind"] == "events" and start < compacted:
-            record = {**record, "events": [e for e in record["events"] if to_utc(e["ts"], "ts") >= as_of]}
+    online.compacted = manifest["data"].get("events_watermark", 0)
+    replayed = _replay(online, events_log)
+    log(f"loaded batch {batch_id} ({len(ids)} users, {replayed} logged writes replayed) "
+        f"in {time.perf_counter() - started:.1f}s")
+    return online
+
+
+def _replay(online: OnlineBatch, events_log: Path | None) -> int:
+    """Apply the logged writes after ``online.log_offset`` that the batch's data does not hold:
+    every write logged after the part of the log compacted into that data, and from the compacted
+    part the events at or after as_of (the batch's state holds its data's events before as_of
+    only; sign-ups are never compacted). Advances ``log_offset``; returns the writes applied."""
+    replayed, touched = 0, set(online.replayed or ())
+    for start, end, record in eventlog.read(events_log, online.log_offset):
+        online.log_offset = end
+        if record["kind"] == "events" and start < online.compacted:
+            record = {**record, "events": [e for e in record["events"] if to_utc(e["ts"], "ts") >= online.as_of]}
             if not record["events"]:
                 continue
         touched.update(_apply(online, record))
         replayed += 1
     online.replayed = sorted(touched)
-    log(f"loaded batch {batch_id} ({len(ids)} users, {replayed} logged writes replayed) "
-        f"in {time.perf_counter() - started:.1f}s")
-    return online
+    return replayed
 
 
 def _history_spec(directory: Path, space: FeatureSpace) -> tuple | None:
@@ -188,8 +197,11 @@ class OnlineService:
             raise ValueError(f"batch_root: no batch is serving under {self.root}; promote one first")
         if self.batch is not None and pointer["serving"] == self.batch.batch_id:
             return False
-        with self._write_lock:  # no write slips between the log replay and the swap
-            fresh = load_batch(self.root, pointer["serving"], self.events_log, self.log)
+        # Built outside the write lock (writes go on meanwhile); the writes logged since the load
+        # are replayed under it, so none slips between the replay and the swap.
+        fresh = load_batch(self.root, pointer["serving"], self.events_log, self.log)
+        with self._write_lock:
+            _replay(fresh, self.events_log)
             if fresh.replayed:  # their online rows in this batch must include the logged writes
                 self._push(fresh, _reembed(fresh, fresh.replayed))
             self.batch = fresh
