@@ -1,9 +1,10 @@
 """Event ingestion throughput: acknowledged events/s at 1, 8 and 32 clients, one event or ten per
 request, against `userrep serve` on a promoted batch (run `make demo` first), in one run (JSON).
 
-Each client posts in a loop for `--seconds`; an event counts once its request is answered 200
-(durable in the log, applied, re-embedded, written online). Request latency and the server's own
-receipt -> online-write time (`freshness_ms`) are reported as p50/p99.
+Each client posts in a loop for `--seconds`. `ack` cells count an event once its request is
+answered 202 (durable in the log); `wait` cells (`?wait=true`) once it is answered 200 (applied,
+re-embedded, written online), and report the server's receipt -> online-write time
+(`freshness_ms`). Request latency is reported as p50/p99.
 
     python bench/event_throughput.py [--work work] [--seconds 10]
 """
@@ -20,7 +21,7 @@ import numpy as np
 
 
 def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per_request: int, seconds: float,
-        run_id: str) -> dict:
+        run_id: str, wait: bool) -> dict:
     from serving.smoke import call
 
     counter = itertools.count()
@@ -34,10 +35,10 @@ def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per
             body = [{"event_id": f"{run_id}-{n}-{j}", "user_id": users[(n * per_request + j) % len(users)],
                      "item_id": items[(n + j) % len(items)], "ts": ts} for j in range(per_request)]
             started = time.perf_counter()
-            status, reply = call(f"{api}/events", body)
+            status, reply = call(f"{api}/events" + ("?wait=true" if wait else ""), body)
             elapsed = time.perf_counter() - started
             with lock:
-                if status == 200:
+                if status == (200 if wait else 202):
                     accepted[0] += reply["accepted"]
                     latencies.append(elapsed)
                     freshness.append(reply["freshness_ms"])
@@ -49,7 +50,7 @@ def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per
         list(pool.map(client, range(clients)))
     wall = time.monotonic() - started
     ms = np.array(latencies) * 1000
-    return {"clients": clients, "events_per_request": per_request, "events_per_s": round(accepted[0] / wall, 1),
+    return {"mode": "wait" if wait else "ack", "clients": clients, "events_per_request": per_request, "events_per_s": round(accepted[0] / wall, 1),
             "requests_per_s": round(len(latencies) / wall, 1), "errors": errors[0],
             "request_p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
             "request_p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
@@ -78,8 +79,9 @@ def main() -> None:
     run_id = f"bench-{int(time.time())}"
     proc, api, _ = start(args.work, args.work / "serve-events-bench.log")
     try:
+        cells = [(False, c, n) for n in (1, 10) for c in (1, 8, 32)] + [(True, c, n) for n in (1, 10) for c in (1, 8)]
         rows = [run(api, users, items, manifest["as_of"], clients, per_request, args.seconds,
-                    f"{run_id}-{clients}-{per_request}") for per_request in (1, 10) for clients in (1, 8, 32)]
+                    f"{run_id}-{wait}-{clients}-{per_request}", wait) for wait, clients, per_request in cells]
     finally:
         stop(proc)
     print(json.dumps({"seconds_per_cell": args.seconds, "users": len(ids), "results": rows}, indent=2))

@@ -41,7 +41,7 @@ def measure(api: str, tasks: str, users: list[str], items: list[str], ts: str, n
     for i in range(n):
         body = {"user_id": users[i % len(users)], "item_id": items[i % len(items)], "ts": ts}
         started = time.perf_counter()
-        status, reply = call(f"{api}/events", body)
+        status, reply = call(f"{api}/events?wait=true", body)
         timings.append(time.perf_counter() - started)
         assert status == 200, reply
         fresh.append(reply["freshness_ms"] / 1000)

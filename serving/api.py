@@ -113,10 +113,12 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
 
     @api.post("/events", openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
         "oneOf": [Event.model_json_schema(), {"type": "array", "items": Event.model_json_schema()}]}}}}})
-    async def post_events(request: Request):
-        """One event or a list of events: logged durably, applied, re-embedded, pushed online. An
-        event whose `event_id` was accepted before is acknowledged (`duplicates`) and not applied;
-        a `ts` later than the server's clock plus its allowed skew (1 h) is a 422 naming it."""
+    async def post_events(request: Request, wait: Annotated[bool, Query()] = False):
+        """One event or a list of events. 202 once they are durable (their `event_ids`); with
+        `?wait=true`, 200 once they are applied and the users' new embeddings are written online
+        (returned). An event whose `event_id` was accepted before is acknowledged (`duplicates`)
+        and not applied again; a `ts` later than the server's clock plus its allowed skew (1 h) is
+        a 422 naming it."""
         try:
             raw = json.loads(await request.body())
         except ValueError as exc:
@@ -133,7 +135,8 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
             return _reply({"error": text, "errors": errors[:20], "batch_id": batch_id()}, 422)
         rows = [{"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "weight": e.weight,
                  "ts": (e.ts if e.ts.tzinfo else e.ts.replace(tzinfo=timezone.utc)).isoformat()} for e in events]
-        return _reply(await run_in_threadpool(holder.service.post_events, rows))
+        reply = await run_in_threadpool(holder.service.post_events, rows, wait)
+        return _reply(reply, 200 if wait else 202)
 
     @api.post("/users", status_code=201)
     def post_user(user: NewUser):

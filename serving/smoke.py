@@ -80,7 +80,7 @@ def run_smoke(work: Path, onboarding_artists: list[str], items: list[str], ts: s
         _, before = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5})
         log(f"recommendations before listening: {[a['artist_id'] for a in before['artists']]}")
         events = [{"user_id": user, "item_id": item, "ts": ts, "weight": 1.0} for item in items]
-        status, posted = call(f"{api}/events", events)
+        status, posted = call(f"{api}/events?wait=true", events)
         assert status == 200, posted
         moved = posted["users"][0]["embedding"]
         log(f"POST /events ({len(events)} plays) -> embedding moved: cosine to cold start "

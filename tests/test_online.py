@@ -153,3 +153,15 @@ def test_events_posted_after_a_batch_reach_the_next_batchs_training_data_and_sta
     assert weight_of(online, user) == pytest.approx(expected)
     restarted = service(root, log)
     assert weight_of(restarted, user) == pytest.approx(expected)
+
+
+def test_an_acknowledged_write_is_durable_at_once_and_applied_in_order(served_root, tmp_path):
+    online = service(served_root, tmp_path / "events.jsonl")
+    user = "u0000012"
+    before = weight_of(online, user)
+    event = {"event_id": "ack-1", "user_id": user, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z", "weight": 2.0}
+    ack = online.post_events([event], wait=False)
+    assert ack["accepted"] == 1 and ack["event_ids"] == ["ack-1"] and "users" not in ack
+    assert "ack-1" in (tmp_path / "events.jsonl").read_text()  # in the log before the reply
+    done = online.post_events([{**event, "event_id": "ack-2"}], wait=True)  # queued after ack-1
+    assert done["users"][0]["user_id"] == user and weight_of(online, user) == pytest.approx(before + 4.0)

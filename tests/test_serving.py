@@ -137,7 +137,7 @@ def test_an_event_updates_the_embedding_like_a_batch_recomputation(served):
     before = call(f"{served.api}/users/{user}/embedding")[2]["embedding"]
     events = [{"user_id": user, "item_id": item, "ts": "2026-07-03T09:30:00Z", "weight": 2.0},
               {"user_id": user, "item_id": "t0000043", "ts": "2026-07-03T10:00:00+02:00"}]
-    status, headers, body = call(f"{served.api}/events", events)
+    status, headers, body = call(f"{served.api}/events?wait=true", events)
     assert status == 200 and headers["x-batch-id"] == "b1" and body["freshness_ms"] > 0
     after = np.array(body["users"][0]["embedding"])
     assert not np.allclose(after, before)
@@ -175,9 +175,9 @@ def test_an_event_updates_the_embedding_like_a_batch_recomputation(served):
 
 def test_a_retried_event_is_acknowledged_again_and_applied_once(served):
     event = {"event_id": "retry-test-1", "user_id": "u0000011", "item_id": "t0000042", "ts": "2026-07-03T09:30:00Z"}
-    status, _, first = call(f"{served.api}/events", event)
-    assert status == 200 and first["accepted"] == 1 and first["duplicates"] == []
-    status, _, again = call(f"{served.api}/events", [event])  # the client's retry after a lost reply
+    status, _, first = call(f"{served.api}/events", event)  # acknowledged once durable
+    assert status == 202 and first["accepted"] == 1 and first["event_ids"] == ["retry-test-1"]
+    status, _, again = call(f"{served.api}/events?wait=true", [event])  # the client's retry after a lost reply
     assert status == 200 and again["accepted"] == 0 and again["duplicates"] == ["retry-test-1"]
     logged = [e for line in (served.work / "online" / "events.jsonl").read_text().splitlines()
               for e in json.loads(line).get("events", []) if e.get("event_id") == "retry-test-1"]

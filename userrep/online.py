@@ -46,7 +46,9 @@ class _Write:
     """One POST /events request waiting for the writer."""
 
     rows: list[dict]
-    done: threading.Event = field(default_factory=threading.Event)
+    durable: threading.Event = field(default_factory=threading.Event)  # logged (or refused)
+    done: threading.Event = field(default_factory=threading.Event)  # applied and written online (or failed)
+    ack: dict | None = None
     fresh: list[dict] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     result: dict | None = None
@@ -263,24 +265,25 @@ class OnlineService:
         return {"user_id": user_id, "batch_id": online.batch_id, "neighbours": neighbours}
 
     # -- writes --------------------------------------------------------------------------
-    def post_events(self, events: list[dict]) -> dict:
+    def post_events(self, events: list[dict], wait: bool = True) -> dict:
         """Validate, then hand the events to the writer, which logs them durably, applies them,
         re-embeds and pushes online together with every other request waiting at that moment
-        (group commit: one fsync, one re-embed, one online write per micro-batch); returns once
-        this request's events are applied.
+        (group commit: one fsync, one re-embed, one online write per micro-batch).
 
-        Events whose ``event_id`` was accepted before (or repeats within the micro-batch) are
-        acknowledged under ``duplicates`` and not applied again.
+        Returns once the events are durable (``wait=False``: their ids, accepted and duplicate)
+        or once they are applied and the new embeddings are written (``wait=True``). Events whose
+        ``event_id`` was accepted before (or repeats within the micro-batch) are acknowledged
+        under ``duplicates`` and not applied again.
         """
         received = time.perf_counter()
         rows = self._validated(self.batch, events)
         write = _Write(rows)
         self._queue.put(write)
-        write.done.wait()
+        (write.done if wait else write.durable).wait()
         if write.error is not None:
             raise write.error
-        result = write.result
-        return {**result, "freshness_ms": round((time.perf_counter() - received) * 1000, 2)}
+        reply = write.result if wait else write.ack
+        return {**reply, "freshness_ms": round((time.perf_counter() - received) * 1000, 2)}
 
     def _validated(self, online: OnlineBatch, events: list[dict]) -> list[dict]:
         """The events as log rows (ts normalized), or an error naming the field; changes nothing."""
@@ -319,10 +322,12 @@ class OnlineService:
             try:
                 self._commit(writes)
             except Exception as exc:  # noqa: BLE001 (handed to each waiting request)
+                self.log(f"event write failed: {type(exc).__name__}: {exc}")
                 for write in writes:
                     if write.result is None:
-                        write.error = exc
+                        write.error = write.error or exc
             for write in writes:
+                write.durable.set()
                 write.done.set()
 
     def _commit(self, writes: list["_Write"]) -> None:
@@ -334,6 +339,7 @@ class OnlineService:
                     self._validated(online, write.rows)
                 except (UnknownUser, ValueError) as exc:
                     write.error = exc
+                    write.durable.set()
                     continue
                 for row in write.rows:
                     event_id = row.get("event_id")
@@ -343,11 +349,18 @@ class OnlineService:
                     ids.add(event_id)
                     write.fresh.append(row)
                 fresh += write.fresh
-            result = None
             if fresh:
                 record = {"kind": "events", "events": fresh}
                 eventlog.append(self.events_log, record)
                 self._seen.update(i for i in ids if i is not None)
+            for write in writes:  # durable: the writes that asked no more are answered now
+                if write.error is None:
+                    write.ack = {"batch_id": online.batch_id, "accepted": len(write.fresh),
+                                 "event_ids": [row.get("event_id") for row in write.fresh],
+                                 "duplicates": write.duplicates}
+                    write.durable.set()
+            result = None
+            if fresh:
                 with online.lock:
                     result = _reembed(online, _apply(online, record))
                 self._push(online, result)
@@ -357,8 +370,7 @@ class OnlineService:
         for write in writes:
             if write.error is None:
                 users = list(dict.fromkeys(row["user_id"] for row in write.fresh))
-                write.result = {"batch_id": online.batch_id, "accepted": len(write.fresh),
-                                "duplicates": write.duplicates, "users": [by_user[u] for u in users]}
+                write.result = {**write.ack, "users": [by_user[u] for u in users]}
 
     def register_user(self, user_id: str, onboarding_artists=(), onboarding_genres=(), attributes=None) -> dict:
         with self._write_lock:
