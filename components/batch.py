@@ -38,12 +38,13 @@ def plan_batch(data: str, as_of: str, batch_root: str, feast_home: str, online: 
 def compact_events(data: str, events_log: str) -> int:
     """Append the online events logged since the last compaction to the dataset (its
     events.online/ parts), so this batch trains on every acknowledged event before its as_of.
-    No log ("" or missing): nothing to do. Returns the number of events appended."""
+    `events_log`: a file or redis://HOST:PORT/STREAM; "" or a missing file: nothing to do.
+    Returns the number of events appended."""
     from pathlib import Path
 
     from userrep.eventlog import compact
 
-    if not events_log or not Path(events_log).exists():
+    if not events_log or not (events_log.startswith("redis://") or Path(events_log).exists()):
         return 0
     done = compact(events_log, data)
     print(f"compacted {done['events']} events into {done['parts']}")

@@ -72,3 +72,36 @@ def small_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
     generate_world(WorldConfig(users=1_500, seed=7, chunk_users=500), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on 127.0.0.1 (ours, stopped by PID), with the append-only file fsynced
+    on every write: the production profile of the online store and the event stream."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    from serving.smoke import free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not installed (apt-get install -y redis-server; .ci/run does it)")
+    port, workdir = free_port(), tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+                             "--appendfsync", "always", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
-
 import numpy as np
 import pytest
-from serving.smoke import free_port
 
 from userrep.backfill import embeddings_table
 from userrep.data import load_dataset
@@ -17,30 +11,6 @@ from userrep.features import FeatureSpace
 from userrep.store import StoreConfig, materialize, online_embeddings, open_store, publish_embeddings
 
 pytestmark = pytest.mark.slow
-
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server not installed (apt-get install -y redis-server; .ci/run does it)")
-    port, workdir = free_port(), tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
-    yield f"127.0.0.1:{port}"
-    proc.terminate()  # ours, by PID
-    proc.wait(timeout=10)
 
 
 def test_redis_profile_materializes_and_serves_batches(redis_server, small_world, tmp_path):

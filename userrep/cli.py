@@ -318,7 +318,7 @@ def _print_metrics(metrics: dict) -> None:
 @events_app.command("compact")
 def events_compact(
     data: Annotated[Path, typer.Option(help="Dataset the events join (its events.online/ directory).")],
-    log: Annotated[Path, typer.Option(help="The online service's event log.")] = Path("work/online/events.jsonl"),
+    log: Annotated[str, typer.Option(help="The online service's event log: a file, or redis://HOST:PORT/STREAM.")] = "work/online/events.jsonl",
 ) -> None:
     """Append the events logged since the last compaction to the dataset, so the next batch trains on them."""
     from userrep.eventlog import compact
@@ -327,7 +327,7 @@ def events_compact(
         _error("error", f"--data {data}: not a directory")
         raise typer.Exit(code=1)
     done = _run_or_exit(lambda: compact(log, data))
-    console.print(f"compacted {done['events']} event(s) from log bytes {done['from_offset']}-{done['to_offset']} "
+    console.print(f"compacted {done['events']} event(s) (log positions after {done['from']} to {done['to']}) "
                   f"into {data}/events.online ({len(done['parts'])} part(s))")
 
 
@@ -515,7 +515,8 @@ def pipeline_run(
     if pipeline == "training":
         params.update(dim=dim, epochs=epochs, workers=workers, label_days=label_days, ray_address=ray_address,
                       rayjob_namespace=rayjob, tune=tune, tune_budget_s=tune_budget,
-                      events_log=str(Path(events_log).resolve()) if events_log else "")
+                      events_log=events_log if events_log.startswith("redis://") or not events_log
+                      else str(Path(events_log).resolve()))
     try:
         outcome = run_local(pipeline, work, **params)
     except RuntimeError as exc:  # kfp.local: a step failed; its log is above

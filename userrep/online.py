@@ -75,8 +75,8 @@ class OnlineBatch:
     backfilled: np.ndarray = None  # (users, d) the batch's embeddings, rows as in ``rows``
     replayed: list = None  # users whose state the event log changed at load
     history: tuple | None = None  # (artist indices, artist ids, half-life): the heads' history features
-    compacted: int = 0  # log offset up to which the batch's data holds the logged events
-    log_offset: int = 0  # log offset up to which the state has been brought
+    compacted: object = None  # log position up to which the batch's data holds the logged events
+    log_position: object = None  # log position up to which the state has been brought
 
     def clocks(self, user_ids) -> list[pd.Timestamp]:
         return user_clocks(self.state, user_ids, self.as_of)
@@ -90,7 +90,8 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) -> OnlineBatch:
+def load_batch(root: Path, batch_id: str, events_log, log=print) -> OnlineBatch:
+    """``events_log``: an ``eventlog`` backend (or None: nothing to replay)."""
     import faiss
 
     started = time.perf_counter()
@@ -105,22 +106,24 @@ def load_batch(root: Path, batch_id: str, events_log: Path | None, log=print) ->
     online = OnlineBatch(batch_id, as_of, space, UserAutoencoder.load(directory / "model.pt"), state, index,
                          {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)), manifest.get("snapshot") or batch_id,
                          {}, threading.Lock(), vectors, history=_history_spec(directory, space))
-    online.compacted = manifest["data"].get("events_watermark", 0)
+    online.compacted = manifest["data"].get("events_watermark")
     replayed = _replay(online, events_log)
     log(f"loaded batch {batch_id} ({len(ids)} users, {replayed} logged writes replayed) "
         f"in {time.perf_counter() - started:.1f}s")
     return online
 
 
-def _replay(online: OnlineBatch, events_log: Path | None) -> int:
-    """Apply the logged writes after ``online.log_offset`` that the batch's data does not hold:
+def _replay(online: OnlineBatch, events_log) -> int:
+    """Apply the logged writes after ``online.log_position`` that the batch's data does not hold:
     every write logged after the part of the log compacted into that data, and from the compacted
     part the events at or after as_of (the batch's state holds its data's events before as_of
-    only; sign-ups are never compacted). Advances ``log_offset``; returns the writes applied."""
+    only; sign-ups are never compacted). Advances ``log_position``; returns the writes applied."""
+    if events_log is None:
+        return 0
     replayed, touched = 0, set(online.replayed or ())
-    for start, end, record in eventlog.read(events_log, online.log_offset):
-        online.log_offset = end
-        if record["kind"] == "events" and start < online.compacted:
+    for position, record in events_log.read(online.log_position):
+        online.log_position = position
+        if record["kind"] == "events" and eventlog.covered(events_log, position, online.compacted):
             record = {**record, "events": [e for e in record["events"] if to_utc(e["ts"], "ts") >= online.as_of]}
             if not record["events"]:
                 continue
@@ -177,8 +180,8 @@ class OnlineService:
         self.root = Path(root)
         self.max_future = pd.Timedelta(seconds=max_future_s)
         self.store_config = store
-        self.events_log = Path(events_log) if events_log else eventlog.default_log(self.root)
-        self.events_log.parent.mkdir(parents=True, exist_ok=True)
+        # a file (embedded default) or redis://HOST:PORT/STREAM (production profile), see userrep.eventlog
+        self.events_log = eventlog.open_log(events_log or eventlog.default_log(self.root))
         self.log = log
         self._write_lock = threading.Lock()
         self._store = None
@@ -186,7 +189,7 @@ class OnlineService:
         self._pointer = None
         self._queue: queue.Queue[_Write] = queue.Queue()
         # Every client event id accepted so far (the log is the record): a retry is applied once.
-        self._seen = {e["event_id"] for _, _, r in eventlog.read(self.events_log) if r["kind"] == "events"
+        self._seen = {e["event_id"] for _, r in self.events_log.read() if r["kind"] == "events"
                       for e in r["events"] if e.get("event_id")}
         self.reload()
         threading.Thread(target=self._write_loop, name="event-writer", daemon=True).start()
@@ -351,7 +354,7 @@ class OnlineService:
                 fresh += write.fresh
             if fresh:
                 record = {"kind": "events", "events": fresh}
-                eventlog.append(self.events_log, record)
+                self.events_log.append(record)
                 self._seen.update(i for i in ids if i is not None)
             for write in writes:  # durable: the writes that asked no more are answered now
                 if write.error is None:
@@ -377,7 +380,7 @@ class OnlineService:
             online = self.batch
             record = {"kind": "user", "user_id": user_id, "onboarding_artists": list(onboarding_artists),
                       "onboarding_genres": list(onboarding_genres), "attributes": attributes or {}}
-            eventlog.append(self.events_log, record)
+            self.events_log.append(record)
             with online.lock:
                 _apply(online, record)
                 result = _reembed(online, [user_id])
