@@ -74,21 +74,17 @@ def small_world(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """A real redis-server on 127.0.0.1 (ours, stopped by PID), with the append-only file fsynced
+def start_redis(port: int, workdir: Path):
+    """A real redis-server on 127.0.0.1:port (ours, stop it by PID), its append-only file fsynced
     on every write: the production profile of the online store and the event stream."""
     import shutil
     import socket
     import subprocess
     import time
 
-    from serving.smoke import free_port
-
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server not installed (apt-get install -y redis-server; .ci/run does it)")
-    port, workdir = free_port(), tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
                              "--appendfsync", "always", "--dir", str(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,12 +92,19 @@ def redis_server(tmp_path_factory):
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            return proc
         except OSError:
             time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
+    proc.kill()
+    pytest.fail("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    from serving.smoke import free_port
+
+    port = free_port()
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)

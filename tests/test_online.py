@@ -176,3 +176,29 @@ def test_an_acknowledged_write_is_durable_at_once_and_applied_in_order(served_ro
     assert "ack-1" in [e.get("event_id") for e in logged(log)]  # in the log before the reply
     done = online.post_events([{**event, "event_id": "ack-2"}], wait=True)  # queued after ack-1
     assert done["users"][0]["user_id"] == user and weight_of(online, user) == pytest.approx(before + 4.0)
+
+
+def test_acknowledged_events_survive_a_kill_9_of_redis(served_root, tmp_path):
+    import signal
+
+    from conftest import start_redis
+    from serving.smoke import free_port
+
+    port, workdir = free_port(), tmp_path / "redis"
+    workdir.mkdir()
+    proc = start_redis(port, workdir)
+    where = f"redis://127.0.0.1:{port}/events"
+    try:
+        online = service(served_root, where)
+        acked = [online.post_events([{"event_id": f"k{i}", "user_id": f"u{i % 50:07d}", "item_id": "t0000001",
+                                      "ts": "2026-05-02T10:00:00Z"}], wait=False)["event_ids"][0] for i in range(40)]
+        proc.send_signal(signal.SIGKILL)  # no shutdown, no final save: only the append-only file remains
+        proc.wait(timeout=10)
+        proc = start_redis(port, workdir)
+        assert [e["event_id"] for e in logged(where)] == acked
+        restarted = service(served_root, where)  # replays the stream: every acknowledged event, once
+        assert restarted.post_events([{"event_id": "k0", "user_id": "u0000000", "item_id": "t0000001",
+                                       "ts": "2026-05-02T10:00:00Z"}])["duplicates"] == ["k0"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
