@@ -574,6 +574,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Ray Serve port (embeddings, events).")] = 8000,
     bento_port: Annotated[int, typer.Option(help="BentoML port (recommendations, preferences).")] = 3000,
     feast: Annotated[bool, typer.Option(help="Read and write the Feast online store in WORK/feast.")] = True,
+    events_log: Annotated[str, typer.Option(help="Event log: a file (default WORK/online/events.jsonl) or "
+                                                 "redis://HOST:PORT/STREAM (Redis with appendonly, fsync always).")] = "",
 ) -> None:
     """Serve the promoted batch on 127.0.0.1 until Ctrl-C: Ray Serve + BentoML, reloading on promotion."""
     from serving.launch import serve_forever
@@ -582,7 +584,8 @@ def serve(
     if serving_batch(work / "batches") is None:
         _error("error", f"{work / 'batches'}: no batch is serving; run `make demo` first")
         raise typer.Exit(code=2)
-    serve_forever(work / "batches", work / "feast" if feast else None, port, bento_port, work, log=console.print)
+    serve_forever(work / "batches", work / "feast" if feast else None, port, bento_port, work, log=console.print,
+                  events_log=events_log or None)
 
 
 @app.command()
