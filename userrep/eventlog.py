@@ -82,6 +82,8 @@ class RedisStreamLog:
 
         parsed = urlparse(url)
         password = parse_qs(parsed.query).get("password", [None])[0] or os.environ.get("REDIS_PASSWORD")
+        if not password and os.environ.get("REDIS_PASSWORD_FILE"):  # a mounted Kubernetes Secret
+            password = Path(os.environ["REDIS_PASSWORD_FILE"]).read_text().strip()
         self.stream = parsed.path.lstrip("/") or DEFAULT_STREAM
         self.client = redis.Redis(host=parsed.hostname or "127.0.0.1", port=parsed.port or 6379, password=password)
         self.where = f"redis://{parsed.hostname}:{parsed.port or 6379}/{self.stream}"
