@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -120,11 +121,23 @@ class FeatureSpace:
     def longest_window(self) -> int:
         return longest_window(self.config.windows)
 
-    @property
+    @cached_property  # (233k name tuples on the demo world: recomputing it cost the event path 0.1 s a call)
     def schema(self) -> FeatureSchema:
         names = self.column_names()
         sizes = {group: sum(1 for g, _, _ in names if g == group) for group, _, _ in names}
         return FeatureSchema(tuple(sizes.items()))
+
+    @cached_property
+    def artist_means(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean collaborative and content vector of each artist's items (what onboarding picks
+        contribute); computed once per space, not per request."""
+        counts = np.maximum(np.bincount(self.item_artist, minlength=len(self.artists)), 1)[:, None]
+        means = []
+        for vectors in (self.collab.vectors, self.content.vectors):
+            sums = np.zeros((len(self.artists), vectors.shape[1]))
+            np.add.at(sums, self.item_artist, vectors)
+            means.append(sums / counts)
+        return means[0], means[1]
 
     def column_names(self) -> list[tuple[str, str, bool]]:
         """(group, column, comparable) for every feature column, in matrix order.
@@ -343,8 +356,7 @@ def _onboarding(space: FeatureSpace, n_users: int, static: StaticInputs) -> np.n
     picks = sp.csr_matrix((np.ones(ok.sum()), (static.artist_parent[ok], artist[ok])), shape=(n_users, len(space.artists)))
     counts = np.asarray(picks.sum(axis=1)).ravel()
     inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)[:, None]
-    artist_collab = _artist_means(space, space.collab.vectors)
-    artist_content = _artist_means(space, space.content.vectors)
+    artist_collab, artist_content = space.artist_means
     genre = pd.Index(space.genres).get_indexer(pd.Index(static.genre_names)) if len(static.genre_names) else np.array([], int)
     g_ok = genre >= 0
     genre_picks = sp.csr_matrix((np.ones(g_ok.sum()), (static.genre_parent[g_ok], genre[g_ok])),
@@ -352,12 +364,6 @@ def _onboarding(space: FeatureSpace, n_users: int, static: StaticInputs) -> np.n
     genre_shares = genre_picks / np.maximum(genre_picks.sum(axis=1, keepdims=True), 1)
     has = (counts > 0) | (genre_picks.sum(axis=1) > 0)
     return np.hstack([picks @ artist_collab * inv, picks @ artist_content * inv, genre_shares, has[:, None]])
-
-
-def _artist_means(space: FeatureSpace, vectors: np.ndarray) -> np.ndarray:
-    sums = np.zeros((len(space.artists), vectors.shape[1]))
-    np.add.at(sums, space.item_artist, vectors)
-    return sums / np.maximum(np.bincount(space.item_artist, minlength=len(space.artists)), 1)[:, None]
 
 
 def _demographics(space: FeatureSpace, n_users: int, static: StaticInputs) -> np.ndarray:

@@ -38,7 +38,21 @@ from userrep.model import UserAutoencoder, embed
 from userrep.state import FeatureState, apply_events, register_user, state_features_at, state_from_dataset, user_clocks
 
 MICRO_BATCH = 2000  # events the writer commits together at most (one fsync, one re-embed, one online write)
+APPLY_BACKLOG = 8  # logged commits the applier may lag behind before the logger waits for it
 MAX_FUTURE_S = 3600.0  # default: how far past the server's clock an event's ts may lie (client clock skew)
+
+
+def _take(source: queue.Queue, size) -> list:
+    """The next item of ``source`` (blocking) and every other one waiting, up to ``MICRO_BATCH`` events."""
+    items = [source.get()]
+    total = size(items[0])
+    while total < MICRO_BATCH:
+        try:
+            items.append(source.get_nowait())
+        except queue.Empty:
+            break
+        total += size(items[-1])
+    return items
 
 
 @dataclass
@@ -160,15 +174,17 @@ def _reembed(online: OnlineBatch, user_ids: list[str]) -> dict:
     features = state_features_at(online.state, user_ids, clocks)
     vectors = embed(online.model, features.matrix)
     now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    rows = []
     for user_id, vector in zip(user_ids, vectors):
         row = online.rows.get(user_id)
         if row is None:
             row = online.rows[user_id] = len(online.rows) + 10_000_000  # ids of users added online
             online.users[row] = user_id
-        else:
-            online.index.remove_ids(np.array([row], np.int64))
-        online.index.add_with_ids(_normalized(vector), np.array([row], np.int64))
+        rows.append(row)
         online.vectors[user_id] = (vector, now)
+    ids = np.array(rows, np.int64)
+    online.index.remove_ids(ids)  # one pass over the index for the whole micro-batch, not one per user
+    online.index.add_with_ids(_normalized(vectors), ids)
     return {"features": features, "vectors": vectors, "updated_at": now, "clocks": clocks}
 
 
@@ -192,7 +208,11 @@ class OnlineService:
         self._seen = {e["event_id"] for _, r in self.events_log.read() if r["kind"] == "events"
                       for e in r["events"] if e.get("event_id")}
         self.reload()
-        threading.Thread(target=self._write_loop, name="event-writer", daemon=True).start()
+        # Bounded: when the applier falls APPLY_BACKLOG commits behind, the logger waits for it, so
+        # acknowledged-but-unapplied events (the freshness lag) stay bounded under any load.
+        self._applies: queue.Queue[tuple] = queue.Queue(maxsize=APPLY_BACKLOG)
+        threading.Thread(target=self._write_loop, name="event-logger", daemon=True).start()
+        threading.Thread(target=self._apply_loop, name="event-applier", daemon=True).start()
 
     # -- batches -------------------------------------------------------------------------
     def reload(self) -> bool:
@@ -269,9 +289,9 @@ class OnlineService:
 
     # -- writes --------------------------------------------------------------------------
     def post_events(self, events: list[dict], wait: bool = True) -> dict:
-        """Validate, then hand the events to the writer, which logs them durably, applies them,
-        re-embeds and pushes online together with every other request waiting at that moment
-        (group commit: one fsync, one re-embed, one online write per micro-batch).
+        """Validate, then hand the events to two stages, each taking every request waiting at that
+        moment (group commit): the logger (checks, deduplicates, one durable append) and, in log
+        order, the applier (state update, one re-embed, one online write per micro-batch).
 
         Returns once the events are durable (``wait=False``: their ids, accepted and duplicate)
         or once they are applied and the new embeddings are written (``wait=True``). Events whose
@@ -312,29 +332,39 @@ class OnlineService:
         return rows
 
     def _write_loop(self) -> None:
-        """The one writer: takes every request waiting (up to ``MICRO_BATCH`` events) and commits them together."""
+        """Stage 1, the one logger: every request waiting (up to ``MICRO_BATCH`` events) is checked,
+        deduplicated, logged in one durable append and acknowledged, then handed to the applier."""
         while True:
-            writes = [self._queue.get()]
-            size = len(writes[0].rows)
-            while size < MICRO_BATCH:
-                try:
-                    writes.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-                size += len(writes[-1].rows)
+            writes = _take(self._queue, lambda w: len(w.rows))
             try:
-                self._commit(writes)
+                self._applies.put(self._log_writes(writes))
             except Exception as exc:  # noqa: BLE001 (handed to each waiting request)
-                self.log(f"event write failed: {type(exc).__name__}: {exc}")
-                for write in writes:
-                    if write.result is None:
-                        write.error = write.error or exc
+                self._fail(writes, exc)
+
+    def _apply_loop(self) -> None:
+        """Stage 2, the one applier: every logged commit waiting is applied to the state,
+        re-embedded and written online together, in log order."""
+        while True:
+            commits = _take(self._applies, lambda c: len(c[1]["events"]) if c[1] else 0)
+            writes = [w for _, _, ws in commits for w in ws]
+            try:
+                self._apply_commits(commits)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(writes, exc)
             for write in writes:
-                write.durable.set()
                 write.done.set()
 
-    def _commit(self, writes: list["_Write"]) -> None:
-        with self._write_lock:
+    def _fail(self, writes: list["_Write"], exc: Exception) -> None:
+        self.log(f"event write failed: {type(exc).__name__}: {exc}")
+        for write in writes:
+            if write.result is None:
+                write.error = write.error or exc
+            write.durable.set()
+            write.done.set()
+
+    def _log_writes(self, writes: list["_Write"]) -> tuple:
+        """(batch, record or None, writes): the fresh events of ``writes`` logged as one record."""
+        with self._write_lock:  # a batch switch replays the log under this lock: nothing slips past it
             online = self.batch
             fresh, ids = [], set()
             for write in writes:
@@ -342,7 +372,6 @@ class OnlineService:
                     self._validated(online, write.rows)
                 except (UnknownUser, ValueError) as exc:
                     write.error = exc
-                    write.durable.set()
                     continue
                 for row in write.rows:
                     event_id = row.get("event_id")
@@ -352,28 +381,39 @@ class OnlineService:
                     ids.add(event_id)
                     write.fresh.append(row)
                 fresh += write.fresh
-            if fresh:
-                record = {"kind": "events", "events": fresh}
+            record = {"kind": "events", "events": fresh} if fresh else None
+            if record:
                 self.events_log.append(record)
                 self._seen.update(i for i in ids if i is not None)
-            for write in writes:  # durable: the writes that asked no more are answered now
-                if write.error is None:
-                    write.ack = {"batch_id": online.batch_id, "accepted": len(write.fresh),
-                                 "event_ids": [row.get("event_id") for row in write.fresh],
-                                 "duplicates": write.duplicates}
-                    write.durable.set()
-            result = None
-            if fresh:
-                with online.lock:
-                    result = _reembed(online, _apply(online, record))
-                self._push(online, result)
-        by_user = {} if result is None else {
-            u: {"user_id": u, "embedding": v.tolist(), "updated_at": result["updated_at"]}
-            for u, v in zip(result["features"].user_ids, result["vectors"])}
-        for write in writes:
+        for write in writes:  # durable: the writes that asked no more are answered now
             if write.error is None:
-                users = list(dict.fromkeys(row["user_id"] for row in write.fresh))
-                write.result = {**write.ack, "users": [by_user[u] for u in users]}
+                write.ack = {"batch_id": online.batch_id, "accepted": len(write.fresh),
+                             "event_ids": [row.get("event_id") for row in write.fresh],
+                             "duplicates": write.duplicates}
+            write.durable.set()
+        return online, record, writes
+
+    def _apply_commits(self, commits: list[tuple]) -> None:
+        """Apply logged commits (consecutive ones of the same batch as one), re-embed, write online."""
+        groups: list[tuple] = []
+        for online, record, writes in commits:
+            if groups and groups[-1][0] is online:
+                groups[-1][1].extend(record["events"] if record else [])
+                groups[-1][2].extend(writes)
+            else:
+                groups.append((online, list(record["events"]) if record else [], list(writes)))
+        for online, events, writes in groups:
+            by_user = {}
+            if events:
+                with online.lock:
+                    result = _reembed(online, _apply(online, {"kind": "events", "events": events}))
+                self._push(online, result)
+                by_user = {u: {"user_id": u, "embedding": v.tolist(), "updated_at": result["updated_at"]}
+                           for u, v in zip(result["features"].user_ids, result["vectors"])}
+            for write in writes:
+                if write.error is None:
+                    users = list(dict.fromkeys(row["user_id"] for row in write.fresh))
+                    write.result = {**write.ack, "users": [by_user[u] for u in users]}
 
     def register_user(self, user_id: str, onboarding_artists=(), onboarding_genres=(), attributes=None) -> dict:
         with self._write_lock:
