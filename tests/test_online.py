@@ -30,7 +30,7 @@ def served_root(small_world, tmp_path_factory):
     return root
 
 
-@pytest.fixture(params=["file", "redis"])
+@pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.slow)])
 def log(request, tmp_path):
     """Where the service logs writes: a file, or a fresh stream on the test Redis."""
     if request.param == "file":
@@ -178,6 +178,7 @@ def test_an_acknowledged_write_is_durable_at_once_and_applied_in_order(served_ro
     assert done["users"][0]["user_id"] == user and weight_of(online, user) == pytest.approx(before + 4.0)
 
 
+@pytest.mark.slow
 def test_acknowledged_events_survive_a_kill_9_of_redis(served_root, tmp_path):
     import signal
 
