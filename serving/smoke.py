@@ -79,12 +79,17 @@ def run_smoke(work: Path, onboarding_artists: list[str], items: list[str], ts: s
             f"{created['batch_id']}, |e| = {np.linalg.norm(created['embedding']):.2f}")
         _, before = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5})
         log(f"recommendations before listening: {[a['artist_id'] for a in before['artists']]}")
-        events = [{"user_id": user, "item_id": item, "ts": ts, "weight": 1.0} for item in items]
+        events = [{"event_id": f"{user}:{i}", "user_id": user, "item_id": item, "ts": ts, "weight": 1.0}
+                  for i, item in enumerate(items)]
         status, posted = call(f"{api}/events?wait=true", events)
         assert status == 200, posted
         moved = posted["users"][0]["embedding"]
-        log(f"POST /events ({len(events)} plays) -> embedding moved: cosine to cold start "
+        log(f"POST /events?wait=true ({len(events)} plays) -> embedding moved: cosine to cold start "
             f"{_cosine(created['embedding'], moved):.3f}; receipt -> online write {posted['freshness_ms']:.0f} ms")
+        status, retried = call(f"{api}/events", events)  # the client's retry after a lost reply
+        assert status == 202 and retried["accepted"] == 0 and len(retried["duplicates"]) == len(events), retried
+        log(f"POST /events again (a retry, same event_ids) -> 202 in {retried['freshness_ms']:.0f} ms: "
+            f"{len(retried['duplicates'])} duplicates acknowledged, 0 applied")
         _, after = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5})
         log(f"recommendations after listening:  {[a['artist_id'] for a in after['artists']]}")
         _, similar = call(f"{api}/users/{user}/similar?k=3")
