@@ -4,7 +4,8 @@ request, against `userrep serve` on a promoted batch (run `make demo` first), in
 Each client posts in a loop for `--seconds`. `ack` cells count an event once its request is
 answered 202 (durable in the log); `wait` cells (`?wait=true`) once it is answered 200 (applied,
 re-embedded, written online), and report the server's receipt -> online-write time
-(`freshness_ms`). Request latency is reported as p50/p99.
+(`freshness_ms`); the last two cells offer a paced 100 events/s. Request latency is reported as
+p50/p99.
 
     python bench/event_throughput.py [--work work] [--seconds 10]
 """
@@ -21,7 +22,8 @@ import numpy as np
 
 
 def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per_request: int, seconds: float,
-        run_id: str, wait: bool) -> dict:
+        run_id: str, wait: bool, rate: float | None = None) -> dict:
+    """One cell; ``rate``: events/s offered in all (paced), else as fast as the clients go."""
     from serving.smoke import call
 
     counter = itertools.count()
@@ -30,7 +32,12 @@ def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per
     deadline = time.monotonic() + seconds
 
     def client(k: int) -> None:
+        interval = None if rate is None else clients * per_request / rate  # seconds between this client's requests
+        next_at = time.monotonic() + (0 if interval is None else interval * k / clients)
         while time.monotonic() < deadline:
+            if interval is not None:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
             n = next(counter)
             body = [{"event_id": f"{run_id}-{n}-{j}", "user_id": users[(n * per_request + j) % len(users)],
                      "item_id": items[(n + j) % len(items)], "ts": ts} for j in range(per_request)]
@@ -50,7 +57,8 @@ def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per
         list(pool.map(client, range(clients)))
     wall = time.monotonic() - started
     ms = np.array(latencies) * 1000
-    return {"mode": "wait" if wait else "ack", "clients": clients, "events_per_request": per_request, "events_per_s": round(accepted[0] / wall, 1),
+    return {"mode": "wait" if wait else "ack", "offered_events_per_s": rate, "clients": clients,
+            "events_per_request": per_request, "events_per_s": round(accepted[0] / wall, 1),
             "requests_per_s": round(len(latencies) / wall, 1), "errors": errors[0],
             "request_p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
             "request_p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
@@ -79,9 +87,12 @@ def main() -> None:
     run_id = f"bench-{int(time.time())}"
     proc, api, _ = start(args.work, args.work / "serve-events-bench.log")
     try:
-        cells = [(False, c, n) for n in (1, 10) for c in (1, 8, 32)] + [(True, c, n) for n in (1, 10) for c in (1, 8)]
+        cells = ([(False, c, n, None) for n in (1, 10) for c in (1, 8, 32)]
+                 + [(True, c, n, None) for n in (1, 10) for c in (1, 8)]
+                 + [(True, 8, 1, 100.0), (True, 8, 10, 100.0)])  # freshness at 100 events/s offered
         rows = [run(api, users, items, manifest["as_of"], clients, per_request, args.seconds,
-                    f"{run_id}-{wait}-{clients}-{per_request}", wait) for wait, clients, per_request in cells]
+                    f"{run_id}-{wait}-{clients}-{per_request}-{rate}", wait, rate)
+                for wait, clients, per_request, rate in cells]
     finally:
         stop(proc)
     print(json.dumps({"seconds_per_cell": args.seconds, "users": len(ids), "results": rows}, indent=2))
