@@ -66,7 +66,7 @@ def apply_events(state: FeatureState, events: pd.DataFrame) -> list[str]:
         raise ValueError(f"ts: unparseable timestamp(s) {list(events['ts'][ts.isna()].astype(str))[:3]}")
     ts_us = ts.dt.as_unit("us").astype("int64").to_numpy()
     user_ids = events["user_id"].astype(str).to_numpy(dtype=object)
-    touched, user_index = np.unique(user_ids, return_inverse=True)
+    user_index, touched = pd.factorize(user_ids, sort=True)  # hashing: 2.6M ids in a fraction of np.unique's sort
     user, day, item, weight = bucket_events(state.space, user_index, ts_us, items, weight)
     bounds = np.searchsorted(user, np.arange(len(touched) + 1))
     windows = state.space.config.windows
@@ -79,6 +79,10 @@ def apply_events(state: FeatureState, events: pd.DataFrame) -> list[str]:
 
 
 def _merge(user: UserState, day: np.ndarray, item: np.ndarray, weight: np.ndarray, horizon: int | None) -> None:
+    if not len(user.day):  # a user's first buckets are already sorted and unique (bucket_events)
+        keep = np.ones(len(day), bool) if horizon is None or not len(day) else day >= day.max() - horizon - 1
+        user.day, user.item, user.weight = day[keep].astype(np.int32), item[keep].astype(np.int32), weight[keep]
+        return
     day = np.concatenate([user.day, day])
     item = np.concatenate([user.item, item])
     weight = np.concatenate([user.weight, weight])
