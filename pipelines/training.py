@@ -36,8 +36,8 @@ def training_pipeline(data: str = "/work/world", as_of: str = "", batch_root: st
                     label_days=label_days, tune=tune, **store)
     finalize = on_cluster(finalize_batch(**settings), display_name="mark the batch failed unless the run succeeded")
     with dsl.ExitHandler(finalize, name="batch"):
-        compaction = on_cluster(compact_events(data=data, events_log=events_log), memory="4Gi",
-                                display_name="0. compact online events into the dataset")
+        compaction = on_cluster(compact_events(data=data, events_log=events_log), memory="4Gi", online_store=True,
+                                display_name="0. compact online events into the dataset")  # (the stream's Redis)
         tuning = on_cluster(tune_settings(data=data, as_of=as_of, batch_root=batch_root, tune=tune,
                                           budget_s=tune_budget_s),
                             cpu="2", memory="8Gi", display_name="0. tune settings (Ray Tune; off unless tune)"
