@@ -67,23 +67,14 @@ def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per
 
 
 def main() -> None:
-    from serving.smoke import start, stop
-    from userrep.backfill import read_embeddings
-    from userrep.batches import batch_dir, serving_batch
-    from userrep.data import load_dataset
+    from serving.smoke import promoted, start, stop
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("work"))
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    root = args.work / "batches"
-    if serving_batch(root) is None:
-        raise SystemExit(f"no promoted batch under {root}: run `make demo` first")
-    directory = batch_dir(root, serving_batch(root))
-    manifest = json.loads((directory / "manifest.json").read_text())
-    ids, _, _ = read_embeddings(directory / "embeddings.parquet")
-    users = [str(u) for u in ids[:2000]]
-    items = load_dataset(manifest["data"]["path"]).items.column("item_id").to_pylist()[:500]
+    manifest, ids, items = promoted(args.work)
+    users, items = ids[:2000], items[:500]
     run_id = f"bench-{int(time.time())}"
     proc, api, _ = start(args.work, args.work / "serve-events-bench.log")
     try:

@@ -50,15 +50,8 @@ def concurrent_gets(api: str, users: list[str], n: int, clients: int) -> dict:
 def measure(api: str, tasks: str, users: list[str], items: list[str], ts: str, n: int) -> dict:
     from serving.smoke import call
 
-    out = {}
-    timings = []
-    for i in range(n):
-        started = time.perf_counter()
-        status, _ = call(f"{api}/users/{users[i % len(users)]}/embedding")
-        timings.append(time.perf_counter() - started)
-        assert status == 200
-    out["embedding_get"] = percentiles(timings)
-    out["embedding_get_8_clients"] = concurrent_gets(api, users, n, clients=8)
+    out = {"embedding_get": concurrent_gets(api, users, n, clients=1),
+           "embedding_get_8_clients": concurrent_gets(api, users, n, clients=8)}
     timings, fresh = [], []
     for i in range(n):
         body = {"user_id": users[i % len(users)], "item_id": items[i % len(items)], "ts": ts}
@@ -80,23 +73,14 @@ def measure(api: str, tasks: str, users: list[str], items: list[str], ts: str, n
 
 
 def main() -> None:
-    from serving.smoke import free_port, start, stop
-    from userrep.backfill import read_embeddings
-    from userrep.batches import batch_dir, serving_batch
-    from userrep.data import load_dataset
+    from serving.smoke import free_port, promoted, start, stop
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("work"))
     parser.add_argument("--n", type=int, default=300)
     args = parser.parse_args()
-    root = args.work / "batches"
-    if serving_batch(root) is None:
-        raise SystemExit(f"no promoted batch under {root}: run `make demo` first")
-    directory = batch_dir(root, serving_batch(root))
-    manifest = json.loads((directory / "manifest.json").read_text())
-    ids, _, _ = read_embeddings(directory / "embeddings.parquet")
-    users = [str(u) for u in ids[:200]]
-    items = load_dataset(manifest["data"]["path"]).items.column("item_id").to_pylist()[:200]
+    manifest, ids, items = promoted(args.work)
+    users, items = ids[:200], items[:200]
     ts = manifest["as_of"]
 
     proc, api, tasks = start(args.work, args.work / "serve-bench.log")

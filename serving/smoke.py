@@ -60,6 +60,22 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def promoted(work: Path) -> tuple[dict, list[str], list[str]]:
+    """(manifest, user ids, item ids) of the batch serving under WORK (what the benchmarks post)."""
+    from userrep.backfill import read_embeddings
+    from userrep.batches import batch_dir, serving_batch
+    from userrep.data import load_dataset
+
+    root = Path(work) / "batches"
+    if serving_batch(root) is None:
+        raise SystemExit(f"no promoted batch under {root}: run `make demo` first")
+    directory = batch_dir(root, serving_batch(root))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    ids, _, _ = read_embeddings(directory / "embeddings.parquet")
+    items = load_dataset(manifest["data"]["path"]).items.column("item_id").to_pylist()
+    return manifest, [str(u) for u in ids], items
+
+
 def _cosine(a, b) -> float:
     a, b = np.asarray(a), np.asarray(b)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -202,32 +202,18 @@ def train_task(batch_dir: str | Path, task: str, ds: Dataset, config: Downstream
 
 
 def _future_listening(data: TaskData, config: HeadConfig) -> tuple[MLPHead, dict]:
-    """Both designs, each early-stopped on the validation users; the better one by their nDCG@10.
-
-    The +history head learns from the training users twice, with their history and as new users
-    (embedded from onboarding and attributes, no history), so it serves both; the weights of the
-    history score (users with history) and the popularity prior (users without) added to its
-    logits are chosen on the validation users.
-    """
-    x, cold_x, labels, train, valid = data.x, data.cold_x, data.labels, data.train, data.valid
-    side, none = data.side, np.zeros_like(data.side[valid])
+    """Both designs (the +history head: ``future_listening.fit_with_history``), each early-stopped
+    on the validation users; the better one by their nDCG@10."""
+    x, cold_x, labels, train, valid, side = data.x, data.cold_x, data.labels, data.train, data.valid, data.side
 
     def ndcg(scores: np.ndarray) -> float:
         return float(np.nan_to_num(future_listening.ranking_metrics(scores, labels[valid], data.history[valid])["ndcg@10"]))
 
     plain = future_listening.fit_head(x[train], labels[train], config,
                                       validate=lambda h: ndcg(future_listening.scores(h, x[valid])))
-    both = future_listening.fit_head(
-        np.vstack([x[train], cold_x[train]]), np.vstack([labels[train]] * 2), config,
-        np.concatenate([side[train], np.zeros_like(side[train])]),
-        lambda h: (ndcg(future_listening.scores(h, x[valid], side[valid]))
-                   + ndcg(future_listening.scores(h, cold_x[valid], none))) / 2)
-    warm = history.best_weight(future_listening.scores(both, x[valid], side[valid]),
-                               history.played_scores(data.plays[valid], data.recent[valid], data.popularity), ndcg)
-    cold = history.best_weight(future_listening.scores(both, cold_x[valid], none),
-                               history.prior(data.popularity, len(valid)), ndcg)
-    with_history = {"design": WITH_HISTORY, "history_weight": warm,
-                    "prior_weight": cold, "popularity": data.popularity.tolist()}
+    both, with_history = future_listening.fit_with_history(
+        (x[train], cold_x[train], labels[train], side[train]),
+        (x[valid], cold_x[valid], side[valid], data.plays[valid], data.recent[valid]), data.popularity, config, ndcg)
     validation = {EMBEDDING: ndcg(future_listening.scores(plain, x[valid])),
                   WITH_HISTORY: ndcg(future_listening.deployed_scores(both, with_history, x[valid], data.plays[valid],
                                                                       data.recent[valid]))}

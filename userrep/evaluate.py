@@ -293,21 +293,12 @@ def _valid_ndcg(ctx: Context, scores: np.ndarray) -> float:
                                                           ctx.unseen_only)["ndcg@10"]))
 
 
-def _ranking_validation(ctx: Context, x: np.ndarray, side: np.ndarray | None, cold_x: np.ndarray | None = None):
-    """Early-stopping score of a future-listening head: nDCG@10 on the validation users; for a
-    head that serves cold users too (``cold_x``: the validation users' cold-like representations),
-    the mean of that and the same users' nDCG@10 seen as cold users."""
+def _ranking_validation(ctx: Context, x: np.ndarray):
+    """Early-stopping score of an embedding-only future-listening head: the validation users' nDCG@10."""
     valid = ctx.valid_rows
     if len(valid) < MIN_TEST:
         return None
-
-    def ndcg(head, rows_x, rows_side) -> float:
-        return _valid_ndcg(ctx, future_listening.scores(head, rows_x, rows_side))
-
-    if side is None:
-        return lambda head: ndcg(head, x[valid], None)
-    no_history = np.zeros_like(side[valid])
-    return lambda head: (ndcg(head, x[valid], side[valid]) + ndcg(head, cold_x, no_history)) / 2
+    return lambda head: _valid_ndcg(ctx, future_listening.scores(head, x[valid]))
 
 
 def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: EvalConfig,
@@ -321,18 +312,19 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
     """
     fit, test, cold, valid = ctx.fit_rows, ctx.test_rows, ctx.cold_rows, ctx.valid_rows
     side = ctx.side if cold_x is not None else None
-    cold_valid = None
+    warm_weight = cold_weight = 0.0
     if cold_x is None:
-        head = future_listening.fit_head(x[fit], ctx.labels[fit], config.head, validate=_ranking_validation(ctx, x, None))
+        head = future_listening.fit_head(x[fit], ctx.labels[fit], config.head, validate=_ranking_validation(ctx, x))
     else:
         cold_fit, cold_valid = (cold_x[np.searchsorted(ctx.train_rows, rows)] for rows in (fit, valid))
-        head = future_listening.fit_head(np.vstack([x[fit], cold_fit]), np.vstack([ctx.labels[fit]] * 2), config.head,
-                                         np.concatenate([side[fit], np.zeros_like(side[fit])]),
-                                         _ranking_validation(ctx, x, side, cold_valid))
-    warm_weight = cold_weight = 0.0
-    if side is not None and len(valid) >= MIN_TEST:
-        warm_weight, cold_weight = _blend_weights(ctx, head, x[valid], side[valid], cold_valid)
-        ctx.blends[method] = {"history_weight": warm_weight, "prior_weight": cold_weight}
+        checked = len(valid) >= MIN_TEST
+        head, meta = future_listening.fit_with_history(
+            (x[fit], cold_fit, ctx.labels[fit], side[fit]),
+            (x[valid], cold_valid, side[valid], side[valid, :, 0], ctx.recent[valid]) if checked else None,
+            ctx.popularity, config.head, lambda scores: _valid_ndcg(ctx, scores))
+        warm_weight, cold_weight = meta["history_weight"], meta["prior_weight"]
+        if checked:
+            ctx.blends[method] = {"history_weight": warm_weight, "prior_weight": cold_weight}
     if warm:
         scores = future_listening.scores(head, x[test], None if side is None else side[test])
         if warm_weight:
@@ -357,19 +349,6 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
 
 def _played_scores(ctx: Context, rows: np.ndarray) -> np.ndarray:
     return history.played_scores(ctx.side[rows, :, 0], ctx.recent[rows], ctx.popularity)
-
-
-def _blend_weights(ctx: Context, head, x_valid: np.ndarray, side_valid: np.ndarray, cold_valid: np.ndarray):
-    """Weights of scores added to a +history head's logits, chosen on the validation users: for
-    warm users the history score of the artists they played (how strictly "what you played"
-    comes first; the head alone still ranks everything else), for the same users seen cold the
-    popularity prior. Weight 0 when the head alone ranks best."""
-    valid = ctx.valid_rows
-    score = lambda scores: _valid_ndcg(ctx, scores)  # noqa: E731
-    warm = history.best_weight(future_listening.scores(head, x_valid, side_valid), _played_scores(ctx, valid), score)
-    cold = history.best_weight(future_listening.scores(head, cold_valid, np.zeros_like(side_valid)),
-                               history.prior(ctx.popularity, len(valid)), score)
-    return warm, cold
 
 
 def _run_tasks(ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_factors: np.ndarray, board: Board,
@@ -399,7 +378,7 @@ def _run_tasks(ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_fact
     if "cold_start" not in skipped:
         onboarding = reps["onboarding_mean"]
         onboarding_head = future_listening.fit_head(onboarding[ctx.fit_rows], ctx.labels[ctx.fit_rows], config.head,
-                                                    validate=_ranking_validation(ctx, onboarding, None))
+                                                    validate=_ranking_validation(ctx, onboarding))
         cold_scores = {"onboarding_mean": future_listening.scores(onboarding_head, onboarding[cold]),
                        "popularity": direct["popularity"](cold), "als": direct["als"](cold)}
         for method, scores in cold_scores.items():

@@ -60,6 +60,7 @@ class _Write:
     """One POST /events request waiting for the writer."""
 
     rows: list[dict]
+    batch: object  # the OnlineBatch the rows were checked against
     durable: threading.Event = field(default_factory=threading.Event)  # logged (or refused)
     done: threading.Event = field(default_factory=threading.Event)  # applied and written online (or failed)
     ack: dict | None = None
@@ -94,9 +95,6 @@ class OnlineBatch:
 
     def clocks(self, user_ids) -> list[pd.Timestamp]:
         return user_clocks(self.state, user_ids, self.as_of)
-
-    def features_now(self, user_ids):
-        return state_features_at(self.state, user_ids, self.clocks(user_ids))
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
@@ -299,8 +297,8 @@ class OnlineService:
         under ``duplicates`` and not applied again.
         """
         received = time.perf_counter()
-        rows = self._validated(self.batch, events)
-        write = _Write(rows)
+        online = self.batch
+        write = _Write(self._validated(online, events), online)
         self._queue.put(write)
         (write.done if wait else write.durable).wait()
         if write.error is not None:
@@ -326,7 +324,7 @@ class OnlineService:
         items = online.space.item_index(frame["item_id"].astype(str).to_numpy(dtype=object))
         if (items < 0).any():
             raise ValueError(f"item_id: unknown item(s) {sorted(set(frame['item_id'][items < 0]))[:5]}")
-        weight = pd.to_numeric(frame.get("weight", pd.Series(1.0, index=frame.index)), errors="coerce")
+        weight = pd.to_numeric(frame["weight"], errors="coerce")
         if not (np.isfinite(weight) & (weight >= 0)).all():
             raise ValueError("weight: must be a finite number >= 0")
         return rows
@@ -368,8 +366,9 @@ class OnlineService:
             online = self.batch
             fresh, ids = [], set()
             for write in writes:
-                try:  # re-checked against the batch serving now (a switch may have happened since)
-                    self._validated(online, write.rows)
+                try:  # a batch switched to since the request was checked: check it again against that one
+                    if write.batch is not online:
+                        self._validated(online, write.rows)
                 except (UnknownUser, ValueError) as exc:
                     write.error = exc
                     continue

@@ -16,6 +16,37 @@ def fit_head(x: np.ndarray, labels: np.ndarray, config: HeadConfig = HeadConfig(
     return fit_mlp(x, labels, config, prior=labels.mean(axis=0), side=side, validate=validate)
 
 
+def fit_with_history(fit: tuple, valid: tuple | None, popularity: np.ndarray, config: HeadConfig,
+                     score) -> tuple[MLPHead, dict]:
+    """The +history head (the ``embedding+history`` design) and its meta, as ``userrep evaluate``
+    measures it and a batch deploys it.
+
+    It learns from the fitting users twice, with their history and as new users (represented from
+    onboarding and attributes alone, no history), so it serves both. With validation users it
+    stops early on the mean of their nDCG seen warm and seen cold, and the weights of the history
+    score (users with history) and the popularity prior (users without) added to its logits are
+    chosen on them; without, no early stopping and both weights 0.
+
+    fit: (x, cold_x, labels, side); valid: (x, cold_x, side, plays, recent) or None;
+    score: scores of the validation users -> float (higher is better).
+    """
+    x, cold_x, labels, side = fit
+    validate = None
+    if valid is not None:
+        valid_x, valid_cold, valid_side, plays, recent = valid
+        none = np.zeros_like(valid_side)
+        validate = lambda h: (score(scores(h, valid_x, valid_side)) + score(scores(h, valid_cold, none))) / 2  # noqa: E731
+    head = fit_head(np.vstack([x, cold_x]), np.vstack([labels] * 2), config,
+                    np.concatenate([side, np.zeros_like(side)]), validate)
+    warm = cold = 0.0
+    if valid is not None:
+        warm = history.best_weight(scores(head, valid_x, valid_side), history.played_scores(plays, recent, popularity),
+                                   score)
+        cold = history.best_weight(scores(head, valid_cold, none), history.prior(popularity, len(valid_x)), score)
+    return head, {"design": history.WITH_HISTORY, "history_weight": warm, "prior_weight": cold,
+                  "popularity": np.asarray(popularity).tolist()}
+
+
 def scores(head: MLPHead, x: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
     return predict(head, x, side)
 
