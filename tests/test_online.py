@@ -15,7 +15,7 @@ from userrep.build import BuildConfig, build_batch
 from userrep.eventlog import open_log
 from userrep.model import AEConfig, embed
 from userrep.online import OnlineService
-from userrep.state import state_features
+from userrep.state import FeatureState, state_features, user_clocks
 
 QUIET = dict(log=lambda *_: None)
 
@@ -34,7 +34,7 @@ def served_root(small_world, tmp_path_factory):
 def log(request, tmp_path):
     """Where the service logs writes: a file, or a fresh stream on the test Redis."""
     if request.param == "file":
-        return str(tmp_path / "online" / "events.jsonl")
+        return str(tmp_path / "online" / "events.sqlite")
     return f"redis://{request.getfixturevalue('redis_server')}/events-{uuid.uuid4().hex[:8]}"
 
 
@@ -48,7 +48,8 @@ def logged(where) -> list[dict]:
 
 
 def weight_of(online: OnlineService, user: str) -> float:
-    return float(online.batch.state.users[user].weight.sum())
+    """The user's play weight in the shared state of the serving batch."""
+    return float(online.user_state(user)[0].weight.sum())
 
 
 def test_a_retried_event_id_is_acknowledged_and_applied_once_even_after_a_restart(served_root, log):
@@ -85,12 +86,13 @@ def test_one_users_late_event_moves_only_that_users_windows(served_root, log):
     now = pd.Timestamp.now(tz="UTC").isoformat()  # months after the batch: the mover's 7/30/180-day windows empty
     online.post_events([{"user_id": mover, "item_id": "t0000001", "ts": now}])
     online.post_events([{"user_id": bystander, "item_id": "t0000002", "ts": "2026-05-01T12:00:00Z"}])
-    clocks = dict(zip([mover, bystander], online.batch.clocks([mover, bystander])))
+    state = FeatureState(online.batch.space, {u: online.user_state(u)[0] for u in (mover, bystander)})
+    clocks = dict(zip([mover, bystander], user_clocks(state, [mover, bystander], online.batch.as_of)))
     assert clocks[mover] > pd.Timestamp("2026-11-01", tz="UTC")
     assert clocks[bystander] == pd.Timestamp("2026-05-02", tz="UTC")  # the midnight after its own event
     # The bystander's embedding is its history embedded as of its own clock, not the mover's:
     got = np.array(online.embedding(bystander)["embedding"])
-    state, model = online.batch.state, online.batch.model
+    model = online.batch.model
     own = embed(model, state_features(state, [bystander], clocks[bystander]).matrix)[0]
     moved = embed(model, state_features(state, [bystander], clocks[mover]).matrix)[0]
     assert np.allclose(got, own, atol=1e-5) and not np.allclose(got, moved, atol=1e-2)

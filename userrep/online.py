@@ -1,27 +1,42 @@
-"""The near-real-time side of a batch, without any server: what Ray Serve wraps.
+"""The near-real-time side of a batch, without any server: what each Ray Serve replica wraps.
 
-``OnlineBatch`` is everything one batch serves (encoders, model, incremental feature state,
-neighbour index); it is built whole and then swapped in by reference, so a request that took
-one batch finishes on it: no response mixes batches. ``OnlineService`` owns the durable event
-log, the current ``OnlineBatch`` and the reload when ``SERVING.json`` changes; a new batch's
-state is its dataset as of its ``as_of`` plus a replay of the logged writes that data does not
-hold (``userrep.eventlog``: the log, and its compaction into the dataset).
+``OnlineBatch`` is what one replica holds of a batch (encoders, model, backfilled embeddings,
+neighbour index); it is built whole and swapped in by reference, so a request that took one
+batch finishes on it: no response mixes batches. The users' incremental feature state is not in
+the replica: it lives in the shared store behind the event log (``userrep.eventlog``: SQLite
+embedded, Redis in production), keyed by (batch, user), so any replica serves any user and a
+restarted replica is ready once its artefacts are loaded.
+
+Each ``OnlineService`` (one per replica) runs two stages:
+
+* the **logger**: every ``POST /events`` request waiting is checked, deduplicated by client
+  ``event_id`` and appended as one durable record (group commit), then acknowledged;
+* the **consumer**: one member of the serving batch's consumer group. It takes records from the
+  group (any replica's), reads the touched users' state once, applies them, re-embeds those users
+  once, writes their rows to the online store once, and commits state + "applied" + ack in one
+  transaction. A request that asked to wait (``?wait=true``) returns once its record is applied,
+  by whichever consumer.
+
+A batch's shared state is written by the first replica that loads it: the batch's dataset as of
+its ``as_of`` plus a replay of the logged writes that data does not hold; its consumer group
+starts right after the last record replayed, so a write logged during a switch is applied once,
+either by the replay or by the group.
 
 Online time, per user: a user's features are computed as of the later of the batch's ``as_of``
 and the midnight after that user's newest accepted event, which is what a batch recomputation of
 the same history at that time gives (``userrep.state.user_clocks``). No client can move another
 user's windows, and an event dated later than now plus ``max_future_s`` is refused naming ``ts``.
-
-Idempotency: an event may carry a client ``event_id``; an id already accepted (in this process or
-in the durable log before it) is acknowledged again and never applied twice.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,43 +50,46 @@ from userrep.batches import batch_dir, read_pointer
 from userrep.data import load_dataset
 from userrep.features import FeatureSpace, to_utc
 from userrep.model import UserAutoencoder, embed
-from userrep.state import FeatureState, apply_events, register_user, state_features_at, state_from_dataset, user_clocks
+from userrep.state import (FeatureState, apply_events, decode_user, encode_user, register_user,
+                           state_features_at, state_from_dataset, user_clocks)
 
-MICRO_BATCH = 2000  # events the writer commits together at most (one fsync, one re-embed, one online write)
-APPLY_BACKLOG = 8  # logged commits the applier may lag behind before the logger waits for it
+MICRO_BATCH = 2000  # events the logger commits together at most (one fsync)
+DELIVER = 64  # records a consumer takes at once (one state read, one re-embed, one online write)
+CLAIM_IDLE_MS = 5000  # a record another consumer took and left this long is taken over (it died)
 MAX_FUTURE_S = 3600.0  # default: how far past the server's clock an event's ts may lie (client clock skew)
+WAIT_S = 30.0  # how long ?wait=true waits for the new embedding before answering 504 (the events are durable)
 
 
-def _take(source: queue.Queue, size) -> list:
-    """The next item of ``source`` (blocking) and every other one waiting, up to ``MICRO_BATCH`` events."""
+def _take(source: queue.Queue) -> list:
+    """The next write of ``source`` (blocking) and every other one waiting, up to ``MICRO_BATCH`` events."""
     items = [source.get()]
-    total = size(items[0])
+    total = len(items[0].rows)
     while total < MICRO_BATCH:
         try:
             items.append(source.get_nowait())
         except queue.Empty:
             break
-        total += size(items[-1])
+        total += len(items[-1].rows)
     return items
 
 
 @dataclass
 class _Write:
-    """One POST /events request waiting for the writer."""
+    """One POST /events request waiting for the logger."""
 
     rows: list[dict]
-    batch: object  # the OnlineBatch the rows were checked against
     durable: threading.Event = field(default_factory=threading.Event)  # logged (or refused)
-    done: threading.Event = field(default_factory=threading.Event)  # applied and written online (or failed)
+    position: object = None  # where its fresh events were logged (None: all duplicates)
     ack: dict | None = None
-    fresh: list[dict] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)
-    result: dict | None = None
     error: Exception | None = None
 
 
 class UnknownUser(KeyError):
     """A user the serving batch has never seen (HTTP 404)."""
+
+
+class NotApplied(TimeoutError):
+    """Durable events whose new embeddings were not written within the wait (HTTP 504)."""
 
 
 @dataclass
@@ -80,21 +98,15 @@ class OnlineBatch:
     as_of: pd.Timestamp
     space: FeatureSpace
     model: UserAutoencoder
-    state: FeatureState
     index: object  # faiss.IndexIDMap2 over L2-normalized embeddings
     rows: dict  # user_id -> index id
     users: dict  # index id -> user_id (neighbour answers)
     space_id: str  # the snapshot the batch's features come from (stamped on pushed feature rows)
-    vectors: dict  # user_id -> (embedding, updated_at) for users changed online
     lock: threading.Lock
     backfilled: np.ndarray = None  # (users, d) the batch's embeddings, rows as in ``rows``
-    replayed: list = None  # users whose state the event log changed at load
     history: tuple | None = None  # (artist indices, artist ids, half-life): the heads' history features
     compacted: object = None  # log position up to which the batch's data holds the logged events
-    log_position: object = None  # log position up to which the state has been brought
-
-    def clocks(self, user_ids) -> list[pd.Timestamp]:
-        return user_clocks(self.state, user_ids, self.as_of)
+    start: object = None  # log position its shared state was bootstrapped through (its group starts after)
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
@@ -102,47 +114,50 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def load_batch(root: Path, batch_id: str, events_log, log=print) -> OnlineBatch:
-    """``events_log``: an ``eventlog`` backend (or None: nothing to replay)."""
+def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
+    """A batch's artefacts as one replica holds them (no user state); and its manifest."""
     import faiss
 
-    started = time.perf_counter()
     directory = batch_dir(root, batch_id)
     manifest = json.loads((directory / "manifest.json").read_text())
     space = FeatureSpace.load(directory / "encoders")
-    as_of = to_utc(manifest["as_of"])
-    state = state_from_dataset(space, load_dataset(manifest["data"]["path"]), as_of)
     ids, vectors, _ = read_embeddings(directory / "embeddings.parquet")
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     index.add_with_ids(_normalized(vectors), np.arange(len(ids), dtype=np.int64))
-    online = OnlineBatch(batch_id, as_of, space, UserAutoencoder.load(directory / "model.pt"), state, index,
-                         {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)), manifest.get("snapshot") or batch_id,
-                         {}, threading.Lock(), vectors, history=_history_spec(directory, space))
+    online = OnlineBatch(batch_id, to_utc(manifest["as_of"]), space, UserAutoencoder.load(directory / "model.pt"),
+                         index, {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)),
+                         manifest.get("snapshot") or batch_id, threading.Lock(), vectors,
+                         history=_history_spec(directory, space))
     online.compacted = manifest["data"].get("events_watermark")
-    replayed = _replay(online, events_log)
-    log(f"loaded batch {batch_id} ({len(ids)} users, {replayed} logged writes replayed) "
-        f"in {time.perf_counter() - started:.1f}s")
-    return online
+    return online, manifest
 
 
-def _replay(online: OnlineBatch, events_log) -> int:
-    """Apply the logged writes after ``online.log_position`` that the batch's data does not hold:
-    every write logged after the part of the log compacted into that data, and from the compacted
-    part the events at or after as_of (the batch's state holds its data's events before as_of
-    only; sign-ups are never compacted). Advances ``log_position``; returns the writes applied."""
-    if events_log is None:
-        return 0
-    replayed, touched = 0, set(online.replayed or ())
-    for position, record in events_log.read(online.log_position):
-        online.log_position = position
-        if record["kind"] == "events" and eventlog.covered(events_log, position, online.compacted):
-            record = {**record, "events": [e for e in record["events"] if to_utc(e["ts"], "ts") >= online.as_of]}
-            if not record["events"]:
-                continue
-        touched.update(_apply(online, record))
-        replayed += 1
-    online.replayed = sorted(touched)
-    return replayed
+def bootstrap_state(online: OnlineBatch, manifest: dict, events_log) -> tuple[FeatureState, list[str], object]:
+    """A batch's whole user state: its dataset before ``as_of``, the compacted online events at or
+    after ``as_of`` (in its data's ``events.online/``), every sign-up in the log (sign-ups are never
+    trimmed) and every event logged after the part compacted into its data. Returns (state, users
+    changed by online writes, the last log position read)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    retained = events_log.retained_from()
+    if retained is not None and events_log.key(retained) > events_log.key(online.compacted):
+        raise ValueError(f"batch {online.batch_id}: its data holds the event log up to {online.compacted}, but the log "
+                         f"was trimmed through {retained}; rebuild the batch from the compacted dataset")
+    data = manifest["data"]["path"]
+    state = state_from_dataset(online.space, load_dataset(data), online.as_of)
+    touched = set()
+    parts = [pq.read_table(p, columns=["user_id", "item_id", "ts", "weight"]) for p in eventlog.part_files(data)]
+    if parts:
+        late = pa.concat_tables(parts)
+        late = late.filter(pc.greater_equal(late.column("ts"), pa.scalar(online.as_of, late.schema.field("ts").type)))
+        touched.update(_apply(online, state, [{"kind": "events", "events": late.to_pylist()}]))
+    last = None
+    for last, record in events_log.read():
+        if record["kind"] == "user" or not eventlog.covered(events_log, last, online.compacted):
+            touched.update(_apply(online, state, [record]))
+    return state, sorted(touched), last
 
 
 def _history_spec(directory: Path, space: FeatureSpace) -> tuple | None:
@@ -157,83 +172,110 @@ def _history_spec(directory: Path, space: FeatureSpace) -> tuple | None:
     return space.artist_index(meta["artists"]), meta["artists"], meta.get("half_life_days")
 
 
-def _apply(online: OnlineBatch, record: dict) -> list[str]:
-    """Apply one logged write to a batch's state; returns the users whose features changed."""
-    if record["kind"] == "user":
-        register_user(online.state, record["user_id"], record.get("onboarding_artists", ()),
-                      record.get("onboarding_genres", ()), record.get("attributes") or {})
-        return [record["user_id"]]
-    return apply_events(online.state, pd.DataFrame(record["events"]))
+def _apply(online: OnlineBatch, state: FeatureState, records: list[dict]) -> list[str]:
+    """Apply logged records to ``state`` (sign-ups, then all events at once); returns the users
+    changed. Events of items this batch's encoders do not know (logged under another batch) have
+    no vector here and are left out, said in the log line of the caller."""
+    touched = []
+    for record in records:
+        if record["kind"] == "user":
+            register_user(state, record["user_id"], record.get("onboarding_artists", ()),
+                          record.get("onboarding_genres", ()), record.get("attributes") or {})
+            touched.append(record["user_id"])
+    events = pd.DataFrame([e for r in records if r["kind"] == "events" for e in r["events"]])
+    if len(events):
+        events = events[online.space.item_index(events["item_id"].astype(str).to_numpy(dtype=object)) >= 0]
+        touched += apply_events(state, events) if len(events) else []
+    return list(dict.fromkeys(touched))
 
 
-def _reembed(online: OnlineBatch, user_ids: list[str]) -> dict:
-    """Recompute features and embeddings of users now, re-insert them in the neighbour index."""
-    clocks = online.clocks(user_ids)
-    features = state_features_at(online.state, user_ids, clocks)
+def _reembed(online: OnlineBatch, state: FeatureState, user_ids: list[str]) -> dict:
+    """Features and embeddings of users now; re-insert them in this replica's neighbour index."""
+    clocks = user_clocks(state, user_ids, online.as_of)
+    features = state_features_at(state, user_ids, clocks)
     vectors = embed(online.model, features.matrix)
     now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-    rows = []
-    for user_id, vector in zip(user_ids, vectors):
-        row = online.rows.get(user_id)
-        if row is None:
-            row = online.rows[user_id] = len(online.rows) + 10_000_000  # ids of users added online
-            online.users[row] = user_id
-        rows.append(row)
-        online.vectors[user_id] = (vector, now)
-    ids = np.array(rows, np.int64)
-    online.index.remove_ids(ids)  # one pass over the index for the whole micro-batch, not one per user
-    online.index.add_with_ids(_normalized(vectors), ids)
-    return {"features": features, "vectors": vectors, "updated_at": now, "clocks": clocks}
+    with online.lock:
+        rows = []
+        for user_id in user_ids:
+            row = online.rows.get(user_id)
+            if row is None:
+                row = online.rows[user_id] = len(online.rows) + 10_000_000  # ids of users added online
+                online.users[row] = user_id
+            rows.append(row)
+        ids = np.array(rows, np.int64)
+        online.index.remove_ids(ids)  # one pass over the index for the whole micro-batch, not one per user
+        online.index.add_with_ids(_normalized(vectors), ids)
+    return {"features": features, "vectors": vectors, "updated_at": now, "clocks": clocks, "state": state}
 
 
 class OnlineService:
-    """Serve the promoted batch: reads, near-real-time writes, reload on promotion."""
+    """One replica: reads, near-real-time writes (logger + consumer), reload on promotion."""
 
     def __init__(self, root: str | Path, store=None, events_log: str | Path | None = None, log=print,
-                 max_future_s: float = MAX_FUTURE_S):
+                 max_future_s: float = MAX_FUTURE_S, consumer: bool = True, claim_idle_ms: int = CLAIM_IDLE_MS):
         self.root = Path(root)
         self.max_future = pd.Timedelta(seconds=max_future_s)
         self.store_config = store
-        # a file (embedded default) or redis://HOST:PORT/STREAM (production profile), see userrep.eventlog
+        # a file (SQLite, embedded default) or redis://HOST:PORT/STREAM (production), see userrep.eventlog
         self.events_log = eventlog.open_log(events_log or eventlog.default_log(self.root))
         self.log = log
-        self._write_lock = threading.Lock()
+        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # this replica's consumer name
+        self.claim_idle_ms = claim_idle_ms
         self._store = None
         self.batch: OnlineBatch | None = None
-        self._pointer = None
         self._queue: queue.Queue[_Write] = queue.Queue()
-        # Every client event id accepted so far (the log is the record): a retry is applied once.
-        self._seen = {e["event_id"] for _, r in self.events_log.read() if r["kind"] == "events"
-                      for e in r["events"] if e.get("event_id")}
+        self._applied = threading.Condition()  # the local consumer committed something
+        self._wake = threading.Event()  # the local logger appended something
+        self.stopped = threading.Event()
         self.reload()
-        # Bounded: when the applier falls APPLY_BACKLOG commits behind, the logger waits for it, so
-        # acknowledged-but-unapplied events (the freshness lag) stay bounded under any load.
-        self._applies: queue.Queue[tuple] = queue.Queue(maxsize=APPLY_BACKLOG)
         threading.Thread(target=self._write_loop, name="event-logger", daemon=True).start()
-        threading.Thread(target=self._apply_loop, name="event-applier", daemon=True).start()
+        if consumer:
+            threading.Thread(target=self._consume_loop, name="event-consumer", daemon=True).start()
 
     # -- batches -------------------------------------------------------------------------
     def reload(self) -> bool:
-        """Load the promoted batch if it changed; the swap is one reference assignment."""
+        """Load the promoted batch if it changed; the swap is one reference assignment. Reads and
+        writes go on on the old batch meanwhile."""
         pointer = read_pointer(self.root)
         if pointer["serving"] is None:
             raise ValueError(f"batch_root: no batch is serving under {self.root}; promote one first")
         if self.batch is not None and pointer["serving"] == self.batch.batch_id:
             return False
-        # Built outside the write lock (writes go on meanwhile); the writes logged since the load
-        # are replayed under it, so none slips between the replay and the swap.
-        fresh = load_batch(self.root, pointer["serving"], self.events_log, self.log)
-        with self._write_lock:
-            _replay(fresh, self.events_log)
-            if fresh.replayed:  # their online rows in this batch must include the logged writes
-                self._push(fresh, _reembed(fresh, fresh.replayed))
-            self.batch = fresh
-        self._pointer = pointer
+        started = time.perf_counter()
+        fresh, manifest = load_batch(self.root, pointer["serving"])
+        fresh.start, replayed = self._shared_state(fresh, manifest)
+        self.batch = fresh
+        keep = {pointer["serving"], *pointer["history"][-1:]}  # the previous one stays ready for a rollback
+        for stale in set(self.events_log.batches()) - keep:
+            self.events_log.drop(stale)
+        self.log(f"loaded batch {fresh.batch_id} ({len(fresh.rows)} users"
+                 + (f", state bootstrapped, {replayed} users changed by the log" if replayed is not None else "")
+                 + f") in {time.perf_counter() - started:.1f}s")
         return True
+
+    def _shared_state(self, online: OnlineBatch, manifest: dict) -> tuple:
+        """The batch's shared state: found ready, or bootstrapped by this replica (one at a time)."""
+        ready = self.events_log.ready(online.batch_id)
+        if ready is not None:
+            return ready, None
+        with self.events_log.lock(online.batch_id):
+            ready = self.events_log.ready(online.batch_id)
+            if ready is not None:  # another replica did it while this one waited
+                return ready, None
+            state, touched, last = bootstrap_state(online, manifest, self.events_log)
+            blobs = {u: encode_user(s) for u, s in state.users.items()}
+            if touched:  # their embeddings and online rows must include the logged writes
+                result = _reembed(online, state, touched)
+                self._push(online, result)
+                blobs.update({u: encode_user(state.users[u], v, result["updated_at"])
+                              for u, v in zip(touched, result["vectors"])})
+            self.events_log.bootstrap(online.batch_id, blobs, last)
+            return last, len(touched)
 
     def watch(self, interval_s: float = 1.0, stop: threading.Event | None = None) -> threading.Thread:
         """Poll SERVING.json in a daemon thread and reload on change (a failed load keeps the old batch)."""
-        stop = stop or threading.Event()
+        stop = stop or self.stopped
 
         def loop():
             while not stop.wait(interval_s):
@@ -255,30 +297,41 @@ class OnlineService:
         return self._store
 
     # -- reads ---------------------------------------------------------------------------
+    def user_state(self, user_id: str, online: OnlineBatch | None = None) -> tuple:
+        """(state, newest online embedding or None, its time) of a user in the shared store."""
+        online = online or self.batch
+        blob = self.events_log.load(online.batch_id, [user_id]).get(user_id)
+        if blob is None:
+            raise UnknownUser(user_id)
+        return decode_user(blob)
+
     def embedding(self, user_id: str) -> dict:
         online = self.batch
-        updated = online.vectors.get(user_id, (None, online.as_of.isoformat()))[1]
         if self.store is not None:  # the online store is the source of truth for reads
             from userrep.store import online_embeddings
 
             got, found = online_embeddings(self.store, [user_id], online.batch_id)
             if found[0]:
-                return {"user_id": user_id, "batch_id": online.batch_id, "embedding": got[0].tolist(),
-                        "updated_at": updated}
-        if user_id in online.vectors:
-            return {"user_id": user_id, "batch_id": online.batch_id, "embedding": online.vectors[user_id][0].tolist(),
-                    "updated_at": updated}
-        if user_id in online.rows and online.rows[user_id] < len(online.backfilled):  # no online store
+                return {"user_id": user_id, "batch_id": online.batch_id, "embedding": got[0].tolist()}
+        try:  # no online store (or a row not there yet): the shared state's newest embedding
+            _, vector, updated = self.user_state(user_id, online)
+        except UnknownUser:
+            vector = None
+            if user_id not in online.rows:
+                raise
+        if vector is not None:
+            return {"user_id": user_id, "batch_id": online.batch_id, "embedding": vector.tolist(), "updated_at": updated}
+        if user_id in online.rows and online.rows[user_id] < len(online.backfilled):
             return {"user_id": user_id, "batch_id": online.batch_id,
                     "embedding": online.backfilled[online.rows[user_id]].tolist(), "updated_at": online.as_of.isoformat()}
         raise UnknownUser(user_id)
 
     def similar(self, user_id: str, k: int = 10) -> dict:
+        """Nearest users by cosine. The query is the user's newest embedding; the candidates are
+        this replica's index (the batch's users, plus the users whose writes this replica applied)."""
         online = self.batch
-        if user_id not in online.rows:
-            raise UnknownUser(user_id)
-        row = online.rows[user_id]
-        query = online.index.reconstruct(int(row))
+        query = np.asarray(self.embedding(user_id)["embedding"], np.float32)
+        row = online.rows.get(user_id, -1)
         with online.lock:
             scores, found = online.index.search(_normalized(query), k + 1)
         neighbours = [{"user_id": online.users[int(i)], "score": round(float(s), 6)}
@@ -287,30 +340,59 @@ class OnlineService:
 
     # -- writes --------------------------------------------------------------------------
     def post_events(self, events: list[dict], wait: bool = True) -> dict:
-        """Validate, then hand the events to two stages, each taking every request waiting at that
-        moment (group commit): the logger (checks, deduplicates, one durable append) and, in log
-        order, the applier (state update, one re-embed, one online write per micro-batch).
+        """Validate, then hand the events to the logger, which takes every request waiting at that
+        moment (group commit): checks, deduplicates by ``event_id``, one durable append.
 
         Returns once the events are durable (``wait=False``: their ids, accepted and duplicate)
-        or once they are applied and the new embeddings are written (``wait=True``). Events whose
-        ``event_id`` was accepted before (or repeats within the micro-batch) are acknowledged
-        under ``duplicates`` and not applied again.
+        or once they are applied and the new embeddings are written (``wait=True``, by whichever
+        replica's consumer). Events whose ``event_id`` was accepted before (or repeats within the
+        commit) are acknowledged under ``duplicates`` and not applied again.
         """
         received = time.perf_counter()
         online = self.batch
-        write = _Write(self._validated(online, events), online)
+        write = _Write(self._validated(online, events))
         self._queue.put(write)
-        (write.done if wait else write.durable).wait()
+        write.durable.wait()
         if write.error is not None:
             raise write.error
-        reply = write.result if wait else write.ack
+        reply = write.ack
+        if wait:
+            online = self._wait_applied(write.position, online)
+            users = list(dict.fromkeys(row["user_id"] for row in write.rows))
+            reply = {**reply, "batch_id": online.batch_id, "users": [self._user_reply(online, u) for u in users]}
         return {**reply, "freshness_ms": round((time.perf_counter() - received) * 1000, 2)}
+
+    def _user_reply(self, online: OnlineBatch, user_id: str) -> dict:
+        _, vector, updated = self.user_state(user_id, online)
+        if vector is None:  # not changed online in this batch (its events were all duplicates)
+            vector = online.backfilled[online.rows[user_id]]
+        return {"user_id": user_id, "embedding": np.asarray(vector).tolist(), "updated_at": updated}
+
+    def _wait_applied(self, position, online: OnlineBatch) -> OnlineBatch:
+        """Until the record at ``position`` is in the serving batch's state (applied by its group,
+        or held by its bootstrap after a switch); returns that batch."""
+        deadline = time.monotonic() + WAIT_S
+        key = self.events_log.key
+        while True:
+            online = self.batch
+            if position is None or key(position) <= key(online.start) \
+                    or self.events_log.applied(online.batch_id, [position]):
+                return online
+            if time.monotonic() > deadline:
+                raise NotApplied(f"events: durable at {position} but not applied within {WAIT_S:.0f}s; "
+                                 "their embeddings follow")
+            with self._applied:
+                self._applied.wait(0.02)
 
     def _validated(self, online: OnlineBatch, events: list[dict]) -> list[dict]:
         """The events as log rows (ts normalized), or an error naming the field; changes nothing."""
-        unknown = sorted({e["user_id"] for e in events if e["user_id"] not in online.state.users})
-        if unknown:
-            raise UnknownUser(unknown[0])
+        users = list(dict.fromkeys(e["user_id"] for e in events))
+        missing = [u for u in users if u not in online.rows]
+        if missing:  # users signed up online are in the shared state
+            known = self.events_log.load(online.batch_id, missing)
+            unknown = [u for u in missing if u not in known]
+            if unknown:
+                raise UnknownUser(unknown[0])
         latest = pd.Timestamp.now(tz="UTC") + self.max_future
         rows = []
         for i, event in enumerate(events):
@@ -330,102 +412,86 @@ class OnlineService:
         return rows
 
     def _write_loop(self) -> None:
-        """Stage 1, the one logger: every request waiting (up to ``MICRO_BATCH`` events) is checked,
-        deduplicated, logged in one durable append and acknowledged, then handed to the applier."""
+        """The logger: every request waiting (up to ``MICRO_BATCH`` events) deduplicated and logged
+        in one durable append, then acknowledged."""
         while True:
-            writes = _take(self._queue, lambda w: len(w.rows))
+            writes = _take(self._queue)
+            rows = [row for write in writes for row in write.rows]
             try:
-                self._applies.put(self._log_writes(writes))
+                position, duplicates = self.events_log.append_events(rows)
             except Exception as exc:  # noqa: BLE001 (handed to each waiting request)
-                self._fail(writes, exc)
-
-    def _apply_loop(self) -> None:
-        """Stage 2, the one applier: every logged commit waiting is applied to the state,
-        re-embedded and written online together, in log order."""
-        while True:
-            commits = _take(self._applies, lambda c: len(c[1]["events"]) if c[1] else 0)
-            writes = [w for _, _, ws in commits for w in ws]
-            try:
-                self._apply_commits(commits)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(writes, exc)
-            for write in writes:
-                write.done.set()
-
-    def _fail(self, writes: list["_Write"], exc: Exception) -> None:
-        self.log(f"event write failed: {type(exc).__name__}: {exc}")
-        for write in writes:
-            if write.result is None:
-                write.error = write.error or exc
-            write.durable.set()
-            write.done.set()
-
-    def _log_writes(self, writes: list["_Write"]) -> tuple:
-        """(batch, record or None, writes): the fresh events of ``writes`` logged as one record."""
-        with self._write_lock:  # a batch switch replays the log under this lock: nothing slips past it
-            online = self.batch
-            fresh, ids = [], set()
-            for write in writes:
-                try:  # a batch switched to since the request was checked: check it again against that one
-                    if write.batch is not online:
-                        self._validated(online, write.rows)
-                except (UnknownUser, ValueError) as exc:
+                self.log(f"event write failed: {type(exc).__name__}: {exc}")
+                for write in writes:
                     write.error = exc
-                    continue
-                for row in write.rows:
-                    event_id = row.get("event_id")
-                    if event_id is not None and (event_id in self._seen or event_id in ids):
-                        write.duplicates.append(event_id)
-                        continue
-                    ids.add(event_id)
-                    write.fresh.append(row)
-                fresh += write.fresh
-            record = {"kind": "events", "events": fresh} if fresh else None
-            if record:
-                self.events_log.append(record)
-                self._seen.update(i for i in ids if i is not None)
-        for write in writes:  # durable: the writes that asked no more are answered now
-            if write.error is None:
-                write.ack = {"batch_id": online.batch_id, "accepted": len(write.fresh),
-                             "event_ids": [row.get("event_id") for row in write.fresh],
-                             "duplicates": write.duplicates}
-            write.durable.set()
-        return online, record, writes
-
-    def _apply_commits(self, commits: list[tuple]) -> None:
-        """Apply logged commits (consecutive ones of the same batch as one), re-embed, write online."""
-        groups: list[tuple] = []
-        for online, record, writes in commits:
-            if groups and groups[-1][0] is online:
-                groups[-1][1].extend(record["events"] if record else [])
-                groups[-1][2].extend(writes)
-            else:
-                groups.append((online, list(record["events"]) if record else [], list(writes)))
-        for online, events, writes in groups:
-            by_user = {}
-            if events:
-                with online.lock:
-                    result = _reembed(online, _apply(online, {"kind": "events", "events": events}))
-                self._push(online, result)
-                by_user = {u: {"user_id": u, "embedding": v.tolist(), "updated_at": result["updated_at"]}
-                           for u, v in zip(result["features"].user_ids, result["vectors"])}
+                    write.durable.set()
+                continue
+            self._wake.set()
+            duplicates, at = set(duplicates), 0
             for write in writes:
-                if write.error is None:
-                    users = list(dict.fromkeys(row["user_id"] for row in write.fresh))
-                    write.result = {**write.ack, "users": [by_user[u] for u in users]}
+                mine = range(at, at + len(write.rows))
+                at += len(write.rows)
+                fresh = [write.rows[i - mine.start] for i in mine if i not in duplicates]
+                write.position = position if fresh else None
+                write.ack = {"batch_id": self.batch.batch_id, "accepted": len(fresh),
+                             "event_ids": [row.get("event_id") for row in fresh],
+                             "duplicates": [write.rows[i - mine.start].get("event_id") for i in mine if i in duplicates]}
+                write.durable.set()
+
+    def _consume_loop(self) -> None:
+        """The consumer: records of the serving batch's group, applied a micro-batch at a time."""
+        while not self.stopped.is_set():
+            online = self.batch
+            try:
+                entries = self.events_log.deliver(online.batch_id, self.name, DELIVER, self.claim_idle_ms)
+                if not entries:
+                    self._wake.wait(0.02)  # a local append wakes it at once; other replicas' within 20 ms
+                    self._wake.clear()
+                    continue
+                self.consume(online, entries)
+            except Exception as exc:  # noqa: BLE001 (its records stay pending and come back)
+                self.log(f"event apply failed: {type(exc).__name__}: {exc}")
+                time.sleep(0.5)
+
+    def consume(self, online: OnlineBatch, entries: list[tuple]) -> list:
+        """Apply delivered records once: one state read, one re-embed, one online write, one commit."""
+        records = {position: record for position, record in entries if record is not None}
+
+        def work(todo, load):
+            batch = [records[p] for p in todo if p in records]
+            users = list(dict.fromkeys(
+                [r["user_id"] for r in batch if r["kind"] == "user"]
+                + [e["user_id"] for r in batch if r["kind"] == "events" for e in r["events"]]))
+            if not users:
+                return {}
+            state = FeatureState(online.space, {u: decode_user(b)[0] for u, b in load(users).items()})
+            touched = _apply(online, state, batch)
+            if len(touched) < len(users):
+                self.log(f"batch {online.batch_id}: events of {len(users) - len(touched)} user(s) name items "
+                         "its encoders do not know; left out of its online state (they reach the next batch)")
+            if not touched:
+                return {}
+            result = _reembed(online, state, touched)
+            self._push(online, result)  # before the commit: a crash here leaves the records to redo
+            return {u: encode_user(state.users[u], v, result["updated_at"]) for u, v in zip(touched, result["vectors"])}
+
+        done = self.events_log.commit(online.batch_id, [p for p, _ in entries], work)
+        with self._applied:
+            self._applied.notify_all()
+        return done
 
     def register_user(self, user_id: str, onboarding_artists=(), onboarding_genres=(), attributes=None) -> dict:
-        with self._write_lock:
-            online = self.batch
-            record = {"kind": "user", "user_id": user_id, "onboarding_artists": list(onboarding_artists),
-                      "onboarding_genres": list(onboarding_genres), "attributes": attributes or {}}
-            self.events_log.append(record)
-            with online.lock:
-                _apply(online, record)
-                result = _reembed(online, [user_id])
-            self._push(online, result)
-        return {"user_id": user_id, "batch_id": online.batch_id, "embedding": result["vectors"][0].tolist(),
-                "updated_at": result["updated_at"]}
+        """Log the sign-up; answer once a consumer applied it (the cold-start embedding)."""
+        online = self.batch
+        record = {"kind": "user", "user_id": user_id, "onboarding_artists": list(onboarding_artists),
+                  "onboarding_genres": list(onboarding_genres), "attributes": attributes or {}}
+        position = self.events_log.append(record)
+        self._wake.set()
+        online = self._wait_applied(position, online)
+        return {**self._user_reply(online, user_id), "batch_id": online.batch_id}
+
+    def close(self) -> None:
+        """Stop this replica's consumer and batch watch (its unfinished records go to another)."""
+        self.stopped.set()
 
     def _push(self, online: OnlineBatch, result: dict) -> None:
         """Features and embeddings of changed users to the online store, under this batch id."""
@@ -448,7 +514,7 @@ class OnlineService:
             from userrep.store import history_table
 
             columns, artists, half_life = online.history
-            plays, recent = artist_history(online.state, features.user_ids, clocks, columns, half_life)
+            plays, recent = artist_history(result["state"], features.user_ids, clocks, columns, half_life)
             rows = history_table(features.user_ids, artists, plays, recent, online.batch_id, clocks)
             if rows.num_rows:
                 self.store.write_to_online_store("user_artist_history", rows.to_pandas())

@@ -8,6 +8,7 @@ window (relative to the user's latest event) can never be read again and are pru
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,3 +183,30 @@ def artist_history(state: FeatureState, user_ids, as_of, artists: np.ndarray,
             weight = weight * np.power(0.5, np.maximum(today - user.day[keep], 0) / half_life_days)
         np.add.at(recent[i], cols[keep], weight)
     return plays.astype(np.float32), recent.astype(np.float32)
+
+
+def encode_user(user: UserState, vector: np.ndarray | None = None, updated_at: str | None = None) -> bytes:
+    """One user's state (and newest online embedding) as bytes for the shared state store: a JSON
+    header, then the buckets and the vector as raw little-endian arrays (no pickle: the store is
+    shared, and its bytes must never be code)."""
+    vector = None if vector is None else np.asarray(vector, "<f4")
+    header = json.dumps({"n": len(user.day), "d": 0 if vector is None else len(vector), "updated_at": updated_at,
+                         "onboarding_artists": list(user.onboarding_artists),
+                         "onboarding_genres": list(user.onboarding_genres), "attributes": user.attributes}).encode()
+    parts = [len(header).to_bytes(4, "little"), header, np.asarray(user.day, "<i4").tobytes(),
+             np.asarray(user.item, "<i4").tobytes(), np.asarray(user.weight, "<f8").tobytes()]
+    return b"".join(parts + ([vector.tobytes()] if vector is not None else []))
+
+
+def decode_user(blob: bytes) -> tuple[UserState, np.ndarray | None, str | None]:
+    """(state, newest online embedding or None, its time or None) from ``encode_user``'s bytes."""
+    size = int.from_bytes(blob[:4], "little")
+    header = json.loads(blob[4:4 + size])
+    n, at = header["n"], 4 + size
+    day = np.frombuffer(blob, "<i4", n, at).astype(np.int32)
+    item = np.frombuffer(blob, "<i4", n, at + 4 * n).astype(np.int32)
+    weight = np.frombuffer(blob, "<f8", n, at + 8 * n).astype(np.float64)
+    vector = np.frombuffer(blob, "<f4", header["d"], at + 16 * n).copy() if header["d"] else None
+    user = UserState(day, item, weight, tuple(header["onboarding_artists"]), tuple(header["onboarding_genres"]),
+                     dict(header["attributes"]))
+    return user, vector, header["updated_at"]
