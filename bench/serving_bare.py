@@ -23,7 +23,7 @@ def main() -> None:
 
     class BareHolder(Holder):
         service = OnlineService(args.work / "batches", store_config(args.work / "feast"),
-                                args.work / "online" / "bare-events.jsonl")
+                                args.work / "online" / "bare-events.sqlite")
 
     app = create_app(BareHolder)
     tasks = TaskService.inner()  # the BentoML class's own logic, called directly

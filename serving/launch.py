@@ -54,7 +54,7 @@ def start_bento(root: Path, feast_home: Path | None, port: int, work: Path) -> s
 
 def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_port: int = 3000,
                   work: Path = Path("work"), log=print, stop: threading.Event | None = None,
-                  events_log: str | None = None) -> None:
+                  events_log: str | None = None, replicas: int = 1) -> None:
     """Block until SIGINT/SIGTERM (or ``stop``), then stop what was started, by PID."""
     os.environ.update(SERVE_ENV)
     from ray import serve
@@ -71,7 +71,8 @@ def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_p
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(application({"batch_root": str(Path(root).resolve()),
                                    "feast_home": str(Path(feast_home).resolve()) if feast_home else None,
-                                   "events_log": events_log or str((work / "online" / "events.jsonl").resolve())}),
+                                   "events_log": events_log or str((work / "online" / "events.sqlite").resolve()),
+                                   "replicas": replicas}),
                       name="userrep", route_prefix="/", blocking=False)
             wait_ready(f"http://127.0.0.1:{port}/readyz")
             wait_ready(f"http://127.0.0.1:{bento_port}/readyz", proc=bento)

@@ -1,8 +1,9 @@
 """Ray Serve application: the embedding API (serving/api.py) as a Serve deployment.
 
-One replica: the incremental feature state lives in the replica's memory (rebuilt from the
-dataset plus the durable event log on start and on every batch switch); scaling out needs that
-state in the online store first (see serving/README.md).
+Any number of replicas: each holds the serving batch's artefacts (encoders, model, neighbour
+index) and runs one logger and one consumer; the per-user state, the event log and its consumer
+group are shared (SQLite embedded, Redis in the cluster; ``userrep.eventlog``), so any replica
+serves any user. The RayService sets the replica count by autoscaling (k8s/).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class EmbeddingService:
 def application(args: dict):
     """Serve's application builder (`import_path: serving.ray_app:application` + `args` in a
     RayService's serveConfigV2); keys: batch_root, feast_home, online, redis, events_log, watch_s,
-    max_future_s (how far past the server's clock an event's ts may lie; default 1 h)."""
+    max_future_s (how far past the server's clock an event's ts may lie; default 1 h), replicas
+    (default 1; a serveConfigV2 ``deployments`` entry overrides it)."""
     args = dict(args)
-    return EmbeddingService.bind(args.pop("batch_root"), args.pop("feast_home", None), **args)
+    replicas = int(args.pop("replicas", 1))
+    return EmbeddingService.options(num_replicas=replicas).bind(args.pop("batch_root"), args.pop("feast_home", None),
+                                                                **args)

@@ -191,22 +191,23 @@ def test_refresh_reembeds_with_the_serving_batch_and_publishes_under_its_id(life
 
 
 def test_online_core_without_a_store_reads_backfill_applies_events_and_follows_promotion(lifecycle, tmp_path):
+    from userrep.eventlog import open_log
     from userrep.online import OnlineService, UnknownUser
 
     root, ds, _ = lifecycle
-    service = OnlineService(root, store=None, events_log=tmp_path / "events.jsonl", log=lambda *_: None)
+    service = OnlineService(root, store=None, events_log=tmp_path / "events.sqlite", log=lambda *_: None)
     serving = service.batch.batch_id
     ids, vectors, _ = read_embeddings(root / serving / "embeddings.parquet")
     got = service.embedding(str(ids[5]))
     assert got["batch_id"] == serving and np.allclose(got["embedding"], vectors[5])
     reply = service.post_events([{"user_id": str(ids[5]), "item_id": "t0000001", "ts": "2026-07-02T00:00:00+00:00"}])
     assert not np.allclose(reply["users"][0]["embedding"], vectors[5])
-    assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 1
+    assert len(list(open_log(tmp_path / "events.sqlite").read())) == 1
     with pytest.raises(UnknownUser):
         service.embedding("nobody")
     with pytest.raises(ValueError, match="item_id"):
         service.post_events([{"user_id": str(ids[5]), "item_id": "nope", "ts": "2026-07-02T00:00:00+00:00"}])
-    assert len((tmp_path / "events.jsonl").read_text().splitlines()) == 1  # refused writes are not logged
+    assert len(list(open_log(tmp_path / "events.sqlite").read())) == 1  # refused writes are not logged
     other = "b1" if serving == "b2" else "b2"
     pointer = batches.read_pointer(root)
     if other in pointer["history"]:
@@ -216,4 +217,4 @@ def test_online_core_without_a_store_reads_backfill_applies_events_and_follows_p
         batches.promote(root, other)
     assert service.reload() and service.batch.batch_id == other
     replayed = service.embedding(str(ids[5]))  # the logged event replayed into the new batch
-    assert replayed["batch_id"] == other and replayed["updated_at"] != service.batch.as_of.isoformat()
+    assert replayed["batch_id"] == other and replayed["as_of"] != service.batch.as_of.isoformat()

@@ -130,6 +130,12 @@ def test_ray_objects_have_the_fields_kuberay_requires():
     service = next(o for o in rays if o["kind"] == "RayService")
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert config["applications"][0]["import_path"] == "serving.ray_app:application"
+    # the replica override must name the deployment serving/ray_app.py defines, or Serve rejects it
+    from serving.ray_app import EmbeddingService
+
+    override = config["applications"][0]["deployments"][0]
+    assert override["name"] == EmbeddingService.name and override["autoscaling_config"]["min_replicas"] >= 2
+    assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
 
 
 CHECKOV = REPO / ".tools" / "bin" / "checkov"

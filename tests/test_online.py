@@ -4,6 +4,7 @@ embedded file and a Redis stream on a real redis-server (AOF, fsync always) star
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
@@ -40,6 +41,14 @@ def log(request, tmp_path):
 
 def service(root, where) -> OnlineService:
     return OnlineService(root, store=None, events_log=where, **QUIET)
+
+
+def settled(check, timeout_s: float = 30.0) -> None:
+    """Wait until ``check()`` holds (records applied by a consumer in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "not applied in time"
+        time.sleep(0.05)
 
 
 def logged(where) -> list[dict]:
@@ -148,8 +157,12 @@ def test_events_posted_after_a_batch_reach_the_next_batchs_training_data_and_sta
                "weight": 2.0} for j in range(3)]  # between b1's as_of and b2's
     online.post_events(posted)
     online.post_events([{"event_id": "after-b2", "user_id": user, "item_id": item, "ts": "2026-05-25T08:00:00Z"}])
+    online.register_user("signed-up-online", ["a000001"])
     done = compact(log, data)
     assert done["events"] == 4 and len(part_files(data)) == 4  # one part per day
+    # retention: the compacted events (all applied by b1's group) left the log; the sign-up stays
+    assert done["trimmed_through"] == done["to"] and logged(log) == []
+    assert [r["kind"] for _, r in open_log(log).read()] == ["user"]
     assert compact(log, data)["events"] == 0  # a second run appends nothing
     events = load_dataset(data).events
     ours = events.filter(pc.and_(pc.equal(events.column("user_id"), user), pc.equal(events.column("item_id"), item)))
@@ -164,8 +177,9 @@ def test_events_posted_after_a_batch_reach_the_next_batchs_training_data_and_sta
     # replayed), and the play after its as_of (replayed from the log): each counted once.
     expected = originally("2026-05-20") + 3 * 2.0 + 1.0
     assert weight_of(online, user) == pytest.approx(expected)
-    restarted = service(root, log)
-    assert weight_of(restarted, user) == pytest.approx(expected)
+    assert online.user_state("signed-up-online")[0].onboarding_artists == ("a000001",)
+    restarted = service(root, log)  # b2's shared state is ready: nothing is rebuilt or replayed
+    assert restarted.batch.start == online.batch.start and weight_of(restarted, user) == pytest.approx(expected)
 
 
 def test_an_acknowledged_write_is_durable_at_once_and_applied_in_order(served_root, log):
@@ -178,6 +192,46 @@ def test_an_acknowledged_write_is_durable_at_once_and_applied_in_order(served_ro
     assert "ack-1" in [e.get("event_id") for e in logged(log)]  # in the log before the reply
     done = online.post_events([{**event, "event_id": "ack-2"}], wait=True)  # queued after ack-1
     assert done["users"][0]["user_id"] == user and weight_of(online, user) == pytest.approx(before + 4.0)
+
+
+def test_two_replicas_consuming_the_same_users_lose_no_update(served_root, log, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import userrep.online
+
+    monkeypatch.setattr(userrep.online, "DELIVER", 2)  # small takes: the two consumers interleave on the backlog
+    replicas = [service(served_root, log), service(served_root, log)]  # two consumers of one group
+    users = [f"u{i:07d}" for i in range(60, 64)]
+    before = {u: weight_of(replicas[0], u) for u in users}
+
+    def client(k: int) -> None:  # every request touches every user, through either replica
+        for j in range(6):
+            replicas[k % 2].post_events([{"user_id": u, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}
+                                         for u in users], wait=j % 3 == 2)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(client, range(8)))
+    settled(lambda: all(weight_of(replicas[1], u) == pytest.approx(before[u] + 48) for u in users))
+    time.sleep(0.3)  # nothing is applied twice afterwards either
+    assert all(weight_of(replicas[0], u) == pytest.approx(before[u] + 48) for u in users)
+    assert all(r.applied_records > 0 for r in replicas)  # both did part of the work
+
+
+def test_a_consumer_that_dies_mid_batch_leaves_its_records_to_another_applied_once(served_root, log):
+    writer = OnlineService(served_root, store=None, events_log=log, consumer=False, **QUIET)
+    user = "u0000070"
+    before = weight_of(writer, user)
+    for j in range(5):
+        writer.post_events([{"event_id": f"d{j}", "user_id": user, "item_id": "t0000001",
+                             "ts": "2026-05-02T10:00:00Z"}], wait=False)
+    batch = writer.batch.batch_id
+    taken = writer.events_log.deliver(batch, "doomed", 64, 60_000)  # a consumer takes them, then dies
+    assert len(taken) == 5 and weight_of(writer, user) == pytest.approx(before)
+    survivor = OnlineService(served_root, store=None, events_log=log, claim_idle_ms=300, **QUIET)
+    settled(lambda: weight_of(survivor, user) == pytest.approx(before + 5))  # taken over once idle
+    # The "dead" one was only stalled: it wakes and commits what it took; nothing is applied twice.
+    assert writer.consume(writer.batch, taken) == []
+    assert weight_of(writer, user) == pytest.approx(before + 5)
 
 
 @pytest.mark.slow

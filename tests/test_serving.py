@@ -23,6 +23,7 @@ from serving.smoke import free_port
 
 from userrep import batches
 from userrep.backfill import read_embeddings
+from userrep.eventlog import open_log
 from userrep.baselines import decayed_matrix, user_artist_matrix
 from userrep.build import BuildConfig, build_batch
 from userrep.data import load_dataset
@@ -169,7 +170,7 @@ def test_an_event_updates_the_embedding_like_a_batch_recomputation(served):
     for artist, weight in gained.items():
         column = meta["artists"].index(artist)
         assert online_plays[0, column] == pytest.approx(batch_plays[0, column] + weight)
-    logged = [json.loads(line) for line in (served.work / "online" / "events.jsonl").read_text().splitlines()]
+    logged = [r for _, r in open_log(served.work / "online" / "events.sqlite").read()]
     assert any(r["kind"] == "events" and r["events"][0]["user_id"] == user for r in logged)  # durable before the reply
 
 
@@ -179,8 +180,8 @@ def test_a_retried_event_is_acknowledged_again_and_applied_once(served):
     assert status == 202 and first["accepted"] == 1 and first["event_ids"] == ["retry-test-1"]
     status, _, again = call(f"{served.api}/events?wait=true", [event])  # the client's retry after a lost reply
     assert status == 200 and again["accepted"] == 0 and again["duplicates"] == ["retry-test-1"]
-    logged = [e for line in (served.work / "online" / "events.jsonl").read_text().splitlines()
-              for e in json.loads(line).get("events", []) if e.get("event_id") == "retry-test-1"]
+    logged = [e for _, r in open_log(served.work / "online" / "events.sqlite").read()
+              for e in r.get("events", []) if e.get("event_id") == "retry-test-1"]
     assert len(logged) == 1
 
 

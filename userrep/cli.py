@@ -318,7 +318,7 @@ def _print_metrics(metrics: dict) -> None:
 @events_app.command("compact")
 def events_compact(
     data: Annotated[Path, typer.Option(help="Dataset the events join (its events.online/ directory).")],
-    log: Annotated[str, typer.Option(help="The online service's event log: a file, or redis://HOST:PORT/STREAM.")] = "work/online/events.jsonl",
+    log: Annotated[str, typer.Option(help="The online service's event log: a file, or redis://HOST:PORT/STREAM.")] = "work/online/events.sqlite",
 ) -> None:
     """Append the events logged since the last compaction to the dataset, so the next batch trains on them."""
     from userrep.eventlog import compact
@@ -502,7 +502,7 @@ def pipeline_run(
                                             "split of the history; replaces --dim/--epochs; recorded in the manifest).")] = False,
     tune_budget: Annotated[float, typer.Option(min=1, help="Seconds after which the tune step starts no new trial.")] = 180.0,
     events_log: Annotated[str, typer.Option(help="The online event log to compact into the dataset first "
-                                                 "(e.g. work/online/events.jsonl); '' skips it.")] = "",
+                                                 "(e.g. work/online/events.sqlite); '' skips it.")] = "",
 ) -> None:
     """Run a pipeline embedded with kfp.local (SubprocessRunner): each step's progress on the console."""
     from pipelines.runner import run_local
@@ -574,8 +574,10 @@ def serve(
     port: Annotated[int, typer.Option(help="Ray Serve port (embeddings, events).")] = 8000,
     bento_port: Annotated[int, typer.Option(help="BentoML port (recommendations, preferences).")] = 3000,
     feast: Annotated[bool, typer.Option(help="Read and write the Feast online store in WORK/feast.")] = True,
-    events_log: Annotated[str, typer.Option(help="Event log: a file (default WORK/online/events.jsonl) or "
+    events_log: Annotated[str, typer.Option(help="Event log: a file (default WORK/online/events.sqlite) or "
                                                  "redis://HOST:PORT/STREAM (Redis with appendonly, fsync always).")] = "",
+    replicas: Annotated[int, typer.Option(min=1, help="Ray Serve replicas of the embedding API (they share the "
+                                                      "per-user state through the event log).")] = 1,
 ) -> None:
     """Serve the promoted batch on 127.0.0.1 until Ctrl-C: Ray Serve + BentoML, reloading on promotion."""
     from serving.launch import serve_forever
@@ -585,7 +587,7 @@ def serve(
         _error("error", f"{work / 'batches'}: no batch is serving; run `make demo` first")
         raise typer.Exit(code=2)
     serve_forever(work / "batches", work / "feast" if feast else None, port, bento_port, work, log=console.print,
-                  events_log=events_log or None)
+                  events_log=events_log or None, replicas=replicas)
 
 
 @app.command()

@@ -228,6 +228,7 @@ class OnlineService:
         self._applied = threading.Condition()  # the local consumer committed something
         self._wake = threading.Event()  # the local logger appended something
         self.stopped = threading.Event()
+        self.applied_records = 0  # records this replica's consumer applied (the rest: other replicas')
         self.reload()
         threading.Thread(target=self._write_loop, name="event-logger", daemon=True).start()
         if consumer:
@@ -306,24 +307,29 @@ class OnlineService:
         return decode_user(blob)
 
     def embedding(self, user_id: str) -> dict:
+        """The user's newest embedding in the serving batch, with ``as_of``: the time its features
+        are as of (the user's clock: the batch's as_of, or the midnight after their newest event)."""
         online = self.batch
         if self.store is not None:  # the online store is the source of truth for reads
             from userrep.store import online_embeddings
 
-            got, found = online_embeddings(self.store, [user_id], online.batch_id)
+            got, found, stamps = online_embeddings(self.store, [user_id], online.batch_id, with_times=True)
             if found[0]:
-                return {"user_id": user_id, "batch_id": online.batch_id, "embedding": got[0].tolist()}
+                return {"user_id": user_id, "batch_id": online.batch_id, "embedding": got[0].tolist(),
+                        "as_of": stamps[0].isoformat()}
         try:  # no online store (or a row not there yet): the shared state's newest embedding
-            _, vector, updated = self.user_state(user_id, online)
+            state, vector, _ = self.user_state(user_id, online)
         except UnknownUser:
-            vector = None
             if user_id not in online.rows:
                 raise
+            vector = None
         if vector is not None:
-            return {"user_id": user_id, "batch_id": online.batch_id, "embedding": vector.tolist(), "updated_at": updated}
+            clock = user_clocks(FeatureState(online.space, {user_id: state}), [user_id], online.as_of)[0]
+            return {"user_id": user_id, "batch_id": online.batch_id, "embedding": vector.tolist(),
+                    "as_of": clock.isoformat()}
         if user_id in online.rows and online.rows[user_id] < len(online.backfilled):
             return {"user_id": user_id, "batch_id": online.batch_id,
-                    "embedding": online.backfilled[online.rows[user_id]].tolist(), "updated_at": online.as_of.isoformat()}
+                    "embedding": online.backfilled[online.rows[user_id]].tolist(), "as_of": online.as_of.isoformat()}
         raise UnknownUser(user_id)
 
     def similar(self, user_id: str, k: int = 10) -> dict:
@@ -363,10 +369,12 @@ class OnlineService:
         return {**reply, "freshness_ms": round((time.perf_counter() - received) * 1000, 2)}
 
     def _user_reply(self, online: OnlineBatch, user_id: str) -> dict:
-        _, vector, updated = self.user_state(user_id, online)
+        state, vector, updated = self.user_state(user_id, online)
         if vector is None:  # not changed online in this batch (its events were all duplicates)
             vector = online.backfilled[online.rows[user_id]]
-        return {"user_id": user_id, "embedding": np.asarray(vector).tolist(), "updated_at": updated}
+        clock = user_clocks(FeatureState(online.space, {user_id: state}), [user_id], online.as_of)[0]
+        return {"user_id": user_id, "embedding": np.asarray(vector).tolist(), "as_of": clock.isoformat(),
+                "updated_at": updated}
 
     def _wait_applied(self, position, online: OnlineBatch) -> OnlineBatch:
         """Until the record at ``position`` is in the serving batch's state (applied by its group,
@@ -475,6 +483,7 @@ class OnlineService:
             return {u: encode_user(state.users[u], v, result["updated_at"]) for u, v in zip(touched, result["vectors"])}
 
         done = self.events_log.commit(online.batch_id, [p for p, _ in entries], work)
+        self.applied_records += len(done)
         with self._applied:
             self._applied.notify_all()
         return done

@@ -268,10 +268,11 @@ def publish_embeddings(store, config: StoreConfig, embeddings: pa.Table, batch_i
     return n
 
 
-def online_embeddings(store, user_ids, batch_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors, found) for users of one batch; a row of another batch is an error, never returned."""
+def online_embeddings(store, user_ids, batch_id: str, with_times: bool = False) -> tuple:
+    """(vectors, found) for users of one batch; a row of another batch is an error, never returned.
+    ``with_times``: also each row's event time (the time its features are as of; NaT where not found)."""
     rows = [{"user_id": str(u), "batch_id": batch_id} for u in user_ids]
-    got = store.get_online_features(features=EMBEDDING_FIELDS, entity_rows=rows).to_dict()
+    got = store.get_online_features(features=EMBEDDING_FIELDS, entity_rows=rows).to_dict(include_event_timestamps=with_times)
     found = np.array([v is not None for v in got["embedding"]], bool)
     stamps = np.array(got["embedding_batch"], dtype=object)
     if (found & (stamps != batch_id)).any():
@@ -282,6 +283,11 @@ def online_embeddings(store, user_ids, batch_id: str) -> tuple[np.ndarray, np.nd
     for i, v in enumerate(got["embedding"]):
         if v is not None:
             vectors[i] = v
+    if with_times:
+        from feast.online_response import TIMESTAMP_POSTFIX
+
+        times = pd.to_datetime(pd.Series(got["embedding" + TIMESTAMP_POSTFIX], dtype="float64"), utc=True, unit="s")
+        return vectors, found, list(times)
     return vectors, found
 
 
