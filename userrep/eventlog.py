@@ -22,13 +22,14 @@ What the log holds and who reads it:
   batch first (``bootstrap``, under ``lock``), then kept up to date by a **consumer group** named
   after the batch that starts right after the last record the bootstrap held. Any replica's
   consumer takes records from the group (``deliver``: its own unfinished ones, then ones another
-  consumer left idle longer than ``idle_ms``, then new ones) and ``commit``s them: read the
-  touched users, apply, write them back, mark the records applied and acknowledge them, all in
-  one transaction (SQLite ``BEGIN IMMEDIATE``; Redis ``WATCH``/``MULTI``, retried when another
-  consumer changed one of the users or applied one of the records first). So two consumers on the
-  same users lose no update, and a consumer killed at any point leaves its records to another,
-  never applied twice. Bucket sums commute, so records of one user applied out of order give the
-  same state.
+  consumer left idle longer than ``idle_ms``, then new ones) and ``commit``s them, optimistically:
+  read the touched users, apply, re-embed and write online outside any lock, then in one short
+  transaction check that none of those users changed and none of the records was applied
+  meanwhile (else read again), write the users, mark the records applied and acknowledge them
+  (SQLite: a version per user, checked under ``BEGIN IMMEDIATE``; Redis: ``WATCH``/``MULTI``).
+  So two consumers on the same users lose no update, and a consumer killed at any point leaves
+  its records to another, never applied twice. Bucket sums commute, so records of one user
+  applied out of order give the same state.
 
 Compaction (``userrep events compact``, the training pipeline's first step) appends the logged
 events to the dataset as parquet parts under ``DATA/events.online/`` (one part per compaction and
@@ -78,7 +79,7 @@ class SqliteLog:
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS log(pos INTEGER PRIMARY KEY AUTOINCREMENT, record TEXT NOT NULL);
         CREATE TABLE IF NOT EXISTS event_ids(id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
-        CREATE TABLE IF NOT EXISTS users(batch TEXT, user_id TEXT, blob BLOB NOT NULL,
+        CREATE TABLE IF NOT EXISTS users(batch TEXT, user_id TEXT, blob BLOB NOT NULL, version INTEGER NOT NULL,
                                          PRIMARY KEY(batch, user_id)) WITHOUT ROWID;
         CREATE TABLE IF NOT EXISTS groups(batch TEXT PRIMARY KEY, start INTEGER NOT NULL, cursor INTEGER NOT NULL);
         CREATE TABLE IF NOT EXISTS pending(batch TEXT, pos INTEGER, consumer TEXT NOT NULL, at REAL NOT NULL,
@@ -174,21 +175,22 @@ class SqliteLog:
         start = int(position or 0)
         with self._tx() as db:
             db.execute("DELETE FROM users WHERE batch = ?", (batch,))
-            db.executemany("INSERT INTO users VALUES(?, ?, ?)", ((batch, u, b) for u, b in blobs.items()))
+            db.executemany("INSERT INTO users VALUES(?, ?, ?, 0)", ((batch, u, b) for u, b in blobs.items()))
             for table in ("pending", "applied", "groups"):
                 db.execute(f"DELETE FROM {table} WHERE batch = ?", (batch,))
             db.execute("INSERT INTO groups VALUES(?, ?, ?)", (batch, start, start))
 
     def load(self, batch: str, users) -> dict[str, bytes]:
-        return self._load(self._db(), batch, list(users))
+        return {u: b for u, b, _ in self._rows(self._db(), batch, list(users))}
 
     @staticmethod
-    def _load(db, batch: str, users: list[str]) -> dict[str, bytes]:
-        found = {}
+    def _rows(db, batch: str, users: list[str]) -> list[tuple]:
+        """(user, blob, version) of the users found."""
+        found = []
         for at in range(0, len(users), 500):
             chunk = users[at:at + 500]
-            found.update(db.execute(f"SELECT user_id, blob FROM users WHERE batch = ? AND user_id IN "
-                                    f"({','.join('?' * len(chunk))})", (batch, *chunk)).fetchall())
+            found += db.execute(f"SELECT user_id, blob, version FROM users WHERE batch = ? AND user_id IN "
+                                f"({','.join('?' * len(chunk))})", (batch, *chunk)).fetchall()
         return found
 
     def deliver(self, batch: str, consumer: str, count: int, idle_ms: int) -> list[tuple]:
@@ -221,18 +223,40 @@ class SqliteLog:
 
     def commit(self, batch: str, positions: list, work) -> list:
         """Apply ``positions`` once: ``work(todo, load)`` gets the positions not applied yet and a
-        ``load(users)`` of their current state blobs and returns the changed blobs; they are written,
-        the records marked applied and acknowledged in one transaction. Returns ``todo``."""
-        with self._tx() as db:
-            marks = ",".join("?" * len(positions))
+        ``load(users)`` of their current state blobs and returns the changed blobs. Optimistic, as
+        on Redis: the work (re-embedding, online writes) runs outside the write lock; the write
+        transaction then checks that no user it read changed and no record was applied meanwhile
+        (else it reads again), writes the blobs, marks the records applied and acknowledges them.
+        Returns ``todo``."""
+        marks = ",".join("?" * len(positions))
+        while True:
+            db = self._db()
             done = {p for (p,) in db.execute(f"SELECT pos FROM applied WHERE batch = ? AND pos IN ({marks})",
                                              (batch, *positions))}
             todo = [p for p in positions if p not in done]
-            blobs = work(todo, lambda users: self._load(db, batch, list(users))) if todo else {}
-            db.executemany("INSERT OR REPLACE INTO users VALUES(?, ?, ?)", ((batch, u, b) for u, b in blobs.items()))
-            db.executemany("INSERT OR IGNORE INTO applied VALUES(?, ?)", ((batch, p) for p in todo))
-            db.execute(f"DELETE FROM pending WHERE batch = ? AND pos IN ({marks})", (batch, *positions))
-        return todo
+            seen: dict[str, int | None] = {}
+
+            def load(users):
+                rows = {u: (b, v) for u, b, v in self._rows(db, batch, list(users))}
+                seen.update({u: rows[u][1] if u in rows else None for u in users})
+                return {u: b for u, (b, _) in rows.items()}
+
+            blobs = work(todo, load) if todo else {}
+            try:
+                with self._tx() as db:
+                    if todo and db.execute(f"SELECT count(*) FROM applied WHERE batch = ? AND pos IN "
+                                           f"({','.join('?' * len(todo))})", (batch, *todo)).fetchone()[0]:
+                        raise _Conflict  # another consumer applied one of them first
+                    now = {u: v for u, _, v in self._rows(db, batch, list(seen))}
+                    if any(now.get(u) != v for u, v in seen.items()):
+                        raise _Conflict  # a user changed under us
+                    db.executemany("INSERT OR REPLACE INTO users VALUES(?, ?, ?, ?)",
+                                   ((batch, u, b, (seen.get(u) or 0) + 1) for u, b in blobs.items()))
+                    db.executemany("INSERT OR IGNORE INTO applied VALUES(?, ?)", ((batch, p) for p in todo))
+                    db.execute(f"DELETE FROM pending WHERE batch = ? AND pos IN ({marks})", (batch, *positions))
+                return todo
+            except _Conflict:
+                continue
 
     def applied(self, batch: str, positions) -> bool:
         positions = [int(p) for p in positions]
@@ -270,6 +294,10 @@ class SqliteLog:
             db.execute("DELETE FROM event_ids WHERE at < ?", (time.time() - EVENT_ID_TTL_S,))
             db.execute("INSERT OR REPLACE INTO meta VALUES('trimmed', ?)", (str(max(bound, self.retained_from() or 0)),))
         return bound
+
+
+class _Conflict(Exception):
+    """An optimistic commit lost a race; it reads again."""
 
 
 # Atomic dedupe + append: KEYS[1] = stream; ARGV = ttl, key prefix, then (event_id or "", json) pairs.
