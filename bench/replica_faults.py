@@ -49,7 +49,7 @@ def start_replica(work: Path, port: int, log: str, out: Path) -> tuple[subproces
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "replica", "--work", str(work), "--port", str(port),
                              "--log", log], stdout=open(out, "a"), stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"replica exited; see {out}")

@@ -34,12 +34,13 @@ def call(url: str, body=None):
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-def start(work: Path, log_path: Path, timeout_s: float = 240) -> tuple[subprocess.Popen, str, str]:
+def start(work: Path, log_path: Path, timeout_s: float = 240, options: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, str]:
+    """Start `userrep serve` (``options``: more of its flags); returns it and both base URLs once ready."""
     port, bento_port = free_port(), free_port()
     exe = Path(sys.executable).parent / "userrep"
     log = open(log_path, "w")
     proc = subprocess.Popen([str(exe), "serve", "--work", str(work), "--port", str(port), "--bento-port",
-                             str(bento_port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                             str(bento_port), *options], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
