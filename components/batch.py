@@ -38,7 +38,8 @@ def plan_batch(data: str, as_of: str, batch_root: str, feast_home: str, online: 
 def compact_events(data: str, events_log: str) -> int:
     """Append the online events logged since the last compaction to the dataset (its
     events.online/ parts), so this batch trains on every acknowledged event before its as_of.
-    `events_log`: a file or redis://HOST:PORT/STREAM; "" or a missing file: nothing to do.
+    `events_log`: a SQLite file or redis://HOST:PORT/STREAM; "" or a missing file: nothing to do.
+    The compacted events are then trimmed from the log where no consumer group still needs them.
     Returns the number of events appended."""
     from pathlib import Path
 
@@ -47,7 +48,7 @@ def compact_events(data: str, events_log: str) -> int:
     if not events_log or not (events_log.startswith("redis://") or Path(events_log).exists()):
         return 0
     done = compact(events_log, data)
-    print(f"compacted {done['events']} events into {done['parts']}")
+    print(f"compacted {done['events']} events into {done['parts']}; log trimmed through {done['trimmed_through']}")
     return done["events"]
 
 

@@ -82,13 +82,16 @@ def _cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def run_smoke(work: Path, onboarding_artists: list[str], items: list[str], ts: str, log=print) -> dict:
-    """Returns what it measured; raises if any step does not answer as it should."""
+def run_smoke(work: Path, onboarding_artists: list[str], items: list[str], ts: str, log=print,
+              replicas: int = 2) -> dict:
+    """Returns what it measured; raises if any step does not answer as it should. Two replicas of
+    the embedding API by default: the sign-up, the events and the reads may land on either."""
     work = Path(work)
     started = time.perf_counter()
-    proc, api, tasks = start(work, work / "serve.log")
+    proc, api, tasks = start(work, work / "serve.log", options=("--replicas", str(replicas)))
     try:
-        log(f"servers up in {time.perf_counter() - started:.0f}s: {api} (docs {api}/docs), {tasks}")
+        log(f"servers up in {time.perf_counter() - started:.0f}s ({replicas} embedding API replicas sharing the "
+            f"event log and user state): {api} (docs {api}/docs), {tasks}")
         user = f"demo-newcomer-{int(time.time())}"
         status, created = call(f"{api}/users", {"user_id": user, "onboarding_artists": onboarding_artists})
         assert status == 201, created

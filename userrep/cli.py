@@ -318,7 +318,7 @@ def _print_metrics(metrics: dict) -> None:
 @events_app.command("compact")
 def events_compact(
     data: Annotated[Path, typer.Option(help="Dataset the events join (its events.online/ directory).")],
-    log: Annotated[str, typer.Option(help="The online service's event log: a file, or redis://HOST:PORT/STREAM.")] = "work/online/events.sqlite",
+    log: Annotated[str, typer.Option(help="The online service's event log: a SQLite file, or redis://HOST:PORT/STREAM.")] = "work/online/events.sqlite",
 ) -> None:
     """Append the events logged since the last compaction to the dataset, so the next batch trains on them."""
     from userrep.eventlog import compact
@@ -328,7 +328,8 @@ def events_compact(
         raise typer.Exit(code=1)
     done = _run_or_exit(lambda: compact(log, data))
     console.print(f"compacted {done['events']} event(s) (log positions after {done['from']} to {done['to']}) "
-                  f"into {data}/events.online ({len(done['parts'])} part(s))")
+                  f"into {data}/events.online ({len(done['parts'])} part(s)); log trimmed through "
+                  f"{done['trimmed_through']} (a consumer group still applying holds the rest)")
 
 
 def _run_or_exit(job):

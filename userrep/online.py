@@ -229,6 +229,7 @@ class OnlineService:
         self._wake = threading.Event()  # the local logger appended something
         self.stopped = threading.Event()
         self.applied_records = 0  # records this replica's consumer applied (the rest: other replicas')
+        _ = self.store  # opened now (seconds): part of getting ready, not of the first read or write
         self.reload()
         threading.Thread(target=self._write_loop, name="event-logger", daemon=True).start()
         if consumer:
