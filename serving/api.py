@@ -57,7 +57,7 @@ def _field(loc) -> str:
 
 
 def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
-    from userrep.online import UnknownUser
+    from userrep.online import NotApplied, UnknownUser
 
     api = FastAPI(title="userrep embeddings", version="0.1.0",
                   description="General user embeddings of the promoted batch; near-real-time updates.")
@@ -82,6 +82,10 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
     async def unknown(request: Request, exc: UnknownUser):
         return _reply({"error": f"user_id: unknown user {exc.args[0]!r}",
                        "hint": "register new users with POST /users first", "batch_id": batch_id()}, 404)
+
+    @api.exception_handler(NotApplied)
+    async def not_applied(request: Request, exc: NotApplied):  # durable: a retry (same event_ids) is a duplicate
+        return _reply({"error": str(exc), "durable": True, "batch_id": batch_id()}, 504)
 
     @api.exception_handler(ValueError)
     async def bad_value(request: Request, exc: ValueError):
@@ -116,7 +120,8 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
     async def post_events(request: Request, wait: Annotated[bool, Query()] = False):
         """One event or a list of events. 202 once they are durable (their `event_ids`); with
         `?wait=true`, 200 once they are applied and the users' new embeddings are written online
-        (returned). An event whose `event_id` was accepted before is acknowledged (`duplicates`)
+        (returned; 504 if that takes longer than 30 s: the events are durable and will apply).
+        An event whose `event_id` was accepted before is acknowledged (`duplicates`)
         and not applied again; a `ts` later than the server's clock plus its allowed skew (1 h) is
         a 422 naming it."""
         try:

@@ -234,6 +234,19 @@ def test_a_consumer_that_dies_mid_batch_leaves_its_records_to_another_applied_on
     assert weight_of(writer, user) == pytest.approx(before + 5)
 
 
+def test_a_wait_with_no_consumer_running_times_out_naming_the_events_durable(served_root, log, monkeypatch):
+    import userrep.online
+    from userrep.online import NotApplied
+
+    monkeypatch.setattr(userrep.online, "WAIT_S", 0.3)
+    alone = OnlineService(served_root, store=None, events_log=log, consumer=False, **QUIET)
+    event = {"event_id": "lonely-1", "user_id": "u0000071", "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}
+    with pytest.raises(NotApplied, match="durable"):
+        alone.post_events([event], wait=True)
+    assert [e["event_id"] for e in logged(log)] == ["lonely-1"]  # acknowledged by the log all the same
+    assert alone.post_events([event], wait=False)["duplicates"] == ["lonely-1"]
+
+
 @pytest.mark.slow
 def test_acknowledged_events_survive_a_kill_9_of_redis(served_root, tmp_path):
     import signal
