@@ -76,6 +76,8 @@ def _events_record(encoded: list[str]) -> str:
 class SqliteLog:
     """One SQLite file in WAL mode: the log, the event ids, every batch's state and group."""
 
+    blocks = False  # ``deliver`` returns at once when there is nothing (consumers poll)
+
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS log(pos INTEGER PRIMARY KEY AUTOINCREMENT, record TEXT NOT NULL);
         CREATE TABLE IF NOT EXISTS event_ids(id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
@@ -321,6 +323,8 @@ return {position, duplicates}
 
 class RedisStreamLog:
     """One Redis stream plus, per batch, a consumer group and one state key per user."""
+
+    blocks = True  # ``deliver`` waits up to ``block_ms`` for a new record
 
     def __init__(self, url: str):
         import redis

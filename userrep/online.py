@@ -453,8 +453,9 @@ class OnlineService:
             try:
                 entries = self.events_log.deliver(online.batch_id, self.name, DELIVER, self.claim_idle_ms)
                 if not entries:
-                    self._wake.wait(0.02)  # a local append wakes it at once; other replicas' within 20 ms
-                    self._wake.clear()
+                    if not self.events_log.blocks:  # a local append wakes it at once; other replicas' within 20 ms
+                        self._wake.wait(0.02)
+                        self._wake.clear()
                     continue
                 self.consume(online, entries)
             except Exception as exc:  # noqa: BLE001 (its records stay pending and come back)
