@@ -4,17 +4,38 @@ BentoML (task inference, a subprocess). Used by `userrep serve` / `make serve`."
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-# HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, p50 13 -> 4 ms in STACK-NOTES) is opt-in: here it
-# crashed once at start-up ("Can't open global server state file"), so the default is Serve's proxy.
 SERVE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "BENTOML_DO_NOT_TRACK": "True"}
+INGRESSES = ("haproxy", "serve")
+
+
+def haproxy_env() -> dict:
+    """Environment for Ray Serve's HAProxy ingress (Ray >= 2.55; the C proxy in front of the
+    replicas instead of Serve's Python proxy: 3.2x -> 1.2x a bare FastAPI at 8 clients, serving
+    README). Its defaults put the config, admin socket and server-state file in one shared
+    /tmp/haproxy-serve and its stats and metrics on fixed ports, so two instances on a host
+    collide (and a stale state file once failed a start here): each run gets its own."""
+    from serving.smoke import free_port
+
+    home = tempfile.mkdtemp(prefix="ur-haproxy-")  # short: the admin socket path must fit a sun_path
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{home}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{home}/admin.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": home,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{home}/server-state",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            # a local stop (Ctrl-C) has no load balancer to drain from: 30 s by default, 2 s here
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 def wait_ready(url: str, timeout_s: float = 120.0, proc: subprocess.Popen | None = None) -> None:
@@ -54,32 +75,32 @@ def start_bento(root: Path, feast_home: Path | None, port: int, work: Path) -> s
 
 def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_port: int = 3000,
                   work: Path = Path("work"), log=print, stop: threading.Event | None = None,
-                  events_log: str | None = None, replicas: int = 1) -> None:
-    """Block until SIGINT/SIGTERM (or ``stop``), then stop what was started, by PID."""
+                  events_log: str | None = None, replicas: int = 1, ingress: str = "haproxy") -> None:
+    """Block until SIGINT/SIGTERM (or ``stop``), then stop what was started, by PID. ``ingress``:
+    "haproxy" (falls back to Serve's own proxy, said in the log, if it does not come up) or "serve"."""
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress: {ingress!r}, expected one of {INGRESSES}")
     os.environ.update(SERVE_ENV)
-    from ray import serve
-
-    from serving.ray_app import application
-    from userrep.raylocal import ray_session
-
     stop = stop or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     bento = start_bento(root, feast_home, bento_port, work)
+    app_args = {"batch_root": str(Path(root).resolve()),
+                "feast_home": str(Path(feast_home).resolve()) if feast_home else None,
+                "events_log": events_log or str((work / "online" / "events.sqlite").resolve()), "replicas": replicas}
     try:
-        with ray_session(num_cpus=2):
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(application({"batch_root": str(Path(root).resolve()),
-                                   "feast_home": str(Path(feast_home).resolve()) if feast_home else None,
-                                   "events_log": events_log or str((work / "online" / "events.sqlite").resolve()),
-                                   "replicas": replicas}),
-                      name="userrep", route_prefix="/", blocking=False)
-            wait_ready(f"http://127.0.0.1:{port}/readyz")
-            wait_ready(f"http://127.0.0.1:{bento_port}/readyz", proc=bento)
-            log(f"serving: embeddings http://127.0.0.1:{port} (docs /docs), tasks http://127.0.0.1:{bento_port}; "
-                f"Ctrl-C stops")
-            stop.wait()
-            serve.shutdown()
+        for attempt in INGRESSES[INGRESSES.index(ingress):]:
+            extra = haproxy_env() if attempt == "haproxy" else {}
+            os.environ.update(extra)  # before Ray starts: its processes inherit it
+            try:
+                if _serve(app_args, port, bento, bento_port, attempt, log, stop):
+                    return
+            finally:
+                for key in extra:
+                    os.environ.pop(key, None)
+                if extra:
+                    shutil.rmtree(extra["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
+            log("the HAProxy ingress did not come up; starting again with Serve's own proxy")
     finally:
         if bento.poll() is None:
             os.killpg(bento.pid, signal.SIGTERM)
@@ -87,3 +108,30 @@ def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_p
                 bento.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(bento.pid, signal.SIGKILL)
+
+
+def _serve(app_args: dict, port: int, bento: subprocess.Popen, bento_port: int, ingress: str, log,
+           stop: threading.Event) -> bool:
+    """One Ray session serving until ``stop``; False if the embedding API never got ready behind
+    the HAProxy ingress (the caller retries with Serve's proxy)."""
+    from ray import serve
+
+    from serving.ray_app import application
+    from userrep.raylocal import ray_session
+
+    with ray_session(num_cpus=2):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application(app_args), name="userrep", route_prefix="/", blocking=False)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/readyz")
+        except TimeoutError:
+            if ingress != "haproxy":
+                raise
+            serve.shutdown()
+            return False
+        wait_ready(f"http://127.0.0.1:{bento_port}/readyz", proc=bento)
+        log(f"serving ({ingress} ingress): embeddings http://127.0.0.1:{port} (docs /docs), "
+            f"tasks http://127.0.0.1:{bento_port}; Ctrl-C stops")
+        stop.wait()
+        serve.shutdown()
+    return True

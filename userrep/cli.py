@@ -579,16 +579,22 @@ def serve(
                                                  "redis://HOST:PORT/STREAM (Redis with appendonly, fsync always).")] = "",
     replicas: Annotated[int, typer.Option(min=1, help="Ray Serve replicas of the embedding API (they share the "
                                                       "per-user state through the event log).")] = 1,
+    ingress: Annotated[str, typer.Option(help="haproxy (Ray Serve's HAProxy ingress; falls back to serve if it "
+                                              "does not come up) or serve (Serve's own Python proxy).")] = "haproxy",
 ) -> None:
     """Serve the promoted batch on 127.0.0.1 until Ctrl-C: Ray Serve + BentoML, reloading on promotion."""
-    from serving.launch import serve_forever
+    from serving.launch import INGRESSES, serve_forever
     from userrep.batches import serving_batch
+
+    if ingress not in INGRESSES:
+        _error("error", f"--ingress {ingress!r}: expected one of {', '.join(INGRESSES)}")
+        raise typer.Exit(code=2)
 
     if serving_batch(work / "batches") is None:
         _error("error", f"{work / 'batches'}: no batch is serving; run `make demo` first")
         raise typer.Exit(code=2)
     serve_forever(work / "batches", work / "feast" if feast else None, port, bento_port, work, log=console.print,
-                  events_log=events_log or None, replicas=replicas)
+                  events_log=events_log or None, replicas=replicas, ingress=ingress)
 
 
 @app.command()
