@@ -105,7 +105,6 @@ class OnlineBatch:
     lock: threading.Lock
     backfilled: np.ndarray = None  # (users, d) the batch's embeddings, rows as in ``rows``
     history: tuple | None = None  # (artist indices, artist ids, half-life): the heads' history features
-    compacted: object = None  # log position up to which the batch's data holds the logged events
     start: object = None  # log position its shared state was bootstrapped through (its group starts after)
 
 
@@ -128,24 +127,26 @@ def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
                          index, {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)),
                          manifest.get("snapshot") or batch_id, threading.Lock(), vectors,
                          history=_history_spec(directory, space))
-    online.compacted = manifest["data"].get("events_watermark")
     return online, manifest
 
 
 def bootstrap_state(online: OnlineBatch, manifest: dict, events_log) -> tuple[FeatureState, list[str], object]:
     """A batch's whole user state: its dataset before ``as_of``, the compacted online events at or
-    after ``as_of`` (in its data's ``events.online/``), every sign-up in the log (sign-ups are never
-    trimmed) and every event logged after the part compacted into its data. Returns (state, users
-    changed by online writes, the last log position read)."""
+    after ``as_of`` (in the data's ``events.online/``), every sign-up in the log (sign-ups are never
+    trimmed) and every event logged after the part compacted into the data. The data is read as
+    it is now, with its watermark now: a compaction after the batch was built moved events from
+    the log into the data, and each is counted once, from the data. Returns (state, users changed
+    by online writes, the last log position read)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    retained = events_log.retained_from()
-    if retained is not None and events_log.key(retained) > events_log.key(online.compacted):
-        raise ValueError(f"batch {online.batch_id}: its data holds the event log up to {online.compacted}, but the log "
-                         f"was trimmed through {retained}; rebuild the batch from the compacted dataset")
     data = manifest["data"]["path"]
+    compacted = eventlog.watermark(data)
+    retained = events_log.retained_from()
+    if retained is not None and events_log.key(retained) > events_log.key(compacted):
+        raise ValueError(f"batch {online.batch_id}: its data {data} holds the event log up to {compacted}, but the "
+                         f"log was trimmed through {retained}; compact into that dataset first")
     state = state_from_dataset(online.space, load_dataset(data), online.as_of)
     touched = set()
     parts = [pq.read_table(p, columns=["user_id", "item_id", "ts", "weight"]) for p in eventlog.part_files(data)]
@@ -155,7 +156,7 @@ def bootstrap_state(online: OnlineBatch, manifest: dict, events_log) -> tuple[Fe
         touched.update(_apply(online, state, [{"kind": "events", "events": late.to_pylist()}]))
     last = None
     for last, record in events_log.read():
-        if record["kind"] == "user" or not eventlog.covered(events_log, last, online.compacted):
+        if record["kind"] == "user" or not eventlog.covered(events_log, last, compacted):
             touched.update(_apply(online, state, [record]))
     return state, sorted(touched), last
 
