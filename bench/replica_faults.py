@@ -64,8 +64,10 @@ def start_replica(work: Path, port: int, log: str, out: Path) -> tuple[subproces
 def start_redis(port: int, workdir: Path) -> subprocess.Popen:
     import redis
 
+    from userrep.eventlog import REDIS_DURABLE_ARGS
+
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+                             *REDIS_DURABLE_ARGS, "--save", ""],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     client = redis.Redis(port=port)
     for _ in range(200):

@@ -85,8 +85,10 @@ def start_redis(port: int, workdir: Path):
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server not installed (apt-get install -y redis-server; .ci/run does it)")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-                             "--appendfsync", "always", "--dir", str(workdir)],
+    from userrep.eventlog import REDIS_DURABLE_ARGS
+
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *REDIS_DURABLE_ARGS,
+                             "--dir", str(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -235,3 +235,14 @@ def test_chart_should_omit_ray_objects_when_disabled_and_set_the_storage_class(t
 def test_chart_values_schema_rejects_bad_values(values, field, tmp_path):
     out = helm(values, tmp_path)
     assert out["schema_error"] and field in out["schema_error"]
+
+
+def test_the_redis_holding_the_event_stream_fsyncs_every_write(tmp_path):
+    """Acknowledged events are durable only if Redis writes its append-only file before replying;
+    both deploy sources must start it as the tests and benches do (userrep.eventlog)."""
+    from userrep.eventlog import REDIS_DURABLE_ARGS
+
+    for objects in (kustomize(REPO / "k8s" / "overlays" / "kind"), helm(None, tmp_path)["objects"]):
+        redis = next(o for o in objects if o["kind"] == "StatefulSet" and "redis" in o["metadata"]["name"])
+        command = " ".join(" ".join(c.get("command", []) + c.get("args", [])) for c in containers(redis))
+        assert " ".join(REDIS_DURABLE_ARGS) in command, command

@@ -62,6 +62,9 @@ ONLINE_EVENTS = "events.online"  # the dataset's directory of compacted online e
 WATERMARK = "_watermark.json"
 DEFAULT_STREAM = "userrep:events"
 EVENT_ID_TTL_S = 7 * 86400  # how long an accepted client event_id is remembered (the retry window)
+# What a redis-server holding the stream must run with (every write on disk before its reply);
+# the tests and benches start it so, and k8s/ configures the same.
+REDIS_DURABLE_ARGS = ("--appendonly", "yes", "--appendfsync", "always")
 
 
 def default_log(batch_root: str | Path) -> Path:
