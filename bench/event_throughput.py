@@ -7,7 +7,7 @@ re-embedded, written online), and report the server's receipt -> online-write ti
 (`freshness_ms`); the last two cells offer a paced 100 events/s. Request latency is reported as
 p50/p99.
 
-    python bench/event_throughput.py [--work work] [--seconds 10] [--replicas 1] [--events-log redis://...]
+    python bench/event_throughput.py [--work work] [--seconds 10] [--replicas 1] [--events-log redis://...] [--ingress serve]
 """
 
 import argparse
@@ -78,11 +78,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas of the embedding API")
     parser.add_argument("--events-log", default="", help="default: the embedded SQLite log; or redis://HOST:PORT/STREAM")
+    parser.add_argument("--ingress", default="haproxy", help="haproxy (the default of userrep serve) or serve")
     args = parser.parse_args()
     manifest, ids, items = promoted(args.work)
     users, items = ids[:2000], items[:500]
     run_id = f"bench-{int(time.time())}"
-    options = ("--replicas", str(args.replicas)) + (("--events-log", args.events_log) if args.events_log else ())
+    options = ("--replicas", str(args.replicas), "--ingress", args.ingress) \
+        + (("--events-log", args.events_log) if args.events_log else ())
     proc, api, _ = start(args.work, args.work / "serve-events-bench.log", options=options)
     try:
         cells = ([(False, c, n, None) for n in (1, 10) for c in (1, 8, 32)]
@@ -94,6 +96,7 @@ def main() -> None:
     finally:
         stop(proc)
     print(json.dumps({"seconds_per_cell": args.seconds, "users": len(ids), "replicas": args.replicas,
+                      "ingress": args.ingress,
                       "events_log": args.events_log or "sqlite", "results": rows}, indent=2))
 
 
