@@ -87,7 +87,7 @@ def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_p
     bento = start_bento(root, feast_home, bento_port, work)
     app_args = {"batch_root": str(Path(root).resolve()),
                 "feast_home": str(Path(feast_home).resolve()) if feast_home else None,
-                "events_log": events_log or str((work / "online" / "events.sqlite").resolve()), "replicas": replicas}
+                "events_log": events_log, "replicas": replicas}  # None: the log's default place (userrep.eventlog)
     try:
         for attempt in INGRESSES[INGRESSES.index(ingress):]:
             extra = haproxy_env() if attempt == "haproxy" else {}

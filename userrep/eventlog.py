@@ -452,14 +452,18 @@ class RedisStreamLog:
         positions = list(positions)
         return self.client.exists(*[self._key("applied", batch, p) for p in positions]) == len(positions)
 
-    def batches(self) -> list[str]:
+    def _groups(self) -> list[dict]:
+        """XINFO GROUPS of the batches' consumer groups (none before the stream exists)."""
         import redis
 
         try:
             groups = self.client.xinfo_groups(self.stream)
         except redis.ResponseError:  # no stream yet
             return []
-        return [g["name"].decode().removeprefix("apply:") for g in groups if g["name"].decode().startswith("apply:")]
+        return [g for g in groups if g["name"].decode().startswith("apply:")]
+
+    def batches(self) -> list[str]:
+        return [g["name"].decode().removeprefix("apply:") for g in self._groups()]
 
     def drop(self, batch: str) -> None:
         import redis
@@ -479,10 +483,9 @@ class RedisStreamLog:
 
     def trim(self, through):
         bounds = [through]
-        for group in self.batches():
-            info = next(g for g in self.client.xinfo_groups(self.stream) if g["name"].decode() == f"apply:{group}")
+        for info in self._groups():
             bound = info["last-delivered-id"].decode()
-            pending = self.client.xpending(self.stream, f"apply:{group}")
+            pending = self.client.xpending(self.stream, info["name"])
             if pending["pending"]:
                 ms, seq = self.key(pending["min"].decode())
                 bound = min(bound, f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{(1 << 64) - 1}", key=self.key)

@@ -50,7 +50,7 @@ from userrep.batches import batch_dir, read_pointer
 from userrep.data import load_dataset
 from userrep.features import FeatureSpace, to_utc
 from userrep.model import UserAutoencoder, embed
-from userrep.state import (FeatureState, apply_events, decode_user, encode_user, register_user,
+from userrep.state import (FeatureState, UserState, apply_events, decode_user, encode_user, register_user,
                            state_features_at, state_from_dataset, user_clocks)
 
 MICRO_BATCH = 2000  # events the logger commits together at most (one fsync)
@@ -190,6 +190,11 @@ def _apply(online: OnlineBatch, state: FeatureState, records: list[dict]) -> lis
     return list(dict.fromkeys(touched))
 
 
+def _clock(online: OnlineBatch, user_id: str, user: UserState) -> pd.Timestamp:
+    """Where one user's feature windows end online (``user_clocks``)."""
+    return user_clocks(FeatureState(online.space, {user_id: user}), [user_id], online.as_of)[0]
+
+
 def _reembed(online: OnlineBatch, state: FeatureState, user_ids: list[str]) -> dict:
     """Features and embeddings of users now; re-insert them in this replica's neighbour index."""
     clocks = user_clocks(state, user_ids, online.as_of)
@@ -267,12 +272,12 @@ class OnlineService:
             if ready is not None:  # another replica did it while this one waited
                 return ready, None
             state, touched, last = bootstrap_state(online, manifest, self.events_log)
-            blobs = {u: encode_user(s) for u, s in state.users.items()}
+            vectors, updated = {}, None
             if touched:  # their embeddings and online rows must include the logged writes
                 result = _reembed(online, state, touched)
                 self._push(online, result)
-                blobs.update({u: encode_user(state.users[u], v, result["updated_at"])
-                              for u, v in zip(touched, result["vectors"])})
+                vectors, updated = dict(zip(touched, result["vectors"])), result["updated_at"]
+            blobs = {u: encode_user(s, vectors.get(u), updated if u in vectors else None) for u, s in state.users.items()}
             self.events_log.bootstrap(online.batch_id, blobs, last)
             return last, len(touched)
 
@@ -326,9 +331,8 @@ class OnlineService:
                 raise
             vector = None
         if vector is not None:
-            clock = user_clocks(FeatureState(online.space, {user_id: state}), [user_id], online.as_of)[0]
             return {"user_id": user_id, "batch_id": online.batch_id, "embedding": vector.tolist(),
-                    "as_of": clock.isoformat()}
+                    "as_of": _clock(online, user_id, state).isoformat()}
         if user_id in online.rows and online.rows[user_id] < len(online.backfilled):
             return {"user_id": user_id, "batch_id": online.batch_id,
                     "embedding": online.backfilled[online.rows[user_id]].tolist(), "as_of": online.as_of.isoformat()}
@@ -374,8 +378,8 @@ class OnlineService:
         state, vector, updated = self.user_state(user_id, online)
         if vector is None:  # not changed online in this batch (its events were all duplicates)
             vector = online.backfilled[online.rows[user_id]]
-        clock = user_clocks(FeatureState(online.space, {user_id: state}), [user_id], online.as_of)[0]
-        return {"user_id": user_id, "embedding": np.asarray(vector).tolist(), "as_of": clock.isoformat(),
+        return {"user_id": user_id, "embedding": np.asarray(vector).tolist(),
+                "as_of": _clock(online, user_id, state).isoformat(),
                 "updated_at": updated}
 
     def _wait_applied(self, position, online: OnlineBatch) -> OnlineBatch:
