@@ -56,6 +56,24 @@ def _field(loc) -> str:
     return ".".join(parts) or "body"
 
 
+class BodyLimit:
+    """413 for a declared body over MAX_BODY. Plain ASGI rather than ``@app.middleware("http")``:
+    Starlette's BaseHTTPMiddleware runs every request through an extra task and stream pair,
+    which cost a GET about 0.4 ms here (serving README, reads)."""
+
+    def __init__(self, app, batch_id):
+        self.app, self.batch_id = app, batch_id
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > MAX_BODY:
+                reply = _reply({"error": f"body: {int(length)} bytes, at most {MAX_BODY}", "batch_id": self.batch_id()},
+                               413)
+                return await reply(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
     from userrep.online import NotApplied, UnknownUser
 
@@ -65,12 +83,7 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
     def batch_id() -> str | None:
         return holder.service.batch.batch_id if holder.service and holder.service.batch else None
 
-    @api.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY:
-            return _reply({"error": f"body: {int(length)} bytes, at most {MAX_BODY}", "batch_id": batch_id()}, 413)
-        return await call_next(request)
+    api.add_middleware(BodyLimit, batch_id=batch_id)
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -105,8 +118,11 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
         ready = batch_id() is not None
         return _reply({"status": "ready" if ready else "loading", "batch_id": batch_id()}, 200 if ready else 503)
 
+    # async: the read runs on the event loop. It is one sub-millisecond online-store lookup, and the
+    # threadpool hop of a plain `def` cost more than the read: 8 clients, bare server, p50 / p99
+    # 8.7 / 16.0 ms in the pool vs 6.1 / 8.1 ms inline (serving README, reads).
     @api.get("/users/{user_id}/embedding")
-    def get_embedding(user_id: Annotated[str, Field(max_length=256)]):
+    async def get_embedding(user_id: Annotated[str, Field(max_length=256)]):
         return _reply(holder.service.embedding(user_id))
 
     @api.get("/users/{user_id}/similar")

@@ -286,8 +286,9 @@ def online_embeddings(store, user_ids, batch_id: str, with_times: bool = False) 
     if with_times:
         from feast.online_response import TIMESTAMP_POSTFIX
 
-        times = pd.to_datetime(pd.Series(got["embedding" + TIMESTAMP_POSTFIX], dtype="float64"), utc=True, unit="s")
-        return vectors, found, list(times)
+        times = [pd.Timestamp(t, unit="s", tz="UTC") if hit else pd.NaT
+                 for t, hit in zip(got["embedding" + TIMESTAMP_POSTFIX], found)]
+        return vectors, found, times
     return vectors, found
 
 
