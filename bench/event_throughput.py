@@ -7,7 +7,7 @@ re-embedded, written online), and report the server's receipt -> online-write ti
 (`freshness_ms`); the last two cells offer a paced 100 events/s. Request latency is reported as
 p50/p99.
 
-    python bench/event_throughput.py [--work work] [--seconds 10] [--replicas 1] [--events-log redis://...] [--ingress serve]
+    python bench/event_throughput.py [--work work] [--seconds 10] [--replicas 1] [--events-log redis://...] [--ingress serve] [--paced-only]
 """
 
 import argparse
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas of the embedding API")
     parser.add_argument("--events-log", default="", help="default: the embedded SQLite log; or redis://HOST:PORT/STREAM")
     parser.add_argument("--ingress", default="haproxy", help="haproxy (the default of userrep serve) or serve")
+    parser.add_argument("--paced-only", action="store_true", help="only the two paced freshness cells")
     args = parser.parse_args()
     manifest, ids, items = promoted(args.work)
     users, items = ids[:2000], items[:500]
@@ -90,6 +91,7 @@ def main() -> None:
         cells = ([(False, c, n, None) for n in (1, 10) for c in (1, 8, 32)]
                  + [(True, c, n, None) for n in (1, 10) for c in (1, 8)]
                  + [(True, 8, 1, 100.0), (True, 8, 10, 100.0)])  # freshness at 100 events/s offered
+        cells = cells[-2:] if args.paced_only else cells
         rows = [run(api, users, items, manifest["as_of"], clients, per_request, args.seconds,
                     f"{run_id}-{wait}-{clients}-{per_request}-{rate}", wait, rate)
                 for wait, clients, per_request, rate in cells]

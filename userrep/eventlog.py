@@ -273,6 +273,18 @@ class SqliteLog:
     def batches(self) -> list[str]:
         return [b for (b,) in self._db().execute("SELECT batch FROM groups")]
 
+    def follow(self, notify, stopped: threading.Event, every_s: float = 0.002) -> None:
+        """Call ``notify()`` after another connection (a replica's logger or consumer, in any
+        process) commits; returns once ``stopped`` is set. ``PRAGMA data_version`` reads the WAL
+        index in shared memory, no disk: a few microseconds a check."""
+        db = self._db()
+        seen = db.execute("PRAGMA data_version").fetchone()[0]
+        while not stopped.wait(every_s):
+            now = db.execute("PRAGMA data_version").fetchone()[0]
+            if now != seen:
+                seen = now
+                notify()
+
     def drop(self, batch: str) -> None:
         """Forget a batch's state and group (a batch that can no longer serve)."""
         with self._tx() as db:
@@ -443,10 +455,26 @@ class RedisStreamLog:
                     for p in todo:
                         pipe.set(self._key("applied", batch, p), 1, ex=EVENT_ID_TTL_S)
                     pipe.xack(self.stream, f"apply:{batch}", *positions)
+                    pipe.publish(self._key("applied"), batch)  # wakes the waiters of every replica (follow)
                     pipe.execute()
                     return todo
                 except redis.WatchError:
                     continue  # a user or a record changed under us: read again
+
+    def follow(self, notify, stopped: threading.Event) -> None:
+        """Call ``notify()`` when any consumer commits (its PUBLISH); returns once ``stopped`` is
+        set. A lost connection (Redis restarting) is opened again; the waiters poll meanwhile."""
+        import redis
+
+        while not stopped.is_set():
+            try:
+                with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    pubsub.subscribe(self._key("applied"))
+                    while not stopped.is_set():
+                        if pubsub.get_message(timeout=0.5) is not None:
+                            notify()
+            except redis.ConnectionError:
+                stopped.wait(0.5)
 
     def applied(self, batch: str, positions) -> bool:
         positions = list(positions)
