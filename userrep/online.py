@@ -31,6 +31,7 @@ user's windows, and an event dated later than now plus ``max_future_s`` is refus
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import socket
@@ -230,6 +231,7 @@ class OnlineService:
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # this replica's consumer name
         self.claim_idle_ms = claim_idle_ms
         self._store = None
+        self._writer = None  # with the store: its online writes (userrep.store.OnlineWriter)
         self.batch: OnlineBatch | None = None
         self._queue: queue.Queue[_Write] = queue.Queue()
         self._applied = threading.Condition()  # the local consumer committed something
@@ -302,9 +304,10 @@ class OnlineService:
     @property
     def store(self):
         if self._store is None and self.store_config is not None:
-            from userrep.store import open_store
+            from userrep.store import OnlineWriter, open_store
 
             self._store = open_store(self.store_config, apply=False)
+            self._writer = OnlineWriter(self._store)
         return self._store
 
     # -- reads ---------------------------------------------------------------------------
@@ -418,14 +421,14 @@ class OnlineService:
                 raise ValueError(f"events[{i}].ts: {ts.isoformat()} is later than the server's clock plus "
                                  f"{self.max_future} (max_future_s)")
             row = {**{k: v for k, v in event.items() if v is not None}, "ts": ts.isoformat()}
-            rows.append({**row, "weight": row.get("weight", 1.0)})  # one shape, whoever else shares the commit
-        frame = pd.DataFrame(rows)
-        items = online.space.item_index(frame["item_id"].astype(str).to_numpy(dtype=object))
-        if (items < 0).any():
-            raise ValueError(f"item_id: unknown item(s) {sorted(set(frame['item_id'][items < 0]))[:5]}")
-        weight = pd.to_numeric(frame["weight"], errors="coerce")
-        if not (np.isfinite(weight) & (weight >= 0)).all():
-            raise ValueError("weight: must be a finite number >= 0")
+            weight = row.get("weight", 1.0)
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"events[{i}].weight: {weight!r}, must be a finite number >= 0")
+            rows.append({**row, "weight": weight})  # one shape, whoever else shares the commit
+        items = np.array([str(row["item_id"]) for row in rows], object)
+        unknown = items[online.space.item_index(items) < 0]
+        if len(unknown):
+            raise ValueError(f"item_id: unknown item(s) {sorted(set(unknown))[:5]}")
         return rows
 
     def _write_loop(self) -> None:
@@ -526,28 +529,23 @@ class OnlineService:
         ~3 ms, less per micro-batch of events)."""
         if self.store is None:
             return
-        from userrep.backfill import embeddings_table
-        from userrep.store import offline_frames
+        from userrep.backfill import list_column
+        from userrep.store import embedding_rows, offline_frames
 
-        features, clocks = result["features"], result["clocks"]
+        features, clocks, write = result["features"], result["clocks"], self._writer
         history, profile = offline_frames(features, online.space_id, clocks)
-        self.store.write_to_online_store("user_history", history.to_pandas())
+        write("user_history", history)
         if signed_up is not None:
             profile = profile.filter(pa.array(np.isin(features.user_ids, list(signed_up))))
-        if profile.num_rows:
-            self.store.write_to_online_store("user_profile", profile.to_pandas())
-        table = embeddings_table(features.user_ids, result["vectors"], online.batch_id).to_pandas()
-        table["embedding_batch"] = online.batch_id
-        table["event_timestamp"] = pd.DatetimeIndex(clocks)
-        table["created"] = pd.Timestamp.now(tz="UTC")
-        self.store.write_to_online_store("user_embedding", table)
+        write("user_profile", profile)
+        write("user_embedding", embedding_rows(features.user_ids, list_column(result["vectors"]), online.batch_id,
+                                               clocks))
         if online.history is not None:
             from userrep.state import artist_history
             from userrep.store import history_table
 
             columns, artists, half_life = online.history
             plays, recent = artist_history(result["state"], features.user_ids, clocks, columns, half_life)
-            rows = history_table(features.user_ids, artists, plays, recent, online.batch_id, clocks)
-            if rows.num_rows:
-                self.store.write_to_online_store("user_artist_history", rows.to_pandas())
+            write("user_artist_history", history_table(features.user_ids, artists, plays, recent, online.batch_id,
+                                                       clocks))
 
