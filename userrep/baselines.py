@@ -28,7 +28,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from sklearn.decomposition import PCA
 from threadpoolctl import threadpool_limits
 
 from userrep.features import FeatureSpace, UserFeatures
@@ -56,6 +55,8 @@ def pca_encoder(features: UserFeatures, fit_rows: np.ndarray, dim: int, seed: in
     """PCA of the standardized features, fitted on ``fit_rows`` only (the head-training users)."""
     raw = raw_encoder(features)
     dim = min(dim, features.matrix.shape[1], len(fit_rows))
+    from sklearn.decomposition import PCA  # here: sklearn is 0.6 s of a serving replica's start
+
     pca = PCA(n_components=dim, random_state=seed).fit(raw(features.matrix[fit_rows]))
     return lambda matrix: pca.transform(raw(matrix)).astype(np.float32)
 

@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
-from sklearn.utils.extmath import randomized_svd
 
 from userrep.data import Dataset, artist_column, split_list
 
@@ -99,6 +98,8 @@ class CollaborativeEncoder:
         norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1))).ravel()
         matrix = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ matrix
         k = max(1, min(self.dim, min(matrix.shape) - 1))
+        from sklearn.utils.extmath import randomized_svd  # here: sklearn is 0.6 s of a serving replica's start
+
         _, s, vt = randomized_svd(matrix, n_components=k, random_state=self.seed, n_iter=4)
         vectors = np.zeros((len(item_ids), self.dim), np.float32)
         vectors[:, :k] = (vt.T * np.sqrt(s)).astype(np.float32)
@@ -136,6 +137,8 @@ class ContentEncoder:
             x = np.hstack(blocks)
             x = x - x.mean(axis=0)
             k = max(1, min(self.dim, x.shape[1], x.shape[0] - 1))
+            from sklearn.utils.extmath import randomized_svd  # as above
+
             u, s, _ = randomized_svd(x, n_components=k, random_state=0)
             vectors[:, :k] = (u * s / np.sqrt(len(x))).astype(np.float32)
         return ItemVectors(self.name, item_ids, vectors)
