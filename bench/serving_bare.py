@@ -3,6 +3,7 @@ Ray Serve + BentoML pair, served by one plain uvicorn process (no proxy, no Serv
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -23,7 +24,8 @@ def main() -> None:
 
     class BareHolder(Holder):
         service = OnlineService(args.work / "batches", store_config(args.work / "feast"),
-                                args.work / "online" / "bare-events.sqlite")
+                                args.work / "online" / "bare-events.sqlite",
+                                log=lambda line: print(line, file=sys.stderr))  # stdout: the bench's JSON
 
     app = create_app(BareHolder)
     tasks = TaskService.inner()  # the BentoML class's own logic, called directly
