@@ -240,6 +240,35 @@ def test_a_consumer_that_dies_mid_batch_leaves_its_records_to_another_applied_on
     assert weight_of(writer, user) == pytest.approx(before + 5)
 
 
+def test_a_replica_hears_when_another_replicas_consumer_applies_its_records(served_root, log):
+    import threading
+
+    writer = OnlineService(served_root, store=None, events_log=log, consumer=False, **QUIET)
+    ack = writer.post_events([{"event_id": "heard-1", "user_id": "u0000072", "item_id": "t0000001",
+                               "ts": "2026-05-02T10:00:00Z"}], wait=False)
+    assert ack["accepted"] == 1
+    position, batch = open_log(log).last(), writer.batch.batch_id
+    follower, heard, stopped = open_log(log), threading.Event(), threading.Event()
+
+    def notify() -> None:  # a wake-up that finds the record applied: what a waiting request needs
+        if follower.applied(batch, [position]):
+            heard.set()
+
+    thread = threading.Thread(target=follower.follow, args=(notify, stopped), daemon=True)
+    thread.start()
+    time.sleep(0.2)  # subscribed before the other replica commits
+    assert not heard.is_set()
+    other = service(served_root, log)  # another replica's consumer applies it
+    try:
+        assert heard.wait(30), "no notification after another replica's commit"
+    finally:
+        stopped.set()
+        other.close()
+        writer.close()
+    thread.join(5)
+    assert not thread.is_alive()  # follow returns once stopped
+
+
 def test_a_wait_with_no_consumer_running_times_out_naming_the_events_durable(served_root, log, monkeypatch):
     import userrep.online
     from userrep.online import NotApplied

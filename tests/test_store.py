@@ -8,8 +8,8 @@ import pytest
 
 from userrep.data import load_dataset
 from userrep.features import FeatureSpace, build_user_features
-from userrep.store import (StoreConfig, historical_features, materialize, online_embeddings, open_store,
-                           publish_embeddings, training_set)
+from userrep.store import (OnlineWriter, StoreConfig, embedding_rows, historical_features, materialize,
+                           online_embeddings, open_store, publish_embeddings, training_set)
 from userrep.backfill import embeddings_table
 
 pytestmark = pytest.mark.slow  # Feast import + apply take seconds
@@ -84,6 +84,19 @@ def test_online_reads_never_mix_batches(feast_world):
     got, found = online_embeddings(store, users, "b-three")
     assert not found.any()
     assert store.get_feature_service("batch_b_one").tags["batch_id"] == "b-one"
+
+
+def test_the_online_writer_stores_what_feast_reads_back(feast_world):
+    from userrep.backfill import list_column
+
+    _, store, _, early, _ = feast_world
+    users = [str(u) for u in early.user_ids[50:60]]
+    matrix = np.random.default_rng(1).normal(size=(len(users), 8)).astype(np.float32)
+    clocks = list(pd.date_range("2026-03-02", periods=len(users), freq="D", tz="UTC"))  # one time per user
+    OnlineWriter(store)("user_embedding", embedding_rows(users, list_column(matrix), "b-writer", clocks))
+    got, found, times = online_embeddings(store, users + ["nobody"], "b-writer", with_times=True)
+    assert found[:-1].all() and not found[-1] and np.array_equal(got[:-1], matrix)
+    assert times[:-1] == clocks and pd.isna(times[-1])
 
 
 def test_bad_store_settings_name_the_field(tmp_path):
