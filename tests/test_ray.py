@@ -39,6 +39,54 @@ def test_ray_train_two_workers(ray_cluster, tiny_features, tmp_path):
     assert embed(result.model, tiny_features.matrix).shape == (400, 64)
 
 
+def test_one_ray_worker_fits_the_model_the_in_process_loop_fits(ray_cluster, tiny_features, tmp_path):
+    config = AEConfig(epochs=2, batch_size=64)
+    local = fit_autoencoder(tiny_features, config)
+    distributed = fit_autoencoder(tiny_features, config, workers=1, checkpoint_dir=tmp_path / "checkpoints")
+    np.testing.assert_allclose(distributed.losses, local.losses, rtol=1e-4)  # the same batches, the same noise
+    np.testing.assert_allclose(embed(distributed.model, tiny_features.matrix), embed(local.model, tiny_features.matrix),
+                               rtol=1e-3, atol=1e-4)
+    assert not (tmp_path / "checkpoints" / "matrix.npy").exists()  # the workers' input is removed after the fit
+
+
+def test_a_killed_ray_train_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny_features, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    checkpoints, epochs = tmp_path / "checkpoints", 400
+    outcome = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = fit_autoencoder(tiny_features, AEConfig(epochs=epochs, batch_size=64), workers=2,
+                                                checkpoint_dir=checkpoints)
+        except Exception as exc:  # noqa: BLE001 (asserted below)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "epoch_0005.pt").exists():
+        assert time.monotonic() < deadline and thread.is_alive(), outcome
+        time.sleep(0.05)
+    # Only this test's own Ray processes are candidates: descendants of this process.
+    workers = [p for p in psutil.Process(os.getpid()).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    os.kill(workers[0].pid, signal.SIGKILL)
+    killed_after = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt"))
+    thread.join(600)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert len(result.losses) == epochs and all(np.isfinite(result.losses))
+    assert len(result.starts) == 2 and result.starts[0] == 0  # started once, restarted once
+    assert 5 <= killed_after <= result.starts[1] < epochs  # from a checkpoint written before the kill, not from 0
+
+
 def test_ray_data_backfill_equals_in_process(ray_cluster, tiny_features, tmp_path):
     model = fit_autoencoder(tiny_features, AEConfig(epochs=1)).model
     model.save(tmp_path / "model.pt")

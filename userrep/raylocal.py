@@ -58,3 +58,13 @@ def cpus_per_worker(workers: int) -> float:
 
     total = ray.cluster_resources().get("CPU", 1.0)
     return max(0.1, min(1.0, total / (2 * workers)))
+
+
+def train_cpus_per_worker(workers: int) -> float:
+    """CPUs per Ray Train worker of the autoencoder fit: the whole cluster split evenly (the fit
+    reads memory-mapped shards, so no Ray Data runs beside it); whole CPUs from one up, since Ray
+    sets each worker's torch threads to its CPU count."""
+    import ray
+
+    share = ray.cluster_resources().get("CPU", 1.0) / workers
+    return float(int(share)) if share >= 1 else max(0.1, share)

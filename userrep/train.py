@@ -5,8 +5,9 @@
     RAY_ADDRESS=... userrep train ... --workers 8               # the same on a Ray cluster
 
 ``train_loop_per_worker`` is the loop in every mode: under Ray it wraps the model in DDP and reads
-its shard of a Ray Dataset holding one packed tensor column; in-process it batches a numpy
-array. Rank 0 writes a checkpoint after every epoch (write-then-rename); the loop always starts
+its rows of the feature matrix memory-mapped from the checkpoint directory; in-process it
+batches the array itself. Each epoch's row order is one permutation shared by all ranks, so one
+Ray worker sees exactly the batches of the in-process loop. Rank 0 writes a checkpoint after every epoch (write-then-rename); the loop always starts
 from the newest checkpoint in its directory, which is how ``--resume`` and Ray's worker
 restarts continue. On a cluster the checkpoint directory must be shared storage.
 """
@@ -29,6 +30,7 @@ class FitResult:
     model: UserAutoencoder
     losses: tuple[float, ...]  # mean training loss per epoch
     resumed_from_epoch: int
+    starts: tuple[int, ...] = (0,)  # the epoch each (re)start of the loop began at (a restarted Ray worker adds one)
 
 
 def latest_checkpoint(directory: str | Path | None) -> Path | None:
@@ -38,11 +40,13 @@ def latest_checkpoint(directory: str | Path | None) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(directory: Path, epoch: int, model: UserAutoencoder, optimizer, losses: list[float]) -> None:
+def _save_checkpoint(directory: Path, epoch: int, model: UserAutoencoder, optimizer, losses: list[float],
+                     starts: list[int]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"epoch_{epoch:04d}.pt"
     tmp = final.with_suffix(".tmp")
-    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses}, tmp)
+    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses,
+                "starts": starts}, tmp)
     os.replace(tmp, final)  # a reader never sees a half-written checkpoint
 
 
@@ -51,11 +55,18 @@ def _build_model(config: dict) -> UserAutoencoder:
     return UserAutoencoder(schema, np.asarray(config["mean"]), np.asarray(config["std"]), AEConfig(**config["ae"]))
 
 
-def _local_batches(matrix: np.ndarray, batch_size: int, generator: torch.Generator):
-    data = torch.from_numpy(matrix)
-    order = torch.randperm(len(data), generator=generator)
-    for start in range(0, len(data), batch_size):
-        yield data[order[start:start + batch_size]]
+def _epoch_rows(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows for one epoch: one permutation shared by every rank (same seed), dealt
+    round-robin and cut to ``n // world`` rows each, so every rank takes the same number of steps
+    (DDP all-reduces at each one) and each epoch leaves out a different ``n % world`` rows."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101))
+    return order[rank::world][: n // world]
+
+
+def _batches(matrix: np.ndarray, rows: torch.Tensor, batch_size: int):
+    """Batches of ``matrix`` rows (an array, or a memory-mapped .npy: only the rows taken are read)."""
+    for start in range(0, len(rows), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(matrix[rows[start:start + batch_size].numpy()]))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -63,7 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
     _train(config)
 
 
-def _train(config: dict) -> tuple[UserAutoencoder, list[float]]:
+def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
     """The training loop, identical for the in-process path and each Ray Train worker."""
     under_ray = config.get("matrix") is None
     rank, world = 0, 1
@@ -72,13 +83,15 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float]]:
     ae: AEConfig = core.config
     optimizer = torch.optim.AdamW(core.parameters(), lr=ae.lr, weight_decay=ae.weight_decay)
     checkpoint_dir = Path(config["checkpoint_dir"]) if config.get("checkpoint_dir") else None
-    start_epoch, losses = 0, []
+    start_epoch, losses, starts = 0, [], []
     found = latest_checkpoint(checkpoint_dir)
     if found:
         blob = torch.load(found, map_location="cpu", weights_only=False)
         core.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
-        start_epoch, losses = blob["epoch"], list(blob["losses"])
+        start_epoch, losses, starts = blob["epoch"], list(blob["losses"]), list(blob.get("starts", []))
+    starts.append(start_epoch)  # the epochs this fit (re)started at: a worker restart shows here
+    matrix = config.get("matrix")
     if under_ray:
         import ray.train
         import ray.train.torch
@@ -86,16 +99,14 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float]]:
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
         model = ray.train.torch.prepare_model(core)  # DDP: gradients averaged across workers
-        shard = ray.train.get_dataset_shard("train")
+        matrix = np.load(config["matrix_path"], mmap_mode="r")  # shared storage, as the checkpoints
     progress = config.get("progress") if rank == 0 else None
     for epoch in range(start_epoch, ae.epochs):
-        generator = torch.Generator().manual_seed(ae.seed * 1_000_003 + epoch * 101 + rank)
-        if under_ray:
-            batches = (b["data"] for b in shard.iter_torch_batches(
-                batch_size=ae.batch_size, dtypes=torch.float32,
-                local_shuffle_buffer_size=4 * ae.batch_size, local_shuffle_seed=ae.seed + epoch))
-        else:
-            batches = _local_batches(config["matrix"], ae.batch_size, generator)
+        generator = torch.Generator().manual_seed(ae.seed * 1_000_003 + epoch * 101 + rank)  # corruption noise
+        # each rank takes batch_size / world rows a step: the global batch, and so the number of
+        # optimizer steps an epoch, is the in-process loop's whatever the worker count
+        batches = _batches(matrix, _epoch_rows(len(matrix), ae.seed, epoch, rank, world),
+                           max(1, ae.batch_size // world))
         model.train()
         total = torch.zeros(2, dtype=torch.float64)  # (loss sum, rows), all-reduced across workers
         for raw in batches:
@@ -108,12 +119,12 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float]]:
             torch.distributed.all_reduce(total)
         losses.append(float(total[0] / max(total[1], 1)))
         if rank == 0 and checkpoint_dir:
-            _save_checkpoint(checkpoint_dir, epoch + 1, core, optimizer, losses)
-        if under_ray:
-            ray.train.report({"epoch": epoch + 1, "loss": losses[-1]})
+            _save_checkpoint(checkpoint_dir, epoch + 1, core, optimizer, losses, starts)
+        # No ray.train.report per epoch: in Ray Train 2.60 it is a barrier across the workers
+        # that took 1.1 s a call here, longer than an epoch (docs/model.md, fit throughput).
         if progress:
             progress(epoch + 1, ae.epochs, losses[-1])
-    return core.eval(), losses
+    return core.eval(), losses, starts
 
 
 def fit_autoencoder(features: UserFeatures, ae: AEConfig = AEConfig(), workers: int = 0,
@@ -137,8 +148,8 @@ def fit_autoencoder(features: UserFeatures, ae: AEConfig = AEConfig(), workers: 
     config = {"schema": [list(g) for g in features.schema.groups], "mean": mean.tolist(), "std": std.tolist(),
               "ae": asdict(ae), "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
     if workers == 0:
-        model, losses = _train({**config, "matrix": matrix, "progress": progress})
-        return FitResult(model, tuple(losses), resumed_epoch)
+        model, losses, starts = _train({**config, "matrix": matrix, "progress": progress})
+        return FitResult(model, tuple(losses), resumed_epoch, tuple(starts))
     _fit_with_ray(matrix, config, workers, checkpoint_dir)
     final = latest_checkpoint(checkpoint_dir)
     if final is None or int(final.stem.split("_")[1]) != ae.epochs:
@@ -146,22 +157,32 @@ def fit_autoencoder(features: UserFeatures, ae: AEConfig = AEConfig(), workers: 
     blob = torch.load(final, weights_only=False)
     model = _build_model(config)
     model.load_state_dict(blob["model"])
-    return FitResult(model.eval(), tuple(blob["losses"]), resumed_epoch)
+    return FitResult(model.eval(), tuple(blob["losses"]), resumed_epoch, tuple(blob["starts"]))
 
 
 def _fit_with_ray(matrix: np.ndarray, config: dict, workers: int, checkpoint_dir: Path) -> None:
-    import ray.data
+    """Ray Train workers read the matrix memory-mapped from ``checkpoint_dir`` (shared storage on
+    a cluster): a Ray Data dataset started a streaming execution every epoch, about 0.25 s of
+    each (docs/model.md). A worker that dies is restarted once and resumes from the newest
+    checkpoint."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from userrep.raylocal import cpus_per_worker
+    from userrep.raylocal import train_cpus_per_worker
 
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    matrix_path = checkpoint_dir / "matrix.npy"
+    with open(matrix_path.with_suffix(".tmp"), "wb") as out:
+        np.save(out, matrix)
+    os.replace(matrix_path.with_suffix(".tmp"), matrix_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker(workers)}),
+        train_loop_config={**config, "matrix_path": str(matrix_path)},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": train_cpus_per_worker(workers)}),
         run_config=RunConfig(name="autoencoder", storage_path=str(checkpoint_dir.parent / "ray_results"),
                              failure_config=FailureConfig(max_failures=1)),
-        datasets={"train": ray.data.from_numpy(matrix)},  # one packed tensor column, "data"
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        matrix_path.unlink(missing_ok=True)
