@@ -87,6 +87,83 @@ def test_a_killed_ray_train_worker_resumes_from_the_last_checkpoint(ray_cluster,
     assert 5 <= killed_after <= result.starts[1] < epochs  # from a checkpoint written before the kill, not from 0
 
 
+TWO_NODE_DRIVER = """
+import sys, numpy as np
+from userrep.data import load_dataset
+from userrep.features import build_user_features, fit_feature_space
+from userrep.model import AEConfig, embed
+from userrep.raylocal import ray_session
+from userrep.train import fit_autoencoder
+world, address, out, as_of = sys.argv[1:5]
+ds = load_dataset(world)
+features = build_user_features(ds, as_of, fit_feature_space(ds, as_of))
+features = type(features)(features.user_ids[:400], features.matrix[:400], features.schema)
+with ray_session(address=address) as ray:
+    import time
+    deadline = time.monotonic() + 120
+    while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+        assert time.monotonic() < deadline, "the second node never joined"
+        time.sleep(0.5)
+    nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    fit = fit_autoencoder(features, AEConfig(epochs=3, batch_size=64), workers=2, checkpoint_dir=out + "/checkpoints")
+np.savez(out + "/fit.npz", losses=np.array(fit.losses), embeddings=embed(fit.model, features.matrix),
+         nodes=len(nodes), cpus=ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 2)
+"""
+
+
+def test_the_fit_runs_on_a_two_node_ray_cluster_like_in_process(small_world, tiny_features, tmp_path):
+    """A head and a second node as separate `ray start` processes (1 CPU each, so the two
+    workers land one per node); the driver connects by address, as on a cluster."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from serving.smoke import free_port
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port, env = free_port(), {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    common = ["--block", "--num-cpus=1", "--disable-usage-stats"]
+    temp = tempfile.mkdtemp(prefix="ur-ray-")  # short: Ray's unix socket paths must stay under 108 bytes
+    started = [subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                                 f"--temp-dir={temp}", *common], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "w"))]
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the head's GCS answers before a node or a driver joins it
+            assert started[0].poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the Ray head never came up"
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        started.append(subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", *common], env=env,
+                                        start_new_session=True, stdout=subprocess.DEVNULL,
+                                        stderr=open(tmp_path / "node.log", "w")))
+        driver = subprocess.run([sys.executable, "-c", TWO_NODE_DRIVER, str(small_world), f"127.0.0.1:{port}",
+                                 str(tmp_path), AS_OF], env=env, capture_output=True, text=True, timeout=300)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+    finally:  # the processes this test started, by process group (a SIGTERM drains for 30 s)
+        for proc in started:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        shutil.rmtree(temp, ignore_errors=True)
+    got = np.load(tmp_path / "fit.npz")
+    assert int(got["nodes"]) == 2
+    local = fit_autoencoder(tiny_features, AEConfig(epochs=3, batch_size=64))
+    # the same rows in every step (one permutation dealt over the ranks); only the corruption
+    # noise is drawn per rank, so the two fits agree closely but not bit for bit
+    np.testing.assert_allclose(got["losses"], local.losses, rtol=0.05)
+    mine = embed(local.model, tiny_features.matrix)
+    cosine = (got["embeddings"] * mine).sum(1) / np.linalg.norm(got["embeddings"], axis=1) / np.linalg.norm(mine, axis=1)
+    assert np.median(cosine) > 0.9, np.percentile(cosine, [5, 50, 95])
+
+
 def test_ray_data_backfill_equals_in_process(ray_cluster, tiny_features, tmp_path):
     model = fit_autoencoder(tiny_features, AEConfig(epochs=1)).model
     model.save(tmp_path / "model.pt")
