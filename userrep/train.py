@@ -7,9 +7,10 @@
 ``train_loop_per_worker`` is the loop in every mode: under Ray it wraps the model in DDP and reads
 its rows of the feature matrix memory-mapped from the checkpoint directory; in-process it
 batches the array itself. Each epoch's row order is one permutation shared by all ranks, so one
-Ray worker sees exactly the batches of the in-process loop. Rank 0 writes a checkpoint after every epoch (write-then-rename); the loop always starts
-from the newest checkpoint in its directory, which is how ``--resume`` and Ray's worker
-restarts continue. On a cluster the checkpoint directory must be shared storage.
+Ray worker sees exactly the batches of the in-process loop. Rank 0 writes a checkpoint after
+every epoch (write-then-rename); the loop always starts from the newest checkpoint in its
+directory, which is how ``--resume`` and Ray's worker restarts continue. On a cluster the
+checkpoint directory must be shared storage.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def _epoch_rows(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.T
     """This rank's rows for one epoch: one permutation shared by every rank (same seed), dealt
     round-robin and cut to ``n // world`` rows each, so every rank takes the same number of steps
     (DDP all-reduces at each one) and each epoch leaves out a different ``n % world`` rows."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101))
+    # seeded apart from the corruption-noise generator (seed * 1_000_003 + epoch * 101 + rank), so
+    # the row order and rank 0's noise are not drawn from the same stream
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 999_983 + epoch * 7_919 + 17))
     return order[rank::world][: n // world]
 
 
