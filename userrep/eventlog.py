@@ -351,6 +351,7 @@ class RedisStreamLog:
         self.stream = parsed.path.lstrip("/") or DEFAULT_STREAM
         self.client = redis.Redis(host=parsed.hostname or "127.0.0.1", port=parsed.port or 6379, password=password)
         self.where = f"redis://{parsed.hostname}:{parsed.port or 6379}/{self.stream}"
+        self.channel = f"{self.stream}:applied"  # pub/sub: each commit publishes its batch here (follow)
         self._append_events = self.client.register_script(_APPEND_EVENTS)
 
     def _key(self, *parts) -> str:
@@ -455,7 +456,7 @@ class RedisStreamLog:
                     for p in todo:
                         pipe.set(self._key("applied", batch, p), 1, ex=EVENT_ID_TTL_S)
                     pipe.xack(self.stream, f"apply:{batch}", *positions)
-                    pipe.publish(self._key("applied"), batch)  # wakes the waiters of every replica (follow)
+                    pipe.publish(self.channel, batch)  # wakes the waiters of every replica (follow)
                     pipe.execute()
                     return todo
                 except redis.WatchError:
@@ -469,11 +470,11 @@ class RedisStreamLog:
         while not stopped.is_set():
             try:
                 with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    pubsub.subscribe(self._key("applied"))
+                    pubsub.subscribe(self.channel)
                     while not stopped.is_set():
                         if pubsub.get_message(timeout=0.5) is not None:
                             notify()
-            except redis.ConnectionError:
+            except redis.RedisError:  # a restart, a timeout: subscribe again
                 stopped.wait(0.5)
 
     def applied(self, batch: str, positions) -> bool:

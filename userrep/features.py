@@ -190,7 +190,7 @@ class FeatureSpace:
         return pd.Index(self.artists)
 
     @cached_property
-    def attribute_indexes(self) -> dict[str, pd.Index]:  # built once, as ItemVectors._index
+    def _attribute_indexes(self) -> dict[str, pd.Index]:  # built once, as ItemVectors._index
         return {col: pd.Index(categories) for col, categories in self.attributes.items()}
 
     def artist_index(self, artist_ids) -> np.ndarray:
@@ -389,7 +389,7 @@ def _demographics(space: FeatureSpace, n_users: int, static: StaticInputs) -> np
     for col, categories in space.attributes.items():
         values = static.attributes.get(col, np.full(n_users, None, dtype=object))
         onehot = np.zeros((n_users, len(categories) + 1), np.float32)
-        index = space.attribute_indexes[col].get_indexer(pd.Index(values))
+        index = space._attribute_indexes[col].get_indexer(pd.Index(values))
         present = pd.notna(values)
         index = np.where((index < 0) & present, len(categories), index)
         rows = np.flatnonzero(index >= 0)
