@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_dataset
@@ -196,3 +197,33 @@ def test_content_encoder_works_with_genres_only(tmp_path, tiny_tables):
     space = fit_feature_space(ds, "2026-02-01", FeatureConfig(collab_dim=2, content_dim=4))
     feats = build_user_features(ds, "2026-02-01", space)
     assert list(feats.user_ids) == ["u1", "u2", "u3", "u4"]
+
+
+@pytest.mark.parametrize("partitions", [1, 7])
+def test_partitioned_features_equal_the_in_memory_features(tmp_path, world, space, features, partitions):
+    from userrep.partitions import partitioned_features, user_partition
+
+    space.save(tmp_path / "space")
+    got = partitioned_features(world, AS_OF, tmp_path / "space", tmp_path / "work", partitions=partitions)
+    assert list(got.user_ids) == list(features.user_ids)
+    assert np.array_equal(got.matrix, features.matrix)  # bit for bit, not within a tolerance
+    # every event of a user lies in that user's one partition, and only events before as_of
+    events = [pq.read_table(p) for p in sorted((tmp_path / "work" / "events").glob("part-*.parquet"))]
+    assert len(events) == partitions
+    for p, table in enumerate(events):
+        assert (user_partition(table.column("user_id"), partitions) == p).all()
+    assert sum(t.num_rows for t in events) == events_before(world, AS_OF).num_rows
+
+
+def test_user_partition_is_stable_across_processes():
+    import subprocess
+    import sys
+
+    from userrep.partitions import user_partition
+
+    ids = [f"user-{i}" for i in range(50)]
+    here = user_partition(ids, 8).tolist()
+    code = f"from userrep.partitions import user_partition; print(user_partition({ids!r}, 8).tolist())"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
+    assert there.strip() == str(here) and len(set(here)) > 4

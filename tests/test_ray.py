@@ -179,3 +179,22 @@ def test_ray_data_backfill_equals_in_process(ray_cluster, tiny_features, tmp_pat
     np.testing.assert_allclose(emb_ray[order], emb_local[np.argsort(ids_local)], rtol=1e-5, atol=1e-6)
     assert pq.read_schema(tmp_path / "ray.parquet").field("embedding").type.value_type.bit_width == 32
     assert UserAutoencoder.load(tmp_path / "model.pt").config.latent == 64
+
+
+def test_features_from_ray_data_partition_tasks_equal_the_in_memory_features_on_the_default_world(
+        ray_cluster, tmp_path):
+    from userrep.build import default_as_of
+    from userrep.partitions import partition_count, partitioned_features
+    from userrep.world import WorldConfig, generate_world
+
+    generate_world(WorldConfig(), tmp_path / "world", progress=False)  # the demo's world
+    ds = load_dataset(tmp_path / "world")
+    as_of = default_as_of(ds)
+    space = fit_feature_space(ds, as_of)
+    space.save(tmp_path / "space")
+    expected = build_user_features(ds, as_of, space)
+    partitions = partition_count(ds.events.num_rows) + 1  # more partitions than workers
+    got = partitioned_features(ds, as_of, tmp_path / "space", tmp_path / "work", partitions=partitions, workers=2)
+    assert partitions >= 3 and len(expected.user_ids) == WorldConfig().users
+    assert list(got.user_ids) == list(expected.user_ids)
+    assert np.array_equal(got.matrix, expected.matrix)

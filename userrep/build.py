@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -36,9 +37,10 @@ from userrep.downstream import TASKS, DownstreamConfig, serving_history, sha256,
 from userrep.data import TABLES, Dataset, load_dataset, table_path
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
 from userrep.eventlog import part_files, watermark
-from userrep.features import (FeatureConfig, FeatureSpace, UserFeatures, build_user_features, fit_feature_space,
+from userrep.features import (FeatureConfig, FeatureSpace, UserFeatures, fit_feature_space,
                               to_utc)
 from userrep.model import AEConfig
+from userrep.partitions import partitioned_features
 from userrep.store import StoreConfig
 from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
@@ -137,30 +139,34 @@ def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig
     log(f"batch {batch_id}: data {data}, as_of {as_of.isoformat()}, workers {config.workers}")
     stage.done("load")
     snapshot = None
-    if config.feast is not None:
-        from userrep import store as feast
+    with _ray_if(config.workers):  # one session for the feature tasks and the fit
+        if config.feast is not None:
+            from userrep import store as feast
 
-        store = feast.open_store(config.feast)
-        if snapshot_id:
-            snapshot = feast.load_snapshot(config.feast, snapshot_id)
-            if snapshot.as_of != as_of:
-                raise ValueError(f"snapshot_id: {snapshot_id} is as of {snapshot.as_of.isoformat()}, "
-                                 f"the batch as of {as_of.isoformat()}")
+            store = feast.open_store(config.feast)
+            if snapshot_id:
+                snapshot = feast.load_snapshot(config.feast, snapshot_id)
+                if snapshot.as_of != as_of:
+                    raise ValueError(f"snapshot_id: {snapshot_id} is as of {snapshot.as_of.isoformat()}, "
+                                     f"the batch as of {as_of.isoformat()}")
+            else:
+                snapshot = feast.materialize(ds, as_of, config.feast, config.features, store=store, log=log,
+                                             workers=config.workers)
+                stage.done("materialize")
+            space = FeatureSpace.load(snapshot.space_dir)
+            features = feast.training_set(store, snapshot, space, snapshot.user_ids)
+            space.save(out / "encoders")
         else:
-            snapshot = feast.materialize(ds, as_of, config.feast, config.features, store=store, log=log)
-            stage.done("materialize")
-        space = FeatureSpace.load(snapshot.space_dir)
-        features = feast.training_set(store, snapshot, space, snapshot.user_ids)
-    else:
-        space = fit_feature_space(ds, as_of, config.features)
-        stage.done("encoders")
-        features = build_user_features(ds, as_of, space)
-    space.save(out / "encoders")
-    save_features(features, out / "features.parquet")
-    stage.done("features")
-    with _ray_if(config.workers):
+            space = fit_feature_space(ds, as_of, config.features)
+            space.save(out / "encoders")
+            stage.done("encoders")
+            features = partitioned_features(ds, as_of, out / "encoders", out / "partitions", workers=config.workers)
+        del ds  # the partitions hold what the features need
+        save_features(features, out / "features.parquet")
+        stage.done("features")
         fit = fit_autoencoder(features, config.ae, workers=config.workers, checkpoint_dir=out / "checkpoints",
                               resume=config.resume, progress=progress)
+    shutil.rmtree(out / "partitions", ignore_errors=True)
     fit.model.save(out / "model.pt")
     stage.done("fit")
     record = {"batch_id": batch_id, "as_of": as_of.isoformat(),

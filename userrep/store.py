@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,8 @@ import pyarrow.parquet as pq
 
 from userrep.backfill import list_column
 from userrep.data import Dataset, load_dataset
-from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, build_user_features, fit_feature_space, to_utc
+from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, fit_feature_space, to_utc
+from userrep.partitions import partitioned_features
 
 PROFILE_GROUPS = ("onboarding", "demographics")
 EMBEDDING_FIELDS = ["user_embedding:embedding", "user_embedding:embedding_batch"]
@@ -127,8 +129,12 @@ def space_id(fingerprint: dict, as_of: pd.Timestamp, config: FeatureConfig) -> s
 
 
 def materialize(data: str | Path | Dataset, as_of, config: StoreConfig = StoreConfig(),
-                features: FeatureConfig = FeatureConfig(), store=None, log=print) -> Snapshot:
-    """Fit encoders as of ``as_of``, write the snapshot's offline rows, apply, load them online."""
+                features: FeatureConfig = FeatureConfig(), store=None, log=print, workers: int = 0) -> Snapshot:
+    """Fit encoders as of ``as_of``, write the snapshot's offline rows, apply, load them online.
+
+    The features are computed partition by partition (``userrep.partitions``; Ray Data tasks
+    when ``workers`` > 0, in a Ray session the caller holds).
+    """
     from userrep.build import data_fingerprint
 
     ds = data if isinstance(data, Dataset) else load_dataset(data)
@@ -139,13 +145,14 @@ def materialize(data: str | Path | Dataset, as_of, config: StoreConfig = StoreCo
     (home / "data").mkdir(parents=True, exist_ok=True)
     space_dir = home / "snapshots" / sid
     space.save(space_dir)
-    user_features = build_user_features(ds, as_of, space)
+    user_features = partitioned_features(ds, as_of, space_dir, space_dir / "partitions", workers=workers)
     np.save(space_dir / "users.npy", user_features.user_ids.astype(str))
     (space_dir / "snapshot.json").write_text(json.dumps({"space_id": sid, "as_of": as_of.isoformat(),
                                                          "users": len(user_features.user_ids)}))
     history, profile = offline_frames(user_features, sid, as_of)
     _upsert(home / "data" / "user_history.parquet", history, "space_id", sid)
     _upsert(home / "data" / "user_profile.parquet", profile, "space_id", sid)
+    shutil.rmtree(space_dir / "partitions")
     store = store or open_store(config)
     start, end = (as_of - pd.Timedelta(seconds=1)).to_pydatetime(), (as_of + pd.Timedelta(seconds=1)).to_pydatetime()
     store.materialize(start_date=start, end_date=end, feature_views=["user_history", "user_profile"])
