@@ -4,6 +4,7 @@ embedded file and a Redis stream on a real redis-server (AOF, fsync always) star
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 
@@ -307,3 +308,52 @@ def test_acknowledged_events_survive_a_kill_9_of_redis(served_root, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _with_built_index(served_root, tmp_path, ids_order=slice(None)):
+    """A copy of the served batch whose downstream holds an HNSW neighbour index, as the pipeline
+    writes one above ``similar_users.EXACT_MAX`` users (here forced on 1,500)."""
+    import faiss
+
+    from userrep.backfill import read_embeddings
+    from userrep.tasks.similar_users import build_index
+
+    root = tmp_path / "batches"
+    shutil.copytree(served_root / "b1", root / "b1")
+    _write_pointer(root, {"serving": "b1", "history": []})
+    ids, vectors, _ = read_embeddings(root / "b1" / "embeddings.parquet")
+    (root / "b1" / "downstream").mkdir()
+    faiss.write_index(build_index(vectors, exact_max=10), str(root / "b1" / "downstream" / "similar_users.faiss"))
+    np.save(root / "b1" / "downstream" / "similar_users.ids.npy", ids[ids_order].astype(str))
+    return root, ids, vectors
+
+
+def test_serving_loads_the_pipelines_hnsw_index_and_keeps_it_current(served_root, tmp_path):
+    import faiss
+
+    root, ids, vectors = _with_built_index(served_root, tmp_path)
+    online = service(root, str(tmp_path / "events.sqlite"))
+    built = online.batch.index.built
+    assert isinstance(built, faiss.IndexHNSWFlat) and built.ntotal == len(ids) and built.hnsw.efSearch == 128
+    user = ids[3]
+    online.post_events([{"user_id": user, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z", "weight": 300.0}])
+    online.register_user("newcomer-x", onboarding_genres=["rock"])
+    moved = np.array(online.embedding(user)["embedding"], np.float32)
+    assert not np.allclose(moved, vectors[3], atol=1e-3)
+    # the exact neighbours over the batch's vectors with the user's new one and the newcomer added
+    everyone = np.vstack([np.delete(vectors, 3, axis=0), online.embedding("newcomer-x")["embedding"]])
+    names = np.concatenate([np.delete(ids, 3), ["newcomer-x"]])
+    unit = everyone / np.linalg.norm(everyone, axis=1, keepdims=True)
+    exact = names[np.argsort(-(unit @ (moved / np.linalg.norm(moved))))[:10]]
+    got = [n["user_id"] for n in online.similar(user, k=10)["neighbours"]]
+    assert user not in got and len(set(got) & set(exact)) >= 9, (got, exact)  # HNSW: approximate
+    # the superseded row is skipped: any query finds the user once, through its new vector
+    old = [n["user_id"] for n in online.similar(ids[4], k=len(ids))["neighbours"]]
+    assert old.count(user) == 1
+    assert online.batch.index.ntotal == len(ids) + 1
+
+
+def test_a_neighbour_index_of_other_users_is_refused_naming_the_file(served_root, tmp_path):
+    root, _, _ = _with_built_index(served_root, tmp_path, ids_order=slice(None, None, -1))
+    with pytest.raises(ValueError, match="similar_users.faiss"):
+        service(root, str(tmp_path / "events.sqlite"))

@@ -54,6 +54,7 @@ from userrep.features import FeatureSpace, to_utc
 from userrep.model import UserAutoencoder, embed
 from userrep.state import (FeatureState, UserState, apply_events, decode_user, encode_user, register_user,
                            state_features_at, state_from_dataset, user_clocks)
+from userrep.tasks.similar_users import LiveIndex, build_index
 
 MICRO_BATCH = 2000  # events the logger commits together at most (one fsync)
 DELIVER = 64  # records a consumer takes at once (one state read, one re-embed, one online write)
@@ -100,7 +101,7 @@ class OnlineBatch:
     as_of: pd.Timestamp
     space: FeatureSpace
     model: UserAutoencoder
-    index: object  # faiss.IndexIDMap2 over L2-normalized embeddings
+    index: LiveIndex  # the pipeline's neighbour index plus the users re-embedded online
     rows: dict  # user_id -> index id
     users: dict  # index id -> user_id (neighbour answers)
     space_id: str  # the snapshot the batch's features come from (stamped on pushed feature rows)
@@ -110,26 +111,32 @@ class OnlineBatch:
     start: object = None  # log position its shared state was bootstrapped through (its group starts after)
 
 
-def _normalized(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
     """A batch's artefacts as one replica holds them (no user state); and its manifest."""
-    import faiss
-
     directory = batch_dir(root, batch_id)
     manifest = json.loads((directory / "manifest.json").read_text())
     space = FeatureSpace.load(directory / "encoders")
     ids, vectors, _ = read_embeddings(directory / "embeddings.parquet")
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    index.add_with_ids(_normalized(vectors), np.arange(len(ids), dtype=np.int64))
     online = OnlineBatch(batch_id, to_utc(manifest["as_of"]), space, UserAutoencoder.load(directory / "model.pt"),
-                         index, {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)),
+                         LiveIndex(_neighbour_index(directory, ids, vectors)), {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)),
                          manifest.get("snapshot") or batch_id, threading.Lock(), vectors,
                          history=_history_spec(directory, space))
     return online, manifest
+
+
+def _neighbour_index(directory: Path, ids: np.ndarray, vectors: np.ndarray):
+    """The index the pipeline built with the batch (HNSW above ``similar_users.EXACT_MAX`` users);
+    built here the same way only for a batch without downstream models."""
+    import faiss
+
+    path = directory / "downstream" / "similar_users.faiss"
+    if not path.exists():
+        return build_index(vectors)
+    index = faiss.read_index(str(path))
+    saved = np.load(directory / "downstream" / "similar_users.ids.npy")
+    if index.ntotal != len(ids) or not np.array_equal(saved.astype(object), ids):
+        raise ValueError(f"{path}: its {index.ntotal} rows are not the users of embeddings.parquet in file order")
+    return index
 
 
 def bootstrap_state(online: OnlineBatch, manifest: dict, events_log) -> tuple[FeatureState, list[str], object]:
@@ -212,8 +219,7 @@ def _reembed(online: OnlineBatch, state: FeatureState, user_ids: list[str]) -> d
                 online.users[row] = user_id
             rows.append(row)
         ids = np.array(rows, np.int64)
-        online.index.remove_ids(ids)  # one pass over the index for the whole micro-batch, not one per user
-        online.index.add_with_ids(_normalized(vectors), ids)
+        online.index.upsert(ids, vectors)
     return {"features": features, "vectors": vectors, "updated_at": now, "clocks": clocks, "state": state}
 
 
@@ -351,7 +357,7 @@ class OnlineService:
         query = np.asarray(self.embedding(user_id)["embedding"], np.float32)
         row = online.rows.get(user_id, -1)
         with online.lock:
-            scores, found = online.index.search(_normalized(query), k + 1)
+            scores, found = online.index.search(query, k + 1)
         neighbours = [{"user_id": online.users[int(i)], "score": round(float(s), 6)}
                       for s, i in zip(scores[0], found[0]) if i >= 0 and int(i) != row][:k]
         return {"user_id": user_id, "batch_id": online.batch_id, "neighbours": neighbours}

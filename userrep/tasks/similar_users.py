@@ -1,7 +1,8 @@
 """Similar users: nearest neighbours in representation space with FAISS, scored by nDCG@50.
 
 Cosine similarity (inner product of L2-normalized rows). An exact index up to ``exact_max``
-candidates; above it HNSW (approximate, sub-linear queries).
+candidates; above it HNSW (approximate, sub-linear queries). The pipeline writes the index with
+the batch; serving loads that file and keeps it current with ``LiveIndex``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,61 @@ def build_index(vectors: np.ndarray, exact_max: int = EXACT_MAX) -> faiss.Index:
         index.hnsw.efSearch = 128
     index.add(x)
     return index
+
+
+class LiveIndex:
+    """A batch's neighbour index as the pipeline built it, kept current while the batch serves.
+
+    The built index (exact or HNSW) is never changed: HNSW cannot remove a vector, and rebuilding
+    a million-user graph per event is out of the question. Users re-embedded online go into a
+    small exact index; their rows in the built one are skipped at search time by an ID selector,
+    and the two result lists are merged by score. Ids: the built index's rows are 0..n-1 (the
+    batch's embeddings in file order); users added online take any other id. Not thread-safe:
+    the caller holds a lock around ``upsert`` and ``search``.
+    """
+
+    def __init__(self, built: faiss.Index):
+        self.built = built
+        self.recent = faiss.IndexIDMap2(faiss.IndexFlatIP(built.d))
+        self._superseded = np.zeros(0, np.int64)  # rows of ``built`` whose user has a newer vector
+        self._params = None  # search parameters excluding them; rebuilt lazily after an upsert
+
+    @property
+    def ntotal(self) -> int:
+        return self.built.ntotal - len(self._superseded) + self.recent.ntotal
+
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids = np.asarray(ids, np.int64)
+        self.recent.remove_ids(ids)  # one pass over the small index for the whole micro-batch
+        self.recent.add_with_ids(_normalized(vectors), ids)
+        moved = ids[(ids >= 0) & (ids < self.built.ntotal)]
+        if len(np.setdiff1d(moved, self._superseded, assume_unique=False)):
+            self._superseded = np.union1d(self._superseded, moved)
+            self._params = None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the top-k by cosine over both indexes; -1 pads short lists."""
+        q = _normalized(np.atleast_2d(queries))
+        scores, ids = self.built.search(q, k, params=self._search_params()) if len(self._superseded) \
+            else self.built.search(q, k)
+        if self.recent.ntotal:
+            more_scores, more_ids = self.recent.search(q, k)
+            scores, ids = np.hstack([scores, more_scores]), np.hstack([ids, more_ids])
+            scores = np.where(ids >= 0, scores, -np.inf)
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores, ids = np.take_along_axis(scores, top, 1), np.take_along_axis(ids, top, 1)
+        return scores, ids
+
+    def _search_params(self):
+        if self._params is None:
+            batch = faiss.IDSelectorBatch(self._superseded)
+            selector = faiss.IDSelectorNot(batch)
+            if isinstance(self.built, faiss.IndexHNSW):  # keep the built efSearch (the default would be 16)
+                params = faiss.SearchParametersHNSW(sel=selector, efSearch=self.built.hnsw.efSearch)
+            else:
+                params = faiss.SearchParameters(sel=selector)
+            self._params = (params, selector, batch)  # the selectors must outlive the parameters
+        return self._params[0]
 
 
 def neighbours(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
