@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -82,6 +83,22 @@ def test_each_head_deploys_the_design_that_validates_better_and_its_features_are
     got_plays, got_recent = online_history(store, ids[:50], "b1", list(data.artists))
     assert (got_plays > 0).sum() > 100
     assert np.allclose(got_plays, plays[:50].toarray()) and np.allclose(got_recent, recent[:50].toarray(), rtol=1e-5)
+
+
+def test_task_models_train_on_a_seeded_user_sample_and_serve_every_user(lifecycle):
+    from userrep.downstream import DownstreamConfig
+
+    root, ds, _ = lifecycle
+    full = task_data(root / "b1", ds)
+    sampled = task_data(root / "b1", ds, DownstreamConfig(max_users=300))
+    assert len(full.user_ids) > 1000 and len(sampled.user_ids) == 300
+    assert set(sampled.user_ids) < set(full.user_ids)
+    assert list(task_data(root / "b1", ds, DownstreamConfig(max_users=300)).user_ids) == list(sampled.user_ids)
+    rows = pd.Index(full.user_ids).get_indexer(sampled.user_ids)
+    np.testing.assert_allclose(sampled.x, full.x[rows], atol=1e-5)  # the same users' embeddings, whoever else
+    assert len(sampled.train) + len(sampled.valid) == int((sampled.labels.sum(axis=1) > 0).sum())
+    ids, _, _ = serving_history(root / "b1", ds, sampled)
+    assert len(ids) == json.loads((root / "b1" / "manifest.json").read_text())["users"]
 
 
 def test_shuffled_embeddings_are_blocked_as_unstable(lifecycle):

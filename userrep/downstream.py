@@ -36,7 +36,7 @@ import torch
 from userrep.baselines import choose, decayed_matrix, user_artist_matrix
 from userrep.backfill import read_embeddings
 from userrep.data import Dataset
-from userrep.features import FeatureSpace, build_user_features, to_utc
+from userrep.features import FeatureSpace, build_user_features, known_users, to_utc
 from userrep.model import UserAutoencoder, embed
 from userrep.metrics import auc
 from userrep.tasks import artist_preference, future_listening, history, similar_users
@@ -51,6 +51,11 @@ class DownstreamConfig:
     label_days: int = 28
     top_k: int = 1000
     valid_share: float = 0.2
+    # The task models train and validate on a seeded sample of at most this many users (the
+    # candidate artists and their popularity come from the same sample): the task data holds
+    # several (users x top_k) matrices, 4 KB a user each. The heads' history features served
+    # online are computed for every user of the batch all the same (``serving_history``).
+    max_users: int = 50_000
     head: HeadConfig = field(default_factory=HeadConfig)
     seed: int = 0
 
@@ -98,7 +103,7 @@ def task_data(batch_dir: str | Path, ds: Dataset, config: DownstreamConfig = Dow
     first = pd.Timestamp(pc.min(ds.events.column("ts")).as_py())
     label_days = config.label_days
     while True:
-        found = _labelled(ds, space, as_of, label_days, config.top_k)
+        found = _labelled(ds, space, as_of, label_days, config.top_k, config.max_users, config.seed)
         if len(found[0]) >= MIN_LABELLED or as_of - pd.Timedelta(days=2 * label_days) < first:
             break
         label_days *= 2
@@ -131,12 +136,17 @@ def _dense(matrix, cols: np.ndarray) -> np.ndarray:
     return matrix[:, cols].toarray().astype(np.float32)
 
 
-def _labelled(ds: Dataset, space: FeatureSpace, as_of: pd.Timestamp, label_days: int, top_k: int):
+def _labelled(ds: Dataset, space: FeatureSpace, as_of: pd.Timestamp, label_days: int, top_k: int, max_users: int,
+              seed: int):
     """Users with a top-artist play in [as_of - label_days, as_of), their features as of the window's
     start, the label and played (0/1) matrices, the top-K artists, the window's plays, the events
-    before the window, its start and their plays (users, all artists)."""
+    before the window, its start and their plays (users, all artists). Users: those known at the
+    window's start, or a seeded sample of ``max_users`` of them."""
     start = as_of - pd.Timedelta(days=label_days)
-    features = build_user_features(ds, start, space)
+    users = known_users(ds, start)
+    if len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
+    features = build_user_features(ds, start, space, user_ids=users)
     users = features.user_ids
     ts = ds.events.column("ts")
     before = ds.events.filter(pc.less(ts, pa_ts(start)))

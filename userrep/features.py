@@ -262,10 +262,7 @@ def build_user_features(ds: Dataset, as_of, space: FeatureSpace, user_ids=None) 
     as_of = to_utc(as_of)
     events = events_before(ds, as_of)
     event_users = events.column("user_id").to_numpy(zero_copy_only=False).astype(object)
-    if user_ids is None:
-        known = [event_users] + ([ds.users.column("user_id").to_numpy(zero_copy_only=False)] if ds.users is not None else [])
-        user_ids = np.unique(np.concatenate(known).astype(object))
-    user_ids = np.asarray(user_ids, dtype=object)
+    user_ids = known_users(ds, as_of, events) if user_ids is None else np.asarray(user_ids, dtype=object)
     if len(set(user_ids)) != len(user_ids):
         raise ValueError("user_ids: duplicate ids requested")
     buckets = bucket_events(space, pd.Index(user_ids).get_indexer(event_users),
@@ -274,6 +271,16 @@ def build_user_features(ds: Dataset, as_of, space: FeatureSpace, user_ids=None) 
                              events.column("weight").to_numpy())
     static = static_inputs(ds, user_ids)
     return UserFeatures(user_ids, features_from_buckets(space, len(user_ids), buckets, day_index(as_of), static), space.schema)
+
+
+def known_users(ds: Dataset, as_of, events: pa.Table | None = None) -> np.ndarray:
+    """Sorted ids of the users known at ``as_of``: the users table plus everyone with an event
+    before it (``events``: those events, when the caller has them already)."""
+    events = events_before(ds, to_utc(as_of)) if events is None else events
+    known = [pc.unique(events.column("user_id")).to_numpy(zero_copy_only=False)]
+    if ds.users is not None:
+        known.append(ds.users.column("user_id").to_numpy(zero_copy_only=False))
+    return np.unique(np.concatenate(known).astype(object))
 
 
 def day_index(ts: pd.Timestamp) -> int:
