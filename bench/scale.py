@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600, help="per stage")
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--work", type=Path, default=None, help="kept afterwards (default: a temporary folder)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="run only these (the earlier ones must have run in --work)")
     args = parser.parse_args()
     rows = []
     for users in sorted(args.users):
@@ -118,7 +120,7 @@ def main() -> None:
             work = (args.work / str(users)) if args.work else Path(tmp)
             work.mkdir(parents=True, exist_ok=True)
             stages = {}
-            for stage in STAGES:
+            for stage in args.stages:
                 stages[stage] = result = run_stage(stage, users, work, args.epochs, args.timeout_s)
                 if "seconds" in result:
                     result["ms_per_user"] = round(1000 * result["seconds"] / users, 3)
@@ -126,7 +128,7 @@ def main() -> None:
                 if "error" in result:
                     break
         done = [s for s in stages.values() if "seconds" in s]
-        rows.append({"users": users, "events": stages["world"].get("events"), "stages": stages,
+        rows.append({"users": users, "events": stages.get("world", {}).get("events"), "stages": stages,
                      "complete": len(done) == len(STAGES),
                      "pipeline_s": round(sum(s["seconds"] for k, s in stages.items() if k != "world" and "seconds" in s), 1),
                      "pipeline_peak_mib": max((s["peak_mib"] for k, s in stages.items() if k != "world" and "peak_mib" in s),

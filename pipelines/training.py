@@ -50,10 +50,10 @@ def training_pipeline(data: str = "/work/world", as_of: str = "", batch_root: st
                                      batch_root=batch_root, batch_id=batch_id, dim=dim, epochs=epochs,
                                      workers=workers, label_days=label_days, ray_address=ray_address,
                                      rayjob_namespace=rayjob_namespace, tune=tune, **store),
-                         cpu="2", memory="8Gi", online_store=True, display_name="3. fit autoencoder (Ray Train)")
+                         cpu="2", memory="8Gi", online_store=True, display_name="3. fit autoencoder (Ray Train, or in-process)")
         backfill = on_cluster(backfill_embeddings(batch_root=batch_root, batch_id=fit.outputs["Output"],
                                                   model=fit.outputs["model"]),
-                              cpu="2", memory="8Gi", online_store=True, display_name="4. backfill embeddings (Ray Data)")
+                              cpu="2", memory="8Gi", online_store=True, display_name="4. backfill embeddings (Ray Data, or in-process)")
         with dsl.ParallelFor(tasks, name="downstream-tasks") as task:
             trained = on_cluster(train_downstream(batch_root=batch_root, task=task,
                                                   embeddings=backfill.outputs["embeddings"]),

@@ -495,7 +495,8 @@ def pipeline_run(
     pipeline: Annotated[str, typer.Option(help="training or refresh.")] = "training",
     dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
-    workers: Annotated[int, typer.Option(min=0, help="Ray Train/Data workers (0: in-process).")] = 2,
+    workers: Annotated[int, typer.Option(min=0, help="Ray Train/Data workers (0: in-process, the fastest fit on "
+                                                     "one box; bench/fit_throughput.py).")] = 0,
     label_days: Annotated[int, typer.Option(min=1, help="Downstream label window (days).")] = 28,
     ray_address: Annotated[str, typer.Option(help="Ray Job Submission API of a RayCluster (fit runs there).")] = "",
     rayjob: Annotated[str, typer.Option(help="Namespace to create a KubeRay RayJob in for the fit.")] = "",
@@ -602,7 +603,8 @@ def demo(
     work: Annotated[Path, typer.Option(help="Work directory for generated data and batches.")] = Path("work"),
     users: Annotated[int, typer.Option(min=1, help="Users in the synthetic world.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    workers: Annotated[int, typer.Option(min=0, help="Ray workers for training and backfill (0: in-process).")] = 2,
+    workers: Annotated[int, typer.Option(min=0, help="Ray workers for training and backfill (0: in-process, the "
+                                                     "fastest fit on one box; bench/fit_throughput.py).")] = 0,
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
     later_days: Annotated[int, typer.Option(min=1, help="Batch 2 sees this many more days of data than batch 1.")] = 30,
     smoke: Annotated[bool, typer.Option(help="End with a serving smoke (start both servers, new user, events).")] = True,

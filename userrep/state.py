@@ -55,7 +55,8 @@ def apply_events(state: FeatureState, events: pd.DataFrame) -> list[str]:
     feature space does not know (they have no vectors), before changing anything.
     """
     items = events["item_id"].astype(str).to_numpy(dtype=object)
-    unknown = np.flatnonzero(state.space.item_index(items) < 0)
+    item_index = state.space.item_index(items)
+    unknown = np.flatnonzero(item_index < 0)
     if unknown.size:
         raise ValueError(f"item_id: unknown item(s) {sorted(set(items[unknown]))[:5]}")
     weight = pd.to_numeric(events["weight"], errors="coerce").to_numpy(np.float64) if "weight" in events \
@@ -68,7 +69,7 @@ def apply_events(state: FeatureState, events: pd.DataFrame) -> list[str]:
     ts_us = ts.dt.as_unit("us").astype("int64").to_numpy()
     user_ids = events["user_id"].astype(str).to_numpy(dtype=object)
     user_index, touched = pd.factorize(user_ids, sort=True)  # hashing: 2.6M ids in a fraction of np.unique's sort
-    user, day, item, weight = bucket_events(state.space, user_index, ts_us, items, weight)
+    user, day, item, weight = bucket_events(user_index, ts_us, item_index, weight)
     bounds = np.searchsorted(user, np.arange(len(touched) + 1))
     windows = state.space.config.windows
     horizon = None if 0 in windows else max(windows)  # an all-history window needs every bucket
