@@ -174,3 +174,24 @@ def test_valid_dataset_prints_summary_and_exits_zero(tmp_path, tiny_tables):
 def test_split_list_trims_and_drops_empty_entries():
     lists = split_list(pa.chunked_array([["rock| indie", None, "", "|jazz|"]]))
     assert lists.to_pylist() == [["rock", "indie"], [], [], ["jazz"]]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_events_are_checked_in_batches_with_the_files_own_row_numbers(tmp_path, tiny_tables, fmt, monkeypatch):
+    import userrep.data
+
+    n = 40
+    events = pd.DataFrame({"user_id": [f"u{1 + i % 3}" for i in range(n)], "item_id": ["t1"] * n,
+                           "ts": ["2026-01-01T10:00:00Z"] * n, "weight": [1.0] * n})
+    write_dataset(tmp_path / "good", fmt, **{**tiny_tables, "events": events})
+    whole = load_dataset(tmp_path / "good")
+    monkeypatch.setattr(userrep.data, "EVENT_BATCH_ROWS", 7)  # six batches
+    assert load_dataset(tmp_path / "good").events.equals(whole.events)
+    bad = events.copy()
+    bad.loc[[3, 10, 11, 25, 30, 31, 39], "weight"] = -1.0  # in five of the six batches
+    write_dataset(tmp_path / "bad", fmt, **{**tiny_tables, "events": bad})
+    with pytest.raises(DatasetError) as info:
+        load_dataset(tmp_path / "bad")
+    [problem] = info.value.problems
+    assert problem.column == "weight" and problem.count == 7
+    assert problem.rows == (4, 11, 12, 26, 31)  # 1-based data rows of the file, the first five

@@ -10,7 +10,7 @@ first bad rows. Nothing is dropped silently: a row is either accepted as-is or r
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ TS_TYPE = pa.timestamp("us", tz="UTC")
 _MIN_TS = pd.Timestamp("1970-01-01", tz="UTC")
 _MAX_TS = pd.Timestamp("2100-01-01", tz="UTC")
 _SHOW_ROWS = 5
+EVENT_BATCH_ROWS = 1 << 20  # events normalized at a time (load_dataset's peak is about the table plus one batch)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,8 @@ def load_dataset(directory: str | Path) -> Dataset:
                 problems.append(Problem(f"{name}.parquet|csv", None, f"required table '{name}' is missing"))
             continue
         files[name] = path.name
+        if name == "events":  # the big one: normalized batch by batch (below)
+            continue
         try:
             tables[name] = read_table(path, name)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -165,7 +168,15 @@ def load_dataset(directory: str | Path) -> Dataset:
     for extra in sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in known):
         notes.append(f"ignored {extra} (not a contract table)")
 
+    if "events" in files:
+        events, event_problems, event_notes = _read_events(directory / files["events"])
+        problems += event_problems
+        notes += event_notes
+        if events is not None:
+            tables["events"] = events
     for name, table in list(tables.items()):
+        if name == "events":
+            continue
         missing = [c for c in REQUIRED_COLUMNS[name] if c not in table.column_names]
         for col in missing:
             problems.append(Problem(files[name], col, f"required column '{col}' is missing"))
@@ -194,6 +205,67 @@ def load_dataset(directory: str | Path) -> Dataset:
         pairs=tables.get("pairs"),
         notes=tuple(notes),
     )
+
+
+def _event_batches(path: Path, rows: int):
+    """The events file in batches of ``rows``: parquet streamed row group by row group; CSV read
+    whole first (a streaming CSV reader fixes column types from its first block, and a later
+    block that disagrees fails the read)."""
+    if path.suffix == ".parquet":
+        parquet = pq.ParquetFile(path)
+        empty = True
+        for batch in parquet.iter_batches(batch_size=rows):
+            empty = False
+            yield pa.Table.from_batches([batch])
+        if empty:
+            yield parquet.schema_arrow.empty_table()
+        return
+    table = read_table(path, "events")
+    yield from (pa.Table.from_batches([b], table.schema) for b in table.to_batches(rows)) if table.num_rows \
+        else [table]
+
+
+def _read_events(path: Path) -> tuple[pa.Table | None, list[Problem], list[str]]:
+    """Read and normalize the events table batch by batch, so the checks' temporary copies are
+    one batch's, not the whole table's; problems name the file's own row numbers."""
+    rows = EVENT_BATCH_ROWS
+    problems: list[Problem] = []
+    notes: list[str] = []
+    parts: list[pa.Table] = []
+    offset = 0
+    try:
+        for batch in _event_batches(path, rows):
+            missing = [c for c in REQUIRED_COLUMNS["events"] if c not in batch.column_names]
+            if missing:
+                return None, [Problem(path.name, c, f"required column '{c}' is missing") for c in missing], []
+            table, found, batch_notes = _normalize("events", path.name, batch)
+            problems += [replace(p, rows=tuple(r + offset for r in p.rows)) for p in found]
+            notes += [n for n in batch_notes if n not in notes]
+            parts.append(table)
+            offset += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        return None, [Problem(path.name, None, f"cannot be read: {exc}")], []
+    if offset == 0:
+        problems.append(Problem(path.name, None, "table 'events' has no rows"))
+    try:
+        events = pa.concat_tables(parts)
+    except pa.ArrowInvalid:  # a batch with a type problem keeps its raw column; its problem says why
+        events = None
+    return events, _merged(problems), notes
+
+
+def _merged(problems: list[Problem]) -> list[Problem]:
+    """One problem per (file, column, message), counts summed, the first rows shown."""
+    merged: dict[tuple, Problem] = {}
+    for p in problems:
+        key = (p.file, p.column, p.message)
+        if key in merged:
+            q = merged[key]
+            merged[key] = replace(q, rows=(q.rows + p.rows)[:_SHOW_ROWS], values=(q.values + p.values)[:_SHOW_ROWS],
+                                  count=q.count + p.count)
+        else:
+            merged[key] = p
+    return list(merged.values())
 
 
 def split_list(column: pa.ChunkedArray | pa.Array) -> pa.Array:
