@@ -118,3 +118,26 @@ def test_the_redis_password_comes_from_the_environment_or_a_mounted_secret(tmp_p
     monkeypatch.setenv("REDIS_PASSWORD", "from-env")
     assert store_config(tmp_path, "redis", "h:1").redis == "h:1,password=from-env"
     assert store_config(tmp_path, "sqlite", "h:1").redis == "h:1"  # never added for SQLite
+
+
+def test_materialize_loads_the_snapshots_rows_online_in_chunks(feast_world, monkeypatch):
+    import userrep.store
+
+    _, store, ds, _, late = feast_world
+    space = FeatureSpace.load(late.space_dir)
+    direct = build_user_features(ds, late.as_of, space)
+    slices = direct.schema.slices()
+    users = [str(u) for u in direct.user_ids[::97]]
+    rows = pd.Index(direct.user_ids).get_indexer(users)
+    got = store.get_online_features(features=["user_history:history", "user_history:space_id", "user_profile:onboarding"],
+                                    entity_rows=[{"user_id": u} for u in users]).to_dict()
+    history = np.hstack([direct.matrix[:, slices[g]] for g in direct.schema.history_groups()])[rows]
+    assert got["space_id"] == [late.space_id] * len(users)  # the later snapshot, written last
+    assert np.array_equal(np.array(got["history"], np.float32), history)
+    assert np.array_equal(np.array(got["onboarding"], np.float32), direct.matrix[rows][:, slices["onboarding"]])
+    # chunked writes: a chunk smaller than the snapshot gives the same rows
+    monkeypatch.setattr(userrep.store, "ONLINE_CHUNK", 7)
+    userrep.store.write_online(store, "user_history", userrep.store.offline_frames(direct, "chunked", late.as_of)[0])
+    again = store.get_online_features(features=["user_history:history", "user_history:space_id"],
+                                      entity_rows=[{"user_id": u} for u in users]).to_dict()
+    assert again["space_id"] == ["chunked"] * len(users) and np.array_equal(np.array(again["history"], np.float32), history)

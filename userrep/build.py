@@ -132,7 +132,9 @@ def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage = Stopwatch(log)
-    ds = load_dataset(data)
+    # A given snapshot holds the training set: the dataset is read (and validated) only to
+    # materialize one, to compute features in-process, or to find the default as_of.
+    ds = None if snapshot_id and as_of is not None and config.feast is not None else load_dataset(data)
     fingerprint = data_fingerprint(data)
     as_of = to_utc(as_of) if as_of is not None else default_as_of(ds)
     batch_id = batch_id or default_batch_id(as_of, fingerprint, config)
