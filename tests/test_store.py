@@ -141,3 +141,17 @@ def test_materialize_loads_the_snapshots_rows_online_in_chunks(feast_world, monk
     again = store.get_online_features(features=["user_history:history", "user_history:space_id"],
                                       entity_rows=[{"user_id": u} for u in users]).to_dict()
     assert again["space_id"] == ["chunked"] * len(users) and np.array_equal(np.array(again["history"], np.float32), history)
+
+
+def test_the_training_set_joined_in_chunks_is_the_whole_join(feast_world, monkeypatch):
+    import userrep.store
+
+    _, store, ds, early, _ = feast_world
+    space = FeatureSpace.load(early.space_dir)
+    users = early.user_ids[::3]
+    whole = training_set(store, early, space, users)
+    monkeypatch.setattr(userrep.store, "TRAINING_CHUNK", 97)
+    chunked = training_set(store, early, space, users)
+    assert len(users) > 3 * 97 and list(chunked.user_ids) == list(users)
+    assert np.array_equal(chunked.matrix, whole.matrix)
+    assert np.array_equal(whole.matrix, build_user_features(ds, early.as_of, space, user_ids=users).matrix)

@@ -30,14 +30,15 @@ import pandas as pd
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from userrep.encoders import index_in
 from userrep.features import FeatureSpace, UserFeatures
 from userrep.model import standardization
 
 
 def user_artist_matrix(events, space: FeatureSpace, user_ids: np.ndarray) -> sp.csr_matrix:
     """Summed play weight per (user, artist of the space) for the given users."""
-    user = pd.Index(user_ids).get_indexer(events.column("user_id").to_numpy(zero_copy_only=False))
-    item = space.item_index(events.column("item_id").to_numpy(zero_copy_only=False))
+    user = index_in(events.column("user_id"), user_ids)
+    item = index_in(events.column("item_id"), space.item_ids)
     keep = (user >= 0) & (item >= 0)
     matrix = sp.csr_matrix((events.column("weight").to_numpy()[keep], (user[keep], space.item_artist[item[keep]])),
                            shape=(len(user_ids), len(space.artists)))
