@@ -460,10 +460,10 @@ def _check_references(tables: dict[str, pa.Table], files: dict[str, str]) -> lis
     bad = ~_mask(pc.is_in(events.column("item_id"), value_set=items.column("item_id").combine_chunks()))
     if bad.any():
         problems.append(_problem(files["events"], "item_id", "unknown item_id (not in items)", events, bad))
-    known_users = pc.unique(events.column("user_id").combine_chunks())
-    if "users" in tables:
-        known_users = pc.unique(pa.concat_arrays([known_users, tables["users"].column("user_id").combine_chunks()]))
-    if "pairs" in tables:
+    if "pairs" in tables:  # (unique over the chunks as they are: combining them copied every id)
+        known_users = pc.unique(events.column("user_id"))
+        if "users" in tables:
+            known_users = pc.unique(pa.concat_arrays([known_users, tables["users"].column("user_id").combine_chunks()]))
         pairs = tables["pairs"]
         for col in ("user_a", "user_b"):
             bad = ~_mask(pc.is_in(pairs.column(col), value_set=known_users))
