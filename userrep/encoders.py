@@ -148,7 +148,7 @@ def index_in(column: pa.ChunkedArray | pa.Array, values) -> np.ndarray:
     """Position of each row's value in ``values`` (-1 when absent), hashed in arrow: no Python
     string per row (13M event ids as objects took 0.9 GB and most of an encoder fit's time)."""
     values = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(values, object), pa.string())
-    return pc.fill_null(pc.index_in(column, value_set=values), -1).to_numpy().astype(np.int64)
+    return pc.fill_null(pc.index_in(column, value_set=values), -1).to_numpy()  # int32
 
 
 def sorted_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +163,8 @@ def events_before(ds: Dataset, as_of) -> pa.Table:
     """Events strictly before ``as_of`` (point-in-time correctness starts here)."""
     cutoff = pa.scalar(pd.Timestamp(as_of).tz_convert("UTC") if pd.Timestamp(as_of).tzinfo
                        else pd.Timestamp(as_of, tz="UTC"), pa.timestamp("us", tz="UTC"))
+    if ds.events.num_rows and pc.less(pc.max(ds.events.column("ts")), cutoff).as_py():
+        return ds.events  # every event is before: no copy (5.4 GB at 1M users, the default as_of)
     return ds.events.filter(pc.less(ds.events.column("ts"), cutoff))
 
 
