@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -146,6 +147,9 @@ def _labelled(ds: Dataset, space: FeatureSpace, as_of: pd.Timestamp, label_days:
     users = known_users(ds, start)
     if len(users) > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
+        # only the sample's events from here on (5% of them for 50k of 1M users)
+        ds = replace(ds, events=ds.events.filter(pc.is_in(ds.events.column("user_id"),
+                                                          value_set=pa.array(users, pa.string()))))
     features = build_user_features(ds, start, space, user_ids=users)
     users = features.user_ids
     ts = ds.events.column("ts")
@@ -161,8 +165,6 @@ def _labelled(ds: Dataset, space: FeatureSpace, as_of: pd.Timestamp, label_days:
 
 
 def pa_ts(ts: pd.Timestamp):
-    import pyarrow as pa
-
     return pa.scalar(ts.to_pydatetime(), pa.timestamp("us", tz="UTC"))
 
 
