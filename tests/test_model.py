@@ -195,3 +195,32 @@ def test_the_embedding_keeps_which_artists_a_user_plays(world, fitted):
         logits = model(model.standardize(torch.from_numpy(features.matrix[warm])))
     top5 = np.argsort(-logits[:, features.schema.slices()["artists_all"]].numpy(), axis=1)[:, :5]
     assert (top5 == shares[warm].argmax(axis=1)[:, None]).any(axis=1).mean() > 0.9
+
+
+def test_backfill_streamed_from_the_features_file_equals_backfill_from_memory(tmp_path):
+    from userrep.backfill import backfill_embeddings, read_embeddings
+    from userrep.build import save_features
+    from userrep.features import FeatureSchema, UserFeatures
+
+    rng = np.random.default_rng(0)
+    features = UserFeatures(np.array([f"u{i}" for i in range(1000)], object),
+                            rng.normal(size=(1000, 12)).astype(np.float32), FeatureSchema((("a", 12),)))
+    save_features(features, tmp_path / "features.parquet")
+    fit_autoencoder(features, AEConfig(epochs=1, latent=4)).model.save(tmp_path / "model.pt")
+    assert backfill_embeddings(tmp_path / "model.pt", features, "b", tmp_path / "memory.parquet", batch_size=300) == 1000
+    assert backfill_embeddings(tmp_path / "model.pt", tmp_path / "features.parquet", "b", tmp_path / "file.parquet",
+                               batch_size=300) == 1000  # four batches read from the file
+    ids, vectors, _ = read_embeddings(tmp_path / "memory.parquet")
+    got_ids, got, _ = read_embeddings(tmp_path / "file.parquet")
+    assert list(got_ids) == list(ids) and np.array_equal(got, vectors)
+
+
+def test_standardization_in_chunks_matches_numpy():
+    from userrep.model import standardization
+
+    x = np.random.default_rng(1).normal(3.0, 2.0, size=(5000, 9)).astype(np.float32)
+    x[:, 4] = 1.0  # constant: std floored to 1
+    mean, std = standardization(x, chunk=700)
+    np.testing.assert_allclose(mean, x.mean(axis=0, dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(std[[0, 1, 2, 3, 5]], x.std(axis=0, dtype=np.float64)[[0, 1, 2, 3, 5]], rtol=1e-6)
+    assert std[4] == 1.0

@@ -58,22 +58,36 @@ class _Embedder:
         return {"user_id": batch["user_id"], "embedding": embed(self.model, batch["features"])}
 
 
-def backfill_embeddings(model_path: str | Path, features: UserFeatures, batch_id: str, out: str | Path,
+def backfill_embeddings(model_path: str | Path, features: UserFeatures | Path, batch_id: str, out: str | Path,
                         workers: int = 0, batch_size: int = 4096) -> int:
-    """Write ``out`` (embeddings.parquet) for every row of ``features``; returns the row count."""
+    """Write ``out`` (embeddings.parquet) for every row of ``features`` (in memory, or a batch's
+    features.parquet, read a batch of rows at a time in-process); returns the row count."""
     out = Path(out)
     tmp = out.with_suffix(".tmp")
+    n = 0
     with pq.ParquetWriter(tmp, SCHEMA) as writer:
         if workers == 0:
             model = UserAutoencoder.load(model_path)
-            for start in range(0, len(features.user_ids), batch_size):
-                rows = slice(start, start + batch_size)
-                writer.write_table(embeddings_table(features.user_ids[rows], embed(model, features.matrix[rows]), batch_id))
+            for user_ids, matrix in _feature_batches(features, batch_size):
+                writer.write_table(embeddings_table(user_ids, embed(model, matrix), batch_id))
+                n += len(user_ids)
         else:
             for batch in _ray_embeddings(str(model_path), features, workers, batch_size):
                 writer.write_table(embeddings_table(batch["user_id"], batch["embedding"], batch_id))
+                n += len(batch["user_id"])
     tmp.replace(out)  # readers never see a partial file
-    return len(features.user_ids)
+    return n
+
+
+def _feature_batches(features: UserFeatures | Path, batch_size: int):
+    if isinstance(features, UserFeatures):
+        for start in range(0, len(features.user_ids), batch_size):
+            yield features.user_ids[start:start + batch_size], features.matrix[start:start + batch_size]
+        return
+    for batch in pq.ParquetFile(features).iter_batches(batch_size=batch_size):
+        vectors = batch.column("features")
+        yield (np.asarray(batch.column("user_id").to_pylist(), object),
+               vectors.flatten().to_numpy(zero_copy_only=False, writable=True).reshape(len(batch), vectors.type.list_size))
 
 
 def _ray_embeddings(model_path: str, features: UserFeatures, workers: int, batch_size: int):

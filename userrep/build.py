@@ -188,10 +188,10 @@ def backfill_stage(out: str | Path, log=print) -> dict:
     config = config_from_dict(record["config"])
     batch_id = record["batch_id"]
     stage = Stopwatch(log)
-    features = load_features(out)
-    with _ray_if(config.workers):
-        n_users = backfill_embeddings(out / "model.pt", features, batch_id, out / "embeddings.parquet",
-                                      workers=config.workers)
+    schema = FeatureSpace.load(out / "encoders").schema
+    with _ray_if(config.workers):  # in-process: the features file is streamed, never held whole
+        n_users = backfill_embeddings(out / "model.pt", load_features(out) if config.workers else out / "features.parquet",
+                                      batch_id, out / "embeddings.parquet", workers=config.workers)
     stage.done("backfill")
     if config.feast is not None:
         from userrep import store as feast
@@ -208,8 +208,8 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         "data": record["data"],
         "snapshot": record["snapshot"],
         "users": n_users,
-        "feature_schema": [list(g) for g in features.schema.groups],
-        "n_features": features.schema.n_features,
+        "feature_schema": [list(g) for g in schema.groups],
+        "n_features": schema.n_features,
         "encoders": {
             "collab": {**asdict(CollaborativeEncoder(dim=config.features.collab_dim, seed=config.features.seed)),
                        "method": "randomized SVD of log(1+plays) x IDF user-item matrix, rows L2-normalized"},

@@ -144,10 +144,19 @@ class UserAutoencoder(nn.Module):
         return model.eval()
 
 
-def standardization(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column mean and std (std floored so constant columns stay finite)."""
-    mean = matrix.mean(axis=0, dtype=np.float64)
-    std = matrix.std(axis=0, dtype=np.float64)
+def standardization(matrix: np.ndarray, chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and std (std floored so constant columns stay finite), summed in float64 a
+    chunk of rows at a time: ``matrix.std`` made a float64 copy of the whole matrix (5 GB for
+    1M users)."""
+    n = max(len(matrix), 1)
+    total = np.zeros(matrix.shape[1], np.float64)
+    for start in range(0, len(matrix), chunk):
+        total += matrix[start:start + chunk].sum(axis=0, dtype=np.float64)
+    mean = total / n
+    squares = np.zeros_like(mean)
+    for start in range(0, len(matrix), chunk):
+        squares += np.square(matrix[start:start + chunk] - mean).sum(axis=0)
+    std = np.sqrt(squares / n)
     return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
 
