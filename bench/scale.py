@@ -1,7 +1,7 @@
 """The training pipeline's stages as the world grows: time and peak memory per stage, cost per user.
 
     python bench/scale.py                                   # 10k and 100k users
-    python bench/scale.py --users 10000 100000 1000000      # the 1M claim (hours on 2 cores)
+    python bench/scale.py --users 1000000                   # the 1M claim (about 50 min on 2 cores, 18 GiB)
 
 Per size, a synthetic world is generated, then each stage of one batch runs in its own fresh
 process, as the pipeline's steps do, so its peak RSS is its own: load (validation), materialize
