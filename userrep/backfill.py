@@ -86,8 +86,8 @@ def _feature_batches(features: UserFeatures | Path, batch_size: int):
         return
     for batch in pq.ParquetFile(features).iter_batches(batch_size=batch_size):
         vectors = batch.column("features")
-        yield (np.asarray(batch.column("user_id").to_pylist(), object),
-               vectors.flatten().to_numpy(zero_copy_only=False, writable=True).reshape(len(batch), vectors.type.list_size))
+        flat = vectors.flatten().to_numpy(zero_copy_only=False, writable=True)  # writable: torch.from_numpy
+        yield np.asarray(batch.column("user_id").to_pylist(), object), flat.reshape(len(batch), vectors.type.list_size)
 
 
 def _ray_embeddings(model_path: str, features: UserFeatures, workers: int, batch_size: int):

@@ -189,9 +189,10 @@ def backfill_stage(out: str | Path, log=print) -> dict:
     batch_id = record["batch_id"]
     stage = Stopwatch(log)
     schema = FeatureSpace.load(out / "encoders").schema
-    with _ray_if(config.workers):  # in-process: the features file is streamed, never held whole
-        n_users = backfill_embeddings(out / "model.pt", load_features(out) if config.workers else out / "features.parquet",
-                                      batch_id, out / "embeddings.parquet", workers=config.workers)
+    features = load_features(out) if config.workers else out / "features.parquet"  # in-process: streamed
+    with _ray_if(config.workers):
+        n_users = backfill_embeddings(out / "model.pt", features, batch_id, out / "embeddings.parquet",
+                                      workers=config.workers)
     stage.done("backfill")
     if config.feast is not None:
         from userrep import store as feast

@@ -117,8 +117,9 @@ def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
     manifest = json.loads((directory / "manifest.json").read_text())
     space = FeatureSpace.load(directory / "encoders")
     ids, vectors, _ = read_embeddings(directory / "embeddings.parquet")
+    index = LiveIndex(_neighbour_index(directory, ids, vectors))
     online = OnlineBatch(batch_id, to_utc(manifest["as_of"]), space, UserAutoencoder.load(directory / "model.pt"),
-                         LiveIndex(_neighbour_index(directory, ids, vectors)), {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)),
+                         index, {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)),
                          manifest.get("snapshot") or batch_id, threading.Lock(), vectors,
                          history=_history_spec(directory, space))
     return online, manifest
