@@ -39,8 +39,7 @@ if stage == "world":
     from userrep.world import WorldConfig, generate_world
     extra["events"] = generate_world(WorldConfig(users=users, seed=0), world, progress=False)["events"]
 else:
-    from userrep.build import default_as_of, fit_stage, backfill_stage, downstream_stage
-    from userrep.data import load_dataset
+    from userrep.build import dataset_as_of, fit_stage, backfill_stage, downstream_stage
     from userrep.jobs import FitSpec
     spec = FitSpec(data=str(world), batch_root=str(work / "batches"), feast_home=str(work / "feast"),
                    epochs=epochs, workers=0, batch_id="b1")
@@ -48,9 +47,9 @@ else:
     state = json.loads((work / "state.json").read_text()) if (work / "state.json").exists() else {}
     quiet = lambda *_: None
     if stage == "load":
-        ds = load_dataset(world)
-        state["as_of"] = default_as_of(ds).isoformat()
-        extra["events"] = ds.events.num_rows
+        from userrep.partitions import event_rows
+        state["as_of"] = dataset_as_of(world).isoformat()  # the plan step: validated, streamed
+        extra["events"] = event_rows(world)
     elif stage == "materialize":
         from userrep.store import materialize
         state["snapshot"] = materialize(world, state["as_of"], config.feast, config.features, log=quiet).space_id
@@ -66,7 +65,8 @@ else:
         extra["tasks"] = {t: r.get("metrics", r.get("skipped")) for t, r in done.items()}
     elif stage == "gate":
         from userrep.gate import run_gate
-        run_gate(batch, batch, load_dataset(world), log=quiet)
+        from userrep.source import EventSource
+        run_gate(batch, batch, EventSource(world), log=quiet)
     (work / "state.json").write_text(json.dumps(state))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "peak_mib": round(peak), **extra}))

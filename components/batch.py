@@ -168,14 +168,14 @@ def drift_gate(batch_root: str, batch_id: str, after: str, decision: Output[Metr
     from pathlib import Path
 
     from userrep.batches import batch_dir, serving_batch
-    from userrep.data import load_dataset
     from userrep.gate import run_gate
+    from userrep.source import EventSource
 
     candidate = batch_dir(batch_root, batch_id)
     manifest = json.loads((candidate / "manifest.json").read_text())
     serving = serving_batch(batch_root)
     serving_dir = batch_dir(batch_root, serving) if serving and serving != batch_id else None
-    record = run_gate(candidate, serving_dir, load_dataset(manifest["data"]["path"]))
+    record = run_gate(candidate, serving_dir, EventSource(manifest["data"]["path"]))  # streamed
     for name, check in record["checks"].items():
         decision.log_metric(f"{name}/passed", float(check["passed"]))
         if isinstance(check["value"], (int, float)):

@@ -101,6 +101,32 @@ def test_task_models_train_on_a_seeded_user_sample_and_serve_every_user(lifecycl
     assert len(ids) == json.loads((root / "b1" / "manifest.json").read_text())["users"]
 
 
+def test_task_data_streamed_from_the_directory_equals_the_loaded_dataset(lifecycle, monkeypatch):
+    """The pipeline's steps read the dataset directory a batch of events at a time (``EventSource``):
+    the sample, its labels and embeddings and the served history equal those from the loaded table."""
+    from userrep import data as data_module
+    from userrep.downstream import DownstreamConfig
+    from userrep.source import EventSource
+
+    root, ds, _ = lifecycle
+    monkeypatch.setattr(data_module, "EVENT_BATCH_ROWS", 5_000)  # many batches on the small world
+    source = EventSource(ds.path)
+    as_of = pd.Timestamp("2026-04-01", tz="UTC")
+    assert ds.events.num_rows > 10 * 5_000
+    assert list(source.known_users(as_of)) == list(EventSource(ds).known_users(as_of))
+    assert source.first_time() == pd.Timestamp(pa.compute.min(ds.events.column("ts")).as_py())
+    config = DownstreamConfig(max_users=300)
+    streamed, loaded = task_data(root / "b1", source, config), task_data(root / "b1", ds, config)
+    assert list(streamed.user_ids) == list(loaded.user_ids) and len(streamed.user_ids) == 300
+    for name in ("x", "labels", "history", "plays", "recent", "cold_x"):
+        assert np.array_equal(getattr(streamed, name), getattr(loaded, name)), name
+    ids, plays, recent = serving_history(root / "b1", source, loaded)  # summed over 5k-event batches
+    want_ids, want_plays, want_recent = serving_history(root / "b1", ds, loaded)
+    assert list(ids) == list(want_ids) and plays.nnz == want_plays.nnz > 1000
+    np.testing.assert_allclose(plays.toarray(), want_plays.toarray(), rtol=1e-12)
+    np.testing.assert_allclose(recent.toarray(), want_recent.toarray(), rtol=1e-9)
+
+
 def test_shuffled_embeddings_are_blocked_as_unstable(lifecycle):
     root, ds, _ = lifecycle
     bad = corrupt_copy(root, "shuffled")

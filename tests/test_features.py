@@ -11,7 +11,7 @@ import pytest
 from conftest import write_dataset
 from userrep.data import load_dataset
 from userrep.encoders import CollaborativeEncoder, ContentEncoder, ItemVectors, events_before
-from userrep.features import FeatureConfig, build_user_features, fit_feature_space
+from userrep.features import FeatureConfig, FeatureSpace, build_user_features, fit_feature_space
 from userrep.state import FeatureState, apply_events, register_user, state_features, state_from_dataset
 
 AS_OF = "2026-05-01T13:30:00Z"  # mid-day on purpose: windows include the part of as_of's day
@@ -200,11 +200,15 @@ def test_content_encoder_works_with_genres_only(tmp_path, tiny_tables):
 
 
 @pytest.mark.parametrize("partitions", [1, 7])
-def test_partitioned_features_equal_the_in_memory_features(tmp_path, world, space, features, partitions):
-    from userrep.partitions import partitioned_features, user_partition
+def test_partitioned_snapshot_equals_the_in_memory_encoders_and_features(tmp_path, world, space, features, partitions):
+    from userrep.partitions import partitioned_snapshot, user_partition
 
-    space.save(tmp_path / "space")
-    got = partitioned_features(world, AS_OF, tmp_path / "space", tmp_path / "work", partitions=partitions)
+    # the dataset directory streamed into partitions (never held) vs fit + build on the loaded dataset
+    got_space, got = partitioned_snapshot(world.path, AS_OF, FeatureConfig(), tmp_path / "space", tmp_path / "work",
+                                          partitions=partitions)
+    assert np.array_equal(got_space.collab.vectors, space.collab.vectors)  # the same user x item matrix
+    assert np.array_equal(got_space.top_artists, space.top_artists)
+    assert np.array_equal(FeatureSpace.load(tmp_path / "space").collab.vectors, space.collab.vectors)
     assert list(got.user_ids) == list(features.user_ids)
     assert np.array_equal(got.matrix, features.matrix)  # bit for bit, not within a tolerance
     # every event of a user lies in that user's one partition, and only events before as_of

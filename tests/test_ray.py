@@ -8,7 +8,7 @@ import pytest
 
 from userrep.backfill import backfill_embeddings, read_embeddings
 from userrep.data import load_dataset
-from userrep.features import build_user_features, fit_feature_space
+from userrep.features import FeatureConfig, build_user_features, fit_feature_space
 from userrep.model import AEConfig, UserAutoencoder, embed
 from userrep.raylocal import ray_session
 from userrep.train import fit_autoencoder
@@ -90,7 +90,7 @@ def test_a_killed_ray_train_worker_resumes_from_the_last_checkpoint(ray_cluster,
 TWO_NODE_DRIVER = """
 import sys, numpy as np
 from userrep.data import load_dataset
-from userrep.features import build_user_features, fit_feature_space
+from userrep.features import FeatureConfig, build_user_features, fit_feature_space
 from userrep.model import AEConfig, embed
 from userrep.raylocal import ray_session
 from userrep.train import fit_autoencoder
@@ -184,17 +184,18 @@ def test_ray_data_backfill_equals_in_process(ray_cluster, tiny_features, tmp_pat
 def test_features_from_ray_data_partition_tasks_equal_the_in_memory_features_on_the_default_world(
         ray_cluster, tmp_path):
     from userrep.build import default_as_of
-    from userrep.partitions import partition_count, partitioned_features
+    from userrep.partitions import partition_count, partitioned_snapshot
     from userrep.world import WorldConfig, generate_world
 
     generate_world(WorldConfig(), tmp_path / "world", progress=False)  # the demo's world
     ds = load_dataset(tmp_path / "world")
     as_of = default_as_of(ds)
     space = fit_feature_space(ds, as_of)
-    space.save(tmp_path / "space")
     expected = build_user_features(ds, as_of, space)
     partitions = partition_count(ds.events.num_rows) + 1  # more partitions than workers
-    got = partitioned_features(ds, as_of, tmp_path / "space", tmp_path / "work", partitions=partitions, workers=2)
+    got_space, got = partitioned_snapshot(tmp_path / "world", as_of, FeatureConfig(), tmp_path / "space",
+                                          tmp_path / "work", partitions=partitions, workers=2)
+    assert np.array_equal(got_space.collab.vectors, space.collab.vectors)
     assert partitions >= 3 and len(expected.user_ids) == WorldConfig().users
     assert list(got.user_ids) == list(expected.user_ids)
     assert np.array_equal(got.matrix, expected.matrix)

@@ -37,10 +37,10 @@ from userrep.downstream import TASKS, DownstreamConfig, serving_history, sha256,
 from userrep.data import TABLES, Dataset, load_dataset, table_path
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
 from userrep.eventlog import part_files, watermark
-from userrep.features import (FeatureConfig, FeatureSpace, UserFeatures, fit_feature_space,
-                              to_utc)
+from userrep.features import (FeatureConfig, FeatureSpace, UserFeatures, to_utc)
 from userrep.model import AEConfig
-from userrep.partitions import partitioned_features
+from userrep.source import EventSource
+from userrep.partitions import partitioned_snapshot
 from userrep.store import StoreConfig
 from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
@@ -63,6 +63,16 @@ def default_as_of(ds: Dataset) -> pd.Timestamp:
     return (pd.Timestamp(last) + pd.Timedelta(microseconds=1)).ceil("D")
 
 
+def dataset_as_of(data: str | Path) -> pd.Timestamp:
+    """``default_as_of`` of a dataset directory, validated as it streams: each batch of events
+    leaves only its latest event in memory."""
+    return default_as_of(load_dataset(data, keep=_latest_event))
+
+
+def _latest_event(batch: pa.Table) -> pa.Table:
+    return batch.take([int(np.argmax(batch.column("ts").cast(pa.int64()).to_numpy()))])
+
+
 def data_fingerprint(directory: str | Path) -> dict[str, str]:
     """sha256 of each contract table file (what the batch was trained on)."""
     out = {}
@@ -82,12 +92,22 @@ def default_batch_id(as_of: pd.Timestamp, fingerprint: dict[str, str], config: B
     return f"{as_of:%Y%m%d}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
+FEATURE_ROWS = 1 << 16  # rows per row group of features.parquet: readers stream it a group at a time
+
+
 def save_features(features: UserFeatures, path: Path) -> None:
+    """The training snapshot as parquet, written a row group at a time (the whole matrix as one
+    arrow array was a copy of it: 2.5 GB at 1M users, and as much again in the writer)."""
     dim = features.matrix.shape[1]
-    flat = pa.array(np.ascontiguousarray(features.matrix, np.float32).ravel(), pa.float32())
-    table = pa.table({"user_id": pa.array(features.user_ids, pa.string()),
-                      "features": pa.FixedSizeListArray.from_arrays(flat, dim)})
-    pq.write_table(table, path)
+    schema = pa.schema([("user_id", pa.string()), ("features", pa.list_(pa.float32(), dim))])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, len(features.user_ids), FEATURE_ROWS):
+            rows = slice(start, start + FEATURE_ROWS)
+            flat = pa.array(np.ascontiguousarray(features.matrix[rows], np.float32).ravel(), pa.float32())
+            writer.write_table(pa.table({"user_id": pa.array(features.user_ids[rows], pa.string()),
+                                         "features": pa.FixedSizeListArray.from_arrays(flat, dim)}, schema=schema))
+        if not len(features.user_ids):
+            writer.write_table(schema.empty_table())
 
 
 def config_from_dict(raw: dict) -> BuildConfig:
@@ -104,11 +124,23 @@ def config_from_dict(raw: dict) -> BuildConfig:
         tuned=raw.get("tuned"))
 
 
-def load_features(batch_dir: Path) -> UserFeatures:
-    table = pq.read_table(batch_dir / "features.parquet")
-    matrix = table.column("features").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+def load_features(batch_dir: Path, rows: np.ndarray | None = None) -> UserFeatures:
+    """The training snapshot of a batch; ``rows`` (sorted positions): only those rows, read a row
+    group at a time (the gate's sample of 1M users reads a few MB, not the 2.5 GB matrix)."""
     schema = FeatureSpace.load(batch_dir / "encoders").schema
-    return UserFeatures(np.asarray(table.column("user_id").to_pylist(), object), matrix, schema)
+    parquet = pq.ParquetFile(batch_dir / "features.parquet")
+    ids, blocks, start = [], [], 0
+    for group in range(parquet.num_row_groups):
+        n = parquet.metadata.row_group(group).num_rows
+        wanted = None if rows is None else rows[(rows >= start) & (rows < start + n)] - start
+        if wanted is None or len(wanted):
+            table = parquet.read_row_group(group)
+            table = table if wanted is None else table.take(pa.array(wanted))
+            ids.append(table.column("user_id").to_numpy(zero_copy_only=False).astype(object))
+            blocks.append(table.column("features").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1))
+        start += n
+    matrix = np.concatenate(blocks) if blocks else np.zeros((0, schema.n_features), np.float32)
+    return UserFeatures(np.concatenate(ids) if ids else np.array([], object), matrix, schema)
 
 
 def _ray_if(workers: int):
@@ -132,11 +164,10 @@ def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage = Stopwatch(log)
-    # A given snapshot holds the training set: the dataset is read (and validated) only to
-    # materialize one, to compute features in-process, or to find the default as_of.
-    ds = None if snapshot_id and as_of is not None and config.feast is not None else load_dataset(data)
+    # The dataset is streamed (validated, split into user partitions) where features are computed;
+    # a given snapshot holds the training set already.
     fingerprint = data_fingerprint(data)
-    as_of = to_utc(as_of) if as_of is not None else default_as_of(ds)
+    as_of = to_utc(as_of) if as_of is not None else dataset_as_of(data)
     batch_id = batch_id or default_batch_id(as_of, fingerprint, config)
     log(f"batch {batch_id}: data {data}, as_of {as_of.isoformat()}, workers {config.workers}")
     stage.done("load")
@@ -152,18 +183,16 @@ def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig
                     raise ValueError(f"snapshot_id: {snapshot_id} is as of {snapshot.as_of.isoformat()}, "
                                      f"the batch as of {as_of.isoformat()}")
             else:
-                snapshot = feast.materialize(ds, as_of, config.feast, config.features, store=store, log=log,
+                snapshot = feast.materialize(data, as_of, config.feast, config.features, store=store, log=log,
                                              workers=config.workers)
                 stage.done("materialize")
             space = FeatureSpace.load(snapshot.space_dir)
             features = feast.training_set(store, snapshot, space, snapshot.user_ids)
             space.save(out / "encoders")
         else:
-            space = fit_feature_space(ds, as_of, config.features)
-            space.save(out / "encoders")
+            space, features = partitioned_snapshot(data, as_of, config.features,
+                                                   out / "encoders", out / "partitions", workers=config.workers)
             stage.done("encoders")
-            features = partitioned_features(ds, as_of, out / "encoders", out / "partitions", workers=config.workers)
-        del ds  # the partitions hold what the features need
         save_features(features, out / "features.parquet")
         stage.done("features")
         fit = fit_autoencoder(features, config.ae, workers=config.workers, checkpoint_dir=out / "checkpoints",
@@ -234,7 +263,7 @@ def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
     out = Path(out)
     record = json.loads((out / "build.json").read_text())
     config = config_from_dict(record["config"])
-    ds = load_dataset(record["data"]["path"])
+    ds = EventSource(record["data"]["path"])  # streamed: never the whole events table
     downstream = config.downstream or DownstreamConfig()
     data = task_data(out, ds, downstream)
     results = {}

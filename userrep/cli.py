@@ -438,14 +438,14 @@ def batch_gate(
 
 def _gate(root: Path, batch_id: str, data: Path | None) -> dict:
     from userrep.batches import batch_dir, serving_batch
-    from userrep.data import load_dataset
     from userrep.gate import run_gate
+    from userrep.source import EventSource
 
     candidate = _batch_call(lambda: batch_dir(root, batch_id))
     manifest = json.loads((candidate / "manifest.json").read_text())
     serving = serving_batch(root)
     serving_dir = _batch_call(lambda: batch_dir(root, serving)) if serving and serving != batch_id else None
-    ds = _run_or_exit(lambda: load_dataset(data or manifest["data"]["path"]))
+    ds = EventSource(data or manifest["data"]["path"])  # read, and validated, as the gate needs it
     record = _run_or_exit(lambda: run_gate(candidate, serving_dir, ds, log=console.print))
     _print_gate(record)
     return record
@@ -618,8 +618,7 @@ def demo(
 
     from pipelines.runner import run_local
     from userrep.batches import state
-    from userrep.build import default_as_of
-    from userrep.data import load_dataset
+    from userrep.build import dataset_as_of
     from userrep.jobs import FitSpec
 
     config = WorldConfig(users=users, seed=seed)
@@ -633,7 +632,7 @@ def demo(
         console.print(f"generated {world} in {time.perf_counter() - started:.1f}s: {counts}")
     _validate_or_exit(world)
 
-    end = default_as_of(load_dataset(world))
+    end = dataset_as_of(world)
     ids = []
     for step, (label, as_of) in enumerate([("batch 1", end - pd.Timedelta(days=later_days)),
                                            ("batch 2 on later data", end)]):

@@ -10,6 +10,7 @@ first bad rows. Nothing is dropped silently: a row is either accepted as-is or r
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,6 +45,8 @@ KNOWN_COLUMNS = {
 LIST_SEPARATOR = "|"
 CONTENT_PREFIX = "content_"
 TS_TYPE = pa.timestamp("us", tz="UTC")
+EVENT_COLUMNS = ["user_id", "item_id", "ts", "weight"]
+EVENT_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("ts", TS_TYPE), ("weight", pa.float64())])
 # Epoch seconds outside this range are almost always milliseconds or garbage.
 _MIN_TS = pd.Timestamp("1970-01-01", tz="UTC")
 _MAX_TS = pd.Timestamp("2100-01-01", tz="UTC")
@@ -135,8 +138,14 @@ def read_table(path: Path, name: str) -> pa.Table:
     return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=forced))
 
 
-def load_dataset(directory: str | Path) -> Dataset:
+def load_dataset(directory: str | Path, keep: Callable[[pa.Table], pa.Table | None] | None = None) -> Dataset:
     """Load, normalize and validate a dataset directory.
+
+    ``keep``: called with each normalized, checked batch of events (the events file's batches,
+    then those of the online parts compacted into it); it returns the rows the ``Dataset`` holds
+    (None: none of them). Every row is validated whatever it returns, so a step that needs only
+    some users' events, only the latest time, or writes the events elsewhere (``userrep.
+    partitions``) reads a dataset of any size without holding it. Default: every event.
 
     Raises:
         DatasetError: listing every problem (file, column, first bad rows).
@@ -158,7 +167,7 @@ def load_dataset(directory: str | Path) -> Dataset:
                 problems.append(Problem(f"{name}.parquet|csv", None, f"required table '{name}' is missing"))
             continue
         files[name] = path.name
-        if name == "events":  # the big one: normalized batch by batch (below)
+        if name == "events":  # the big one: streamed batch by batch (below)
             continue
         try:
             tables[name] = read_table(path, name)
@@ -168,15 +177,7 @@ def load_dataset(directory: str | Path) -> Dataset:
     for extra in sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in known):
         notes.append(f"ignored {extra} (not a contract table)")
 
-    if "events" in files:
-        events, event_problems, event_notes = _read_events(directory / files["events"])
-        problems += event_problems
-        notes += event_notes
-        if events is not None:
-            tables["events"] = events
     for name, table in list(tables.items()):
-        if name == "events":
-            continue
         missing = [c for c in REQUIRED_COLUMNS[name] if c not in table.column_names]
         for col in missing:
             problems.append(Problem(files[name], col, f"required column '{col}' is missing"))
@@ -188,18 +189,23 @@ def load_dataset(directory: str | Path) -> Dataset:
         tables[name], table_problems, table_notes = _normalize(name, files[name], table)
         problems += table_problems
         notes += table_notes
-
-    if "events" in tables and not any(p.file == files["events"] for p in problems):
-        tables["events"] = _with_online_events(directory, tables["events"], problems)
     ids_are_text = all(pa.types.is_string(t.schema.field(c).type)
                        for name, t in tables.items() for c in STRING_COLUMNS[name] if c in t.column_names)
-    if "events" in tables and "items" in tables and ids_are_text:  # else the type problems say it all
-        problems += _check_references(tables, files)
+    catalog = tables["items"].column("item_id").combine_chunks() if "items" in tables and ids_are_text else None
+
+    events, users_seen = None, None
+    if "events" in files:
+        events, users_seen, event_problems, event_notes = _read_events(directory, files["events"], catalog, keep,
+                                                                       collect_users="pairs" in tables)
+        problems += event_problems
+        notes += event_notes
+    if ids_are_text:  # else the type problems say it all
+        problems += _check_references(tables, files, users_seen)
     if problems:
         raise DatasetError(directory, problems)
     return Dataset(
         path=directory,
-        events=tables["events"],
+        events=events,
         items=tables["items"],
         users=tables.get("users"),
         pairs=tables.get("pairs"),
@@ -207,14 +213,14 @@ def load_dataset(directory: str | Path) -> Dataset:
     )
 
 
-def _event_batches(path: Path, rows: int):
-    """The events file in batches of ``rows``: parquet streamed row group by row group; CSV read
+def _event_batches(path: Path, rows: int, columns: list[str] | None = None):
+    """An events file in batches of ``rows``: parquet streamed row group by row group; CSV read
     whole first (a streaming CSV reader fixes column types from its first block, and a later
     block that disagrees fails the read)."""
     if path.suffix == ".parquet":
         parquet = pq.ParquetFile(path)
         empty = True
-        for batch in parquet.iter_batches(batch_size=rows):
+        for batch in parquet.iter_batches(batch_size=rows, columns=columns):
             empty = False
             yield pa.Table.from_batches([batch])
         if empty:
@@ -225,33 +231,59 @@ def _event_batches(path: Path, rows: int):
         else [table]
 
 
-def _read_events(path: Path) -> tuple[pa.Table | None, list[Problem], list[str]]:
-    """Read and normalize the events table batch by batch, so the checks' temporary copies are
-    one batch's, not the whole table's; problems name the file's own row numbers."""
-    rows = EVENT_BATCH_ROWS
+def _event_sources(directory: Path, file: str):
+    """(file name, its batches): the events file, then the online events compacted into the
+    dataset (``events.online/``, ``userrep.eventlog``), each part checked by the same rules."""
+    from userrep.eventlog import part_files
+
+    yield file, _event_batches(directory / file, EVENT_BATCH_ROWS)
+    for path in part_files(directory):
+        yield str(path.relative_to(directory)), _event_batches(path, EVENT_BATCH_ROWS, EVENT_COLUMNS)
+
+
+def _read_events(directory: Path, file: str, catalog: pa.Array | None, keep, collect_users: bool):
+    """Read, normalize and check the events batch by batch, so the checks' temporary copies are one
+    batch's, not the whole table's; problems name each file's own row numbers. Returns (the
+    events ``keep`` held, or None after a problem; the distinct user ids when ``collect_users``;
+    problems; notes). ``catalog``: the item ids every event must reference (None: not checked)."""
     problems: list[Problem] = []
     notes: list[str] = []
-    parts: list[pa.Table] = []
-    offset = 0
-    try:
-        for batch in _event_batches(path, rows):
-            missing = [c for c in REQUIRED_COLUMNS["events"] if c not in batch.column_names]
-            if missing:
-                return None, [Problem(path.name, c, f"required column '{c}' is missing") for c in missing], []
-            table, found, batch_notes = _normalize("events", path.name, batch)
-            problems += [replace(p, rows=tuple(r + offset for r in p.rows)) for p in found]
-            notes += [n for n in batch_notes if n not in notes]
-            parts.append(table)
-            offset += batch.num_rows
-    except (pa.ArrowInvalid, OSError) as exc:
-        return None, [Problem(path.name, None, f"cannot be read: {exc}")], []
-    if offset == 0:
-        problems.append(Problem(path.name, None, "table 'events' has no rows"))
-    try:
-        events = pa.concat_tables(parts)
-    except pa.ArrowInvalid:  # a batch with a type problem keeps its raw column; its problem says why
-        events = None
-    return events, _merged(problems), notes
+    held: list[pa.Table] = []
+    users: list[pa.Array] = []
+    for name, batches in _event_sources(directory, file):
+        offset = 0
+        try:
+            for batch in batches:
+                missing = [c for c in REQUIRED_COLUMNS["events"] if c not in batch.column_names]
+                if missing:
+                    problems += [Problem(name, c, f"required column '{c}' is missing") for c in missing]
+                    break
+                table, found, batch_notes = _normalize("events", name, batch)
+                if catalog is not None and not any(p.column == "item_id" for p in found):
+                    bad = ~_mask(pc.is_in(table.column("item_id"), value_set=catalog))
+                    if bad.any():
+                        found.append(_problem(name, "item_id", "unknown item_id (not in items)", table, bad))
+                problems += [replace(p, rows=tuple(r + offset for r in p.rows)) for p in found]
+                notes += [n for n in batch_notes if n not in notes]
+                offset += batch.num_rows
+                if problems:  # the load fails: nothing more is held or passed on
+                    continue
+                table = table.select(EVENT_COLUMNS).cast(EVENT_SCHEMA)
+                if collect_users:
+                    users.append(pc.unique(table.column("user_id")))
+                kept = table if keep is None else keep(table)
+                if kept is not None and kept.num_rows:
+                    held.append(kept)
+        except (pa.ArrowInvalid, OSError, KeyError) as exc:
+            problems.append(Problem(name, None, f"cannot be read: {exc}"))
+            continue
+        if offset == 0 and name == file and not any(p.file == file for p in problems):
+            problems.append(Problem(file, None, "table 'events' has no rows"))
+    if problems:
+        return None, None, _merged(problems), notes
+    events = pa.concat_tables(held) if held else EVENT_SCHEMA.empty_table()
+    seen = pc.unique(pa.chunked_array(users, pa.string())) if collect_users else None
+    return events, seen, [], notes
 
 
 def _merged(problems: list[Problem]) -> list[Problem]:
@@ -364,26 +396,6 @@ def _normalize(name: str, file: str, table: pa.Table) -> tuple[pa.Table, list[Pr
     return pa.table(cols), problems, notes
 
 
-def _with_online_events(directory: Path, events: pa.Table, problems: list[Problem]) -> pa.Table:
-    """The events table plus the online events compacted into ``events.online/`` (``userrep.eventlog``),
-    each part checked by the same rules."""
-    from userrep.eventlog import part_files
-
-    parts = []
-    for path in part_files(directory):
-        file = str(path.relative_to(directory))
-        try:
-            raw = pq.read_table(path, columns=["user_id", "item_id", "ts", "weight"])
-        except (pa.ArrowInvalid, OSError, KeyError) as exc:
-            problems.append(Problem(file, None, f"cannot be read: {exc}"))
-            continue
-        table, part_problems, _ = _normalize("events", file, raw)
-        problems += part_problems
-        if not part_problems:
-            parts.append(table.select(events.column_names).cast(events.schema))
-    return pa.concat_tables([events, *parts]) if parts else events
-
-
 def _duplicates(column: pa.ChunkedArray) -> np.ndarray:
     """True for every row whose value occurs more than once."""
     values = column.to_pandas()
@@ -453,15 +465,12 @@ def _parse_weight(file: str, table: pa.Table):
     return weights, None
 
 
-def _check_references(tables: dict[str, pa.Table], files: dict[str, str]) -> list[Problem]:
-    """Foreign keys: events -> items, pairs -> known users, onboarding artists -> catalog."""
+def _check_references(tables: dict[str, pa.Table], files: dict[str, str], users_seen: pa.Array | None) -> list[Problem]:
+    """Foreign keys besides events -> items (checked per batch): pairs -> known users (``users_seen``:
+    the events' users, None when the events could not be read), onboarding artists -> catalog."""
     problems = []
-    events, items = tables["events"], tables["items"]
-    bad = ~_mask(pc.is_in(events.column("item_id"), value_set=items.column("item_id").combine_chunks()))
-    if bad.any():
-        problems.append(_problem(files["events"], "item_id", "unknown item_id (not in items)", events, bad))
-    if "pairs" in tables:  # (unique over the chunks as they are: combining them copied every id)
-        known_users = pc.unique(events.column("user_id"))
+    if "pairs" in tables and users_seen is not None:
+        known_users = users_seen
         if "users" in tables:
             known_users = pc.unique(pa.concat_arrays([known_users, tables["users"].column("user_id").combine_chunks()]))
         pairs = tables["pairs"]
@@ -469,8 +478,8 @@ def _check_references(tables: dict[str, pa.Table], files: dict[str, str]) -> lis
             bad = ~_mask(pc.is_in(pairs.column(col), value_set=known_users))
             if bad.any():
                 problems.append(_problem(files["pairs"], col, "unknown user (not in events or users)", pairs, bad))
-    users = tables.get("users")
-    if users is not None and "onboarding_artists" in users.column_names:
+    users, items = tables.get("users"), tables.get("items")
+    if users is not None and items is not None and "onboarding_artists" in users.column_names:
         artist_col = artist_column(items)
         lists = split_list(users.column("onboarding_artists"))
         flat_bad = ~_mask(pc.is_in(lists.flatten(), value_set=pc.unique(items.column(artist_col).combine_chunks())))

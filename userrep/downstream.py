@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -37,8 +37,9 @@ import torch
 from userrep.baselines import choose, decayed_matrix, user_artist_matrix
 from userrep.backfill import read_embeddings
 from userrep.data import Dataset
-from userrep.features import FeatureSpace, build_user_features, known_users, to_utc
+from userrep.features import FeatureSpace, build_user_features, to_utc
 from userrep.model import UserAutoencoder, embed
+from userrep.source import EventSource
 from userrep.metrics import auc
 from userrep.tasks import artist_preference, future_listening, history, similar_users
 from userrep.tasks._mlp import HeadConfig, MLPHead
@@ -92,20 +93,23 @@ class TaskData:
 MIN_LABELLED = 20  # users with a label-window play needed to train and validate a task
 
 
-def task_data(batch_dir: str | Path, ds: Dataset, config: DownstreamConfig = DownstreamConfig()) -> TaskData:
+def task_data(batch_dir: str | Path, source: Dataset | EventSource,
+              config: DownstreamConfig = DownstreamConfig()) -> TaskData:
     """Embeddings as of T - L and labels from [T - L, T). Where fewer than ``MIN_LABELLED`` users
     play a top artist in the window (sparse data), the window doubles while the data reaches back
-    that far; if it is still too thin the tasks are skipped (``TaskData.skipped`` says why)."""
+    that far; if it is still too thin the tasks are skipped (``TaskData.skipped`` says why).
+    ``source``: a dataset directory's ``EventSource`` reads only the sample's events."""
     batch_dir = Path(batch_dir)
+    source = source if isinstance(source, EventSource) else EventSource(source)
     manifest = json.loads((batch_dir / "manifest.json").read_text())
     space = FeatureSpace.load(batch_dir / "encoders")
     model = UserAutoencoder.load(batch_dir / "model.pt")
     as_of = to_utc(manifest["as_of"])
-    first = pd.Timestamp(pc.min(ds.events.column("ts")).as_py())
+    first = source.first_time()
     label_days = config.label_days
     while True:
-        found = _labelled(ds, space, as_of, label_days, config.top_k, config.max_users, config.seed)
-        if len(found[0]) >= MIN_LABELLED or as_of - pd.Timedelta(days=2 * label_days) < first:
+        found = _labelled(source, space, as_of, label_days, config.top_k, config.max_users, config.seed)
+        if len(found[0]) >= MIN_LABELLED or first is None or as_of - pd.Timedelta(days=2 * label_days) < first:
             break
         label_days *= 2
     rows, features, labels, played, top, win_all, before, start, plays_all = found
@@ -126,7 +130,7 @@ def task_data(batch_dir: str | Path, ds: Dataset, config: DownstreamConfig = Dow
 
     half_life, recent, _ = choose(history.HALF_LIVES, lambda h: _dense(decayed_matrix(before, space, users, start, h), top),
                                   ndcg)
-    artist_ids, vectors = space.collab.artist_vectors(ds.items)
+    artist_ids, vectors = space.collab.artist_vectors(source.items)
     artist_vectors = vectors[pd.Index(artist_ids).get_indexer(space.artists[top])]
     return TaskData(manifest["batch_id"], users, embed(model, features.matrix), labels, played,
                     space.artists[top].astype(str), artist_vectors, train, valid, win_all, label_days,
@@ -137,19 +141,17 @@ def _dense(matrix, cols: np.ndarray) -> np.ndarray:
     return matrix[:, cols].toarray().astype(np.float32)
 
 
-def _labelled(ds: Dataset, space: FeatureSpace, as_of: pd.Timestamp, label_days: int, top_k: int, max_users: int,
+def _labelled(source: EventSource, space: FeatureSpace, as_of: pd.Timestamp, label_days: int, top_k: int, max_users: int,
               seed: int):
     """Users with a top-artist play in [as_of - label_days, as_of), their features as of the window's
     start, the label and played (0/1) matrices, the top-K artists, the window's plays, the events
     before the window, its start and their plays (users, all artists). Users: those known at the
     window's start, or a seeded sample of ``max_users`` of them."""
     start = as_of - pd.Timedelta(days=label_days)
-    users = known_users(ds, start)
+    users = source.known_users(start)
     if len(users) > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
-        # only the sample's events from here on (5% of them for 50k of 1M users)
-        ds = replace(ds, events=ds.events.filter(pc.is_in(ds.events.column("user_id"),
-                                                          value_set=pa.array(users, pa.string()))))
+    ds = source.of_users(users)  # only the sample's events from here on (5% of them for 50k of 1M users)
     features = build_user_features(ds, start, space, user_ids=users)
     users = features.user_ids
     ts = ds.events.column("ts")
@@ -168,7 +170,7 @@ def pa_ts(ts: pd.Timestamp):
     return pa.scalar(ts.to_pydatetime(), pa.timestamp("us", tz="UTC"))
 
 
-def train_task(batch_dir: str | Path, task: str, ds: Dataset, config: DownstreamConfig = DownstreamConfig(),
+def train_task(batch_dir: str | Path, task: str, ds: Dataset | EventSource, config: DownstreamConfig = DownstreamConfig(),
                data: TaskData | None = None) -> dict:
     """Train one task's model on the batch, validate it, write its files and registration record."""
     if task not in TASKS:
@@ -255,20 +257,26 @@ def _artist_preference(data: TaskData, config: DownstreamConfig) -> tuple[MLPHea
     return heads[design], {"design": design, "validation": validation}, {"auc": validation[design]}
 
 
-def serving_history(batch_dir: str | Path, ds: Dataset, data: TaskData):
+def serving_history(batch_dir: str | Path, source: Dataset | EventSource, data: TaskData):
     """(user_ids, plays, recent) of every user of the batch as of its ``as_of`` over the batch's
-    candidate artists (sparse (users, K)): what its +history heads take when serving."""
-    from userrep.encoders import events_before
-
+    candidate artists (sparse (users, K)): what its +history heads take when serving. Summed over
+    the events a batch at a time (``EventSource.fold``): only the sums are held."""
     batch_dir = Path(batch_dir)
+    source = source if isinstance(source, EventSource) else EventSource(source)
     manifest = json.loads((batch_dir / "manifest.json").read_text())
     space = FeatureSpace.load(batch_dir / "encoders")
     ids, _, _ = read_embeddings(batch_dir / "embeddings.parquet")
     as_of = to_utc(manifest["as_of"])
-    events = events_before(ds, as_of)
     cols = space.artist_index(data.artists)
-    plays = user_artist_matrix(events, space, ids)[:, cols]
-    recent = plays if data.half_life_days is None else decayed_matrix(events, space, ids, as_of, data.half_life_days)[:, cols]
+
+    def add(total, events: pa.Table):
+        events = events.filter(pc.less(events.column("ts"), pa_ts(as_of)))
+        plays = user_artist_matrix(events, space, ids)[:, cols]
+        recent = plays if data.half_life_days is None else \
+            decayed_matrix(events, space, ids, as_of, data.half_life_days)[:, cols]
+        return (plays, recent) if total is None else (total[0] + plays, total[1] + recent)
+
+    plays, recent = source.fold(add, None)
     return ids, plays, recent
 
 

@@ -84,27 +84,41 @@ class CollaborativeEncoder:
     name: str = "collab"
 
     def fit(self, ds: Dataset, as_of) -> ItemVectors:
-        events = events_before(ds, as_of)
-        item_ids = ds.items.column("item_id").to_numpy(zero_copy_only=False).astype(object)
-        users, user_idx = sorted_codes(events.column("user_id"))
-        item_idx = index_in(events.column("item_id"), ds.items.column("item_id"))
-        weights = events.column("weight").to_numpy()
-        matrix = sp.csr_matrix((weights, (user_idx, item_idx)), shape=(len(users), len(item_ids)))
-        matrix.sum_duplicates()
+        _, matrix = user_item_matrix(events_before(ds, as_of), ds.items)
+        return self.fit_matrix(matrix, ds.items)
+
+    def fit_matrix(self, matrix: sp.csr_matrix, items: pa.Table) -> ItemVectors:
+        """Fit on the (users x items) summed play weights (``user_item_matrix``), which is
+        transformed in place: at 1M users the matrix is about 1 GB, and each copy as much."""
+        item_ids = items.column("item_id").to_numpy(zero_copy_only=False).astype(object)
         matrix.data = np.log1p(matrix.data)
         df = np.bincount(matrix.indices, minlength=len(item_ids))
-        idf = np.log((1 + len(users)) / (1 + df)) + 1.0
-        matrix = matrix @ sp.diags(idf)
-        norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1))).ravel()
-        matrix = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ matrix
+        idf = np.log((1 + matrix.shape[0]) / (1 + df)) + 1.0
+        matrix.data *= idf[matrix.indices]
+        squares = sp.csr_matrix((matrix.data ** 2, matrix.indices, matrix.indptr), shape=matrix.shape)
+        norms = np.sqrt(squares @ np.ones(matrix.shape[1]))
+        del squares
+        matrix.data *= np.repeat(1.0 / np.maximum(norms, 1e-12), np.diff(matrix.indptr))
         k = max(1, min(self.dim, min(matrix.shape) - 1))
         from sklearn.utils.extmath import randomized_svd  # here: sklearn is 0.6 s of a serving replica's start
 
         _, s, vt = randomized_svd(matrix, n_components=k, random_state=self.seed, n_iter=4)
         vectors = np.zeros((len(item_ids), self.dim), np.float32)
         vectors[:, :k] = (vt.T * np.sqrt(s)).astype(np.float32)
-        vectors = _fill_unplayed_from_artist(ds.items, vectors, played=df > 0)
+        vectors = _fill_unplayed_from_artist(items, vectors, played=df > 0)
         return ItemVectors(self.name, item_ids, vectors)
+
+
+def user_item_matrix(events: pa.Table, items: pa.Table) -> tuple[np.ndarray, sp.csr_matrix]:
+    """(sorted user ids, their (users x items) summed play weights) of ``events``. A user's row
+    depends on that user's events only (in their order), so the rows of user partitions stacked
+    in user order equal this matrix of the whole table (``userrep.partitions``)."""
+    users, user_idx = sorted_codes(events.column("user_id"))
+    item_idx = index_in(events.column("item_id"), items.column("item_id"))
+    matrix = sp.csr_matrix((events.column("weight").to_numpy(), (user_idx, item_idx)),
+                           shape=(len(users), items.num_rows))
+    matrix.sum_duplicates()
+    return users, matrix
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 from userrep.data import Dataset, artist_column, split_list
 from userrep.encoders import (CollaborativeEncoder, ContentEncoder, ItemVectors, events_before, genre_matrix,
-                              genre_vocabulary, index_in)
+                              genre_vocabulary, index_in, user_item_matrix)
 
 HISTORY_KINDS = ("collab", "content", "genres", "activity", "artists")
 ACTIVITY = ("log_plays", "log_distinct_artists", "active_day_share", "has_history")  # "all": log active days
@@ -207,6 +207,9 @@ class UserFeatures:
     matrix: np.ndarray  # (users, features) float32
     schema: FeatureSchema
 
+    def rows(self, rows: slice | np.ndarray) -> "UserFeatures":
+        return UserFeatures(self.user_ids[rows], self.matrix[rows], self.schema)
+
     def without(self, drop) -> "UserFeatures":
         schema, cols = self.schema.without(drop)
         return UserFeatures(self.user_ids, self.matrix[:, cols], schema)
@@ -232,10 +235,19 @@ def to_utc(ts, field: str = "as_of") -> pd.Timestamp:
     return ts.tz_convert("UTC") if ts.tzinfo else ts.tz_localize("UTC")
 
 
-def fit_feature_space(ds: Dataset, as_of, config: FeatureConfig = FeatureConfig()) -> FeatureSpace:
-    """Fit both encoders and the vocabularies on data strictly before ``as_of``."""
+def fit_feature_space(ds: Dataset, as_of, config: FeatureConfig = FeatureConfig(),
+                      interactions: tuple[np.ndarray, sp.csr_matrix] | None = None) -> FeatureSpace:
+    """Fit both encoders and the vocabularies on data strictly before ``as_of``.
+
+    ``interactions``: ``user_item_matrix`` of the events before ``as_of`` where the caller built
+    it without holding the events (``userrep.partitions``); it is consumed. Default: built from
+    ``ds.events``.
+    """
     as_of = to_utc(as_of)
-    collab = CollaborativeEncoder(dim=config.collab_dim, seed=config.seed).fit(ds, as_of)
+    _, matrix = interactions if interactions is not None else user_item_matrix(events_before(ds, as_of), ds.items)
+    item_plays = np.bincount(matrix.indices, weights=matrix.data, minlength=ds.items.num_rows)
+    collab = CollaborativeEncoder(dim=config.collab_dim, seed=config.seed).fit_matrix(matrix, ds.items)
+    del matrix
     content = ContentEncoder(dim=config.content_dim, max_genres=config.max_genres).fit(ds, as_of)
     genres = tuple(genre_vocabulary(ds.items, config.max_genres))
     attributes = {}
@@ -248,9 +260,7 @@ def fit_feature_space(ds: Dataset, as_of, config: FeatureConfig = FeatureConfig(
     artists, item_artist = np.unique(artist_ids, return_inverse=True)
     item_genres = genre_matrix(ds.items, list(genres)) if genres else np.zeros((ds.items.num_rows, 0), np.float32)
     # Most played artists before as_of (by play weight; ties by artist id).
-    events = events_before(ds, as_of)
-    rows = index_in(events.column("item_id"), ds.items.column("item_id"))
-    plays = np.bincount(item_artist[rows], weights=events.column("weight").to_numpy(), minlength=len(artists))
+    plays = np.bincount(item_artist, weights=item_plays, minlength=len(artists))
     played = np.flatnonzero(plays > 0)
     top = played[np.lexsort((played, -plays[played]))][: config.top_artists]
     return FeatureSpace(config, as_of.isoformat(), collab, content, genres, attributes,

@@ -27,6 +27,7 @@ from userrep.data import Dataset
 from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, missing_tasks, skipped_tasks, task_data
 from userrep.features import FeatureSpace, build_user_features, to_utc
 from userrep.model import UserAutoencoder, embed
+from userrep.source import EventSource
 
 # Which metric of each task the quality check compares (higher is better for all three).
 QUALITY_METRICS = {"future_listening": "ndcg@10", "artist_preference": "auc", "similar_users": "ndcg@50"}
@@ -133,9 +134,7 @@ def comparable_frame(batch_dir: Path, rows: np.ndarray | None = None) -> pd.Data
     from userrep.build import load_features
 
     space = FeatureSpace.load(batch_dir / "encoders")
-    matrix = load_features(batch_dir).matrix
-    if rows is not None:
-        matrix = matrix[rows]
+    matrix = load_features(batch_dir, rows).matrix
     names = space.column_names()
     keep = [i for i, (_, _, comparable) in enumerate(names) if comparable]
     return pd.DataFrame(matrix[:, keep], columns=[names[i][1] for i in keep])
@@ -193,7 +192,7 @@ def knn_overlap(aligned: np.ndarray, reference: np.ndarray, queries: np.ndarray,
     return float(np.mean(overlaps))
 
 
-def measure(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePolicy = GatePolicy(),
+def measure(candidate: Path, serving: Path | None, ds: Dataset | EventSource, policy: GatePolicy = GatePolicy(),
             downstream: DownstreamConfig = DownstreamConfig(), log=print):
     """Every number of the gate; returns (GateInputs, Evidently snapshot or None, alignment details)."""
     candidate = Path(candidate)
@@ -216,7 +215,9 @@ def measure(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePoli
     serving_space = FeatureSpace.load(serving / "encoders")
     serving_model = UserAutoencoder.load(serving / "model.pt")
     as_of = to_utc(manifest["as_of"])
-    same_time = embed(serving_model, build_user_features(ds, as_of, serving_space, user_ids=ids[fit_rows]).matrix)
+    source = ds if isinstance(ds, EventSource) else EventSource(ds)
+    same_time = embed(serving_model, build_user_features(source.of_users(ids[fit_rows]), as_of, serving_space,
+                                                         user_ids=ids[fit_rows]).matrix)
     align = procrustes(cand[fit_rows], same_time)
     queries = np.arange(min(len(fit_rows), policy.sample))
     overlap = knn_overlap(align(cand[fit_rows]), same_time, queries)
@@ -233,9 +234,10 @@ def measure(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePoli
     kept = None
     skipped = {**skipped_tasks(candidate), **skipped_tasks(serving)}
     if not missing_tasks(serving) and "artist_preference" not in skipped:
-        data = task_data(candidate, ds, downstream)
+        data = task_data(candidate, source, downstream)
         start = as_of - pd.Timedelta(days=data.label_days)
-        own = embed(serving_model, build_user_features(ds, start, serving_space, user_ids=data.user_ids).matrix)
+        own = embed(serving_model, build_user_features(source.of_users(data.user_ids), start, serving_space,
+                                                       user_ids=data.user_ids).matrix)
         auc_own = head_scores_auc(serving, own, data)
         auc_aligned = head_scores_auc(serving, align(data.x), data)
         kept = auc_aligned / auc_own if auc_own > 0 else float("nan")
@@ -268,7 +270,7 @@ def quality_pairs(candidate: Path, serving: Path) -> dict[str, dict]:
     return quality
 
 
-def run_gate(candidate: Path, serving: Path | None, ds: Dataset, policy: GatePolicy = GatePolicy(),
+def run_gate(candidate: Path, serving: Path | None, ds: Dataset | EventSource, policy: GatePolicy = GatePolicy(),
              downstream: DownstreamConfig = DownstreamConfig(), log=print, report: bool = True) -> dict:
     """Measure, decide, write ``gate.json`` (then the HTML report); returns the gate record."""
     candidate = Path(candidate)

@@ -55,11 +55,10 @@ class FitSpec:
                            tuned=choice)
 
     def resolved_as_of(self):
-        from userrep.build import default_as_of
-        from userrep.data import load_dataset
+        from userrep.build import dataset_as_of
         from userrep.features import to_utc
 
-        return to_utc(self.as_of) if self.as_of else default_as_of(load_dataset(self.data))
+        return to_utc(self.as_of) if self.as_of else dataset_as_of(self.data)
 
     def tuned_path(self) -> Path:
         """Where the tune step writes its choice for this data, cut-off and seed: a fixed place,

@@ -19,6 +19,7 @@ Layout under the work directory (removed by the caller when done):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 
-from userrep.data import Dataset
-from userrep.features import FeatureSpace, UserFeatures, build_user_features, to_utc
+from userrep.data import EVENT_COLUMNS, EVENT_SCHEMA, Dataset, load_dataset, table_path
+from userrep.encoders import user_item_matrix
+from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, build_user_features, fit_feature_space, to_utc
 
 # A task's memory follows its partition, not the dataset: 100k users in 7 partitions of ~1.9M
 # events never raised the step above the encoder fit's peak (2.4 GB with the dataset loaded).
 EVENTS_PER_PARTITION = 2_000_000
-_EVENT_COLUMNS = ["user_id", "item_id", "ts", "weight"]
 _NO_ITEMS = pa.table({"item_id": pa.array([], pa.string())})  # the features never read the catalog
 
 
@@ -49,42 +51,112 @@ def user_partition(user_ids, partitions: int) -> np.ndarray:
     return (pd.util.hash_array(ids, categorize=False) % np.uint64(partitions)).astype(np.int64)
 
 
-def _split(table: pa.Table, partitions: int, writers: dict, directory: Path) -> None:
-    """Append each partition's rows of ``table`` to that partition's file."""
-    part = user_partition(table.column("user_id"), partitions)
-    order = np.argsort(part, kind="stable")
-    table, part = table.take(pa.array(order)), part[order]
-    bounds = np.searchsorted(part, np.arange(partitions + 1))
-    for p in range(partitions):
-        if bounds[p + 1] > bounds[p]:
-            if p not in writers:
-                writers[p] = pq.ParquetWriter(directory / f"part-{p:05d}.parquet", table.schema)
-            writers[p].write_table(table.slice(bounds[p], bounds[p + 1] - bounds[p]))
+class _Splitter:
+    """A ``load_dataset`` ``keep``: appends each batch's events before ``as_of`` to their users'
+    partition files and holds none of them."""
 
+    def __init__(self, as_of, partitions: int, directory: Path):
+        self.cutoff = pa.scalar(to_utc(as_of), pa.timestamp("us", tz="UTC"))
+        self.partitions, self.directory = partitions, directory
+        self.writers: dict[int, pq.ParquetWriter] = {}
+        directory.mkdir(parents=True, exist_ok=True)
 
-def _write_partitions(batches, partitions: int, directory: Path, schema: pa.Schema) -> None:
-    """Stream ``batches`` into one parquet file per partition (an empty file where none fell)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    writers: dict[int, pq.ParquetWriter] = {}
-    try:
-        for batch in batches:
-            _split(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch,
-                   partitions, writers, directory)
-    finally:
-        for writer in writers.values():
+    def __call__(self, batch: pa.Table) -> None:
+        self.write(batch.filter(pc.less(batch.column("ts"), self.cutoff)))
+
+    def write(self, table: pa.Table) -> None:
+        part = user_partition(table.column("user_id"), self.partitions)
+        order = np.argsort(part, kind="stable")  # stable: a user's events keep their order
+        table, part = table.take(pa.array(order)), part[order]
+        bounds = np.searchsorted(part, np.arange(self.partitions + 1))
+        for p in range(self.partitions):
+            if bounds[p + 1] > bounds[p]:
+                if p not in self.writers:
+                    self.writers[p] = pq.ParquetWriter(self.directory / f"part-{p:05d}.parquet", table.schema)
+                self.writers[p].write_table(table.slice(bounds[p], bounds[p + 1] - bounds[p]))
+
+    def close(self, schema: pa.Schema) -> None:
+        for writer in self.writers.values():
             writer.close()
-    for p in set(range(partitions)) - set(writers):
-        pq.write_table(schema.empty_table(), directory / f"part-{p:05d}.parquet")
+        for p in set(range(self.partitions)) - set(self.writers):  # an empty file where no user fell
+            pq.write_table(schema.empty_table(), self.directory / f"part-{p:05d}.parquet")
 
 
-def partition_dataset(ds: Dataset, as_of, work: Path, partitions: int, batch_rows: int = 1 << 20) -> None:
-    """Write the events before ``as_of`` and the users table, split by user hash, under ``work``."""
-    cutoff = pa.scalar(to_utc(as_of), pa.timestamp("us", tz="UTC"))
-    events = ds.events.select(_EVENT_COLUMNS)
-    _write_partitions((b.filter(pc.less(b.column("ts"), cutoff)) for b in events.to_batches(batch_rows)),
-                      partitions, work / "events", events.schema)
+def event_rows(directory: Path) -> int:
+    """Rows of a dataset's events (file and compacted online parts), without reading them: parquet
+    footers, or the lines of a CSV file."""
+    from userrep.eventlog import part_files
+
+    path = table_path(directory, "events")
+    if path is None:
+        return 0
+    if path.suffix == ".parquet":
+        rows = pq.read_metadata(path).num_rows
+    else:
+        with open(path, "rb") as fh:
+            rows = max(0, sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b"")) - 1)
+    return rows + sum(pq.read_metadata(p).num_rows for p in part_files(directory))
+
+
+def split_dataset(source: Dataset | str | Path, as_of, work: Path, partitions: int | None = None
+                  ) -> tuple[Dataset, int]:
+    """Write the events before ``as_of`` and the users table under ``work``, split by user hash.
+
+    ``source``: a dataset directory, streamed (validated batch by batch, its events never held),
+    or a loaded ``Dataset``. Returns the dataset without its events (the catalog, users and
+    pairs: what the encoders read besides the events) and the number of partitions.
+    """
+    work = Path(work)
+    streamed = not isinstance(source, Dataset)
+    partitions = partitions or partition_count(event_rows(Path(source)) if streamed else source.events.num_rows)
+    splitter = _Splitter(as_of, partitions, work / "events")
+    try:
+        if streamed:
+            ds = load_dataset(source, keep=splitter)
+        else:
+            ds = replace(source, events=EVENT_SCHEMA.empty_table())
+            for batch in source.events.select(EVENT_COLUMNS).to_batches(1 << 20):
+                splitter(pa.Table.from_batches([batch]))
+    finally:
+        splitter.close(EVENT_SCHEMA)
     if ds.users is not None:
-        _write_partitions(ds.users.to_batches(batch_rows), partitions, work / "users", ds.users.schema)
+        users = _Splitter(as_of, partitions, work / "users")
+        for batch in ds.users.to_batches(1 << 20):
+            users.write(pa.Table.from_batches([batch], ds.users.schema))
+        users.close(ds.users.schema)
+    return ds, partitions
+
+
+def _read_part(work: Path, kind: str, p: int) -> pa.Table | None:
+    path = work / kind / f"part-{p:05d}.parquet"
+    return pq.read_table(path) if path.exists() else None
+
+
+def partition_interactions(work: Path, partitions: int, items: pa.Table) -> tuple[np.ndarray, sp.csr_matrix]:
+    """``user_item_matrix`` of every partition's events, stacked in user-id order: equal to the
+    matrix of the whole table, with one partition's events in memory at a time."""
+    parts = []
+    for p in range(partitions):  # each partition's rows, kept as its CSR arrays (not its events)
+        users, matrix = user_item_matrix(_read_part(work, "events", p), items)
+        parts.append((users, matrix.indptr, matrix.indices, matrix.data))
+    ids = np.concatenate([part[0] for part in parts]) if parts else np.array([], object)
+    order = np.argsort(ids, kind="stable")
+    position = np.empty(len(order), np.int64)
+    position[order] = np.arange(len(order))
+    lengths = np.concatenate([np.diff(part[1]) for part in parts]) if parts else np.array([], np.int64)
+    indptr = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum(lengths[order], out=indptr[1:])
+    indices = np.empty(indptr[-1], np.int32)
+    data = np.empty(indptr[-1], np.float64)
+    start = 0
+    for users, part_indptr, part_indices, part_data in parts:
+        rows = position[start:start + len(users)]
+        start += len(users)
+        # each local row's values go to its global row's slot, in the same order
+        to = np.repeat(indptr[rows] - part_indptr[:-1], np.diff(part_indptr)) + np.arange(len(part_data))
+        indices[to], data[to] = part_indices, part_data
+    parts.clear()
+    return ids[order], sp.csr_matrix((data, indices, indptr), shape=(len(ids), items.num_rows))
 
 
 def partition_features(task: dict) -> dict:
@@ -92,9 +164,7 @@ def partition_features(task: dict) -> dict:
     directory is mounted)."""
     work, p = Path(task["work"]), int(task["part"])
     name = f"part-{p:05d}"
-    users_file = work / "users" / f"{name}.parquet"
-    ds = Dataset(work, events=pq.read_table(work / "events" / f"{name}.parquet"), items=_NO_ITEMS,
-                 users=pq.read_table(users_file) if users_file.exists() else None)
+    ds = Dataset(work, events=_read_part(work, "events", p), items=_NO_ITEMS, users=_read_part(work, "users", p))
     features = build_user_features(ds, task["as_of"], FeatureSpace.load(task["space"]))
     out = work / "features"
     out.mkdir(parents=True, exist_ok=True)
@@ -137,17 +207,15 @@ def _assemble(work: Path, partitions: int, n_features: int) -> tuple[np.ndarray,
     return all_ids[order], path
 
 
-def partitioned_features(ds: Dataset, as_of, space_dir: Path, work: Path, partitions: int | None = None,
-                         workers: int = 0) -> UserFeatures:
-    """``build_user_features(ds, as_of, space)`` for every user, computed partition by partition.
+def partitioned_features(work: Path, partitions: int, as_of, space_dir: Path, workers: int = 0) -> UserFeatures:
+    """``build_user_features(ds, as_of, space)`` for every user, from the partitions ``split_dataset``
+    wrote under ``work``, computed partition by partition.
 
     ``space_dir``: the saved FeatureSpace the tasks load. The matrix is memory-mapped from
     ``work/features.npy``; the caller removes ``work`` once done with it.
     """
     work = Path(work)
-    partitions = partitions or partition_count(ds.events.num_rows)
     space = FeatureSpace.load(space_dir)
-    partition_dataset(ds, as_of, work, partitions)
     tasks = [{"work": str(work), "part": p, "as_of": to_utc(as_of).isoformat(), "space": str(space_dir)}
              for p in range(partitions)]
     _run(tasks, workers)
@@ -156,3 +224,17 @@ def partitioned_features(ds: Dataset, as_of, space_dir: Path, work: Path, partit
     if duplicated.any():  # a hash that sent one user to two partitions would double its row
         raise RuntimeError(f"user {user_ids[duplicated][0]!r} fell in two partitions")
     return UserFeatures(user_ids, np.load(path, mmap_mode="r"), space.schema)
+
+
+def partitioned_snapshot(source: Dataset | str | Path, as_of, config: FeatureConfig, space_dir: Path, work: Path,
+                         partitions: int | None = None, workers: int = 0) -> tuple[FeatureSpace, UserFeatures]:
+    """The encoders and every user's features as of ``as_of``, without holding the events: the
+    dataset is split into user partitions under ``work`` as it is read, the encoders are fitted
+    on the partitions' user x item matrix, and the features computed partition by partition.
+    Equal to ``fit_feature_space`` + ``build_user_features`` on the whole dataset (tested).
+    The space is saved to ``space_dir``; the caller removes ``work`` once done with the matrix.
+    """
+    ds, partitions = split_dataset(source, as_of, work, partitions)
+    space = fit_feature_space(ds, as_of, config, interactions=partition_interactions(work, partitions, ds.items))
+    space.save(space_dir)
+    return space, partitioned_features(work, partitions, as_of, space_dir, workers)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,9 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from userrep.backfill import list_column
-from userrep.data import Dataset, load_dataset
-from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, fit_feature_space, to_utc
-from userrep.partitions import partitioned_features
+from userrep.data import Dataset
+from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, to_utc
+from userrep.partitions import partitioned_snapshot
 
 PROFILE_GROUPS = ("onboarding", "demographics")
 EMBEDDING_FIELDS = ["user_embedding:embedding", "user_embedding:embedding_batch"]
@@ -137,28 +138,33 @@ def materialize(data: str | Path | Dataset, as_of, config: StoreConfig = StoreCo
     """
     from userrep.build import data_fingerprint
 
-    ds = data if isinstance(data, Dataset) else load_dataset(data)
     as_of = to_utc(as_of)
-    space = fit_feature_space(ds, as_of, features)
-    sid = space_id(data_fingerprint(ds.path), as_of, features)
+    path = data.path if isinstance(data, Dataset) else Path(data)
+    sid = space_id(data_fingerprint(path), as_of, features)
     home = Path(config.home)
     (home / "data").mkdir(parents=True, exist_ok=True)
     space_dir = home / "snapshots" / sid
-    space.save(space_dir)
-    user_features = partitioned_features(ds, as_of, space_dir, space_dir / "partitions", workers=workers)
+    # A directory is streamed into user partitions, never held (``userrep.partitions``).
+    _, user_features = partitioned_snapshot(data, as_of, features, space_dir, space_dir / "partitions",
+                                            workers=workers)
     np.save(space_dir / "users.npy", user_features.user_ids.astype(str))
     (space_dir / "snapshot.json").write_text(json.dumps({"space_id": sid, "as_of": as_of.isoformat(),
                                                          "users": len(user_features.user_ids)}))
-    history, profile = offline_frames(user_features, sid, as_of)
-    _upsert(home / "data" / "user_history.parquet", history, "space_id", sid)
-    _upsert(home / "data" / "user_profile.parquet", profile, "space_id", sid)
-    shutil.rmtree(space_dir / "partitions")
     store = store or open_store(config)
-    # The snapshot's rows, online: what ``store.materialize`` over [as_of - 1s, as_of + 1s] loads,
-    # written in chunks. Feast's materialize held the whole snapshot as pandas and protos at once:
-    # the 100k-user step peaked at 5.4 GB with it, 2.5 GB without (bench/scale.py).
-    write_online(store, "user_history", history)
-    write_online(store, "user_profile", profile)
+    # The snapshot's rows, offline and online (what ``store.materialize`` over [as_of - 1s,
+    # as_of + 1s] loads), a chunk of users at a time: Feast's materialize held the whole snapshot
+    # as pandas and protos at once (the 100k-user step peaked at 5.4 GB with it, 2.5 GB without),
+    # and the whole snapshot as arrow was 2 GB at 250k users (bench/scale.py).
+    for which, view in enumerate(("user_history", "user_profile")):
+
+        def chunks(view=view, which=which):
+            for start in range(0, len(user_features.user_ids), OFFLINE_CHUNK):
+                table = offline_frames(user_features.rows(slice(start, start + OFFLINE_CHUNK)), sid, as_of)[which]
+                write_online(store, view, table)
+                yield table
+
+        _upsert(home / "data" / f"{view}.parquet", chunks(), "space_id", sid)
+    shutil.rmtree(space_dir / "partitions")
     log(f"materialized snapshot {sid}: {len(user_features.user_ids)} users as of {as_of.isoformat()} "
         f"-> {home / 'data'} and the {config.online} online store")
     return Snapshot(sid, as_of, space_dir, user_features.user_ids)
@@ -202,14 +208,30 @@ def offline_frames(features: UserFeatures, sid: str, as_of) -> tuple[pa.Table, p
             table({g: block(g) for g in PROFILE_GROUPS}))
 
 
-def _upsert(path: Path, table: pa.Table, key: str, value: str) -> None:
-    """Replace the rows of one snapshot/batch in an offline table (write-then-rename)."""
-    if path.exists():
-        old = pq.read_table(path)
-        old = old.filter(pa.compute.not_equal(old.column(key), value))
-        table = pa.concat_tables([old, table.select(old.column_names)]) if old.num_rows else table
+def _upsert(path: Path, tables: pa.Table | Iterable[pa.Table], key: str, value: str) -> None:
+    """Replace the rows of one snapshot/batch in an offline table (write-then-rename), streamed:
+    the old rows are copied a row group at a time without ``value``'s, then ``tables`` appended."""
+    tables = [tables] if isinstance(tables, pa.Table) else tables
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
+    writer, schema = None, None
+    try:
+        if path.exists():
+            old = pq.ParquetFile(path)
+            schema = old.schema_arrow
+            writer = pq.ParquetWriter(tmp, schema)
+            for group in range(old.num_row_groups):
+                rows = old.read_row_group(group)
+                rows = rows.filter(pa.compute.not_equal(rows.column(key), value))
+                if rows.num_rows:
+                    writer.write_table(rows)
+        for table in tables:
+            if writer is None:
+                schema = table.schema
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_table(table.select(schema.names).cast(schema))
+    finally:
+        if writer is not None:
+            writer.close()
     os.replace(tmp, path)
 
 
@@ -329,6 +351,7 @@ class OnlineWriter:
 
 
 ONLINE_CHUNK = 10_000  # rows per online write: bounds the protos held at once
+OFFLINE_CHUNK = 50_000  # users per offline/online write of a snapshot
 
 
 def write_online(store, view: str, table: pa.Table) -> None:
