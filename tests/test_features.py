@@ -128,6 +128,18 @@ def test_incremental_state_equals_batch(world, space, features):
     np.testing.assert_allclose(bulk, features.matrix, rtol=1e-5, atol=1e-6)
 
 
+def test_state_streamed_from_the_directory_equals_the_state_from_the_loaded_dataset(world, space, features,
+                                                                                   monkeypatch):
+    from userrep import data as data_module
+
+    monkeypatch.setattr(data_module, "EVENT_BATCH_ROWS", 1_000)  # serving start-up adds batch by batch
+    assert world.events.num_rows > 10_000
+    streamed = state_from_dataset(space, world.path, AS_OF)
+    assert set(streamed.users) == set(state_from_dataset(space, world, AS_OF).users)
+    np.testing.assert_allclose(state_features(streamed, features.user_ids, AS_OF).matrix, features.matrix,
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("column, value, message", [
     ("item_id", "nope", "item_id: unknown item"),
     ("weight", -1.0, "weight: must be a finite number >= 0"),

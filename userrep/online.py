@@ -49,7 +49,6 @@ import pyarrow as pa
 from userrep import eventlog
 from userrep.backfill import read_embeddings
 from userrep.batches import batch_dir, read_pointer
-from userrep.data import load_dataset
 from userrep.features import FeatureSpace, to_utc
 from userrep.model import UserAutoencoder, embed
 from userrep.state import (FeatureState, UserState, apply_events, decode_user, encode_user, register_user,
@@ -157,7 +156,7 @@ def bootstrap_state(online: OnlineBatch, manifest: dict, events_log) -> tuple[Fe
     if retained is not None and events_log.key(retained) > events_log.key(compacted):
         raise ValueError(f"batch {online.batch_id}: its data {data} holds the event log up to {compacted}, but the "
                          f"log was trimmed through {retained}; compact into that dataset first")
-    state = state_from_dataset(online.space, load_dataset(data), online.as_of)
+    state = state_from_dataset(online.space, data, online.as_of)  # streamed: the events table is never held
     touched = set()
     parts = [pq.read_table(p, columns=["user_id", "item_id", "ts", "weight"]) for p in eventlog.part_files(data)]
     if parts:

@@ -1,12 +1,21 @@
-"""Out-of-core point-in-time features: events split by user hash, one partition per task.
+"""Out-of-core encoders and point-in-time features: events split by user hash, one partition per task.
 
-Once the ``FeatureSpace`` is fitted, a user's features depend on that user's events and sign-up
-row only. Partition ``p`` therefore holds every event (before ``as_of``) and every users-table row
-of the users with ``hash(user_id) % n == p``, and each partition is turned into feature rows by
-the same ``build_user_features`` as the in-memory path, in one bounded-memory task: a loop in
-this process, or Ray Data tasks reading and writing shared storage (one box or a cluster). The
-rows are then put back in user-id order into one memory-mapped matrix, so the result equals
-``build_user_features`` on the whole dataset row for row, while a task holds one partition.
+A dataset directory is validated as it streams (``load_dataset(keep=...)``) and every batch's
+events before ``as_of`` go straight to partition files: partition ``p`` holds every event and
+every users-table row of the users with ``hash(user_id) % n == p``. Nothing needs the whole
+table after that:
+
+- the collaborative encoder is fitted on the (users x items) play matrix, whose rows depend on
+  one user's events each: each partition's rows, put in user-id order, equal the matrix of the
+  whole table (``partition_interactions``);
+- once the ``FeatureSpace`` is fitted, a user's features depend on that user's events and
+  sign-up row only, so each partition is turned into feature rows by the same
+  ``build_user_features`` as the in-memory path, in one bounded-memory task: a loop in this
+  process, or Ray Data tasks reading and writing shared storage (one box or a cluster). The rows
+  are put back in user-id order into one memory-mapped matrix.
+
+The results equal ``fit_feature_space`` + ``build_user_features`` on the loaded dataset bit for
+bit, while memory follows a partition (and the play matrix), not the events table.
 
 Layout under the work directory (removed by the caller when done):
 
@@ -36,7 +45,6 @@ from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, build_us
 # A task's memory follows its partition, not the dataset: 100k users in 7 partitions of ~1.9M
 # events never raised the step above the encoder fit's peak (2.4 GB with the dataset loaded).
 EVENTS_PER_PARTITION = 2_000_000
-_NO_ITEMS = pa.table({"item_id": pa.array([], pa.string())})  # the features never read the catalog
 
 
 def partition_count(n_events: int) -> int:
@@ -164,7 +172,8 @@ def partition_features(task: dict) -> dict:
     directory is mounted)."""
     work, p = Path(task["work"]), int(task["part"])
     name = f"part-{p:05d}"
-    ds = Dataset(work, events=_read_part(work, "events", p), items=_NO_ITEMS, users=_read_part(work, "users", p))
+    no_items = pa.table({"item_id": pa.array([], pa.string())})  # the features never read the catalog
+    ds = Dataset(work, events=_read_part(work, "events", p), items=no_items, users=_read_part(work, "users", p))
     features = build_user_features(ds, task["as_of"], FeatureSpace.load(task["space"]))
     out = work / "features"
     out.mkdir(parents=True, exist_ok=True)

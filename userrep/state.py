@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from userrep.data import Dataset, split_list
-from userrep.encoders import events_before
+from userrep.data import Dataset, load_dataset, split_list
 from userrep.features import (FeatureSpace, StaticInputs, UserFeatures, bucket_events, day_index,
                               features_from_buckets, to_utc)
 
@@ -142,9 +144,23 @@ def state_features_at(state: FeatureState, user_ids, clocks) -> UserFeatures:
     return UserFeatures(user_ids, matrix, state.space.schema)
 
 
-def state_from_dataset(space: FeatureSpace, ds: Dataset, as_of) -> FeatureState:
-    """Bootstrap the online state from a dataset: sign-up info of every user, buckets before ``as_of``."""
+def state_from_dataset(space: FeatureSpace, data: Dataset | str | Path, as_of) -> FeatureState:
+    """Bootstrap the online state from a dataset: sign-up info of every user, buckets before ``as_of``.
+    ``data``: a loaded dataset, or its directory, streamed: each batch of events is added to the
+    state as it is read and validated, so the state is held, never the events table too."""
     state = FeatureState(space)
+    cutoff = pa.scalar(to_utc(as_of), pa.timestamp("us", tz="UTC"))
+
+    def add(events: pa.Table) -> None:  # buckets merge, so adding batch by batch equals adding all at once
+        events = events.filter(pc.less(events.column("ts"), cutoff)).select(["user_id", "item_id", "ts", "weight"])
+        if events.num_rows:
+            apply_events(state, events.to_pandas())
+
+    if isinstance(data, Dataset):
+        ds = data
+        add(ds.events)
+    else:
+        ds = load_dataset(data, keep=add)
     if ds.users is not None:
         users = ds.users
         artists = split_list(users.column("onboarding_artists")).to_pylist() if "onboarding_artists" in users.column_names else None
@@ -153,9 +169,6 @@ def state_from_dataset(space: FeatureSpace, ds: Dataset, as_of) -> FeatureState:
         for i, user_id in enumerate(users.column("user_id").to_pylist()):
             register_user(state, user_id, artists[i] if artists else (), genres[i] if genres else (),
                           {c: v[i] for c, v in attrs.items() if v[i] is not None})
-    events = events_before(ds, to_utc(as_of)).select(["user_id", "item_id", "ts", "weight"]).to_pandas()
-    if len(events):
-        apply_events(state, events)
     return state
 
 
