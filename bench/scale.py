@@ -1,11 +1,12 @@
 """The training pipeline's stages as the world grows: time and peak memory per stage, cost per user.
 
     python bench/scale.py                                   # 10k and 100k users
-    python bench/scale.py --users 1000000                   # the 1M claim (about 50 min on 2 cores, 18 GiB)
+    python bench/scale.py --users 1000000                   # the 1M claim (about 55 min on 2 cores, 6.2 GiB)
 
 Per size, a synthetic world is generated, then each stage of one batch runs in its own fresh
-process, as the pipeline's steps do, so its peak RSS is its own: load (validation), materialize
-(encoders, partitioned features, Feast offline and online), fit (the training set from Feast,
+process, as the pipeline's steps do, so its peak RSS is its own: load (the plan step: the
+dataset validated as it streams, its default as_of), materialize (encoders, partitioned
+features, Feast offline and online), fit (the training set from Feast,
 then the autoencoder, in-process: the fastest fit measured on one box, bench/fit_throughput.py),
 backfill (embeddings, published online), downstream (the task models) and gate (the batch
 against itself: the gate's cost, not a decision). A stage that fails or runs out of the time

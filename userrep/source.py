@@ -40,8 +40,11 @@ class EventSource:
                 parts: list[pa.Table] = []
                 base = load_dataset(self._path, keep=lambda b: parts.append(
                     b.group_by("user_id").aggregate([("ts", "min")])))
-                firsts = pa.concat_tables(parts).group_by("user_id").aggregate([("ts_min", "min")]) \
-                    .rename_columns(["user_id", "ts_min"]) if parts else None
+                firsts = None
+                if parts:
+                    merged = pa.concat_tables(parts).group_by("user_id").aggregate([("ts_min", "min")])
+                    # taken by name: the order of the columns is arrow's choice
+                    firsts = pa.table({"user_id": merged.column("user_id"), "ts_min": merged.column("ts_min_min")})
             if firsts is None or not firsts.num_rows:
                 self._users = (base, np.array([], object), np.array([], np.int64))
             else:
