@@ -96,14 +96,17 @@ def event_rows(directory: Path) -> int:
     from userrep.eventlog import part_files
 
     path = table_path(directory, "events")
-    if path is None:
+    try:
+        if path is None:
+            rows = 0
+        elif path.suffix == ".parquet":
+            rows = pq.read_metadata(path).num_rows
+        else:
+            with open(path, "rb") as fh:
+                rows = max(0, sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b"")) - 1)
+        return rows + sum(pq.read_metadata(p).num_rows for p in part_files(directory))
+    except (pa.ArrowInvalid, OSError):  # an unreadable file: ``load_dataset`` reports it, naming the file
         return 0
-    if path.suffix == ".parquet":
-        rows = pq.read_metadata(path).num_rows
-    else:
-        with open(path, "rb") as fh:
-            rows = max(0, sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 24), b"")) - 1)
-    return rows + sum(pq.read_metadata(p).num_rows for p in part_files(directory))
 
 
 def split_dataset(source: Dataset | str | Path, as_of, work: Path, partitions: int | None = None
