@@ -30,13 +30,18 @@ def tiny_features(small_world):
     return type(features)(features.user_ids[:400], features.matrix[:400], features.schema)
 
 
-def test_ray_train_two_workers(ray_cluster, tiny_features, tmp_path):
-    result = fit_autoencoder(tiny_features, AEConfig(epochs=3, batch_size=64), workers=2,
-                             checkpoint_dir=tmp_path / "checkpoints")
+@pytest.mark.parametrize("average_every", [1, 3], ids=["ddp", "local_sgd"])
+def test_ray_train_two_workers(ray_cluster, tiny_features, tmp_path, average_every):
+    config = AEConfig(epochs=3, batch_size=64, average_every=average_every)
+    result = fit_autoencoder(tiny_features, config, workers=2, checkpoint_dir=tmp_path / "checkpoints")
     assert len(result.losses) == 3 and all(np.isfinite(result.losses))
     assert result.losses[-1] < result.losses[0]
     assert len(list((tmp_path / "checkpoints").glob("epoch_*.pt"))) == 3
     assert embed(result.model, tiny_features.matrix).shape == (400, 64)
+    # both ways of sharing the work train about the model one process trains (average_every does
+    # not apply in-process)
+    local = fit_autoencoder(tiny_features, config)
+    assert result.losses[-1] == pytest.approx(local.losses[-1], rel=0.05)
 
 
 def test_one_ray_worker_fits_the_model_the_in_process_loop_fits(ray_cluster, tiny_features, tmp_path):

@@ -179,6 +179,8 @@ def train(
     dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
     workers: Annotated[int, typer.Option(min=0, help="0: in-process; N: Ray Train + Ray Data with N workers.")] = 0,
+    average_every: Annotated[int, typer.Option(min=1, help="With N >= 2 workers: 1 = DDP (gradients averaged every "
+                                                           "step); k = local SGD (parameters averaged every k steps).")] = 1,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = False,
     batch_id: Annotated[str | None, typer.Option(help="Batch id; default: derived from data, as_of and settings.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -206,6 +208,7 @@ def train(
             _error("error", f"--tuned {tuned}: no such file (write it with `userrep tune`)")
             raise typer.Exit(code=1)
         ae, head, choice = tuned_settings(tuned, seed)
+    ae = replace(ae, average_every=average_every)
     config = BuildConfig(features=FeatureConfig(seed=seed), ae=ae, workers=workers, resume=resume,
                          feast=StoreConfig(home=feast_home) if feast else None,
                          downstream=DownstreamConfig(label_days=label_days, head=head, seed=seed) if downstream else None,

@@ -56,6 +56,11 @@ class AEConfig:
     share_loss: str = "multinomial"
     share_weight: float = 32.0  # a share group counts as this many groups (see module docstring)
     seed: int = 0
+    # With N > 1 Ray Train workers: 1 = DDP, gradients averaged every step (the global batch, so
+    # the model does not depend on N); k > 1 = local SGD, each worker steps on its own rows and
+    # the parameters are averaged every k steps and at each epoch's end (less communication, a
+    # slightly different model; docs/model.md, fit throughput). No effect in-process.
+    average_every: int = 1
 
 
 class UserAutoencoder(nn.Module):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
 from userrep.features import FeatureSchema, UserFeatures
 from userrep.model import AEConfig, UserAutoencoder, standardization
@@ -80,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
 def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
     """The training loop, identical for the in-process path and each Ray Train worker."""
     under_ray = config.get("matrix") is None
-    rank, world = 0, 1
+    rank, world, local_sgd = 0, 1, False
     torch.manual_seed(config["ae"]["seed"])  # initial weights (DDP then broadcasts rank 0's anyway)
     model = core = _build_model(config)
     ae: AEConfig = core.config
@@ -101,7 +102,14 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
 
         context = ray.train.get_context()
         rank, world = context.get_world_rank(), context.get_world_size()
-        model = ray.train.torch.prepare_model(core)  # DDP: gradients averaged across workers
+        local_sgd = world > 1 and ae.average_every > 1
+        if local_sgd:  # parameters averaged every k steps instead of gradients every step
+            average_parameters(core.parameters(), None)  # every rank starts from the same weights
+        else:
+            # DDP: gradients averaged across workers. The model's buffers (standardization, group
+            # index) are constants, synced once at wrap time: DDP's default re-broadcast before
+            # every forward was a second collective a step (0.49x -> 0.7x of in-process, docs/model.md).
+            model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"forward_sync_buffers": False})
         matrix = np.load(config["matrix_path"], mmap_mode="r")  # shared storage, as the checkpoints
     progress = config.get("progress") if rank == 0 else None
     for epoch in range(start_epoch, ae.epochs):
@@ -112,12 +120,16 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
                            max(1, ae.batch_size // world))
         model.train()
         total = torch.zeros(2, dtype=torch.float64)  # (loss sum, rows), all-reduced across workers
-        for raw in batches:
+        for step, raw in enumerate(batches, start=1):
             loss = core.loss(raw, generator, forward=model)  # through DDP when distributed
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += torch.tensor([loss.item() * len(raw), len(raw)], dtype=torch.float64)
+            if local_sgd and step % ae.average_every == 0:
+                average_parameters(core.parameters(), None)
+        if local_sgd:  # the checkpoint holds the workers' common model
+            average_parameters(core.parameters(), None)
         if world > 1:
             torch.distributed.all_reduce(total)
         losses.append(float(total[0] / max(total[1], 1)))
