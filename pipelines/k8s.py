@@ -7,11 +7,16 @@ from kfp import kubernetes
 PVC = "userrep-work"  # data, Feast home and batches (k8s/ creates it)
 MOUNT = "/work"
 REDIS_SECRET = "userrep-redis"  # key "password" -> REDIS_PASSWORD
+# Every step's pod: the chart's NetworkPolicies admit this component to Redis and to the training
+# cluster's Job Submission API (k8s/helm/userrep/templates/networkpolicy.yaml).
+POD_LABELS = {"app.kubernetes.io/part-of": "userrep", "app.kubernetes.io/component": "pipeline-step"}
 
 
 def on_cluster(task, cpu: str = "1", memory: str = "2Gi", online_store: bool = False, display_name: str = ""):
     """Mount the shared volume, request resources, and (for online-store writers) the Redis password."""
     kubernetes.mount_pvc(task, pvc_name=PVC, mount_path=MOUNT)
+    for key, value in POD_LABELS.items():
+        kubernetes.add_pod_label(task, key, value)
     task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
     if online_store:
         kubernetes.use_secret_as_env(task, secret_name=REDIS_SECRET, secret_key_to_env={"password": "REDIS_PASSWORD"},

@@ -53,8 +53,10 @@ def compile_pipelines(out: Path, image: str = IMAGE_PLACEHOLDER) -> list[Path]:
     return paths
 
 
-def submit(host: str, package: Path, experiment: str, arguments: dict | None = None) -> str:
-    """Submit a compiled pipeline to a Kubeflow Pipelines API; returns the run's URL."""
+def submit(host: str, package: Path, experiment: str, arguments: dict | None = None,
+           namespace: str | None = None) -> str:
+    """Submit a compiled pipeline to a Kubeflow Pipelines API; returns the run's URL. ``namespace``:
+    where the steps run in multi-user Kubeflow (the profile's; the chart's release namespace)."""
     import kfp
 
     # urllib3 logs one warning per connection retry before kfp gives up; the caller reports an
@@ -67,7 +69,7 @@ def submit(host: str, package: Path, experiment: str, arguments: dict | None = N
     try:
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(str(package), arguments=arguments or {},
-                                                      experiment_name=experiment)
+                                                      experiment_name=experiment, namespace=namespace)
     finally:
         retries.removeFilter(errors_only)
     return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"

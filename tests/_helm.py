@@ -13,7 +13,7 @@ def main() -> None:
     values = yaml.safe_load(open(values_file)) if values_file != "-" else {}
     out = {"lint": None, "schema_error": None, "rendered": None}
     try:
-        out["lint"] = str(lint(chart_dir))
+        out["lint"] = str(lint(chart_dir, values=values, strict=True, namespace=namespace))
     except HelmError as exc:
         out["lint"] = f"ERROR {exc}"
     chart = Chart.load(chart_dir)

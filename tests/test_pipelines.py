@@ -96,12 +96,12 @@ def test_rayjob_manifest_and_submission_against_a_fake_api(small_world, tmp_path
     job = manifest["spec"]
     assert job["entrypoint"].startswith("python -m userrep.jobs fit --spec ")
     assert json.loads(job["entrypoint"].split("--spec ", 1)[1].strip("'")) == {**spec.__dict__}
-    assert job["shutdownAfterJobFinishes"] is True and job["submissionMode"] == "K8sJobMode"
+    assert job["shutdownAfterJobFinishes"] is True and job["submissionMode"] == "HTTPMode"
     cluster = job["rayClusterSpec"]
     for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
         container = pod["spec"]["containers"][0]
         assert container["image"] == "reg/userrep:1" and container["volumeMounts"][0]["mountPath"] == "/work"
-        assert container["resources"]["requests"] and container["securityContext"]["runAsNonRoot"]
+        assert container["resources"]["requests"] and pod["spec"]["securityContext"]["runAsNonRoot"]
 
     class FakeApi:
         def __init__(self):

@@ -551,6 +551,8 @@ def pipeline_submit(
     package: Annotated[Path, typer.Option(help="Compiled pipeline (userrep pipeline compile).")] = Path("work/pipelines/training.yaml"),
     param: Annotated[list[str] | None, typer.Option(help="Pipeline parameter KEY=VALUE (repeatable), e.g. "
                                                          "ray_address=http://raycluster-head-svc.ray:8265")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Namespace the steps run in (multi-user Kubeflow: the "
+                                                       "profile's); the Helm release's namespace.")] = None,
 ) -> None:
     """Submit a compiled pipeline with kfp.Client and print the run URL."""
     from pipelines.runner import submit
@@ -566,7 +568,7 @@ def pipeline_submit(
             raise typer.Exit(code=2)
         arguments[key] = int(value) if value.isdigit() else value
     try:
-        url = submit(host, package, experiment, arguments)
+        url = submit(host, package, experiment, arguments, namespace=namespace)
     except Exception as exc:  # connection refused, auth, API errors: say which host, never a traceback
         _error("error", f"--host {host}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         raise typer.Exit(code=1) from None

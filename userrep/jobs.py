@@ -127,27 +127,35 @@ def submit_to_cluster(address: str, spec: FitSpec, log=print, poll_s: float = 5.
     return job_id
 
 
+# The fit's pods: the chart's NetworkPolicies admit traffic between pods of one component
+# (k8s/helm/userrep/templates/networkpolicy.yaml).
+FIT_POD_LABELS = {"app.kubernetes.io/part-of": "userrep", "app.kubernetes.io/component": "fit"}
+
+
 def rayjob_manifest(name: str, namespace: str, spec: FitSpec, image: str = "userrep:0.1.0",
                     pvc: str = "userrep-work", mount: str = "/work", worker_replicas: int = 2,
                     cpu: str = "2", memory: str = "4Gi") -> dict:
-    """A ray.io/v1 RayJob that runs the fit on a fresh RayCluster and tears it down after."""
+    """A ray.io/v1 RayJob that runs the fit on a fresh RayCluster and tears it down after. The
+    operator submits the job to the head over HTTP (no submitter pod to admit)."""
     volume = [{"name": "work", "persistentVolumeClaim": {"claimName": pvc}}]
     mounts = [{"name": "work", "mountPath": mount}]
     resources = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}
-    security = {"runAsNonRoot": True, "runAsUser": 10001, "allowPrivilegeEscalation": False}
+    security = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
     def pod(container_name: str) -> dict:
-        return {"spec": {"volumes": volume, "containers": [{
-            "name": container_name, "image": image, "imagePullPolicy": "IfNotPresent", "resources": resources,
-            "volumeMounts": mounts, "securityContext": security,
-            "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]}]}}
+        return {"metadata": {"labels": dict(FIT_POD_LABELS)},
+                "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+                         "volumes": volume, "containers": [{
+                             "name": container_name, "image": image, "imagePullPolicy": "IfNotPresent",
+                             "resources": resources, "volumeMounts": mounts, "securityContext": security,
+                             "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]}]}}
 
     return {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
         "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "userrep"}},
         "spec": {
             "entrypoint": entrypoint(spec),
-            "submissionMode": "K8sJobMode",
+            "submissionMode": "HTTPMode",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
             "rayClusterSpec": {

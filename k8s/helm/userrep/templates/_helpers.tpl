@@ -3,6 +3,11 @@ app.kubernetes.io/part-of: userrep
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 {{- end }}
+{{- /* Every pod's labels: the NetworkPolicies admit traffic by component (networkpolicy.yaml). */ -}}
+{{- define "userrep.podLabels" -}}
+app.kubernetes.io/part-of: userrep
+app.kubernetes.io/component: {{ . }}
+{{- end }}
 {{- define "userrep.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag }}
 {{- end }}
