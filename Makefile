@@ -19,7 +19,7 @@ export BENTOML_DO_NOT_TRACK := True
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo serve test test-fast bench lock clean
+.PHONY: help install demo serve lint test test-fast bench lock clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,6 +41,9 @@ demo: $(STAMP) ## Run the main job on the embedded default (synthetic world)
 
 serve: $(STAMP) ## Serve the promoted batch on 127.0.0.1 (Ray Serve :8000, BentoML :3000) until Ctrl-C
 	$(BIN)/userrep serve --work $(WORK)
+
+lint: $(TOOLS_STAMP) ## Lint with ruff (rules and the reasons for each ignore: pyproject.toml [tool.ruff])
+	$(TOOLS)/bin/ruff check .
 
 test: $(STAMP) $(TOOLS_STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-
 # (name, Ray Train workers (0: in-process), AEConfig.average_every)
 MODES = (("torch_in_process", 0, 1), ("ray_train_1_worker", 1, 1), ("ray_train_2_workers_ddp", 2, 1),
          ("ray_train_2_workers_local_sgd_4", 2, 4))

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from userrep.layout import read_manifest
+
 
 def main() -> None:
     from evidently.metrics.embeddings import ModelDriftMethod
@@ -50,7 +52,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     started = time.perf_counter()
 
-    manifest = json.loads((candidate / "manifest.json").read_text())
+    manifest = read_manifest(candidate)
     ds = load_dataset(manifest["data"]["path"])
     ids, cand, _ = read_embeddings(candidate / "embeddings.parquet")
     _, serv, _ = read_embeddings(serving / "embeddings.parquet")

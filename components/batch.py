@@ -10,7 +10,7 @@ Their logic is unit-testable without a pipeline: `materialize_features.python_fu
 
 # (no `from __future__ import annotations`: KFP reads the type annotations at decoration time)
 
-from typing import List, NamedTuple
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -142,7 +142,7 @@ def train_downstream(batch_root: str, task: str, embeddings: Input[Dataset], met
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate_batch(batch_root: str, batch_id: str, trained: List[str], metrics: Output[Metrics],
+def evaluate_batch(batch_root: str, batch_id: str, trained: list[str], metrics: Output[Metrics],
                    summary: Output[Markdown]):
     """Check every downstream model of the batch is there; report their validation metrics."""
     from pathlib import Path
@@ -163,16 +163,16 @@ def evaluate_batch(batch_root: str, batch_id: str, trained: List[str], metrics: 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def drift_gate(batch_root: str, batch_id: str, after: str, decision: Output[Metrics], report: Output[HTML]) -> bool:
     """Gate the candidate against the serving batch; writes gate.json; returns whether it passed."""
-    import json
     import shutil
     from pathlib import Path
 
     from userrep.batches import batch_dir, serving_batch
     from userrep.gate import run_gate
+    from userrep.layout import read_manifest
     from userrep.source import EventSource
 
     candidate = batch_dir(batch_root, batch_id)
-    manifest = json.loads((candidate / "manifest.json").read_text())
+    manifest = read_manifest(candidate)
     serving = serving_batch(batch_root)
     serving_dir = batch_dir(batch_root, serving) if serving and serving != batch_id else None
     record = run_gate(candidate, serving_dir, EventSource(manifest["data"]["path"]))  # streamed

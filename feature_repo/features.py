@@ -14,9 +14,14 @@ from datetime import timedelta
 from feast import FeatureView, Field
 from feast.types import Array, Float32, String
 
-from feature_repo.data_sources import (user_artist_history_push, user_embedding_push, user_history_push,
-                                      user_profile_source)
+from feature_repo.data_sources import (
+                                      user_artist_history_push,
+                                      user_embedding_push,
+                                      user_history_push,
+                                      user_profile_source,
+)
 from feature_repo.entities import batch, user
+
 PROFILE_GROUPS = ("onboarding", "demographics")
 
 user_history = FeatureView(

@@ -1,14 +1,59 @@
 """Run the pipelines embedded (kfp.local), compile them for a cluster, submit them to Kubeflow."""
 
+import contextlib
+import io
 import json
 import logging
+import re
+import sys
+import time
 from pathlib import Path
 
 IMAGE_PLACEHOLDER = "userrep:0.1.0"
 
 
-def run_local(pipeline: str, work: Path, **params) -> dict:
-    """Execute a pipeline with kfp.local's SubprocessRunner in this interpreter (progress per step)."""
+class _StepLines(io.TextIOBase):
+    """Everything kfp.local prints (its task logs, executor inputs, each step's own output) goes to
+    the log file; the console gets one line per finished step with its time."""
+
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    STARTED = re.compile(r"Executing task '([^']+)'")
+    ENDED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+
+    def __init__(self, log, echo, console):
+        self.log, self.echo, self.console, self.started = log, echo, console, {}
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        plain = self.ANSI.sub("", text)
+        for name in self.STARTED.findall(plain):
+            self.started[name] = time.perf_counter()
+        for name, status in self.ENDED.findall(plain):
+            took = time.perf_counter() - self.started.pop(name, time.perf_counter())
+            with contextlib.redirect_stdout(self.console):  # echo (print, a rich console) writes to the terminal
+                self.echo(f"  {'done' if status == 'SUCCESS' else status.lower():>7}  {name}  {took:.0f}s")
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+
+@contextlib.contextmanager
+def _steps_to(log_path: Path | None, echo):
+    if log_path is None:
+        yield
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        lines = _StepLines(log, echo, sys.stdout)
+        with contextlib.redirect_stdout(lines), contextlib.redirect_stderr(lines):
+            yield
+
+
+def run_local(pipeline: str, work: Path, log_path: Path | None = None, echo=print, **params) -> dict:
+    """Execute a pipeline with kfp.local's SubprocessRunner in this interpreter. With ``log_path``
+    the console shows one line per step (``echo``) and the full output goes to that file;
+    without it, kfp.local prints everything."""
     from kfp import local
 
     from pipelines.refresh import refresh_pipeline
@@ -20,7 +65,8 @@ def run_local(pipeline: str, work: Path, **params) -> dict:
             params[key] = str(Path(params[key]).resolve())
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"), raise_on_error=True)
     func = {"training": training_pipeline, "refresh": refresh_pipeline}[pipeline]
-    func(**{k: v for k, v in params.items() if v is not None})
+    with _steps_to(log_path, echo):
+        func(**{k: v for k, v in params.items() if v is not None})
     return _outcome(Path(params["batch_root"]))
 
 

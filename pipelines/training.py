@@ -17,9 +17,19 @@ An exit handler marks the batch failed if any step fails, so it can never be pro
 
 from kfp import dsl
 
-from components.batch import (backfill_embeddings, compact_events, drift_gate, evaluate_batch, finalize_batch,
-                              fit_encoder, materialize_features, plan_batch, promote_batch, train_downstream,
-                              tune_settings)
+from components.batch import (
+    backfill_embeddings,
+    compact_events,
+    drift_gate,
+    evaluate_batch,
+    finalize_batch,
+    fit_encoder,
+    materialize_features,
+    plan_batch,
+    promote_batch,
+    train_downstream,
+    tune_settings,
+)
 from pipelines.k8s import on_cluster
 
 TASKS = ["future_listening", "artist_preference", "similar_users"]

@@ -9,7 +9,7 @@ Every response carries the serving ``batch_id`` and an ``X-Batch-Id`` header; ba
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import FastAPI, Query, Request
@@ -155,7 +155,7 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
             text = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
             return _reply({"error": text, "errors": errors[:20], "batch_id": batch_id()}, 422)
         rows = [{"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "weight": e.weight,
-                 "ts": (e.ts if e.ts.tzinfo else e.ts.replace(tzinfo=timezone.utc)).isoformat()} for e in events]
+                 "ts": (e.ts if e.ts.tzinfo else e.ts.replace(tzinfo=UTC)).isoformat()} for e in events]
         reply = await run_in_threadpool(holder.service.post_events, rows, wait)
         return _reply(reply, 200 if wait else 202)
 

@@ -30,6 +30,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict, Field
 
+from userrep.layout import pointer_path
 from userrep.tasks.history import WITH_HISTORY
 
 
@@ -82,8 +83,7 @@ def load_bundle(root: Path) -> Bundle:
     from userrep.batches import batch_dir, read_pointer
     from userrep.downstream import load_head
 
-    pointer_path = root / "SERVING.json"
-    mtime = pointer_path.stat().st_mtime
+    mtime = pointer_path(root).stat().st_mtime
     batch_id = read_pointer(root)["serving"]
     if batch_id is None:
         raise RuntimeError(f"no batch is serving under {root}")
@@ -114,7 +114,7 @@ class TaskService:
     def current(self) -> Bundle:
         """The bundle of the serving batch (reloaded whole when the pointer file changes)."""
         try:
-            mtime = (self.root / "SERVING.json").stat().st_mtime
+            mtime = pointer_path(self.root).stat().st_mtime
         except OSError:
             return self.bundle
         if mtime != self.bundle.pointer_mtime:

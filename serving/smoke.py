@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from userrep.layout import read_manifest
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -71,7 +73,7 @@ def promoted(work: Path) -> tuple[dict, list[str], list[str]]:
     if serving_batch(root) is None:
         raise SystemExit(f"no promoted batch under {root}: run `make demo` first")
     directory = batch_dir(root, serving_batch(root))
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = read_manifest(directory)
     ids, _, _ = read_embeddings(directory / "embeddings.parquet")
     items = load_dataset(manifest["data"]["path"]).items.column("item_id").to_pylist()
     return manifest, [str(u) for u in ids], items

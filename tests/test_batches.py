@@ -20,8 +20,9 @@ from userrep.backfill import embeddings_table, read_embeddings
 from userrep.build import BuildConfig, build_batch
 from userrep.cli import app
 from userrep.data import load_dataset
-from userrep.downstream import serving_history, sha256, task_data
+from userrep.downstream import serving_history, task_data
 from userrep.features import FeatureSpace
+from userrep.fsio import sha256
 from userrep.gate import run_gate
 from userrep.model import AEConfig
 from userrep.store import StoreConfig, online_embeddings, online_history, open_store

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,11 @@ def test_demo_runs_the_pipeline_twice_then_reuses(tmp_path):
     assert len(built) == 2 and first.output.count("pipeline finished") == 2
     assert f"gate {built[1]} vs serving {built[0]}" in first.output  # batch 2 gated against batch 1
     assert "downstream models" in first.output and (tmp_path / "kfp").is_dir()
+    # one line per step on the console; kfp.local's own output only in the logs the console names
+    assert first.output.count("done  fit-encoder") == 2 and "Executing task" not in first.output
+    logs = sorted((tmp_path / "logs").glob("training-*.log"))
+    assert len(logs) == 2 and all("Executing task" in log.read_text() for log in logs)
+    assert all(str(log) in first.output for log in logs)
     pointer = json.loads((tmp_path / "batches" / "SERVING.json").read_text())
     gate = json.loads((tmp_path / "batches" / built[1] / "gate.json").read_text())
     assert pointer["serving"] == (built[1] if gate["passed"] else built[0])

@@ -288,6 +288,7 @@ def test_acknowledged_events_survive_a_kill_9_of_redis(served_root, tmp_path):
     import signal
 
     from conftest import start_redis
+
     from serving.smoke import free_port
 
     port, workdir = free_port(), tmp_path / "redis"

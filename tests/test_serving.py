@@ -19,16 +19,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
-from serving.smoke import free_port
 
+from serving.smoke import free_port
 from userrep import batches
 from userrep.backfill import read_embeddings
-from userrep.eventlog import open_log
 from userrep.baselines import decayed_matrix, user_artist_matrix
 from userrep.build import BuildConfig, build_batch
 from userrep.data import load_dataset
 from userrep.downstream import load_head
 from userrep.encoders import events_before
+from userrep.eventlog import open_log
 from userrep.features import FeatureSpace, build_user_features
 from userrep.gate import run_gate
 from userrep.model import AEConfig, UserAutoencoder, embed

@@ -6,11 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from userrep.backfill import embeddings_table
 from userrep.data import load_dataset
 from userrep.features import FeatureSpace, build_user_features
-from userrep.store import (OnlineWriter, StoreConfig, embedding_rows, historical_features, materialize,
-                           online_embeddings, open_store, publish_embeddings, training_set)
-from userrep.backfill import embeddings_table
+from userrep.store import (
+    OnlineWriter,
+    StoreConfig,
+    embedding_rows,
+    historical_features,
+    materialize,
+    online_embeddings,
+    open_store,
+    publish_embeddings,
+    training_set,
+)
 
 pytestmark = pytest.mark.slow  # Feast import + apply take seconds
 

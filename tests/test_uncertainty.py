@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from userrep.baselines import choose, fit_ease
-from userrep.tasks.history import history_scores
 from userrep.metrics import auc
+from userrep.tasks.history import history_scores
 from userrep.uncertainty import Board, interval, resample_weights, weighted_aucs, weighted_means
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from userrep.features import UserFeatures
+from userrep.layout import read_manifest
 from userrep.model import UserAutoencoder, embed
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("batch_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
@@ -111,12 +112,11 @@ def embed_users(batch_dir: str | Path, ds, user_ids, as_of=None) -> tuple[np.nda
     Users with no events before as_of (cold start) are embedded from onboarding/attributes.
     Raises KeyError naming the users the dataset does not know at all.
     """
-    import json
 
     from userrep.features import FeatureSpace, build_user_features
 
     batch_dir = Path(batch_dir)
-    manifest = json.loads((batch_dir / "manifest.json").read_text())
+    manifest = read_manifest(batch_dir)
     known = set(ds.events.column("user_id").unique().to_pylist())
     if ds.users is not None:
         known |= set(ds.users.column("user_id").to_pylist())

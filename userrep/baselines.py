@@ -22,8 +22,8 @@ the embedding's heads get too: a sandbagged baseline would make every comparison
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from userrep.downstream import missing_tasks
-
-POINTER = "SERVING.json"
+from userrep.layout import MANIFEST, POINTER, manifest_path, read_manifest
 
 
 class BatchError(ValueError):
@@ -28,7 +27,7 @@ class BatchError(ValueError):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def read_pointer(root: str | Path) -> dict:
@@ -58,10 +57,10 @@ def _write_pointer(root: Path, pointer: dict) -> None:
 
 def batch_dir(root: str | Path, batch_id: str) -> Path:
     path = Path(root) / batch_id
-    if not (path / "manifest.json").exists():
+    if not manifest_path(path).exists():
         known = ", ".join(b["batch_id"] for b in list_batches(root)) or "none"
         raise BatchError(f"batch_id: no finished batch {batch_id!r} under {root} (known: {known})")
-    recorded = json.loads((path / "manifest.json").read_text())["batch_id"]
+    recorded = read_manifest(path)["batch_id"]
     if recorded != batch_id:  # the pointer names directories; they must be the batch's own id
         raise BatchError(f"batch_id: directory {path} holds batch {recorded!r}; a batch lives in ROOT/<its id>")
     return path
@@ -86,7 +85,7 @@ def state(root: str | Path, batch_id: str) -> str:
 
 def list_batches(root: str | Path) -> list[dict]:
     rows = []
-    for path in sorted(Path(root).glob("*/manifest.json")):
+    for path in sorted(Path(root).glob(f"*/{MANIFEST}")):
         manifest = json.loads(path.read_text())
         rows.append({"batch_id": manifest["batch_id"], "as_of": manifest["as_of"],
                      "created_at": manifest["created_at"], "users": manifest["users"],
@@ -97,7 +96,7 @@ def list_batches(root: str | Path) -> list[dict]:
 def show(root: str | Path, batch_id: str) -> dict:
     path = batch_dir(root, batch_id)
     out = {"batch_id": batch_id, "state": state(root, batch_id), "path": str(path),
-           "manifest": json.loads((path / "manifest.json").read_text()), "missing_tasks": missing_tasks(path)}
+           "manifest": read_manifest(path), "missing_tasks": missing_tasks(path)}
     for name in ("gate.json", "FAILED.json"):
         if (path / name).exists():
             out[name.split(".")[0].lower()] = json.loads((path / name).read_text())

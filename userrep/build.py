@@ -23,7 +23,7 @@ import json
 import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +33,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userrep.backfill import backfill_embeddings
-from userrep.downstream import TASKS, DownstreamConfig, serving_history, sha256, task_data, train_task
-from userrep.data import TABLES, Dataset, load_dataset, table_path
+from userrep.data import Dataset, load_dataset
+from userrep.downstream import TASKS, DownstreamConfig, serving_history, task_data, train_task
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
-from userrep.eventlog import part_files, watermark
-from userrep.features import (FeatureConfig, FeatureSpace, UserFeatures, to_utc)
+from userrep.eventlog import watermark
+from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, to_utc
+from userrep.fsio import data_fingerprint, sha256, write_json_atomic
+from userrep.layout import manifest_path, read_manifest
 from userrep.model import AEConfig
-from userrep.source import EventSource
 from userrep.partitions import partitioned_snapshot
+from userrep.source import EventSource
 from userrep.store import StoreConfig
 from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
@@ -71,18 +73,6 @@ def dataset_as_of(data: str | Path) -> pd.Timestamp:
 
 def _latest_event(batch: pa.Table) -> pa.Table:
     return batch.take([int(np.argmax(batch.column("ts").cast(pa.int64()).to_numpy()))])
-
-
-def data_fingerprint(directory: str | Path) -> dict[str, str]:
-    """sha256 of each contract table file (what the batch was trained on)."""
-    out = {}
-    for name in TABLES:
-        path = table_path(Path(directory), name)
-        if path is not None:
-            out[path.name] = sha256(path)
-    for path in part_files(directory):  # online events compacted into the dataset
-        out[str(path.relative_to(directory))] = sha256(path)
-    return out
 
 
 def default_batch_id(as_of: pd.Timestamp, fingerprint: dict[str, str], config: BuildConfig) -> str:
@@ -152,12 +142,6 @@ def _ray_if(workers: int):
     return ray_session()
 
 
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))  # Paths in configs become strings
-    tmp.replace(path)
-
-
 def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig = BuildConfig(),
               batch_id: str | None = None, snapshot_id: str | None = None, log=print, progress=None) -> dict:
     """Training set (from a Feast snapshot, or in-process) -> autoencoder; writes BATCH/build.json."""
@@ -206,7 +190,7 @@ def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig
               "snapshot": snapshot.space_id if snapshot else None, "config": asdict(config),
               "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
               "timings_s": {k: v for k, v in stage.finish().items() if k != "total"}}
-    _write_json(out / "build.json", record)
+    write_json_atomic(out / "build.json", record)
     return record
 
 
@@ -233,7 +217,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
     timings = {**record["timings_s"], **{k: v for k, v in stage.finish().items() if k != "total"}}
     manifest = {
         "batch_id": batch_id,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "as_of": record["as_of"],
         "data": record["data"],
         "snapshot": record["snapshot"],
@@ -254,7 +238,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         "timings_s": {**timings, "total": round(sum(timings.values()), 2)},
         "files": {name: sha256(out / name) for name in ("model.pt", "embeddings.parquet", "features.parquet")},
     }
-    _write_json(out / "manifest.json", manifest)  # a batch without a manifest is incomplete
+    write_json_atomic(manifest_path(out), manifest)  # a batch without a manifest is incomplete
     return manifest
 
 
@@ -276,7 +260,7 @@ def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
         # future-listening step publishes them: both heads take the same features).
         from userrep import store as feast
 
-        as_of = json.loads((out / "manifest.json").read_text())["as_of"]
+        as_of = read_manifest(out)["as_of"]
         ids, plays, recent = serving_history(out, ds, data)
         table = feast.history_table(ids, data.artists, plays, recent, data.batch_id, as_of)
         published = feast.publish_history(feast.open_store(config.feast, apply=False), config.feast, table,
@@ -305,5 +289,5 @@ def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConf
         timings = {k: v for k, v in manifest["timings_s"].items() if k != "total"}
         timings["downstream"] = watch.timings["downstream"]
         manifest["timings_s"] = {**timings, "total": round(sum(timings.values()), 2)}
-        _write_json(out / "manifest.json", manifest)
+        write_json_atomic(manifest_path(out), manifest)
     return manifest

@@ -22,6 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from userrep.layout import MANIFEST, POINTER, manifest_path, read_manifest
+
 app = typer.Typer(help="Generalized user representations: data, training, batches, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 world_app = typer.Typer(help="The synthetic music world.", no_args_is_help=True)
@@ -230,8 +232,8 @@ def embed(
     from userrep.data import load_dataset
 
     ids = list(dict.fromkeys(u.strip() for u in users.split(",") if u.strip()))
-    if not (batch / "manifest.json").exists():
-        _error("error", f"--batch {batch}: no manifest.json (not a finished batch)")
+    if not manifest_path(batch).exists():
+        _error("error", f"--batch {batch}: no {MANIFEST} (not a finished batch)")
         raise typer.Exit(code=2)
     vectors, batch_id = _run_or_exit(lambda: embed_users(batch, load_dataset(data), ids, as_of))
     for user_id, vector in zip(ids, vectors):
@@ -254,7 +256,8 @@ def evaluate(
                                             "split of the history (userrep tune), then evaluate with them.")] = False,
 ) -> None:
     """Evaluate the embedding against baselines on downstream tasks; write metrics.json and report.html."""
-    from userrep.evaluate import EvalConfig, evaluate as run
+    from userrep.evaluate import EvalConfig
+    from userrep.evaluate import evaluate as run
 
     config = EvalConfig(cutoff=cutoff, split=split, dim=dim, seed=seed, seeds=seeds, epochs=epochs, top_k=top_k,
                         ablations=ablations)
@@ -392,7 +395,7 @@ def features_materialize(
     console.print(f"snapshot {snapshot.space_id}: {len(snapshot.user_ids):,} users, encoders in {snapshot.space_dir}")
 
 
-ROOT_OPTION = Annotated[Path, typer.Option(help="Directory holding the batches and SERVING.json.")]
+ROOT_OPTION = Annotated[Path, typer.Option(help=f"Directory holding the batches and {POINTER}.")]
 
 
 def _batch_call(job):
@@ -445,7 +448,7 @@ def _gate(root: Path, batch_id: str, data: Path | None) -> dict:
     from userrep.source import EventSource
 
     candidate = _batch_call(lambda: batch_dir(root, batch_id))
-    manifest = json.loads((candidate / "manifest.json").read_text())
+    manifest = read_manifest(candidate)
     serving = serving_batch(root)
     serving_dir = _batch_call(lambda: batch_dir(root, serving)) if serving and serving != batch_id else None
     ds = EventSource(data or manifest["data"]["path"])  # read, and validated, as the gate needs it
@@ -522,11 +525,12 @@ def pipeline_run(
                       rayjob_namespace=rayjob, tune=tune, tune_budget_s=tune_budget,
                       events_log=events_log if events_log.startswith("redis://") or not events_log
                       else str(Path(events_log).resolve()))
+    log_path = _pipeline_log(work, pipeline)
+    console.print(f"pipeline {pipeline} (kfp.local); full log: {log_path}")
     try:
-        outcome = run_local(pipeline, work, **params)
-    except RuntimeError as exc:  # kfp.local: a step failed; its log is above
-        _error("pipeline failed", f"{str(exc).splitlines()[0]}")
-        raise typer.Exit(code=1) from None
+        outcome = run_local(pipeline, work, log_path=log_path, echo=console.print, **params)
+    except RuntimeError as exc:  # kfp.local: a step failed
+        _pipeline_failed(exc, log_path)
     if outcome["gate"]:
         _print_gate(outcome["gate"])
     console.print(f"latest batch {outcome['latest']}; serving {outcome['serving']}")
@@ -617,14 +621,13 @@ def demo(
     """The lifecycle on the embedded default: world -> training pipeline for batch 1 (promoted) ->
     training pipeline for batch 2 on later data (gated against batch 1) -> decision and metrics ->
     serve the promoted batch and react to live events."""
-    from userrep.world import WorldConfig, generate_world, world_is_current
-
     import pandas as pd
 
     from pipelines.runner import run_local
     from userrep.batches import state
     from userrep.build import dataset_as_of
     from userrep.jobs import FitSpec
+    from userrep.world import WorldConfig, generate_world, world_is_current
 
     config = WorldConfig(users=users, seed=seed)
     world, root = work / "world", work / "batches"
@@ -646,18 +649,19 @@ def demo(
         _, batch_id, _ = spec.batch_dir_and_id()
         ids.append(batch_id)
         console.rule(f"{2 + step}. training pipeline (kfp.local), {label}: as of {as_of:%Y-%m-%d} -> {batch_id}")
-        if (root / batch_id / "manifest.json").exists() and state(root, batch_id) in ("serving", "previous", "rejected"):
+        if manifest_path(root / batch_id).exists() and state(root, batch_id) in ("serving", "previous", "rejected"):
             console.print(f"[dim]batch {batch_id} already ran through the pipeline ({state(root, batch_id)}); "
                           f"not rerunning[/]")
             continue
-        started = time.perf_counter()
+        started, log_path = time.perf_counter(), _pipeline_log(work, f"training-{batch_id}")
         try:
-            outcome = run_local("training", work, data=str(world), as_of=as_of.isoformat(), batch_root=str(root),
-                                feast_home=str(work / "feast"), epochs=epochs, workers=workers)
+            outcome = run_local("training", work, log_path=log_path, echo=console.print, data=str(world),
+                                as_of=as_of.isoformat(), batch_root=str(root), feast_home=str(work / "feast"),
+                                epochs=epochs, workers=workers)
         except RuntimeError as exc:
-            _error("pipeline failed", f"{str(exc).splitlines()[0]}")
-            raise typer.Exit(code=1) from None
-        console.print(f"pipeline finished in {time.perf_counter() - started:.0f}s; serving {outcome['serving']}")
+            _pipeline_failed(exc, log_path)
+        console.print(f"pipeline finished in {time.perf_counter() - started:.0f}s; serving {outcome['serving']}; "
+                      f"full log: {log_path}")
 
     console.rule("4. gate decision for batch 2 and downstream metrics of both batches")
     gate_path = root / ids[1] / "gate.json"
@@ -670,6 +674,18 @@ def demo(
     if smoke:
         console.rule("5. serve the promoted batch (Ray Serve + BentoML) and react to live events")
         _smoke(work, world)
+
+
+def _pipeline_log(work: Path, name: str) -> Path:
+    return work / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def _pipeline_failed(exc: Exception, log_path: Path):
+    """A step failed: its last lines (the error) and where the whole log is."""
+    tail = log_path.read_text(errors="replace").splitlines()[-25:] if log_path.exists() else []
+    console.print("\n".join(tail), markup=False, highlight=False)
+    _error("pipeline failed", f"{str(exc).splitlines()[0]} (full log: {log_path})")
+    raise typer.Exit(code=1) from None
 
 
 def _smoke(work: Path, world: Path) -> None:
@@ -687,7 +703,7 @@ def _smoke(work: Path, world: Path) -> None:
     items = load_dataset(world).items
     listened = artists[min(50, len(artists) - 1)]  # a mid-popularity artist the newcomer did not pick
     tracks = items.filter(pc.equal(items.column(artist_column(items)), listened)).column("item_id").to_pylist()[:5]
-    as_of = json.loads((serving / "manifest.json").read_text())["as_of"]
+    as_of = read_manifest(serving)["as_of"]
     try:
         run_smoke(work, artists[:2], tracks, as_of, log=console.print)
     except (AssertionError, RuntimeError, TimeoutError) as exc:
@@ -702,7 +718,7 @@ def _print_downstream(root: Path, ids: list[str]) -> None:
     table.add_column("task / metric")
     for batch_id in ids:
         table.add_column(batch_id, justify="right")
-    infos = [show(root, b)["downstream"] if (root / b / "manifest.json").exists() else {} for b in ids]
+    infos = [show(root, b)["downstream"] if manifest_path(root / b).exists() else {} for b in ids]
     keys = sorted({(t, m) for info in infos for t, values in info.items() for m in values})
     for task, metric in keys:
         table.add_row(f"{task} {metric}", *(f"{info.get(task, {}).get(metric, float('nan')):.4f}" for info in infos))

@@ -21,10 +21,9 @@ the gate compares: both batches of a comparison are measured the same way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
@@ -34,13 +33,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from userrep.baselines import choose, decayed_matrix, user_artist_matrix
 from userrep.backfill import read_embeddings
+from userrep.baselines import choose, decayed_matrix, user_artist_matrix
 from userrep.data import Dataset
 from userrep.features import FeatureSpace, build_user_features, to_utc
+from userrep.fsio import sha256
+from userrep.layout import read_manifest
+from userrep.metrics import auc
 from userrep.model import UserAutoencoder, embed
 from userrep.source import EventSource
-from userrep.metrics import auc
 from userrep.tasks import artist_preference, future_listening, history, similar_users
 from userrep.tasks._mlp import HeadConfig, MLPHead
 
@@ -101,7 +102,7 @@ def task_data(batch_dir: str | Path, source: Dataset | EventSource,
     ``source``: a dataset directory's ``EventSource`` reads only the sample's events."""
     batch_dir = Path(batch_dir)
     source = source if isinstance(source, EventSource) else EventSource(source)
-    manifest = json.loads((batch_dir / "manifest.json").read_text())
+    manifest = read_manifest(batch_dir)
     space = FeatureSpace.load(batch_dir / "encoders")
     model = UserAutoencoder.load(batch_dir / "model.pt")
     as_of = to_utc(manifest["as_of"])
@@ -263,7 +264,7 @@ def serving_history(batch_dir: str | Path, source: Dataset | EventSource, data: 
     the events a batch at a time (``EventSource.fold``): only the sums are held."""
     batch_dir = Path(batch_dir)
     source = source if isinstance(source, EventSource) else EventSource(source)
-    manifest = json.loads((batch_dir / "manifest.json").read_text())
+    manifest = read_manifest(batch_dir)
     space = FeatureSpace.load(batch_dir / "encoders")
     ids, _, _ = read_embeddings(batch_dir / "embeddings.parquet")
     as_of = to_utc(manifest["as_of"])
@@ -281,7 +282,7 @@ def serving_history(batch_dir: str | Path, source: Dataset | EventSource, data: 
 
 
 def _register(out: Path, task: str, record: dict) -> dict:
-    record = {**record, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {**record, "trained_at": datetime.now(UTC).isoformat(timespec="seconds")}
     tmp = out / f"{task}.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(out / f"{task}.json")  # the record last: a task without it is not done
@@ -321,14 +322,6 @@ def _renamed(state: dict) -> dict:
     """Heads saved before the side features had one ``net`` Sequential (0: hidden, 3: output)."""
     names = {"net.0.": "hidden.0.", "net.3.": "out."}
     return {next((new + k[len(old):] for old, new in names.items() if k.startswith(old)), k): v for k, v in state.items()}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def missing_tasks(batch_dir: str | Path) -> list[str]:

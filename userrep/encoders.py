@@ -41,7 +41,7 @@ class ItemVectors:
         pq.write_table(table.replace_schema_metadata({"encoder": self.name}), path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ItemVectors":
+    def load(cls, path: str | Path) -> ItemVectors:
         table = pq.read_table(path)
         vectors = table.column("vector").combine_chunks()
         dim = vectors.type.list_size

@@ -36,8 +36,14 @@ import scipy.sparse as sp
 
 from userrep import baselines
 from userrep.data import Dataset, load_dataset
-from userrep.features import (FeatureConfig, UserFeatures, build_user_features, fit_feature_space, static_inputs,
-                              window_name)
+from userrep.features import (
+    FeatureConfig,
+    UserFeatures,
+    build_user_features,
+    fit_feature_space,
+    static_inputs,
+    window_name,
+)
 from userrep.metrics import auc, ndcg_rows
 from userrep.model import AEConfig, embed
 from userrep.split import Split, make_split

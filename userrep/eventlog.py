@@ -241,7 +241,7 @@ class SqliteLog:
             todo = [p for p in positions if p not in done]
             seen: dict[str, int | None] = {}
 
-            def load(users):
+            def load(users, db=db, seen=seen):  # called by work() within this iteration
                 rows = {u: (b, v) for u, b, v in self._rows(db, batch, list(users))}
                 seen.update({u: rows[u][1] if u in rows else None for u in users})
                 return {u: b for u, (b, _) in rows.items()}
@@ -555,7 +555,7 @@ def compact(log: str | Path | SqliteLog | RedisStreamLog, data: str | Path, trim
         raise ValueError(f"data: {data} holds the log up to {start}, but the log was trimmed through {retained}; "
                          "compact into the dataset the pipeline compacted into before")
     rows, end = [], start
-    for end, record in log.read(start):
+    for end, record in log.read(start):  # noqa: B007 (end: the last position read, used below)
         if record["kind"] == "events":
             rows += record["events"]
     out = data / ONLINE_EVENTS

@@ -29,8 +29,16 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from userrep.data import Dataset, artist_column, split_list
-from userrep.encoders import (CollaborativeEncoder, ContentEncoder, ItemVectors, events_before, genre_matrix,
-                              genre_vocabulary, index_in, user_item_matrix)
+from userrep.encoders import (
+    CollaborativeEncoder,
+    ContentEncoder,
+    ItemVectors,
+    events_before,
+    genre_matrix,
+    genre_vocabulary,
+    index_in,
+    user_item_matrix,
+)
 
 HISTORY_KINDS = ("collab", "content", "genres", "activity", "artists")
 ACTIVITY = ("log_plays", "log_distinct_artists", "active_day_share", "has_history")  # "all": log active days
@@ -72,7 +80,7 @@ class FeatureSchema:
     def history_groups(self) -> list[str]:
         return [name for name, _ in self.groups if name.split("_")[0] in HISTORY_KINDS]
 
-    def without(self, drop: list[str] | tuple[str, ...]) -> tuple["FeatureSchema", np.ndarray]:
+    def without(self, drop: list[str] | tuple[str, ...]) -> tuple[FeatureSchema, np.ndarray]:
         """The schema minus the groups matched by ``drop`` and the column indices kept.
 
         A token matches a group by full name (``collab_7d``), kind (``collab``) or window (``7d``).
@@ -176,7 +184,7 @@ class FeatureSpace:
         (directory / "space.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "FeatureSpace":
+    def load(cls, directory: str | Path) -> FeatureSpace:
         directory = Path(directory)
         meta = json.loads((directory / "space.json").read_text())
         arrays = np.load(directory / "space.npz")
@@ -207,10 +215,10 @@ class UserFeatures:
     matrix: np.ndarray  # (users, features) float32
     schema: FeatureSchema
 
-    def rows(self, rows: slice | np.ndarray) -> "UserFeatures":
+    def rows(self, rows: slice | np.ndarray) -> UserFeatures:
         return UserFeatures(self.user_ids[rows], self.matrix[rows], self.schema)
 
-    def without(self, drop) -> "UserFeatures":
+    def without(self, drop) -> UserFeatures:
         schema, cols = self.schema.without(drop)
         return UserFeatures(self.user_ids, self.matrix[:, cols], schema)
 

@@ -15,7 +15,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from userrep.backfill import read_embeddings
 from userrep.data import Dataset
 from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, missing_tasks, skipped_tasks, task_data
 from userrep.features import FeatureSpace, build_user_features, to_utc
+from userrep.layout import read_manifest
 from userrep.model import UserAutoencoder, embed
 from userrep.source import EventSource
 
@@ -122,9 +123,9 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
 
 
 def integrity_problems(batch_dir: Path) -> list[str]:
-    from userrep.downstream import sha256
+    from userrep.fsio import sha256
 
-    manifest = json.loads((batch_dir / "manifest.json").read_text())
+    manifest = read_manifest(batch_dir)
     return [name for name, digest in manifest.get("files", {}).items()
             if not (batch_dir / name).exists() or sha256(batch_dir / name) != digest]
 
@@ -196,13 +197,13 @@ def measure(candidate: Path, serving: Path | None, ds: Dataset | EventSource, po
             downstream: DownstreamConfig = DownstreamConfig(), log=print):
     """Every number of the gate; returns (GateInputs, Evidently snapshot or None, alignment details)."""
     candidate = Path(candidate)
-    manifest = json.loads((candidate / "manifest.json").read_text())
+    manifest = read_manifest(candidate)
     base = dict(candidate=manifest["batch_id"], missing_tasks=tuple(missing_tasks(candidate)),
                 integrity=tuple(integrity_problems(candidate)))
     if serving is None:
         return GateInputs(serving=None, **base), None
     serving = Path(serving)
-    serving_manifest = json.loads((serving / "manifest.json").read_text())
+    serving_manifest = read_manifest(serving)
     share, over, snapshot = feature_drift(candidate, serving, policy)
     log(f"feature drift: {share:.1%} of columns drifted, {len(over)} beyond the per-column limit")
 
@@ -278,7 +279,7 @@ def run_gate(candidate: Path, serving: Path | None, ds: Dataset | EventSource, p
     decision = decide(inputs, policy)
     record = {"candidate": inputs.candidate, "serving": inputs.serving, "passed": decision.passed,
               "reasons": list(decision.reasons), "checks": decision.checks, "inputs": asdict(inputs),
-              "policy": asdict(policy), "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "policy": asdict(policy), "decided_at": datetime.now(UTC).isoformat(timespec="seconds")}
     tmp = candidate / "gate.json.tmp"
     tmp.write_text(json.dumps(record, indent=2, default=_json_default))
     os.replace(tmp, candidate / "gate.json")

@@ -65,7 +65,7 @@ class FitSpec:
         so the plan step, the fit and the exit handler all derive the same settings and batch id."""
         import hashlib
 
-        from userrep.build import data_fingerprint
+        from userrep.fsio import data_fingerprint
 
         as_of = self.resolved_as_of()
         key = json.dumps({"data": data_fingerprint(self.data), "as_of": as_of.isoformat(), "seed": self.seed},
@@ -75,7 +75,8 @@ class FitSpec:
 
     def batch_dir_and_id(self) -> tuple[Path, str, str]:
         """(batch dir, batch id, as_of ISO): what a run of this spec writes."""
-        from userrep.build import data_fingerprint, default_batch_id
+        from userrep.build import default_batch_id
+        from userrep.fsio import data_fingerprint
 
         as_of = self.resolved_as_of()
         batch_id = self.batch_id or default_batch_id(as_of, data_fingerprint(self.data), self.build_config())

@@ -140,7 +140,7 @@ class UserAutoencoder(nn.Module):
         torch.save({"schema": self.schema.groups, "config": asdict(self.config), "state": self.state_dict()}, path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "UserAutoencoder":
+    def load(cls, path: str | Path) -> UserAutoencoder:
         blob = torch.load(path, map_location="cpu", weights_only=False)
         schema = FeatureSchema(tuple(tuple(g) for g in blob["schema"]))
         n = schema.n_features

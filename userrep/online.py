@@ -30,7 +30,6 @@ user's windows, and an event dated later than now plus ``max_future_s`` is refus
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -39,7 +38,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +49,19 @@ from userrep import eventlog
 from userrep.backfill import read_embeddings
 from userrep.batches import batch_dir, read_pointer
 from userrep.features import FeatureSpace, to_utc
+from userrep.layout import read_manifest
 from userrep.model import UserAutoencoder, embed
-from userrep.state import (FeatureState, UserState, apply_events, decode_user, encode_user, register_user,
-                           state_features_at, state_from_dataset, user_clocks)
+from userrep.state import (
+    FeatureState,
+    UserState,
+    apply_events,
+    decode_user,
+    encode_user,
+    register_user,
+    state_features_at,
+    state_from_dataset,
+    user_clocks,
+)
 from userrep.tasks.similar_users import LiveIndex, build_index
 
 MICRO_BATCH = 2000  # events the logger commits together at most (one fsync)
@@ -113,7 +122,7 @@ class OnlineBatch:
 def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
     """A batch's artefacts as one replica holds them (no user state); and its manifest."""
     directory = batch_dir(root, batch_id)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = read_manifest(directory)
     space = FeatureSpace.load(directory / "encoders")
     ids, vectors, _ = read_embeddings(directory / "embeddings.parquet")
     index = LiveIndex(_neighbour_index(directory, ids, vectors))
@@ -209,7 +218,7 @@ def _reembed(online: OnlineBatch, state: FeatureState, user_ids: list[str]) -> d
     clocks = user_clocks(state, user_ids, online.as_of)
     features = state_features_at(state, user_ids, clocks)
     vectors = embed(online.model, features.matrix)
-    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
     with online.lock:
         rows = []
         for user_id in user_ids:

@@ -24,7 +24,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from userrep.backfill import list_column
 from userrep.data import Dataset
 from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, to_utc
+from userrep.fsio import data_fingerprint
 from userrep.partitions import partitioned_snapshot
 
 PROFILE_GROUPS = ("onboarding", "demographics")
@@ -136,7 +137,6 @@ def materialize(data: str | Path | Dataset, as_of, config: StoreConfig = StoreCo
     The features are computed partition by partition (``userrep.partitions``; Ray Data tasks
     when ``workers`` > 0, in a Ray session the caller holds).
     """
-    from userrep.build import data_fingerprint
 
     as_of = to_utc(as_of)
     path = data.path if isinstance(data, Dataset) else Path(data)
@@ -190,7 +190,7 @@ def offline_frames(features: UserFeatures, sid: str, as_of) -> tuple[pa.Table, p
     """Arrow tables for the history view (all history groups packed) and the profile view; ``as_of``:
     one time, or one per user."""
     slices = features.schema.slices()
-    now = pd.Timestamp(datetime.now(timezone.utc))
+    now = pd.Timestamp(datetime.now(UTC))
     n = len(features.user_ids)
     history = [slices[g] for g in features.schema.history_groups()]
 
@@ -302,7 +302,7 @@ def embedding_rows(user_ids, embeddings, batch_id: str, as_of) -> pa.Table:
     """Rows of ``user_embedding`` (``embeddings``: an arrow list column; ``as_of``: one time, or
     one per user)."""
     n = len(embeddings)
-    now = pd.Timestamp(datetime.now(timezone.utc))
+    now = pd.Timestamp(datetime.now(UTC))
     ids = user_ids if isinstance(user_ids, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(user_ids, object))
     return pa.table({"user_id": ids.cast(pa.string()),
                      "batch_id": pa.array([batch_id] * n, pa.string()),
@@ -405,7 +405,7 @@ def history_table(user_ids, artists, plays, recent, batch_id: str, as_of) -> pa.
         start, stop = (int(plays.indptr[has[0]]), int(plays.indptr[has[-1] + 1])) if n else (0, 0)
         return pa.ListArray.from_arrays(pa.compute.subtract(offsets, offsets[0]), values.slice(start, stop - start))
 
-    now = pd.Timestamp(datetime.now(timezone.utc))
+    now = pd.Timestamp(datetime.now(UTC))
     return pa.table({"user_id": pa.array(np.asarray(user_ids, dtype=object)[has].astype(str), pa.string()),
                      "batch_id": pa.array([batch_id] * n, pa.string()),
                      "event_timestamp": _times(as_of, plays.shape[0]).take(pa.array(has, pa.int64())),

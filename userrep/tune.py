@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-
 from userrep.data import load_dataset
 
 # The space: what moved validation scores in docs/evaluation.md, a few values each.
@@ -110,17 +109,16 @@ def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneCon
     ``as_of`` (for a batch as of that time): the events before it are the history, split once;
     there is no outer evaluation split to keep out (a batch has no test users).
     """
+    import pandas as pd
+    import pyarrow.compute as pc
     from ray import tune
     from ray.tune import Callback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from userrep.evaluate import EvalConfig, prepare
-    from userrep.raylocal import ray_session
-    import pandas as pd
-    import pyarrow.compute as pc
-
     from userrep.features import to_utc
+    from userrep.raylocal import ray_session
     from userrep.split import history_before, make_split
 
     started = time.monotonic()

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-
 PATIENCE = 2  # epochs without a validation gain before a validated head stops
 
 

@@ -7,11 +7,11 @@ popular negatives make the task about taste, not about popularity.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from userrep.metrics import auc
-from dataclasses import replace
-
 from userrep.tasks._mlp import HeadConfig, MLPHead, fit_mlp, predict
 
 PAIR_SAMPLES = 2_500_000  # training budget of the head (pairs x epochs)

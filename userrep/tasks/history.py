@@ -12,7 +12,7 @@ half-life); ``recent = plays`` without decay).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

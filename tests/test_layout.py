@@ -1,0 +1,68 @@
+"""Code-health rules that keep the package changeable: no import cycles between our modules
+(imports inside functions count), and each layout name spelled in one module."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("userrep", "serving", "components", "pipelines")
+
+
+def first_party_imports() -> dict[str, set[str]]:
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for package in PACKAGES for p in (REPO / package).rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on.discard(component[-1])
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_between_our_modules():
+    graph = first_party_imports()
+    assert "userrep.build" in graph and "userrep.store" in graph["userrep.build"]
+    assert cycles(graph) == []
+    assert cycles({**graph, "userrep.store": graph["userrep.store"] | {"userrep.build"}})  # the checker sees one
+
+
+def test_each_batch_layout_name_is_spelled_in_one_module():
+    spelled = {name: sorted(str(p.relative_to(REPO)) for package in PACKAGES + ("bench",)
+                            for p in (REPO / package).rglob("*.py") if re.search(rf"[\"']{re.escape(name)}[\"']", p.read_text()))
+               for name in ("manifest.json", "SERVING.json")}
+    assert spelled == {"manifest.json": ["userrep/layout.py"], "SERVING.json": ["userrep/layout.py"]}

@@ -1,0 +1,38 @@
+"""Small file helpers every stage shares: content hashes, the dataset fingerprint, and
+write-to-temp-then-rename (a reader sees the old file or the new one, never half of one)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from userrep.data import TABLES, table_path
+from userrep.eventlog import part_files
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_fingerprint(directory: str | Path) -> dict[str, str]:
+    """sha256 of each contract table file (what the batch was trained on)."""
+    out = {}
+    for name in TABLES:
+        path = table_path(Path(directory), name)
+        if path is not None:
+            out[path.name] = sha256(path)
+    for path in part_files(directory):  # online events compacted into the dataset
+        out[str(path.relative_to(directory))] = sha256(path)
+    return out
+
+
+def write_json_atomic(path: str | Path, value: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str))  # Paths in configs become strings
+    tmp.replace(path)
