@@ -6,13 +6,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Manifest validators pin old packages (checkov: packaging 23, networkx 2.6) that would downgrade
-# the main stack (STACK-NOTES): they get their own venv.
+# the main stack: they get their own venv.
 TOOLS  := .tools
 TOOLS_STAMP := $(TOOLS)/.installed
 WORK   ?= work
 PYTEST_ARGS ?=
 
-# No telemetry, no tokens in ~/.ray, no surprise downloads (docs/STACK-NOTES in ../shared).
+# No telemetry, no tokens in ~/.ray, no surprise downloads.
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export BENTOML_DO_NOT_TRACK := True

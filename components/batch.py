@@ -166,16 +166,10 @@ def drift_gate(batch_root: str, batch_id: str, after: str, decision: Output[Metr
     import shutil
     from pathlib import Path
 
-    from userrep.batches import batch_dir, serving_batch
-    from userrep.gate import run_gate
-    from userrep.layout import read_manifest
-    from userrep.source import EventSource
+    from userrep.gate import gate_batch
 
-    candidate = batch_dir(batch_root, batch_id)
-    manifest = read_manifest(candidate)
-    serving = serving_batch(batch_root)
-    serving_dir = batch_dir(batch_root, serving) if serving and serving != batch_id else None
-    record = run_gate(candidate, serving_dir, EventSource(manifest["data"]["path"]))  # streamed
+    record = gate_batch(batch_root, batch_id)  # on the data the candidate was built on, streamed
+    candidate = Path(batch_root) / batch_id
     for name, check in record["checks"].items():
         decision.log_metric(f"{name}/passed", float(check["passed"]))
         if isinstance(check["value"], (int, float)):

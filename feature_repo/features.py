@@ -21,8 +21,7 @@ from feature_repo.data_sources import (
                                       user_profile_source,
 )
 from feature_repo.entities import batch, user
-
-PROFILE_GROUPS = ("onboarding", "demographics")
+from userrep.features import PROFILE_GROUPS
 
 user_history = FeatureView(
     name="user_history", entities=[user], ttl=timedelta(days=3650), source=user_history_push, online=True,

@@ -31,15 +31,16 @@ from components.batch import (
     tune_settings,
 )
 from pipelines.k8s import on_cluster
+from userrep.layout import TASKS
 
-TASKS = ["future_listening", "artist_preference", "similar_users"]
+TASK_LIST = list(TASKS)  # a pipeline parameter's default must be a list
 
 
 @dsl.pipeline(name="userrep-training", description="Train, backfill, retrain downstream, gate and promote a batch.")
 def training_pipeline(data: str = "/work/world", as_of: str = "", batch_root: str = "/work/batches",
                       feast_home: str = "/work/feast", online: str = "sqlite", redis: str = "127.0.0.1:6379",
                       dim: int = 64, epochs: int = 20, workers: int = 2, label_days: int = 28,
-                      ray_address: str = "", rayjob_namespace: str = "", tasks: list = TASKS, tune: bool = False,
+                      ray_address: str = "", rayjob_namespace: str = "", tasks: list = TASK_LIST, tune: bool = False,
                       tune_budget_s: float = 180.0, events_log: str = ""):
     store = dict(feast_home=feast_home, online=online, redis=redis)
     settings = dict(data=data, as_of=as_of, batch_root=batch_root, dim=dim, epochs=epochs, workers=workers,

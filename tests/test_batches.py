@@ -135,7 +135,7 @@ def test_shuffled_embeddings_are_blocked_as_unstable(lifecycle):
     shuffled = vectors[np.random.default_rng(0).permutation(len(vectors))]
     pq.write_table(embeddings_table(ids, shuffled, batch_id), bad / "embeddings.parquet")
     refresh_hashes(bad)
-    record = run_gate(bad, root / "b1", ds, **QUIET)
+    record = run_gate(bad, root / "b1", ds, report=False, **QUIET)
     assert not record["passed"]
     assert any(r.startswith("stability_knn") for r in record["reasons"]), record["reasons"]
 
@@ -152,7 +152,7 @@ def test_a_feature_column_scaled_tenfold_is_blocked_by_name(lifecycle):
     pq.write_table(table.set_column(1, "features", pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])),
                    bad / "features.parquet")
     refresh_hashes(bad)
-    record = run_gate(bad, root / "b1", ds, **QUIET)
+    record = run_gate(bad, root / "b1", ds, report=False, **QUIET)
     assert not record["passed"]
     assert any(r.startswith("feature_column_drift") and "activity_30d:log_plays" in r for r in record["reasons"])
 
@@ -161,7 +161,7 @@ def test_a_missing_head_blocks_the_gate_and_promotion(lifecycle):
     root, ds, _ = lifecycle
     bad = corrupt_copy(root, "nohead")
     (bad / "downstream" / "artist_preference.pt").unlink()
-    record = run_gate(bad, root / "b1", ds, **QUIET)
+    record = run_gate(bad, root / "b1", ds, report=False, **QUIET)
     assert not record["passed"] and "artist_preference" in record["reasons"][0]
     # Even with a forged passing decision, promotion checks the models itself.
     shutil.copytree(bad, root / "nohead")
@@ -177,7 +177,7 @@ def test_a_missing_head_blocks_the_gate_and_promotion(lifecycle):
 def test_a_crash_before_the_switch_leaves_the_old_batch_serving(lifecycle):
     root, ds, _ = lifecycle
     if not (root / "b2" / "gate.json").exists():
-        run_gate(root / "b2", root / "b1", ds, **QUIET)
+        run_gate(root / "b2", root / "b1", ds, report=False, **QUIET)
     assert batches.serving_batch(root) == "b1"
     crash = ("import os, sys; from userrep import batches; "
              "os.replace = lambda *a, **k: os._exit(9); batches.promote(sys.argv[1], 'b2')")
@@ -190,7 +190,7 @@ def test_a_crash_before_the_switch_leaves_the_old_batch_serving(lifecycle):
 def test_promote_rollback_round_trip_and_online_reads_per_batch(lifecycle):
     root, ds, config = lifecycle
     if not (root / "b2" / "gate.json").exists():
-        run_gate(root / "b2", root / "b1", ds, **QUIET)
+        run_gate(root / "b2", root / "b1", ds, report=False, **QUIET)
     pointer = batches.promote(root, "b2")
     assert pointer["serving"] == "b2" and pointer["history"] == ["b1"]
     assert batches.state(root, "b1") == "previous"

@@ -177,8 +177,15 @@ def fit_rayjob(namespace: str = NAMESPACE) -> dict:
     return rayjob_manifest("userrep-fit-x", namespace, FitSpec(data="/work/world", batch_root="/work/batches"))
 
 
+@pytest.fixture(scope="module")
+def kind_objects(tmp_path_factory) -> list[dict]:
+    """The chart rendered with values-kind.yaml, once per module (tests copy before changing it)."""
+    return helm(None, tmp_path_factory.mktemp("kind"))["objects"]
+
+
 # -- the chart, every values file ------------------------------------------------------------------
 
+@pytest.mark.slow  # kubernetes-validate and checkov: seconds each
 @pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda p: p.stem)
 def test_chart_renders_objects_every_validator_accepts(values_file, tmp_path):
     out = helm(None, tmp_path, base=values_file)
@@ -198,10 +205,10 @@ def test_chart_renders_objects_every_validator_accepts(values_file, tmp_path):
     assert scan.returncode == 0, scan.stdout[-3000:]
 
 
-def test_the_rayjob_the_pipeline_submits_passes_the_kuberay_schema_and_matches_the_chart(tmp_path):
+def test_the_rayjob_the_pipeline_submits_passes_the_kuberay_schema_and_matches_the_chart(kind_objects):
     job = fit_rayjob()
     assert kuberay_problems(job) == []
-    chart = helm(None, tmp_path)["objects"]
+    chart = kind_objects
     assert project_images([job]) == project_images(chart)  # the image the chart deploys
     claims = {v["persistentVolumeClaim"]["claimName"] for _, t in pod_templates(job) for v in t["spec"]["volumes"]}
     assert claims == {o["metadata"]["name"] for o in chart if o["kind"] == "PersistentVolumeClaim"}
@@ -224,8 +231,8 @@ def _set(obj: dict, path: str, value) -> dict:
     ("RayJob", "spec.shutdownAfterJobFinishes", "true", "'true' is not of type 'boolean'"),
     ("RayJob", "spec.rayClusterSpec.workerGroupSpecs.0.template.metadata.labelz", {}, "labelz"),
 ])
-def test_a_wrong_type_or_an_unknown_field_in_a_ray_object_fails(kind, path, value, expected, tmp_path):
-    objects = [fit_rayjob()] + rays(helm(None, tmp_path)["objects"])
+def test_a_wrong_type_or_an_unknown_field_in_a_ray_object_fails(kind, path, value, expected, kind_objects):
+    objects = [fit_rayjob()] + rays(kind_objects)
     obj = next(o for o in objects if o["kind"] == kind)
     assert kuberay_problems(obj) == []
     problems = kuberay_problems(_set(obj, path, value))
@@ -334,10 +341,8 @@ def connection_report(policies: list[dict], pods: list[Pod]) -> tuple[set, list[
 
 
 @pytest.fixture(scope="module")
-def rendered_system(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("netpol")
-    objects = helm(None, tmp)["objects"]
-    return objects, compiled_executors(tmp), fit_rayjob()
+def rendered_system(kind_objects, tmp_path_factory):
+    return kind_objects, compiled_executors(tmp_path_factory.mktemp("netpol")), fit_rayjob()
 
 
 def test_network_policies_admit_every_needed_connection_and_nothing_else(rendered_system):
@@ -474,12 +479,11 @@ def test_every_value_has_a_helm_case():
 
 
 @pytest.mark.parametrize("key", sorted(HELM_CASES))
-def test_chart_should_change_what_the_value_names_when_it_is_set(key, tmp_path):
+def test_chart_should_change_what_the_value_names_when_it_is_set(key, kind_objects, tmp_path):
     value, check = HELM_CASES[key]
-    default = helm(None, tmp_path)
     changed = helm({key: value}, tmp_path)
     assert changed["schema_error"] is None, changed["schema_error"]
-    assert not check(default["objects"]), f"the case for {key} holds without setting it"
+    assert not check(kind_objects), f"the case for {key} holds without setting it"
     assert check(changed["objects"]), f"setting {key} did not change what it should"
 
 
@@ -499,17 +503,18 @@ def test_the_chart_refuses_to_install_without_a_storage_class(tmp_path):
 
 # -- images, Redis durability, checkov wiring ------------------------------------------------------
 
-def test_every_image_is_the_one_the_pipelines_compile_with(tmp_path):
+def test_every_image_is_the_one_the_pipelines_compile_with(kind_objects, tmp_path):
     from pipelines.runner import IMAGE_PLACEHOLDER, compile_pipelines
 
-    images = project_images(helm(None, tmp_path)["objects"]) | project_images([fit_rayjob()])
+    images = project_images(kind_objects) | project_images([fit_rayjob()])
     assert images == {IMAGE_PLACEHOLDER}
     compiled = yaml.safe_load(compile_pipelines(tmp_path)[0].read_text().split("\n---\n")[0])
     assert {e["container"]["image"] for e in compiled["deploymentSpec"]["executors"].values()} == images
 
 
-def test_the_validators_are_wired_a_broken_manifest_fails(tmp_path):
-    objects = helm(None, tmp_path)["objects"]
+@pytest.mark.slow  # kubernetes-validate and checkov: seconds each
+def test_the_validators_are_wired_a_broken_manifest_fails(kind_objects, tmp_path):
+    objects = kind_objects
     broken = [dict(o) for o in core(objects)]
     deployment = next(o for o in broken if o["kind"] == "Deployment")
     deployment["spec"] = {**deployment["spec"], "replicas": "two"}  # wrong type
@@ -523,27 +528,28 @@ def test_the_validators_are_wired_a_broken_manifest_fails(tmp_path):
     assert scan.returncode != 0 and "CKV_K8S_11" in scan.stdout  # CPU limits
 
 
+@pytest.mark.slow  # kubernetes-validate and checkov: seconds each
 def test_checkov_finds_nothing_in_the_dockerfile():
     done = checkov("-f", "Dockerfile", "--framework", "dockerfile")
     assert done.returncode == 0, done.stdout[-3000:]
 
 
-def test_the_redis_holding_the_event_stream_fsyncs_every_write(tmp_path):
+def test_the_redis_holding_the_event_stream_fsyncs_every_write(kind_objects):
     """Acknowledged events are durable only if Redis writes its append-only file before replying;
     the chart must start it as the tests and benches do (userrep.eventlog)."""
     from userrep.eventlog import REDIS_DURABLE_ARGS
 
-    redis = _one(helm(None, tmp_path)["objects"], "StatefulSet", "userrep-redis")
+    redis = _one(kind_objects, "StatefulSet", "userrep-redis")
     command = " ".join(" ".join(c.get("command", []) + c.get("args", [])) for c in containers(redis))
     assert " ".join(REDIS_DURABLE_ARGS) in command, command
 
 
-def test_ray_objects_run_this_ray_and_the_serve_app_this_repo_defines(tmp_path):
+def test_ray_objects_run_this_ray_and_the_serve_app_this_repo_defines(kind_objects):
     import ray
 
     from serving.ray_app import EmbeddingService
 
-    objects = rays(helm(None, tmp_path)["objects"]) + [fit_rayjob()]
+    objects = rays(kind_objects) + [fit_rayjob()]
     assert {o["kind"] for o in objects} == {"RayCluster", "RayService", "RayJob"}
     for obj in objects:
         cluster = obj["spec"].get("rayClusterConfig") or obj["spec"].get("rayClusterSpec") or obj["spec"]

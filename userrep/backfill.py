@@ -122,7 +122,7 @@ def embed_users(batch_dir: str | Path, ds, user_ids, as_of=None) -> tuple[np.nda
         known |= set(ds.users.column("user_id").to_pylist())
     unknown = [u for u in user_ids if u not in known]
     if unknown:
-        raise KeyError(f"unknown user_id(s) {unknown[:5]}: not in events or users of {ds.path}")
+        raise ValueError(f"user_ids: unknown user_id(s) {unknown[:5]}: not in events or users of {ds.path}")
     space = FeatureSpace.load(batch_dir / "encoders")
     features = build_user_features(ds, as_of or manifest["as_of"], space, user_ids=list(user_ids))
     return embed(UserAutoencoder.load(batch_dir / "model.pt"), features.matrix), manifest["batch_id"]

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from userrep.downstream import missing_tasks
+from userrep.fsio import integrity_problems
 from userrep.layout import MANIFEST, POINTER, manifest_path, read_manifest
 
 
@@ -132,8 +133,6 @@ def promote(root: str | Path, batch_id: str) -> dict:
     if gate["serving"] != pointer["serving"]:
         raise BatchError(f"batch_id: {batch_id} was gated against {gate['serving']}, but {pointer['serving']} "
                          f"is serving now; gate it again")
-    from userrep.gate import integrity_problems
-
     changed = integrity_problems(path)
     if changed:
         raise BatchError(f"batch_id: files of {batch_id} changed since its manifest: {', '.join(changed)}")

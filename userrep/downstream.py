@@ -38,14 +38,13 @@ from userrep.baselines import choose, decayed_matrix, user_artist_matrix
 from userrep.data import Dataset
 from userrep.features import FeatureSpace, build_user_features, to_utc
 from userrep.fsio import sha256
-from userrep.layout import read_manifest
+from userrep.layout import TASKS, read_manifest
 from userrep.metrics import auc
 from userrep.model import UserAutoencoder, embed
 from userrep.source import EventSource
 from userrep.tasks import artist_preference, future_listening, history, similar_users
 from userrep.tasks._mlp import HeadConfig, MLPHead
 
-TASKS = ("future_listening", "artist_preference", "similar_users")
 EMBEDDING, WITH_HISTORY = "embedding", history.WITH_HISTORY  # the two designs of a head
 
 

@@ -41,6 +41,7 @@ from userrep.encoders import (
 )
 
 HISTORY_KINDS = ("collab", "content", "genres", "activity", "artists")
+PROFILE_GROUPS = ("onboarding", "demographics")  # the groups that are not history (Feast view user_profile)
 ACTIVITY = ("log_plays", "log_distinct_artists", "active_day_share", "has_history")  # "all": log active days
 _DAY_US = 86_400 * 1_000_000
 

@@ -1,5 +1,6 @@
-"""Small file helpers every stage shares: content hashes, the dataset fingerprint, and
-write-to-temp-then-rename (a reader sees the old file or the new one, never half of one)."""
+"""Small file helpers every stage shares: content hashes, the dataset fingerprint, a batch's
+integrity against its manifest, and write-to-temp-then-rename (a reader sees the old file or the
+new one, never half of one)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from userrep.data import TABLES, table_path
 from userrep.eventlog import part_files
+from userrep.layout import read_manifest
 
 
 def sha256(path: str | Path) -> str:
@@ -36,3 +38,10 @@ def write_json_atomic(path: str | Path, value: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, default=str))  # Paths in configs become strings
     tmp.replace(path)
+
+
+def integrity_problems(batch_dir: str | Path) -> list[str]:
+    """The files of a batch whose sha256 no longer matches its manifest (or that are gone)."""
+    batch_dir = Path(batch_dir)
+    return [name for name, digest in read_manifest(batch_dir).get("files", {}).items()
+            if not (batch_dir / name).exists() or sha256(batch_dir / name) != digest]

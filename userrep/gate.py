@@ -23,9 +23,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from userrep.backfill import read_embeddings
+from userrep.batches import batch_dir, serving_batch
 from userrep.data import Dataset
 from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, missing_tasks, skipped_tasks, task_data
 from userrep.features import FeatureSpace, build_user_features, to_utc
+from userrep.fsio import integrity_problems
 from userrep.layout import read_manifest
 from userrep.model import UserAutoencoder, embed
 from userrep.source import EventSource
@@ -120,14 +122,6 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
 
 # ---------------------------------------------------------------------------------------------
 # measuring
-
-
-def integrity_problems(batch_dir: Path) -> list[str]:
-    from userrep.fsio import sha256
-
-    manifest = read_manifest(batch_dir)
-    return [name for name, digest in manifest.get("files", {}).items()
-            if not (batch_dir / name).exists() or sha256(batch_dir / name) != digest]
 
 
 def comparable_frame(batch_dir: Path, rows: np.ndarray | None = None) -> pd.DataFrame:
@@ -292,3 +286,14 @@ def _json_default(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     raise TypeError(f"not JSON serializable: {type(value)}")
+
+
+def gate_batch(root: str | Path, batch_id: str, data: str | Path | None = None, log=print) -> dict:
+    """The gate step, as `userrep batch gate` and the pipeline's drift_gate run it: the candidate
+    ``batch_id`` against the batch serving under ``root`` (none: the first batch), on the data the
+    candidate was built on unless ``data`` (streamed); writes gate.json and the drift report."""
+    candidate = batch_dir(root, batch_id)
+    serving = serving_batch(root)
+    serving_dir = batch_dir(root, serving) if serving and serving != batch_id else None
+    events = EventSource(data or read_manifest(candidate)["data"]["path"])
+    return run_gate(candidate, serving_dir, events, log=log)

@@ -52,7 +52,7 @@ def cpus_per_worker(workers: int) -> float:
     """Half the cluster's CPUs go to training workers, the rest stay free for Ray Data.
 
     With the default 1 CPU per worker, 2 workers on a 2-CPU box starve Ray Data forever
-    (backpressured:tasks(ResourceBudget)); see ../shared/STACK-NOTES.md.
+    (Ray Data reports the operator as backpressured:tasks(ResourceBudget) and never runs it).
     """
     import ray
 

@@ -34,11 +34,10 @@ import pyarrow.parquet as pq
 
 from userrep.backfill import list_column
 from userrep.data import Dataset
-from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, to_utc
+from userrep.features import PROFILE_GROUPS, FeatureConfig, FeatureSpace, UserFeatures, to_utc
 from userrep.fsio import data_fingerprint
 from userrep.partitions import partitioned_snapshot
 
-PROFILE_GROUPS = ("onboarding", "demographics")
 EMBEDDING_FIELDS = ["user_embedding:embedding", "user_embedding:embedding_batch"]
 HISTORY_FIELDS = ["user_artist_history:artists", "user_artist_history:plays", "user_artist_history:recent",
                   "user_artist_history:history_batch"]
@@ -238,8 +237,8 @@ def _upsert(path: Path, tables: pa.Table | Iterable[pa.Table], key: str, value: 
 def historical_features(store, entity_df: pd.DataFrame, features) -> tuple[pd.DataFrame, int]:
     """``get_historical_features`` that returns every entity row, in order.
 
-    Feast silently drops entity rows whose timestamp precedes the entity's first feature row
-    (STACK-NOTES). Each row gets an id and is left-merged back: a dropped row comes back with
+    Feast's file offline store silently drops entity rows whose timestamp precedes the entity's
+    first feature row. Each row gets an id and is left-merged back: a dropped row comes back with
     nulls, and the number of such rows is returned so callers decide instead of losing users.
     """
     entity_df = entity_df.reset_index(drop=True).assign(_row=np.arange(len(entity_df)))

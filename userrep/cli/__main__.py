@@ -1,0 +1,3 @@
+from userrep.cli import app
+
+app()

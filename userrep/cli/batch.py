@@ -1,0 +1,107 @@
+"""`userrep batch list | show | gate | promote | rollback`: the batch registry and the gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from userrep.cli.common import ROOT_OPTION, _batch_call, _run_or_exit, console
+from userrep.layout import manifest_path
+
+batch_app = typer.Typer(help="Batches: list, show, gate, promote, roll back.", no_args_is_help=True)
+
+
+@batch_app.command("list")
+def batch_list(root: ROOT_OPTION = Path("work/batches")) -> None:
+    """Every batch with its state (serving, gated, rejected, candidate, incomplete, failed)."""
+    from userrep.batches import list_batches
+
+    table = Table(title=f"batches in {root}", title_justify="left")
+    for column in ("batch_id", "as_of", "created_at", "users", "state"):
+        table.add_column(column)
+    for row in list_batches(root):
+        style = {"serving": "bold green", "rejected": "red", "failed": "red"}.get(row["state"], "")
+        table.add_row(*(str(row[c]) for c in ("batch_id", "as_of", "created_at", "users")),
+                      f"[{style}]{row['state']}[/]" if style else row["state"])
+    console.print(table)
+
+
+@batch_app.command("show")
+def batch_show(batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")) -> None:
+    """Manifest, downstream metrics, gate decision of one batch (JSON)."""
+    from userrep.batches import show
+
+    print(json.dumps(_batch_call(lambda: show(root, batch_id)), indent=2))
+
+
+@batch_app.command("gate")
+def batch_gate(
+    batch_id: Annotated[str, typer.Argument(help="Candidate batch id.")],
+    root: ROOT_OPTION = Path("work/batches"),
+    data: Annotated[Path | None, typer.Option(help="Dataset directory; default: the one the batch was built on.")] = None,
+) -> None:
+    """Measure the candidate against the serving batch, decide, write gate.json and drift_report.html."""
+    record = _gate(root, batch_id, data)
+    raise typer.Exit(code=0 if record["passed"] else 3)
+
+
+def _gate(root: Path, batch_id: str, data: Path | None) -> dict:
+    from userrep.gate import gate_batch
+
+    record = _batch_call(lambda: _run_or_exit(lambda: gate_batch(root, batch_id, data, log=console.print)))
+    _print_gate(record)
+    return record
+
+
+def _print_gate(record: dict) -> None:
+    verdict = "[bold green]PASS[/]" if record["passed"] else "[bold red]BLOCK[/]"
+    table = Table(title=f"gate {record['candidate']} vs serving {record['serving'] or '(none)'}: {verdict}",
+                  title_justify="left")
+    for column in ("check", "value", "limit", "ok"):
+        table.add_column(column)
+    for name, check in record["checks"].items():
+        value = check["value"]
+        if isinstance(value, dict) and "candidate" in value:
+            value = f"{value['candidate']:.4f} vs {value['serving']:.4f}"
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        table.add_row(name, str(value), str(check["limit"]), "[green]yes[/]" if check["passed"] else "[red]no[/]")
+    console.print(table)
+    for reason in record["reasons"]:
+        console.print(f"[red]blocked:[/] {reason}", highlight=False)
+
+
+@batch_app.command("promote")
+def batch_promote(batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")) -> None:
+    """Serve this batch (gate passed, all models present): one atomic pointer switch."""
+    from userrep.batches import promote
+
+    pointer = _batch_call(lambda: promote(root, batch_id))
+    console.print(f"serving {pointer['serving']} (previous: {pointer['history'][-1] if pointer['history'] else 'none'})")
+
+
+@batch_app.command("rollback")
+def batch_rollback(root: ROOT_OPTION = Path("work/batches")) -> None:
+    """Serve the previous batch again."""
+    from userrep.batches import rollback
+
+    pointer = _batch_call(lambda: rollback(root))
+    console.print(f"serving {pointer['serving']} again (rolled back from {pointer['rolled_back_from']})")
+
+
+def _print_downstream(root: Path, ids: list[str]) -> None:
+    from userrep.batches import show
+
+    table = Table(title="downstream models (validation on the batch's own label window)", title_justify="left")
+    table.add_column("task / metric")
+    for batch_id in ids:
+        table.add_column(batch_id, justify="right")
+    infos = [show(root, b)["downstream"] if manifest_path(root / b).exists() else {} for b in ids]
+    keys = sorted({(t, m) for info in infos for t, values in info.items() for m in values})
+    for task, metric in keys:
+        table.add_row(f"{task} {metric}", *(f"{info.get(task, {}).get(metric, float('nan')):.4f}" for info in infos))
+    console.print(table)

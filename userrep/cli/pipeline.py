@@ -1,0 +1,112 @@
+"""`userrep pipeline run | compile | submit`: the KFP pipelines, embedded or on a cluster."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from userrep.cli.batch import _print_gate
+from userrep.cli.common import _error, _validate_or_exit, console
+
+pipeline_app = typer.Typer(help="Kubeflow pipelines: run embedded, compile, submit.", no_args_is_help=True)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    data: Annotated[Path, typer.Option(help="Dataset directory.")] = Path("work/world"),
+    as_of: Annotated[str, typer.Option(help="Batch cut-off (ISO-8601); default: midnight after the last event.")] = "",
+    work: Annotated[Path, typer.Option(help="Work dir: batches/, feast/, kfp/ (pipeline root).")] = Path("work"),
+    pipeline: Annotated[str, typer.Option(help="training or refresh.")] = "training",
+    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
+    epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
+    workers: Annotated[int, typer.Option(min=0, help="Ray Train/Data workers (0: in-process, the fastest fit on "
+                                                     "one box; bench/fit_throughput.py).")] = 0,
+    label_days: Annotated[int, typer.Option(min=1, help="Downstream label window (days).")] = 28,
+    ray_address: Annotated[str, typer.Option(help="Ray Job Submission API of a RayCluster (fit runs there).")] = "",
+    rayjob: Annotated[str, typer.Option(help="Namespace to create a KubeRay RayJob in for the fit.")] = "",
+    tune: Annotated[bool, typer.Option(help="Tune the autoencoder and head settings first (Ray Tune on a validation "
+                                            "split of the history; replaces --dim/--epochs; recorded in the manifest).")] = False,
+    tune_budget: Annotated[float, typer.Option(min=1, help="Seconds after which the tune step starts no new trial.")] = 180.0,
+    events_log: Annotated[str, typer.Option(help="The online event log to compact into the dataset first "
+                                                 "(e.g. work/online/events.sqlite); '' skips it.")] = "",
+) -> None:
+    """Run a pipeline embedded with kfp.local (SubprocessRunner): each step's progress on the console."""
+    from pipelines.runner import run_local
+
+    if pipeline not in ("training", "refresh"):
+        _error("error", f"--pipeline: expected training or refresh, got {pipeline!r}")
+        raise typer.Exit(code=2)
+    _validate_or_exit(data)
+    params = dict(data=str(data), as_of=as_of, batch_root=str(work / "batches"), feast_home=str(work / "feast"))
+    if pipeline == "training":
+        params.update(dim=dim, epochs=epochs, workers=workers, label_days=label_days, ray_address=ray_address,
+                      rayjob_namespace=rayjob, tune=tune, tune_budget_s=tune_budget,
+                      events_log=events_log if events_log.startswith("redis://") or not events_log
+                      else str(Path(events_log).resolve()))
+    log_path = _pipeline_log(work, pipeline)
+    console.print(f"pipeline {pipeline} (kfp.local); full log: {log_path}")
+    try:
+        outcome = run_local(pipeline, work, log_path=log_path, echo=console.print, **params)
+    except RuntimeError as exc:  # kfp.local: a step failed
+        _pipeline_failed(exc, log_path)
+    if outcome["gate"]:
+        _print_gate(outcome["gate"])
+    console.print(f"latest batch {outcome['latest']}; serving {outcome['serving']}")
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Annotated[Path, typer.Option(help="Directory for training.yaml and refresh.yaml.")] = Path("work/pipelines"),
+    image: Annotated[str, typer.Option(help="Container image of every step (the Dockerfile's).")] = "userrep:0.1.0",
+) -> None:
+    """Compile both pipelines to KFP IR YAML with kfp-kubernetes settings (PVC, Redis secret, resources)."""
+    from pipelines.runner import compile_pipelines
+
+    for path in compile_pipelines(out, image):
+        console.print(f"wrote {path}")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: Annotated[str, typer.Option(help="Kubeflow Pipelines API, e.g. http://localhost:8080.")],
+    experiment: Annotated[str, typer.Option(help="Experiment name.")] = "userrep",
+    package: Annotated[Path, typer.Option(help="Compiled pipeline (userrep pipeline compile).")] = Path("work/pipelines/training.yaml"),
+    param: Annotated[list[str] | None, typer.Option(help="Pipeline parameter KEY=VALUE (repeatable), e.g. "
+                                                         "ray_address=http://raycluster-head-svc.ray:8265")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Namespace the steps run in (multi-user Kubeflow: the "
+                                                       "profile's); the Helm release's namespace.")] = None,
+) -> None:
+    """Submit a compiled pipeline with kfp.Client and print the run URL."""
+    from pipelines.runner import submit
+
+    if not package.exists():
+        _error("error", f"--package {package}: not found (run `userrep pipeline compile` first)")
+        raise typer.Exit(code=2)
+    arguments = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _error("error", f"--param {item!r}: expected KEY=VALUE")
+            raise typer.Exit(code=2)
+        arguments[key] = int(value) if value.isdigit() else value
+    try:
+        url = submit(host, package, experiment, arguments, namespace=namespace)
+    except Exception as exc:  # connection refused, auth, API errors: say which host, never a traceback
+        _error("error", f"--host {host}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        raise typer.Exit(code=1) from None
+    console.print(f"run: {url}")
+
+
+def _pipeline_log(work: Path, name: str) -> Path:
+    return work / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def _pipeline_failed(exc: Exception, log_path: Path):
+    """A step failed: its last lines (the error) and where the whole log is."""
+    tail = log_path.read_text(errors="replace").splitlines()[-25:] if log_path.exists() else []
+    console.print("\n".join(tail), markup=False, highlight=False)
+    _error("pipeline failed", f"{str(exc).splitlines()[0]} (full log: {log_path})")
+    raise typer.Exit(code=1) from None
