@@ -30,16 +30,16 @@ def tiny_features(small_world):
     return type(features)(features.user_ids[:400], features.matrix[:400], features.schema)
 
 
-@pytest.mark.parametrize("average_every", [1, 3], ids=["ddp", "local_sgd"])
-def test_ray_train_two_workers(ray_cluster, tiny_features, tmp_path, average_every):
-    config = AEConfig(epochs=3, batch_size=64, average_every=average_every)
+def test_ray_train_two_workers_with_local_sgd(ray_cluster, tiny_features, tmp_path):
+    """Two workers averaging their parameters every 3 steps (two workers with DDP: the kill-resume
+    and two-node tests below)."""
+    config = AEConfig(epochs=3, batch_size=64, average_every=3)
     result = fit_autoencoder(tiny_features, config, workers=2, checkpoint_dir=tmp_path / "checkpoints")
     assert len(result.losses) == 3 and all(np.isfinite(result.losses))
     assert result.losses[-1] < result.losses[0]
     assert len(list((tmp_path / "checkpoints").glob("epoch_*.pt"))) == 3
     assert embed(result.model, tiny_features.matrix).shape == (400, 64)
-    # both ways of sharing the work train about the model one process trains (average_every does
-    # not apply in-process)
+    # about the model one process trains (average_every does not apply in-process)
     local = fit_autoencoder(tiny_features, config)
     assert result.losses[-1] == pytest.approx(local.losses[-1], rel=0.05)
 
@@ -62,7 +62,7 @@ def test_a_killed_ray_train_worker_resumes_from_the_last_checkpoint(ray_cluster,
 
     import psutil
 
-    checkpoints, epochs = tmp_path / "checkpoints", 400
+    checkpoints, epochs = tmp_path / "checkpoints", 150  # the kill lands a few epochs in, well before the end
     outcome = {}
 
     def fit() -> None:
