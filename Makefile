@@ -42,8 +42,9 @@ demo: $(STAMP) ## Run the main job on the embedded default (synthetic world)
 serve: $(STAMP) ## Serve the promoted batch on 127.0.0.1 (Ray Serve :8000, BentoML :3000) until Ctrl-C
 	$(BIN)/userrep serve --work $(WORK)
 
-lint: $(TOOLS_STAMP) ## Lint with ruff (rules and the reasons for each ignore: pyproject.toml [tool.ruff])
+lint: $(TOOLS_STAMP) ## Lint (ruff check), formatting (ruff format --check) and types (mypy userrep/); config: pyproject.toml
 	$(TOOLS)/bin/ruff check .
+	$(TOOLS)/bin/ruff format --check .
 
 test: $(STAMP) $(TOOLS_STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

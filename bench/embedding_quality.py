@@ -31,7 +31,7 @@ def agreement(x: np.ndarray, labels: np.ndarray, queries: np.ndarray, pool: np.n
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     hits = []
     for start in range(0, len(queries), 2048):
-        q = queries[start:start + 2048]
+        q = queries[start : start + 2048]
         sims = x[q] @ x[pool].T
         sims[pool[None, :] == q[:, None]] = -np.inf
         top = pool[np.argpartition(-sims, k, axis=1)[:, :k]]
@@ -57,8 +57,10 @@ def main() -> None:
     labels = truth["dominant_genre"].reindex(features.user_ids).to_numpy()
     slices = features.schema.slices()
     warm = np.flatnonzero(features.matrix[:, slices["activity_180d"]][:, 3] == 1)
-    cold = np.flatnonzero((features.matrix[:, slices["activity_180d"]][:, 3] == 0)
-                          & (features.matrix[:, slices["onboarding"]][:, -1] == 1))
+    cold = np.flatnonzero(
+        (features.matrix[:, slices["activity_180d"]][:, 3] == 0)
+        & (features.matrix[:, slices["onboarding"]][:, -1] == 1)
+    )
     mean, std = standardization(features.matrix)
     raw = (features.matrix - mean) / std
     dim = model.config.latent
@@ -72,10 +74,26 @@ def main() -> None:
     for name, x in representations.items():
         w = agreement(x, labels, warm, warm)
         c = agreement(x, labels, cold, warm)
-        rows[name] = {"warm_top10": round(w, 4), "cold_top10": round(c, 4),
-                      "warm_vs_chance": round(w / chance, 2), "cold_vs_chance": round(c / chance, 2)}
-    print(json.dumps({"bench": "embedding_quality", "users": args.users, "warm": len(warm), "cold": len(cold),
-                      "chance": round(chance, 4), "fit_s": round(fit_s, 1), "rows": rows}, indent=2))
+        rows[name] = {
+            "warm_top10": round(w, 4),
+            "cold_top10": round(c, 4),
+            "warm_vs_chance": round(w / chance, 2),
+            "cold_vs_chance": round(c / chance, 2),
+        }
+    print(
+        json.dumps(
+            {
+                "bench": "embedding_quality",
+                "users": args.users,
+                "warm": len(warm),
+                "cold": len(cold),
+                "chance": round(chance, 4),
+                "fit_s": round(fit_s, 1),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ def measure(users: int) -> dict:
         ds = load_dataset(tmp)
         as_of = "2026-06-01"
         row = {"users": users, "items": ds.items.num_rows, "events": ds.events.num_rows}
-        for name, fit in (("collab_s", lambda: CollaborativeEncoder().fit(ds, as_of)),
-                          ("content_s", lambda: ContentEncoder().fit(ds, as_of))):
+        for name, fit in (
+            ("collab_s", lambda: CollaborativeEncoder().fit(ds, as_of)),
+            ("content_s", lambda: ContentEncoder().fit(ds, as_of)),
+        ):
             started = time.perf_counter()
             fit()
             row[name] = round(time.perf_counter() - started, 2)

@@ -21,8 +21,18 @@ from pathlib import Path
 import numpy as np
 
 
-def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per_request: int, seconds: float,
-        run_id: str, wait: bool, rate: float | None = None) -> dict:
+def run(
+    api: str,
+    users: list[str],
+    items: list[str],
+    ts: str,
+    clients: int,
+    per_request: int,
+    seconds: float,
+    run_id: str,
+    wait: bool,
+    rate: float | None = None,
+) -> dict:
     """One cell; ``rate``: events/s offered in all (paced), else as fast as the clients go."""
     from serving.smoke import call
 
@@ -38,8 +48,15 @@ def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per
                 time.sleep(max(0.0, next_at - time.monotonic()))
                 next_at += interval
             n = next(counter)
-            body = [{"event_id": f"{run_id}-{n}-{j}", "user_id": users[(n * per_request + j) % len(users)],
-                     "item_id": items[(n + j) % len(items)], "ts": ts} for j in range(per_request)]
+            body = [
+                {
+                    "event_id": f"{run_id}-{n}-{j}",
+                    "user_id": users[(n * per_request + j) % len(users)],
+                    "item_id": items[(n + j) % len(items)],
+                    "ts": ts,
+                }
+                for j in range(per_request)
+            ]
             started = time.perf_counter()
             status, reply = call(f"{api}/events" + ("?wait=true" if wait else ""), body)
             elapsed = time.perf_counter() - started
@@ -61,13 +78,19 @@ def run(api: str, users: list[str], items: list[str], ts: str, clients: int, per
         list(pool.map(client, range(clients)))
     wall = time.monotonic() - started
     ms = np.array(latencies) * 1000
-    return {"mode": "wait" if wait else "ack", "offered_events_per_s": rate, "clients": clients,
-            "events_per_request": per_request, "events_per_s": round(accepted[0] / wall, 1),
-            "requests_per_s": round(len(latencies) / wall, 1), "errors": errors[0],
-            "request_p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
-            "request_p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
-            "freshness_p50_ms": round(float(np.percentile(freshness, 50)), 1) if freshness else None,
-            "freshness_p99_ms": round(float(np.percentile(freshness, 99)), 1) if freshness else None}
+    return {
+        "mode": "wait" if wait else "ack",
+        "offered_events_per_s": rate,
+        "clients": clients,
+        "events_per_request": per_request,
+        "events_per_s": round(accepted[0] / wall, 1),
+        "requests_per_s": round(len(latencies) / wall, 1),
+        "errors": errors[0],
+        "request_p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+        "request_p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
+        "freshness_p50_ms": round(float(np.percentile(freshness, 50)), 1) if freshness else None,
+        "freshness_p99_ms": round(float(np.percentile(freshness, 99)), 1) if freshness else None,
+    }
 
 
 def main() -> None:
@@ -77,29 +100,56 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("work"))
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas of the embedding API")
-    parser.add_argument("--events-log", default="", help="default: the embedded SQLite log; or redis://HOST:PORT/STREAM")
+    parser.add_argument(
+        "--events-log", default="", help="default: the embedded SQLite log; or redis://HOST:PORT/STREAM"
+    )
     parser.add_argument("--ingress", default="haproxy", help="haproxy (the default of userrep serve) or serve")
     parser.add_argument("--paced-only", action="store_true", help="only the two paced freshness cells")
     args = parser.parse_args()
     manifest, ids, items = promoted(args.work)
     users, items = ids[:2000], items[:500]
     run_id = f"bench-{int(time.time())}"
-    options = ("--replicas", str(args.replicas), "--ingress", args.ingress) \
-        + (("--events-log", args.events_log) if args.events_log else ())
+    options = ("--replicas", str(args.replicas), "--ingress", args.ingress) + (
+        ("--events-log", args.events_log) if args.events_log else ()
+    )
     proc, api, _ = start(args.work, args.work / "serve-events-bench.log", options=options)
     try:
-        cells = ([(False, c, n, None) for n in (1, 10) for c in (1, 8, 32)]
-                 + [(True, c, n, None) for n in (1, 10) for c in (1, 8)]
-                 + [(True, 8, 1, 100.0), (True, 8, 10, 100.0)])  # freshness at 100 events/s offered
+        cells = (
+            [(False, c, n, None) for n in (1, 10) for c in (1, 8, 32)]
+            + [(True, c, n, None) for n in (1, 10) for c in (1, 8)]
+            + [(True, 8, 1, 100.0), (True, 8, 10, 100.0)]
+        )  # freshness at 100 events/s offered
         cells = cells[-2:] if args.paced_only else cells
-        rows = [run(api, users, items, manifest["as_of"], clients, per_request, args.seconds,
-                    f"{run_id}-{wait}-{clients}-{per_request}-{rate}", wait, rate)
-                for wait, clients, per_request, rate in cells]
+        rows = [
+            run(
+                api,
+                users,
+                items,
+                manifest["as_of"],
+                clients,
+                per_request,
+                args.seconds,
+                f"{run_id}-{wait}-{clients}-{per_request}-{rate}",
+                wait,
+                rate,
+            )
+            for wait, clients, per_request, rate in cells
+        ]
     finally:
         stop(proc)
-    print(json.dumps({"seconds_per_cell": args.seconds, "users": len(ids), "replicas": args.replicas,
-                      "ingress": args.ingress,
-                      "events_log": args.events_log or "sqlite", "results": rows}, indent=2))
+    print(
+        json.dumps(
+            {
+                "seconds_per_cell": args.seconds,
+                "users": len(ids),
+                "replicas": args.replicas,
+                "ingress": args.ingress,
+                "events_log": args.events_log or "sqlite",
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

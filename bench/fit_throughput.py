@@ -28,8 +28,12 @@ from pathlib import Path
 import torch
 
 # (name, Ray Train workers (0: in-process), AEConfig.average_every)
-MODES = (("torch_in_process", 0, 1), ("ray_train_1_worker", 1, 1), ("ray_train_2_workers_ddp", 2, 1),
-         ("ray_train_2_workers_local_sgd_4", 2, 4))
+MODES = (
+    ("torch_in_process", 0, 1),
+    ("ray_train_1_worker", 1, 1),
+    ("ray_train_2_workers_ddp", 2, 1),
+    ("ray_train_2_workers_local_sgd_4", 2, 4),
+)
 
 
 def steady_rate(checkpoints: Path, rows: int) -> float:
@@ -44,7 +48,7 @@ def matmul_peak_gflops() -> float:
     started, n = time.perf_counter(), 10
     for _ in range(n):
         torch.mm(a, b)
-    return 2 * 2048 ** 3 * n / (time.perf_counter() - started) / 1e9
+    return 2 * 2048**3 * n / (time.perf_counter() - started) / 1e9
 
 
 def main() -> None:
@@ -74,23 +78,44 @@ def main() -> None:
                     fit = fit_autoencoder(features, config, checkpoint_dir=checkpoints)
                 else:
                     with ray_session(num_cpus=2):
-                        fit = fit_autoencoder(features, replace(config, average_every=every), workers=workers,
-                                              checkpoint_dir=checkpoints)
-                runs.setdefault(name, []).append({"wall_s": time.perf_counter() - started,
-                                                  "steady_samples_per_s": steady_rate(checkpoints, rows),
-                                                  "final_loss": fit.losses[-1]})
-    results = {name: {"wall_s": round(statistics.median(r["wall_s"] for r in each), 1),
-                      "steady_samples_per_s": round(statistics.median(r["steady_samples_per_s"] for r in each)),
-                      "steady_runs": [round(r["steady_samples_per_s"]) for r in each],
-                      "final_loss": round(each[-1]["final_loss"], 4)}
-               for name, each in runs.items()}
+                        fit = fit_autoencoder(
+                            features, replace(config, average_every=every), workers=workers, checkpoint_dir=checkpoints
+                        )
+                runs.setdefault(name, []).append(
+                    {
+                        "wall_s": time.perf_counter() - started,
+                        "steady_samples_per_s": steady_rate(checkpoints, rows),
+                        "final_loss": fit.losses[-1],
+                    }
+                )
+    results = {
+        name: {
+            "wall_s": round(statistics.median(r["wall_s"] for r in each), 1),
+            "steady_samples_per_s": round(statistics.median(r["steady_samples_per_s"] for r in each)),
+            "steady_runs": [round(r["steady_samples_per_s"]) for r in each],
+            "final_loss": round(each[-1]["final_loss"], 4),
+        }
+        for name, each in runs.items()
+    }
     base = results["torch_in_process"]["steady_samples_per_s"]
     for result in results.values():
         result["steady_vs_in_process"] = round(result["steady_samples_per_s"] / base, 2)
     peak = matmul_peak_gflops()
-    print(json.dumps({"users": rows, "features": n, "epochs": args.epochs, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-                      "results": results, "matmul_peak_gflops": round(peak, 1),
-                      "in_process_share_of_peak": round(base * flops / 1e9 / peak, 3)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "users": rows,
+                "features": n,
+                "epochs": args.epochs,
+                "repeats": args.repeats,
+                "torch_threads": torch.get_num_threads(),
+                "results": results,
+                "matmul_peak_gflops": round(peak, 1),
+                "in_process_share_of_peak": round(base * flops / 1e9 / peak, 3),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

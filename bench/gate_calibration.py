@@ -57,9 +57,12 @@ def main() -> None:
     ids, cand, _ = read_embeddings(candidate / "embeddings.parquet")
     _, serv, _ = read_embeddings(serving / "embeddings.parquet")
     fit_rows = np.sort(rng.choice(len(ids), size=min(len(ids), 4 * policy.sample), replace=False))
-    same_time = embed(UserAutoencoder.load(serving / "model.pt"),
-                      build_user_features(ds, to_utc(manifest["as_of"]), FeatureSpace.load(serving / "encoders"),
-                                          user_ids=ids[fit_rows]).matrix)
+    same_time = embed(
+        UserAutoencoder.load(serving / "model.pt"),
+        build_user_features(
+            ds, to_utc(manifest["as_of"]), FeatureSpace.load(serving / "encoders"), user_ids=ids[fit_rows]
+        ).matrix,
+    )
     align = procrustes(cand[fit_rows], same_time)
     aligned = align(cand)
     queries = np.arange(min(len(fit_rows), policy.sample))
@@ -86,21 +89,35 @@ def main() -> None:
 
     column = "activity_30d:log_plays"  # Evidently's "Wasserstein distance (normed)": W / std(reference)
     ref_col, cur_col = comparable_frame(serving)[column].to_numpy(), comparable_frame(candidate)[column].to_numpy()
-    scaled = {"column": column, "clean": round(wasserstein_distance(ref_col, cur_col) / ref_col.std(), 4),
-              "scaled_10x": round(wasserstein_distance(ref_col, 10 * cur_col) / ref_col.std(), 4)}
+    scaled = {
+        "column": column,
+        "clean": round(wasserstein_distance(ref_col, cur_col) / ref_col.std(), 4),
+        "scaled_10x": round(wasserstein_distance(ref_col, 10 * cur_col) / ref_col.std(), 4),
+    }
     natural_max = max(over.values()) if over else 0.0
     out = {
-        "candidate": candidate_id, "serving": serving_id,
-        "embedding_drift_auc": {"clean_retrain": drift(aligned), **shifted,
-                                "population_half_of_first_axis": drift(aligned[side]),
-                                "limit": policy.max_embedding_drift},
-        "knn_overlap": {"clean_retrain": round(knn_overlap(align(cand[fit_rows]), same_time, queries), 4),
-                        "shuffled_rows": round(knn_overlap(align(shuffled), same_time, queries), 4),
-                        "chance": round(10 / len(fit_rows), 4), "floor": policy.min_knn_overlap},
-        "feature_drift": {"clean_retrain_share": share, "clean_retrain_max_column_score": natural_max,
-                          "clean_retrain_worst_columns": dict(sorted(over.items(), key=lambda kv: -kv[1])[:5]),
-                          "one_column": scaled,
-                          "share_limit": policy.max_drift_share, "column_limit": policy.max_column_drift},
+        "candidate": candidate_id,
+        "serving": serving_id,
+        "embedding_drift_auc": {
+            "clean_retrain": drift(aligned),
+            **shifted,
+            "population_half_of_first_axis": drift(aligned[side]),
+            "limit": policy.max_embedding_drift,
+        },
+        "knn_overlap": {
+            "clean_retrain": round(knn_overlap(align(cand[fit_rows]), same_time, queries), 4),
+            "shuffled_rows": round(knn_overlap(align(shuffled), same_time, queries), 4),
+            "chance": round(10 / len(fit_rows), 4),
+            "floor": policy.min_knn_overlap,
+        },
+        "feature_drift": {
+            "clean_retrain_share": share,
+            "clean_retrain_max_column_score": natural_max,
+            "clean_retrain_worst_columns": dict(sorted(over.items(), key=lambda kv: -kv[1])[:5]),
+            "one_column": scaled,
+            "share_limit": policy.max_drift_share,
+            "column_limit": policy.max_column_drift,
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(out, indent=2))

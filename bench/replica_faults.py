@@ -47,9 +47,13 @@ def start_replica(work: Path, port: int, log: str, out: Path) -> tuple[subproces
     from serving.smoke import call
 
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "replica", "--work", str(work), "--port", str(port),
-                             "--log", log], stdout=open(out, "a"), stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "replica", "--work", str(work), "--port", str(port), "--log", log],
+        stdout=open(out, "a"),
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+    )
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"replica exited; see {out}")
@@ -66,9 +70,22 @@ def start_redis(port: int, workdir: Path) -> subprocess.Popen:
 
     from userrep.eventlog import REDIS_DURABLE_ARGS
 
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                             *REDIS_DURABLE_ARGS, "--save", ""],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(workdir),
+            *REDIS_DURABLE_ARGS,
+            "--save",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     client = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -106,8 +123,15 @@ def main() -> None:
         def client(k: int) -> None:
             n = 0
             while not stop.is_set():
-                body = [{"event_id": f"c{k}-{n}-{j}", "user_id": users[(k * 37 + n * 10 + j) % len(users)],
-                         "item_id": items[(n + j) % len(items)], "ts": manifest["as_of"]} for j in range(10)]
+                body = [
+                    {
+                        "event_id": f"c{k}-{n}-{j}",
+                        "user_id": users[(k * 37 + n * 10 + j) % len(users)],
+                        "item_id": items[(n + j) % len(items)],
+                        "ts": manifest["as_of"],
+                    }
+                    for j in range(10)
+                ]
                 n += 1
                 for attempt in range(400):  # the same events until acknowledged, alternating replicas
                     try:
@@ -129,8 +153,9 @@ def main() -> None:
             replicas[0].send_signal(signal.SIGKILL)  # logger + consumer gone mid-load
             replicas[0].wait()
             result["replica_killed_at_s"] = round(time.monotonic() - started, 1)
-            replicas[0], result["killed_replica_ready_again_s"] = start_replica(args.work, ports[0], where,
-                                                                                scratch / "r0.log")
+            replicas[0], result["killed_replica_ready_again_s"] = start_replica(
+                args.work, ports[0], where, scratch / "r0.log"
+            )
             time.sleep(max(0.0, args.seconds * 0.6 - (time.monotonic() - started)))
             redis_proc.send_signal(signal.SIGKILL)  # only the append-only file remains
             redis_proc.wait()

@@ -77,14 +77,20 @@ print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "peak_mib"
 def run_stage(stage: str, users: int, work: Path, epochs: int, timeout_s: float) -> dict:
     started = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-c", CHILD, stage, str(users), str(work), str(epochs)],
-                              capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, stage, str(users), str(work), str(epochs)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"over the {timeout_s:.0f} s limit"}
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
-        return {"error": f"exit {done.returncode}: {lines[-1] if lines else ''}",
-                "wall_s": round(time.perf_counter() - started, 1)}
+        return {
+            "error": f"exit {done.returncode}: {lines[-1] if lines else ''}",
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -96,10 +102,22 @@ def plot(rows: list[dict], path: Path) -> None:
     for stage in STAGES:
         done = [r for r in rows if "seconds" in r["stages"].get(stage, {})]
         users = [r["users"] for r in done]
-        figure.add_trace(go.Scatter(x=users, y=[r["stages"][stage]["seconds"] for r in done], name=stage,
-                                    legendgroup=stage), row=1, col=1)
-        figure.add_trace(go.Scatter(x=users, y=[r["stages"][stage]["peak_mib"] for r in done], name=stage,
-                                    legendgroup=stage, showlegend=False), row=1, col=2)
+        figure.add_trace(
+            go.Scatter(x=users, y=[r["stages"][stage]["seconds"] for r in done], name=stage, legendgroup=stage),
+            row=1,
+            col=1,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=users,
+                y=[r["stages"][stage]["peak_mib"] for r in done],
+                name=stage,
+                legendgroup=stage,
+                showlegend=False,
+            ),
+            row=1,
+            col=2,
+        )
     figure.update_xaxes(type="log", title="users")
     figure.update_yaxes(type="log")
     figure.write_html(path, include_plotlyjs=True)
@@ -112,8 +130,13 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600, help="per stage")
     parser.add_argument("--out", type=Path, default=Path("reports"))
     parser.add_argument("--work", type=Path, default=None, help="kept afterwards (default: a temporary folder)")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                        help="run only these (the earlier ones must have run in --work)")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=list(STAGES),
+        help="run only these (the earlier ones must have run in --work)",
+    )
     args = parser.parse_args()
     rows = []
     for users in sorted(args.users):
@@ -129,11 +152,18 @@ def main() -> None:
                 if "error" in result:
                     break
         done = [s for s in stages.values() if "seconds" in s]
-        rows.append({"users": users, "events": stages.get("world", {}).get("events"), "stages": stages,
-                     "complete": len(done) == len(STAGES),
-                     "pipeline_s": round(sum(s["seconds"] for k, s in stages.items() if k != "world" and "seconds" in s), 1),
-                     "pipeline_peak_mib": max((s["peak_mib"] for k, s in stages.items() if k != "world" and "peak_mib" in s),
-                                              default=None)})
+        rows.append(
+            {
+                "users": users,
+                "events": stages.get("world", {}).get("events"),
+                "stages": stages,
+                "complete": len(done) == len(STAGES),
+                "pipeline_s": round(sum(s["seconds"] for k, s in stages.items() if k != "world" and "seconds" in s), 1),
+                "pipeline_peak_mib": max(
+                    (s["peak_mib"] for k, s in stages.items() if k != "world" and "peak_mib" in s), default=None
+                ),
+            }
+        )
     base = rows[0]
     for row in rows:
         row["ms_per_user"] = round(1000 * row["pipeline_s"] / row["users"], 3)

@@ -23,9 +23,12 @@ def main() -> None:
     from userrep.store import store_config
 
     class BareHolder(Holder):
-        service = OnlineService(args.work / "batches", store_config(args.work / "feast"),
-                                args.work / "online" / "bare-events.sqlite",
-                                log=lambda line: print(line, file=sys.stderr))  # stdout: the bench's JSON
+        service = OnlineService(
+            args.work / "batches",
+            store_config(args.work / "feast"),
+            args.work / "online" / "bare-events.sqlite",
+            log=lambda line: print(line, file=sys.stderr),
+        )  # stdout: the bench's JSON
 
     app = create_app(BareHolder)
     tasks = TaskService.inner()  # the BentoML class's own logic, called directly

@@ -50,8 +50,10 @@ def concurrent_gets(api: str, users: list[str], n: int, clients: int) -> dict:
 def measure(api: str, tasks: str, users: list[str], items: list[str], ts: str, n: int) -> dict:
     from serving.smoke import call
 
-    out = {"embedding_get": concurrent_gets(api, users, n, clients=1),
-           "embedding_get_8_clients": concurrent_gets(api, users, n, clients=8)}
+    out = {
+        "embedding_get": concurrent_gets(api, users, n, clients=1),
+        "embedding_get_8_clients": concurrent_gets(api, users, n, clients=8),
+    }
     timings, fresh = [], []
     for i in range(n):
         body = {"user_id": users[i % len(users)], "item_id": items[i % len(items)], "ts": ts}
@@ -89,8 +91,17 @@ def main() -> None:
     finally:
         stop(proc)
     port = free_port()
-    bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serving_bare.py")), "--work",
-                             str(args.work), "--port", str(port)], start_new_session=True)
+    bare = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("serving_bare.py")),
+            "--work",
+            str(args.work),
+            "--port",
+            str(port),
+        ],
+        start_new_session=True,
+    )
     try:
         from serving.launch import wait_ready
 
@@ -101,8 +112,18 @@ def main() -> None:
         bare.wait(timeout=60)
     ratios = {k: round(served[k]["p50_ms"] / max(baseline[k]["p50_ms"], 1e-9), 2) for k in served}
     p99_ratios = {k: round(served[k]["p99_ms"] / max(baseline[k]["p99_ms"], 1e-9), 2) for k in served}
-    print(json.dumps({"requests_per_endpoint": args.n, "ray_serve_and_bentoml": served, "bare_fastapi": baseline,
-                      "p50_ratio_served_over_bare": ratios, "p99_ratio_served_over_bare": p99_ratios}, indent=2))
+    print(
+        json.dumps(
+            {
+                "requests_per_endpoint": args.n,
+                "ray_serve_and_bentoml": served,
+                "bare_fastapi": baseline,
+                "p50_ratio_served_over_bare": ratios,
+                "p99_ratio_served_over_bare": p99_ratios,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

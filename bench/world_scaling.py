@@ -38,14 +38,22 @@ print(json.dumps({"users": users, "events": counts["events"], "generate_s": roun
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, nargs="+", default=[5_000, 20_000, 100_000])
-    parser.add_argument("--validate-max", type=int, default=200_000,
-                        help="validate (load everything in memory) only up to this many users")
+    parser.add_argument(
+        "--validate-max",
+        type=int,
+        default=200_000,
+        help="validate (load everything in memory) only up to this many users",
+    )
     args = parser.parse_args()
     rows = []
     for users in sorted(args.users):
         with tempfile.TemporaryDirectory() as tmp:
-            done = subprocess.run([sys.executable, "-c", CHILD, str(users), tmp, str(int(users <= args.validate_max))],
-                                  capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, str(users), tmp, str(int(users <= args.validate_max))],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
         row = json.loads(done.stdout.strip().splitlines()[-1])
         row["events_per_s"] = round(row["events"] / row["generate_s"])
         rows.append(row)

@@ -19,17 +19,38 @@ IMAGE = "userrep:0.1.0"  # replaced by `userrep pipeline compile --image`
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def plan_batch(data: str, as_of: str, batch_root: str, feast_home: str, online: str, redis: str, dim: int,
-               epochs: int, workers: int, label_days: int, tune: bool = False
-               ) -> NamedTuple("Plan", [("batch_id", str), ("as_of", str)]):
+def plan_batch(
+    data: str,
+    as_of: str,
+    batch_root: str,
+    feast_home: str,
+    online: str,
+    redis: str,
+    dim: int,
+    epochs: int,
+    workers: int,
+    label_days: int,
+    tune: bool = False,
+) -> NamedTuple("Plan", [("batch_id", str), ("as_of", str)]):
     """The batch id (deterministic: data fingerprint, as_of, settings, the tune step's choice)
     before the batch is built, so the exit handler knows which batch to mark failed."""
     from collections import namedtuple
 
     from userrep.jobs import FitSpec
 
-    spec = FitSpec(data=data, as_of=as_of, batch_root=batch_root, feast_home=feast_home, online=online, redis=redis,
-                   dim=dim, epochs=epochs, workers=workers, label_days=label_days, tune=tune)
+    spec = FitSpec(
+        data=data,
+        as_of=as_of,
+        batch_root=batch_root,
+        feast_home=feast_home,
+        online=online,
+        redis=redis,
+        dim=dim,
+        epochs=epochs,
+        workers=workers,
+        label_days=label_days,
+        tune=tune,
+    )
     _, batch_id, as_of_iso = spec.batch_dir_and_id()
     return namedtuple("Plan", ["batch_id", "as_of"])(batch_id, as_of_iso)
 
@@ -71,8 +92,9 @@ def tune_settings(data: str, as_of: str, batch_root: str, tune: bool, budget_s: 
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def materialize_features(data: str, as_of: str, feast_home: str, online: str, redis: str,
-                         snapshot: Output[Artifact]) -> str:
+def materialize_features(
+    data: str, as_of: str, feast_home: str, online: str, redis: str, snapshot: Output[Artifact]
+) -> str:
     """Fit encoders as of `as_of`, write Feast offline rows, apply, materialize online; returns the snapshot id."""
     import json
     from pathlib import Path
@@ -86,9 +108,24 @@ def materialize_features(data: str, as_of: str, feast_home: str, online: str, re
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def fit_encoder(data: str, as_of: str, snapshot_id: str, batch_root: str, batch_id: str, feast_home: str,
-                online: str, redis: str, dim: int, epochs: int, workers: int, label_days: int, ray_address: str,
-                rayjob_namespace: str, model: Output[Model], tune: bool = False) -> str:
+def fit_encoder(
+    data: str,
+    as_of: str,
+    snapshot_id: str,
+    batch_root: str,
+    batch_id: str,
+    feast_home: str,
+    online: str,
+    redis: str,
+    dim: int,
+    epochs: int,
+    workers: int,
+    label_days: int,
+    ray_address: str,
+    rayjob_namespace: str,
+    model: Output[Model],
+    tune: bool = False,
+) -> str:
     """Training set from the Feast snapshot -> autoencoder (Ray Train); returns the batch id.
 
     `ray_address` (a RayCluster's Job Submission API) or `rayjob_namespace` (create a RayJob with
@@ -100,9 +137,21 @@ def fit_encoder(data: str, as_of: str, snapshot_id: str, batch_root: str, batch_
 
     from userrep.jobs import FitSpec, run_fit
 
-    spec = FitSpec(data=data, as_of=as_of, snapshot_id=snapshot_id, batch_root=batch_root, batch_id=batch_id,
-                   feast_home=feast_home, online=online, redis=redis, dim=dim, epochs=epochs, workers=workers,
-                   label_days=label_days, tune=tune)
+    spec = FitSpec(
+        data=data,
+        as_of=as_of,
+        snapshot_id=snapshot_id,
+        batch_root=batch_root,
+        batch_id=batch_id,
+        feast_home=feast_home,
+        online=online,
+        redis=redis,
+        dim=dim,
+        epochs=epochs,
+        workers=workers,
+        label_days=label_days,
+        tune=tune,
+    )
     record = run_fit(spec, ray_address=ray_address, rayjob_namespace=rayjob_namespace)
     out = Path(batch_root) / record["batch_id"]
     shutil.copyfile(out / "model.pt", model.path)
@@ -142,8 +191,9 @@ def train_downstream(batch_root: str, task: str, embeddings: Input[Dataset], met
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate_batch(batch_root: str, batch_id: str, trained: list[str], metrics: Output[Metrics],
-                   summary: Output[Markdown]):
+def evaluate_batch(
+    batch_root: str, batch_id: str, trained: list[str], metrics: Output[Metrics], summary: Output[Markdown]
+):
     """Check every downstream model of the batch is there; report their validation metrics."""
     from pathlib import Path
 
@@ -192,9 +242,20 @@ def promote_batch(batch_root: str, batch_id: str) -> str:
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def finalize_batch(data: str, as_of: str, batch_root: str, feast_home: str, online: str, redis: str, dim: int,
-                   epochs: int, workers: int, label_days: int, status: dsl.PipelineTaskFinalStatus,
-                   tune: bool = False) -> str:
+def finalize_batch(
+    data: str,
+    as_of: str,
+    batch_root: str,
+    feast_home: str,
+    online: str,
+    redis: str,
+    dim: int,
+    epochs: int,
+    workers: int,
+    label_days: int,
+    status: dsl.PipelineTaskFinalStatus,
+    tune: bool = False,
+) -> str:
     """Exit handler: a run that did not succeed marks its batch failed, so it can never be promoted.
 
     An exit task may not consume other tasks' outputs, so it derives the (deterministic) batch id
@@ -205,8 +266,19 @@ def finalize_batch(data: str, as_of: str, batch_root: str, feast_home: str, onli
 
     if status.state == "SUCCEEDED":
         return status.state
-    spec = FitSpec(data=data, as_of=as_of, batch_root=batch_root, feast_home=feast_home, online=online, redis=redis,
-                   dim=dim, epochs=epochs, workers=workers, label_days=label_days, tune=tune)
+    spec = FitSpec(
+        data=data,
+        as_of=as_of,
+        batch_root=batch_root,
+        feast_home=feast_home,
+        online=online,
+        redis=redis,
+        dim=dim,
+        epochs=epochs,
+        workers=workers,
+        label_days=label_days,
+        tune=tune,
+    )
     try:
         out, batch_id, _ = spec.batch_dir_and_id()
     except Exception as exc:  # the data itself was unreadable: no batch was started
@@ -219,8 +291,9 @@ def finalize_batch(data: str, as_of: str, batch_root: str, feast_home: str, onli
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def refresh_embeddings(data: str, as_of: str, batch_root: str, feast_home: str, online: str, redis: str,
-                       embeddings: Output[Dataset]) -> str:
+def refresh_embeddings(
+    data: str, as_of: str, batch_root: str, feast_home: str, online: str, redis: str, embeddings: Output[Dataset]
+) -> str:
     """Between retrains: the serving batch's encoders and model embed today's features (no retrain)."""
     import shutil
 

@@ -19,8 +19,9 @@ def on_cluster(task, cpu: str = "1", memory: str = "2Gi", online_store: bool = F
         kubernetes.add_pod_label(task, key, value)
     task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
     if online_store:
-        kubernetes.use_secret_as_env(task, secret_name=REDIS_SECRET, secret_key_to_env={"password": "REDIS_PASSWORD"},
-                                     optional=True)
+        kubernetes.use_secret_as_env(
+            task, secret_name=REDIS_SECRET, secret_key_to_env={"password": "REDIS_PASSWORD"}, optional=True
+        )
     if display_name:
         task.set_display_name(display_name)
     task.set_caching_options(False)  # every step reads/writes shared storage: never replay from cache

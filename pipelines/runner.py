@@ -99,8 +99,9 @@ def compile_pipelines(out: Path, image: str = IMAGE_PLACEHOLDER) -> list[Path]:
     return paths
 
 
-def submit(host: str, package: Path, experiment: str, arguments: dict | None = None,
-           namespace: str | None = None) -> str:
+def submit(
+    host: str, package: Path, experiment: str, arguments: dict | None = None, namespace: str | None = None
+) -> str:
     """Submit a compiled pipeline to a Kubeflow Pipelines API; returns the run's URL. ``namespace``:
     where the steps run in multi-user Kubeflow (the profile's; the chart's release namespace)."""
     import kfp
@@ -114,8 +115,9 @@ def submit(host: str, package: Path, experiment: str, arguments: dict | None = N
     retries.addFilter(errors_only)
     try:
         client = kfp.Client(host=host)
-        run = client.create_run_from_pipeline_package(str(package), arguments=arguments or {},
-                                                      experiment_name=experiment, namespace=namespace)
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments=arguments or {}, experiment_name=experiment, namespace=namespace
+        )
     finally:
         retries.removeFilter(errors_only)
     return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"

@@ -68,8 +68,9 @@ class BodyLimit:
         if scope["type"] == "http":
             length = dict(scope["headers"]).get(b"content-length", b"")
             if length.isdigit() and int(length) > MAX_BODY:
-                reply = _reply({"error": f"body: {int(length)} bytes, at most {MAX_BODY}", "batch_id": self.batch_id()},
-                               413)
+                reply = _reply(
+                    {"error": f"body: {int(length)} bytes, at most {MAX_BODY}", "batch_id": self.batch_id()}, 413
+                )
                 return await reply(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -77,8 +78,11 @@ class BodyLimit:
 def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
     from userrep.online import NotApplied, UnknownUser
 
-    api = FastAPI(title="userrep embeddings", version="0.1.0",
-                  description="General user embeddings of the promoted batch; near-real-time updates.")
+    api = FastAPI(
+        title="userrep embeddings",
+        version="0.1.0",
+        description="General user embeddings of the promoted batch; near-real-time updates.",
+    )
 
     def batch_id() -> str | None:
         return holder.service.batch.batch_id if holder.service and holder.service.batch else None
@@ -93,8 +97,14 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
 
     @api.exception_handler(UnknownUser)
     async def unknown(request: Request, exc: UnknownUser):
-        return _reply({"error": f"user_id: unknown user {exc.args[0]!r}",
-                       "hint": "register new users with POST /users first", "batch_id": batch_id()}, 404)
+        return _reply(
+            {
+                "error": f"user_id: unknown user {exc.args[0]!r}",
+                "hint": "register new users with POST /users first",
+                "batch_id": batch_id(),
+            },
+            404,
+        )
 
     @api.exception_handler(NotApplied)
     async def not_applied(request: Request, exc: NotApplied):  # durable: a retry (same event_ids) is a duplicate
@@ -106,8 +116,9 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception):  # never a traceback in a response
-        return _reply({"error": f"internal error ({type(exc).__name__}); see the server log", "batch_id": batch_id()},
-                      500)
+        return _reply(
+            {"error": f"internal error ({type(exc).__name__}); see the server log", "batch_id": batch_id()}, 500
+        )
 
     @api.get("/healthz")
     def healthz():
@@ -131,8 +142,20 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
 
     events_adapter = TypeAdapter(list[Event])
 
-    @api.post("/events", openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
-        "oneOf": [Event.model_json_schema(), {"type": "array", "items": Event.model_json_schema()}]}}}}})
+    @api.post(
+        "/events",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [Event.model_json_schema(), {"type": "array", "items": Event.model_json_schema()}]
+                        }
+                    }
+                }
+            }
+        },
+    )
     async def post_events(request: Request, wait: Annotated[bool, Query()] = False):
         """One event or a list of events. 202 once they are durable (their `event_ids`); with
         `?wait=true`, 200 once they are applied and the users' new embeddings are written online
@@ -150,19 +173,30 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
         try:
             events = events_adapter.validate_python(raw)
         except ValidationError as exc:
-            errors = [{"field": f"events[{e['loc'][0]}]." + ".".join(map(str, e["loc"][1:])), "message": e["msg"]}
-                      for e in exc.errors()]
+            errors = [
+                {"field": f"events[{e['loc'][0]}]." + ".".join(map(str, e["loc"][1:])), "message": e["msg"]}
+                for e in exc.errors()
+            ]
             text = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
             return _reply({"error": text, "errors": errors[:20], "batch_id": batch_id()}, 422)
-        rows = [{"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "weight": e.weight,
-                 "ts": (e.ts if e.ts.tzinfo else e.ts.replace(tzinfo=UTC)).isoformat()} for e in events]
+        rows = [
+            {
+                "event_id": e.event_id,
+                "user_id": e.user_id,
+                "item_id": e.item_id,
+                "weight": e.weight,
+                "ts": (e.ts if e.ts.tzinfo else e.ts.replace(tzinfo=UTC)).isoformat(),
+            }
+            for e in events
+        ]
         reply = await run_in_threadpool(holder.service.post_events, rows, wait)
         return _reply(reply, 200 if wait else 202)
 
     @api.post("/users", status_code=201)
     def post_user(user: NewUser):
-        body = holder.service.register_user(user.user_id, user.onboarding_artists, user.onboarding_genres,
-                                            user.attributes)
+        body = holder.service.register_user(
+            user.user_id, user.onboarding_artists, user.onboarding_genres, user.attributes
+        )
         return _reply(body, 201)
 
     return api

@@ -92,9 +92,18 @@ def load_bundle(root: Path) -> Bundle:
     preference, pmeta = load_head(directory / "downstream" / "artist_preference.pt")
     if pmeta["artists"] != meta["artists"]:
         raise RuntimeError(f"batch {batch_id}: the two heads have different candidate artists")
-    return Bundle(batch_id, mtime, recommend, meta, meta["artists"], preference, pmeta,
-                  {a: i for i, a in enumerate(pmeta["artists"])}, np.asarray(pmeta["artist_vectors"], np.float32),
-                  recommend.hidden[0].in_features)
+    return Bundle(
+        batch_id,
+        mtime,
+        recommend,
+        meta,
+        meta["artists"],
+        preference,
+        pmeta,
+        {a: i for i, a in enumerate(pmeta["artists"])},
+        np.asarray(pmeta["artist_vectors"], np.float32),
+        recommend.hidden[0].in_features,
+    )
 
 
 @bentoml.service(name="userrep_tasks", traffic={"timeout": 30})
@@ -108,8 +117,12 @@ class TaskService:
         if home:
             from userrep.store import open_store, store_config
 
-            self._store = open_store(store_config(home, os.environ.get("USERREP_ONLINE", "sqlite"),
-                                                  os.environ.get("USERREP_REDIS", "127.0.0.1:6379")), apply=False)
+            self._store = open_store(
+                store_config(
+                    home, os.environ.get("USERREP_ONLINE", "sqlite"), os.environ.get("USERREP_REDIS", "127.0.0.1:6379")
+                ),
+                apply=False,
+            )
 
     def current(self) -> Bundle:
         """The bundle of the serving batch (reloaded whole when the pointer file changes)."""
@@ -131,8 +144,9 @@ class TaskService:
                 raise BadInput("batch_id: required with an embedding (which batch made it?)")
             if batch_id != bundle.batch_id:
                 raise Conflict(f"batch_id: embedding of batch {batch_id!r}, serving batch is {bundle.batch_id!r}")
-            if len(embedding) != bundle.dim or not all(isinstance(v, (int, float)) and math.isfinite(v)
-                                                       for v in embedding):
+            if len(embedding) != bundle.dim or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in embedding
+            ):
                 raise BadInput(f"embedding: expected {bundle.dim} finite numbers")
             return np.asarray(embedding, np.float32)[None, :]
         if self._store is None:
@@ -141,8 +155,10 @@ class TaskService:
 
         vectors, found = online_embeddings(self._store, [user_id], bundle.batch_id)
         if not found[0]:
-            raise UnknownUser(f"user_id: unknown user {user_id!r} in batch {bundle.batch_id} "
-                              f"(register new users with POST /users on the embedding service)")
+            raise UnknownUser(
+                f"user_id: unknown user {user_id!r} in batch {bundle.batch_id} "
+                f"(register new users with POST /users on the embedding service)"
+            )
         return vectors[:1]
 
     def _history(self, bundle: Bundle, user_id: str | None):
@@ -154,21 +170,33 @@ class TaskService:
         return online_history(self._store, [user_id], bundle.batch_id, bundle.artists)
 
     @bentoml.api(route="/recommend/artists", input_spec=RecommendInput)
-    def recommend_artists(self, user_id: str | None = None, embedding: list[float] | None = None,
-                          batch_id: str | None = None, k: int = 10) -> dict:
+    def recommend_artists(
+        self, user_id: str | None = None, embedding: list[float] | None = None, batch_id: str | None = None, k: int = 10
+    ) -> dict:
         from userrep.tasks.future_listening import deployed_scores
 
         bundle = self.current()
         x = self._embedding(bundle, user_id, embedding, batch_id)
         scores = deployed_scores(bundle.recommend, bundle.recommend_meta, x, *self._history(bundle, user_id))[0]
-        top = np.argsort(-scores)[:k]  # score: the sigmoid of the ranking score (a +history head adds the history score)
-        return {"batch_id": bundle.batch_id, "user_id": user_id,
-                "artists": [{"artist_id": bundle.artists[i], "score": round(float(1 / (1 + np.exp(-scores[i]))), 6)}
-                            for i in top]}
+        top = np.argsort(-scores)[
+            :k
+        ]  # score: the sigmoid of the ranking score (a +history head adds the history score)
+        return {
+            "batch_id": bundle.batch_id,
+            "user_id": user_id,
+            "artists": [
+                {"artist_id": bundle.artists[i], "score": round(float(1 / (1 + np.exp(-scores[i]))), 6)} for i in top
+            ],
+        }
 
     @bentoml.api(route="/predict/artist-preference", input_spec=PreferenceInput)
-    def predict_artist_preference(self, artists: list[str], user_id: str | None = None,
-                                  embedding: list[float] | None = None, batch_id: str | None = None) -> dict:
+    def predict_artist_preference(
+        self,
+        artists: list[str],
+        user_id: str | None = None,
+        embedding: list[float] | None = None,
+        batch_id: str | None = None,
+    ) -> dict:
         from userrep.tasks import artist_preference
         from userrep.tasks.history import side_features
 
@@ -185,6 +213,8 @@ class TaskService:
             side = side_features(plays, plays if recent is None else recent)
         pairs = (np.zeros(len(rows), np.int64), rows, None)
         logits = artist_preference.scores(bundle.preference, x, bundle.artist_vectors, pairs, side)
-        return {"batch_id": bundle.batch_id, "user_id": user_id,
-                "probabilities": {a: round(float(1 / (1 + np.exp(-v))), 6) for a, v in zip(artists, logits)}}
-
+        return {
+            "batch_id": bundle.batch_id,
+            "user_id": user_id,
+            "probabilities": {a: round(float(1 / (1 + np.exp(-v))), 6) for a, v in zip(artists, logits)},
+        }

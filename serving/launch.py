@@ -27,15 +27,18 @@ def haproxy_env() -> dict:
     from serving.smoke import free_port
 
     home = tempfile.mkdtemp(prefix="ur-haproxy-")  # short: the admin socket path must fit a sun_path
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{home}/haproxy.cfg",
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{home}/admin.sock",
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": home,
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{home}/server-state",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            # a local stop (Ctrl-C) has no load balancer to drain from: 30 s by default, 2 s here
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{home}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{home}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": home,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{home}/server-state",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # a local stop (Ctrl-C) has no load balancer to drain from: 30 s by default, 2 s here
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
 
 
 def wait_ready(url: str, timeout_s: float = 120.0, proc: subprocess.Popen | None = None) -> None:
@@ -62,20 +65,36 @@ def _die_with_parent() -> None:
 
 
 def start_bento(root: Path, feast_home: Path | None, port: int, work: Path) -> subprocess.Popen:
-    env = {**os.environ, **SERVE_ENV, "USERREP_BATCH_ROOT": str(Path(root).resolve()),
-           "BENTOML_HOME": str((work / "bentoml").resolve()),
-           "BENTOML_CONFIG_OPTIONS": "api_server.logging.access.enabled=false"}
+    env = {
+        **os.environ,
+        **SERVE_ENV,
+        "USERREP_BATCH_ROOT": str(Path(root).resolve()),
+        "BENTOML_HOME": str((work / "bentoml").resolve()),
+        "BENTOML_CONFIG_OPTIONS": "api_server.logging.access.enabled=false",
+    }
     if feast_home:
         env["USERREP_FEAST_HOME"] = str(Path(feast_home).resolve())
     bentoml = Path(sys.executable).parent / "bentoml"
-    return subprocess.Popen([str(bentoml), "serve", "serving.bento_service:TaskService", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, start_new_session=True,
-                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    return subprocess.Popen(
+        [str(bentoml), "serve", "serving.bento_service:TaskService", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
 
 
-def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_port: int = 3000,
-                  work: Path = Path("work"), log=print, stop: threading.Event | None = None,
-                  events_log: str | None = None, replicas: int = 1, ingress: str = "haproxy") -> None:
+def serve_forever(
+    root: Path,
+    feast_home: Path | None,
+    port: int = 8000,
+    bento_port: int = 3000,
+    work: Path = Path("work"),
+    log=print,
+    stop: threading.Event | None = None,
+    events_log: str | None = None,
+    replicas: int = 1,
+    ingress: str = "haproxy",
+) -> None:
     """Block until SIGINT/SIGTERM (or ``stop``), then stop what was started, by PID. ``ingress``:
     "haproxy" (falls back to Serve's own proxy, said in the log, if it does not come up) or "serve"."""
     if ingress not in INGRESSES:
@@ -85,11 +104,14 @@ def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_p
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     bento = start_bento(root, feast_home, bento_port, work)
-    app_args = {"batch_root": str(Path(root).resolve()),
-                "feast_home": str(Path(feast_home).resolve()) if feast_home else None,
-                "events_log": events_log, "replicas": replicas}  # None: the log's default place (userrep.eventlog)
+    app_args = {
+        "batch_root": str(Path(root).resolve()),
+        "feast_home": str(Path(feast_home).resolve()) if feast_home else None,
+        "events_log": events_log,
+        "replicas": replicas,
+    }  # None: the log's default place (userrep.eventlog)
     try:
-        for attempt in INGRESSES[INGRESSES.index(ingress):]:
+        for attempt in INGRESSES[INGRESSES.index(ingress) :]:
             extra = haproxy_env() if attempt == "haproxy" else {}
             os.environ.update(extra)  # before Ray starts: its processes inherit it
             try:
@@ -110,8 +132,9 @@ def serve_forever(root: Path, feast_home: Path | None, port: int = 8000, bento_p
                 os.killpg(bento.pid, signal.SIGKILL)
 
 
-def _serve(app_args: dict, port: int, bento: subprocess.Popen, bento_port: int, ingress: str, log,
-           stop: threading.Event) -> bool:
+def _serve(
+    app_args: dict, port: int, bento: subprocess.Popen, bento_port: int, ingress: str, log, stop: threading.Event
+) -> bool:
     """One Ray session serving until ``stop``; False if the embedding API never got ready behind
     the HAProxy ingress (the caller retries with Serve's proxy)."""
     from ray import serve
@@ -130,8 +153,10 @@ def _serve(app_args: dict, port: int, bento: subprocess.Popen, bento_port: int, 
             serve.shutdown()
             return False
         wait_ready(f"http://127.0.0.1:{bento_port}/readyz", proc=bento)
-        log(f"serving ({ingress} ingress): embeddings http://127.0.0.1:{port} (docs /docs), "
-            f"tasks http://127.0.0.1:{bento_port}; Ctrl-C stops")
+        log(
+            f"serving ({ingress} ingress): embeddings http://127.0.0.1:{port} (docs /docs), "
+            f"tasks http://127.0.0.1:{bento_port}; Ctrl-C stops"
+        )
         stop.wait()
         serve.shutdown()
     return True

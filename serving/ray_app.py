@@ -20,14 +20,23 @@ api = create_app(Holder)
 @serve.deployment(name="embeddings", num_replicas=1, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 @serve.ingress(api)
 class EmbeddingService:
-    def __init__(self, batch_root: str, feast_home: str | None, online: str = "sqlite", redis: str = "127.0.0.1:6379",
-                 events_log: str | None = None, watch_s: float = 1.0, max_future_s: float | None = None):
+    def __init__(
+        self,
+        batch_root: str,
+        feast_home: str | None,
+        online: str = "sqlite",
+        redis: str = "127.0.0.1:6379",
+        events_log: str | None = None,
+        watch_s: float = 1.0,
+        max_future_s: float | None = None,
+    ):
         from userrep.online import MAX_FUTURE_S, OnlineService
         from userrep.store import store_config
 
         store = store_config(feast_home, online, redis) if feast_home else None
-        Holder.service = OnlineService(Path(batch_root), store, events_log,
-                                       max_future_s=MAX_FUTURE_S if max_future_s is None else max_future_s)
+        Holder.service = OnlineService(
+            Path(batch_root), store, events_log, max_future_s=MAX_FUTURE_S if max_future_s is None else max_future_s
+        )
         Holder.service.watch(watch_s)  # reload when SERVING.json changes
 
 
@@ -38,5 +47,6 @@ def application(args: dict):
     (default 1; a serveConfigV2 ``deployments`` entry overrides it)."""
     args = dict(args)
     replicas = int(args.pop("replicas", 1))
-    return EmbeddingService.options(num_replicas=replicas).bind(args.pop("batch_root"), args.pop("feast_home", None),
-                                                                **args)
+    return EmbeddingService.options(num_replicas=replicas).bind(
+        args.pop("batch_root"), args.pop("feast_home", None), **args
+    )

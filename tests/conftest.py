@@ -41,25 +41,31 @@ def write_dataset(directory: Path, fmt: str = "csv", **tables: pd.DataFrame) -> 
 def tiny_tables() -> dict[str, pd.DataFrame]:
     """A valid four-table dataset small enough to reason about by hand."""
     return {
-        "events": pd.DataFrame({
-            "user_id": ["u1", "u1", "u2", "u3"],
-            "item_id": ["t1", "t2", "t2", "t3"],
-            "ts": ["2026-01-01T10:00:00Z", "2026-01-02T11:00:00+02:00", "2026-01-03", "2026-01-04T00:00:00Z"],
-            "weight": [1.0, 3.0, 2.0, 0.0],
-        }),
-        "items": pd.DataFrame({
-            "item_id": ["t1", "t2", "t3"],
-            "artist_id": ["a1", "a1", "a2"],
-            "genres": ["rock|indie", "rock", "jazz"],
-            "content_energy": [0.1, 0.5, None],
-        }),
-        "users": pd.DataFrame({
-            "user_id": ["u1", "u2", "u3", "u4"],
-            "signup_ts": ["2025-12-01", None, "2026-01-01", "2026-01-05"],
-            "onboarding_artists": ["a1", None, "a2|a1", ""],
-            "onboarding_genres": ["rock", None, "jazz", "rock|jazz"],
-            "country": ["SE", "SE", "US", None],
-        }),
+        "events": pd.DataFrame(
+            {
+                "user_id": ["u1", "u1", "u2", "u3"],
+                "item_id": ["t1", "t2", "t2", "t3"],
+                "ts": ["2026-01-01T10:00:00Z", "2026-01-02T11:00:00+02:00", "2026-01-03", "2026-01-04T00:00:00Z"],
+                "weight": [1.0, 3.0, 2.0, 0.0],
+            }
+        ),
+        "items": pd.DataFrame(
+            {
+                "item_id": ["t1", "t2", "t3"],
+                "artist_id": ["a1", "a1", "a2"],
+                "genres": ["rock|indie", "rock", "jazz"],
+                "content_energy": [0.1, 0.5, None],
+            }
+        ),
+        "users": pd.DataFrame(
+            {
+                "user_id": ["u1", "u2", "u3", "u4"],
+                "signup_ts": ["2025-12-01", None, "2026-01-01", "2026-01-05"],
+                "onboarding_artists": ["a1", None, "a2|a1", ""],
+                "onboarding_genres": ["rock", None, "jazz", "rock|jazz"],
+                "country": ["SE", "SE", "US", None],
+            }
+        ),
         "pairs": pd.DataFrame({"user_a": ["u1", "u2"], "user_b": ["u2", "u4"]}),
     }
 
@@ -87,9 +93,11 @@ def start_redis(port: int, workdir: Path):
         pytest.fail("redis-server not installed (apt-get install -y redis-server; .ci/run does it)")
     from userrep.eventlog import REDIS_DURABLE_ARGS
 
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *REDIS_DURABLE_ARGS,
-                             "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *REDIS_DURABLE_ARGS, "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:

@@ -149,8 +149,10 @@ def test_a_feature_column_scaled_tenfold_is_blocked_by_name(lifecycle):
     matrix = table.column("features").combine_chunks().flatten().to_numpy().reshape(len(table), -1).copy()
     matrix[:, column] *= 10
     flat = pa.array(matrix.ravel(), pa.float32())
-    pq.write_table(table.set_column(1, "features", pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])),
-                   bad / "features.parquet")
+    pq.write_table(
+        table.set_column(1, "features", pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])),
+        bad / "features.parquet",
+    )
     refresh_hashes(bad)
     record = run_gate(bad, root / "b1", ds, report=False, **QUIET)
     assert not record["passed"]
@@ -179,8 +181,10 @@ def test_a_crash_before_the_switch_leaves_the_old_batch_serving(lifecycle):
     if not (root / "b2" / "gate.json").exists():
         run_gate(root / "b2", root / "b1", ds, report=False, **QUIET)
     assert batches.serving_batch(root) == "b1"
-    crash = ("import os, sys; from userrep import batches; "
-             "os.replace = lambda *a, **k: os._exit(9); batches.promote(sys.argv[1], 'b2')")
+    crash = (
+        "import os, sys; from userrep import batches; "
+        "os.replace = lambda *a, **k: os._exit(9); batches.promote(sys.argv[1], 'b2')"
+    )
     done = subprocess.run([sys.executable, "-c", crash, str(root)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 9, done.stderr  # died between writing the new pointer and switching
     assert batches.serving_batch(root) == "b1"

@@ -121,8 +121,11 @@ def test_rejects_epoch_milliseconds_as_out_of_range(tmp_path, tiny_tables):
         (lambda t: t["events"].loc.__setitem__((0, "user_id"), None), "user_id", "missing id"),
         (lambda t: t["pairs"].loc.__setitem__((0, "user_b"), "ghost"), "user_b", "unknown user"),
         (lambda t: t["pairs"].loc.__setitem__((0, "user_b"), "u1"), "user_a", "paired with itself"),
-        (lambda t: t["users"].loc.__setitem__((0, "onboarding_artists"), "a1|zz"), "onboarding_artists",
-         "unknown artist"),
+        (
+            lambda t: t["users"].loc.__setitem__((0, "onboarding_artists"), "a1|zz"),
+            "onboarding_artists",
+            "unknown artist",
+        ),
         (lambda t: t["items"].loc.__setitem__((0, "content_energy"), float("inf")), "content_energy", "finite"),
         (lambda t: t["users"].loc.__setitem__((0, "signup_ts"), "not a date"), "signup_ts", "unparseable"),
     ],
@@ -181,8 +184,14 @@ def test_events_are_checked_in_batches_with_the_files_own_row_numbers(tmp_path, 
     import userrep.data
 
     n = 40
-    events = pd.DataFrame({"user_id": [f"u{1 + i % 3}" for i in range(n)], "item_id": ["t1"] * n,
-                           "ts": ["2026-01-01T10:00:00Z"] * n, "weight": [1.0] * n})
+    events = pd.DataFrame(
+        {
+            "user_id": [f"u{1 + i % 3}" for i in range(n)],
+            "item_id": ["t1"] * n,
+            "ts": ["2026-01-01T10:00:00Z"] * n,
+            "weight": [1.0] * n,
+        }
+    )
     write_dataset(tmp_path / "good", fmt, **{**tiny_tables, "events": events})
     whole = load_dataset(tmp_path / "good")
     monkeypatch.setattr(userrep.data, "EVENT_BATCH_ROWS", 7)  # six batches

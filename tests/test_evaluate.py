@@ -18,8 +18,9 @@ from userrep.tasks._mlp import HeadConfig
 
 FAST = EvalConfig(epochs=3, head=HeadConfig(epochs=3), convergence_users=100, similar_queries=100, top_k=200)
 # Enough training for stable margins on the 1,500-user world (~30 s with ablations).
-MARGINS = EvalConfig(epochs=10, head=HeadConfig(epochs=8), convergence_users=200, similar_queries=200, top_k=300,
-                     ablations=True)
+MARGINS = EvalConfig(
+    epochs=10, head=HeadConfig(epochs=8), convergence_users=200, similar_queries=200, top_k=300, ablations=True
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,28 +43,39 @@ def test_no_post_cutoff_event_reaches_features_or_encoders(world):
     assert (split.future.column("ts").cast(pa.int64()).to_numpy() >= cutoff_us).all()
     # Plant a huge post-cutoff event: history, encoders and features must not move.
     user, item = world.events.column("user_id")[0].as_py(), world.items.column("item_id")[5].as_py()
-    planted = pa.table({"user_id": [user], "item_id": [item],
-                        "ts": pa.array([pd.Timestamp("2026-04-02", tz="UTC")], pa.timestamp("us", tz="UTC")),
-                        "weight": [1e6]})
+    planted = pa.table(
+        {
+            "user_id": [user],
+            "item_id": [item],
+            "ts": pa.array([pd.Timestamp("2026-04-02", tz="UTC")], pa.timestamp("us", tz="UTC")),
+            "weight": [1e6],
+        }
+    )
     leaky = Dataset(world.path, pa.concat_tables([world.events, planted]), world.items, world.users, world.pairs)
     leaky_split = make_split(leaky, cutoff="2026-04-01")
     assert leaky_split.train.events.equals(split.train.events)
     space = fit_feature_space(split.train, split.as_of)
     leaky_space = fit_feature_space(leaky_split.train, leaky_split.as_of)
     assert np.array_equal(space.collab.vectors, leaky_space.collab.vectors)
-    assert np.array_equal(build_user_features(split.train, split.as_of, space).matrix,
-                          build_user_features(leaky_split.train, leaky_split.as_of, leaky_space).matrix)
+    assert np.array_equal(
+        build_user_features(split.train, split.as_of, space).matrix,
+        build_user_features(leaky_split.train, leaky_split.as_of, leaky_space).matrix,
+    )
 
 
 def test_random_split_when_all_timestamps_are_equal(world):
-    one_time = world.events.set_column(2, "ts", pa.array(
-        np.full(world.events.num_rows, pd.Timestamp("2026-01-01", tz="UTC").value // 1000), pa.int64()
-    ).cast(pa.timestamp("us", tz="UTC")))
+    one_time = world.events.set_column(
+        2,
+        "ts",
+        pa.array(np.full(world.events.num_rows, pd.Timestamp("2026-01-01", tz="UTC").value // 1000), pa.int64()).cast(
+            pa.timestamp("us", tz="UTC")
+        ),
+    )
     split = make_split(Dataset(world.path, one_time, world.items, world.users, world.pairs), seed=1)
     assert split.kind == "random" and split.cutoff is None and "random split" in split.note
     held = pd.Series(split.future.column("user_id").to_numpy(zero_copy_only=False)).value_counts()
     total = pd.Series(world.events.column("user_id").to_numpy(zero_copy_only=False)).value_counts()
-    share = (held / total.reindex(held.index))
+    share = held / total.reindex(held.index)
     assert share.between(0.1, 0.3).mean() > 0.95  # ~20% of each user's events
     assert split.train.events.num_rows + split.future.num_rows == world.events.num_rows
 
@@ -71,11 +83,23 @@ def test_random_split_when_all_timestamps_are_equal(world):
 def test_user_time_split_holds_out_each_users_last_20_percent(world):
     split = make_split(world, kind="user-time")
     assert split.kind == "user-time" and split.cutoff is None and "user-time split (asked for)" in split.note
-    frame = lambda t: pd.DataFrame({"user": t.column("user_id").to_numpy(zero_copy_only=False),  # noqa: E731
-                                    "ts": t.column("ts").cast(pa.int64()).to_numpy()})
+
+    def frame(t):
+        return pd.DataFrame(
+            {
+                "user": t.column("user_id").to_numpy(zero_copy_only=False),
+                "ts": t.column("ts").cast(pa.int64()).to_numpy(),
+            }
+        )
+
     history, held = frame(split.train.events), frame(split.future)
-    per_user = pd.concat([history.groupby("user")["ts"].agg(["max", "size"]),
-                          held.groupby("user")["ts"].agg(["min", "size"]).add_prefix("held_")], axis=1).dropna()
+    per_user = pd.concat(
+        [
+            history.groupby("user")["ts"].agg(["max", "size"]),
+            held.groupby("user")["ts"].agg(["min", "size"]).add_prefix("held_"),
+        ],
+        axis=1,
+    ).dropna()
     assert len(per_user) > 1000
     assert (per_user["held_min"] >= per_user["max"]).all()  # the held-out events are each user's latest
     total = per_user["size"] + per_user["held_size"]
@@ -90,10 +114,19 @@ def test_auto_split_picks_user_time_when_users_are_active_in_bursts(tiny_tables,
 
     users = np.repeat([f"u{i}" for i in range(200)], 10)
     day = np.repeat(np.arange(200), 10)
-    ts = pd.Timestamp("2025-01-01", tz="UTC") + pd.to_timedelta(day, unit="D") + pd.to_timedelta(np.tile(np.arange(10), 200), unit="h")
+    ts = (
+        pd.Timestamp("2025-01-01", tz="UTC")
+        + pd.to_timedelta(day, unit="D")
+        + pd.to_timedelta(np.tile(np.arange(10), 200), unit="h")
+    )
     items = tiny_tables["items"]
-    events = pd.DataFrame({"user_id": users, "item_id": np.resize(items["item_id"].to_numpy(), len(users)),
-                           "ts": ts.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    events = pd.DataFrame(
+        {
+            "user_id": users,
+            "item_id": np.resize(items["item_id"].to_numpy(), len(users)),
+            "ts": ts.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    )
     ds = load_dataset(write_dataset(tmp_path / "bursts", items=items, events=events))
     assert make_split(ds, kind="time").kind == "time"  # possible, but ...
     split = make_split(ds)
@@ -156,8 +189,18 @@ def test_metrics_json_has_the_documented_shape(small_world, evaluated):
     tasks = on_disk["tasks"]
     assert set(tasks) == {"future_listening", "artist_preference", "similar_users", "cold_start"}
     ranking = {"ndcg@10", "recall@50", "ndcg@10_new"}
-    for method in ("gur", "gur+history", "pca", "pca+history", "raw", "item_mean", "popularity", "als", "history",
-                   "ease"):
+    for method in (
+        "gur",
+        "gur+history",
+        "pca",
+        "pca+history",
+        "raw",
+        "item_mean",
+        "popularity",
+        "als",
+        "history",
+        "ease",
+    ):
         assert set(tasks["future_listening"][method]) == ranking | {f"{m}_ci" for m in ranking}
         assert set(tasks["artist_preference"][method]) == {"auc", "auc_ci"}
     for task in tasks.values():
@@ -174,7 +217,17 @@ def test_metrics_json_has_the_documented_shape(small_world, evaluated):
     assert best["ours"].startswith("gur") and not best["baseline"].startswith("gur")
     assert best["diff_ci"][0] <= best["diff"] <= best["diff_ci"][1]
     assert on_disk["baselines"]["ease"]["l2"] > 0 and on_disk["baselines"]["validation_users"] > 100
-    assert set(on_disk["ablations"]) == {"onboarding", "collab", "content", "artists", "demographics", "7d", "30d", "180d", "all"}
+    assert set(on_disk["ablations"]) == {
+        "onboarding",
+        "collab",
+        "content",
+        "artists",
+        "demographics",
+        "7d",
+        "30d",
+        "180d",
+        "all",
+    }
     assert set(on_disk["ablations"]["collab"]["future_listening"]) == ranking
     assert list(on_disk["convergence"]) == ["0", "1", "3", "7", "30"]
     gur = metrics["tasks"]["future_listening"]["gur"]["ndcg@10"]

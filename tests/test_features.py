@@ -34,8 +34,14 @@ def features(world, space):
 
 def _with_event(ds, user_id: str, item_id: str, ts: pd.Timestamp):
     """The same dataset plus one heavy event."""
-    planted = pa.table({"user_id": [user_id], "item_id": [item_id],
-                        "ts": pa.array([ts], pa.timestamp("us", tz="UTC")), "weight": [500.0]})
+    planted = pa.table(
+        {
+            "user_id": [user_id],
+            "item_id": [item_id],
+            "ts": pa.array([ts], pa.timestamp("us", tz="UTC")),
+            "weight": [500.0],
+        }
+    )
     return type(ds)(ds.path, pa.concat_tables([ds.events, planted]), ds.items, ds.users, ds.pairs)
 
 
@@ -60,7 +66,11 @@ def test_groups_are_named_and_sized(world, space, features):
     artists = world.items.column("artist_id").to_numpy(zero_copy_only=False)
     before = events_before(world, AS_OF).column("item_id").to_numpy(zero_copy_only=False)
     played = np.unique(artists[items.get_indexer(before)])
-    assert dict(features.schema.groups)["artists_all"] == len(space.top_artists) == min(FeatureConfig().top_artists, len(played))
+    assert (
+        dict(features.schema.groups)["artists_all"]
+        == len(space.top_artists)
+        == min(FeatureConfig().top_artists, len(played))
+    )
     assert features.matrix.shape == (1_500, features.schema.n_features)
     assert dict(features.schema.groups)["collab_7d"] == space.collab.dim
     assert np.isfinite(features.matrix).all()
@@ -98,8 +108,11 @@ def test_windows_nest_and_activity_is_sane(features):
 
 def test_cold_user_has_only_static_features(world, space, features):
     users = world.users.to_pandas().set_index("user_id")
-    cold = [u for u in features.user_ids if users.loc[u, "signup_ts"] > pd.Timestamp(AS_OF)
-            and isinstance(users.loc[u, "onboarding_genres"], str)]
+    cold = [
+        u
+        for u in features.user_ids
+        if users.loc[u, "signup_ts"] > pd.Timestamp(AS_OF) and isinstance(users.loc[u, "onboarding_genres"], str)
+    ]
     assert cold, "the world always has users who join after as_of"
     row = features.matrix[list(features.user_ids).index(cold[0])]
     sl = features.schema.slices()
@@ -113,39 +126,50 @@ def test_incremental_state_equals_batch(world, space, features):
     users = world.users.to_pandas().set_index("user_id")
     chosen = list(features.user_ids[:25])
     events = world.events.to_pandas()
-    events = events[(events["ts"] < pd.Timestamp(AS_OF)) & events["user_id"].isin(chosen)].sample(frac=1, random_state=0)
+    events = events[(events["ts"] < pd.Timestamp(AS_OF)) & events["user_id"].isin(chosen)].sample(
+        frac=1, random_state=0
+    )
     state = FeatureState(space)
     for user_id in chosen:
         row = users.loc[user_id]
-        register_user(state, user_id, str(row["onboarding_artists"] or "").split("|") if row["onboarding_artists"] else (),
-                      str(row["onboarding_genres"]).split("|") if row["onboarding_genres"] else (),
-                      {"country": row["country"], "age_bucket": row["age_bucket"]})
+        register_user(
+            state,
+            user_id,
+            str(row["onboarding_artists"] or "").split("|") if row["onboarding_artists"] else (),
+            str(row["onboarding_genres"]).split("|") if row["onboarding_genres"] else (),
+            {"country": row["country"], "age_bucket": row["age_bucket"]},
+        )
     for k in range(len(events)):  # one event at a time, in shuffled order
-        apply_events(state, events.iloc[k:k + 1])
+        apply_events(state, events.iloc[k : k + 1])
     online = state_features(state, chosen, AS_OF).matrix
     np.testing.assert_allclose(online, features.matrix[: len(chosen)], rtol=1e-5, atol=1e-6)
     bulk = state_features(state_from_dataset(space, world, AS_OF), features.user_ids, AS_OF).matrix
     np.testing.assert_allclose(bulk, features.matrix, rtol=1e-5, atol=1e-6)
 
 
-def test_state_streamed_from_the_directory_equals_the_state_from_the_loaded_dataset(world, space, features,
-                                                                                   monkeypatch):
+def test_state_streamed_from_the_directory_equals_the_state_from_the_loaded_dataset(
+    world, space, features, monkeypatch
+):
     from userrep import data as data_module
 
     monkeypatch.setattr(data_module, "EVENT_BATCH_ROWS", 1_000)  # serving start-up adds batch by batch
     assert world.events.num_rows > 10_000
     streamed = state_from_dataset(space, world.path, AS_OF)
     assert set(streamed.users) == set(state_from_dataset(space, world, AS_OF).users)
-    np.testing.assert_allclose(state_features(streamed, features.user_ids, AS_OF).matrix, features.matrix,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        state_features(streamed, features.user_ids, AS_OF).matrix, features.matrix, rtol=1e-5, atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("column, value, message", [
-    ("item_id", "nope", "item_id: unknown item"),
-    ("weight", -1.0, "weight: must be a finite number >= 0"),
-    ("weight", float("nan"), "weight: must be a finite number >= 0"),
-    ("ts", "yesterday", "ts: unparseable"),
-])
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("item_id", "nope", "item_id: unknown item"),
+        ("weight", -1.0, "weight: must be a finite number >= 0"),
+        ("weight", float("nan"), "weight: must be a finite number >= 0"),
+        ("ts", "yesterday", "ts: unparseable"),
+    ],
+)
 def test_state_rejects_bad_events_by_field_without_changing(space, column, value, message):
     state = FeatureState(space)
     event = {"user_id": "x", "item_id": space.item_ids[0], "ts": AS_OF, "weight": 1.0, column: value}
@@ -155,8 +179,10 @@ def test_state_rejects_bad_events_by_field_without_changing(space, column, value
 
 
 def test_state_prunes_buckets_beyond_longest_window_only_without_all_history(world, space):
-    events = [pd.DataFrame({"user_id": ["x"], "item_id": [space.item_ids[0]], "ts": [ts]})
-              for ts in ("2025-01-01T00:00:00Z", "2026-04-30T00:00:00Z")]
+    events = [
+        pd.DataFrame({"user_id": ["x"], "item_id": [space.item_ids[0]], "ts": [ts]})
+        for ts in ("2025-01-01T00:00:00Z", "2026-04-30T00:00:00Z")
+    ]
     windowed = FeatureState(fit_feature_space(world, AS_OF, FeatureConfig(windows=(7, 30, 180))))
     everything = FeatureState(space)  # default windows include "all"
     for frame in events:
@@ -216,8 +242,9 @@ def test_partitioned_snapshot_equals_the_in_memory_encoders_and_features(tmp_pat
     from userrep.partitions import partitioned_snapshot, user_partition
 
     # the dataset directory streamed into partitions (never held) vs fit + build on the loaded dataset
-    got_space, got = partitioned_snapshot(world.path, AS_OF, FeatureConfig(), tmp_path / "space", tmp_path / "work",
-                                          partitions=partitions)
+    got_space, got = partitioned_snapshot(
+        world.path, AS_OF, FeatureConfig(), tmp_path / "space", tmp_path / "work", partitions=partitions
+    )
     assert np.array_equal(got_space.collab.vectors, space.collab.vectors)  # the same user x item matrix
     assert np.array_equal(got_space.top_artists, space.top_artists)
     assert np.array_equal(FeatureSpace.load(tmp_path / "space").collab.vectors, space.collab.vectors)
@@ -240,6 +267,11 @@ def test_user_partition_is_stable_across_processes():
     ids = [f"user-{i}" for i in range(50)]
     here = user_partition(ids, 8).tolist()
     code = f"from userrep.partitions import user_partition; print(user_partition({ids!r}, 8).tolist())"
-    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
+    there = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", "PATH": ""},
+    ).stdout
     assert there.strip() == str(here) and len(set(here)) > 4

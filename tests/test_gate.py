@@ -10,14 +10,24 @@ import pytest
 from userrep.gate import GateInputs, GatePolicy, decide, knn_overlap, procrustes
 
 POLICY = GatePolicy()
-QUALITY = {"future_listening": {"candidate": 0.50, "serving": 0.49},
-           "artist_preference": {"candidate": 0.75, "serving": 0.76},
-           "similar_users": {"candidate": 0.40, "serving": 0.40}}
+QUALITY = {
+    "future_listening": {"candidate": 0.50, "serving": 0.49},
+    "artist_preference": {"candidate": 0.75, "serving": 0.76},
+    "similar_users": {"candidate": 0.40, "serving": 0.40},
+}
 
 
 def healthy(**changes) -> GateInputs:
-    base = dict(candidate="b2", serving="b1", drift_share=0.1, column_drift={}, embedding_drift=0.55,
-                knn_overlap=0.7, head_auc_kept=0.98, quality=QUALITY)
+    base = dict(
+        candidate="b2",
+        serving="b1",
+        drift_share=0.1,
+        column_drift={},
+        embedding_drift=0.55,
+        knn_overlap=0.7,
+        head_auc_kept=0.98,
+        quality=QUALITY,
+    )
     return GateInputs(**{**base, **changes})
 
 
@@ -25,8 +35,9 @@ def test_a_healthy_candidate_passes_every_check():
     decision = decide(healthy(), POLICY)
     assert decision.passed and decision.reasons == ()
     assert all(check["passed"] for check in decision.checks.values())
-    assert {"feature_drift", "embedding_drift", "stability_knn", "stability_heads",
-            "quality_future_listening"} <= set(decision.checks)
+    assert {"feature_drift", "embedding_drift", "stability_knn", "stability_heads", "quality_future_listening"} <= set(
+        decision.checks
+    )
 
 
 def test_first_batch_without_serving_is_judged_on_completeness_only():
@@ -53,7 +64,9 @@ def test_feature_drift_share_over_policy_blocks():
 def test_one_column_far_beyond_the_limit_blocks_and_is_named():
     decision = decide(healthy(column_drift={"activity_7d:log_plays": 4.2}), POLICY)
     assert not decision.passed
-    assert decision.reasons == ("feature_column_drift: column(s) shifted beyond the limit: activity_7d:log_plays (4.20)",)
+    assert decision.reasons == (
+        "feature_column_drift: column(s) shifted beyond the limit: activity_7d:log_plays (4.20)",
+    )
 
 
 def test_embedding_drift_over_threshold_blocks():

@@ -26,11 +26,15 @@ VALUES_FILES = sorted(CHART.glob("values-*.yaml"))
 KIND = CHART / "values-kind.yaml"
 NAMESPACE = "kubeflow"  # the release's namespace: where the pipeline steps run (standalone KFP)
 WORKLOADS = ("Deployment", "StatefulSet")
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-             "RayService": "ray.io_rayservices.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 
 
 # -- rendering and validators ----------------------------------------------------------------------
+
 
 def helm(values: dict | None, tmp_path: Path, base: Path | None = KIND, namespace: str = NAMESPACE) -> dict:
     """Lint, schema-check and render the chart with Helm's own library (from the .tools venv)."""
@@ -45,8 +49,12 @@ def helm(values: dict | None, tmp_path: Path, base: Path | None = KIND, namespac
     python = REPO / ".tools" / "bin" / "python"
     if not python.exists():
         pytest.fail(f"{python} missing: `make test` creates the .tools venv (tools-requirements.txt)")
-    done = subprocess.run([str(python), str(REPO / "tests" / "_helm.py"), str(CHART), str(path), namespace],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(python), str(REPO / "tests" / "_helm.py"), str(CHART), str(path), namespace],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout)
     out["objects"] = [d for text in (out["rendered"] or {}).values() for d in yaml.safe_load_all(text) if d]
@@ -58,15 +66,24 @@ def validate(objects: list[dict], tmp_path: Path) -> subprocess.CompletedProcess
         pytest.fail(f"{VALIDATE} missing: `make test` creates the .tools venv (tools-requirements.txt)")
     path = tmp_path / "core.yaml"
     path.write_text(yaml.safe_dump_all(objects))
-    return subprocess.run([str(VALIDATE), "--strict", "--kubernetes-version", "1.32.0", str(path)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(VALIDATE), "--strict", "--kubernetes-version", "1.32.0", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def checkov(*args: str) -> subprocess.CompletedProcess:
     if not CHECKOV.exists():
         pytest.fail(f"{CHECKOV} missing: `make test` creates the .tools venv (tools-requirements.txt)")
-    return subprocess.run([str(CHECKOV), *args, "--compact", "--quiet", "--skip-download"], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+    return subprocess.run(
+        [str(CHECKOV), *args, "--compact", "--quiet", "--skip-download"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
 
 
 def _strict(node):
@@ -74,8 +91,11 @@ def _strict(node):
     `kubectl apply` (strict field validation, the default) does with an unknown field."""
     if isinstance(node, dict):
         node = {key: _strict(value) for key, value in node.items()}
-        if "properties" in node and "additionalProperties" not in node \
-                and not node.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             node["additionalProperties"] = False
         return node
     if isinstance(node, list):
@@ -100,8 +120,10 @@ def kuberay_validator(kind: str):
 def kuberay_problems(obj: dict) -> list[str]:
     """Where a ray.io/v1 object breaks the KubeRay v1.4.2 schema of its kind."""
     assert obj["apiVersion"] == "ray.io/v1", obj["apiVersion"]
-    return [f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in kuberay_validator(obj["kind"]).iter_errors(obj)]
+    return [
+        f"{obj['kind']}/{obj['metadata']['name']}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in kuberay_validator(obj["kind"]).iter_errors(obj)
+    ]
 
 
 def core(objects: list[dict]) -> list[dict]:
@@ -126,7 +148,8 @@ def pod_templates(obj: dict) -> list[tuple[str, dict]]:
         spec = obj["spec"]
         cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or spec
         return [(f"{name}/head", cluster["headGroupSpec"]["template"])] + [
-            (f"{name}/{g['groupName']}", g["template"]) for g in cluster.get("workerGroupSpecs", [])]
+            (f"{name}/{g['groupName']}", g["template"]) for g in cluster.get("workerGroupSpecs", [])
+        ]
     return []
 
 
@@ -155,8 +178,13 @@ def policy_problems(objects: list[dict]) -> list[str]:
 
 def project_images(objects: list[dict]) -> set[str]:
     """Images of every workload and Ray pod, Redis (a third-party image) left out."""
-    return {c["image"] for obj in objects for _, template in pod_templates(obj)
-            for c in template["spec"]["containers"] if not c["image"].startswith("redis:")}
+    return {
+        c["image"]
+        for obj in objects
+        for _, template in pod_templates(obj)
+        for c in template["spec"]["containers"]
+        if not c["image"].startswith("redis:")
+    }
 
 
 def compiled_executors(tmp_path: Path) -> dict[str, dict]:
@@ -185,14 +213,25 @@ def kind_objects(tmp_path_factory) -> list[dict]:
 
 # -- the chart, every values file ------------------------------------------------------------------
 
+
 @pytest.mark.slow  # kubernetes-validate and checkov: seconds each
 @pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda p: p.stem)
 def test_chart_renders_objects_every_validator_accepts(values_file, tmp_path):
     out = helm(None, tmp_path, base=values_file)
     assert "'errors': []" in out["lint"] and out["schema_error"] is None, (out["lint"], out["schema_error"])
     objects = out["objects"]
-    assert {"PersistentVolumeClaim", "StatefulSet", "Deployment", "Service", "NetworkPolicy", "ServiceAccount",
-            "Role", "RoleBinding", "RayCluster", "RayService"} <= {o["kind"] for o in objects}
+    assert {
+        "PersistentVolumeClaim",
+        "StatefulSet",
+        "Deployment",
+        "Service",
+        "NetworkPolicy",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "RayCluster",
+        "RayService",
+    } <= {o["kind"] for o in objects}
     assert all(o["metadata"]["namespace"] == NAMESPACE for o in objects)
     done = validate(core(objects), tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -223,14 +262,17 @@ def _set(obj: dict, path: str, value) -> dict:
     return obj
 
 
-@pytest.mark.parametrize("kind, path, value, expected", [
-    ("RayCluster", "spec.workerGroupSpecs.0.replicas", "two", "'two' is not of type 'integer'"),
-    ("RayCluster", "spec.headGroupSpec.template.spec.containers.0.imagePullPolicyy", "Always", "imagePullPolicyy"),
-    ("RayService", "spec.rayClusterConfig.enableInTreeAutoscaling", "yes", "'yes' is not of type 'boolean'"),
-    ("RayService", "spec.serveConfigV3", "x", "serveConfigV3"),
-    ("RayJob", "spec.shutdownAfterJobFinishes", "true", "'true' is not of type 'boolean'"),
-    ("RayJob", "spec.rayClusterSpec.workerGroupSpecs.0.template.metadata.labelz", {}, "labelz"),
-])
+@pytest.mark.parametrize(
+    "kind, path, value, expected",
+    [
+        ("RayCluster", "spec.workerGroupSpecs.0.replicas", "two", "'two' is not of type 'integer'"),
+        ("RayCluster", "spec.headGroupSpec.template.spec.containers.0.imagePullPolicyy", "Always", "imagePullPolicyy"),
+        ("RayService", "spec.rayClusterConfig.enableInTreeAutoscaling", "yes", "'yes' is not of type 'boolean'"),
+        ("RayService", "spec.serveConfigV3", "x", "serveConfigV3"),
+        ("RayJob", "spec.shutdownAfterJobFinishes", "true", "'true' is not of type 'boolean'"),
+        ("RayJob", "spec.rayClusterSpec.workerGroupSpecs.0.template.metadata.labelz", {}, "labelz"),
+    ],
+)
 def test_a_wrong_type_or_an_unknown_field_in_a_ray_object_fails(kind, path, value, expected, kind_objects):
     objects = [fit_rayjob()] + rays(kind_objects)
     obj = next(o for o in objects if o["kind"] == kind)
@@ -257,6 +299,7 @@ def test_compiled_pipeline_steps_have_a_valid_kubernetes_spec_and_the_volume_and
 
 # -- network policies ------------------------------------------------------------------------------
 
+
 class Pod(NamedTuple):
     name: str
     component: str  # what the pod is (ROLES), or what an outside pod is
@@ -270,8 +313,12 @@ def _selects(selector: dict, labels: dict) -> bool:
         return False
     for e in selector.get("matchExpressions", []):
         present, value = e["key"] in labels, labels.get(e["key"])
-        ok = {"In": present and value in e.get("values", []), "NotIn": value not in e.get("values", []),
-              "Exists": present, "DoesNotExist": not present}[e["operator"]]
+        ok = {
+            "In": present and value in e.get("values", []),
+            "NotIn": value not in e.get("values", []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[e["operator"]]
         if not ok:
             return False
     return True
@@ -280,9 +327,13 @@ def _selects(selector: dict, labels: dict) -> bool:
 def admitted(policies: list[dict], src: Pod, dst: Pod, port: int) -> bool:
     """NetworkPolicy ingress semantics: a pod no policy selects takes anything; a selected one
     takes only what some rule of a selecting policy admits (peer and port)."""
-    selecting = [p for p in policies if p["metadata"]["namespace"] == dst.namespace
-                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
-                 and _selects(p["spec"]["podSelector"], dst.labels)]
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == dst.namespace
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and _selects(p["spec"]["podSelector"], dst.labels)
+    ]
     if not selecting:
         return True
     for policy in selecting:
@@ -291,8 +342,11 @@ def admitted(policies: list[dict], src: Pod, dst: Pod, port: int) -> bool:
                 continue
             for peer in rule.get("from") or [{"namespaceSelector": {}, "podSelector": {}}]:
                 same_namespace = src.namespace == policy["metadata"]["namespace"]
-                namespace_ok = (_selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": src.namespace})
-                                if "namespaceSelector" in peer else same_namespace)
+                namespace_ok = (
+                    _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": src.namespace})
+                    if "namespaceSelector" in peer
+                    else same_namespace
+                )
                 if namespace_ok and _selects(peer.get("podSelector", {}), src.labels):
                     return True
     return False
@@ -300,28 +354,51 @@ def admitted(policies: list[dict], src: Pod, dst: Pod, port: int) -> bool:
 
 COMPONENT = "app.kubernetes.io/component"
 # What each pod is, whatever its labels say (the labels are what the test checks).
-ROLES = {"StatefulSet": "online-store", "Deployment": "tasks", "RayCluster": "train", "RayService": "serve",
-         "RayJob": "fit"}
+ROLES = {
+    "StatefulSet": "online-store",
+    "Deployment": "tasks",
+    "RayCluster": "train",
+    "RayService": "serve",
+    "RayJob": "fit",
+}
 PORTS = (6379, 8265, 8000, 3000, 10001)  # Redis, Ray dashboard/jobs, Serve, tasks, Ray client (a Ray-internal port)
 # Every connection the system needs: (from, to, port); None = any port (a Ray cluster's own traffic).
-NEEDED = {("serve", "online-store", 6379), ("tasks", "online-store", 6379), ("pipeline-step", "online-store", 6379),
-          ("pipeline-step", "train", 8265), ("ingress-controller", "serve", 8000),
-          ("ingress-controller", "tasks", 3000)} | {
-    ("kuberay-operator", ray, 8265) for ray in ("train", "serve", "fit")} | {
-    (ray, ray, None) for ray in ("train", "serve", "fit")}
+NEEDED = (
+    {
+        ("serve", "online-store", 6379),
+        ("tasks", "online-store", 6379),
+        ("pipeline-step", "online-store", 6379),
+        ("pipeline-step", "train", 8265),
+        ("ingress-controller", "serve", 8000),
+        ("ingress-controller", "tasks", 3000),
+    }
+    | {("kuberay-operator", ray, 8265) for ray in ("train", "serve", "fit")}
+    | {(ray, ray, None) for ray in ("train", "serve", "fit")}
+)
 
 
 def system_pods(objects: list[dict], executors: dict[str, dict], rayjob: dict) -> list[Pod]:
     """Our pods (chart, pipeline steps, the fit's RayJob) and the outside ones that talk to them."""
-    pods = [Pod(name, ROLES[obj["kind"]], obj["metadata"]["namespace"], t["metadata"].get("labels", {}))
-            for obj in objects + [rayjob] for name, t in pod_templates(obj)]
-    pods += [Pod(f"pipeline/{name}", "pipeline-step", NAMESPACE, spec.get("podMetadata", {}).get("labels", {}))
-             for name, spec in executors.items()]
-    return pods + [Pod("ingress-nginx-controller", "ingress-controller", "ingress-nginx", {"app": "ingress-nginx"}),
-                   Pod("kuberay-operator", "kuberay-operator", "kuberay-system", {"app": "kuberay-operator"}),
-                   Pod("ml-pipeline (KFP's own)", "other-in-namespace", NAMESPACE, {"app": "ml-pipeline"}),
-                   Pod("a pod elsewhere", "other-namespace", "default", {"app.kubernetes.io/part-of": "userrep",
-                                                                          COMPONENT: "serve"})]
+    pods = [
+        Pod(name, ROLES[obj["kind"]], obj["metadata"]["namespace"], t["metadata"].get("labels", {}))
+        for obj in objects + [rayjob]
+        for name, t in pod_templates(obj)
+    ]
+    pods += [
+        Pod(f"pipeline/{name}", "pipeline-step", NAMESPACE, spec.get("podMetadata", {}).get("labels", {}))
+        for name, spec in executors.items()
+    ]
+    return pods + [
+        Pod("ingress-nginx-controller", "ingress-controller", "ingress-nginx", {"app": "ingress-nginx"}),
+        Pod("kuberay-operator", "kuberay-operator", "kuberay-system", {"app": "kuberay-operator"}),
+        Pod("ml-pipeline (KFP's own)", "other-in-namespace", NAMESPACE, {"app": "ml-pipeline"}),
+        Pod(
+            "a pod elsewhere",
+            "other-namespace",
+            "default",
+            {"app.kubernetes.io/part-of": "userrep", COMPONENT: "serve"},
+        ),
+    ]
 
 
 def connection_report(policies: list[dict], pods: list[Pod]) -> tuple[set, list[str]]:
@@ -333,8 +410,9 @@ def connection_report(policies: list[dict], pods: list[Pod]) -> tuple[set, list[
             for port in PORTS:
                 need = {(src.component, dst.component, port), (src.component, dst.component, None)} & NEEDED
                 if admitted(policies, src, dst, port):
-                    allowed.add((src.component, dst.component, None if need == {(src.component, dst.component, None)}
-                                 else port))
+                    allowed.add(
+                        (src.component, dst.component, None if need == {(src.component, dst.component, None)} else port)
+                    )
                 elif need:
                     blocked.append(f"{src.name} -> {dst.name}:{port}")
     return allowed, blocked
@@ -365,24 +443,37 @@ def test_a_pod_that_must_reach_redis_without_the_admitted_label_is_caught(render
 
 # -- one volume, one namespace ---------------------------------------------------------------------
 
+
 def volume_problems(objects: list[dict], executor_namespace: dict[str, str], executors: dict[str, dict]) -> list[str]:
     """Every pod that mounts a claim must run in the claim's namespace (a PVC cannot be mounted
     across namespaces), and a claim shared by several pods must be ReadWriteMany."""
     claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
-    mounts = [(f"{o['kind']}/{o['metadata']['name']}", o["metadata"]["namespace"], v["persistentVolumeClaim"]["claimName"])
-              for o in objects for _, t in pod_templates(o) for v in t["spec"].get("volumes", [])
-              if "persistentVolumeClaim" in v]
-    mounts += [(f"pipeline/{name}", executor_namespace[name], m["constant"])
-               for name, spec in executors.items() for m in spec.get("pvcMount", [])]
+    mounts = [
+        (f"{o['kind']}/{o['metadata']['name']}", o["metadata"]["namespace"], v["persistentVolumeClaim"]["claimName"])
+        for o in objects
+        for _, t in pod_templates(o)
+        for v in t["spec"].get("volumes", [])
+        if "persistentVolumeClaim" in v
+    ]
+    mounts += [
+        (f"pipeline/{name}", executor_namespace[name], m["constant"])
+        for name, spec in executors.items()
+        for m in spec.get("pvcMount", [])
+    ]
     problems = []
     for who, namespace, claim in mounts:
         pvc = claims.get(claim)
         if pvc is None:
             problems.append(f"{who} mounts {claim}, which the chart does not create")
         elif pvc["metadata"]["namespace"] != namespace:
-            problems.append(f"{who} in namespace {namespace} mounts {claim} of namespace {pvc['metadata']['namespace']}")
-    problems += [f"PersistentVolumeClaim/{name}: accessModes {pvc['spec']['accessModes']}, not ReadWriteMany"
-                 for name, pvc in claims.items() if pvc["spec"]["accessModes"] != ["ReadWriteMany"]]
+            problems.append(
+                f"{who} in namespace {namespace} mounts {claim} of namespace {pvc['metadata']['namespace']}"
+            )
+    problems += [
+        f"PersistentVolumeClaim/{name}: accessModes {pvc['spec']['accessModes']}, not ReadWriteMany"
+        for name, pvc in claims.items()
+        if pvc["spec"]["accessModes"] != ["ReadWriteMany"]
+    ]
     return problems
 
 
@@ -392,15 +483,22 @@ def test_every_pod_mounting_the_work_volume_runs_in_its_namespace(rendered_syste
     assert volume_problems(objects + [rayjob], steps_here, executors) == []
     # the faults this guards against: steps or the fit's RayJob in another namespace, a RWO claim
     elsewhere = {name: "userrep" for name in executors}
-    assert any("namespace userrep mounts userrep-work of namespace kubeflow" in p
-               for p in volume_problems(objects, elsewhere, executors))
-    assert any(p.startswith("RayJob/userrep-fit-x in namespace userrep")
-               for p in volume_problems(objects + [fit_rayjob("userrep")], steps_here, executors))
-    rwo = [_set(o, "spec.accessModes", ["ReadWriteOnce"]) if o["kind"] == "PersistentVolumeClaim" else o for o in objects]
+    assert any(
+        "namespace userrep mounts userrep-work of namespace kubeflow" in p
+        for p in volume_problems(objects, elsewhere, executors)
+    )
+    assert any(
+        p.startswith("RayJob/userrep-fit-x in namespace userrep")
+        for p in volume_problems(objects + [fit_rayjob("userrep")], steps_here, executors)
+    )
+    rwo = [
+        _set(o, "spec.accessModes", ["ReadWriteOnce"]) if o["kind"] == "PersistentVolumeClaim" else o for o in objects
+    ]
     assert any("not ReadWriteMany" in p for p in volume_problems(rwo, steps_here, executors))
 
 
 # -- Helm cases: every value that changes a rendered object ----------------------------------------
+
 
 def _one(objects: list[dict], kind: str, name: str | None = None) -> dict:
     return next(o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name))
@@ -414,52 +512,126 @@ RES = {"requests": {"cpu": "3", "memory": "5Gi"}, "limits": {"cpu": "3", "memory
 HELM_CASES = {
     "image.repository": ("reg.example/userrep", lambda objs: project_images(objs) == {"reg.example/userrep:0.1.0"}),
     "image.tag": ("0.2.0-rc1", lambda objs: project_images(objs) == {"userrep:0.2.0-rc1"}),
-    "image.pullPolicy": ("Always", lambda objs: {c["imagePullPolicy"] for o in objs for _, t in pod_templates(o)
-                                                 for c in t["spec"]["containers"]
-                                                 if not c["image"].startswith("redis:")} == {"Always"}),
-    "storage.size": ("99Gi", lambda objs: _one(objs, "PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"]
-                     == "99Gi"),
-    "storage.storageClassName": ("cephfs", lambda objs: _one(objs, "PersistentVolumeClaim")["spec"]["storageClassName"]
-                                 == "cephfs"),
-    "networkPolicy.ingressNamespace": ("gateway", lambda objs: _one(objs, "NetworkPolicy", "userrep-tasks-from-ingress")
-                                       ["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]
-                                       == {"kubernetes.io/metadata.name": "gateway"}),
-    "networkPolicy.operatorNamespace": ("ray-system", lambda objs: _one(objs, "NetworkPolicy", "userrep-ray-from-operator")
-                                        ["spec"]["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]
-                                        == {"kubernetes.io/metadata.name": "ray-system"}),
-    "redis.image": ("redis:7.4.0-alpine", lambda objs: containers(_one(objs, "StatefulSet"))[0]["image"]
-                    == "redis:7.4.0-alpine"),
-    "redis.passwordSecret": ("vault-redis", lambda objs: {v["secret"]["secretName"] for o in objs
-                                                          for _, t in pod_templates(o) for v in t["spec"].get("volumes", [])
-                                                          if "secret" in v} == {"vault-redis"}),
-    "redis.storage": ("7Gi", lambda objs: _one(objs, "StatefulSet")["spec"]["volumeClaimTemplates"][0]["spec"]
-                      ["resources"]["requests"]["storage"] == "7Gi"),
+    "image.pullPolicy": (
+        "Always",
+        lambda objs: (
+            {
+                c["imagePullPolicy"]
+                for o in objs
+                for _, t in pod_templates(o)
+                for c in t["spec"]["containers"]
+                if not c["image"].startswith("redis:")
+            }
+            == {"Always"}
+        ),
+    ),
+    "storage.size": (
+        "99Gi",
+        lambda objs: _one(objs, "PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"] == "99Gi",
+    ),
+    "storage.storageClassName": (
+        "cephfs",
+        lambda objs: _one(objs, "PersistentVolumeClaim")["spec"]["storageClassName"] == "cephfs",
+    ),
+    "networkPolicy.ingressNamespace": (
+        "gateway",
+        lambda objs: (
+            _one(objs, "NetworkPolicy", "userrep-tasks-from-ingress")["spec"]["ingress"][0]["from"][0][
+                "namespaceSelector"
+            ]["matchLabels"]
+            == {"kubernetes.io/metadata.name": "gateway"}
+        ),
+    ),
+    "networkPolicy.operatorNamespace": (
+        "ray-system",
+        lambda objs: (
+            _one(objs, "NetworkPolicy", "userrep-ray-from-operator")["spec"]["ingress"][0]["from"][0][
+                "namespaceSelector"
+            ]["matchLabels"]
+            == {"kubernetes.io/metadata.name": "ray-system"}
+        ),
+    ),
+    "redis.image": (
+        "redis:7.4.0-alpine",
+        lambda objs: containers(_one(objs, "StatefulSet"))[0]["image"] == "redis:7.4.0-alpine",
+    ),
+    "redis.passwordSecret": (
+        "vault-redis",
+        lambda objs: (
+            {
+                v["secret"]["secretName"]
+                for o in objs
+                for _, t in pod_templates(o)
+                for v in t["spec"].get("volumes", [])
+                if "secret" in v
+            }
+            == {"vault-redis"}
+        ),
+    ),
+    "redis.storage": (
+        "7Gi",
+        lambda objs: (
+            _one(objs, "StatefulSet")["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+            == "7Gi"
+        ),
+    ),
     "redis.resources": (RES, lambda objs: containers(_one(objs, "StatefulSet"))[0]["resources"] == RES),
-    "tasks.replicas": (3, lambda objs: _one(objs, "Deployment")["spec"]["replicas"] == 3
-                       and _one(objs, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 3),
+    "tasks.replicas": (
+        3,
+        lambda objs: (
+            _one(objs, "Deployment")["spec"]["replicas"] == 3
+            and _one(objs, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 3
+        ),
+    ),
     "tasks.resources": (RES, lambda objs: containers(_one(objs, "Deployment"))[0]["resources"] == RES),
-    "tasks.autoscaling.enabled": (False, lambda objs: not [o for o in objs if o["kind"] == "HorizontalPodAutoscaler"]
-                                  and _one(objs, "Deployment")),
-    "tasks.autoscaling.maxReplicas": (9, lambda objs: _one(objs, "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 9),
-    "tasks.autoscaling.targetCPUUtilizationPercentage": (55, lambda objs: _one(objs, "HorizontalPodAutoscaler")["spec"]
-                                                         ["metrics"][0]["resource"]["target"]["averageUtilization"] == 55),
-    "training.enabled": (False, lambda objs: not [o for o in objs if o["kind"] == "RayCluster"]
-                         and _one(objs, "RayService")),
+    "tasks.autoscaling.enabled": (
+        False,
+        lambda objs: not [o for o in objs if o["kind"] == "HorizontalPodAutoscaler"] and _one(objs, "Deployment"),
+    ),
+    "tasks.autoscaling.maxReplicas": (
+        9,
+        lambda objs: _one(objs, "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 9,
+    ),
+    "tasks.autoscaling.targetCPUUtilizationPercentage": (
+        55,
+        lambda objs: (
+            _one(objs, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"]
+            == 55
+        ),
+    ),
+    "training.enabled": (
+        False,
+        lambda objs: not [o for o in objs if o["kind"] == "RayCluster"] and _one(objs, "RayService"),
+    ),
     "training.workers": (5, lambda objs: _one(objs, "RayCluster")["spec"]["workerGroupSpecs"][0]["maxReplicas"] == 5),
-    "training.workerResources": (RES, lambda objs: _pods_of(objs, "RayCluster")[1]["spec"]["containers"][0]["resources"]
-                                 == RES),
-    "embeddings.enabled": (False, lambda objs: not [o for o in objs if o["kind"] == "RayService"]
-                           and _one(objs, "RayCluster")),
-    "embeddings.autoscaling.minReplicas": (3, lambda objs: "min_replicas: 3" in _one(objs, "RayService")["spec"]
-                                           ["serveConfigV2"]),
-    "embeddings.autoscaling.maxReplicas": (12, lambda objs: "max_replicas: 12" in _one(objs, "RayService")["spec"]
-                                           ["serveConfigV2"]),
-    "embeddings.autoscaling.targetOngoingRequests": (32, lambda objs: "target_ongoing_requests: 32"
-                                                     in _one(objs, "RayService")["spec"]["serveConfigV2"]),
-    "embeddings.autoscaling.maxWorkers": (6, lambda objs: _one(objs, "RayService")["spec"]["rayClusterConfig"]
-                                          ["workerGroupSpecs"][0]["maxReplicas"] == 6),
-    "embeddings.resources": (RES, lambda objs: all(t["spec"]["containers"][0]["resources"] == RES
-                                                   for t in _pods_of(objs, "RayService"))),
+    "training.workerResources": (
+        RES,
+        lambda objs: _pods_of(objs, "RayCluster")[1]["spec"]["containers"][0]["resources"] == RES,
+    ),
+    "embeddings.enabled": (
+        False,
+        lambda objs: not [o for o in objs if o["kind"] == "RayService"] and _one(objs, "RayCluster"),
+    ),
+    "embeddings.autoscaling.minReplicas": (
+        3,
+        lambda objs: "min_replicas: 3" in _one(objs, "RayService")["spec"]["serveConfigV2"],
+    ),
+    "embeddings.autoscaling.maxReplicas": (
+        12,
+        lambda objs: "max_replicas: 12" in _one(objs, "RayService")["spec"]["serveConfigV2"],
+    ),
+    "embeddings.autoscaling.targetOngoingRequests": (
+        32,
+        lambda objs: "target_ongoing_requests: 32" in _one(objs, "RayService")["spec"]["serveConfigV2"],
+    ),
+    "embeddings.autoscaling.maxWorkers": (
+        6,
+        lambda objs: _one(objs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 6,
+    ),
+    "embeddings.resources": (
+        RES,
+        lambda objs: all(t["spec"]["containers"][0]["resources"] == RES for t in _pods_of(objs, "RayService")),
+    ),
 }
 
 
@@ -487,10 +659,15 @@ def test_chart_should_change_what_the_value_names_when_it_is_set(key, kind_objec
     assert check(changed["objects"]), f"setting {key} did not change what it should"
 
 
-@pytest.mark.parametrize("values, field", [({"tasks.replicas": "two"}, "replicas"),
-                                           ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
-                                           ({"storage.storageClassName": ""}, "storageClassName"),
-                                           ({"surprise": 1}, "surprise")])
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"tasks.replicas": "two"}, "replicas"),
+        ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
+        ({"storage.storageClassName": ""}, "storageClassName"),
+        ({"surprise": 1}, "surprise"),
+    ],
+)
 def test_chart_values_schema_rejects_bad_values(values, field, tmp_path):
     out = helm(values, tmp_path)
     assert out["schema_error"] and field in out["schema_error"]
@@ -502,6 +679,7 @@ def test_the_chart_refuses_to_install_without_a_storage_class(tmp_path):
 
 
 # -- images, Redis durability, checkov wiring ------------------------------------------------------
+
 
 def test_every_image_is_the_one_the_pipelines_compile_with(kind_objects, tmp_path):
     from pipelines.runner import IMAGE_PLACEHOLDER, compile_pipelines

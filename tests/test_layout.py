@@ -12,8 +12,11 @@ PACKAGES = ("userrep", "serving", "components", "pipelines")
 
 
 def first_party_imports() -> dict[str, set[str]]:
-    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
-               for package in PACKAGES for p in (REPO / package).rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+        for package in PACKAGES
+        for p in (REPO / package).rglob("*.py")
+    }
     graph = {}
     for name, path in modules.items():
         targets = set()
@@ -62,7 +65,13 @@ def test_no_import_cycle_between_our_modules():
 
 
 def test_each_batch_layout_name_is_spelled_in_one_module():
-    spelled = {name: sorted(str(p.relative_to(REPO)) for package in PACKAGES + ("bench",)
-                            for p in (REPO / package).rglob("*.py") if re.search(rf"[\"']{re.escape(name)}[\"']", p.read_text()))
-               for name in ("manifest.json", "SERVING.json")}
+    spelled = {
+        name: sorted(
+            str(p.relative_to(REPO))
+            for package in PACKAGES + ("bench",)
+            for p in (REPO / package).rglob("*.py")
+            if re.search(rf"[\"']{re.escape(name)}[\"']", p.read_text())
+        )
+        for name in ("manifest.json", "SERVING.json")
+    }
     assert spelled == {"manifest.json": ["userrep/layout.py"], "SERVING.json": ["userrep/layout.py"]}

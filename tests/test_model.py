@@ -94,7 +94,9 @@ def test_plays_of_an_onboarded_artist_keep_a_new_user_near_its_cold_start_point(
     ids, vectors = space.collab.artist_vectors(ds.items)
     vectors = _unit(vectors)
     row = {a: i for i, a in enumerate(ids)}
-    popular = [a for a in plays.groupby("artist_id")["weight"].sum().sort_values(ascending=False).index[:300] if a in row]
+    popular = [
+        a for a in plays.groupby("artist_id")["weight"].sum().sort_values(ascending=False).index[:300] if a in row
+    ]
     rng = np.random.default_rng(0)
     closer, gaps = 0, []
     for u in range(60):
@@ -104,9 +106,19 @@ def test_plays_of_an_onboarded_artist_keep_a_new_user_near_its_cold_start_point(
         for name, artist in (("cold", None), ("a", a), ("c", unrelated)):
             register_user(state, f"{name}{u}", [a, b], [])
             if artist is not None:
-                apply_events(state, pd.DataFrame({"user_id": f"{name}{u}", "item_id": rng.choice(tracks[artist], 3),
-                                                  "ts": [as_of - pd.Timedelta(hours=1)] * 3}))
-        cold, own, other = _unit(embed(result.model, state_features(state, [f"cold{u}", f"a{u}", f"c{u}"], AS_OF).matrix))
+                apply_events(
+                    state,
+                    pd.DataFrame(
+                        {
+                            "user_id": f"{name}{u}",
+                            "item_id": rng.choice(tracks[artist], 3),
+                            "ts": [as_of - pd.Timedelta(hours=1)] * 3,
+                        }
+                    ),
+                )
+        cold, own, other = _unit(
+            embed(result.model, state_features(state, [f"cold{u}", f"a{u}", f"c{u}"], AS_OF).matrix)
+        )
         closer += own @ cold > other @ cold
         gaps.append(own @ cold - other @ cold)
     assert closer >= 45 and np.mean(gaps) > 0.05
@@ -203,13 +215,22 @@ def test_backfill_streamed_from_the_features_file_equals_backfill_from_memory(tm
     from userrep.features import FeatureSchema, UserFeatures
 
     rng = np.random.default_rng(0)
-    features = UserFeatures(np.array([f"u{i}" for i in range(1000)], object),
-                            rng.normal(size=(1000, 12)).astype(np.float32), FeatureSchema((("a", 12),)))
+    features = UserFeatures(
+        np.array([f"u{i}" for i in range(1000)], object),
+        rng.normal(size=(1000, 12)).astype(np.float32),
+        FeatureSchema((("a", 12),)),
+    )
     save_features(features, tmp_path / "features.parquet")
     fit_autoencoder(features, AEConfig(epochs=1, latent=4)).model.save(tmp_path / "model.pt")
-    assert backfill_embeddings(tmp_path / "model.pt", features, "b", tmp_path / "memory.parquet", batch_size=300) == 1000
-    assert backfill_embeddings(tmp_path / "model.pt", tmp_path / "features.parquet", "b", tmp_path / "file.parquet",
-                               batch_size=300) == 1000  # four batches read from the file
+    assert (
+        backfill_embeddings(tmp_path / "model.pt", features, "b", tmp_path / "memory.parquet", batch_size=300) == 1000
+    )
+    assert (
+        backfill_embeddings(
+            tmp_path / "model.pt", tmp_path / "features.parquet", "b", tmp_path / "file.parquet", batch_size=300
+        )
+        == 1000
+    )  # four batches read from the file
     ids, vectors, _ = read_embeddings(tmp_path / "memory.parquet")
     got_ids, got, _ = read_embeddings(tmp_path / "file.parquet")
     assert list(got_ids) == list(ids) and np.array_equal(got, vectors)

@@ -26,8 +26,14 @@ QUIET = dict(log=lambda *_: None)
 def served_root(small_world, tmp_path_factory):
     """One batch (no Feast, no heads) set serving by hand: these tests are about the online core."""
     root = tmp_path_factory.mktemp("online") / "batches"
-    build_batch(small_world, root / "b1", "2026-05-01", BuildConfig(ae=AEConfig(epochs=3), downstream=None),
-                batch_id="b1", **QUIET)
+    build_batch(
+        small_world,
+        root / "b1",
+        "2026-05-01",
+        BuildConfig(ae=AEConfig(epochs=3), downstream=None),
+        batch_id="b1",
+        **QUIET,
+    )
     _write_pointer(root, {"serving": "b1", "history": []})
     return root
 
@@ -66,8 +72,13 @@ def test_a_retried_event_id_is_acknowledged_and_applied_once_even_after_a_restar
     online = service(served_root, log)
     user = "u0000005"
     before = weight_of(online, user)
-    event = {"event_id": "client-7:1", "user_id": user, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z",
-             "weight": 3.0}
+    event = {
+        "event_id": "client-7:1",
+        "user_id": user,
+        "item_id": "t0000001",
+        "ts": "2026-05-02T10:00:00Z",
+        "weight": 3.0,
+    }
     first = online.post_events([event])
     assert first["accepted"] == 1 and first["duplicates"] == []
     again = online.post_events([event, {**event, "event_id": "client-7:2"}, {**event, "event_id": "client-7:2"}])
@@ -117,8 +128,10 @@ def test_concurrent_writers_are_committed_together_and_each_event_counts_once(se
 
     def client(k: int) -> list[dict]:  # each client sends its 10 events twice (a retry) and one shared id
         user = users[k]
-        events = [{"event_id": f"c{k}-{j}", "user_id": user, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}
-                  for j in range(10)]
+        events = [
+            {"event_id": f"c{k}-{j}", "user_id": user, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}
+            for j in range(10)
+        ]
         shared = {"event_id": "shared", "user_id": users[0], "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}
         return [online.post_events(events), online.post_events(events + [shared])]
 
@@ -154,8 +167,10 @@ def test_events_posted_after_a_batch_reach_the_next_batchs_training_data_and_sta
         mask = pc.and_(pc.equal(ev.column("user_id"), user), pc.less(ev.column("ts"), pd.Timestamp(before, tz="UTC")))
         return float(pc.sum(ev.filter(mask).column("weight")).as_py() or 0.0)
 
-    posted = [{"event_id": f"late-{j}", "user_id": user, "item_id": item, "ts": f"2026-05-1{j}T08:00:00Z",
-               "weight": 2.0} for j in range(3)]  # between b1's as_of and b2's
+    posted = [
+        {"event_id": f"late-{j}", "user_id": user, "item_id": item, "ts": f"2026-05-1{j}T08:00:00Z", "weight": 2.0}
+        for j in range(3)
+    ]  # between b1's as_of and b2's
     online.post_events(posted)
     online.post_events([{"event_id": "after-b2", "user_id": user, "item_id": item, "ts": "2026-05-25T08:00:00Z"}])
     online.register_user("signed-up-online", ["a000001"])
@@ -213,8 +228,9 @@ def test_two_replicas_consuming_the_same_users_lose_no_update(served_root, log, 
 
     def client(k: int) -> None:  # every request touches every user, through either replica
         for j in range(6):
-            replicas[k % 2].post_events([{"user_id": u, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}
-                                         for u in users], wait=j % 3 == 2)
+            replicas[k % 2].post_events(
+                [{"user_id": u, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"} for u in users], wait=j % 3 == 2
+            )
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(client, range(8)))
@@ -229,8 +245,9 @@ def test_a_consumer_that_dies_mid_batch_leaves_its_records_to_another_applied_on
     user = "u0000070"
     before = weight_of(writer, user)
     for j in range(5):
-        writer.post_events([{"event_id": f"d{j}", "user_id": user, "item_id": "t0000001",
-                             "ts": "2026-05-02T10:00:00Z"}], wait=False)
+        writer.post_events(
+            [{"event_id": f"d{j}", "user_id": user, "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}], wait=False
+        )
     batch = writer.batch.batch_id
     taken = writer.events_log.deliver(batch, "doomed", 64, 60_000)  # a consumer takes them, then dies
     assert len(taken) == 5 and weight_of(writer, user) == pytest.approx(before)
@@ -245,8 +262,10 @@ def test_a_replica_hears_when_another_replicas_consumer_applies_its_records(serv
     import threading
 
     writer = OnlineService(served_root, store=None, events_log=log, consumer=False, **QUIET)
-    ack = writer.post_events([{"event_id": "heard-1", "user_id": "u0000072", "item_id": "t0000001",
-                               "ts": "2026-05-02T10:00:00Z"}], wait=False)
+    ack = writer.post_events(
+        [{"event_id": "heard-1", "user_id": "u0000072", "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}],
+        wait=False,
+    )
     assert ack["accepted"] == 1
     position, batch = open_log(log).last(), writer.batch.batch_id
     follower, heard, stopped = open_log(log), threading.Event(), threading.Event()
@@ -297,15 +316,28 @@ def test_acknowledged_events_survive_a_kill_9_of_redis(served_root, tmp_path):
     where = f"redis://127.0.0.1:{port}/events"
     try:
         online = service(served_root, where)
-        acked = [online.post_events([{"event_id": f"k{i}", "user_id": f"u{i % 50:07d}", "item_id": "t0000001",
-                                      "ts": "2026-05-02T10:00:00Z"}], wait=False)["event_ids"][0] for i in range(40)]
+        acked = [
+            online.post_events(
+                [
+                    {
+                        "event_id": f"k{i}",
+                        "user_id": f"u{i % 50:07d}",
+                        "item_id": "t0000001",
+                        "ts": "2026-05-02T10:00:00Z",
+                    }
+                ],
+                wait=False,
+            )["event_ids"][0]
+            for i in range(40)
+        ]
         proc.send_signal(signal.SIGKILL)  # no shutdown, no final save: only the append-only file remains
         proc.wait(timeout=10)
         proc = start_redis(port, workdir)
         assert [e["event_id"] for e in logged(where)] == acked
         restarted = service(served_root, where)  # replays the stream: every acknowledged event, once
-        assert restarted.post_events([{"event_id": "k0", "user_id": "u0000000", "item_id": "t0000001",
-                                       "ts": "2026-05-02T10:00:00Z"}])["duplicates"] == ["k0"]
+        assert restarted.post_events(
+            [{"event_id": "k0", "user_id": "u0000000", "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}]
+        )["duplicates"] == ["k0"]
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -44,11 +44,22 @@ def test_training_dag_wires_every_step_in_order(compiled):
     assert tasks["for-loop-2"]["parameterIterator"]["itemInput"].endswith("tasks-loop-item")
     promote = spec["components"]["comp-condition-3"]["dag"]["tasks"]
     assert list(promote) == ["promote-batch"]
-    assert all(task["taskInfo"]["name"][0].isdigit() or name.startswith(("condition", "for-loop"))
-               for name, task in tasks.items())  # display names on every step
+    assert all(
+        task["taskInfo"]["name"][0].isdigit() or name.startswith(("condition", "for-loop"))
+        for name, task in tasks.items()
+    )  # display names on every step
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"data", "as_of", "dim", "epochs", "workers", "label_days", "ray_address", "rayjob_namespace",
-            "tasks"} <= set(params)
+    assert {
+        "data",
+        "as_of",
+        "dim",
+        "epochs",
+        "workers",
+        "label_days",
+        "ray_address",
+        "rayjob_namespace",
+        "tasks",
+    } <= set(params)
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     fit = executors["exec-fit-encoder"]
     assert fit["pvcMount"][0]["mountPath"] == "/work"
@@ -66,8 +77,18 @@ def test_refresh_dag_is_one_step_with_the_volume(compiled):
 
 
 def test_plan_step_gives_the_deterministic_batch_id(small_world, tmp_path):
-    settings = dict(data=str(small_world), as_of="2026-05-01", batch_root=str(tmp_path), feast_home=str(tmp_path / "f"),
-                    online="sqlite", redis="127.0.0.1:6379", dim=16, epochs=3, workers=0, label_days=28)
+    settings = dict(
+        data=str(small_world),
+        as_of="2026-05-01",
+        batch_root=str(tmp_path),
+        feast_home=str(tmp_path / "f"),
+        online="sqlite",
+        redis="127.0.0.1:6379",
+        dim=16,
+        epochs=3,
+        workers=0,
+        label_days=28,
+    )
     plan = plan_batch.python_func(**settings)
     again = plan_batch.python_func(**settings)
     assert plan.batch_id == again.batch_id and plan.batch_id.startswith("20260501-")
@@ -76,8 +97,18 @@ def test_plan_step_gives_the_deterministic_batch_id(small_world, tmp_path):
 
 
 def test_exit_handler_marks_only_unsuccessful_runs_failed(small_world, tmp_path):
-    settings = dict(data=str(small_world), as_of="2026-05-01", batch_root=str(tmp_path), feast_home=str(tmp_path / "f"),
-                    online="sqlite", redis="127.0.0.1:6379", dim=16, epochs=3, workers=0, label_days=28)
+    settings = dict(
+        data=str(small_world),
+        as_of="2026-05-01",
+        batch_root=str(tmp_path),
+        feast_home=str(tmp_path / "f"),
+        online="sqlite",
+        redis="127.0.0.1:6379",
+        dim=16,
+        epochs=3,
+        workers=0,
+        label_days=28,
+    )
     _, batch_id, _ = FitSpec(**{k: v for k, v in settings.items()}).batch_dir_and_id()
     (tmp_path / batch_id).mkdir()
     ok = SimpleNamespace(state="SUCCEEDED", error_message="", pipeline_job_resource_name="run-1")
@@ -128,8 +159,14 @@ def test_training_pipeline_runs_locally_and_promotes_then_a_failed_run_is_marked
     from userrep.world import WorldConfig, generate_world
 
     generate_world(WorldConfig(users=400, seed=5, chunk_users=400), tmp_path / "world", progress=False)
-    params = dict(data=str(tmp_path / "world"), batch_root=str(tmp_path / "batches"), feast_home=str(tmp_path / "feast"),
-                  dim=16, epochs=3, workers=0)
+    params = dict(
+        data=str(tmp_path / "world"),
+        batch_root=str(tmp_path / "batches"),
+        feast_home=str(tmp_path / "feast"),
+        dim=16,
+        epochs=3,
+        workers=0,
+    )
     outcome = run_local("training", tmp_path, as_of="2026-05-01", **params)
     batch_id = outcome["latest"]
     assert outcome["serving"] == batch_id and outcome["gate"]["passed"]
@@ -174,8 +211,11 @@ def test_submit_posts_the_compiled_pipeline_to_a_kfp_api(compiled, tmp_path):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append(("POST", self.path, body))
-            self._reply({"experiment_id": "exp-1", "display_name": body.get("display_name")}
-                        if self.path.endswith("/experiments") else {"run_id": "run-42", "experiment_id": "exp-1"})
+            self._reply(
+                {"experiment_id": "exp-1", "display_name": body.get("display_name")}
+                if self.path.endswith("/experiments")
+                else {"run_id": "run-42", "experiment_id": "exp-1"}
+            )
 
         def log_message(self, *args):
             pass
@@ -186,9 +226,23 @@ def test_submit_posts_the_compiled_pipeline_to_a_kfp_api(compiled, tmp_path):
     package = tmp_path / "training.yaml"
     compile_pipelines(tmp_path)
     try:
-        result = CliRunner().invoke(app, ["pipeline", "submit", "--host", host, "--experiment", "nightly",
-                                          "--package", str(package), "--param", "as_of=2026-06-30",
-                                          "--param", "epochs=5"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "pipeline",
+                "submit",
+                "--host",
+                host,
+                "--experiment",
+                "nightly",
+                "--package",
+                str(package),
+                "--param",
+                "as_of=2026-06-30",
+                "--param",
+                "epochs=5",
+            ],
+        )
     finally:
         server.shutdown()
     assert result.exit_code == 0, result.output
@@ -199,8 +253,11 @@ def test_submit_posts_the_compiled_pipeline_to_a_kfp_api(compiled, tmp_path):
     assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "userrep-training"
     assert "exec-fit-encoder" in sent["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert runs[0]["runtime_config"]["parameters"] == {"as_of": "2026-06-30", "epochs": 5}
-    assert any(path.endswith("/experiments") and body["display_name"] == "nightly"
-               for method, path, body in seen if method == "POST")
+    assert any(
+        path.endswith("/experiments") and body["display_name"] == "nightly"
+        for method, path, body in seen
+        if method == "POST"
+    )
 
 
 def test_submit_to_an_unreachable_host_is_a_clear_error(compiled, tmp_path):
@@ -216,8 +273,9 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(compiled, tmp_path):
     stale.close()
     logging.getLogger().addHandler(handler)
     try:
-        result = CliRunner().invoke(app, ["pipeline", "submit", "--host", "http://127.0.0.1:9",
-                                          "--package", str(tmp_path / "training.yaml")])
+        result = CliRunner().invoke(
+            app, ["pipeline", "submit", "--host", "http://127.0.0.1:9", "--package", str(tmp_path / "training.yaml")]
+        )
     finally:
         logging.getLogger().removeHandler(handler)
     assert result.exit_code == 1 and "--host http://127.0.0.1:9" in result.output and "Traceback" not in result.output
@@ -241,12 +299,30 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
     bin_dir = Path(sys.executable).parent
     port, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="ur-rj-")  # short: Ray's unix socket paths must stay < 108 bytes
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=1",
-                             "--include-dashboard=true", f"--temp-dir={temp}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    head = subprocess.Popen(
+        [
+            str(bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=1",
+            "--include-dashboard=true",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.monotonic() + 60
@@ -256,8 +332,15 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
                 break
             except OSError:
                 time.sleep(0.5)
-        spec = FitSpec(data=str(small_world), batch_root=str(tmp_path / "batches"), as_of="2026-05-01",
-                       feast_home=str(tmp_path / "feast"), dim=8, epochs=2, workers=0)
+        spec = FitSpec(
+            data=str(small_world),
+            batch_root=str(tmp_path / "batches"),
+            as_of="2026-05-01",
+            feast_home=str(tmp_path / "feast"),
+            dim=8,
+            epochs=2,
+            workers=0,
+        )
         lines = []
         record = run_fit(spec, ray_address=address, log=lines.append, poll_s=1.0)
         assert any("SUCCEEDED" in line for line in lines), lines
@@ -276,16 +359,35 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
 def test_the_tune_step_chooses_settings_that_plan_fit_and_exit_handler_all_use(small_world, tmp_path):
     from kfp.dsl import Metrics
 
-    settings = dict(data=str(small_world), as_of="2026-05-01", batch_root=str(tmp_path), feast_home=str(tmp_path / "f"),
-                    online="sqlite", redis="127.0.0.1:6379", dim=16, epochs=3, workers=0, label_days=28)
-    off = tune_settings.python_func(data=settings["data"], as_of="2026-05-01", batch_root=str(tmp_path), tune=False,
-                                    budget_s=10.0, choice=Metrics(name="c", uri=str(tmp_path / "c0")))
+    settings = dict(
+        data=str(small_world),
+        as_of="2026-05-01",
+        batch_root=str(tmp_path),
+        feast_home=str(tmp_path / "f"),
+        online="sqlite",
+        redis="127.0.0.1:6379",
+        dim=16,
+        epochs=3,
+        workers=0,
+        label_days=28,
+    )
+    off = tune_settings.python_func(
+        data=settings["data"],
+        as_of="2026-05-01",
+        batch_root=str(tmp_path),
+        tune=False,
+        budget_s=10.0,
+        choice=Metrics(name="c", uri=str(tmp_path / "c0")),
+    )
     assert off == "" and not (tmp_path / "_tuning").exists()
     choice = Metrics(name="c", uri=str(tmp_path / "c1"))
     # 30 s: Ray Tune's budget also covers its trial actors' start, and at 10 s a slow or busy box
     # ended the budget before any trial had reported (the wiring is under test here, not tuning)
-    path = Path(tune_settings.python_func(data=settings["data"], as_of="2026-05-01", batch_root=str(tmp_path),
-                                          tune=True, budget_s=30.0, choice=choice))
+    path = Path(
+        tune_settings.python_func(
+            data=settings["data"], as_of="2026-05-01", batch_root=str(tmp_path), tune=True, budget_s=30.0, choice=choice
+        )
+    )
     record = json.loads(path.read_text())
     validation = record["validation"]  # every score came from events before the batch's as_of
     assert validation["history_before"] == "2026-05-01T00:00:00+00:00"

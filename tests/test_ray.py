@@ -49,8 +49,9 @@ def test_one_ray_worker_fits_the_model_the_in_process_loop_fits(ray_cluster, tin
     local = fit_autoencoder(tiny_features, config)
     distributed = fit_autoencoder(tiny_features, config, workers=1, checkpoint_dir=tmp_path / "checkpoints")
     np.testing.assert_allclose(distributed.losses, local.losses, rtol=1e-4)  # the same batches, the same noise
-    np.testing.assert_allclose(embed(distributed.model, tiny_features.matrix), embed(local.model, tiny_features.matrix),
-                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        embed(distributed.model, tiny_features.matrix), embed(local.model, tiny_features.matrix), rtol=1e-3, atol=1e-4
+    )
     assert not (tmp_path / "checkpoints" / "matrix.npy").exists()  # the workers' input is removed after the fit
 
 
@@ -67,8 +68,9 @@ def test_a_killed_ray_train_worker_resumes_from_the_last_checkpoint(ray_cluster,
 
     def fit() -> None:
         try:
-            outcome["result"] = fit_autoencoder(tiny_features, AEConfig(epochs=epochs, batch_size=64), workers=2,
-                                                checkpoint_dir=checkpoints)
+            outcome["result"] = fit_autoencoder(
+                tiny_features, AEConfig(epochs=epochs, batch_size=64), workers=2, checkpoint_dir=checkpoints
+            )
         except Exception as exc:  # noqa: BLE001 (asserted below)
             outcome["error"] = exc
 
@@ -79,8 +81,9 @@ def test_a_killed_ray_train_worker_resumes_from_the_last_checkpoint(ray_cluster,
         assert time.monotonic() < deadline and thread.is_alive(), outcome
         time.sleep(0.05)
     # Only this test's own Ray processes are candidates: descendants of this process.
-    workers = [p for p in psutil.Process(os.getpid()).children(recursive=True)
-               if "RayTrainWorker" in " ".join(p.cmdline())]
+    workers = [
+        p for p in psutil.Process(os.getpid()).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
+    ]
     assert len(workers) == 2, [p.cmdline() for p in workers]
     os.kill(workers[0].pid, signal.SIGKILL)
     killed_after = max(int(p.stem.split("_")[1]) for p in checkpoints.glob("epoch_*.pt"))
@@ -135,9 +138,15 @@ def test_the_fit_runs_on_a_two_node_ray_cluster_like_in_process(small_world, tin
     port, env = free_port(), {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     common = ["--block", "--num-cpus=1", "--disable-usage-stats"]
     temp = tempfile.mkdtemp(prefix="ur-ray-")  # short: Ray's unix socket paths must stay under 108 bytes
-    started = [subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                                 f"--temp-dir={temp}", *common], env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "w"))]
+    started = [
+        subprocess.Popen(
+            [ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}", *common],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "head.log", "w"),
+        )
+    ]
     try:
         deadline = time.monotonic() + 120
         while True:  # the head's GCS answers before a node or a driver joins it
@@ -147,11 +156,22 @@ def test_the_fit_runs_on_a_two_node_ray_cluster_like_in_process(small_world, tin
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.5)
-        started.append(subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", *common], env=env,
-                                        start_new_session=True, stdout=subprocess.DEVNULL,
-                                        stderr=open(tmp_path / "node.log", "w")))
-        driver = subprocess.run([sys.executable, "-c", TWO_NODE_DRIVER, str(small_world), f"127.0.0.1:{port}",
-                                 str(tmp_path), AS_OF], env=env, capture_output=True, text=True, timeout=300)
+        started.append(
+            subprocess.Popen(
+                [ray_bin, "start", f"--address=127.0.0.1:{port}", *common],
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp_path / "node.log", "w"),
+            )
+        )
+        driver = subprocess.run(
+            [sys.executable, "-c", TWO_NODE_DRIVER, str(small_world), f"127.0.0.1:{port}", str(tmp_path), AS_OF],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert driver.returncode == 0, driver.stderr[-3000:]
     finally:  # the processes this test started, by process group (a SIGTERM drains for 30 s)
         for proc in started:
@@ -165,7 +185,9 @@ def test_the_fit_runs_on_a_two_node_ray_cluster_like_in_process(small_world, tin
     # noise is drawn per rank, so the two fits agree closely but not bit for bit
     np.testing.assert_allclose(got["losses"], local.losses, rtol=0.05)
     mine = embed(local.model, tiny_features.matrix)
-    cosine = (got["embeddings"] * mine).sum(1) / np.linalg.norm(got["embeddings"], axis=1) / np.linalg.norm(mine, axis=1)
+    cosine = (
+        (got["embeddings"] * mine).sum(1) / np.linalg.norm(got["embeddings"], axis=1) / np.linalg.norm(mine, axis=1)
+    )
     assert np.median(cosine) > 0.9, np.percentile(cosine, [5, 50, 95])
 
 
@@ -173,8 +195,9 @@ def test_ray_data_backfill_equals_in_process(ray_cluster, tiny_features, tmp_pat
     model = fit_autoencoder(tiny_features, AEConfig(epochs=1)).model
     model.save(tmp_path / "model.pt")
     local = backfill_embeddings(tmp_path / "model.pt", tiny_features, "b-test", tmp_path / "local.parquet")
-    distributed = backfill_embeddings(tmp_path / "model.pt", tiny_features, "b-test", tmp_path / "ray.parquet",
-                                      workers=2, batch_size=128)
+    distributed = backfill_embeddings(
+        tmp_path / "model.pt", tiny_features, "b-test", tmp_path / "ray.parquet", workers=2, batch_size=128
+    )
     assert local == distributed == 400
     ids_local, emb_local, batch_local = read_embeddings(tmp_path / "local.parquet")
     ids_ray, emb_ray, batch_ray = read_embeddings(tmp_path / "ray.parquet")
@@ -187,7 +210,8 @@ def test_ray_data_backfill_equals_in_process(ray_cluster, tiny_features, tmp_pat
 
 
 def test_features_from_ray_data_partition_tasks_equal_the_in_memory_features_on_the_default_world(
-        ray_cluster, tmp_path):
+    ray_cluster, tmp_path
+):
     from userrep.build import default_as_of
     from userrep.partitions import partition_count, partitioned_snapshot
     from userrep.world import WorldConfig, generate_world
@@ -198,8 +222,15 @@ def test_features_from_ray_data_partition_tasks_equal_the_in_memory_features_on_
     space = fit_feature_space(ds, as_of)
     expected = build_user_features(ds, as_of, space)
     partitions = partition_count(ds.events.num_rows) + 1  # more partitions than workers
-    got_space, got = partitioned_snapshot(tmp_path / "world", as_of, FeatureConfig(), tmp_path / "space",
-                                          tmp_path / "work", partitions=partitions, workers=2)
+    got_space, got = partitioned_snapshot(
+        tmp_path / "world",
+        as_of,
+        FeatureConfig(),
+        tmp_path / "space",
+        tmp_path / "work",
+        partitions=partitions,
+        workers=2,
+    )
     assert np.array_equal(got_space.collab.vectors, space.collab.vectors)
     assert partitions >= 3 and len(expected.user_ids) == WorldConfig().users
     assert list(got.user_ids) == list(expected.user_ids)

@@ -21,8 +21,9 @@ def test_redis_profile_materializes_and_serves_batches(redis_server, small_world
     snapshot = materialize(load_dataset(small_world), "2026-04-01", config, store=store, log=lambda *_: None)
     host, port = redis_server.split(":")
     assert redis.Redis(host=host, port=int(port)).dbsize() >= len(snapshot.user_ids)  # rows really in Redis
-    online = store.get_online_features(features=["user_history:history", "user_history:space_id"],
-                                       entity_rows=[{"user_id": str(snapshot.user_ids[0])}]).to_dict()
+    online = store.get_online_features(
+        features=["user_history:history", "user_history:space_id"], entity_rows=[{"user_id": str(snapshot.user_ids[0])}]
+    ).to_dict()
     space = FeatureSpace.load(snapshot.space_dir)
     n_history = sum(size for name, size in space.schema.groups if name in space.schema.history_groups())
     assert online["space_id"] == [snapshot.space_id] and len(online["history"][0]) == n_history

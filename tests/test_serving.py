@@ -39,7 +39,6 @@ pytestmark = pytest.mark.slow
 QUIET = dict(log=lambda *_: None)
 
 
-
 def call(url: str, body=None, raw: bytes | None = None, timeout: float = 30):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -70,8 +69,13 @@ def served(small_world, tmp_path_factory):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     exe = Path(sys.executable).parent / "userrep"
     log = open(work / "serve.log", "w")
-    proc = subprocess.Popen([str(exe), "serve", "--work", str(work), "--port", str(port), "--bento-port", str(bento_port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--work", str(work), "--port", str(port), "--bento-port", str(bento_port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert proc.poll() is None, (work / "serve.log").read_text()[-3000:]
@@ -107,7 +111,9 @@ def user_history(served, batch_id: str, user_id: str, meta: dict) -> tuple[np.nd
     users, columns = np.array([user_id], dtype=object), space.artist_index(meta["artists"])
     plays = user_artist_matrix(events, space, users)[:, columns].toarray()
     half_life = meta["half_life_days"]
-    recent = plays if half_life is None else decayed_matrix(events, space, users, as_of, half_life)[:, columns].toarray()
+    recent = (
+        plays if half_life is None else decayed_matrix(events, space, users, as_of, half_life)[:, columns].toarray()
+    )
     return plays, recent
 
 
@@ -136,21 +142,31 @@ def test_health_embedding_and_similar(served):
 def test_an_event_updates_the_embedding_like_a_batch_recomputation(served):
     user, item = "u0000010", "t0000042"
     before = call(f"{served.api}/users/{user}/embedding")[2]["embedding"]
-    events = [{"user_id": user, "item_id": item, "ts": "2026-07-03T09:30:00Z", "weight": 2.0},
-              {"user_id": user, "item_id": "t0000043", "ts": "2026-07-03T10:00:00+02:00"}]
+    events = [
+        {"user_id": user, "item_id": item, "ts": "2026-07-03T09:30:00Z", "weight": 2.0},
+        {"user_id": user, "item_id": "t0000043", "ts": "2026-07-03T10:00:00+02:00"},
+    ]
     status, headers, body = call(f"{served.api}/events?wait=true", events)
     assert status == 200 and headers["x-batch-id"] == "b1" and body["freshness_ms"] > 0
     after = np.array(body["users"][0]["embedding"])
     assert not np.allclose(after, before)
     # The same history (the batch's data before its as_of, plus these events) recomputed in batch as of
     # the midnight after the newest event:
-    extra = pa.table({"user_id": [user, user], "item_id": [item, "t0000043"],
-                      "ts": pa.array(pd.to_datetime(["2026-07-03T09:30:00Z", "2026-07-03T08:00:00Z"], utc=True),
-                                     pa.timestamp("us", tz="UTC")),
-                      "weight": [2.0, 1.0]})
-    known = served.ds.events.filter(pa.compute.less(served.ds.events.column("ts"),
-                                                    pa.scalar(pd.Timestamp("2026-05-01", tz="UTC"),
-                                                              pa.timestamp("us", tz="UTC"))))
+    extra = pa.table(
+        {
+            "user_id": [user, user],
+            "item_id": [item, "t0000043"],
+            "ts": pa.array(
+                pd.to_datetime(["2026-07-03T09:30:00Z", "2026-07-03T08:00:00Z"], utc=True), pa.timestamp("us", tz="UTC")
+            ),
+            "weight": [2.0, 1.0],
+        }
+    )
+    known = served.ds.events.filter(
+        pa.compute.less(
+            served.ds.events.column("ts"), pa.scalar(pd.Timestamp("2026-05-01", tz="UTC"), pa.timestamp("us", tz="UTC"))
+        )
+    )
     ds = replace(served.ds, events=pa.concat_tables([known, extra.cast(served.ds.events.schema)]))
     space = FeatureSpace.load(served.root / "b1" / "encoders")
     features = build_user_features(ds, "2026-07-04", space, user_ids=[user])
@@ -180,14 +196,25 @@ def test_a_retried_event_is_acknowledged_again_and_applied_once(served):
     assert status == 202 and first["accepted"] == 1 and first["event_ids"] == ["retry-test-1"]
     status, _, again = call(f"{served.api}/events?wait=true", [event])  # the client's retry after a lost reply
     assert status == 200 and again["accepted"] == 0 and again["duplicates"] == ["retry-test-1"]
-    logged = [e for _, r in open_log(served.work / "online" / "events.sqlite").read()
-              for e in r.get("events", []) if e.get("event_id") == "retry-test-1"]
+    logged = [
+        e
+        for _, r in open_log(served.work / "online" / "events.sqlite").read()
+        for e in r.get("events", [])
+        if e.get("event_id") == "retry-test-1"
+    ]
     assert len(logged) == 1
 
 
 def test_a_new_user_gets_an_embedding_and_recommendations_at_once(served):
-    status, headers, body = call(f"{served.api}/users", {"user_id": "newcomer-1", "onboarding_artists": ["a000016"],
-                                                         "onboarding_genres": ["rock"], "attributes": {"country": "SE"}})
+    status, headers, body = call(
+        f"{served.api}/users",
+        {
+            "user_id": "newcomer-1",
+            "onboarding_artists": ["a000016"],
+            "onboarding_genres": ["rock"],
+            "attributes": {"country": "SE"},
+        },
+    )
     assert status == 201 and body["batch_id"] == "b1" and len(body["embedding"]) == 64
     status, _, recs = call(f"{served.tasks}/recommend/artists", {"user_id": "newcomer-1", "k": 5})
     assert status == 200 and recs["batch_id"] == "b1" and len(recs["artists"]) == 5
@@ -200,7 +227,9 @@ def test_bento_heads_match_offline_inference_and_refuse_other_batches(served):
     # a user with history before b1's as_of (the other tests post events for u0000010 and u0000030)
     user = next(u for u in (f"u{i:07d}" for i in range(20, 100)) if user_history(served, "b1", u, meta)[0].sum() > 0)
     vector = batch_vector(served.root, "b1", user)
-    status, _, body = call(f"{served.tasks}/recommend/artists", {"embedding": vector.tolist(), "batch_id": "b1", "k": 5})
+    status, _, body = call(
+        f"{served.tasks}/recommend/artists", {"embedding": vector.tolist(), "batch_id": "b1", "k": 5}
+    )
     assert status == 200 and [a["artist_id"] for a in body["artists"]] == top_artists(served, "b1", user, 5, False)
     # By user id the head also takes the user's history of each artist (from the online store):
     status, _, by_id = call(f"{served.tasks}/recommend/artists", {"user_id": user, "k": 5})
@@ -221,21 +250,49 @@ def test_bento_heads_match_offline_inference_and_refuse_other_batches(served):
 
 BAD_API = [
     ("malformed JSON", "/events", b'{"user_id": "u0000001",', "body"),
-    ("wrong type", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": "heavy"},
-     "weight"),
-    ("unknown field", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "mood": "happy"},
-     "mood"),
-    ("NaN weight", "/events", b'{"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": NaN}',
-     "weight"),
-    ("infinite weight", "/events", b'{"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": 1e999}',
-     "weight"),
-    ("negative weight", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": -1},
-     "weight"),
+    (
+        "wrong type",
+        "/events",
+        {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": "heavy"},
+        "weight",
+    ),
+    (
+        "unknown field",
+        "/events",
+        {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "mood": "happy"},
+        "mood",
+    ),
+    (
+        "NaN weight",
+        "/events",
+        b'{"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": NaN}',
+        "weight",
+    ),
+    (
+        "infinite weight",
+        "/events",
+        b'{"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": 1e999}',
+        "weight",
+    ),
+    (
+        "negative weight",
+        "/events",
+        {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01", "weight": -1},
+        "weight",
+    ),
     ("bad timestamp", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "yesterday"}, "ts"),
-    ("far-future timestamp", "/events", {"user_id": "u0000001", "item_id": "t0000001", "ts": "2099-01-01T00:00:00Z"},
-     "events[0].ts"),
-    ("empty event_id", "/events", {"event_id": "", "user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01"},
-     "event_id"),
+    (
+        "far-future timestamp",
+        "/events",
+        {"user_id": "u0000001", "item_id": "t0000001", "ts": "2099-01-01T00:00:00Z"},
+        "events[0].ts",
+    ),
+    (
+        "empty event_id",
+        "/events",
+        {"event_id": "", "user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01"},
+        "event_id",
+    ),
     ("unknown item", "/events", {"user_id": "u0000001", "item_id": "no-such-item", "ts": "2026-07-01"}, "item_id"),
     ("empty list", "/events", [], "events"),
     ("oversized body", "/events", b"[" + b" " * (2 << 20) + b"]", "body"),
@@ -290,8 +347,9 @@ def test_batch_switch_under_concurrent_readers_never_mixes_batches(served):
                 problems.append(("mixed head/embedding", body["batch_id"]))
             seen.append(("tasks", body["batch_id"]))
 
-    threads = [threading.Thread(target=f) for f in (read_embeddings_loop, read_embeddings_loop,
-                                                    read_recommendations_loop)]
+    threads = [
+        threading.Thread(target=f) for f in (read_embeddings_loop, read_embeddings_loop, read_recommendations_loop)
+    ]
     for t in threads:
         t.start()
     time.sleep(2)

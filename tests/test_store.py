@@ -50,9 +50,12 @@ def test_training_set_is_the_point_in_time_snapshot(feast_world):
 def test_rows_feast_cannot_join_come_back_in_order_with_nulls(feast_world):
     _, store, _, early, late = feast_world
     user = str(early.user_ids[0])
-    planted = pd.DataFrame({"user_id": [user, user, "nobody", str(late.user_ids[1])],
-                            "event_timestamp": pd.to_datetime(["2026-03-02", "2025-01-01", "2026-03-02", "2026-06-02"],
-                                                              utc=True)})
+    planted = pd.DataFrame(
+        {
+            "user_id": [user, user, "nobody", str(late.user_ids[1])],
+            "event_timestamp": pd.to_datetime(["2026-03-02", "2025-01-01", "2026-03-02", "2026-06-02"], utc=True),
+        }
+    )
     frame, _ = historical_features(store, planted, store.get_feature_service("training_features"))
     assert list(frame["user_id"]) == list(planted["user_id"])  # every row, in the caller's order
     spaces = list(frame["user_history__space_id"])
@@ -64,12 +67,17 @@ def test_the_dask_file_store_drops_such_rows_and_the_guard_restores_them(feast_w
     config, _, _, early, _ = feast_world
     store = open_store(StoreConfig(home=config.home, offline="file"))
     user = str(early.user_ids[0])
-    planted = pd.DataFrame({"user_id": [user, user], "event_timestamp": pd.to_datetime(["2026-03-02", "2025-01-01"], utc=True)})
-    raw = store.get_historical_features(entity_df=planted, features=store.get_feature_service("training_features"),
-                                        full_feature_names=True).to_df()
+    planted = pd.DataFrame(
+        {"user_id": [user, user], "event_timestamp": pd.to_datetime(["2026-03-02", "2025-01-01"], utc=True)}
+    )
+    raw = store.get_historical_features(
+        entity_df=planted, features=store.get_feature_service("training_features"), full_feature_names=True
+    ).to_df()
     frame, dropped = historical_features(store, planted, store.get_feature_service("training_features"))
     assert len(raw) == 1 and dropped == 1  # Feast silently lost the early row
-    assert frame["user_history__space_id"].iloc[0] == early.space_id and pd.isna(frame["user_history__space_id"].iloc[1])
+    assert frame["user_history__space_id"].iloc[0] == early.space_id and pd.isna(
+        frame["user_history__space_id"].iloc[1]
+    )
 
 
 def test_training_set_refuses_users_without_a_snapshot_row(feast_world):
@@ -138,8 +146,10 @@ def test_materialize_loads_the_snapshots_rows_online_in_chunks(feast_world, monk
     slices = direct.schema.slices()
     users = [str(u) for u in direct.user_ids[::97]]
     rows = pd.Index(direct.user_ids).get_indexer(users)
-    got = store.get_online_features(features=["user_history:history", "user_history:space_id", "user_profile:onboarding"],
-                                    entity_rows=[{"user_id": u} for u in users]).to_dict()
+    got = store.get_online_features(
+        features=["user_history:history", "user_history:space_id", "user_profile:onboarding"],
+        entity_rows=[{"user_id": u} for u in users],
+    ).to_dict()
     history = np.hstack([direct.matrix[:, slices[g]] for g in direct.schema.history_groups()])[rows]
     assert got["space_id"] == [late.space_id] * len(users)  # the later snapshot, written last
     assert np.array_equal(np.array(got["history"], np.float32), history)
@@ -147,9 +157,12 @@ def test_materialize_loads_the_snapshots_rows_online_in_chunks(feast_world, monk
     # chunked writes: a chunk smaller than the snapshot gives the same rows
     monkeypatch.setattr(userrep.store, "ONLINE_CHUNK", 7)
     userrep.store.write_online(store, "user_history", userrep.store.offline_frames(direct, "chunked", late.as_of)[0])
-    again = store.get_online_features(features=["user_history:history", "user_history:space_id"],
-                                      entity_rows=[{"user_id": u} for u in users]).to_dict()
-    assert again["space_id"] == ["chunked"] * len(users) and np.array_equal(np.array(again["history"], np.float32), history)
+    again = store.get_online_features(
+        features=["user_history:history", "user_history:space_id"], entity_rows=[{"user_id": u} for u in users]
+    ).to_dict()
+    assert again["space_id"] == ["chunked"] * len(users) and np.array_equal(
+        np.array(again["history"], np.float32), history
+    )
 
 
 def test_the_training_set_joined_in_chunks_is_the_whole_join(feast_world, monkeypatch):

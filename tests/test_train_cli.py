@@ -18,8 +18,24 @@ runner = CliRunner()
 def batch(small_world, tmp_path_factory):
     work = tmp_path_factory.mktemp("batch")
     out = work / "b1"
-    result = runner.invoke(app, ["train", "--data", str(small_world), "--out", str(out), "--epochs", "3",
-                                 "--dim", "16", "--as-of", "2026-05-01", "--feast-home", str(work / "feast")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(small_world),
+            "--out",
+            str(out),
+            "--epochs",
+            "3",
+            "--dim",
+            "16",
+            "--as-of",
+            "2026-05-01",
+            "--feast-home",
+            str(work / "feast"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -27,7 +43,9 @@ def batch(small_world, tmp_path_factory):
 def test_train_writes_manifest_and_embeddings_for_every_user(batch, small_world):
     manifest = json.loads((batch / "manifest.json").read_text())
     assert manifest["as_of"] == "2026-05-01T00:00:00+00:00"
-    assert {"load", "materialize", "features", "fit", "backfill", "publish", "downstream", "total"} <= set(manifest["timings_s"])
+    assert {"load", "materialize", "features", "fit", "backfill", "publish", "downstream", "total"} <= set(
+        manifest["timings_s"]
+    )
     records = {p.stem: json.loads(p.read_text()) for p in (batch / "downstream").glob("*.json")}
     assert set(records) == {"future_listening", "artist_preference", "similar_users"}
     assert all(r["batch_id"] == manifest["batch_id"] for r in records.values())
@@ -45,8 +63,24 @@ def test_train_writes_manifest_and_embeddings_for_every_user(batch, small_world)
 def test_batch_id_is_deterministic_and_feast_changes_nothing(batch, small_world, tmp_path):
     """Same settings without Feast (features computed in-process): same id, bit-identical embeddings."""
     again = tmp_path / "again"
-    result = runner.invoke(app, ["train", "--data", str(small_world), "--out", str(again), "--epochs", "3",
-                                 "--dim", "16", "--as-of", "2026-05-01", "--no-feast", "--no-downstream"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(small_world),
+            "--out",
+            str(again),
+            "--epochs",
+            "3",
+            "--dim",
+            "16",
+            "--as-of",
+            "2026-05-01",
+            "--no-feast",
+            "--no-downstream",
+        ],
+    )
     assert result.exit_code == 0, result.output
     first = json.loads((batch / "manifest.json").read_text())
     second = json.loads((again / "manifest.json").read_text())
@@ -58,7 +92,9 @@ def test_embed_prints_cold_and_warm_users(batch, small_world):
     users = pd.read_parquet(small_world / "users.parquet")
     cold = users[users["signup_ts"] > pd.Timestamp("2026-05-01", tz="UTC")]["user_id"].iloc[0]
     warm = pd.read_parquet(small_world / "events.parquet")["user_id"].iloc[0]
-    result = runner.invoke(app, ["embed", "--batch", str(batch), "--data", str(small_world), "--users", f"{warm},{cold}"])
+    result = runner.invoke(
+        app, ["embed", "--batch", str(batch), "--data", str(small_world), "--users", f"{warm},{cold}"]
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.strip().splitlines()]
     assert [r["user_id"] for r in rows] == [warm, cold]
@@ -74,8 +110,10 @@ def test_embed_unknown_user_is_a_clear_error(batch, small_world):
 
 
 def test_materialize_bad_as_of_is_a_clear_error(small_world, tmp_path):
-    result = runner.invoke(app, ["features", "materialize", "--data", str(small_world), "--as-of", "someday",
-                                 "--feast-home", str(tmp_path)])
+    result = runner.invoke(
+        app,
+        ["features", "materialize", "--data", str(small_world), "--as-of", "someday", "--feast-home", str(tmp_path)],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "as_of: not an ISO-8601 time: 'someday'" in result.output
 
@@ -90,8 +128,9 @@ def _thinned_world(small_world, directory, keep_recent_users: int):
     end = events["ts"].max()
     recent_users = sorted(events["user_id"].unique())[:keep_recent_users]
     keep = (events["ts"] < end - pd.Timedelta(days=56)) | events["user_id"].isin(recent_users)
-    return write_dataset(directory, "parquet", events=events[keep], items=ds.items.to_pandas(),
-                         users=ds.users.to_pandas())
+    return write_dataset(
+        directory, "parquet", events=events[keep], items=ds.items.to_pandas(), users=ds.users.to_pandas()
+    )
 
 
 @pytest.mark.slow
@@ -100,8 +139,9 @@ def test_train_on_thin_data_widens_the_label_window_or_skips_with_the_reason(sma
 
     widened = _thinned_world(small_world, tmp_path / "widened", keep_recent_users=10)
     out = tmp_path / "b-widened"
-    result = runner.invoke(app, ["train", "--data", str(widened), "--out", str(out), "--epochs", "2", "--dim", "8",
-                                 "--no-feast"])
+    result = runner.invoke(
+        app, ["train", "--data", str(widened), "--out", str(out), "--epochs", "2", "--dim", "8", "--no-feast"]
+    )
     assert result.exit_code == 0, result.output
     downstream = json.loads((out / "manifest.json").read_text())["downstream"]
     # 28 days: <= 10 users with labels; 56: the same; 112 days reach back into the full history.
@@ -111,10 +151,12 @@ def test_train_on_thin_data_widens_the_label_window_or_skips_with_the_reason(sma
     thin = _thinned_world(small_world, tmp_path / "thin", keep_recent_users=10)
     events = pd.read_parquet(thin / "events.parquet")
     events[events["user_id"].isin(sorted(events["user_id"].unique())[:12])].to_parquet(  # 12 users in all
-        thin / "events.parquet", index=False)
+        thin / "events.parquet", index=False
+    )
     out = tmp_path / "b-thin"
-    result = runner.invoke(app, ["train", "--data", str(thin), "--out", str(out), "--epochs", "2", "--dim", "8",
-                                 "--no-feast"])
+    result = runner.invoke(
+        app, ["train", "--data", str(thin), "--out", str(out), "--epochs", "2", "--dim", "8", "--no-feast"]
+    )
     assert result.exit_code == 0, result.output
     assert "[bold" not in result.output and "skipped: label_days: only" in result.output
     downstream = json.loads((out / "manifest.json").read_text())["downstream"]

@@ -15,22 +15,41 @@ runner = CliRunner()
 
 @pytest.mark.slow
 def test_tune_writes_the_best_trial_and_train_records_it(small_world, tmp_path):
-    result = runner.invoke(app, ["tune", "--data", str(small_world), "--out", str(tmp_path / "tuned"),
-                                 "--trials", "3", "--budget", "30"])
+    result = runner.invoke(
+        app, ["tune", "--data", str(small_world), "--out", str(tmp_path / "tuned"), "--trials", "3", "--budget", "30"]
+    )
     assert result.exit_code == 0, result.output
     assert "validation split of the history" in result.output and "validation nDCG@10" in result.output
     record = json.loads((tmp_path / "tuned" / "tuned.json").read_text())
     scores = [t["ndcg@10"] for t in record["trials"]]
     assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True) and 0 < scores[0] < 1
     assert all(record["best"][name] in values for name, values in SPACE.items())
-    defaults = {"latent": 64, "share_weight": 32.0, "group_drop_rate": 0.1, "history_drop_rate": 0.25, "hidden": 256,
-                "weight_decay": 1e-4}
+    defaults = {
+        "latent": 64,
+        "share_weight": 32.0,
+        "group_drop_rate": 0.1,
+        "history_drop_rate": 0.25,
+        "hidden": 256,
+        "weight_decay": 1e-4,
+    }
     assert any(all(t[k] == v for k, v in defaults.items()) for t in record["trials"])  # the defaults ran too
     assert record["best"]["epochs"] in (5, 10, 20)
 
     out = tmp_path / "batch"
-    result = runner.invoke(app, ["train", "--data", str(small_world), "--out", str(out), "--no-feast",
-                                 "--no-downstream", "--tuned", str(tmp_path / "tuned" / "tuned.json")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(small_world),
+            "--out",
+            str(out),
+            "--no-feast",
+            "--no-downstream",
+            "--tuned",
+            str(tmp_path / "tuned" / "tuned.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tuned"]["latent"] == record["best"]["latent"] == manifest["ae_config"]["latent"]
@@ -38,7 +57,18 @@ def test_tune_writes_the_best_trial_and_train_records_it(small_world, tmp_path):
 
 
 def test_train_with_a_missing_tuned_file_is_a_clear_error(small_world, tmp_path):
-    result = runner.invoke(app, ["train", "--data", str(small_world), "--out", str(tmp_path / "b"), "--no-feast",
-                                 "--tuned", str(tmp_path / "nope.json")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(small_world),
+            "--out",
+            str(tmp_path / "b"),
+            "--no-feast",
+            "--tuned",
+            str(tmp_path / "nope.json"),
+        ],
+    )
     assert result.exit_code == 1 and "--tuned" in result.output and "no such file" in result.output
     assert "[bold" not in result.output

@@ -73,4 +73,3 @@ def test_history_ranks_past_artists_by_weight_then_the_rest_by_popularity():
 def test_choose_keeps_a_none_setting_when_it_scores_best():
     best, model, scores = choose((None, 7, 30), lambda s: s, lambda s: {None: 0.7, 7: 0.6, 30: 0.69}[s])
     assert best is None and model is None and scores == {"None": 0.7, "7": 0.6, "30": 0.69}
-

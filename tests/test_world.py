@@ -35,9 +35,13 @@ def test_same_seed_same_world_other_seed_other_world(tmp_path, small_world):
     config = WorldConfig(users=1_500, seed=7, chunk_users=500)
     generate_world(config, tmp_path / "again", progress=False)
     for name in ("events", "items", "users", "pairs", "truth"):
-        assert pq.read_table(tmp_path / "again" / f"{name}.parquet").equals(pq.read_table(small_world / f"{name}.parquet"))
+        assert pq.read_table(tmp_path / "again" / f"{name}.parquet").equals(
+            pq.read_table(small_world / f"{name}.parquet")
+        )
     generate_world(WorldConfig(users=1_500, seed=8, chunk_users=500), tmp_path / "other", progress=False)
-    assert not pq.read_table(tmp_path / "other" / "events.parquet").equals(pq.read_table(small_world / "events.parquet"))
+    assert not pq.read_table(tmp_path / "other" / "events.parquet").equals(
+        pq.read_table(small_world / "events.parquet")
+    )
     assert world_is_current(config, tmp_path / "again")
     assert not world_is_current(WorldConfig(users=1_500, seed=8, chunk_users=500), tmp_path / "again")
 

@@ -27,11 +27,14 @@ def list_column(block: np.ndarray) -> pa.Array:
 
 
 def embeddings_table(user_ids, vectors: np.ndarray, batch_id: str) -> pa.Table:
-    return pa.table({
-        "user_id": pa.array(user_ids, pa.string()),
-        "batch_id": pa.array([batch_id] * len(vectors), pa.string()),
-        "embedding": list_column(vectors),
-    }, schema=SCHEMA)
+    return pa.table(
+        {
+            "user_id": pa.array(user_ids, pa.string()),
+            "batch_id": pa.array([batch_id] * len(vectors), pa.string()),
+            "embedding": list_column(vectors),
+        },
+        schema=SCHEMA,
+    )
 
 
 def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -42,7 +45,9 @@ def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
         raise ValueError(f"{path}: expected one batch_id, found {batch_ids}")
     emb = table.column("embedding").combine_chunks()
     dim = len(emb[0]) if len(emb) else 0
-    matrix = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) if dim else np.zeros((len(emb), 0), np.float32)
+    matrix = (
+        emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) if dim else np.zeros((len(emb), 0), np.float32)
+    )
     return np.asarray(table.column("user_id").to_pylist(), object), matrix, batch_ids[0]
 
 
@@ -59,8 +64,14 @@ class _Embedder:
         return {"user_id": batch["user_id"], "embedding": embed(self.model, batch["features"])}
 
 
-def backfill_embeddings(model_path: str | Path, features: UserFeatures | Path, batch_id: str, out: str | Path,
-                        workers: int = 0, batch_size: int = 4096) -> int:
+def backfill_embeddings(
+    model_path: str | Path,
+    features: UserFeatures | Path,
+    batch_id: str,
+    out: str | Path,
+    workers: int = 0,
+    batch_size: int = 4096,
+) -> int:
     """Write ``out`` (embeddings.parquet) for every row of ``features`` (in memory, or a batch's
     features.parquet, read a batch of rows at a time in-process); returns the row count."""
     out = Path(out)
@@ -83,7 +94,7 @@ def backfill_embeddings(model_path: str | Path, features: UserFeatures | Path, b
 def _feature_batches(features: UserFeatures | Path, batch_size: int):
     if isinstance(features, UserFeatures):
         for start in range(0, len(features.user_ids), batch_size):
-            yield features.user_ids[start:start + batch_size], features.matrix[start:start + batch_size]
+            yield features.user_ids[start : start + batch_size], features.matrix[start : start + batch_size]
         return
     for batch in pq.ParquetFile(features).iter_batches(batch_size=batch_size):
         vectors = batch.column("features")
@@ -97,12 +108,21 @@ def _ray_embeddings(model_path: str, features: UserFeatures, workers: int, batch
 
     from userrep.raylocal import cpus_per_worker
 
-    table = pa.table({"user_id": pa.array(features.user_ids, pa.string()),
-                      "features": ArrowTensorArray.from_numpy(np.ascontiguousarray(features.matrix, np.float32))})
+    table = pa.table(
+        {
+            "user_id": pa.array(features.user_ids, pa.string()),
+            "features": ArrowTensorArray.from_numpy(np.ascontiguousarray(features.matrix, np.float32)),
+        }
+    )
     blocks = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)] or [table]
     dataset = ray.data.from_arrow(blocks).map_batches(  # several blocks, so every actor gets work
-        _Embedder, fn_constructor_kwargs={"model_path": model_path}, batch_size=batch_size,
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker(workers))
+        _Embedder,
+        fn_constructor_kwargs={"model_path": model_path},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cpus_per_worker(workers),
+    )
     yield from dataset.iter_batches(batch_size=batch_size, batch_format="numpy")
 
 

@@ -40,8 +40,10 @@ def user_artist_matrix(events, space: FeatureSpace, user_ids: np.ndarray) -> sp.
     user = index_in(events.column("user_id"), user_ids)
     item = index_in(events.column("item_id"), space.item_ids)
     keep = (user >= 0) & (item >= 0)
-    matrix = sp.csr_matrix((events.column("weight").to_numpy()[keep], (user[keep], space.item_artist[item[keep]])),
-                           shape=(len(user_ids), len(space.artists)))
+    matrix = sp.csr_matrix(
+        (events.column("weight").to_numpy()[keep], (user[keep], space.item_artist[item[keep]])),
+        shape=(len(user_ids), len(space.artists)),
+    )
     matrix.sum_duplicates()
     return matrix
 
@@ -73,7 +75,7 @@ def item_mean_encoder(features: UserFeatures):
 def onboarding_mean_representation(features: UserFeatures, collab_dim: int) -> np.ndarray:
     """The onboarding group's leading block: mean collaborative vector of the picked artists."""
     start = features.schema.slices()["onboarding"].start
-    return features.matrix[:, start:start + collab_dim]
+    return features.matrix[:, start : start + collab_dim]
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,13 @@ class ALSModel:
         return self.user_factors[rows] @ self.artist_factors[artist_cols].T
 
 
-def fit_als(user_artists: sp.csr_matrix, dim: int, seed: int, onboarding: sp.csr_matrix | None = None,
-            regularization: float = 0.05) -> ALSModel:
+def fit_als(
+    user_artists: sp.csr_matrix,
+    dim: int,
+    seed: int,
+    onboarding: sp.csr_matrix | None = None,
+    regularization: float = 0.05,
+) -> ALSModel:
     """implicit ALS with confidence log(1 + plays); users without history but with onboarding
     artists get factors solved from those picks (ALS's own fold-in)."""
     from implicit.cpu.als import AlternatingLeastSquares
@@ -122,19 +129,27 @@ def choose(candidates, fit: Callable, score: Callable) -> tuple[object, object, 
 
 def tune_als(user_artists: sp.csr_matrix, dim: int, seed: int, onboarding, score: Callable):
     """Factors (half, same, twice the embedding's dimension), then L2 at the best factors."""
-    factors, model, by_factors = choose((dim // 2, dim, dim * 2),
-                                        lambda f: fit_als(user_artists, f, seed, onboarding), score)
+    factors, model, by_factors = choose(
+        (dim // 2, dim, dim * 2), lambda f: fit_als(user_artists, f, seed, onboarding), score
+    )
     regularization, tuned, by_reg = choose(
-        (0.005, 0.5, 5.0), lambda r: fit_als(user_artists, factors, seed, onboarding, r), score)
+        (0.005, 0.5, 5.0), lambda r: fit_als(user_artists, factors, seed, onboarding, r), score
+    )
     if by_reg[str(regularization)] <= by_factors[str(factors)]:
         regularization, tuned = 0.05, model
-    return tuned, {"factors": factors, "regularization": regularization,
-                   "validation": {**{f"factors={k}": v for k, v in by_factors.items()},
-                                  **{f"regularization={k}": v for k, v in by_reg.items()}}}
+    return tuned, {
+        "factors": factors,
+        "regularization": regularization,
+        "validation": {
+            **{f"factors={k}": v for k, v in by_factors.items()},
+            **{f"regularization={k}": v for k, v in by_reg.items()},
+        },
+    }
 
 
-def decayed_matrix(events, space: FeatureSpace, user_ids: np.ndarray, as_of: pd.Timestamp,
-                   half_life_days: float | None) -> sp.csr_matrix:
+def decayed_matrix(
+    events, space: FeatureSpace, user_ids: np.ndarray, as_of: pd.Timestamp, half_life_days: float | None
+) -> sp.csr_matrix:
     """Like ``user_artist_matrix`` with each play weighted 0.5 ** (age in days / half-life)."""
     if half_life_days is None:
         return user_artist_matrix(events, space, user_ids)
@@ -142,8 +157,9 @@ def decayed_matrix(events, space: FeatureSpace, user_ids: np.ndarray, as_of: pd.
     decay = np.power(0.5, np.maximum(age_days, 0.0) / half_life_days)
     import pyarrow as pa
 
-    decayed = events.set_column(events.schema.get_field_index("weight"), "weight",
-                                pa.array(events.column("weight").to_numpy() * decay))
+    decayed = events.set_column(
+        events.schema.get_field_index("weight"), "weight", pa.array(events.column("weight").to_numpy() * decay)
+    )
     return user_artist_matrix(decayed, space, user_ids)
 
 
@@ -162,6 +178,7 @@ def fit_ease(x: sp.csr_matrix | np.ndarray, l2: float) -> np.ndarray:
 def tune_ease(x: np.ndarray, score: Callable):
     """L2 on a grid scaled by the mean item count (EASE's L2 lives on the Gram matrix's scale)."""
     scale = max(float((x > 0).sum(axis=0).mean()), 1.0)
-    l2, weights, scores = choose(tuple(round(scale * f, 3) for f in (0.03, 0.1, 0.3, 1.0, 3.0)),
-                                 lambda v: fit_ease(x, v), score)
+    l2, weights, scores = choose(
+        tuple(round(scale * f, 3) for f in (0.03, 0.1, 0.3, 1.0, 3.0)), lambda v: fit_ease(x, v), score
+    )
     return weights, {"l2": l2, "validation": scores}

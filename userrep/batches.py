@@ -88,21 +88,33 @@ def list_batches(root: str | Path) -> list[dict]:
     rows = []
     for path in sorted(Path(root).glob(f"*/{MANIFEST}")):
         manifest = json.loads(path.read_text())
-        rows.append({"batch_id": manifest["batch_id"], "as_of": manifest["as_of"],
-                     "created_at": manifest["created_at"], "users": manifest["users"],
-                     "state": state(root, path.parent.name)})
+        rows.append(
+            {
+                "batch_id": manifest["batch_id"],
+                "as_of": manifest["as_of"],
+                "created_at": manifest["created_at"],
+                "users": manifest["users"],
+                "state": state(root, path.parent.name),
+            }
+        )
     return rows
 
 
 def show(root: str | Path, batch_id: str) -> dict:
     path = batch_dir(root, batch_id)
-    out = {"batch_id": batch_id, "state": state(root, batch_id), "path": str(path),
-           "manifest": read_manifest(path), "missing_tasks": missing_tasks(path)}
+    out = {
+        "batch_id": batch_id,
+        "state": state(root, batch_id),
+        "path": str(path),
+        "manifest": read_manifest(path),
+        "missing_tasks": missing_tasks(path),
+    }
     for name in ("gate.json", "FAILED.json"):
         if (path / name).exists():
             out[name.split(".")[0].lower()] = json.loads((path / name).read_text())
-    out["downstream"] = {p.stem: json.loads(p.read_text())["metrics"]
-                         for p in sorted((path / "downstream").glob("*.json"))}
+    out["downstream"] = {
+        p.stem: json.loads(p.read_text())["metrics"] for p in sorted((path / "downstream").glob("*.json"))
+    }
     return out
 
 
@@ -121,7 +133,9 @@ def promote(root: str | Path, batch_id: str) -> dict:
     if pointer["serving"] == batch_id:
         raise BatchError(f"batch_id: {batch_id} is already serving")
     if (path / "FAILED.json").exists():
-        raise BatchError(f"batch_id: {batch_id} is marked failed: {json.loads((path / 'FAILED.json').read_text())['reason']}")
+        raise BatchError(
+            f"batch_id: {batch_id} is marked failed: {json.loads((path / 'FAILED.json').read_text())['reason']}"
+        )
     missing = missing_tasks(path)
     if missing:
         raise BatchError(f"batch_id: {batch_id} lacks downstream model(s) {', '.join(missing)}")
@@ -131,8 +145,10 @@ def promote(root: str | Path, batch_id: str) -> dict:
     if not gate["passed"]:
         raise BatchError(f"batch_id: the gate rejected {batch_id}: " + "; ".join(gate["reasons"]))
     if gate["serving"] != pointer["serving"]:
-        raise BatchError(f"batch_id: {batch_id} was gated against {gate['serving']}, but {pointer['serving']} "
-                         f"is serving now; gate it again")
+        raise BatchError(
+            f"batch_id: {batch_id} was gated against {gate['serving']}, but {pointer['serving']} "
+            f"is serving now; gate it again"
+        )
     changed = integrity_problems(path)
     if changed:
         raise BatchError(f"batch_id: files of {batch_id} changed since its manifest: {', '.join(changed)}")
@@ -150,7 +166,11 @@ def rollback(root: str | Path) -> dict:
         raise BatchError("rollback: no previous batch to return to")
     previous = pointer["history"][-1]
     batch_dir(root, previous)
-    new = {"serving": previous, "history": pointer["history"][:-1], "updated_at": _now(),
-           "rolled_back_from": pointer["serving"]}
+    new = {
+        "serving": previous,
+        "history": pointer["history"][:-1],
+        "updated_at": _now(),
+        "rolled_back_from": pointer["serving"],
+    }
     _write_pointer(root, new)
     return new

@@ -77,8 +77,16 @@ def _latest_event(batch: pa.Table) -> pa.Table:
 
 def default_batch_id(as_of: pd.Timestamp, fingerprint: dict[str, str], config: BuildConfig) -> str:
     """Deterministic: the same data, cut-off and settings give the same id."""
-    key = json.dumps({"data": fingerprint, "as_of": as_of.isoformat(), "features": asdict(config.features),
-                      "ae": asdict(config.ae), "workers": config.workers}, sort_keys=True)
+    key = json.dumps(
+        {
+            "data": fingerprint,
+            "as_of": as_of.isoformat(),
+            "features": asdict(config.features),
+            "ae": asdict(config.ae),
+            "workers": config.workers,
+        },
+        sort_keys=True,
+    )
     return f"{as_of:%Y%m%d}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
@@ -94,8 +102,15 @@ def save_features(features: UserFeatures, path: Path) -> None:
         for start in range(0, len(features.user_ids), FEATURE_ROWS):
             rows = slice(start, start + FEATURE_ROWS)
             flat = pa.array(np.ascontiguousarray(features.matrix[rows], np.float32).ravel(), pa.float32())
-            writer.write_table(pa.table({"user_id": pa.array(features.user_ids[rows], pa.string()),
-                                         "features": pa.FixedSizeListArray.from_arrays(flat, dim)}, schema=schema))
+            writer.write_table(
+                pa.table(
+                    {
+                        "user_id": pa.array(features.user_ids[rows], pa.string()),
+                        "features": pa.FixedSizeListArray.from_arrays(flat, dim),
+                    },
+                    schema=schema,
+                )
+            )
         if not len(features.user_ids):
             writer.write_table(schema.empty_table())
 
@@ -108,10 +123,13 @@ def config_from_dict(raw: dict) -> BuildConfig:
     downstream = raw.get("downstream")
     return BuildConfig(
         features=FeatureConfig(**{**raw["features"], "windows": tuple(raw["features"]["windows"])}),
-        ae=AEConfig(**raw["ae"]), workers=int(raw["workers"]), resume=bool(raw["resume"]),
+        ae=AEConfig(**raw["ae"]),
+        workers=int(raw["workers"]),
+        resume=bool(raw["resume"]),
         feast=StoreConfig(**{**feast, "home": Path(feast["home"])}) if feast else None,
         downstream=DownstreamConfig(**{**downstream, "head": HeadConfig(**downstream["head"])}) if downstream else None,
-        tuned=raw.get("tuned"))
+        tuned=raw.get("tuned"),
+    )
 
 
 def load_features(batch_dir: Path, rows: np.ndarray | None = None) -> UserFeatures:
@@ -142,8 +160,16 @@ def _ray_if(workers: int):
     return ray_session()
 
 
-def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig = BuildConfig(),
-              batch_id: str | None = None, snapshot_id: str | None = None, log=print, progress=None) -> dict:
+def fit_stage(
+    data: str | Path,
+    out: str | Path,
+    as_of=None,
+    config: BuildConfig = BuildConfig(),
+    batch_id: str | None = None,
+    snapshot_id: str | None = None,
+    log=print,
+    progress=None,
+) -> dict:
     """Training set (from a Feast snapshot, or in-process) -> autoencoder; writes BATCH/build.json."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,32 +190,49 @@ def fit_stage(data: str | Path, out: str | Path, as_of=None, config: BuildConfig
             if snapshot_id:
                 snapshot = feast.load_snapshot(config.feast, snapshot_id)
                 if snapshot.as_of != as_of:
-                    raise ValueError(f"snapshot_id: {snapshot_id} is as of {snapshot.as_of.isoformat()}, "
-                                     f"the batch as of {as_of.isoformat()}")
+                    raise ValueError(
+                        f"snapshot_id: {snapshot_id} is as of {snapshot.as_of.isoformat()}, "
+                        f"the batch as of {as_of.isoformat()}"
+                    )
             else:
-                snapshot = feast.materialize(data, as_of, config.feast, config.features, store=store, log=log,
-                                             workers=config.workers)
+                snapshot = feast.materialize(
+                    data, as_of, config.feast, config.features, store=store, log=log, workers=config.workers
+                )
                 stage.done("materialize")
             space = FeatureSpace.load(snapshot.space_dir)
             features = feast.training_set(store, snapshot, space, snapshot.user_ids)
             space.save(out / "encoders")
         else:
-            space, features = partitioned_snapshot(data, as_of, config.features,
-                                                   out / "encoders", out / "partitions", workers=config.workers)
+            space, features = partitioned_snapshot(
+                data, as_of, config.features, out / "encoders", out / "partitions", workers=config.workers
+            )
             stage.done("encoders")
         save_features(features, out / "features.parquet")
         stage.done("features")
-        fit = fit_autoencoder(features, config.ae, workers=config.workers, checkpoint_dir=out / "checkpoints",
-                              resume=config.resume, progress=progress)
+        fit = fit_autoencoder(
+            features,
+            config.ae,
+            workers=config.workers,
+            checkpoint_dir=out / "checkpoints",
+            resume=config.resume,
+            progress=progress,
+        )
     shutil.rmtree(out / "partitions", ignore_errors=True)
     fit.model.save(out / "model.pt")
     stage.done("fit")
-    record = {"batch_id": batch_id, "as_of": as_of.isoformat(),
-              "data": {"path": str(Path(data).resolve()), "fingerprint": fingerprint,
-                       "events_watermark": watermark(data)},  # the logged events the data holds
-              "snapshot": snapshot.space_id if snapshot else None, "config": asdict(config),
-              "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
-              "timings_s": {k: v for k, v in stage.finish().items() if k != "total"}}
+    record = {
+        "batch_id": batch_id,
+        "as_of": as_of.isoformat(),
+        "data": {
+            "path": str(Path(data).resolve()),
+            "fingerprint": fingerprint,
+            "events_watermark": watermark(data),
+        },  # the logged events the data holds
+        "snapshot": snapshot.space_id if snapshot else None,
+        "config": asdict(config),
+        "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
+        "timings_s": {k: v for k, v in stage.finish().items() if k != "total"},
+    }
     write_json_atomic(out / "build.json", record)
     return record
 
@@ -204,14 +247,20 @@ def backfill_stage(out: str | Path, log=print) -> dict:
     schema = FeatureSpace.load(out / "encoders").schema
     features = load_features(out) if config.workers else out / "features.parquet"  # in-process: streamed
     with _ray_if(config.workers):
-        n_users = backfill_embeddings(out / "model.pt", features, batch_id, out / "embeddings.parquet",
-                                      workers=config.workers)
+        n_users = backfill_embeddings(
+            out / "model.pt", features, batch_id, out / "embeddings.parquet", workers=config.workers
+        )
     stage.done("backfill")
     if config.feast is not None:
         from userrep import store as feast
 
-        published = feast.publish_embeddings(feast.open_store(config.feast, apply=False), config.feast,
-                                             pq.read_table(out / "embeddings.parquet"), batch_id, record["as_of"])
+        published = feast.publish_embeddings(
+            feast.open_store(config.feast, apply=False),
+            config.feast,
+            pq.read_table(out / "embeddings.parquet"),
+            batch_id,
+            record["as_of"],
+        )
         log(f"published {published} embeddings of batch {batch_id} to the {config.feast.online} online store")
         stage.done("publish")
     timings = {**record["timings_s"], **{k: v for k, v in stage.finish().items() if k != "total"}}
@@ -225,10 +274,14 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         "feature_schema": [list(g) for g in schema.groups],
         "n_features": schema.n_features,
         "encoders": {
-            "collab": {**asdict(CollaborativeEncoder(dim=config.features.collab_dim, seed=config.features.seed)),
-                       "method": "randomized SVD of log(1+plays) x IDF user-item matrix, rows L2-normalized"},
-            "content": {**asdict(ContentEncoder(dim=config.features.content_dim, max_genres=config.features.max_genres)),
-                        "method": "PCA of z-scored content_* columns and genre multi-hot"},
+            "collab": {
+                **asdict(CollaborativeEncoder(dim=config.features.collab_dim, seed=config.features.seed)),
+                "method": "randomized SVD of log(1+plays) x IDF user-item matrix, rows L2-normalized",
+            },
+            "content": {
+                **asdict(ContentEncoder(dim=config.features.content_dim, max_genres=config.features.max_genres)),
+                "method": "PCA of z-scored content_* columns and genre multi-hot",
+            },
         },
         "feature_config": asdict(config.features),
         "ae_config": asdict(config.ae),
@@ -253,8 +306,11 @@ def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
     results = {}
     for task in tasks:
         results[task] = done = train_task(out, task, ds, downstream, data)
-        log(f"downstream {task}: skipped: {done['skipped']}" if done.get("skipped")
-            else f"downstream {task} ({done.get('design', 'index')}): {done['metrics']}")
+        log(
+            f"downstream {task}: skipped: {done['skipped']}"
+            if done.get("skipped")
+            else f"downstream {task} ({done.get('design', 'index')}): {done['metrics']}"
+        )
     if config.feast is not None and "future_listening" in tasks and not data.skipped:
         # The task features of the batch's +history heads, online under the batch id (the
         # future-listening step publishes them: both heads take the same features).
@@ -263,8 +319,9 @@ def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
         as_of = read_manifest(out)["as_of"]
         ids, plays, recent = serving_history(out, ds, data)
         table = feast.history_table(ids, data.artists, plays, recent, data.batch_id, as_of)
-        published = feast.publish_history(feast.open_store(config.feast, apply=False), config.feast, table,
-                                          data.batch_id)
+        published = feast.publish_history(
+            feast.open_store(config.feast, apply=False), config.feast, table, data.batch_id
+        )
         log(f"published the candidate-artist history of {published} users of batch {data.batch_id}")
     return results
 
@@ -273,8 +330,15 @@ def _design(record: dict) -> dict:
     return {"design": record["design"], "designs": record["designs"]} if "design" in record else {}
 
 
-def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConfig = BuildConfig(),
-                batch_id: str | None = None, log=print, progress=None) -> dict:
+def build_batch(
+    data: str | Path,
+    out: str | Path,
+    as_of=None,
+    config: BuildConfig = BuildConfig(),
+    batch_id: str | None = None,
+    log=print,
+    progress=None,
+) -> dict:
     """Every stage in one process (one Ray session); returns the manifest."""
     out = Path(out)
     with _ray_if(config.workers):
@@ -284,8 +348,13 @@ def build_batch(data: str | Path, out: str | Path, as_of=None, config: BuildConf
         watch = Stopwatch(log)
         results = downstream_stage(out, log=log)
         watch.done("downstream")
-        manifest["downstream"] = {task: {"label_days": r["label_days"], **({"skipped": r["skipped"]} if r.get("skipped")
-                                         else {"metrics": r["metrics"], **_design(r)})} for task, r in results.items()}
+        manifest["downstream"] = {
+            task: {
+                "label_days": r["label_days"],
+                **({"skipped": r["skipped"]} if r.get("skipped") else {"metrics": r["metrics"], **_design(r)}),
+            }
+            for task, r in results.items()
+        }
         timings = {k: v for k, v in manifest["timings_s"].items() if k != "total"}
         timings["downstream"] = watch.timings["downstream"]
         manifest["timings_s"] = {**timings, "total": round(sum(timings.values()), 2)}

@@ -46,7 +46,9 @@ LIST_SEPARATOR = "|"
 CONTENT_PREFIX = "content_"
 TS_TYPE = pa.timestamp("us", tz="UTC")
 EVENT_COLUMNS = ["user_id", "item_id", "ts", "weight"]
-EVENT_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("ts", TS_TYPE), ("weight", pa.float64())])
+EVENT_SCHEMA = pa.schema(
+    [("user_id", pa.string()), ("item_id", pa.string()), ("ts", TS_TYPE), ("weight", pa.float64())]
+)
 # Epoch seconds outside this range are almost always milliseconds or garbage.
 _MIN_TS = pd.Timestamp("1970-01-01", tz="UTC")
 _MAX_TS = pd.Timestamp("2100-01-01", tz="UTC")
@@ -189,14 +191,19 @@ def load_dataset(directory: str | Path, keep: Callable[[pa.Table], pa.Table | No
         tables[name], table_problems, table_notes = _normalize(name, files[name], table)
         problems += table_problems
         notes += table_notes
-    ids_are_text = all(pa.types.is_string(t.schema.field(c).type)
-                       for name, t in tables.items() for c in STRING_COLUMNS[name] if c in t.column_names)
+    ids_are_text = all(
+        pa.types.is_string(t.schema.field(c).type)
+        for name, t in tables.items()
+        for c in STRING_COLUMNS[name]
+        if c in t.column_names
+    )
     catalog = tables["items"].column("item_id").combine_chunks() if "items" in tables and ids_are_text else None
 
     events, users_seen = None, None
     if "events" in files:
-        events, users_seen, event_problems, event_notes = _read_events(directory, files["events"], catalog, keep,
-                                                                       collect_users="pairs" in tables)
+        events, users_seen, event_problems, event_notes = _read_events(
+            directory, files["events"], catalog, keep, collect_users="pairs" in tables
+        )
         problems += event_problems
         notes += event_notes
     if ids_are_text:  # else the type problems say it all
@@ -227,8 +234,7 @@ def _event_batches(path: Path, rows: int, columns: list[str] | None = None):
             yield parquet.schema_arrow.empty_table()
         return
     table = read_table(path, "events")
-    yield from (pa.Table.from_batches([b], table.schema) for b in table.to_batches(rows)) if table.num_rows \
-        else [table]
+    yield from (pa.Table.from_batches([b], table.schema) for b in table.to_batches(rows)) if table.num_rows else [table]
 
 
 def _event_sources(directory: Path, file: str):
@@ -293,8 +299,12 @@ def _merged(problems: list[Problem]) -> list[Problem]:
         key = (p.file, p.column, p.message)
         if key in merged:
             q = merged[key]
-            merged[key] = replace(q, rows=(q.rows + p.rows)[:_SHOW_ROWS], values=(q.values + p.values)[:_SHOW_ROWS],
-                                  count=q.count + p.count)
+            merged[key] = replace(
+                q,
+                rows=(q.rows + p.rows)[:_SHOW_ROWS],
+                values=(q.values + p.values)[:_SHOW_ROWS],
+                count=q.count + p.count,
+            )
         else:
             merged[key] = p
     return list(merged.values())
@@ -336,8 +346,12 @@ def _normalize(name: str, file: str, table: pa.Table) -> tuple[pa.Table, list[Pr
             continue
         kind = cols[col].type
         kind = kind.value_type if pa.types.is_dictionary(kind) else kind
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
-                or pa.types.is_null(kind)):
+        if not (
+            pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or pa.types.is_integer(kind)
+            or pa.types.is_null(kind)
+        ):
             problems.append(Problem(file, col, f"must be text or integer ids, got {kind}"))
             continue
         cols[col] = cols[col].cast(pa.string())
@@ -364,15 +378,20 @@ def _normalize(name: str, file: str, table: pa.Table) -> tuple[pa.Table, list[Pr
         problems += [ts_problem] if ts_problem else []
     if name == "items":
         for col in [c for c in cols if c.startswith(CONTENT_PREFIX)]:
-            if not (pa.types.is_integer(cols[col].type) or pa.types.is_floating(cols[col].type)
-                    or pa.types.is_null(cols[col].type)):
+            if not (
+                pa.types.is_integer(cols[col].type)
+                or pa.types.is_floating(cols[col].type)
+                or pa.types.is_null(cols[col].type)
+            ):
                 problems.append(Problem(file, col, f"content columns must be numeric, got {cols[col].type}"))
                 continue
             cols[col] = cols[col].cast(pa.float64())
             values = cols[col].to_numpy()
             bad = ~np.isfinite(values) & ~np.isnan(values)
             if bad.any():
-                problems.append(_problem(file, col, "must be finite (inf found; leave missing values empty)", table, bad))
+                problems.append(
+                    _problem(file, col, "must be finite (inf found; leave missing values empty)", table, bad)
+                )
     if name == "users":
         for col in (c for c in cols if c not in KNOWN_COLUMNS["users"]):
             cols[col] = cols[col].cast(pa.string())
@@ -386,6 +405,7 @@ def _normalize(name: str, file: str, table: pa.Table) -> tuple[pa.Table, list[Pr
             problems.append(_problem(file, "user_a", "a user paired with itself", table, bad))
 
     if name != "users":  # users keep every column: the unknown ones are attributes
+
         def kept(c: str) -> bool:
             return c in KNOWN_COLUMNS[name] or (name == "items" and c.startswith(CONTENT_PREFIX))
 
@@ -409,7 +429,9 @@ def _parse_ts(file: str, column: str, table: pa.Table, *, allow_null: bool):
     if pa.types.is_timestamp(kind):
         # Arrow-native: naive timestamps are taken as UTC, aware ones keep their instant.
         parsed = pc.cast(raw, TS_TYPE, safe=False)
-        bad = _mask(pc.or_(pc.less(parsed, pa.scalar(_MIN_TS, TS_TYPE)), pc.greater_equal(parsed, pa.scalar(_MAX_TS, TS_TYPE))))
+        bad = _mask(
+            pc.or_(pc.less(parsed, pa.scalar(_MIN_TS, TS_TYPE)), pc.greater_equal(parsed, pa.scalar(_MAX_TS, TS_TYPE)))
+        )
         if not allow_null:
             bad |= _mask(pc.is_null(raw))
         if bad.any():
@@ -458,7 +480,9 @@ def _parse_weight(file: str, table: pa.Table):
     weights = pa.chunked_array([pa.array(values, pa.float64())])
     bad_nan = ~np.isfinite(values)
     if bad_nan.any():
-        return weights, _problem(file, "weight", "must be a finite number (missing, text, NaN or inf found)", table, bad_nan)
+        return weights, _problem(
+            file, "weight", "must be a finite number (missing, text, NaN or inf found)", table, bad_nan
+        )
     negative = values < 0
     if negative.any():
         return weights, _problem(file, "weight", "negative weight (must be >= 0)", table, negative)
@@ -487,8 +511,11 @@ def _check_references(tables: dict[str, pa.Table], files: dict[str, str], users_
             parents = pc.list_parent_indices(lists).to_numpy()
             bad = np.zeros(users.num_rows, dtype=bool)
             bad[parents[flat_bad]] = True
-            problems.append(_problem(files["users"], "onboarding_artists",
-                                     f"unknown artist (not an items.{artist_col})", users, bad))
+            problems.append(
+                _problem(
+                    files["users"], "onboarding_artists", f"unknown artist (not an items.{artist_col})", users, bad
+                )
+            )
     return problems
 
 
@@ -525,7 +552,8 @@ def summarize(ds: Dataset) -> dict:
             summary["coverage"][f"users.{col}"] = _coverage(ds.users, col)
         summary["attributes"] = {c: pc.count_distinct(ds.users.column(c)).as_py() for c in ds.attribute_columns}
         summary["users_without_events"] = int(
-            (~_mask(pc.is_in(ds.users.column("user_id"), value_set=events.column("user_id").combine_chunks()))).sum())
+            (~_mask(pc.is_in(ds.users.column("user_id"), value_set=events.column("user_id").combine_chunks()))).sum()
+        )
     return summary
 
 

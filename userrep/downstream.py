@@ -93,8 +93,9 @@ class TaskData:
 MIN_LABELLED = 20  # users with a label-window play needed to train and validate a task
 
 
-def task_data(batch_dir: str | Path, source: Dataset | EventSource,
-              config: DownstreamConfig = DownstreamConfig()) -> TaskData:
+def task_data(
+    batch_dir: str | Path, source: Dataset | EventSource, config: DownstreamConfig = DownstreamConfig()
+) -> TaskData:
     """Embeddings as of T - L and labels from [T - L, T). Where fewer than ``MIN_LABELLED`` users
     play a top artist in the window (sparse data), the window doubles while the data reaches back
     that far; if it is still too thin the tasks are skipped (``TaskData.skipped`` says why).
@@ -116,8 +117,10 @@ def task_data(batch_dir: str | Path, source: Dataset | EventSource,
     users = features.user_ids
     skipped = None
     if len(rows) < MIN_LABELLED:
-        skipped = (f"label_days: only {len(rows)} users play a top artist in the {label_days} days before "
-                   f"{as_of.isoformat()} (the widest window the data allows); at least {MIN_LABELLED} are needed")
+        skipped = (
+            f"label_days: only {len(rows)} users play a top artist in the {label_days} days before "
+            f"{as_of.isoformat()} (the widest window the data allows); at least {MIN_LABELLED} are needed"
+        )
     rows = np.random.default_rng(config.seed).permutation(rows)
     n_valid = max(1, int(round(config.valid_share * len(rows))))
     train, valid = np.sort(rows[n_valid:]), np.sort(rows[:n_valid])
@@ -128,21 +131,45 @@ def task_data(batch_dir: str | Path, source: Dataset | EventSource,
         value = future_listening.ranking_metrics(scores, labels[valid], played[valid])["ndcg@10"] if len(valid) else 0.0
         return float(np.nan_to_num(value))
 
-    half_life, recent, _ = choose(history.HALF_LIVES, lambda h: _dense(decayed_matrix(before, space, users, start, h), top),
-                                  ndcg)
+    half_life, recent, _ = choose(
+        history.HALF_LIVES, lambda h: _dense(decayed_matrix(before, space, users, start, h), top), ndcg
+    )
     artist_ids, vectors = space.collab.artist_vectors(source.items)
     artist_vectors = vectors[pd.Index(artist_ids).get_indexer(space.artists[top])]
-    return TaskData(manifest["batch_id"], users, embed(model, features.matrix), labels, played,
-                    space.artists[top].astype(str), artist_vectors, train, valid, win_all, label_days,
-                    _dense(plays_all, top), recent, half_life, popularity, embed(model, features.cold_like()), skipped)
+    return TaskData(
+        manifest["batch_id"],
+        users,
+        embed(model, features.matrix),
+        labels,
+        played,
+        space.artists[top].astype(str),
+        artist_vectors,
+        train,
+        valid,
+        win_all,
+        label_days,
+        _dense(plays_all, top),
+        recent,
+        half_life,
+        popularity,
+        embed(model, features.cold_like()),
+        skipped,
+    )
 
 
 def _dense(matrix, cols: np.ndarray) -> np.ndarray:
     return matrix[:, cols].toarray().astype(np.float32)
 
 
-def _labelled(source: EventSource, space: FeatureSpace, as_of: pd.Timestamp, label_days: int, top_k: int, max_users: int,
-              seed: int):
+def _labelled(
+    source: EventSource,
+    space: FeatureSpace,
+    as_of: pd.Timestamp,
+    label_days: int,
+    top_k: int,
+    max_users: int,
+    seed: int,
+):
     """Users with a top-artist play in [as_of - label_days, as_of), their features as of the window's
     start, the label and played (0/1) matrices, the top-K artists, the window's plays, the events
     before the window, its start and their plays (users, all artists). Users: those known at the
@@ -170,8 +197,13 @@ def pa_ts(ts: pd.Timestamp):
     return pa.scalar(ts.to_pydatetime(), pa.timestamp("us", tz="UTC"))
 
 
-def train_task(batch_dir: str | Path, task: str, ds: Dataset | EventSource, config: DownstreamConfig = DownstreamConfig(),
-               data: TaskData | None = None) -> dict:
+def train_task(
+    batch_dir: str | Path,
+    task: str,
+    ds: Dataset | EventSource,
+    config: DownstreamConfig = DownstreamConfig(),
+    data: TaskData | None = None,
+) -> dict:
     """Train one task's model on the batch, validate it, write its files and registration record."""
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
@@ -180,11 +212,19 @@ def train_task(batch_dir: str | Path, task: str, ds: Dataset | EventSource, conf
     out.mkdir(exist_ok=True)
     data = data or task_data(batch_dir, ds, config)
     x, train, valid = data.x, data.train, data.valid
-    meta = {"task": task, "batch_id": data.batch_id, "label_days": data.label_days, "head": asdict(config.head),
-            "half_life_days": data.half_life_days}  # the recency decay of the history features
-    if data.skipped and task != "similar_users":  # registered as skipped: the batch is complete without it, the gate sees why
-        return _register(out, task, {**meta, "skipped": data.skipped, "metrics": {}, "n_train": 0, "n_valid": 0,
-                                     "files": {}})
+    meta = {
+        "task": task,
+        "batch_id": data.batch_id,
+        "label_days": data.label_days,
+        "head": asdict(config.head),
+        "half_life_days": data.half_life_days,
+    }  # the recency decay of the history features
+    if (
+        data.skipped and task != "similar_users"
+    ):  # registered as skipped: the batch is complete without it, the gate sees why
+        return _register(
+            out, task, {**meta, "skipped": data.skipped, "metrics": {}, "n_train": 0, "n_valid": 0, "files": {}}
+        )
     if task == "future_listening":
         head, design = _future_listening(data, config.head)
         designs = design.pop("validation")
@@ -195,8 +235,13 @@ def train_task(batch_dir: str | Path, task: str, ds: Dataset | EventSource, conf
     elif task == "artist_preference":
         head, design, metrics = _artist_preference(data, config)
         designs = design.pop("validation")
-        files = [_save_head(out / "artist_preference.pt", head, {**meta, **design, "artists": data.artists.tolist(),
-                                                                 "artist_vectors": data.artist_vectors})]
+        files = [
+            _save_head(
+                out / "artist_preference.pt",
+                head,
+                {**meta, **design, "artists": data.artists.tolist(), "artist_vectors": data.artist_vectors},
+            )
+        ]
         meta.update(design=design["design"], designs=designs)
     else:
         import faiss
@@ -206,13 +251,21 @@ def train_task(batch_dir: str | Path, task: str, ds: Dataset | EventSource, conf
             raise ValueError(f"embeddings.parquet: batch_id {batch_id} in batch {data.batch_id}")
         faiss.write_index(similar_users.build_index(vectors), str(out / "similar_users.faiss"))
         np.save(out / "similar_users.ids.npy", ids.astype(str))
-        queries = valid[: 1000]  # (the index needs no labels: it is built even on thin data)
+        queries = valid[:1000]  # (the index needs no labels: it is built even on thin data)
         found = similar_users.neighbours(similar_users.build_index(x), x, queries, 50)
         metrics = {"ndcg@50": similar_users.mean(similar_users.ndcg_with_overlap(found, queries, data.window_artists))}
         files = [out / "similar_users.faiss", out / "similar_users.ids.npy"]
-    return _register(out, task, {**meta, "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
-                                 "n_train": int(len(train)), "n_valid": int(len(valid)),
-                                 "files": {f.name: sha256(f) for f in files}})
+    return _register(
+        out,
+        task,
+        {
+            **meta,
+            "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
+            "n_train": int(len(train)),
+            "n_valid": int(len(valid)),
+            "files": {f.name: sha256(f) for f in files},
+        },
+    )
 
 
 def _future_listening(data: TaskData, config: HeadConfig) -> tuple[MLPHead, dict]:
@@ -221,16 +274,26 @@ def _future_listening(data: TaskData, config: HeadConfig) -> tuple[MLPHead, dict
     x, cold_x, labels, train, valid, side = data.x, data.cold_x, data.labels, data.train, data.valid, data.side
 
     def ndcg(scores: np.ndarray) -> float:
-        return float(np.nan_to_num(future_listening.ranking_metrics(scores, labels[valid], data.history[valid])["ndcg@10"]))
+        return float(
+            np.nan_to_num(future_listening.ranking_metrics(scores, labels[valid], data.history[valid])["ndcg@10"])
+        )
 
-    plain = future_listening.fit_head(x[train], labels[train], config,
-                                      validate=lambda h: ndcg(future_listening.scores(h, x[valid])))
+    plain = future_listening.fit_head(
+        x[train], labels[train], config, validate=lambda h: ndcg(future_listening.scores(h, x[valid]))
+    )
     both, with_history = future_listening.fit_with_history(
         (x[train], cold_x[train], labels[train], side[train]),
-        (x[valid], cold_x[valid], side[valid], data.plays[valid], data.recent[valid]), data.popularity, config, ndcg)
-    validation = {EMBEDDING: ndcg(future_listening.scores(plain, x[valid])),
-                  WITH_HISTORY: ndcg(future_listening.deployed_scores(both, with_history, x[valid], data.plays[valid],
-                                                                      data.recent[valid]))}
+        (x[valid], cold_x[valid], side[valid], data.plays[valid], data.recent[valid]),
+        data.popularity,
+        config,
+        ndcg,
+    )
+    validation = {
+        EMBEDDING: ndcg(future_listening.scores(plain, x[valid])),
+        WITH_HISTORY: ndcg(
+            future_listening.deployed_scores(both, with_history, x[valid], data.plays[valid], data.recent[valid])
+        ),
+    }
     validation = {k: round(v, 6) for k, v in validation.items()}
     if validation[WITH_HISTORY] >= validation[EMBEDDING]:
         return both, {**with_history, "validation": validation}
@@ -247,11 +310,13 @@ def _artist_preference(data: TaskData, config: DownstreamConfig) -> tuple[MLPHea
     head_config = artist_preference.pair_config(config.head, len(pairs[0]))
     heads, validation = {}, {}
     for design, side in ((EMBEDDING, None), (WITH_HISTORY, data.side)):
+
         def valid_auc(head, side=side) -> float:
             return auc(valid_pairs[2], artist_preference.scores(head, x, data.artist_vectors, valid_pairs, side))
 
-        heads[design] = artist_preference.fit_head(x[train], data.artist_vectors, pairs, head_config,
-                                                   None if side is None else side[train], valid_auc)
+        heads[design] = artist_preference.fit_head(
+            x[train], data.artist_vectors, pairs, head_config, None if side is None else side[train], valid_auc
+        )
         validation[design] = round(float(np.nan_to_num(valid_auc(heads[design]))), 6)
     design = WITH_HISTORY if validation[WITH_HISTORY] >= validation[EMBEDDING] else EMBEDDING
     return heads[design], {"design": design, "validation": validation}, {"auc": validation[design]}
@@ -272,8 +337,11 @@ def serving_history(batch_dir: str | Path, source: Dataset | EventSource, data: 
     def add(total, events: pa.Table):
         events = events.filter(pc.less(events.column("ts"), pa_ts(as_of)))
         plays = user_artist_matrix(events, space, ids)[:, cols]
-        recent = plays if data.half_life_days is None else \
-            decayed_matrix(events, space, ids, as_of, data.half_life_days)[:, cols]
+        recent = (
+            plays
+            if data.half_life_days is None
+            else decayed_matrix(events, space, ids, as_of, data.half_life_days)[:, cols]
+        )
         return (plays, recent) if total is None else (total[0] + plays, total[1] + recent)
 
     plays, recent = source.fold(add, None)
@@ -292,8 +360,11 @@ def skipped_tasks(batch_dir: str | Path) -> dict[str, str]:
     """Tasks registered as skipped (too little data), with the reason."""
     out = Path(batch_dir) / "downstream"
     records = {task: out / f"{task}.json" for task in TASKS}
-    return {task: reason for task, path in records.items() if path.exists()
-            and (reason := json.loads(path.read_text()).get("skipped"))}
+    return {
+        task: reason
+        for task, path in records.items()
+        if path.exists() and (reason := json.loads(path.read_text()).get("skipped"))
+    }
 
 
 def _reindex(pairs, rows: np.ndarray):
@@ -303,16 +374,26 @@ def _reindex(pairs, rows: np.ndarray):
 
 
 def _save_head(path: Path, head: MLPHead, meta: dict) -> Path:
-    torch.save({"meta": meta, "n_in": head.hidden[0].in_features, "n_out": head.out.out_features,
-                "n_side": head.n_side, "config": asdict(head.config), "state": head.state_dict()}, path)
+    torch.save(
+        {
+            "meta": meta,
+            "n_in": head.hidden[0].in_features,
+            "n_out": head.out.out_features,
+            "n_side": head.n_side,
+            "config": asdict(head.config),
+            "state": head.state_dict(),
+        },
+        path,
+    )
     return path
 
 
 def load_head(path: str | Path) -> tuple[MLPHead, dict]:
     blob = torch.load(path, map_location="cpu", weights_only=False)
     n_in = blob["n_in"]
-    head = MLPHead(n_in, blob["n_out"], np.zeros(n_in), np.ones(n_in), HeadConfig(**blob["config"]),
-                   n_side=blob.get("n_side", 0))
+    head = MLPHead(
+        n_in, blob["n_out"], np.zeros(n_in), np.ones(n_in), HeadConfig(**blob["config"]), n_side=blob.get("n_side", 0)
+    )
     head.load_state_dict(_renamed(blob["state"]))
     return head.eval(), blob["meta"]
 
@@ -320,7 +401,9 @@ def load_head(path: str | Path) -> tuple[MLPHead, dict]:
 def _renamed(state: dict) -> dict:
     """Heads saved before the side features had one ``net`` Sequential (0: hidden, 3: output)."""
     names = {"net.0.": "hidden.0.", "net.3.": "out."}
-    return {next((new + k[len(old):] for old, new in names.items() if k.startswith(old)), k): v for k, v in state.items()}
+    return {
+        next((new + k[len(old) :] for old, new in names.items() if k.startswith(old)), k): v for k, v in state.items()
+    }
 
 
 def missing_tasks(batch_dir: str | Path) -> list[str]:

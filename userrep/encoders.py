@@ -34,10 +34,12 @@ class ItemVectors:
         return int(self.vectors.shape[1])
 
     def save(self, path: str | Path) -> None:
-        table = pa.table({
-            "item_id": pa.array(self.item_ids, pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel(), pa.float32()), self.dim),
-        })
+        table = pa.table(
+            {
+                "item_id": pa.array(self.item_ids, pa.string()),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(self.vectors.ravel(), pa.float32()), self.dim),
+            }
+        )
         pq.write_table(table.replace_schema_metadata({"encoder": self.name}), path)
 
     @classmethod
@@ -46,8 +48,11 @@ class ItemVectors:
         vectors = table.column("vector").combine_chunks()
         dim = vectors.type.list_size
         flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        return cls(table.schema.metadata[b"encoder"].decode(), np.asarray(table.column("item_id").to_pylist(), object),
-                   flat.reshape(-1, dim))
+        return cls(
+            table.schema.metadata[b"encoder"].decode(),
+            np.asarray(table.column("item_id").to_pylist(), object),
+            flat.reshape(-1, dim),
+        )
 
     @cached_property
     def _index(self) -> pd.Index:  # built once: hashing 20k ids again on every lookup cost ~1 ms an event write
@@ -61,8 +66,9 @@ class ItemVectors:
         """(artist_ids, vectors): each artist's vector is the mean of its items' vectors."""
         col = artist_column(items)
         rows = self.lookup(items.column("item_id").to_numpy(zero_copy_only=False))
-        artists, inverse = np.unique(items.column(col).to_numpy(zero_copy_only=False).astype(object),
-                                     return_inverse=True)
+        artists, inverse = np.unique(
+            items.column(col).to_numpy(zero_copy_only=False).astype(object), return_inverse=True
+        )
         sums = np.zeros((len(artists), self.dim), np.float64)
         np.add.at(sums, inverse[rows >= 0], self.vectors[rows[rows >= 0]])
         counts = np.bincount(inverse[rows >= 0], minlength=len(artists))[:, None]
@@ -95,7 +101,7 @@ class CollaborativeEncoder:
         df = np.bincount(matrix.indices, minlength=len(item_ids))
         idf = np.log((1 + matrix.shape[0]) / (1 + df)) + 1.0
         matrix.data *= idf[matrix.indices]
-        squares = sp.csr_matrix((matrix.data ** 2, matrix.indices, matrix.indptr), shape=matrix.shape)
+        squares = sp.csr_matrix((matrix.data**2, matrix.indices, matrix.indptr), shape=matrix.shape)
         norms = np.sqrt(squares @ np.ones(matrix.shape[1]))
         del squares
         matrix.data *= np.repeat(1.0 / np.maximum(norms, 1e-12), np.diff(matrix.indptr))
@@ -115,8 +121,9 @@ def user_item_matrix(events: pa.Table, items: pa.Table) -> tuple[np.ndarray, sp.
     in user order equal this matrix of the whole table (``userrep.partitions``)."""
     users, user_idx = sorted_codes(events.column("user_id"))
     item_idx = index_in(events.column("item_id"), items.column("item_id"))
-    matrix = sp.csr_matrix((events.column("weight").to_numpy(), (user_idx, item_idx)),
-                           shape=(len(users), items.num_rows))
+    matrix = sp.csr_matrix(
+        (events.column("weight").to_numpy(), (user_idx, item_idx)), shape=(len(users), items.num_rows)
+    )
     matrix.sum_duplicates()
     return users, matrix
 
@@ -161,7 +168,9 @@ class ContentEncoder:
 def index_in(column: pa.ChunkedArray | pa.Array, values) -> np.ndarray:
     """Position of each row's value in ``values`` (-1 when absent), hashed in arrow: no Python
     string per row (13M event ids as objects took 0.9 GB and most of an encoder fit's time)."""
-    values = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(values, object), pa.string())
+    values = (
+        values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(values, object), pa.string())
+    )
     return pc.fill_null(pc.index_in(column, value_set=values), -1).to_numpy()  # int32
 
 
@@ -175,8 +184,10 @@ def sorted_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.nda
 
 def events_before(ds: Dataset, as_of) -> pa.Table:
     """Events strictly before ``as_of`` (point-in-time correctness starts here)."""
-    cutoff = pa.scalar(pd.Timestamp(as_of).tz_convert("UTC") if pd.Timestamp(as_of).tzinfo
-                       else pd.Timestamp(as_of, tz="UTC"), pa.timestamp("us", tz="UTC"))
+    cutoff = pa.scalar(
+        pd.Timestamp(as_of).tz_convert("UTC") if pd.Timestamp(as_of).tzinfo else pd.Timestamp(as_of, tz="UTC"),
+        pa.timestamp("us", tz="UTC"),
+    )
     if ds.events.num_rows and pc.less(pc.max(ds.events.column("ts")), cutoff).as_py():
         return ds.events  # every event is before: no copy (5.4 GB at 1M users, the default as_of)
     return ds.events.filter(pc.less(ds.events.column("ts"), cutoff))

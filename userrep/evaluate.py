@@ -167,12 +167,22 @@ def _evaluate_once(ds: Dataset, config: EvalConfig, log) -> tuple[dict, Context,
     watch.done("representations")
     direct, choices, als = _tuned_baselines(ctx, space, config)
     watch.done("baselines (tuned on validation users)")
-    board = Board({"test": len(ctx.test_rows), "cold": len(ctx.cold_rows),
-                   "queries": min(config.similar_queries, len(ctx.test_rows))}, config.seed, config.bootstrap)
+    board = Board(
+        {
+            "test": len(ctx.test_rows),
+            "cold": len(ctx.cold_rows),
+            "queries": min(config.similar_queries, len(ctx.test_rows)),
+        },
+        config.seed,
+        config.bootstrap,
+    )
     skipped = _run_tasks(ctx, reps, cold_reps, direct, als.user_factors, board, config)
     watch.done("tasks")
-    ablations = (_ablations(ctx, features, ae, config, space.config.windows)
-                 if config.ablations and "future_listening" in board.tasks() else {})
+    ablations = (
+        _ablations(ctx, features, ae, config, space.config.windows)
+        if config.ablations and "future_listening" in board.tasks()
+        else {}
+    )
     watch.done("ablations")
     convergence = _convergence(ctx, space, gur_model, reps["gur"], config)
     watch.done("convergence")
@@ -190,8 +200,13 @@ def _evaluate_once(ds: Dataset, config: EvalConfig, log) -> tuple[dict, Context,
         "convergence": convergence,
         "skipped": skipped,
         "note": split.note,
-        "counts": {"warm_train": len(ctx.train_rows), "warm_test": len(ctx.test_rows), "cold": len(ctx.cold_rows),
-                   "validation": len(ctx.valid_rows), "top_k_artists": int(ctx.labels.shape[1])},
+        "counts": {
+            "warm_train": len(ctx.train_rows),
+            "warm_test": len(ctx.test_rows),
+            "cold": len(ctx.cold_rows),
+            "validation": len(ctx.valid_rows),
+            "top_k_artists": int(ctx.labels.shape[1]),
+        },
         "config": asdict(config),
         "timings_s": watch.finish(),
     }
@@ -233,10 +248,29 @@ def _context(ds: Dataset, split: Split, space, features: UserFeatures, config: E
     vectors = artist_vecs[pd.Index(artist_ids).get_indexer(space.artists[top])]
     train, test = np.sort(train), np.sort(test)
     pairs = lambda rows, seed: artist_preference.sample_pairs(labels[rows], weight[top], seed)  # noqa: E731
-    return Context(ds, split, features, labels, history, weight[top], vectors, train, test, fit, valid,
-                   np.flatnonzero(~has_history & has_static & has_labels), _related(ds, users), future_all,
-                   history_all, top, pairs(fit, config.seed), pairs(valid, config.seed + 2),
-                   pairs(test, config.seed + 1), float(repeat), bool(repeat < REPEAT_NEAR_ZERO))
+    return Context(
+        ds,
+        split,
+        features,
+        labels,
+        history,
+        weight[top],
+        vectors,
+        train,
+        test,
+        fit,
+        valid,
+        np.flatnonzero(~has_history & has_static & has_labels),
+        _related(ds, users),
+        future_all,
+        history_all,
+        top,
+        pairs(fit, config.seed),
+        pairs(valid, config.seed + 2),
+        pairs(test, config.seed + 1),
+        float(repeat),
+        bool(repeat < REPEAT_NEAR_ZERO),
+    )
 
 
 def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dict, baselines.ALSModel]:
@@ -249,24 +283,35 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
         return _valid_ndcg(ctx, scores_of(valid)) if len(valid) else 0.0
 
     half_life, decayed, by_decay = baselines.choose(
-        history.HALF_LIVES, lambda h: baselines.decayed_matrix(events, space, users, as_of, h),
-        lambda m: score(lambda rows: history.history_scores(m[rows][:, ctx.top_cols], ctx.popularity)))
+        history.HALF_LIVES,
+        lambda h: baselines.decayed_matrix(events, space, users, as_of, h),
+        lambda m: score(lambda rows: history.history_scores(m[rows][:, ctx.top_cols], ctx.popularity)),
+    )
     ctx.recent = decayed[:, ctx.top_cols].toarray().astype(np.float32)
     ctx.side = history.side_features(ctx.history_artists[:, ctx.top_cols].toarray(), ctx.recent)
     history_scores = lambda rows: history.history_scores(ctx.recent[rows], ctx.popularity)  # noqa: E731
     binary = (ctx.history_artists[:, ctx.top_cols] > 0).astype(np.float32).toarray()
     ease, ease_choice = baselines.tune_ease(binary, lambda b: score(lambda rows: binary[rows] @ b))
     onboarding = _onboarding_matrix(ctx.split.train, ctx.features, space)
-    als, als_choice = baselines.tune_als(ctx.history_artists, config.dim, config.seed, onboarding,
-                                         lambda m: score(lambda rows: m.scores(rows, ctx.top_cols)))
+    als, als_choice = baselines.tune_als(
+        ctx.history_artists,
+        config.dim,
+        config.seed,
+        onboarding,
+        lambda m: score(lambda rows: m.scores(rows, ctx.top_cols)),
+    )
     direct = {
         "popularity": lambda rows: np.broadcast_to(ctx.popularity, (len(rows), len(ctx.popularity))),
         "history": history_scores,
         "ease": lambda rows: binary[rows] @ ease,
         "als": lambda rows: als.scores(rows, ctx.top_cols),
     }
-    choices = {"history": {"half_life_days": half_life, "validation": by_decay}, "ease": ease_choice, "als": als_choice,
-               "validation_users": int(len(valid))}
+    choices = {
+        "history": {"half_life_days": half_life, "validation": by_decay},
+        "ease": ease_choice,
+        "als": als_choice,
+        "validation_users": int(len(valid)),
+    }
     return direct, choices, als
 
 
@@ -287,16 +332,20 @@ def _onboarding_matrix(train: Dataset, features: UserFeatures, space) -> sp.csr_
     static = static_inputs(train, features.user_ids)
     artist = space.artist_index(static.artist_ids) if len(static.artist_ids) else np.array([], int)
     ok = artist >= 0
-    return sp.csr_matrix((np.ones(ok.sum()), (static.artist_parent[ok], artist[ok])),
-                         shape=(len(features.user_ids), len(space.artists)))
+    return sp.csr_matrix(
+        (np.ones(ok.sum()), (static.artist_parent[ok], artist[ok])), shape=(len(features.user_ids), len(space.artists))
+    )
 
 
 def _valid_ndcg(ctx: Context, scores: np.ndarray) -> float:
     """nDCG@10 of ``scores`` (validation users x K) as the test users are scored (unseen-only or not):
     every choice made on validation users uses this one number."""
     valid = ctx.valid_rows
-    return float(np.nanmean(future_listening.ranking_rows(scores, ctx.labels[valid], ctx.history[valid],
-                                                          ctx.unseen_only)["ndcg@10"]))
+    return float(
+        np.nanmean(
+            future_listening.ranking_rows(scores, ctx.labels[valid], ctx.history[valid], ctx.unseen_only)["ndcg@10"]
+        )
+    )
 
 
 def _ranking_validation(ctx: Context, x: np.ndarray):
@@ -307,8 +356,16 @@ def _ranking_validation(ctx: Context, x: np.ndarray):
     return lambda head: _valid_ndcg(ctx, future_listening.scores(head, x[valid]))
 
 
-def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: EvalConfig,
-                cold_x: np.ndarray | None = None, warm: bool = True, preference: bool = True) -> None:
+def _head_tasks(
+    ctx: Context,
+    board: Board,
+    method: str,
+    x: np.ndarray,
+    config: EvalConfig,
+    cold_x: np.ndarray | None = None,
+    warm: bool = True,
+    preference: bool = True,
+) -> None:
     """Heads for one representation, fit on warm head-training users (early-stopped on the
     validation users), scored on test and cold users.
 
@@ -327,7 +384,10 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
         head, meta = future_listening.fit_with_history(
             (x[fit], cold_fit, ctx.labels[fit], side[fit]),
             (x[valid], cold_valid, side[valid], side[valid, :, 0], ctx.recent[valid]) if checked else None,
-            ctx.popularity, config.head, lambda scores: _valid_ndcg(ctx, scores))
+            ctx.popularity,
+            config.head,
+            lambda scores: _valid_ndcg(ctx, scores),
+        )
         warm_weight, cold_weight = meta["history_weight"], meta["prior_weight"]
         if checked:
             ctx.blends[method] = {"history_weight": warm_weight, "prior_weight": cold_weight}
@@ -335,17 +395,35 @@ def _head_tasks(ctx: Context, board: Board, method: str, x: np.ndarray, config: 
         scores = future_listening.scores(head, x[test], None if side is None else side[test])
         if warm_weight:
             scores = scores + warm_weight * _played_scores(ctx, test)
-        board.add_rows("future_listening", method, "test",
-                       future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only))
+        board.add_rows(
+            "future_listening",
+            method,
+            "test",
+            future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only),
+        )
     if warm and preference:
         pick = lambda rows: None if side is None else side[rows]  # noqa: E731
-        check = None if len(valid) < MIN_TEST else (lambda h: auc(ctx.valid_pairs[2], artist_preference.scores(
-            h, x[valid], ctx.artist_vectors, ctx.valid_pairs, pick(valid))))
+        check = (
+            None
+            if len(valid) < MIN_TEST
+            else (
+                lambda h: auc(
+                    ctx.valid_pairs[2],
+                    artist_preference.scores(h, x[valid], ctx.artist_vectors, ctx.valid_pairs, pick(valid)),
+                )
+            )
+        )
         pair_config = artist_preference.pair_config(config.head, len(ctx.fit_pairs[0]))
         pref = artist_preference.fit_head(x[fit], ctx.artist_vectors, ctx.fit_pairs, pair_config, pick(fit), check)
         users, _, y = ctx.test_pairs
-        board.add_auc("artist_preference", method, "test", users, y, artist_preference.scores(
-            pref, x[test], ctx.artist_vectors, ctx.test_pairs, pick(test)))
+        board.add_auc(
+            "artist_preference",
+            method,
+            "test",
+            users,
+            y,
+            artist_preference.scores(pref, x[test], ctx.artist_vectors, ctx.test_pairs, pick(test)),
+        )
     if len(cold) >= MIN_COLD:
         no_history = None if side is None else np.zeros((len(cold),) + side.shape[1:], np.float32)
         prior = history.prior(ctx.popularity, len(cold))
@@ -357,8 +435,9 @@ def _played_scores(ctx: Context, rows: np.ndarray) -> np.ndarray:
     return history.played_scores(ctx.side[rows, :, 0], ctx.recent[rows], ctx.popularity)
 
 
-def _run_tasks(ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_factors: np.ndarray, board: Board,
-               config: EvalConfig) -> dict:
+def _run_tasks(
+    ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_factors: np.ndarray, board: Board, config: EvalConfig
+) -> dict:
     """Every task on its own users: a task that cannot run is skipped with its reason, alone."""
     train, test, cold = ctx.train_rows, ctx.test_rows, ctx.cold_rows
     skipped: dict[str, str] = {}
@@ -368,8 +447,11 @@ def _run_tasks(ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_fact
         reason = f"too few warm users with both history and labels ({len(train) + len(test)})"
         skipped.update({"future_listening": reason, "artist_preference": reason})
     if len(cold) < MIN_COLD or not heads:
-        skipped["cold_start"] = (f"only {len(cold)} users without history but with onboarding/attributes and labels"
-                                 if len(cold) < MIN_COLD else f"too few warm users to train heads ({len(train)})")
+        skipped["cold_start"] = (
+            f"only {len(cold)} users without history but with onboarding/attributes and labels"
+            if len(cold) < MIN_COLD
+            else f"too few warm users to train heads ({len(train)})"
+        )
     if heads:
         for method in HEAD_METHODS:
             _head_tasks(ctx, board, method, reps[method], config, warm=warm)
@@ -378,15 +460,26 @@ def _run_tasks(ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_fact
         users, artists, y = ctx.test_pairs
         for method, scores_of in direct.items():
             scores = scores_of(test)
-            board.add_rows("future_listening", method, "test",
-                           future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only))
+            board.add_rows(
+                "future_listening",
+                method,
+                "test",
+                future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only),
+            )
             board.add_auc("artist_preference", method, "test", users, y, np.asarray(scores)[users, artists])
     if "cold_start" not in skipped:
         onboarding = reps["onboarding_mean"]
-        onboarding_head = future_listening.fit_head(onboarding[ctx.fit_rows], ctx.labels[ctx.fit_rows], config.head,
-                                                    validate=_ranking_validation(ctx, onboarding))
-        cold_scores = {"onboarding_mean": future_listening.scores(onboarding_head, onboarding[cold]),
-                       "popularity": direct["popularity"](cold), "als": direct["als"](cold)}
+        onboarding_head = future_listening.fit_head(
+            onboarding[ctx.fit_rows],
+            ctx.labels[ctx.fit_rows],
+            config.head,
+            validate=_ranking_validation(ctx, onboarding),
+        )
+        cold_scores = {
+            "onboarding_mean": future_listening.scores(onboarding_head, onboarding[cold]),
+            "popularity": direct["popularity"](cold),
+            "als": direct["als"](cold),
+        }
         for method, scores in cold_scores.items():
             board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(scores, ctx.labels[cold], 10)})
     if not _similar_users(ctx, board, {**{m: reps[m] for m in HEAD_METHODS}, "als": als_factors}, config):
@@ -446,8 +539,12 @@ def _convergence(ctx: Context, space, model, full: np.ndarray, config: EvalConfi
     rows = np.sort(rng.choice(warm, size=min(config.convergence_users, len(warm)), replace=False))
     users = ctx.features.user_ids[rows]
     events = ctx.split.train.events
-    frame = pd.DataFrame({"user": events.column("user_id").to_numpy(zero_copy_only=False),
-                          "ts": events.column("ts").cast("int64").to_numpy()})
+    frame = pd.DataFrame(
+        {
+            "user": events.column("user_id").to_numpy(zero_copy_only=False),
+            "ts": events.column("ts").cast("int64").to_numpy(),
+        }
+    )
     first = frame.groupby("user")["ts"].min()
     start = first.reindex(frame["user"]).to_numpy()
     sampled = frame["user"].isin(set(users)).to_numpy()
@@ -484,5 +581,8 @@ def _over_seeds(runs: list[dict]) -> dict:
                 found = [r["tasks"].get(task, {}).get(method, {}).get(metric) for r in runs]
                 found = np.array([np.nan if v is None else v for v in found], dtype=float)
                 out.setdefault(task, {}).setdefault(method, {})[metric] = {
-                    "mean": float(np.nanmean(found)), "std": float(np.nanstd(found)), "values": found.tolist()}
+                    "mean": float(np.nanmean(found)),
+                    "std": float(np.nanstd(found)),
+                    "values": found.tolist(),
+                }
     return out

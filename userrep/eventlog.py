@@ -133,21 +133,32 @@ class SqliteLog:
             duplicates, encoded = [], []
             for i, event in enumerate(events):
                 event_id = event.get("event_id")
-                if event_id is not None and db.execute("INSERT OR IGNORE INTO event_ids VALUES(?, ?)",
-                                                       (event_id, now)).rowcount == 0:
+                if (
+                    event_id is not None
+                    and db.execute("INSERT OR IGNORE INTO event_ids VALUES(?, ?)", (event_id, now)).rowcount == 0
+                ):
                     duplicates.append(i)
                     continue
                 encoded.append(json.dumps(event))
-            position = db.execute("INSERT INTO log(record) VALUES(?)", (_events_record(encoded),)).lastrowid \
-                if encoded else None
+            position = (
+                db.execute("INSERT INTO log(record) VALUES(?)", (_events_record(encoded),)).lastrowid
+                if encoded
+                else None
+            )
         return position, duplicates
 
     def read(self, after=None, upto=None):
         """(position, record) of every record after ``after`` (None: all), up to ``upto``."""
         last = int(after or 0)
         while True:
-            rows = self._db().execute("SELECT pos, record FROM log WHERE pos > ? AND pos <= ? ORDER BY pos LIMIT 1000",
-                                      (last, upto if upto is not None else 1 << 62)).fetchall()
+            rows = (
+                self._db()
+                .execute(
+                    "SELECT pos, record FROM log WHERE pos > ? AND pos <= ? ORDER BY pos LIMIT 1000",
+                    (last, upto if upto is not None else 1 << 62),
+                )
+                .fetchall()
+            )
             for last, record in rows:
                 yield last, json.loads(record)
             if len(rows) < 1000:
@@ -193,9 +204,12 @@ class SqliteLog:
         """(user, blob, version) of the users found."""
         found = []
         for at in range(0, len(users), 500):
-            chunk = users[at:at + 500]
-            found += db.execute(f"SELECT user_id, blob, version FROM users WHERE batch = ? AND user_id IN "
-                                f"({','.join('?' * len(chunk))})", (batch, *chunk)).fetchall()
+            chunk = users[at : at + 500]
+            found += db.execute(
+                f"SELECT user_id, blob, version FROM users WHERE batch = ? AND user_id IN "
+                f"({','.join('?' * len(chunk))})",
+                (batch, *chunk),
+            ).fetchall()
         return found
 
     def deliver(self, batch: str, consumer: str, count: int, idle_ms: int) -> list[tuple]:
@@ -205,24 +219,44 @@ class SqliteLog:
         group = db.execute("SELECT cursor FROM groups WHERE batch = ?", (batch,)).fetchone()
         if group is None:
             return []
-        waiting = db.execute("SELECT count(*) FROM pending WHERE batch = ? AND (consumer = ? OR at < ?)",
-                             (batch, consumer, now - idle_ms / 1000)).fetchone()[0]
+        waiting = db.execute(
+            "SELECT count(*) FROM pending WHERE batch = ? AND (consumer = ? OR at < ?)",
+            (batch, consumer, now - idle_ms / 1000),
+        ).fetchone()[0]
         if not waiting and (self.last() or 0) <= group[0]:
             return []  # nothing to do: no write transaction (consumers poll this)
         with self._tx() as db:
-            db.execute("UPDATE pending SET consumer = ?, at = ? WHERE batch = ? AND (consumer = ? OR at < ?)",
-                       (consumer, now, batch, consumer, now - idle_ms / 1000))
-            mine = [p for (p,) in db.execute("SELECT pos FROM pending WHERE batch = ? AND consumer = ? ORDER BY pos "
-                                             "LIMIT ?", (batch, consumer, count))]
+            db.execute(
+                "UPDATE pending SET consumer = ?, at = ? WHERE batch = ? AND (consumer = ? OR at < ?)",
+                (consumer, now, batch, consumer, now - idle_ms / 1000),
+            )
+            mine = [
+                p
+                for (p,) in db.execute(
+                    "SELECT pos FROM pending WHERE batch = ? AND consumer = ? ORDER BY pos LIMIT ?",
+                    (batch, consumer, count),
+                )
+            ]
             cursor = db.execute("SELECT cursor FROM groups WHERE batch = ?", (batch,)).fetchone()[0]
-            fresh = [p for (p,) in db.execute("SELECT pos FROM log WHERE pos > ? ORDER BY pos LIMIT ?",
-                                              (cursor, max(count - len(mine), 0)))]
+            fresh = [
+                p
+                for (p,) in db.execute(
+                    "SELECT pos FROM log WHERE pos > ? ORDER BY pos LIMIT ?", (cursor, max(count - len(mine), 0))
+                )
+            ]
             if fresh:
                 db.executemany("INSERT INTO pending VALUES(?, ?, ?, ?)", ((batch, p, consumer, now) for p in fresh))
                 db.execute("UPDATE groups SET cursor = ? WHERE batch = ?", (fresh[-1], batch))
             positions = mine + fresh
-            records = dict(db.execute(f"SELECT pos, record FROM log WHERE pos IN ({','.join('?' * len(positions))})",
-                                      positions).fetchall()) if positions else {}
+            records = (
+                dict(
+                    db.execute(
+                        f"SELECT pos, record FROM log WHERE pos IN ({','.join('?' * len(positions))})", positions
+                    ).fetchall()
+                )
+                if positions
+                else {}
+            )
         # a record trimmed away while pending (never: trim stops at pending records) is acknowledged empty
         return [(p, json.loads(records[p]) if p in records else None) for p in positions]
 
@@ -236,8 +270,12 @@ class SqliteLog:
         marks = ",".join("?" * len(positions))
         while True:
             db = self._db()
-            done = {p for (p,) in db.execute(f"SELECT pos FROM applied WHERE batch = ? AND pos IN ({marks})",
-                                             (batch, *positions))}
+            done = {
+                p
+                for (p,) in db.execute(
+                    f"SELECT pos FROM applied WHERE batch = ? AND pos IN ({marks})", (batch, *positions)
+                )
+            }
             todo = [p for p in positions if p not in done]
             seen: dict[str, int | None] = {}
 
@@ -249,14 +287,21 @@ class SqliteLog:
             blobs = work(todo, load) if todo else {}
             try:
                 with self._tx() as db:
-                    if todo and db.execute(f"SELECT count(*) FROM applied WHERE batch = ? AND pos IN "
-                                           f"({','.join('?' * len(todo))})", (batch, *todo)).fetchone()[0]:
+                    if (
+                        todo
+                        and db.execute(
+                            f"SELECT count(*) FROM applied WHERE batch = ? AND pos IN ({','.join('?' * len(todo))})",
+                            (batch, *todo),
+                        ).fetchone()[0]
+                    ):
                         raise _Conflict  # another consumer applied one of them first
                     now = {u: v for u, _, v in self._rows(db, batch, list(seen))}
                     if any(now.get(u) != v for u, v in seen.items()):
                         raise _Conflict  # a user changed under us
-                    db.executemany("INSERT OR REPLACE INTO users VALUES(?, ?, ?, ?)",
-                                   ((batch, u, b, (seen.get(u) or 0) + 1) for u, b in blobs.items()))
+                    db.executemany(
+                        "INSERT OR REPLACE INTO users VALUES(?, ?, ?, ?)",
+                        ((batch, u, b, (seen.get(u) or 0) + 1) for u, b in blobs.items()),
+                    )
                     db.executemany("INSERT OR IGNORE INTO applied VALUES(?, ?)", ((batch, p) for p in todo))
                     db.execute(f"DELETE FROM pending WHERE batch = ? AND pos IN ({marks})", (batch, *positions))
                 return todo
@@ -266,8 +311,11 @@ class SqliteLog:
     def applied(self, batch: str, positions) -> bool:
         positions = [int(p) for p in positions]
         marks = ",".join("?" * len(positions))
-        found = self._db().execute(f"SELECT count(*) FROM applied WHERE batch = ? AND pos IN ({marks})",
-                                   (batch, *positions)).fetchone()[0]
+        found = (
+            self._db()
+            .execute(f"SELECT count(*) FROM applied WHERE batch = ? AND pos IN ({marks})", (batch, *positions))
+            .fetchone()[0]
+        )
         return found == len(positions)
 
     def batches(self) -> list[str]:
@@ -307,9 +355,11 @@ class SqliteLog:
                 bounds.append(cursor if oldest is None else min(cursor, oldest - 1))
             bound = min(bounds)
             # sign-ups stay: the dataset has no table they are compacted into, and a batch needs them
-            db.execute("DELETE FROM log WHERE pos <= ? AND record NOT LIKE '{\"kind\": \"user\"%'", (bound,))
+            db.execute('DELETE FROM log WHERE pos <= ? AND record NOT LIKE \'{"kind": "user"%\'', (bound,))
             db.execute("DELETE FROM event_ids WHERE at < ?", (time.time() - EVENT_ID_TTL_S,))
-            db.execute("INSERT OR REPLACE INTO meta VALUES('trimmed', ?)", (str(max(bound, self.retained_from() or 0)),))
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES('trimmed', ?)", (str(max(bound, self.retained_from() or 0)),)
+            )
         return bound
 
 
@@ -404,7 +454,7 @@ class RedisStreamLog:
         items = list(blobs.items())
         for at in range(0, len(items), 2000):
             with self.client.pipeline(transaction=False) as pipe:
-                for user, blob in items[at:at + 2000]:
+                for user, blob in items[at : at + 2000]:
                     pipe.set(self._key("state", batch, user), blob)
                 pipe.execute()
         start = position or "0-0"
@@ -429,8 +479,9 @@ class RedisStreamLog:
         if len(got) < count:
             got += self.client.xautoclaim(self.stream, group, consumer, idle_ms, "0-0", count=count - len(got))[1]
         if not got:
-            for _, entries in self.client.xreadgroup(group, consumer, {self.stream: ">"}, count=count,
-                                                     block=block_ms) or []:
+            for _, entries in (
+                self.client.xreadgroup(group, consumer, {self.stream: ">"}, count=count, block=block_ms) or []
+            ):
                 got += entries
         return [(i.decode(), json.loads(f[b"record"]) if f else None) for i, f in got]
 
@@ -503,7 +554,7 @@ class RedisStreamLog:
         for pattern in (self._key("state", batch, "*"), self._key("applied", batch, "*")):
             keys = list(self.client.scan_iter(match=pattern, count=5000))
             for at in range(0, len(keys), 5000):
-                self.client.delete(*keys[at:at + 5000])
+                self.client.delete(*keys[at : at + 5000])
 
     # -- retention -----------------------------------------------------------------------
     def retained_from(self):
@@ -522,7 +573,7 @@ class RedisStreamLog:
         bound = min(bounds, key=self.key)
         doomed = [p for p, record in self.read(upto=bound) if record["kind"] == "events"]  # sign-ups stay
         for at in range(0, len(doomed), 5000):
-            self.client.xdel(self.stream, *doomed[at:at + 5000])
+            self.client.xdel(self.stream, *doomed[at : at + 5000])
         previous = self.retained_from()
         self.client.set(self._key("trimmed"), max(bound, previous or "0-0", key=self.key))
         return bound
@@ -552,8 +603,10 @@ def compact(log: str | Path | SqliteLog | RedisStreamLog, data: str | Path, trim
     start = watermark(data)
     retained = log.retained_from()
     if retained is not None and log.key(retained) > log.key(start):
-        raise ValueError(f"data: {data} holds the log up to {start}, but the log was trimmed through {retained}; "
-                         "compact into the dataset the pipeline compacted into before")
+        raise ValueError(
+            f"data: {data} holds the log up to {start}, but the log was trimmed through {retained}; "
+            "compact into the dataset the pipeline compacted into before"
+        )
     rows, end = [], start
     for end, record in log.read(start):  # noqa: B007 (end: the last position read, used below)
         if record["kind"] == "events":

@@ -178,10 +178,19 @@ class FeatureSpace:
         directory.mkdir(parents=True, exist_ok=True)
         self.collab.save(directory / "collab.parquet")
         self.content.save(directory / "content.parquet")
-        np.savez_compressed(directory / "space.npz", item_artist=self.item_artist, artists=self.artists.astype(str),
-                            item_genres=self.item_genres, top_artists=self.top_artists)
-        meta = {"config": asdict(self.config), "as_of": self.as_of, "genres": list(self.genres),
-                "attributes": {k: list(v) for k, v in self.attributes.items()}}
+        np.savez_compressed(
+            directory / "space.npz",
+            item_artist=self.item_artist,
+            artists=self.artists.astype(str),
+            item_genres=self.item_genres,
+            top_artists=self.top_artists,
+        )
+        meta = {
+            "config": asdict(self.config),
+            "as_of": self.as_of,
+            "genres": list(self.genres),
+            "attributes": {k: list(v) for k, v in self.attributes.items()},
+        }
         (directory / "space.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -190,10 +199,18 @@ class FeatureSpace:
         meta = json.loads((directory / "space.json").read_text())
         arrays = np.load(directory / "space.npz")
         config = FeatureConfig(**{**meta["config"], "windows": tuple(meta["config"]["windows"])})
-        return cls(config, meta["as_of"], ItemVectors.load(directory / "collab.parquet"),
-                   ItemVectors.load(directory / "content.parquet"), tuple(meta["genres"]),
-                   {k: tuple(v) for k, v in meta["attributes"].items()}, arrays["item_artist"],
-                   arrays["artists"].astype(object), arrays["item_genres"], arrays["top_artists"])
+        return cls(
+            config,
+            meta["as_of"],
+            ItemVectors.load(directory / "collab.parquet"),
+            ItemVectors.load(directory / "content.parquet"),
+            tuple(meta["genres"]),
+            {k: tuple(v) for k, v in meta["attributes"].items()},
+            arrays["item_artist"],
+            arrays["artists"].astype(object),
+            arrays["item_genres"],
+            arrays["top_artists"],
+        )
 
     @cached_property
     def _artist_index(self) -> pd.Index:  # built once, as ItemVectors._index
@@ -244,8 +261,12 @@ def to_utc(ts, field: str = "as_of") -> pd.Timestamp:
     return ts.tz_convert("UTC") if ts.tzinfo else ts.tz_localize("UTC")
 
 
-def fit_feature_space(ds: Dataset, as_of, config: FeatureConfig = FeatureConfig(),
-                      interactions: tuple[np.ndarray, sp.csr_matrix] | None = None) -> FeatureSpace:
+def fit_feature_space(
+    ds: Dataset,
+    as_of,
+    config: FeatureConfig = FeatureConfig(),
+    interactions: tuple[np.ndarray, sp.csr_matrix] | None = None,
+) -> FeatureSpace:
     """Fit both encoders and the vocabularies on data strictly before ``as_of``.
 
     ``interactions``: ``user_item_matrix`` of the events before ``as_of`` where the caller built
@@ -264,7 +285,9 @@ def fit_feature_space(ds: Dataset, as_of, config: FeatureConfig = FeatureConfig(
         for col in ds.attribute_columns:
             counts = pc.value_counts(pc.drop_null(ds.users.column(col)).combine_chunks())
             frame = pd.DataFrame({"v": counts.field("values").to_pylist(), "n": counts.field("counts").to_numpy()})
-            attributes[col] = tuple(frame.sort_values(["n", "v"], ascending=[False, True])["v"].head(config.max_categories))
+            attributes[col] = tuple(
+                frame.sort_values(["n", "v"], ascending=[False, True])["v"].head(config.max_categories)
+            )
     artist_ids = ds.items.column(artist_column(ds.items)).to_numpy(zero_copy_only=False).astype(object)
     artists, item_artist = np.unique(artist_ids, return_inverse=True)
     item_genres = genre_matrix(ds.items, list(genres)) if genres else np.zeros((ds.items.num_rows, 0), np.float32)
@@ -272,8 +295,18 @@ def fit_feature_space(ds: Dataset, as_of, config: FeatureConfig = FeatureConfig(
     plays = np.bincount(item_artist, weights=item_plays, minlength=len(artists))
     played = np.flatnonzero(plays > 0)
     top = played[np.lexsort((played, -plays[played]))][: config.top_artists]
-    return FeatureSpace(config, as_of.isoformat(), collab, content, genres, attributes,
-                        item_artist.astype(np.int32), artists, item_genres, top.astype(np.int64))
+    return FeatureSpace(
+        config,
+        as_of.isoformat(),
+        collab,
+        content,
+        genres,
+        attributes,
+        item_artist.astype(np.int32),
+        artists,
+        item_genres,
+        top.astype(np.int64),
+    )
 
 
 def build_user_features(ds: Dataset, as_of, space: FeatureSpace, user_ids=None) -> UserFeatures:
@@ -283,11 +316,16 @@ def build_user_features(ds: Dataset, as_of, space: FeatureSpace, user_ids=None) 
     user_ids = known_users(ds, as_of, events) if user_ids is None else np.asarray(user_ids, dtype=object)
     if len(set(user_ids)) != len(user_ids):
         raise ValueError("user_ids: duplicate ids requested")
-    buckets = bucket_events(index_in(events.column("user_id"), user_ids),
-                             events.column("ts").cast(pa.int64()).to_numpy(),
-                             index_in(events.column("item_id"), space.item_ids), events.column("weight").to_numpy())
+    buckets = bucket_events(
+        index_in(events.column("user_id"), user_ids),
+        events.column("ts").cast(pa.int64()).to_numpy(),
+        index_in(events.column("item_id"), space.item_ids),
+        events.column("weight").to_numpy(),
+    )
     static = static_inputs(ds, user_ids)
-    return UserFeatures(user_ids, features_from_buckets(space, len(user_ids), buckets, day_index(as_of), static), space.schema)
+    return UserFeatures(
+        user_ids, features_from_buckets(space, len(user_ids), buckets, day_index(as_of), static), space.schema
+    )
 
 
 def known_users(ds: Dataset, as_of, events: pa.Table | None = None) -> np.ndarray:
@@ -357,7 +395,9 @@ def static_inputs(ds: Dataset, user_ids: np.ndarray) -> StaticInputs:
     return StaticInputs(*flat("onboarding_artists"), *flat("onboarding_genres"), attributes)
 
 
-def features_from_buckets(space: FeatureSpace, n_users: int, buckets, as_of_day: int, static: StaticInputs) -> np.ndarray:
+def features_from_buckets(
+    space: FeatureSpace, n_users: int, buckets, as_of_day: int, static: StaticInputs
+) -> np.ndarray:
     """The one feature function both paths call: history windows, then onboarding, then demographics."""
     user, day, item, weight = buckets
     known = item >= 0  # events on items unknown to the space carry no vector
@@ -393,15 +433,22 @@ def features_from_buckets(space: FeatureSpace, n_users: int, buckets, as_of_day:
 def _onboarding(space: FeatureSpace, n_users: int, static: StaticInputs) -> np.ndarray:
     artist = space.artist_index(static.artist_ids) if len(static.artist_ids) else np.array([], int)
     ok = artist >= 0
-    picks = sp.csr_matrix((np.ones(ok.sum(), np.float32), (static.artist_parent[ok], artist[ok])),  # float32: see plays
-                          shape=(n_users, len(space.artists)))
+    picks = sp.csr_matrix(
+        (np.ones(ok.sum(), np.float32), (static.artist_parent[ok], artist[ok])),  # float32: see plays
+        shape=(n_users, len(space.artists)),
+    )
     counts = np.asarray(picks.sum(axis=1)).ravel()
     inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)[:, None]
     artist_collab, artist_content = space.artist_means
-    genre = pd.Index(space.genres).get_indexer(pd.Index(static.genre_names)) if len(static.genre_names) else np.array([], int)
+    genre = (
+        pd.Index(space.genres).get_indexer(pd.Index(static.genre_names))
+        if len(static.genre_names)
+        else np.array([], int)
+    )
     g_ok = genre >= 0
-    genre_picks = sp.csr_matrix((np.ones(g_ok.sum()), (static.genre_parent[g_ok], genre[g_ok])),
-                                shape=(n_users, len(space.genres))).toarray()
+    genre_picks = sp.csr_matrix(
+        (np.ones(g_ok.sum()), (static.genre_parent[g_ok], genre[g_ok])), shape=(n_users, len(space.genres))
+    ).toarray()
     genre_shares = genre_picks / np.maximum(genre_picks.sum(axis=1, keepdims=True), 1)
     has = (counts > 0) | (genre_picks.sum(axis=1) > 0)
     return np.hstack([picks @ artist_collab * inv, picks @ artist_content * inv, genre_shares, has[:, None]])

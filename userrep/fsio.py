@@ -43,5 +43,8 @@ def write_json_atomic(path: str | Path, value: dict) -> None:
 def integrity_problems(batch_dir: str | Path) -> list[str]:
     """The files of a batch whose sha256 no longer matches its manifest (or that are gone)."""
     batch_dir = Path(batch_dir)
-    return [name for name, digest in read_manifest(batch_dir).get("files", {}).items()
-            if not (batch_dir / name).exists() or sha256(batch_dir / name) != digest]
+    return [
+        name
+        for name, digest in read_manifest(batch_dir).get("files", {}).items()
+        if not (batch_dir / name).exists() or sha256(batch_dir / name) != digest
+    ]

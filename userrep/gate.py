@@ -83,40 +83,81 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
         if not ok:
             reasons.append(f"{name}: {why}")
 
-    check("downstream_models", not inputs.missing_tasks, list(inputs.missing_tasks), [],
-          f"missing or changed downstream model(s): {', '.join(inputs.missing_tasks)}")
-    check("integrity", not inputs.integrity, list(inputs.integrity), [],
-          f"files changed since the manifest: {', '.join(inputs.integrity)}")
+    check(
+        "downstream_models",
+        not inputs.missing_tasks,
+        list(inputs.missing_tasks),
+        [],
+        f"missing or changed downstream model(s): {', '.join(inputs.missing_tasks)}",
+    )
+    check(
+        "integrity",
+        not inputs.integrity,
+        list(inputs.integrity),
+        [],
+        f"files changed since the manifest: {', '.join(inputs.integrity)}",
+    )
     if inputs.serving is None:
         return Decision(not reasons, tuple(reasons), checks)
     if inputs.drift_share is not None:
-        check("feature_drift", inputs.drift_share <= policy.max_drift_share, inputs.drift_share,
-              policy.max_drift_share, f"{inputs.drift_share:.0%} of comparable feature columns drifted "
-                                      f"(limit {policy.max_drift_share:.0%})")
+        check(
+            "feature_drift",
+            inputs.drift_share <= policy.max_drift_share,
+            inputs.drift_share,
+            policy.max_drift_share,
+            f"{inputs.drift_share:.0%} of comparable feature columns drifted (limit {policy.max_drift_share:.0%})",
+        )
         worst = sorted(inputs.column_drift.items(), key=lambda kv: -kv[1])
-        check("feature_column_drift", not worst, dict(worst[:10]), policy.max_column_drift,
-              "column(s) shifted beyond the limit: " + ", ".join(f"{c} ({v:.2f})" for c, v in worst[:5]))
+        check(
+            "feature_column_drift",
+            not worst,
+            dict(worst[:10]),
+            policy.max_column_drift,
+            "column(s) shifted beyond the limit: " + ", ".join(f"{c} ({v:.2f})" for c, v in worst[:5]),
+        )
     if inputs.embedding_drift is not None:
-        check("embedding_drift", inputs.embedding_drift <= policy.max_embedding_drift, inputs.embedding_drift,
-              policy.max_embedding_drift, f"domain classifier separates aligned candidate from serving embeddings "
-                                          f"(ROC AUC {inputs.embedding_drift:.3f})")
+        check(
+            "embedding_drift",
+            inputs.embedding_drift <= policy.max_embedding_drift,
+            inputs.embedding_drift,
+            policy.max_embedding_drift,
+            f"domain classifier separates aligned candidate from serving embeddings "
+            f"(ROC AUC {inputs.embedding_drift:.3f})",
+        )
     if inputs.knn_overlap is not None:
-        check("stability_knn", inputs.knn_overlap >= policy.min_knn_overlap, inputs.knn_overlap,
-              policy.min_knn_overlap, f"kNN@10 overlap after alignment {inputs.knn_overlap:.3f} is below the floor")
+        check(
+            "stability_knn",
+            inputs.knn_overlap >= policy.min_knn_overlap,
+            inputs.knn_overlap,
+            policy.min_knn_overlap,
+            f"kNN@10 overlap after alignment {inputs.knn_overlap:.3f} is below the floor",
+        )
     if inputs.head_auc_kept is not None:
-        check("stability_heads", inputs.head_auc_kept >= policy.min_head_auc_kept, inputs.head_auc_kept,
-              policy.min_head_auc_kept, f"serving heads keep only {inputs.head_auc_kept:.0%} of their AUC on the "
-                                        f"aligned candidate space")
+        check(
+            "stability_heads",
+            inputs.head_auc_kept >= policy.min_head_auc_kept,
+            inputs.head_auc_kept,
+            policy.min_head_auc_kept,
+            f"serving heads keep only {inputs.head_auc_kept:.0%} of their AUC on the aligned candidate space",
+        )
     for task, pair in inputs.quality.items():
         cand, serv = pair["candidate"], pair["serving"]
         # Small validation sets are noisy: a drop within the sampling error is not a regression.
-        noise = (policy.quality_z * 0.5 * math.sqrt(1 / pair["n_candidate"] + 1 / pair["n_serving"])
-                 if pair.get("n_candidate") and pair.get("n_serving") else 0.0)
+        noise = (
+            policy.quality_z * 0.5 * math.sqrt(1 / pair["n_candidate"] + 1 / pair["n_serving"])
+            if pair.get("n_candidate") and pair.get("n_serving")
+            else 0.0
+        )
         allowed = max(policy.max_quality_drop * serv, noise)
         ok = math.isfinite(cand) and cand >= serv - allowed
-        check(f"quality_{task}", ok, pair, round(allowed, 4),
-              f"{QUALITY_METRICS[task]} {cand:.4f} vs serving {serv:.4f} (allowed drop {allowed:.4f}: "
-              f"{policy.max_quality_drop:.0%} or {policy.quality_z:g} standard errors)")
+        check(
+            f"quality_{task}",
+            ok,
+            pair,
+            round(allowed, 4),
+            f"{QUALITY_METRICS[task]} {cand:.4f} vs serving {serv:.4f} (allowed drop {allowed:.4f}: "
+            f"{policy.max_quality_drop:.0%} or {policy.quality_z:g} standard errors)",
+        )
     return Decision(not reasons, tuple(reasons), checks)
 
 
@@ -150,8 +191,9 @@ def feature_drift(candidate: Path, serving: Path, policy: GatePolicy):
     common = [c for c in common if frames[0][c].any() or frames[1][c].any()]
     cur, ref = frames[0][common], frames[1][common]
     definition = DataDefinition(numerical_columns=common)
-    snapshot = Report([DataDriftPreset()]).run(Dataset.from_pandas(cur, data_definition=definition),
-                                                Dataset.from_pandas(ref, data_definition=definition))
+    snapshot = Report([DataDriftPreset()]).run(
+        Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
+    )
     share, scores = None, {}
     for metric in snapshot.dict()["metrics"]:
         config = metric["config"]
@@ -187,13 +229,22 @@ def knn_overlap(aligned: np.ndarray, reference: np.ndarray, queries: np.ndarray,
     return float(np.mean(overlaps))
 
 
-def measure(candidate: Path, serving: Path | None, ds: Dataset | EventSource, policy: GatePolicy = GatePolicy(),
-            downstream: DownstreamConfig = DownstreamConfig(), log=print):
+def measure(
+    candidate: Path,
+    serving: Path | None,
+    ds: Dataset | EventSource,
+    policy: GatePolicy = GatePolicy(),
+    downstream: DownstreamConfig = DownstreamConfig(),
+    log=print,
+):
     """Every number of the gate; returns (GateInputs, Evidently snapshot or None, alignment details)."""
     candidate = Path(candidate)
     manifest = read_manifest(candidate)
-    base = dict(candidate=manifest["batch_id"], missing_tasks=tuple(missing_tasks(candidate)),
-                integrity=tuple(integrity_problems(candidate)))
+    base = dict(
+        candidate=manifest["batch_id"],
+        missing_tasks=tuple(missing_tasks(candidate)),
+        integrity=tuple(integrity_problems(candidate)),
+    )
     if serving is None:
         return GateInputs(serving=None, **base), None
     serving = Path(serving)
@@ -211,8 +262,10 @@ def measure(candidate: Path, serving: Path | None, ds: Dataset | EventSource, po
     serving_model = UserAutoencoder.load(serving / "model.pt")
     as_of = to_utc(manifest["as_of"])
     source = ds if isinstance(ds, EventSource) else EventSource(ds)
-    same_time = embed(serving_model, build_user_features(source.of_users(ids[fit_rows]), as_of, serving_space,
-                                                         user_ids=ids[fit_rows]).matrix)
+    same_time = embed(
+        serving_model,
+        build_user_features(source.of_users(ids[fit_rows]), as_of, serving_space, user_ids=ids[fit_rows]).matrix,
+    )
     align = procrustes(cand[fit_rows], same_time)
     queries = np.arange(min(len(fit_rows), policy.sample))
     overlap = knn_overlap(align(cand[fit_rows]), same_time, queries)
@@ -231,16 +284,24 @@ def measure(candidate: Path, serving: Path | None, ds: Dataset | EventSource, po
     if not missing_tasks(serving) and "artist_preference" not in skipped:
         data = task_data(candidate, source, downstream)
         start = as_of - pd.Timedelta(days=data.label_days)
-        own = embed(serving_model, build_user_features(source.of_users(data.user_ids), start, serving_space,
-                                                       user_ids=data.user_ids).matrix)
+        own = embed(
+            serving_model,
+            build_user_features(source.of_users(data.user_ids), start, serving_space, user_ids=data.user_ids).matrix,
+        )
         auc_own = head_scores_auc(serving, own, data)
         auc_aligned = head_scores_auc(serving, align(data.x), data)
         kept = auc_aligned / auc_own if auc_own > 0 else float("nan")
         log(f"stability: serving AP head AUC {auc_aligned:.3f} on aligned candidate vs {auc_own:.3f} ({kept:.0%})")
-    inputs = GateInputs(serving=serving_manifest["batch_id"], drift_share=share, column_drift=over,
-                        embedding_drift=round(float(emb_drift), 4), knn_overlap=round(overlap, 4),
-                        head_auc_kept=None if kept is None else round(float(kept), 4),
-                        quality=quality_pairs(candidate, serving), **base)
+    inputs = GateInputs(
+        serving=serving_manifest["batch_id"],
+        drift_share=share,
+        column_drift=over,
+        embedding_drift=round(float(emb_drift), 4),
+        knn_overlap=round(overlap, 4),
+        head_auc_kept=None if kept is None else round(float(kept), 4),
+        quality=quality_pairs(candidate, serving),
+        **base,
+    )
     return inputs, snapshot
 
 
@@ -259,21 +320,38 @@ def quality_pairs(candidate: Path, serving: Path) -> dict[str, dict]:
         cand_record, serving_record = (json.loads(p.read_text()) for p in paths)
         if metric not in serving_record["metrics"]:
             continue
-        quality[task] = {"candidate": cand_record["metrics"].get(metric, float("nan")),
-                         "serving": serving_record["metrics"][metric],
-                         "n_candidate": cand_record["n_valid"], "n_serving": serving_record["n_valid"]}
+        quality[task] = {
+            "candidate": cand_record["metrics"].get(metric, float("nan")),
+            "serving": serving_record["metrics"][metric],
+            "n_candidate": cand_record["n_valid"],
+            "n_serving": serving_record["n_valid"],
+        }
     return quality
 
 
-def run_gate(candidate: Path, serving: Path | None, ds: Dataset | EventSource, policy: GatePolicy = GatePolicy(),
-             downstream: DownstreamConfig = DownstreamConfig(), log=print, report: bool = True) -> dict:
+def run_gate(
+    candidate: Path,
+    serving: Path | None,
+    ds: Dataset | EventSource,
+    policy: GatePolicy = GatePolicy(),
+    downstream: DownstreamConfig = DownstreamConfig(),
+    log=print,
+    report: bool = True,
+) -> dict:
     """Measure, decide, write ``gate.json`` (then the HTML report); returns the gate record."""
     candidate = Path(candidate)
     inputs, snapshot = measure(candidate, serving, ds, policy, downstream, log)
     decision = decide(inputs, policy)
-    record = {"candidate": inputs.candidate, "serving": inputs.serving, "passed": decision.passed,
-              "reasons": list(decision.reasons), "checks": decision.checks, "inputs": asdict(inputs),
-              "policy": asdict(policy), "decided_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    record = {
+        "candidate": inputs.candidate,
+        "serving": inputs.serving,
+        "passed": decision.passed,
+        "reasons": list(decision.reasons),
+        "checks": decision.checks,
+        "inputs": asdict(inputs),
+        "policy": asdict(policy),
+        "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     tmp = candidate / "gate.json.tmp"
     tmp.write_text(json.dumps(record, indent=2, default=_json_default))
     os.replace(tmp, candidate / "gate.json")

@@ -66,28 +66,38 @@ def import_lastfm_hetrec(src: str | Path, out: str | Path) -> dict[str, int]:
     snapshot = (valid["date"].max() + pd.offsets.MonthBegin(1)).normalize()
     first_tag = valid.groupby(["userID", "artistID"], as_index=False)["date"].min()
     events = plays.merge(first_tag, on=["userID", "artistID"], how="left", validate="one_to_one")
-    events_table = pa.table({
-        "user_id": pa.array(events["userID"], pa.string()),
-        "item_id": pa.array(events["artistID"], pa.string()),
-        "ts": pa.array(events["date"].fillna(snapshot).dt.as_unit("us"), TS_TYPE),
-        "weight": pa.array(events["weight"].astype(float), pa.float64()),
-    })
+    events_table = pa.table(
+        {
+            "user_id": pa.array(events["userID"], pa.string()),
+            "item_id": pa.array(events["artistID"], pa.string()),
+            "ts": pa.array(events["date"].fillna(snapshot).dt.as_unit("us"), TS_TYPE),
+            "weight": pa.array(events["weight"].astype(float), pa.float64()),
+        }
+    )
 
     # Genres: each artist's most assigned tags among the overall most used ones.
     tag_names = tags.set_index("tagID")["tagValue"]
     tagged = tagged.assign(tag=_clean_label(tagged["tagID"].map(tag_names).fillna("")))
     tagged = tagged[tagged["tag"] != ""]
     vocabulary = tagged["tag"].value_counts().index[:LASTFM_GENRE_VOCABULARY]
-    counts = (tagged[tagged["tag"].isin(vocabulary)].groupby(["artistID", "tag"]).size()
-              .rename("n").reset_index().sort_values(["artistID", "n", "tag"], ascending=[True, False, True]))
+    counts = (
+        tagged[tagged["tag"].isin(vocabulary)]
+        .groupby(["artistID", "tag"])
+        .size()
+        .rename("n")
+        .reset_index()
+        .sort_values(["artistID", "n", "tag"], ascending=[True, False, True])
+    )
     top = counts.groupby("artistID").head(LASTFM_GENRES_PER_ARTIST)
     genres = top.groupby("artistID")["tag"].agg("|".join)
-    items = pd.DataFrame({
-        "item_id": artists["id"],
-        "artist_id": artists["id"],
-        "name": artists["name"],
-        "genres": artists["id"].map(genres),
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": artists["id"],
+            "artist_id": artists["id"],
+            "name": artists["name"],
+            "genres": artists["id"].map(genres),
+        }
+    )
     pairs = pd.DataFrame({"user_a": friends["userID"], "user_b": friends["friendID"]})
     return {
         "events": _write(events_table, out / "events.parquet"),
@@ -112,12 +122,14 @@ def import_deezer(src: str | Path, out: str | Path, country: str = "RO") -> dict
     user_ids = np.array(list(liked.keys()), dtype=object)
     lengths = np.fromiter((len(v) for v in liked.values()), dtype=np.int64, count=len(liked))
     genre_names = np.array([g.replace("|", "/") for v in liked.values() for g in v], dtype=object)
-    events = pa.table({
-        "user_id": pa.array(np.repeat(user_ids, lengths), pa.string()),
-        "item_id": pa.array(genre_names, pa.string()),
-        "ts": pa.array(np.full(len(genre_names), DEEZER_SNAPSHOT.value // 1000), pa.int64()).cast(TS_TYPE),
-        "weight": pa.array(np.ones(len(genre_names))),
-    })
+    events = pa.table(
+        {
+            "user_id": pa.array(np.repeat(user_ids, lengths), pa.string()),
+            "item_id": pa.array(genre_names, pa.string()),
+            "ts": pa.array(np.full(len(genre_names), DEEZER_SNAPSHOT.value // 1000), pa.int64()).cast(TS_TYPE),
+            "weight": pa.array(np.ones(len(genre_names))),
+        }
+    )
     vocabulary = sorted(set(genre_names))
     items = pd.DataFrame({"item_id": vocabulary, "genres": vocabulary})
     # Users who like nothing still exist (they have friends): list every node.

@@ -44,15 +44,23 @@ class FitSpec:
         from userrep.store import store_config
         from userrep.tasks._mlp import HeadConfig
 
-        ae, head, choice = AEConfig(latent=self.dim, epochs=self.epochs, seed=self.seed), HeadConfig(seed=self.seed), None
+        ae, head, choice = (
+            AEConfig(latent=self.dim, epochs=self.epochs, seed=self.seed),
+            HeadConfig(seed=self.seed),
+            None,
+        )
         if self.tune:
             from userrep.tune import tuned_settings
 
             ae, head, choice = tuned_settings(self.tuned_path(), self.seed)
-        return BuildConfig(features=FeatureConfig(seed=self.seed), ae=ae, workers=self.workers,
-                           feast=store_config(self.feast_home, self.online, self.redis),
-                           downstream=DownstreamConfig(label_days=self.label_days, head=head, seed=self.seed),
-                           tuned=choice)
+        return BuildConfig(
+            features=FeatureConfig(seed=self.seed),
+            ae=ae,
+            workers=self.workers,
+            feast=store_config(self.feast_home, self.online, self.redis),
+            downstream=DownstreamConfig(label_days=self.label_days, head=head, seed=self.seed),
+            tuned=choice,
+        )
 
     def resolved_as_of(self):
         from userrep.build import dataset_as_of
@@ -68,10 +76,15 @@ class FitSpec:
         from userrep.fsio import data_fingerprint
 
         as_of = self.resolved_as_of()
-        key = json.dumps({"data": data_fingerprint(self.data), "as_of": as_of.isoformat(), "seed": self.seed},
-                         sort_keys=True)
-        return Path(self.batch_root) / "_tuning" / f"{as_of:%Y%m%d}-{hashlib.sha256(key.encode()).hexdigest()[:8]}" \
+        key = json.dumps(
+            {"data": data_fingerprint(self.data), "as_of": as_of.isoformat(), "seed": self.seed}, sort_keys=True
+        )
+        return (
+            Path(self.batch_root)
+            / "_tuning"
+            / f"{as_of:%Y%m%d}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
             / "tuned.json"
+        )
 
     def batch_dir_and_id(self) -> tuple[Path, str, str]:
         """(batch dir, batch id, as_of ISO): what a run of this spec writes."""
@@ -133,9 +146,17 @@ def submit_to_cluster(address: str, spec: FitSpec, log=print, poll_s: float = 5.
 FIT_POD_LABELS = {"app.kubernetes.io/part-of": "userrep", "app.kubernetes.io/component": "fit"}
 
 
-def rayjob_manifest(name: str, namespace: str, spec: FitSpec, image: str = "userrep:0.1.0",
-                    pvc: str = "userrep-work", mount: str = "/work", worker_replicas: int = 2,
-                    cpu: str = "2", memory: str = "4Gi") -> dict:
+def rayjob_manifest(
+    name: str,
+    namespace: str,
+    spec: FitSpec,
+    image: str = "userrep:0.1.0",
+    pvc: str = "userrep-work",
+    mount: str = "/work",
+    worker_replicas: int = 2,
+    cpu: str = "2",
+    memory: str = "4Gi",
+) -> dict:
     """A ray.io/v1 RayJob that runs the fit on a fresh RayCluster and tears it down after. The
     operator submits the job to the head over HTTP (no submitter pod to admit)."""
     volume = [{"name": "work", "persistentVolumeClaim": {"claimName": pvc}}]
@@ -144,15 +165,28 @@ def rayjob_manifest(name: str, namespace: str, spec: FitSpec, image: str = "user
     security = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
     def pod(container_name: str) -> dict:
-        return {"metadata": {"labels": dict(FIT_POD_LABELS)},
-                "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
-                         "volumes": volume, "containers": [{
-                             "name": container_name, "image": image, "imagePullPolicy": "IfNotPresent",
-                             "resources": resources, "volumeMounts": mounts, "securityContext": security,
-                             "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}]}]}}
+        return {
+            "metadata": {"labels": dict(FIT_POD_LABELS)},
+            "spec": {
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+                "volumes": volume,
+                "containers": [
+                    {
+                        "name": container_name,
+                        "image": image,
+                        "imagePullPolicy": "IfNotPresent",
+                        "resources": resources,
+                        "volumeMounts": mounts,
+                        "securityContext": security,
+                        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}],
+                    }
+                ],
+            },
+        }
 
     return {
-        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
         "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "userrep"}},
         "spec": {
             "entrypoint": entrypoint(spec),
@@ -162,16 +196,24 @@ def rayjob_manifest(name: str, namespace: str, spec: FitSpec, image: str = "user
             "rayClusterSpec": {
                 "rayVersion": "2.60.0",
                 "headGroupSpec": {"rayStartParams": {"num-cpus": "0"}, "template": pod("ray-head")},
-                "workerGroupSpecs": [{"groupName": "train", "replicas": worker_replicas, "minReplicas": worker_replicas,
-                                      "maxReplicas": worker_replicas, "rayStartParams": {},
-                                      "template": pod("ray-worker")}],
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "train",
+                        "replicas": worker_replicas,
+                        "minReplicas": worker_replicas,
+                        "maxReplicas": worker_replicas,
+                        "rayStartParams": {},
+                        "template": pod("ray-worker"),
+                    }
+                ],
             },
         },
     }
 
 
-def submit_rayjob(namespace: str, spec: FitSpec, log=print, poll_s: float = 5.0, timeout_s: float = 3600,
-                  api=None) -> dict:
+def submit_rayjob(
+    namespace: str, spec: FitSpec, log=print, poll_s: float = 5.0, timeout_s: float = 3600, api=None
+) -> dict:
     """Create the RayJob with the kubernetes client and wait for `jobStatus` to end."""
     from kubernetes import client, config
 

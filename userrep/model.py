@@ -80,8 +80,11 @@ class UserAutoencoder(nn.Module):
         weights = (1.0 / sizes)[self.group_of] if config.group_weighting == "equal" else torch.ones(n)
         if config.share_loss not in ("multinomial", "mse"):
             raise ValueError(f"share_loss must be 'multinomial' or 'mse', got {config.share_loss!r}")
-        shares = [s for name, s in schema.slices().items()
-                  if config.share_loss == "multinomial" and name.split("_")[0] in SHARE_KINDS]
+        shares = [
+            s
+            for name, s in schema.slices().items()
+            if config.share_loss == "multinomial" and name.split("_")[0] in SHARE_KINDS
+        ]
         self.share_slices = shares
         is_share = torch.zeros(n, dtype=torch.bool)
         for sl in shares:
@@ -156,11 +159,11 @@ def standardization(matrix: np.ndarray, chunk: int = 16_384) -> tuple[np.ndarray
     n = max(len(matrix), 1)
     total = np.zeros(matrix.shape[1], np.float64)
     for start in range(0, len(matrix), chunk):
-        total += matrix[start:start + chunk].sum(axis=0, dtype=np.float64)
+        total += matrix[start : start + chunk].sum(axis=0, dtype=np.float64)
     mean = total / n
     squares = np.zeros_like(mean)
     for start in range(0, len(matrix), chunk):
-        squares += np.square(matrix[start:start + chunk] - mean).sum(axis=0)
+        squares += np.square(matrix[start : start + chunk] - mean).sum(axis=0)
     std = np.sqrt(squares / n)
     return mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
@@ -169,6 +172,8 @@ def standardization(matrix: np.ndarray, chunk: int = 16_384) -> tuple[np.ndarray
 def embed(model: UserAutoencoder, matrix: np.ndarray, batch_size: int = 8192) -> np.ndarray:
     """Embeddings of raw feature rows, in chunks (in-process path)."""
     model.eval()
-    out = [model.encode(torch.from_numpy(np.ascontiguousarray(matrix[i:i + batch_size], dtype=np.float32))).numpy()
-           for i in range(0, len(matrix), batch_size)]
+    out = [
+        model.encode(torch.from_numpy(np.ascontiguousarray(matrix[i : i + batch_size], dtype=np.float32))).numpy()
+        for i in range(0, len(matrix), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, model.config.latent), np.float32)

@@ -126,10 +126,19 @@ def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
     space = FeatureSpace.load(directory / "encoders")
     ids, vectors, _ = read_embeddings(directory / "embeddings.parquet")
     index = LiveIndex(_neighbour_index(directory, ids, vectors))
-    online = OnlineBatch(batch_id, to_utc(manifest["as_of"]), space, UserAutoencoder.load(directory / "model.pt"),
-                         index, {u: i for i, u in enumerate(ids)}, dict(enumerate(ids)),
-                         manifest.get("snapshot") or batch_id, threading.Lock(), vectors,
-                         history=_history_spec(directory, space))
+    online = OnlineBatch(
+        batch_id,
+        to_utc(manifest["as_of"]),
+        space,
+        UserAutoencoder.load(directory / "model.pt"),
+        index,
+        {u: i for i, u in enumerate(ids)},
+        dict(enumerate(ids)),
+        manifest.get("snapshot") or batch_id,
+        threading.Lock(),
+        vectors,
+        history=_history_spec(directory, space),
+    )
     return online, manifest
 
 
@@ -163,8 +172,10 @@ def bootstrap_state(online: OnlineBatch, manifest: dict, events_log) -> tuple[Fe
     compacted = eventlog.watermark(data)
     retained = events_log.retained_from()
     if retained is not None and events_log.key(retained) > events_log.key(compacted):
-        raise ValueError(f"batch {online.batch_id}: its data {data} holds the event log up to {compacted}, but the "
-                         f"log was trimmed through {retained}; compact into that dataset first")
+        raise ValueError(
+            f"batch {online.batch_id}: its data {data} holds the event log up to {compacted}, but the "
+            f"log was trimmed through {retained}; compact into that dataset first"
+        )
     state = state_from_dataset(online.space, data, online.as_of)  # streamed: the events table is never held
     touched = set()
     parts = [pq.read_table(p, columns=["user_id", "item_id", "ts", "weight"]) for p in eventlog.part_files(data)]
@@ -198,8 +209,13 @@ def _apply(online: OnlineBatch, state: FeatureState, records: list[dict]) -> lis
     touched = []
     for record in records:
         if record["kind"] == "user":
-            register_user(state, record["user_id"], record.get("onboarding_artists", ()),
-                          record.get("onboarding_genres", ()), record.get("attributes") or {})
+            register_user(
+                state,
+                record["user_id"],
+                record.get("onboarding_artists", ()),
+                record.get("onboarding_genres", ()),
+                record.get("attributes") or {},
+            )
             touched.append(record["user_id"])
     events = pd.DataFrame([e for r in records if r["kind"] == "events" for e in r["events"]])
     if len(events):
@@ -235,8 +251,16 @@ def _reembed(online: OnlineBatch, state: FeatureState, user_ids: list[str]) -> d
 class OnlineService:
     """One replica: reads, near-real-time writes (logger + consumer), reload on promotion."""
 
-    def __init__(self, root: str | Path, store=None, events_log: str | Path | None = None, log=print,
-                 max_future_s: float = MAX_FUTURE_S, consumer: bool = True, claim_idle_ms: int = CLAIM_IDLE_MS):
+    def __init__(
+        self,
+        root: str | Path,
+        store=None,
+        events_log: str | Path | None = None,
+        log=print,
+        max_future_s: float = MAX_FUTURE_S,
+        consumer: bool = True,
+        claim_idle_ms: int = CLAIM_IDLE_MS,
+    ):
         self.root = Path(root)
         self.max_future = pd.Timedelta(seconds=max_future_s)
         self.store_config = store
@@ -258,8 +282,9 @@ class OnlineService:
         threading.Thread(target=self._write_loop, name="event-logger", daemon=True).start()
         if consumer:
             threading.Thread(target=self._consume_loop, name="event-consumer", daemon=True).start()
-        threading.Thread(target=self.events_log.follow, args=(self._changed, self.stopped), name="log-follower",
-                         daemon=True).start()
+        threading.Thread(
+            target=self.events_log.follow, args=(self._changed, self.stopped), name="log-follower", daemon=True
+        ).start()
 
     # -- batches -------------------------------------------------------------------------
     def reload(self) -> bool:
@@ -277,9 +302,11 @@ class OnlineService:
         keep = {pointer["serving"], *pointer["history"][-1:]}  # the previous one stays ready for a rollback
         for stale in set(self.events_log.batches()) - keep:
             self.events_log.drop(stale)
-        self.log(f"loaded batch {fresh.batch_id} ({len(fresh.rows)} users"
-                 + (f", state bootstrapped, {replayed} users changed by the log" if replayed is not None else "")
-                 + f") in {time.perf_counter() - started:.1f}s")
+        self.log(
+            f"loaded batch {fresh.batch_id} ({len(fresh.rows)} users"
+            + (f", state bootstrapped, {replayed} users changed by the log" if replayed is not None else "")
+            + f") in {time.perf_counter() - started:.1f}s"
+        )
         return True
 
     def _shared_state(self, online: OnlineBatch, manifest: dict) -> tuple:
@@ -297,7 +324,9 @@ class OnlineService:
                 result = _reembed(online, state, touched)
                 self._push(online, result)
                 vectors, updated = dict(zip(touched, result["vectors"])), result["updated_at"]
-            blobs = {u: encode_user(s, vectors.get(u), updated if u in vectors else None) for u, s in state.users.items()}
+            blobs = {
+                u: encode_user(s, vectors.get(u), updated if u in vectors else None) for u, s in state.users.items()
+            }
             self.events_log.bootstrap(online.batch_id, blobs, last)
             return last, len(touched)
 
@@ -343,8 +372,12 @@ class OnlineService:
 
             got, found, stamps = online_embeddings(self.store, [user_id], online.batch_id, with_times=True)
             if found[0]:
-                return {"user_id": user_id, "batch_id": online.batch_id, "embedding": got[0].tolist(),
-                        "as_of": stamps[0].isoformat()}
+                return {
+                    "user_id": user_id,
+                    "batch_id": online.batch_id,
+                    "embedding": got[0].tolist(),
+                    "as_of": stamps[0].isoformat(),
+                }
         try:  # no online store (or a row not there yet): the shared state's newest embedding
             state, vector, _ = self.user_state(user_id, online)
         except UnknownUser:
@@ -352,11 +385,19 @@ class OnlineService:
                 raise
             vector = None
         if vector is not None:
-            return {"user_id": user_id, "batch_id": online.batch_id, "embedding": vector.tolist(),
-                    "as_of": _clock(online, user_id, state).isoformat()}
+            return {
+                "user_id": user_id,
+                "batch_id": online.batch_id,
+                "embedding": vector.tolist(),
+                "as_of": _clock(online, user_id, state).isoformat(),
+            }
         if user_id in online.rows and online.rows[user_id] < len(online.backfilled):
-            return {"user_id": user_id, "batch_id": online.batch_id,
-                    "embedding": online.backfilled[online.rows[user_id]].tolist(), "as_of": online.as_of.isoformat()}
+            return {
+                "user_id": user_id,
+                "batch_id": online.batch_id,
+                "embedding": online.backfilled[online.rows[user_id]].tolist(),
+                "as_of": online.as_of.isoformat(),
+            }
         raise UnknownUser(user_id)
 
     def similar(self, user_id: str, k: int = 10) -> dict:
@@ -367,8 +408,11 @@ class OnlineService:
         row = online.rows.get(user_id, -1)
         with online.lock:
             scores, found = online.index.search(query, k + 1)
-        neighbours = [{"user_id": online.users[int(i)], "score": round(float(s), 6)}
-                      for s, i in zip(scores[0], found[0]) if i >= 0 and int(i) != row][:k]
+        neighbours = [
+            {"user_id": online.users[int(i)], "score": round(float(s), 6)}
+            for s, i in zip(scores[0], found[0])
+            if i >= 0 and int(i) != row
+        ][:k]
         return {"user_id": user_id, "batch_id": online.batch_id, "neighbours": neighbours}
 
     # -- writes --------------------------------------------------------------------------
@@ -399,9 +443,12 @@ class OnlineService:
         state, vector, updated = self.user_state(user_id, online)
         if vector is None:  # not changed online in this batch (its events were all duplicates)
             vector = online.backfilled[online.rows[user_id]]
-        return {"user_id": user_id, "embedding": np.asarray(vector).tolist(),
-                "as_of": _clock(online, user_id, state).isoformat(),
-                "updated_at": updated}
+        return {
+            "user_id": user_id,
+            "embedding": np.asarray(vector).tolist(),
+            "as_of": _clock(online, user_id, state).isoformat(),
+            "updated_at": updated,
+        }
 
     def _wait_applied(self, position, online: OnlineBatch) -> OnlineBatch:
         """Until the record at ``position`` is in the serving batch's state (applied by its group,
@@ -410,12 +457,16 @@ class OnlineService:
         key = self.events_log.key
         while True:
             online = self.batch
-            if position is None or key(position) <= key(online.start) \
-                    or self.events_log.applied(online.batch_id, [position]):
+            if (
+                position is None
+                or key(position) <= key(online.start)
+                or self.events_log.applied(online.batch_id, [position])
+            ):
                 return online
             if time.monotonic() > deadline:
-                raise NotApplied(f"events: durable at {position} but not applied within {WAIT_S:.0f}s; "
-                                 "their embeddings follow")
+                raise NotApplied(
+                    f"events: durable at {position} but not applied within {WAIT_S:.0f}s; their embeddings follow"
+                )
             with self._applied:
                 self._applied.wait(0.02)
 
@@ -433,8 +484,10 @@ class OnlineService:
         for i, event in enumerate(events):
             ts = to_utc(event["ts"], f"events[{i}].ts")
             if ts > latest:
-                raise ValueError(f"events[{i}].ts: {ts.isoformat()} is later than the server's clock plus "
-                                 f"{self.max_future} (max_future_s)")
+                raise ValueError(
+                    f"events[{i}].ts: {ts.isoformat()} is later than the server's clock plus "
+                    f"{self.max_future} (max_future_s)"
+                )
             row = {**{k: v for k, v in event.items() if v is not None}, "ts": ts.isoformat()}
             weight = row.get("weight", 1.0)
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
@@ -467,9 +520,12 @@ class OnlineService:
                 at += len(write.rows)
                 fresh = [write.rows[i - mine.start] for i in mine if i not in duplicates]
                 write.position = position if fresh else None
-                write.ack = {"batch_id": self.batch.batch_id, "accepted": len(fresh),
-                             "event_ids": [row.get("event_id") for row in fresh],
-                             "duplicates": [write.rows[i - mine.start].get("event_id") for i in mine if i in duplicates]}
+                write.ack = {
+                    "batch_id": self.batch.batch_id,
+                    "accepted": len(fresh),
+                    "event_ids": [row.get("event_id") for row in fresh],
+                    "duplicates": [write.rows[i - mine.start].get("event_id") for i in mine if i in duplicates],
+                }
                 write.durable.set()
 
     def _changed(self) -> None:
@@ -500,16 +556,21 @@ class OnlineService:
 
         def work(todo, load):
             batch = [records[p] for p in todo if p in records]
-            users = list(dict.fromkeys(
-                [r["user_id"] for r in batch if r["kind"] == "user"]
-                + [e["user_id"] for r in batch if r["kind"] == "events" for e in r["events"]]))
+            users = list(
+                dict.fromkeys(
+                    [r["user_id"] for r in batch if r["kind"] == "user"]
+                    + [e["user_id"] for r in batch if r["kind"] == "events" for e in r["events"]]
+                )
+            )
             if not users:
                 return {}
             state = FeatureState(online.space, {u: decode_user(b)[0] for u, b in load(users).items()})
             touched = _apply(online, state, batch)
             if len(touched) < len(users):
-                self.log(f"batch {online.batch_id}: events of {len(users) - len(touched)} user(s) name items "
-                         "its encoders do not know; left out of its online state (they reach the next batch)")
+                self.log(
+                    f"batch {online.batch_id}: events of {len(users) - len(touched)} user(s) name items "
+                    "its encoders do not know; left out of its online state (they reach the next batch)"
+                )
             if not touched:
                 return {}
             result = _reembed(online, state, touched)
@@ -526,8 +587,13 @@ class OnlineService:
     def register_user(self, user_id: str, onboarding_artists=(), onboarding_genres=(), attributes=None) -> dict:
         """Log the sign-up; answer once a consumer applied it (the cold-start embedding)."""
         online = self.batch
-        record = {"kind": "user", "user_id": user_id, "onboarding_artists": list(onboarding_artists),
-                  "onboarding_genres": list(onboarding_genres), "attributes": attributes or {}}
+        record = {
+            "kind": "user",
+            "user_id": user_id,
+            "onboarding_artists": list(onboarding_artists),
+            "onboarding_genres": list(onboarding_genres),
+            "attributes": attributes or {},
+        }
         position = self.events_log.append(record)
         self._wake.set()
         online = self._wait_applied(position, online)
@@ -553,14 +619,15 @@ class OnlineService:
         if signed_up is not None:
             profile = profile.filter(pa.array(np.isin(features.user_ids, list(signed_up))))
         write("user_profile", profile)
-        write("user_embedding", embedding_rows(features.user_ids, list_column(result["vectors"]), online.batch_id,
-                                               clocks))
+        write(
+            "user_embedding", embedding_rows(features.user_ids, list_column(result["vectors"]), online.batch_id, clocks)
+        )
         if online.history is not None:
             from userrep.state import artist_history
             from userrep.store import history_table
 
             columns, artists, half_life = online.history
             plays, recent = artist_history(result["state"], features.user_ids, clocks, columns, half_life)
-            write("user_artist_history", history_table(features.user_ids, artists, plays, recent, online.batch_id,
-                                                       clocks))
-
+            write(
+                "user_artist_history", history_table(features.user_ids, artists, plays, recent, online.batch_id, clocks)
+            )

@@ -54,8 +54,10 @@ def partition_count(n_events: int) -> int:
 def user_partition(user_ids, partitions: int) -> np.ndarray:
     """The partition of each user id: a keyed SipHash of the id (the same in every process and
     on every machine, unlike Python's salted ``hash``), modulo ``partitions``."""
-    ids = np.asarray(user_ids.to_numpy(zero_copy_only=False) if isinstance(user_ids, (pa.Array, pa.ChunkedArray))
-                     else user_ids, dtype=object)
+    ids = np.asarray(
+        user_ids.to_numpy(zero_copy_only=False) if isinstance(user_ids, (pa.Array, pa.ChunkedArray)) else user_ids,
+        dtype=object,
+    )
     return (pd.util.hash_array(ids, categorize=False) % np.uint64(partitions)).astype(np.int64)
 
 
@@ -109,8 +111,9 @@ def event_rows(directory: Path) -> int:
         return 0
 
 
-def split_dataset(source: Dataset | str | Path, as_of, work: Path, partitions: int | None = None
-                  ) -> tuple[Dataset, int]:
+def split_dataset(
+    source: Dataset | str | Path, as_of, work: Path, partitions: int | None = None
+) -> tuple[Dataset, int]:
     """Write the events before ``as_of`` and the users table under ``work``, split by user hash.
 
     ``source``: a dataset directory, streamed (validated batch by batch, its events never held),
@@ -161,7 +164,7 @@ def partition_interactions(work: Path, partitions: int, items: pa.Table) -> tupl
     data = np.empty(indptr[-1], np.float64)
     start = 0
     for users, part_indptr, part_indices, part_data in parts:
-        rows = position[start:start + len(users)]
+        rows = position[start : start + len(users)]
         start += len(users)
         # each local row's values go to its global row's slot, in the same order
         to = np.repeat(indptr[rows] - part_indptr[:-1], np.diff(part_indptr)) + np.arange(len(part_data))
@@ -196,7 +199,8 @@ def _run(tasks: list[dict], workers: int) -> None:
 
     # One task per partition, at most ``workers`` at a time; the results are files on shared storage.
     ray.data.from_items(tasks, override_num_blocks=len(tasks)).map(
-        partition_features, num_cpus=cpus_per_worker(workers), concurrency=workers).materialize()
+        partition_features, num_cpus=cpus_per_worker(workers), concurrency=workers
+    ).materialize()
 
 
 def _assemble(work: Path, partitions: int, n_features: int) -> tuple[np.ndarray, Path]:
@@ -211,7 +215,7 @@ def _assemble(work: Path, partitions: int, n_features: int) -> tuple[np.ndarray,
     matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(all_ids), n_features))
     start = 0
     for name, part_ids in zip(names, ids):
-        rows = position[start:start + len(part_ids)]
+        rows = position[start : start + len(part_ids)]
         matrix[rows] = np.load(work / "features" / f"{name}.npy")  # one partition in memory at a time
         start += len(part_ids)
     matrix.flush()
@@ -228,8 +232,10 @@ def partitioned_features(work: Path, partitions: int, as_of, space_dir: Path, wo
     """
     work = Path(work)
     space = FeatureSpace.load(space_dir)
-    tasks = [{"work": str(work), "part": p, "as_of": to_utc(as_of).isoformat(), "space": str(space_dir)}
-             for p in range(partitions)]
+    tasks = [
+        {"work": str(work), "part": p, "as_of": to_utc(as_of).isoformat(), "space": str(space_dir)}
+        for p in range(partitions)
+    ]
     _run(tasks, workers)
     user_ids, path = _assemble(work, partitions, space.schema.n_features)
     duplicated = pd.Index(user_ids).duplicated()
@@ -238,8 +244,15 @@ def partitioned_features(work: Path, partitions: int, as_of, space_dir: Path, wo
     return UserFeatures(user_ids, np.load(path, mmap_mode="r"), space.schema)
 
 
-def partitioned_snapshot(source: Dataset | str | Path, as_of, config: FeatureConfig, space_dir: Path, work: Path,
-                         partitions: int | None = None, workers: int = 0) -> tuple[FeatureSpace, UserFeatures]:
+def partitioned_snapshot(
+    source: Dataset | str | Path,
+    as_of,
+    config: FeatureConfig,
+    space_dir: Path,
+    work: Path,
+    partitions: int | None = None,
+    workers: int = 0,
+) -> tuple[FeatureSpace, UserFeatures]:
     """The encoders and every user's features as of ``as_of``, without holding the events: the
     dataset is split into user partitions under ``work`` as it is read, the encoders are fitted
     on the partitions' user x item matrix, and the features computed partition by partition.

@@ -34,8 +34,7 @@ def ray_session(num_cpus: int | None = None, address: str | None = None, progres
         ray.init(address=address, log_to_driver=False)
     else:
         temp_dir = tempfile.mkdtemp(prefix="ur-ray-")
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir,
-                 log_to_driver=False)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     if not progress:  # the driver's per-dataset INFO lines drown the job's own output
         logging.getLogger("ray").setLevel(logging.WARNING)
     DataContext.get_current().enable_progress_bars = progress

@@ -38,4 +38,3 @@ def refresh(data: str | Path, as_of, batch_root: str | Path, store: StoreConfig 
         publish_embeddings(open_store(store, apply=False), store, table, batch_id, as_of)
     log(f"refreshed {len(features.user_ids)} embeddings of serving batch {batch_id} as of {as_of.isoformat()} -> {out}")
     return {"batch_id": batch_id, "as_of": as_of.isoformat(), "users": len(features.user_ids), "path": str(out)}
-

@@ -14,30 +14,37 @@ import pandas as pd
 import plotly.graph_objects as go
 from sklearn.manifold import TSNE
 
-MAIN_METRIC = {"future_listening": "ndcg@10", "artist_preference": "auc", "similar_users": "ndcg@50",
-               "cold_start": "ndcg@10"}
+MAIN_METRIC = {
+    "future_listening": "ndcg@10",
+    "artist_preference": "auc",
+    "similar_users": "ndcg@50",
+    "cold_start": "ndcg@10",
+}
 _MAP_POINTS = 2000
 
 
-def write_report(metrics: dict, ctx, embeddings: np.ndarray, genres: tuple[str, ...], data_dir: Path,
-                 path: Path) -> None:
+def write_report(
+    metrics: dict, ctx, embeddings: np.ndarray, genres: tuple[str, ...], data_dir: Path, path: Path
+) -> None:
     figures = [_task_bars(metrics), _embedding_map(ctx, embeddings, genres, data_dir), _convergence(metrics)]
-    parts = [f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
-             for i, f in enumerate(f for f in figures if f is not None)]
+    parts = [
+        f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
+        for i, f in enumerate(f for f in figures if f is not None)
+    ]
     skipped = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in metrics["skipped"].items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>userrep evaluation: {html.escape(metrics['dataset'])}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>userrep evaluation: {html.escape(metrics["dataset"])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 th{{background:#f3f3f3}}td:first-child,th:first-child{{text-align:left}}.neg{{color:#b00}}.pos{{color:#070}}</style></head><body>
-<h1>Evaluation: {html.escape(metrics['dataset'])}</h1>
-<p>{html.escape(metrics['note'])}. Users with a representation: {metrics['n_users']:,};
-warm train/test {metrics['counts']['warm_train']:,}/{metrics['counts']['warm_test']:,}; cold {metrics['counts']['cold']:,};
-top-K artists {metrics['counts']['top_k_artists']:,}. Total time {metrics['timings_s']['total']} s.</p>
-{f'<p>Skipped:</p><ul>{skipped}</ul>' if skipped else ''}
+<h1>Evaluation: {html.escape(metrics["dataset"])}</h1>
+<p>{html.escape(metrics["note"])}. Users with a representation: {metrics["n_users"]:,};
+warm train/test {metrics["counts"]["warm_train"]:,}/{metrics["counts"]["warm_test"]:,}; cold {metrics["counts"]["cold"]:,};
+top-K artists {metrics["counts"]["top_k_artists"]:,}. Total time {metrics["timings_s"]["total"]} s.</p>
+{f"<p>Skipped:</p><ul>{skipped}</ul>" if skipped else ""}
 <h2>Tasks</h2>{_metrics_table(metrics)}{parts[0]}
-<h2>Embedding space</h2>{''.join(parts[1:2])}
+<h2>Embedding space</h2>{"".join(parts[1:2])}
 <h2>Cold &rarr; warm convergence</h2><p>Mean cosine between a warm user's embedding from only its first d days of history and
-from all of it (d = 0: onboarding and attributes only).</p>{''.join(parts[2:3])}
+from all of it (d = 0: onboarding and attributes only).</p>{"".join(parts[2:3])}
 <h2>Ablations</h2><p>The autoencoder retrained without each feature group; difference to the full embedding (gur).</p>
 {_ablation_table(metrics)}</body></html>"""
     path.write_text(page, encoding="utf-8")
@@ -53,7 +60,9 @@ def _metrics_table(metrics: dict) -> str:
         for method, values in methods.items():
             cells = "".join(
                 f"<td{' style=font-weight:bold' if values.get(n) is not None and values.get(n) == best[n] else ''}>"
-                f"{_fmt(values.get(n))}{_ci_text(values.get(f'{n}_ci'))}</td>" for n in names)
+                f"{_fmt(values.get(n))}{_ci_text(values.get(f'{n}_ci'))}</td>"
+                for n in names
+            )
             out.append(f"<tr><td>{html.escape(method)}</td>{cells}</tr>")
     return f"<table>{''.join(out)}</table>{_comparison_list(metrics)}"
 
@@ -74,17 +83,30 @@ def comparison_lines(metrics: dict) -> list[str]:
         for metric, c in by_metric.items():
             if c["diff"] is None:
                 continue
-            verdict = ("significantly better" if c["significant"] and c["diff"] > 0 else
-                       "significantly worse" if c["significant"] else "not significantly different")
-            lines.append(f"{task} {metric}: {c['ours']} vs {c['baseline']} {c['diff']:+.4f}"
-                         f"{_ci_text(c['diff_ci'])}: {verdict}")
+            verdict = (
+                "significantly better"
+                if c["significant"] and c["diff"] > 0
+                else "significantly worse"
+                if c["significant"]
+                else "not significantly different"
+            )
+            lines.append(
+                f"{task} {metric}: {c['ours']} vs {c['baseline']} {c['diff']:+.4f}{_ci_text(c['diff_ci'])}: {verdict}"
+            )
     return lines
 
 
 def _comparison_list(metrics: dict) -> str:
     lines = comparison_lines(metrics)
-    return ("<p>Our best row against the best baseline (paired bootstrap, 95%):</p><ul>"
-            + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>") if lines else ""
+    return (
+        (
+            "<p>Our best row against the best baseline (paired bootstrap, 95%):</p><ul>"
+            + "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+            + "</ul>"
+        )
+        if lines
+        else ""
+    )
 
 
 def _task_bars(metrics: dict) -> go.Figure:
@@ -112,7 +134,9 @@ def _embedding_map(ctx, embeddings: np.ndarray, genres: tuple[str, ...], data_di
     for label in pd.Series(labels).value_counts().index[:20]:
         mask = labels == label
         fig.add_scattergl(x=xy[mask, 0], y=xy[mask, 1], mode="markers", name=str(label), marker=dict(size=4))
-    fig.update_layout(height=520, margin=dict(t=30), title=f"t-SNE of {len(rows):,} user embeddings, coloured by {source}")
+    fig.update_layout(
+        height=520, margin=dict(t=30), title=f"t-SNE of {len(rows):,} user embeddings, coloured by {source}"
+    )
     return fig
 
 
@@ -135,10 +159,16 @@ def _convergence(metrics: dict) -> go.Figure | None:
     if not metrics["convergence"]:
         return None
     days = list(metrics["convergence"])
-    fig = go.Figure(go.Scatter(x=[int(d) for d in days], y=[metrics["convergence"][d] for d in days],
-                               mode="lines+markers"))
-    fig.update_layout(height=360, margin=dict(t=30), xaxis_title="days of history", yaxis_title="mean cosine to full",
-                      yaxis_range=[min(0, *metrics["convergence"].values()), 1])
+    fig = go.Figure(
+        go.Scatter(x=[int(d) for d in days], y=[metrics["convergence"][d] for d in days], mode="lines+markers")
+    )
+    fig.update_layout(
+        height=360,
+        margin=dict(t=30),
+        xaxis_title="days of history",
+        yaxis_title="mean cosine to full",
+        yaxis_range=[min(0, *metrics["convergence"].values()), 1],
+    )
     return fig
 
 
@@ -166,8 +196,14 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-COLUMNS = (("future_listening", "ndcg@10"), ("future_listening", "recall@50"), ("future_listening", "ndcg@10_new"),
-           ("artist_preference", "auc"), ("similar_users", "ndcg@50"), ("cold_start", "ndcg@10"))
+COLUMNS = (
+    ("future_listening", "ndcg@10"),
+    ("future_listening", "recall@50"),
+    ("future_listening", "ndcg@10_new"),
+    ("artist_preference", "auc"),
+    ("similar_users", "ndcg@50"),
+    ("cold_start", "ndcg@10"),
+)
 
 
 def markdown_summary(metrics: dict) -> str:
@@ -199,14 +235,18 @@ def _seeds_table(metrics: dict) -> str:
         return ""
     runs = len(next(v for task in seeds.values() for m in task.values() for v in m.values())["values"])
     methods = list(dict.fromkeys(m for task in seeds.values() for m in task))
-    lines = [f"\nOver {runs} seeds (mean +- standard deviation):\n",
-             "| method | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = [
+        f"\nOver {runs} seeds (mean +- standard deviation):\n",
+        "| method | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
     for method in methods:
         cells = []
         for task, metric in COLUMNS:
             found = seeds.get(task, {}).get(method, {}).get(metric)
-            means = [v[metric]["mean"] for v in seeds.get(task, {}).values() if metric in v and v[metric]["mean"] is not None]
+            means = [
+                v[metric]["mean"] for v in seeds.get(task, {}).values() if metric in v and v[metric]["mean"] is not None
+            ]
             text = "-" if not found or found["mean"] is None else f"{found['mean']:.3f} +- {found['std']:.3f}"
             cells.append(f"**{text}**" if found and means and found["mean"] == max(means) else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -38,8 +38,9 @@ class EventSource:
                 base, firsts = self._ds, self._ds.events.group_by("user_id").aggregate([("ts", "min")])
             else:  # each batch leaves its users' first event times
                 parts: list[pa.Table] = []
-                base = load_dataset(self._path, keep=lambda b: parts.append(
-                    b.group_by("user_id").aggregate([("ts", "min")])))
+                base = load_dataset(
+                    self._path, keep=lambda b: parts.append(b.group_by("user_id").aggregate([("ts", "min")]))
+                )
                 firsts = None
                 if parts:
                     merged = pa.concat_tables(parts).group_by("user_id").aggregate([("ts_min", "min")])
@@ -48,8 +49,11 @@ class EventSource:
             if firsts is None or not firsts.num_rows:
                 self._users = (base, np.array([], object), np.array([], np.int64))
             else:
-                self._users = (base, firsts.column("user_id").to_numpy(zero_copy_only=False).astype(object),
-                               firsts.column("ts_min").cast(pa.int64()).to_numpy())
+                self._users = (
+                    base,
+                    firsts.column("user_id").to_numpy(zero_copy_only=False).astype(object),
+                    firsts.column("ts_min").cast(pa.int64()).to_numpy(),
+                )
         return self._users
 
     @property
@@ -77,8 +81,11 @@ class EventSource:
             return self._subset[1]
         wanted = pa.array(user_ids, pa.string())
         pick = lambda b: b.filter(pc.is_in(b.column("user_id"), value_set=wanted))  # noqa: E731
-        ds = replace(self._ds, events=pick(self._ds.events)) if self._ds is not None \
+        ds = (
+            replace(self._ds, events=pick(self._ds.events))
+            if self._ds is not None
             else load_dataset(self._path, keep=pick)
+        )
         self._subset = (user_ids, ds)
         return ds
 

@@ -41,8 +41,9 @@ class Split:
     note: str
 
 
-def make_split(ds: Dataset, cutoff=None, seed: int = 0, holdout: float = 0.2, quantile: float = 0.8,
-               kind: str = "auto") -> Split:
+def make_split(
+    ds: Dataset, cutoff=None, seed: int = 0, holdout: float = 0.2, quantile: float = 0.8, kind: str = "auto"
+) -> Split:
     """Split ``ds`` by ``kind`` (one of ``SPLITS``); ``cutoff`` implies a time split."""
     if kind not in SPLITS:
         raise ValueError(f"split: expected one of {SPLITS}, got {kind!r}")
@@ -50,9 +51,13 @@ def make_split(ds: Dataset, cutoff=None, seed: int = 0, holdout: float = 0.2, qu
         raise ValueError(f"cutoff: only a time split has a cutoff (split is {kind!r})")
     one_time = pc.count_distinct(ds.events.column("ts")).as_py() <= 1
     if kind == "random" or (kind == "auto" and one_time):
-        return _held_out_split(ds, holdout, _random_keys(ds, seed), "random",
-                               "timestamps cannot support a time split (one distinct time)" if one_time
-                               else "asked for")
+        return _held_out_split(
+            ds,
+            holdout,
+            _random_keys(ds, seed),
+            "random",
+            "timestamps cannot support a time split (one distinct time)" if one_time else "asked for",
+        )
     if kind == "user-time":
         return _held_out_split(ds, holdout, _time_keys(ds, seed), "user-time", "asked for")
     split = _time_split(ds, cutoff, quantile)
@@ -60,10 +65,18 @@ def make_split(ds: Dataset, cutoff=None, seed: int = 0, holdout: float = 0.2, qu
         return split
     warm, with_history = _warm_counts(split)
     if warm >= MIN_WARM and warm >= MIN_WARM_SHARE * with_history:
-        return Split(split.kind, split.cutoff, split.as_of, split.train, split.future,
-                     f"{split.note}; {warm:,} of {with_history:,} users with history are warm")
-    why = (f"a time split at {split.cutoff.isoformat()} leaves {warm:,} of {with_history:,} users with history "
-           f"warm (auto needs >= {MIN_WARM} and >= {MIN_WARM_SHARE:.0%})")
+        return Split(
+            split.kind,
+            split.cutoff,
+            split.as_of,
+            split.train,
+            split.future,
+            f"{split.note}; {warm:,} of {with_history:,} users with history are warm",
+        )
+    why = (
+        f"a time split at {split.cutoff.isoformat()} leaves {warm:,} of {with_history:,} users with history "
+        f"warm (auto needs >= {MIN_WARM} and >= {MIN_WARM_SHARE:.0%})"
+    )
     return _held_out_split(ds, holdout, _time_keys(ds, seed), "user-time", why)
 
 
@@ -77,8 +90,14 @@ def _time_split(ds: Dataset, cutoff, quantile: float) -> Split:
     train_events, future = ds.events.filter(before), ds.events.filter(pc.invert(before))
     if train_events.num_rows == 0 or future.num_rows == 0:
         raise ValueError(f"cutoff: {cutoff.isoformat()} leaves no history or no label events")
-    return Split("time", cutoff, cutoff, _with_events(ds, train_events), future,
-                 f"time split at {cutoff.isoformat()}: {train_events.num_rows:,} history / {future.num_rows:,} label events")
+    return Split(
+        "time",
+        cutoff,
+        cutoff,
+        _with_events(ds, train_events),
+        future,
+        f"time split at {cutoff.isoformat()}: {train_events.num_rows:,} history / {future.num_rows:,} label events",
+    )
 
 
 def _warm_counts(split: Split) -> tuple[int, int]:
@@ -107,10 +126,14 @@ def _held_out_split(ds: Dataset, holdout: float, keys: np.ndarray, kind: str, wh
     mask = pa.array(rank_from_end < np.floor(holdout * size + 0.5))
     as_of = (pd.Timestamp(pc.max(ds.events.column("ts")).as_py()) + pd.Timedelta(days=1)).ceil("D")
     train_events, future = ds.events.filter(pc.invert(mask)), ds.events.filter(mask)
-    held = (f"each user's last {holdout:.0%} of events by time" if kind == "user-time"
-            else f"a random {holdout:.0%} of each user's events")
-    note = (f"{kind} split ({why}): {held} held out ({future.num_rows:,} label / {train_events.num_rows:,} "
-            f"history events)")
+    held = (
+        f"each user's last {holdout:.0%} of events by time"
+        if kind == "user-time"
+        else f"a random {holdout:.0%} of each user's events"
+    )
+    note = (
+        f"{kind} split ({why}): {held} held out ({future.num_rows:,} label / {train_events.num_rows:,} history events)"
+    )
     return Split(kind, None, as_of, _with_events(ds, train_events), future, note)
 
 

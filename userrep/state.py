@@ -47,8 +47,9 @@ class FeatureState:
     users: dict[str, UserState] = field(default_factory=dict)
 
 
-def register_user(state: FeatureState, user_id: str, onboarding_artists=(), onboarding_genres=(),
-                  attributes: dict | None = None) -> UserState:
+def register_user(
+    state: FeatureState, user_id: str, onboarding_artists=(), onboarding_genres=(), attributes: dict | None = None
+) -> UserState:
     """Create (or update the sign-up information of) a user; history is kept."""
     user = state.users.setdefault(str(user_id), UserState())
     user.onboarding_artists = tuple(onboarding_artists)
@@ -68,8 +69,11 @@ def apply_events(state: FeatureState, events: pd.DataFrame) -> list[str]:
     unknown = np.flatnonzero(item_index < 0)
     if unknown.size:
         raise ValueError(f"item_id: unknown item(s) {sorted(set(items[unknown]))[:5]}")
-    weight = pd.to_numeric(events["weight"], errors="coerce").to_numpy(np.float64) if "weight" in events \
+    weight = (
+        pd.to_numeric(events["weight"], errors="coerce").to_numpy(np.float64)
+        if "weight" in events
         else np.ones(len(events))
+    )
     if not (np.isfinite(weight) & (weight >= 0)).all():
         raise ValueError("weight: must be a finite number >= 0")
     ts = pd.to_datetime(events["ts"], utc=True, errors="coerce", format="ISO8601")
@@ -104,7 +108,11 @@ def _merge(user: UserState, day: np.ndarray, item: np.ndarray, weight: np.ndarra
         keep = np.ones(len(uniq), bool)
     else:
         keep = (uniq >> 32) >= (uniq[-1] >> 32) - horizon - 1
-    user.day, user.item, user.weight = (uniq[keep] >> 32).astype(np.int32), (uniq[keep] & 0xFFFFFFFF).astype(np.int32), summed[keep]
+    user.day, user.item, user.weight = (
+        (uniq[keep] >> 32).astype(np.int32),
+        (uniq[keep] & 0xFFFFFFFF).astype(np.int32),
+        summed[keep],
+    )
 
 
 def state_features(state: FeatureState, user_ids, as_of) -> UserFeatures:
@@ -112,15 +120,19 @@ def state_features(state: FeatureState, user_ids, as_of) -> UserFeatures:
     user_ids = np.asarray([str(u) for u in user_ids], dtype=object)
     users = [state.users.get(u, UserState()) for u in user_ids]
     sizes = [len(u.day) for u in users]
-    buckets = (np.repeat(np.arange(len(users)), sizes),
-               np.concatenate([u.day for u in users] + [np.zeros(0, np.int32)]),
-               np.concatenate([u.item for u in users] + [np.zeros(0, np.int32)]),
-               np.concatenate([u.weight for u in users] + [np.zeros(0)]))
+    buckets = (
+        np.repeat(np.arange(len(users)), sizes),
+        np.concatenate([u.day for u in users] + [np.zeros(0, np.int32)]),
+        np.concatenate([u.item for u in users] + [np.zeros(0, np.int32)]),
+        np.concatenate([u.weight for u in users] + [np.zeros(0)]),
+    )
     artists = [(i, a) for i, u in enumerate(users) for a in u.onboarding_artists]
     genres = [(i, g) for i, u in enumerate(users) for g in u.onboarding_genres]
     static = StaticInputs(
-        np.array([i for i, _ in artists], np.int64), np.array([a for _, a in artists], object),
-        np.array([i for i, _ in genres], np.int64), np.array([g for _, g in genres], object),
+        np.array([i for i, _ in artists], np.int64),
+        np.array([a for _, a in artists], object),
+        np.array([i for i, _ in genres], np.int64),
+        np.array([g for _, g in genres], object),
         {col: np.array([u.attributes.get(col) for u in users], object) for col in state.space.attributes},
     )
     matrix = features_from_buckets(state.space, len(users), buckets, day_index(to_utc(as_of)), static)
@@ -135,7 +147,9 @@ def user_clocks(state: FeatureState, user_ids, as_of) -> list[pd.Timestamp]:
     clocks = []
     for user_id in user_ids:
         user = state.users.get(str(user_id))
-        newest = None if user is None or not len(user.day) else pd.Timestamp(int(user.day.max()) + 1, unit="D", tz="UTC")
+        newest = (
+            None if user is None or not len(user.day) else pd.Timestamp(int(user.day.max()) + 1, unit="D", tz="UTC")
+        )
         clocks.append(as_of if newest is None or newest <= as_of else newest)
     return clocks
 
@@ -170,17 +184,31 @@ def state_from_dataset(space: FeatureSpace, data: Dataset | str | Path, as_of) -
         ds = load_dataset(data, keep=add)
     if ds.users is not None:
         users = ds.users
-        artists = split_list(users.column("onboarding_artists")).to_pylist() if "onboarding_artists" in users.column_names else None
-        genres = split_list(users.column("onboarding_genres")).to_pylist() if "onboarding_genres" in users.column_names else None
+        artists = (
+            split_list(users.column("onboarding_artists")).to_pylist()
+            if "onboarding_artists" in users.column_names
+            else None
+        )
+        genres = (
+            split_list(users.column("onboarding_genres")).to_pylist()
+            if "onboarding_genres" in users.column_names
+            else None
+        )
         attrs = {c: users.column(c).to_pylist() for c in ds.attribute_columns}
         for i, user_id in enumerate(users.column("user_id").to_pylist()):
-            register_user(state, user_id, artists[i] if artists else (), genres[i] if genres else (),
-                          {c: v[i] for c, v in attrs.items() if v[i] is not None})
+            register_user(
+                state,
+                user_id,
+                artists[i] if artists else (),
+                genres[i] if genres else (),
+                {c: v[i] for c, v in attrs.items() if v[i] is not None},
+            )
     return state
 
 
-def artist_history(state: FeatureState, user_ids, as_of, artists: np.ndarray,
-                   half_life_days: float | None) -> tuple[np.ndarray, np.ndarray]:
+def artist_history(
+    state: FeatureState, user_ids, as_of, artists: np.ndarray, half_life_days: float | None
+) -> tuple[np.ndarray, np.ndarray]:
     """(plays, recent) (users, K): each user's play weight of ``artists`` (K artist indices of the
     space), and the same with each play weighted 0.5 ** (age in days / half-life): the task
     features of a batch's +history heads (``userrep.tasks.history``). Ages count whole days from
@@ -211,23 +239,41 @@ def encode_user(user: UserState, vector: np.ndarray | None = None, updated_at: s
     header, then the buckets and the vector as raw little-endian arrays (no pickle: the store is
     shared, and its bytes must never be code)."""
     vector = None if vector is None else np.asarray(vector, "<f4")
-    header = json.dumps({"n": len(user.day), "d": 0 if vector is None else len(vector), "updated_at": updated_at,
-                         "onboarding_artists": list(user.onboarding_artists),
-                         "onboarding_genres": list(user.onboarding_genres), "attributes": user.attributes}).encode()
-    parts = [len(header).to_bytes(4, "little"), header, np.asarray(user.day, "<i4").tobytes(),
-             np.asarray(user.item, "<i4").tobytes(), np.asarray(user.weight, "<f8").tobytes()]
+    header = json.dumps(
+        {
+            "n": len(user.day),
+            "d": 0 if vector is None else len(vector),
+            "updated_at": updated_at,
+            "onboarding_artists": list(user.onboarding_artists),
+            "onboarding_genres": list(user.onboarding_genres),
+            "attributes": user.attributes,
+        }
+    ).encode()
+    parts = [
+        len(header).to_bytes(4, "little"),
+        header,
+        np.asarray(user.day, "<i4").tobytes(),
+        np.asarray(user.item, "<i4").tobytes(),
+        np.asarray(user.weight, "<f8").tobytes(),
+    ]
     return b"".join(parts + ([vector.tobytes()] if vector is not None else []))
 
 
 def decode_user(blob: bytes) -> tuple[UserState, np.ndarray | None, str | None]:
     """(state, newest online embedding or None, its time or None) from ``encode_user``'s bytes."""
     size = int.from_bytes(blob[:4], "little")
-    header = json.loads(blob[4:4 + size])
+    header = json.loads(blob[4 : 4 + size])
     n, at = header["n"], 4 + size
     day = np.frombuffer(blob, "<i4", n, at).astype(np.int32)
     item = np.frombuffer(blob, "<i4", n, at + 4 * n).astype(np.int32)
     weight = np.frombuffer(blob, "<f8", n, at + 8 * n).astype(np.float64)
     vector = np.frombuffer(blob, "<f4", header["d"], at + 16 * n).copy() if header["d"] else None
-    user = UserState(day, item, weight, tuple(header["onboarding_artists"]), tuple(header["onboarding_genres"]),
-                     dict(header["attributes"]))
+    user = UserState(
+        day,
+        item,
+        weight,
+        tuple(header["onboarding_artists"]),
+        tuple(header["onboarding_genres"]),
+        dict(header["attributes"]),
+    )
     return user, vector, header["updated_at"]

@@ -39,8 +39,12 @@ from userrep.fsio import data_fingerprint
 from userrep.partitions import partitioned_snapshot
 
 EMBEDDING_FIELDS = ["user_embedding:embedding", "user_embedding:embedding_batch"]
-HISTORY_FIELDS = ["user_artist_history:artists", "user_artist_history:plays", "user_artist_history:recent",
-                  "user_artist_history:history_batch"]
+HISTORY_FIELDS = [
+    "user_artist_history:artists",
+    "user_artist_history:plays",
+    "user_artist_history:recent",
+    "user_artist_history:history_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,20 @@ def repo_config(config: StoreConfig):
     from feast.repo_config import RepoConfig
 
     home = Path(config.home).resolve()
-    online = ({"type": "sqlite", "path": str(home / "online.db")} if config.online == "sqlite"
-              else {"type": "redis", "connection_string": config.redis})
-    return RepoConfig(project="userrep", provider="local", registry=str(home / "registry.db"), online_store=online,
-                      offline_store={"type": config.offline}, entity_key_serialization_version=3, repo_path=home)
+    online = (
+        {"type": "sqlite", "path": str(home / "online.db")}
+        if config.online == "sqlite"
+        else {"type": "redis", "connection_string": config.redis}
+    )
+    return RepoConfig(
+        project="userrep",
+        provider="local",
+        registry=str(home / "registry.db"),
+        online_store=online,
+        offline_store={"type": config.offline},
+        entity_key_serialization_version=3,
+        repo_path=home,
+    )
 
 
 def definitions(home: Path) -> list:
@@ -100,12 +114,24 @@ def definitions(home: Path) -> list:
 
     from feature_repo import data_sources, entities, feature_services, features
 
-    objects = copy.deepcopy([  # one deepcopy: views keep pointing at the (copied) sources in this list
-        entities.user, entities.batch, data_sources.user_history_source, data_sources.user_profile_source,
-        data_sources.user_embedding_source, data_sources.user_artist_history_source, data_sources.user_history_push,
-        data_sources.user_embedding_push, data_sources.user_artist_history_push, features.user_history,
-        features.user_profile, features.user_embedding, features.user_artist_history,
-        feature_services.training_features])
+    objects = copy.deepcopy(
+        [  # one deepcopy: views keep pointing at the (copied) sources in this list
+            entities.user,
+            entities.batch,
+            data_sources.user_history_source,
+            data_sources.user_profile_source,
+            data_sources.user_embedding_source,
+            data_sources.user_artist_history_source,
+            data_sources.user_history_push,
+            data_sources.user_embedding_push,
+            data_sources.user_artist_history_push,
+            features.user_history,
+            features.user_profile,
+            features.user_embedding,
+            features.user_artist_history,
+            feature_services.training_features,
+        ]
+    )
     for obj in objects:
         if isinstance(obj, FileSource) and not Path(obj.path).is_absolute():
             obj.file_options.uri = str(Path(home).resolve() / obj.path)
@@ -129,8 +155,15 @@ def space_id(fingerprint: dict, as_of: pd.Timestamp, config: FeatureConfig) -> s
     return f"{as_of:%Y%m%d}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def materialize(data: str | Path | Dataset, as_of, config: StoreConfig = StoreConfig(),
-                features: FeatureConfig = FeatureConfig(), store=None, log=print, workers: int = 0) -> Snapshot:
+def materialize(
+    data: str | Path | Dataset,
+    as_of,
+    config: StoreConfig = StoreConfig(),
+    features: FeatureConfig = FeatureConfig(),
+    store=None,
+    log=print,
+    workers: int = 0,
+) -> Snapshot:
     """Fit encoders as of ``as_of``, write the snapshot's offline rows, apply, load them online.
 
     The features are computed partition by partition (``userrep.partitions``; Ray Data tasks
@@ -144,11 +177,11 @@ def materialize(data: str | Path | Dataset, as_of, config: StoreConfig = StoreCo
     (home / "data").mkdir(parents=True, exist_ok=True)
     space_dir = home / "snapshots" / sid
     # A directory is streamed into user partitions, never held (``userrep.partitions``).
-    _, user_features = partitioned_snapshot(data, as_of, features, space_dir, space_dir / "partitions",
-                                            workers=workers)
+    _, user_features = partitioned_snapshot(data, as_of, features, space_dir, space_dir / "partitions", workers=workers)
     np.save(space_dir / "users.npy", user_features.user_ids.astype(str))
-    (space_dir / "snapshot.json").write_text(json.dumps({"space_id": sid, "as_of": as_of.isoformat(),
-                                                         "users": len(user_features.user_ids)}))
+    (space_dir / "snapshot.json").write_text(
+        json.dumps({"space_id": sid, "as_of": as_of.isoformat(), "users": len(user_features.user_ids)})
+    )
     store = store or open_store(config)
     # The snapshot's rows, offline and online (what ``store.materialize`` over [as_of - 1s,
     # as_of + 1s] loads), a chunk of users at a time: Feast's materialize held the whole snapshot
@@ -164,8 +197,10 @@ def materialize(data: str | Path | Dataset, as_of, config: StoreConfig = StoreCo
 
         _upsert(home / "data" / f"{view}.parquet", chunks(), "space_id", sid)
     shutil.rmtree(space_dir / "partitions")
-    log(f"materialized snapshot {sid}: {len(user_features.user_ids)} users as of {as_of.isoformat()} "
-        f"-> {home / 'data'} and the {config.online} online store")
+    log(
+        f"materialized snapshot {sid}: {len(user_features.user_ids)} users as of {as_of.isoformat()} "
+        f"-> {home / 'data'} and the {config.online} online store"
+    )
     return Snapshot(sid, as_of, space_dir, user_features.user_ids)
 
 
@@ -194,17 +229,23 @@ def offline_frames(features: UserFeatures, sid: str, as_of) -> tuple[pa.Table, p
     history = [slices[g] for g in features.schema.history_groups()]
 
     def table(columns: dict[str, np.ndarray]) -> pa.Table:
-        return pa.table({"user_id": pa.array(features.user_ids, pa.string()),
-                         "event_timestamp": _times(as_of, n),
-                         "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-                         "space_id": pa.array([sid] * n, pa.string()),
-                         **{name: list_column(block) for name, block in columns.items()}})
+        return pa.table(
+            {
+                "user_id": pa.array(features.user_ids, pa.string()),
+                "event_timestamp": _times(as_of, n),
+                "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+                "space_id": pa.array([sid] * n, pa.string()),
+                **{name: list_column(block) for name, block in columns.items()},
+            }
+        )
 
     def block(group: str) -> np.ndarray:
         return features.matrix[:, slices[group]] if group in slices else np.zeros((n, 0), np.float32)
 
-    return (table({"history": np.hstack([features.matrix[:, s] for s in history]) if history else block("none")}),
-            table({g: block(g) for g in PROFILE_GROUPS}))
+    return (
+        table({"history": np.hstack([features.matrix[:, s] for s in history]) if history else block("none")}),
+        table({g: block(g) for g in PROFILE_GROUPS}),
+    )
 
 
 def _upsert(path: Path, tables: pa.Table | Iterable[pa.Table], key: str, value: str) -> None:
@@ -270,9 +311,13 @@ def _training_rows(store, service, snapshot: Snapshot, schema, user_ids: np.ndar
     missing = frame["user_history__space_id"].isna() | frame["user_profile__space_id"].isna()
     if missing.any():
         first = ", ".join(map(str, frame.loc[missing, "user_id"].head(5)))
-        raise ValueError(f"user_id: no feature row at {snapshot.as_of.isoformat()} for {int(missing.sum())} of "
-                         f"{len(frame)} users (e.g. {first}); {dropped} were dropped by Feast and restored as empty")
-    wrong = (frame["user_history__space_id"] != snapshot.space_id) | (frame["user_profile__space_id"] != snapshot.space_id)
+        raise ValueError(
+            f"user_id: no feature row at {snapshot.as_of.isoformat()} for {int(missing.sum())} of "
+            f"{len(frame)} users (e.g. {first}); {dropped} were dropped by Feast and restored as empty"
+        )
+    wrong = (frame["user_history__space_id"] != snapshot.space_id) | (
+        frame["user_profile__space_id"] != snapshot.space_id
+    )
     if wrong.any():
         raise ValueError(f"space_id: {int(wrong.sum())} rows come from another snapshot than {snapshot.space_id}")
     n_history = sum(size for name, size in schema.groups if name in schema.history_groups())
@@ -282,7 +327,7 @@ def _training_rows(store, service, snapshot: Snapshot, schema, user_ids: np.ndar
         if group in PROFILE_GROUPS:
             blocks.append(_stack(frame[f"user_profile__{group}"], size, group))
         else:
-            blocks.append(packed["history"][:, offset:offset + size])
+            blocks.append(packed["history"][:, offset : offset + size])
             offset += size
     if list(frame["user_id"]) != list(user_ids):
         raise RuntimeError("user_id: the point-in-time join returned the users in another order")
@@ -292,8 +337,10 @@ def _training_rows(store, service, snapshot: Snapshot, schema, user_ids: np.ndar
 def _stack(column: pd.Series, size: int, name: str) -> np.ndarray:
     lengths = column.map(len)
     if (lengths != size).any():
-        raise ValueError(f"{name}: expected {size} values per user, got {sorted(set(lengths))[:5]} "
-                         f"(snapshot written with another feature config?)")
+        raise ValueError(
+            f"{name}: expected {size} values per user, got {sorted(set(lengths))[:5]} "
+            f"(snapshot written with another feature config?)"
+        )
     return np.stack(column.to_numpy()).astype(np.float32) if size else np.zeros((len(column), 0), np.float32)
 
 
@@ -303,12 +350,16 @@ def embedding_rows(user_ids, embeddings, batch_id: str, as_of) -> pa.Table:
     n = len(embeddings)
     now = pd.Timestamp(datetime.now(UTC))
     ids = user_ids if isinstance(user_ids, (pa.Array, pa.ChunkedArray)) else pa.array(np.asarray(user_ids, object))
-    return pa.table({"user_id": ids.cast(pa.string()),
-                     "batch_id": pa.array([batch_id] * n, pa.string()),
-                     "event_timestamp": _times(as_of, n),
-                     "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-                     "embedding": embeddings.cast(pa.list_(pa.float32())),
-                     "embedding_batch": pa.array([batch_id] * n, pa.string())})
+    return pa.table(
+        {
+            "user_id": ids.cast(pa.string()),
+            "batch_id": pa.array([batch_id] * n, pa.string()),
+            "event_timestamp": _times(as_of, n),
+            "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "embedding": embeddings.cast(pa.list_(pa.float32())),
+            "embedding_batch": pa.array([batch_id] * n, pa.string()),
+        }
+    )
 
 
 def publish_embeddings(store, config: StoreConfig, embeddings: pa.Table, batch_id: str, as_of) -> int:
@@ -335,7 +386,12 @@ class OnlineWriter:
     def __init__(self, store):
         from feast.utils import _convert_arrow_to_proto
 
-        self.store, self._to_proto, self._provider, self._views = store, _convert_arrow_to_proto, store._get_provider(), {}
+        self.store, self._to_proto, self._provider, self._views = (
+            store,
+            _convert_arrow_to_proto,
+            store._get_provider(),
+            {},
+        )
 
     def __call__(self, view: str, table: pa.Table) -> None:
         if not table.num_rows:
@@ -364,12 +420,16 @@ def online_embeddings(store, user_ids, batch_id: str, with_times: bool = False) 
     """(vectors, found) for users of one batch; a row of another batch is an error, never returned.
     ``with_times``: also each row's event time (the time its features are as of; NaT where not found)."""
     rows = [{"user_id": str(u), "batch_id": batch_id} for u in user_ids]
-    got = store.get_online_features(features=EMBEDDING_FIELDS, entity_rows=rows).to_dict(include_event_timestamps=with_times)
+    got = store.get_online_features(features=EMBEDDING_FIELDS, entity_rows=rows).to_dict(
+        include_event_timestamps=with_times
+    )
     found = np.array([v is not None for v in got["embedding"]], bool)
     stamps = np.array(got["embedding_batch"], dtype=object)
     if (found & (stamps != batch_id)).any():
-        raise RuntimeError(f"batch_id: online store returned rows of batch {set(stamps[found]) - {batch_id}} "
-                           f"for a read of batch {batch_id}")
+        raise RuntimeError(
+            f"batch_id: online store returned rows of batch {set(stamps[found]) - {batch_id}} "
+            f"for a read of batch {batch_id}"
+        )
     dim = next((len(v) for v in got["embedding"] if v is not None), 0)
     vectors = np.full((len(rows), dim), np.nan, np.float32)
     for i, v in enumerate(got["embedding"]):
@@ -378,8 +438,10 @@ def online_embeddings(store, user_ids, batch_id: str, with_times: bool = False) 
     if with_times:
         from feast.online_response import TIMESTAMP_POSTFIX
 
-        times = [pd.Timestamp(t, unit="s", tz="UTC") if hit else pd.NaT
-                 for t, hit in zip(got["embedding" + TIMESTAMP_POSTFIX], found)]
+        times = [
+            pd.Timestamp(t, unit="s", tz="UTC") if hit else pd.NaT
+            for t, hit in zip(got["embedding" + TIMESTAMP_POSTFIX], found)
+        ]
         return vectors, found, times
     return vectors, found
 
@@ -394,8 +456,11 @@ def history_table(user_ids, artists, plays, recent, batch_id: str, as_of) -> pa.
     plays.eliminate_zeros()
     plays.sort_indices()
     users = np.repeat(np.arange(plays.shape[0]), np.diff(plays.indptr))
-    recent_at = (np.asarray(sp.csr_matrix(recent, dtype=np.float32)[users, plays.indices], np.float32).ravel()
-                 if len(users) else np.zeros(0, np.float32))
+    recent_at = (
+        np.asarray(sp.csr_matrix(recent, dtype=np.float32)[users, plays.indices], np.float32).ravel()
+        if len(users)
+        else np.zeros(0, np.float32)
+    )
     has = np.flatnonzero(np.diff(plays.indptr) > 0)
     n = len(has)
 
@@ -405,16 +470,23 @@ def history_table(user_ids, artists, plays, recent, batch_id: str, as_of) -> pa.
         return pa.ListArray.from_arrays(pa.compute.subtract(offsets, offsets[0]), values.slice(start, stop - start))
 
     now = pd.Timestamp(datetime.now(UTC))
-    return pa.table({"user_id": pa.array(np.asarray(user_ids, dtype=object)[has].astype(str), pa.string()),
-                     "batch_id": pa.array([batch_id] * n, pa.string()),
-                     "event_timestamp": _times(as_of, plays.shape[0]).take(pa.array(has, pa.int64())),
-                     "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-                     # taken in arrow: a numpy str array of a 100k-user batch's 3M ids came back chunked
-                     "artists": lists(pa.array(np.asarray(artists, dtype=object).astype(str).tolist(), pa.string())
-                                      .take(pa.array(plays.indices, pa.int32()))),
-                     "plays": lists(pa.array(plays.data, pa.float32())),
-                     "recent": lists(pa.array(recent_at, pa.float32())),
-                     "history_batch": pa.array([batch_id] * n, pa.string())})
+    return pa.table(
+        {
+            "user_id": pa.array(np.asarray(user_ids, dtype=object)[has].astype(str), pa.string()),
+            "batch_id": pa.array([batch_id] * n, pa.string()),
+            "event_timestamp": _times(as_of, plays.shape[0]).take(pa.array(has, pa.int64())),
+            "created": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            # taken in arrow: a numpy str array of a 100k-user batch's 3M ids came back chunked
+            "artists": lists(
+                pa.array(np.asarray(artists, dtype=object).astype(str).tolist(), pa.string()).take(
+                    pa.array(plays.indices, pa.int32())
+                )
+            ),
+            "plays": lists(pa.array(plays.data, pa.float32())),
+            "recent": lists(pa.array(recent_at, pa.float32())),
+            "history_batch": pa.array([batch_id] * n, pa.string()),
+        }
+    )
 
 
 def publish_history(store, config: StoreConfig, table: pa.Table, batch_id: str) -> int:

@@ -42,13 +42,22 @@ def latest_checkpoint(directory: str | Path | None) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(directory: Path, epoch: int, model: UserAutoencoder, optimizer, losses: list[float],
-                     starts: list[int]) -> None:
+def _save_checkpoint(
+    directory: Path, epoch: int, model: UserAutoencoder, optimizer, losses: list[float], starts: list[int]
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"epoch_{epoch:04d}.pt"
     tmp = final.with_suffix(".tmp")
-    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses,
-                "starts": starts}, tmp)
+    torch.save(
+        {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "losses": losses,
+            "starts": starts,
+        },
+        tmp,
+    )
     os.replace(tmp, final)  # a reader never sees a half-written checkpoint
 
 
@@ -70,7 +79,7 @@ def _epoch_rows(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.T
 def _batches(matrix: np.ndarray, rows: torch.Tensor, batch_size: int):
     """Batches of ``matrix`` rows (an array, or a memory-mapped .npy: only the rows taken are read)."""
     for start in range(0, len(rows), batch_size):
-        yield torch.from_numpy(np.ascontiguousarray(matrix[rows[start:start + batch_size].numpy()]))
+        yield torch.from_numpy(np.ascontiguousarray(matrix[rows[start : start + batch_size].numpy()]))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -116,8 +125,9 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
         generator = torch.Generator().manual_seed(ae.seed * 1_000_003 + epoch * 101 + rank)  # corruption noise
         # each rank takes batch_size / world rows a step: the global batch, and so the number of
         # optimizer steps an epoch, is the in-process loop's whatever the worker count
-        batches = _batches(matrix, _epoch_rows(len(matrix), ae.seed, epoch, rank, world),
-                           max(1, ae.batch_size // world))
+        batches = _batches(
+            matrix, _epoch_rows(len(matrix), ae.seed, epoch, rank, world), max(1, ae.batch_size // world)
+        )
         model.train()
         total = torch.zeros(2, dtype=torch.float64)  # (loss sum, rows), all-reduced across workers
         for step, raw in enumerate(batches, start=1):
@@ -142,9 +152,14 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
     return core.eval(), losses, starts
 
 
-def fit_autoencoder(features: UserFeatures, ae: AEConfig = AEConfig(), workers: int = 0,
-                    checkpoint_dir: str | Path | None = None, resume: bool = False,
-                    progress=None) -> FitResult:
+def fit_autoencoder(
+    features: UserFeatures,
+    ae: AEConfig = AEConfig(),
+    workers: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress=None,
+) -> FitResult:
     """Train on ``features``. ``workers=0``: plain torch here; ``workers>=1``: Ray Train workers.
 
     Without ``resume`` an existing checkpoint directory is cleared first.
@@ -160,8 +175,13 @@ def fit_autoencoder(features: UserFeatures, ae: AEConfig = AEConfig(), workers: 
     resumed_epoch = int(resumed.stem.split("_")[1]) if resumed else 0
     matrix = np.ascontiguousarray(features.matrix, dtype=np.float32)
     mean, std = standardization(matrix)
-    config = {"schema": [list(g) for g in features.schema.groups], "mean": mean.tolist(), "std": std.tolist(),
-              "ae": asdict(ae), "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None}
+    config = {
+        "schema": [list(g) for g in features.schema.groups],
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "ae": asdict(ae),
+        "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
+    }
     if workers == 0:
         model, losses, starts = _train({**config, "matrix": matrix, "progress": progress})
         return FitResult(model, tuple(losses), resumed_epoch, tuple(starts))
@@ -194,8 +214,11 @@ def _fit_with_ray(matrix: np.ndarray, config: dict, workers: int, checkpoint_dir
         train_loop_per_worker,
         train_loop_config={**config, "matrix_path": str(matrix_path)},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": train_cpus_per_worker(workers)}),
-        run_config=RunConfig(name="autoencoder", storage_path=str(checkpoint_dir.parent / "ray_results"),
-                             failure_config=FailureConfig(max_failures=1)),
+        run_config=RunConfig(
+            name="autoencoder",
+            storage_path=str(checkpoint_dir.parent / "ray_results"),
+            failure_config=FailureConfig(max_failures=1),
+        ),
     )
     try:
         trainer.fit()

@@ -49,8 +49,13 @@ def tuned_configs(tuned: dict):
     from userrep.tasks._mlp import HeadConfig
 
     best = tuned["best"]
-    ae = AEConfig(latent=best["latent"], share_weight=best["share_weight"], group_drop_rate=best["group_drop_rate"],
-                  history_drop_rate=best["history_drop_rate"], epochs=best["epochs"])
+    ae = AEConfig(
+        latent=best["latent"],
+        share_weight=best["share_weight"],
+        group_drop_rate=best["group_drop_rate"],
+        history_drop_rate=best["history_drop_rate"],
+        epochs=best["epochs"],
+    )
     return ae, HeadConfig(hidden=best["hidden"], weight_decay=best["weight_decay"])
 
 
@@ -71,8 +76,14 @@ def _defaults() -> dict:
     from userrep.tasks._mlp import HeadConfig
 
     ae, head = AEConfig(), HeadConfig()
-    return {"latent": ae.latent, "share_weight": ae.share_weight, "group_drop_rate": ae.group_drop_rate,
-            "history_drop_rate": ae.history_drop_rate, "hidden": head.hidden, "weight_decay": head.weight_decay}
+    return {
+        "latent": ae.latent,
+        "share_weight": ae.share_weight,
+        "group_drop_rate": ae.group_drop_rate,
+        "history_drop_rate": ae.history_drop_rate,
+        "hidden": head.hidden,
+        "weight_decay": head.weight_decay,
+    }
 
 
 def _trial(params: dict, data: dict) -> None:
@@ -90,8 +101,13 @@ def _trial(params: dict, data: dict) -> None:
 
     torch.set_num_threads(1)  # one CPU per trial: trials run side by side
     features, labels, train, valid = data["features"], data["labels"], data["train"], data["valid"]
-    ae = AEConfig(latent=params["latent"], share_weight=params["share_weight"], seed=data["seed"],
-                  group_drop_rate=params["group_drop_rate"], history_drop_rate=params["history_drop_rate"])
+    ae = AEConfig(
+        latent=params["latent"],
+        share_weight=params["share_weight"],
+        seed=data["seed"],
+        group_drop_rate=params["group_drop_rate"],
+        history_drop_rate=params["history_drop_rate"],
+    )
     head = HeadConfig(hidden=params["hidden"], weight_decay=params["weight_decay"], seed=data["seed"])
     with tempfile.TemporaryDirectory() as checkpoints:
         for epochs in RUNGS:
@@ -102,8 +118,15 @@ def _trial(params: dict, data: dict) -> None:
             tune.report({"ndcg@10": float(score), "epochs": epochs})
 
 
-def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneConfig(), split: str = "auto",
-                 cutoff: str | None = None, log=print, as_of=None) -> dict:
+def tune_dataset(
+    data: str | Path,
+    out: str | Path,
+    config: TuneConfig = TuneConfig(),
+    split: str = "auto",
+    cutoff: str | None = None,
+    log=print,
+    as_of=None,
+) -> dict:
     """Search ``SPACE`` with ASHA on the inner validation split; write and return ``OUT/tuned.json``.
 
     ``as_of`` (for a batch as of that time): the events before it are the history, split once;
@@ -129,11 +152,20 @@ def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneCon
     history = history_before(ds, as_of) if as_of is not None else make_split(ds, cutoff, config.seed, kind=split).train
     ctx, _ = prepare(history, EvalConfig(split=split, seed=config.seed))  # history only, split again
     if len(ctx.train_rows) < 10 or len(ctx.test_rows) < 5:
-        raise ValueError(f"data: too few warm users in the validation split ({len(ctx.train_rows) + len(ctx.test_rows)})")
-    log(f"validation split of the history: {ctx.split.note}; {len(ctx.train_rows):,} head-training / "
-        f"{len(ctx.test_rows):,} validation users")
-    payload = {"features": ctx.features, "labels": ctx.labels, "train": ctx.train_rows, "valid": ctx.test_rows,
-               "seed": config.seed}
+        raise ValueError(
+            f"data: too few warm users in the validation split ({len(ctx.train_rows) + len(ctx.test_rows)})"
+        )
+    log(
+        f"validation split of the history: {ctx.split.note}; {len(ctx.train_rows):,} head-training / "
+        f"{len(ctx.test_rows):,} validation users"
+    )
+    payload = {
+        "features": ctx.features,
+        "labels": ctx.labels,
+        "train": ctx.train_rows,
+        "valid": ctx.test_rows,
+        "seed": config.seed,
+    }
     space = {name: tune.choice(list(values)) for name, values in SPACE.items()}
 
     class Progress(Callback):
@@ -141,8 +173,10 @@ def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneCon
         its callbacks with the experiment state, so this holds no reference to a console."""
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            print(f"  trial {trial.trial_id}: {result['epochs']:>2} epochs, validation nDCG@10 "
-                  f"{result['ndcg@10']:.4f}", flush=True)
+            print(
+                f"  trial {trial.trial_id}: {result['epochs']:>2} epochs, validation nDCG@10 {result['ndcg@10']:.4f}",
+                flush=True,
+            )
 
     # Trials the budget never started have no results; Tune warns about each at length.
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
@@ -151,28 +185,48 @@ def tune_dataset(data: str | Path, out: str | Path, config: TuneConfig = TuneCon
             tune.with_resources(tune.with_parameters(_trial, data=payload), {"cpu": 1}),
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric="ndcg@10", mode="max", num_samples=config.trials, time_budget_s=config.budget_s,
+                metric="ndcg@10",
+                mode="max",
+                num_samples=config.trials,
+                time_budget_s=config.budget_s,
                 scheduler=ASHAScheduler(max_t=len(RUNGS), grace_period=1, reduction_factor=2),
                 # The defaults are the first trial: the choice is measured against them, not assumed better.
-                search_alg=BasicVariantGenerator(points_to_evaluate=[_defaults()], random_state=config.seed)),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out / "ray_results"), verbose=0,
-                                      callbacks=[Progress()]),
+                search_alg=BasicVariantGenerator(points_to_evaluate=[_defaults()], random_state=config.seed),
+            ),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(out / "ray_results"), verbose=0, callbacks=[Progress()]
+            ),
         )
         results = tuner.fit()
     trials = []
     for result in results:
         if result.metrics and "ndcg@10" in result.metrics:
-            trials.append({**{k: result.config[k] for k in SPACE}, "ndcg@10": result.metrics["ndcg@10"],
-                           "epochs": int(result.metrics["epochs"])})
+            trials.append(
+                {
+                    **{k: result.config[k] for k in SPACE},
+                    "ndcg@10": result.metrics["ndcg@10"],
+                    "epochs": int(result.metrics["epochs"]),
+                }
+            )
     if not trials:
         raise RuntimeError(f"tune: no trial reported a score (see {out / 'ray_results'})")
     trials.sort(key=lambda t: -t["ndcg@10"])
-    record = {"best": trials[0], "trials": trials, "validation": {
-              "split": ctx.split.note, "history_before": None if as_of is None else to_utc(as_of).isoformat(),
-              "newest_event": pd.Timestamp(pc.max(ctx.split.future.column("ts")).as_py()).isoformat(),
-              "head_training_users": int(len(ctx.train_rows)), "validation_users": int(len(ctx.test_rows))},
-              "config": asdict(config), "seconds": round(time.monotonic() - started, 1)}
+    record = {
+        "best": trials[0],
+        "trials": trials,
+        "validation": {
+            "split": ctx.split.note,
+            "history_before": None if as_of is None else to_utc(as_of).isoformat(),
+            "newest_event": pd.Timestamp(pc.max(ctx.split.future.column("ts")).as_py()).isoformat(),
+            "head_training_users": int(len(ctx.train_rows)),
+            "validation_users": int(len(ctx.test_rows)),
+        },
+        "config": asdict(config),
+        "seconds": round(time.monotonic() - started, 1),
+    }
     (out / "tuned.json").write_text(json.dumps(record, indent=2))
-    log(f"{len(trials)} of {config.trials} trials ran within the {config.budget_s:g} s budget; best: {trials[0]} "
-        f"({record['seconds']} s)")
+    log(
+        f"{len(trials)} of {config.trials} trials ran within the {config.budget_s:g} s budget; best: {trials[0]} "
+        f"({record['seconds']} s)"
+    )
     return record

@@ -36,8 +36,9 @@ def weighted_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
         return (w @ values[valid].astype(np.float64)) / w.sum(axis=1)
 
 
-def weighted_aucs(labels: np.ndarray, scores: np.ndarray, pair_users: np.ndarray, user_weights: np.ndarray,
-                  levels: int = LEVELS) -> np.ndarray:
+def weighted_aucs(
+    labels: np.ndarray, scores: np.ndarray, pair_users: np.ndarray, user_weights: np.ndarray, levels: int = LEVELS
+) -> np.ndarray:
     """Per-resample ROC AUC where each pair counts with its user's weight (ties count half).
 
     ``user_weights`` (rounds, users); ``pair_users`` the user of each pair. Pairs are grouped by
@@ -79,8 +80,13 @@ class Comparison:
     significant: bool  # the interval of the difference excludes 0
 
     def to_dict(self) -> dict:
-        return {"ours": self.ours, "baseline": self.baseline, "diff": self.diff, "diff_ci": self.diff_ci,
-                "significant": self.significant}
+        return {
+            "ours": self.ours,
+            "baseline": self.baseline,
+            "diff": self.diff,
+            "diff_ci": self.diff_ci,
+            "significant": self.significant,
+        }
 
 
 def compare(values: dict[str, float], samples: dict[str, np.ndarray], is_ours) -> Comparison | None:
@@ -92,8 +98,7 @@ def compare(values: dict[str, float], samples: dict[str, np.ndarray], is_ours) -
     best_ours = max(ours, key=lambda m: values[m])
     best_theirs = max(theirs, key=lambda m: values[m])
     lo, hi = interval(samples[best_ours] - samples[best_theirs])
-    return Comparison(best_ours, best_theirs, values[best_ours] - values[best_theirs], [lo, hi],
-                      bool(lo > 0 or hi < 0))
+    return Comparison(best_ours, best_theirs, values[best_ours] - values[best_theirs], [lo, hi], bool(lo > 0 or hi < 0))
 
 
 class Board:
@@ -119,8 +124,9 @@ class Board:
             value = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
             self._put(task, method, metric, value, weighted_means(values, self.weights[population]))
 
-    def add_auc(self, task: str, method: str, population: str, pair_users: np.ndarray, labels: np.ndarray,
-                scores: np.ndarray) -> None:
+    def add_auc(
+        self, task: str, method: str, population: str, pair_users: np.ndarray, labels: np.ndarray, scores: np.ndarray
+    ) -> None:
         """AUC over (user, artist) pairs; ``pair_users`` index the users of ``population``."""
         from userrep.metrics import auc
 

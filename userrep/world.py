@@ -34,11 +34,28 @@ from rich.progress import Progress
 from userrep.data import TS_TYPE
 
 GENRES = (
-    "pop", "rock", "hip-hop", "electronic", "indie", "metal", "jazz", "classical", "r&b", "country",
-    "folk", "latin", "reggae", "blues", "punk", "soul", "ambient", "k-pop", "house", "techno",
+    "pop",
+    "rock",
+    "hip-hop",
+    "electronic",
+    "indie",
+    "metal",
+    "jazz",
+    "classical",
+    "r&b",
+    "country",
+    "folk",
+    "latin",
+    "reggae",
+    "blues",
+    "punk",
+    "soul",
+    "ambient",
+    "k-pop",
+    "house",
+    "techno",
 )
-CONTENT = ("energy", "valence", "danceability", "acousticness", "instrumentalness", "speechiness",
-           "tempo", "loudness")
+CONTENT = ("energy", "valence", "danceability", "acousticness", "instrumentalness", "speechiness", "tempo", "loudness")
 COUNTRIES = ("US", "GB", "DE", "FR", "BR", "SE", "JP", "MX")
 AGE_BUCKETS = ("18-24", "25-34", "35-44", "45-54", "55+")
 _FAVORITES = 8  # favourite artists per user and taste phase
@@ -135,8 +152,13 @@ def generate_world(config: WorldConfig, out: str | Path, progress: bool = True) 
         pairs = _pairs(config, dominant, np.random.default_rng(pairs_seq))
         pq.write_table(pairs, out / "pairs.parquet")
         bar.advance(task)
-    counts = {"users": config.users, "artists": config.n_artists, "items": int(catalog.track_count.sum()),
-              "events": n_events, "pairs": pairs.num_rows}
+    counts = {
+        "users": config.users,
+        "artists": config.n_artists,
+        "items": int(catalog.track_count.sum()),
+        "events": n_events,
+        "pairs": pairs.num_rows,
+    }
     # Written last: its presence marks a complete world (see world_is_current).
     (out / "world.json").write_text(json.dumps({"config": asdict(config), "counts": counts}, indent=2))
     return counts
@@ -172,8 +194,9 @@ def _make_catalog(config: WorldConfig, rng: np.random.Generator) -> Catalog:
         cum = np.cumsum(artist_pop[members])
         genre_artists.append(members)
         genre_cum.append(cum / cum[-1])
-    return Catalog(artist_genre, artist_genre2, artist_pop, track_offset, track_count, genre_pop,
-                   genre_artists, genre_cum)
+    return Catalog(
+        artist_genre, artist_genre2, artist_pop, track_offset, track_count, genre_pop, genre_artists, genre_cum
+    )
 
 
 def _items_table(catalog: Catalog, centroids: np.ndarray, rng: np.random.Generator) -> pa.Table:
@@ -189,12 +212,14 @@ def _items_table(catalog: Catalog, centroids: np.ndarray, rng: np.random.Generat
     primary = names[catalog.artist_genre]
     has_second = catalog.artist_genre2 >= 0
     artist_genres = np.where(has_second, primary + "|" + names[np.maximum(catalog.artist_genre2, 0)], primary)
-    return pa.table({
-        "item_id": _ids("t", np.arange(n_tracks), 7),
-        "artist_id": _ids("a", track_artist, 6),
-        "genres": pa.array(artist_genres[track_artist], pa.string()),
-        **{k: pa.array(v.astype(np.float32)) for k, v in content.items()},
-    })
+    return pa.table(
+        {
+            "item_id": _ids("t", np.arange(n_tracks), 7),
+            "artist_id": _ids("a", track_artist, 6),
+            "genres": pa.array(artist_genres[track_artist], pa.string()),
+            **{k: pa.array(v.astype(np.float32)) for k, v in content.items()},
+        }
+    )
 
 
 def _ids(prefix: str, index: np.ndarray, width: int) -> pa.Array:
@@ -229,8 +254,15 @@ def _artists_in_genres(rng: np.random.Generator, catalog: Catalog, genres: np.nd
     return flat_out.reshape(genres.shape)
 
 
-def _user_chunk(config: WorldConfig, catalog: Catalog, rng: np.random.Generator, lo: int, hi: int,
-                age_bias: np.ndarray, country_bias: np.ndarray) -> dict[str, pa.Table]:
+def _user_chunk(
+    config: WorldConfig,
+    catalog: Catalog,
+    rng: np.random.Generator,
+    lo: int,
+    hi: int,
+    age_bias: np.ndarray,
+    country_bias: np.ndarray,
+) -> dict[str, pa.Table]:
     n, n_genres = hi - lo, len(GENRES)
     start = pd.Timestamp(config.start, tz="UTC")
     start_s, span_s = start.timestamp(), config.days * _SECONDS_PER_DAY
@@ -276,31 +308,42 @@ def _user_chunk(config: WorldConfig, catalog: Catalog, rng: np.random.Generator,
     mix = (1 - lam[e_idx, None]) * taste0[p_user[e_idx]] + lam[e_idx, None] * taste1[p_user[e_idx]]
     artist[e_idx] = _artists_in_genres(rng, catalog, _sample_rows(rng, mix))
     # Within an artist, early tracks are the hits (power law over track position).
-    track = catalog.track_offset[artist] + np.floor(catalog.track_count[artist] * rng.random(artist.size) ** 2.5).astype(np.int64)
+    track = catalog.track_offset[artist] + np.floor(
+        catalog.track_count[artist] * rng.random(artist.size) ** 2.5
+    ).astype(np.int64)
 
     # One event per (session, track); repeats inside a session become its weight.
     key = p_session.astype(np.int64) * (int(catalog.track_count.sum()) + 1) + track
     uniq, first, weight = np.unique(key, return_index=True, return_counts=True)
     order = np.lexsort((p_time[first], p_user[first]))
     first, weight = first[order], weight[order]
-    events = pa.table({
-        "user_id": _ids("u", lo + p_user[first], 7),
-        "item_id": _ids("t", track[first], 7),
-        "ts": pa.array((p_time[first] * 1e6).astype(np.int64), pa.int64()).cast(TS_TYPE),
-        "weight": pa.array(weight.astype(np.float64)),
-    })
+    events = pa.table(
+        {
+            "user_id": _ids("u", lo + p_user[first], 7),
+            "item_id": _ids("t", track[first], 7),
+            "ts": pa.array((p_time[first] * 1e6).astype(np.int64), pa.int64()).cast(TS_TYPE),
+            "weight": pa.array(weight.astype(np.float64)),
+        }
+    )
 
     onboarded = rng.random(n) < config.onboarding_share
-    users = pa.table({
-        "user_id": _ids("u", np.arange(lo, hi), 7),
-        "signup_ts": pa.array((signup * 1e6).astype(np.int64), pa.int64()).cast(TS_TYPE),
-        "onboarding_artists": _onboarding_artists(config, catalog, rng, taste0, onboarded),
-        "onboarding_genres": _onboarding_genres(rng, taste0, onboarded),
-        "country": pa.array(np.array(COUNTRIES)[country]),
-        "age_bucket": pa.array(np.array(AGE_BUCKETS)[age]),
-    })
-    truth = {"user_id": users.column("user_id"), "dominant_genre": pa.array(np.array(GENRES)[dominant]),
-             "drift": pa.array(drift), "session_rate": pa.array(rate), "is_new": pa.array(is_new)}
+    users = pa.table(
+        {
+            "user_id": _ids("u", np.arange(lo, hi), 7),
+            "signup_ts": pa.array((signup * 1e6).astype(np.int64), pa.int64()).cast(TS_TYPE),
+            "onboarding_artists": _onboarding_artists(config, catalog, rng, taste0, onboarded),
+            "onboarding_genres": _onboarding_genres(rng, taste0, onboarded),
+            "country": pa.array(np.array(COUNTRIES)[country]),
+            "age_bucket": pa.array(np.array(AGE_BUCKETS)[age]),
+        }
+    )
+    truth = {
+        "user_id": users.column("user_id"),
+        "dominant_genre": pa.array(np.array(GENRES)[dominant]),
+        "drift": pa.array(drift),
+        "session_rate": pa.array(rate),
+        "is_new": pa.array(is_new),
+    }
     truth.update({f"taste0_{g}": pa.array(taste0[:, i]) for i, g in enumerate(GENRES)})
     truth.update({f"taste1_{g}": pa.array(taste1[:, i]) for i, g in enumerate(GENRES)})
     return {"events": events, "users": users, "truth": pa.table(truth), "dominant": dominant}
@@ -333,8 +376,9 @@ def _onboarding_genres(rng, taste0: np.ndarray, onboarded: np.ndarray) -> pa.Arr
     return _join_lists(np.array(GENRES, dtype=object), counts, chosen)
 
 
-def _onboarding_artists(config: WorldConfig, catalog: Catalog, rng, taste0: np.ndarray,
-                        onboarded: np.ndarray) -> pa.Array:
+def _onboarding_artists(
+    config: WorldConfig, catalog: Catalog, rng, taste0: np.ndarray, onboarded: np.ndarray
+) -> pa.Array:
     counts = rng.integers(3, 6, size=onboarded.size) * onboarded
     chosen = _artists_in_genres(rng, catalog, _sample_many(rng, taste0, 5))
     names = np.array([f"a{i:06d}" for i in range(config.n_artists)], dtype=object)

@@ -1,13 +1,13 @@
 """The ``userrep`` command line: one module per area, every command registered here.
 
-    userrep world generate --users 20000 --out data/world          cli/data.py
-    userrep data validate | thin | import lastfm-hetrec | deezer
-    userrep events compact
-    userrep train | embed | evaluate | tune                        cli/model.py
-    userrep features materialize
-    userrep batch list | show ID | gate ID | promote ID | rollback  cli/batch.py
-    userrep pipeline run | compile | submit                        cli/pipeline.py
-    userrep serve | demo                                           cli/demo.py
+userrep world generate --users 20000 --out data/world          cli/data.py
+userrep data validate | thin | import lastfm-hetrec | deezer
+userrep events compact
+userrep train | embed | evaluate | tune                        cli/model.py
+userrep features materialize
+userrep batch list | show ID | gate ID | promote ID | rollback  cli/batch.py
+userrep pipeline run | compile | submit                        cli/pipeline.py
+userrep serve | demo                                           cli/demo.py
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import typer
 
 from userrep.cli import batch, data, demo, model, pipeline
 
-app = typer.Typer(help="Generalized user representations: data, training, batches, serving.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Generalized user representations: data, training, batches, serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 app.add_typer(data.world_app, name="world")
 app.add_typer(model.features_app, name="features")
 app.add_typer(batch.batch_app, name="batch")

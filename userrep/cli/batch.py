@@ -25,13 +25,17 @@ def batch_list(root: ROOT_OPTION = Path("work/batches")) -> None:
         table.add_column(column)
     for row in list_batches(root):
         style = {"serving": "bold green", "rejected": "red", "failed": "red"}.get(row["state"], "")
-        table.add_row(*(str(row[c]) for c in ("batch_id", "as_of", "created_at", "users")),
-                      f"[{style}]{row['state']}[/]" if style else row["state"])
+        table.add_row(
+            *(str(row[c]) for c in ("batch_id", "as_of", "created_at", "users")),
+            f"[{style}]{row['state']}[/]" if style else row["state"],
+        )
     console.print(table)
 
 
 @batch_app.command("show")
-def batch_show(batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")) -> None:
+def batch_show(
+    batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")
+) -> None:
     """Manifest, downstream metrics, gate decision of one batch (JSON)."""
     from userrep.batches import show
 
@@ -42,7 +46,9 @@ def batch_show(batch_id: Annotated[str, typer.Argument(help="Batch id.")], root:
 def batch_gate(
     batch_id: Annotated[str, typer.Argument(help="Candidate batch id.")],
     root: ROOT_OPTION = Path("work/batches"),
-    data: Annotated[Path | None, typer.Option(help="Dataset directory; default: the one the batch was built on.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset directory; default: the one the batch was built on.")
+    ] = None,
 ) -> None:
     """Measure the candidate against the serving batch, decide, write gate.json and drift_report.html."""
     record = _gate(root, batch_id, data)
@@ -59,8 +65,9 @@ def _gate(root: Path, batch_id: str, data: Path | None) -> dict:
 
 def _print_gate(record: dict) -> None:
     verdict = "[bold green]PASS[/]" if record["passed"] else "[bold red]BLOCK[/]"
-    table = Table(title=f"gate {record['candidate']} vs serving {record['serving'] or '(none)'}: {verdict}",
-                  title_justify="left")
+    table = Table(
+        title=f"gate {record['candidate']} vs serving {record['serving'] or '(none)'}: {verdict}", title_justify="left"
+    )
     for column in ("check", "value", "limit", "ok"):
         table.add_column(column)
     for name, check in record["checks"].items():
@@ -76,12 +83,16 @@ def _print_gate(record: dict) -> None:
 
 
 @batch_app.command("promote")
-def batch_promote(batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")) -> None:
+def batch_promote(
+    batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")
+) -> None:
     """Serve this batch (gate passed, all models present): one atomic pointer switch."""
     from userrep.batches import promote
 
     pointer = _batch_call(lambda: promote(root, batch_id))
-    console.print(f"serving {pointer['serving']} (previous: {pointer['history'][-1] if pointer['history'] else 'none'})")
+    console.print(
+        f"serving {pointer['serving']} (previous: {pointer['history'][-1] if pointer['history'] else 'none'})"
+    )
 
 
 @batch_app.command("rollback")

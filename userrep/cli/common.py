@@ -48,19 +48,31 @@ def _print_summary(summary: dict) -> None:
     table.add_column("value")
     rows = [
         ("events", f"{summary['events']:,} (total weight {summary['total_weight']:,.0f})"),
-        ("users with events", f"{summary['users_with_events']:,} (median {summary['events_per_user_median']:.0f} events)"),
+        (
+            "users with events",
+            f"{summary['users_with_events']:,} (median {summary['events_per_user_median']:.0f} events)",
+        ),
         ("items", f"{summary['items']:,} ({summary['items_with_events']:,} played)"),
         ("artists / genres", f"{summary['artists']:,} / {summary['genres']:,}"),
-        ("time range (UTC)", f"{_short_ts(summary['ts_min'])} .. {_short_ts(summary['ts_max'])} "
-                             f"({summary['distinct_ts']:,} distinct)"),
-        ("users table", f"{summary['users_table']:,} rows" + (
-            f", {summary['users_without_events']:,} without events" if summary["users_table"] else "")),
+        (
+            "time range (UTC)",
+            f"{_short_ts(summary['ts_min'])} .. {_short_ts(summary['ts_max'])} ({summary['distinct_ts']:,} distinct)",
+        ),
+        (
+            "users table",
+            f"{summary['users_table']:,} rows"
+            + (f", {summary['users_without_events']:,} without events" if summary["users_table"] else ""),
+        ),
         ("pairs", f"{summary['pairs']:,}"),
     ]
     if summary.get("attributes"):
         rows.append(("attributes", ", ".join(f"{k} ({v})" for k, v in summary["attributes"].items())))
-    rows.append(("coverage", ", ".join(f"{k} {v:.0%}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in summary["coverage"].items())))
+    rows.append(
+        (
+            "coverage",
+            ", ".join(f"{k} {v:.0%}" if isinstance(v, float) else f"{k} {v}" for k, v in summary["coverage"].items()),
+        )
+    )
     rows += [("note", note) for note in summary["notes"]]
     for row in rows:
         table.add_row(*row)

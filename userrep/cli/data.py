@@ -99,7 +99,9 @@ def world_generate(
 @events_app.command("compact")
 def events_compact(
     data: Annotated[Path, typer.Option(help="Dataset the events join (its events.online/ directory).")],
-    log: Annotated[str, typer.Option(help="The online service's event log: a SQLite file, or redis://HOST:PORT/STREAM.")] = "work/online/events.sqlite",
+    log: Annotated[
+        str, typer.Option(help="The online service's event log: a SQLite file, or redis://HOST:PORT/STREAM.")
+    ] = "work/online/events.sqlite",
 ) -> None:
     """Append the events logged since the last compaction to the dataset, so the next batch trains on them."""
     from userrep.eventlog import compact
@@ -108,6 +110,8 @@ def events_compact(
         _error("error", f"--data {data}: not a directory")
         raise typer.Exit(code=1)
     done = _run_or_exit(lambda: compact(log, data))
-    console.print(f"compacted {done['events']} event(s) (log positions after {done['from']} to {done['to']}) "
-                  f"into {data}/events.online ({len(done['parts'])} part(s)); log trimmed through "
-                  f"{done['trimmed_through']} (a consumer group still applying holds the rest)")
+    console.print(
+        f"compacted {done['events']} event(s) (log positions after {done['from']} to {done['to']}) "
+        f"into {data}/events.online ({len(done['parts'])} part(s)); log trimmed through "
+        f"{done['trimmed_through']} (a consumer group still applying holds the rest)"
+    )

@@ -16,16 +16,32 @@ from userrep.layout import manifest_path, read_manifest
 
 
 def serve(
-    work: Annotated[Path, typer.Option(help="Work dir: batches/, feast/, online/ (event log), bentoml/.")] = Path("work"),
+    work: Annotated[Path, typer.Option(help="Work dir: batches/, feast/, online/ (event log), bentoml/.")] = Path(
+        "work"
+    ),
     port: Annotated[int, typer.Option(help="Ray Serve port (embeddings, events).")] = 8000,
     bento_port: Annotated[int, typer.Option(help="BentoML port (recommendations, preferences).")] = 3000,
     feast: Annotated[bool, typer.Option(help="Read and write the Feast online store in WORK/feast.")] = True,
-    events_log: Annotated[str, typer.Option(help="Event log: a file (default WORK/online/events.sqlite) or "
-                                                 "redis://HOST:PORT/STREAM (Redis with appendonly, fsync always).")] = "",
-    replicas: Annotated[int, typer.Option(min=1, help="Ray Serve replicas of the embedding API (they share the "
-                                                      "per-user state through the event log).")] = 1,
-    ingress: Annotated[str, typer.Option(help="haproxy (Ray Serve's HAProxy ingress; falls back to serve if it "
-                                              "does not come up) or serve (Serve's own Python proxy).")] = "haproxy",
+    events_log: Annotated[
+        str,
+        typer.Option(
+            help="Event log: a file (default WORK/online/events.sqlite) or "
+            "redis://HOST:PORT/STREAM (Redis with appendonly, fsync always)."
+        ),
+    ] = "",
+    replicas: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Ray Serve replicas of the embedding API (they share the per-user state through the event log)."
+        ),
+    ] = 1,
+    ingress: Annotated[
+        str,
+        typer.Option(
+            help="haproxy (Ray Serve's HAProxy ingress; falls back to serve if it "
+            "does not come up) or serve (Serve's own Python proxy)."
+        ),
+    ] = "haproxy",
 ) -> None:
     """Serve the promoted batch on 127.0.0.1 until Ctrl-C: Ray Serve + BentoML, reloading on promotion."""
     from serving.launch import INGRESSES, serve_forever
@@ -38,19 +54,36 @@ def serve(
     if serving_batch(work / "batches") is None:
         _error("error", f"{work / 'batches'}: no batch is serving; run `make demo` first")
         raise typer.Exit(code=2)
-    serve_forever(work / "batches", work / "feast" if feast else None, port, bento_port, work, log=console.print,
-                  events_log=events_log or None, replicas=replicas, ingress=ingress)
+    serve_forever(
+        work / "batches",
+        work / "feast" if feast else None,
+        port,
+        bento_port,
+        work,
+        log=console.print,
+        events_log=events_log or None,
+        replicas=replicas,
+        ingress=ingress,
+    )
 
 
 def demo(
     work: Annotated[Path, typer.Option(help="Work directory for generated data and batches.")] = Path("work"),
     users: Annotated[int, typer.Option(min=1, help="Users in the synthetic world.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    workers: Annotated[int, typer.Option(min=0, help="Ray workers for training and backfill (0: in-process, the "
-                                                     "fastest fit on one box; bench/fit_throughput.py).")] = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Ray workers for training and backfill (0: in-process, the "
+            "fastest fit on one box; bench/fit_throughput.py).",
+        ),
+    ] = 0,
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
     later_days: Annotated[int, typer.Option(min=1, help="Batch 2 sees this many more days of data than batch 1.")] = 30,
-    smoke: Annotated[bool, typer.Option(help="End with a serving smoke (start both servers, new user, events).")] = True,
+    smoke: Annotated[
+        bool, typer.Option(help="End with a serving smoke (start both servers, new user, events).")
+    ] = True,
 ) -> None:
     """The lifecycle on the embedded default: world -> training pipeline for batch 1 (promoted) ->
     training pipeline for batch 2 on later data (gated against batch 1) -> decision and metrics ->
@@ -76,26 +109,46 @@ def demo(
 
     end = dataset_as_of(world)
     ids = []
-    for step, (label, as_of) in enumerate([("batch 1", end - pd.Timedelta(days=later_days)),
-                                           ("batch 2 on later data", end)]):
-        spec = FitSpec(data=str(world), batch_root=str(root), as_of=as_of.isoformat(), feast_home=str(work / "feast"),
-                       epochs=epochs, workers=workers, seed=seed)
+    for step, (label, as_of) in enumerate(
+        [("batch 1", end - pd.Timedelta(days=later_days)), ("batch 2 on later data", end)]
+    ):
+        spec = FitSpec(
+            data=str(world),
+            batch_root=str(root),
+            as_of=as_of.isoformat(),
+            feast_home=str(work / "feast"),
+            epochs=epochs,
+            workers=workers,
+            seed=seed,
+        )
         _, batch_id, _ = spec.batch_dir_and_id()
         ids.append(batch_id)
         console.rule(f"{2 + step}. training pipeline (kfp.local), {label}: as of {as_of:%Y-%m-%d} -> {batch_id}")
         if manifest_path(root / batch_id).exists() and state(root, batch_id) in ("serving", "previous", "rejected"):
-            console.print(f"[dim]batch {batch_id} already ran through the pipeline ({state(root, batch_id)}); "
-                          f"not rerunning[/]")
+            console.print(
+                f"[dim]batch {batch_id} already ran through the pipeline ({state(root, batch_id)}); not rerunning[/]"
+            )
             continue
         started, log_path = time.perf_counter(), _pipeline_log(work, f"training-{batch_id}")
         try:
-            outcome = run_local("training", work, log_path=log_path, echo=console.print, data=str(world),
-                                as_of=as_of.isoformat(), batch_root=str(root), feast_home=str(work / "feast"),
-                                epochs=epochs, workers=workers)
+            outcome = run_local(
+                "training",
+                work,
+                log_path=log_path,
+                echo=console.print,
+                data=str(world),
+                as_of=as_of.isoformat(),
+                batch_root=str(root),
+                feast_home=str(work / "feast"),
+                epochs=epochs,
+                workers=workers,
+            )
         except RuntimeError as exc:
             _pipeline_failed(exc, log_path)
-        console.print(f"pipeline finished in {time.perf_counter() - started:.0f}s; serving {outcome['serving']}; "
-                      f"full log: {log_path}")
+        console.print(
+            f"pipeline finished in {time.perf_counter() - started:.0f}s; serving {outcome['serving']}; "
+            f"full log: {log_path}"
+        )
 
     console.rule("4. gate decision for batch 2 and downstream metrics of both batches")
     gate_path = root / ids[1] / "gate.json"
@@ -103,8 +156,10 @@ def demo(
         _print_gate(json.loads(gate_path.read_text()))
     _print_downstream(root, ids)
     batch_list(root)
-    console.print(f"reports: {root}/<batch>/drift_report.html (Evidently), gate.json; KFP run artifacts under "
-                  f"{work}/kfp; rollback: userrep batch rollback --root {root}")
+    console.print(
+        f"reports: {root}/<batch>/drift_report.html (Evidently), gate.json; KFP run artifacts under "
+        f"{work}/kfp; rollback: userrep batch rollback --root {root}"
+    )
     if smoke:
         console.rule("5. serve the promoted batch (Ray Serve + BentoML) and react to live events")
         _smoke(work, world)

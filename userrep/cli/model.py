@@ -19,22 +19,43 @@ features_app = typer.Typer(help="The Feast feature store (feature_repo/).", no_a
 def train(
     data: Annotated[Path, typer.Option(help="Dataset directory.")],
     out: Annotated[Path, typer.Option(help="Batch directory to write.")],
-    as_of: Annotated[str | None, typer.Option(help="Feature cut-off (ISO-8601, UTC); default: midnight after the last event.")] = None,
+    as_of: Annotated[
+        str | None, typer.Option(help="Feature cut-off (ISO-8601, UTC); default: midnight after the last event.")
+    ] = None,
     dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
     workers: Annotated[int, typer.Option(min=0, help="0: in-process; N: Ray Train + Ray Data with N workers.")] = 0,
-    average_every: Annotated[int, typer.Option(min=1, help="With N >= 2 workers: 1 = DDP (gradients averaged every "
-                                                           "step); k = local SGD (parameters averaged every k steps).")] = 1,
+    average_every: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With N >= 2 workers: 1 = DDP (gradients averaged every "
+            "step); k = local SGD (parameters averaged every k steps).",
+        ),
+    ] = 1,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = False,
-    batch_id: Annotated[str | None, typer.Option(help="Batch id; default: derived from data, as_of and settings.")] = None,
+    batch_id: Annotated[
+        str | None, typer.Option(help="Batch id; default: derived from data, as_of and settings.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    feast: Annotated[bool, typer.Option(help="Materialize to Feast, train on its point-in-time training set, "
-                                             "publish embeddings online.")] = True,
-    feast_home: Annotated[Path, typer.Option(help="Feast work dir (offline tables, registry, online store).")] = Path("work/feast"),
+    feast: Annotated[
+        bool,
+        typer.Option(help="Materialize to Feast, train on its point-in-time training set, publish embeddings online."),
+    ] = True,
+    feast_home: Annotated[Path, typer.Option(help="Feast work dir (offline tables, registry, online store).")] = Path(
+        "work/feast"
+    ),
     downstream: Annotated[bool, typer.Option(help="Train the downstream task models on this batch.")] = True,
-    label_days: Annotated[int, typer.Option(min=1, help="Label window of the downstream tasks (days before as_of).")] = 28,
-    tuned: Annotated[Path | None, typer.Option(help="tuned.json from `userrep tune`: its autoencoder and head "
-                                                    "settings replace --dim/--epochs (recorded in the manifest).")] = None,
+    label_days: Annotated[
+        int, typer.Option(min=1, help="Label window of the downstream tasks (days before as_of).")
+    ] = 28,
+    tuned: Annotated[
+        Path | None,
+        typer.Option(
+            help="tuned.json from `userrep tune`: its autoencoder and head "
+            "settings replace --dim/--epochs (recorded in the manifest)."
+        ),
+    ] = None,
 ) -> None:
     """Build a batch: features (Feast) -> autoencoder -> backfill -> publish -> downstream models."""
     from userrep.build import BuildConfig, build_batch
@@ -53,12 +74,18 @@ def train(
             raise typer.Exit(code=1)
         ae, head, choice = tuned_settings(tuned, seed)
     ae = replace(ae, average_every=average_every)
-    config = BuildConfig(features=FeatureConfig(seed=seed), ae=ae, workers=workers, resume=resume,
-                         feast=StoreConfig(home=feast_home) if feast else None,
-                         downstream=DownstreamConfig(label_days=label_days, head=head, seed=seed) if downstream else None,
-                         tuned=choice)
-    manifest = _run_or_exit(lambda: build_batch(data, out, as_of, config, batch_id, log=console.print,
-                                                progress=_epoch_printer(epochs)))
+    config = BuildConfig(
+        features=FeatureConfig(seed=seed),
+        ae=ae,
+        workers=workers,
+        resume=resume,
+        feast=StoreConfig(home=feast_home) if feast else None,
+        downstream=DownstreamConfig(label_days=label_days, head=head, seed=seed) if downstream else None,
+        tuned=choice,
+    )
+    manifest = _run_or_exit(
+        lambda: build_batch(data, out, as_of, config, batch_id, log=console.print, progress=_epoch_printer(epochs))
+    )
     _print_manifest(manifest, out)
 
 
@@ -84,28 +111,39 @@ def embed(
 def evaluate(
     data: Annotated[Path, typer.Option(help="Dataset directory.")],
     out: Annotated[Path, typer.Option(help="Output directory for metrics.json and report.html.")],
-    cutoff: Annotated[str | None, typer.Option(help="Time split (ISO-8601); default: 80% quantile of event times.")] = None,
+    cutoff: Annotated[
+        str | None, typer.Option(help="Time split (ISO-8601); default: 80% quantile of event times.")
+    ] = None,
     dim: Annotated[int, typer.Option(min=2, help="Embedding dimension (and PCA/ALS dimension).")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
     top_k: Annotated[int, typer.Option(min=1, help="Artists ranked by the future-listening head.")] = 1000,
-    ablations: Annotated[bool, typer.Option(help="Also retrain without each feature group (~5 min more on 20k users).")] = False,
+    ablations: Annotated[
+        bool, typer.Option(help="Also retrain without each feature group (~5 min more on 20k users).")
+    ] = False,
     split: Annotated[str, typer.Option(help="auto | time | user-time | random (docs/evaluation.md).")] = "auto",
     seeds: Annotated[int, typer.Option(min=1, help="Repeat with seeds SEED..SEED+N-1; report mean and spread.")] = 1,
-    tune: Annotated[bool, typer.Option(help="First choose the autoencoder and head settings on a validation "
-                                            "split of the history (userrep tune), then evaluate with them.")] = False,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            help="First choose the autoencoder and head settings on a validation "
+            "split of the history (userrep tune), then evaluate with them."
+        ),
+    ] = False,
 ) -> None:
     """Evaluate the embedding against baselines on downstream tasks; write metrics.json and report.html."""
     from userrep.evaluate import EvalConfig
     from userrep.evaluate import evaluate as run
 
-    config = EvalConfig(cutoff=cutoff, split=split, dim=dim, seed=seed, seeds=seeds, epochs=epochs, top_k=top_k,
-                        ablations=ablations)
+    config = EvalConfig(
+        cutoff=cutoff, split=split, dim=dim, seed=seed, seeds=seeds, epochs=epochs, top_k=top_k, ablations=ablations
+    )
     if tune:
         from userrep.tune import TuneConfig, tune_dataset, tuned_configs
 
-        tuned = _run_or_exit(lambda: tune_dataset(data, out / "tuned", TuneConfig(seed=seed), split, cutoff,
-                                                  log=console.print))
+        tuned = _run_or_exit(
+            lambda: tune_dataset(data, out / "tuned", TuneConfig(seed=seed), split, cutoff, log=console.print)
+        )
         ae, head = tuned_configs(tuned)
         config = replace(config, dim=ae.latent, epochs=ae.epochs, ae=ae, head=head)
     metrics = _run_or_exit(lambda: run(data, out, config, log=console.print))
@@ -124,8 +162,9 @@ def tune(
     """Choose autoencoder and head settings on a validation split of the history (Ray Tune, ASHA)."""
     from userrep.tune import TuneConfig, tune_dataset
 
-    record = _run_or_exit(lambda: tune_dataset(data, out, TuneConfig(trials=trials, budget_s=budget, seed=seed), split,
-                                               log=console.print))
+    record = _run_or_exit(
+        lambda: tune_dataset(data, out, TuneConfig(trials=trials, budget_s=budget, seed=seed), split, log=console.print)
+    )
     table = Table(title=f"{len(record['trials'])} trials, best first ({record['seconds']} s)", title_justify="left")
     for name in record["trials"][0]:
         table.add_column(name, justify="right")
@@ -150,7 +189,9 @@ def _print_metrics(metrics: dict) -> None:
             cells = []
             for n in names:
                 value, ci = values.get(n), values.get(f"{n}_ci") or [None, None]
-                text = "-" if value is None else f"{value:.4f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+                text = (
+                    "-" if value is None else f"{value:.4f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+                )
                 cells.append(f"[bold]{text}[/]" if value is not None and value == best[n] else text)
             table.add_row(f"[cyan]{method}[/]" if method.startswith("gur") else method, *cells)
         console.print(table)
@@ -163,6 +204,7 @@ def _print_metrics(metrics: dict) -> None:
 def _epoch_printer(epochs: int):
     def report(epoch: int, total: int, loss: float) -> None:
         console.print(f"    epoch {epoch:>3}/{total}  loss {loss:.4f}")
+
     return report
 
 
@@ -192,7 +234,9 @@ def features_materialize(
     as_of: Annotated[str, typer.Option(help="Snapshot time (ISO-8601, UTC): features use events before it.")],
     feast_home: Annotated[Path, typer.Option(help="Feast work dir.")] = Path("work/feast"),
     online: Annotated[str, typer.Option(help="Online store: sqlite (embedded) or redis.")] = "sqlite",
-    redis: Annotated[str, typer.Option(help="Redis connection string host:port[,password=...] (--online redis).")] = "127.0.0.1:6379",
+    redis: Annotated[
+        str, typer.Option(help="Redis connection string host:port[,password=...] (--online redis).")
+    ] = "127.0.0.1:6379",
 ) -> None:
     """Fit encoders as of --as-of, write the offline tables, feast apply, materialize online."""
     from userrep.store import materialize

@@ -22,16 +22,31 @@ def pipeline_run(
     pipeline: Annotated[str, typer.Option(help="training or refresh.")] = "training",
     dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
-    workers: Annotated[int, typer.Option(min=0, help="Ray Train/Data workers (0: in-process, the fastest fit on "
-                                                     "one box; bench/fit_throughput.py).")] = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Ray Train/Data workers (0: in-process, the fastest fit on one box; bench/fit_throughput.py)."
+        ),
+    ] = 0,
     label_days: Annotated[int, typer.Option(min=1, help="Downstream label window (days).")] = 28,
     ray_address: Annotated[str, typer.Option(help="Ray Job Submission API of a RayCluster (fit runs there).")] = "",
     rayjob: Annotated[str, typer.Option(help="Namespace to create a KubeRay RayJob in for the fit.")] = "",
-    tune: Annotated[bool, typer.Option(help="Tune the autoencoder and head settings first (Ray Tune on a validation "
-                                            "split of the history; replaces --dim/--epochs; recorded in the manifest).")] = False,
-    tune_budget: Annotated[float, typer.Option(min=1, help="Seconds after which the tune step starts no new trial.")] = 180.0,
-    events_log: Annotated[str, typer.Option(help="The online event log to compact into the dataset first "
-                                                 "(e.g. work/online/events.sqlite); '' skips it.")] = "",
+    tune: Annotated[
+        bool,
+        typer.Option(
+            help="Tune the autoencoder and head settings first (Ray Tune on a validation "
+            "split of the history; replaces --dim/--epochs; recorded in the manifest)."
+        ),
+    ] = False,
+    tune_budget: Annotated[
+        float, typer.Option(min=1, help="Seconds after which the tune step starts no new trial.")
+    ] = 180.0,
+    events_log: Annotated[
+        str,
+        typer.Option(
+            help="The online event log to compact into the dataset first (e.g. work/online/events.sqlite); '' skips it."
+        ),
+    ] = "",
 ) -> None:
     """Run a pipeline embedded with kfp.local (SubprocessRunner): each step's progress on the console."""
     from pipelines.runner import run_local
@@ -42,10 +57,19 @@ def pipeline_run(
     _validate_or_exit(data)
     params = dict(data=str(data), as_of=as_of, batch_root=str(work / "batches"), feast_home=str(work / "feast"))
     if pipeline == "training":
-        params.update(dim=dim, epochs=epochs, workers=workers, label_days=label_days, ray_address=ray_address,
-                      rayjob_namespace=rayjob, tune=tune, tune_budget_s=tune_budget,
-                      events_log=events_log if events_log.startswith("redis://") or not events_log
-                      else str(Path(events_log).resolve()))
+        params.update(
+            dim=dim,
+            epochs=epochs,
+            workers=workers,
+            label_days=label_days,
+            ray_address=ray_address,
+            rayjob_namespace=rayjob,
+            tune=tune,
+            tune_budget_s=tune_budget,
+            events_log=events_log
+            if events_log.startswith("redis://") or not events_log
+            else str(Path(events_log).resolve()),
+        )
     log_path = _pipeline_log(work, pipeline)
     console.print(f"pipeline {pipeline} (kfp.local); full log: {log_path}")
     try:
@@ -73,11 +97,21 @@ def pipeline_compile(
 def pipeline_submit(
     host: Annotated[str, typer.Option(help="Kubeflow Pipelines API, e.g. http://localhost:8080.")],
     experiment: Annotated[str, typer.Option(help="Experiment name.")] = "userrep",
-    package: Annotated[Path, typer.Option(help="Compiled pipeline (userrep pipeline compile).")] = Path("work/pipelines/training.yaml"),
-    param: Annotated[list[str] | None, typer.Option(help="Pipeline parameter KEY=VALUE (repeatable), e.g. "
-                                                         "ray_address=http://raycluster-head-svc.ray:8265")] = None,
-    namespace: Annotated[str | None, typer.Option(help="Namespace the steps run in (multi-user Kubeflow: the "
-                                                       "profile's); the Helm release's namespace.")] = None,
+    package: Annotated[Path, typer.Option(help="Compiled pipeline (userrep pipeline compile).")] = Path(
+        "work/pipelines/training.yaml"
+    ),
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Pipeline parameter KEY=VALUE (repeatable), e.g. ray_address=http://raycluster-head-svc.ray:8265"
+        ),
+    ] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            help="Namespace the steps run in (multi-user Kubeflow: the profile's); the Helm release's namespace."
+        ),
+    ] = None,
 ) -> None:
     """Submit a compiled pipeline with kfp.Client and print the run URL."""
     from pipelines.runner import submit

@@ -29,8 +29,16 @@ class HeadConfig:
 
 
 class MLPHead(nn.Module):
-    def __init__(self, n_in: int, n_out: int, mean: np.ndarray, std: np.ndarray, config: HeadConfig,
-                 prior: np.ndarray | None = None, n_side: int = 0):
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        mean: np.ndarray,
+        std: np.ndarray,
+        config: HeadConfig,
+        prior: np.ndarray | None = None,
+        n_side: int = 0,
+    ):
         super().__init__()
         self.config, self.n_side = config, n_side
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
@@ -55,8 +63,14 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def fit_mlp(x: np.ndarray, y: np.ndarray, config: HeadConfig, prior: np.ndarray | None = None,
-            side: np.ndarray | None = None, validate=None) -> MLPHead:
+def fit_mlp(
+    x: np.ndarray,
+    y: np.ndarray,
+    config: HeadConfig,
+    prior: np.ndarray | None = None,
+    side: np.ndarray | None = None,
+    validate=None,
+) -> MLPHead:
     """Train on inputs (n, d), binary targets (n, k) and optional side features (n, k, f) with
     BCE; deterministic for a seed.
 
@@ -67,8 +81,15 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, config: HeadConfig, prior: np.ndarray 
     torch.manual_seed(config.seed)
     x = np.ascontiguousarray(x, dtype=np.float32)
     mean, std = x.mean(axis=0), x.std(axis=0)
-    head = MLPHead(x.shape[1], y.shape[1], mean, np.where(std > 1e-6, std, 1.0), config, prior,
-                   0 if side is None else side.shape[2])
+    head = MLPHead(
+        x.shape[1],
+        y.shape[1],
+        mean,
+        np.where(std > 1e-6, std, 1.0),
+        config,
+        prior,
+        0 if side is None else side.shape[2],
+    )
     xt, yt = torch.from_numpy(x), _tensor(y)
     st = None if side is None else _tensor(side)
     if st is not None:
@@ -82,7 +103,7 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, config: HeadConfig, prior: np.ndarray 
         head.train()
         order = torch.randperm(len(xt), generator=generator)
         for start in range(0, len(xt), config.batch_size):
-            rows = order[start:start + config.batch_size]
+            rows = order[start : start + config.batch_size]
             loss = loss_fn(head(xt[rows], None if st is None else st[rows]), yt[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -127,6 +148,8 @@ def _side_start(bias: torch.Tensor, side: torch.Tensor, y: torch.Tensor, rows: i
 @torch.no_grad()
 def predict(head: MLPHead, x: np.ndarray, side: np.ndarray | None = None, batch_size: int = 8192) -> np.ndarray:
     """Logits (n, k)."""
-    out = [head(_tensor(x[i:i + batch_size]), None if side is None else _tensor(side[i:i + batch_size])).numpy()
-           for i in range(0, len(x), batch_size)]
+    out = [
+        head(_tensor(x[i : i + batch_size]), None if side is None else _tensor(side[i : i + batch_size])).numpy()
+        for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, head.out.out_features), np.float32)

@@ -36,8 +36,9 @@ def sample_pairs(labels: np.ndarray, popularity: np.ndarray, seed: int, max_pos:
     return np.array(users, np.int64), np.array(artists, np.int64), np.array(ys, np.float32)
 
 
-def _inputs(x_users: np.ndarray, artist_vectors: np.ndarray, users: np.ndarray, artists: np.ndarray,
-            side: np.ndarray | None) -> np.ndarray:
+def _inputs(
+    x_users: np.ndarray, artist_vectors: np.ndarray, users: np.ndarray, artists: np.ndarray, side: np.ndarray | None
+) -> np.ndarray:
     """(user representation, artist vector[, the user's own history of that artist]) per pair."""
     parts = [x_users[users], artist_vectors[artists]]
     if side is not None:  # (users, K, f): the pair's f history features
@@ -49,23 +50,34 @@ def pair_config(head: HeadConfig, n_pairs: int) -> HeadConfig:
     """Pairs outnumber users ~20x: larger batches, and at most ``PAIR_SAMPLES`` pairs seen in
     training (8 epochs instead of 15 on the default world: 12 s instead of 25 s per head in
     ``userrep evaluate``, validation AUC -0.004 for every method; small datasets keep all epochs)."""
-    return replace(head, batch_size=max(head.batch_size, 1024),
-                   epochs=max(1, min(head.epochs, round(PAIR_SAMPLES / max(n_pairs, 1)))))
+    return replace(
+        head,
+        batch_size=max(head.batch_size, 1024),
+        epochs=max(1, min(head.epochs, round(PAIR_SAMPLES / max(n_pairs, 1)))),
+    )
 
 
-def fit_head(x_users: np.ndarray, artist_vectors: np.ndarray, pairs, config: HeadConfig = HeadConfig(),
-             side: np.ndarray | None = None, validate=None) -> MLPHead:
+def fit_head(
+    x_users: np.ndarray,
+    artist_vectors: np.ndarray,
+    pairs,
+    config: HeadConfig = HeadConfig(),
+    side: np.ndarray | None = None,
+    validate=None,
+) -> MLPHead:
     """Pair head: (user, artist[, history]) -> logit. ``validate``: see ``fit_mlp``."""
     users, artists, y = pairs
     return fit_mlp(_inputs(x_users, artist_vectors, users, artists, side), y[:, None], config, validate=validate)
 
 
-def scores(head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs,
-           side: np.ndarray | None = None) -> np.ndarray:
+def scores(
+    head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs, side: np.ndarray | None = None
+) -> np.ndarray:
     users, artists, _ = pairs
     return predict(head, _inputs(x_users, artist_vectors, users, artists, side))[:, 0]
 
 
-def evaluate(head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs,
-             side: np.ndarray | None = None) -> float:
+def evaluate(
+    head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs, side: np.ndarray | None = None
+) -> float:
     return auc(pairs[2], scores(head, x_users, artist_vectors, pairs, side))

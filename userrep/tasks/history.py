@@ -57,12 +57,19 @@ def best_weight(logits: np.ndarray, extra: np.ndarray, score: Callable[[np.ndarr
     return BLEND_WEIGHTS[int(np.argmax(values))]
 
 
-def blended(logits: np.ndarray, plays: np.ndarray, recent: np.ndarray, popularity: np.ndarray,
-            history_weight: float, prior_weight: float) -> np.ndarray:
+def blended(
+    logits: np.ndarray,
+    plays: np.ndarray,
+    recent: np.ndarray,
+    popularity: np.ndarray,
+    history_weight: float,
+    prior_weight: float,
+) -> np.ndarray:
     """A +history head's ranking scores: its logits plus, for users with history among the
     candidates, the weighted history score of the artists they played, and for users without,
     the weighted popularity prior (the weights were chosen on validation users)."""
     warm = (np.asarray(plays) > 0).any(axis=1, keepdims=True)
-    extra = np.where(warm, history_weight * played_scores(plays, recent, popularity),
-                     prior_weight * prior(popularity, len(logits)))
+    extra = np.where(
+        warm, history_weight * played_scores(plays, recent, popularity), prior_weight * prior(popularity, len(logits))
+    )
     return (logits + extra).astype(np.float32)

@@ -60,8 +60,9 @@ class LiveIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the top-k by cosine over both indexes; -1 pads short lists."""
         q = _normalized(np.atleast_2d(queries))
-        scores, ids = self.built.search(q, k, params=self._search_params()) if len(self._superseded) \
-            else self.built.search(q, k)
+        scores, ids = (
+            self.built.search(q, k, params=self._search_params()) if len(self._superseded) else self.built.search(q, k)
+        )
         if self.recent.ntotal:
             more_scores, more_ids = self.recent.search(q, k)
             scores, ids = np.hstack([scores, more_scores]), np.hstack([ids, more_ids])
@@ -88,7 +89,7 @@ def neighbours(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: 
     out = np.full((len(queries), k), -1, dtype=np.int64)
     for i, (query, row) in enumerate(zip(queries, found)):
         row = row[(row != query) & (row >= 0)][:k]
-        out[i, :len(row)] = row
+        out[i, : len(row)] = row
     return out
 
 
