@@ -42,9 +42,10 @@ demo: $(STAMP) ## Run the main job on the embedded default (synthetic world)
 serve: $(STAMP) ## Serve the promoted batch on 127.0.0.1 (Ray Serve :8000, BentoML :3000) until Ctrl-C
 	$(BIN)/userrep serve --work $(WORK)
 
-lint: $(TOOLS_STAMP) ## Lint (ruff check), formatting (ruff format --check) and types (mypy userrep/); config: pyproject.toml
+lint: $(STAMP) $(TOOLS_STAMP) ## Lint (ruff check), formatting (ruff format --check) and types (mypy userrep/); config: pyproject.toml
 	$(TOOLS)/bin/ruff check .
 	$(TOOLS)/bin/ruff format --check .
+	$(TOOLS)/bin/mypy --python-executable $(BIN)/python
 
 test: $(STAMP) $(TOOLS_STAMP) ## Run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -84,6 +84,8 @@ def backfill_embeddings(
                 writer.write_table(embeddings_table(user_ids, embed(model, matrix), batch_id))
                 n += len(user_ids)
         else:
+            if not isinstance(features, UserFeatures):
+                raise TypeError("features: with workers, features in memory (UserFeatures), not a file")
             for batch in _ray_embeddings(str(model_path), features, workers, batch_size):
                 writer.write_table(embeddings_table(batch["user_id"], batch["embedding"], batch_id))
                 n += len(batch["user_id"])

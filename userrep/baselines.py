@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -115,7 +116,7 @@ def fit_als(
     return ALSModel(users, np.asarray(model.item_factors, dtype=np.float32))
 
 
-def choose(candidates, fit: Callable, score: Callable) -> tuple[object, object, dict]:
+def choose(candidates, fit: Callable, score: Callable) -> tuple[Any, Any, dict]:
     """Fit each candidate setting, score it on validation users (higher is better); return the
     best setting, its fitted model, and every score (so the choice is reported, not hidden)."""
     best, best_model, best_value, scores = None, None, -np.inf, {}
@@ -166,7 +167,7 @@ def decayed_matrix(
 def fit_ease(x: sp.csr_matrix | np.ndarray, l2: float) -> np.ndarray:
     """EASE^R item-item weights B (items, items): argmin ||X - XB||^2 + l2 ||B||^2, diag(B) = 0,
     closed form B = I - P diagMat(1 / diag(P)) with P = (X^T X + l2 I)^-1 (Steck 2019)."""
-    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    x = np.asarray(x) if isinstance(x, np.ndarray) else x.toarray()
     gram = (x.T @ x).astype(np.float64)
     gram[np.diag_indices_from(gram)] += l2
     p = np.linalg.inv(gram)

@@ -38,6 +38,7 @@ from userrep import baselines
 from userrep.data import Dataset, load_dataset
 from userrep.features import (
     FeatureConfig,
+    FeatureSpace,
     UserFeatures,
     build_user_features,
     fit_feature_space,
@@ -143,7 +144,7 @@ def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(
     return metrics
 
 
-def _evaluate_once(ds: Dataset, config: EvalConfig, log) -> tuple[dict, Context, np.ndarray, object]:
+def _evaluate_once(ds: Dataset, config: EvalConfig, log) -> tuple[dict, Context, np.ndarray, FeatureSpace]:
     watch = Stopwatch(log)
     ctx, space = prepare(ds, config)
     split, features = ctx.split, ctx.features
@@ -379,6 +380,7 @@ def _head_tasks(
     if cold_x is None:
         head = future_listening.fit_head(x[fit], ctx.labels[fit], config.head, validate=_ranking_validation(ctx, x))
     else:
+        assert side is not None and ctx.recent is not None, "history features are set with cold_x"
         cold_fit, cold_valid = (cold_x[np.searchsorted(ctx.train_rows, rows)] for rows in (fit, valid))
         checked = len(valid) >= MIN_TEST
         head, meta = future_listening.fit_with_history(
@@ -432,6 +434,7 @@ def _head_tasks(
 
 
 def _played_scores(ctx: Context, rows: np.ndarray) -> np.ndarray:
+    assert ctx.side is not None and ctx.recent is not None, "history features are not set"
     return history.played_scores(ctx.side[rows, :, 0], ctx.recent[rows], ctx.popularity)
 
 
@@ -578,8 +581,8 @@ def _over_seeds(runs: list[dict]) -> dict:
     for task, methods in runs[0]["tasks"].items():
         for method, values in methods.items():
             for metric in (k for k in values if not k.endswith("_ci")):
-                found = [r["tasks"].get(task, {}).get(method, {}).get(metric) for r in runs]
-                found = np.array([np.nan if v is None else v for v in found], dtype=float)
+                got = [r["tasks"].get(task, {}).get(method, {}).get(metric) for r in runs]
+                found = np.array([np.nan if v is None else v for v in got], dtype=float)
                 out.setdefault(task, {}).setdefault(method, {})[metric] = {
                     "mean": float(np.nanmean(found)),
                     "std": float(np.nanstd(found)),

@@ -52,6 +52,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pandas as pd
@@ -399,7 +400,8 @@ class RedisStreamLog:
         if not password and os.environ.get("REDIS_PASSWORD_FILE"):  # a mounted Kubernetes Secret
             password = Path(os.environ["REDIS_PASSWORD_FILE"]).read_text().strip()
         self.stream = parsed.path.lstrip("/") or DEFAULT_STREAM
-        self.client = redis.Redis(host=parsed.hostname or "127.0.0.1", port=parsed.port or 6379, password=password)
+        # Any: redis-py types every sync command as ``Awaitable | Any`` (its client may be async).
+        self.client: Any = redis.Redis(host=parsed.hostname or "127.0.0.1", port=parsed.port or 6379, password=password)
         self.where = f"redis://{parsed.hostname}:{parsed.port or 6379}/{self.stream}"
         self.channel = f"{self.stream}:applied"  # pub/sub: each commit publishes its batch here (follow)
         self._append_events = self.client.register_script(_APPEND_EVENTS)
@@ -412,7 +414,7 @@ class RedisStreamLog:
         return self.client.xadd(self.stream, {"record": json.dumps(record)}).decode()
 
     def append_events(self, events: list[dict]) -> tuple[str | None, list[int]]:
-        args = [EVENT_ID_TTL_S, self._key("event_id", "")]
+        args: list = [EVENT_ID_TTL_S, self._key("event_id", "")]
         for event in events:
             args += [event.get("event_id") or "", json.dumps(event)]
         position, duplicates = self._append_events(keys=[self.stream], args=args)

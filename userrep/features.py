@@ -373,14 +373,15 @@ class StaticInputs:
 
 def static_inputs(ds: Dataset, user_ids: np.ndarray) -> StaticInputs:
     empty = np.array([], dtype=np.int64), np.array([], dtype=object)
-    if ds.users is None:
+    users = ds.users
+    if users is None:
         return StaticInputs(*empty, *empty, {})
-    rows = pd.Index(ds.users.column("user_id").to_numpy(zero_copy_only=False)).get_indexer(pd.Index(user_ids))
+    rows = pd.Index(users.column("user_id").to_numpy(zero_copy_only=False)).get_indexer(pd.Index(user_ids))
 
-    def flat(col: str):
-        if col not in ds.users.column_names:
+    def flat(col: str) -> tuple[np.ndarray, np.ndarray]:
+        if col not in users.column_names:
             return empty
-        lists = split_list(ds.users.column(col))
+        lists = split_list(users.column(col))
         parent_row = pc.list_parent_indices(lists).to_numpy()
         values = lists.flatten().to_numpy(zero_copy_only=False).astype(object)
         row_to_user = pd.Series(np.arange(len(user_ids)))[rows >= 0].set_axis(rows[rows >= 0])
@@ -388,10 +389,10 @@ def static_inputs(ds: Dataset, user_ids: np.ndarray) -> StaticInputs:
         keep = ~np.isnan(user)
         return user[keep].astype(np.int64), values[keep]
 
-    attributes = {}
+    attributes: dict[str, np.ndarray] = {}
     for col in ds.attribute_columns:
-        values = ds.users.column(col).to_numpy(zero_copy_only=False).astype(object)
-        attributes[col] = np.where(rows >= 0, values[np.maximum(rows, 0)], None)
+        values = users.column(col).to_numpy(zero_copy_only=False).astype(object)
+        attributes[col] = np.asarray(np.where(rows >= 0, values[np.maximum(rows, 0)], None))
     return StaticInputs(*flat("onboarding_artists"), *flat("onboarding_genres"), attributes)
 
 

@@ -64,6 +64,13 @@ class AEConfig:
 
 
 class UserAutoencoder(nn.Module):
+    # buffers (register_buffer): declared so their type is Tensor, not Tensor | Module
+    mean: torch.Tensor
+    std: torch.Tensor
+    group_of: torch.Tensor
+    is_history: torch.Tensor
+    loss_weight: torch.Tensor
+
     def __init__(self, schema: FeatureSchema, mean: np.ndarray, std: np.ndarray, config: AEConfig):
         super().__init__()
         self.schema, self.config = schema, config

@@ -40,6 +40,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -114,7 +115,7 @@ class OnlineBatch:
     users: dict  # index id -> user_id (neighbour answers)
     space_id: str  # the snapshot the batch's features come from (stamped on pushed feature rows)
     lock: threading.Lock
-    backfilled: np.ndarray = None  # (users, d) the batch's embeddings, rows as in ``rows``
+    backfilled: np.ndarray  # (users, d) the batch's embeddings, rows as in ``rows``
     history: tuple | None = None  # (artist indices, artist ids, half-life): the heads' history features
     start: object = None  # log position its shared state was bootstrapped through (its group starts after)
 
@@ -270,8 +271,8 @@ class OnlineService:
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # this replica's consumer name
         self.claim_idle_ms = claim_idle_ms
         self._store = None
-        self._writer = None  # with the store: its online writes (userrep.store.OnlineWriter)
-        self.batch: OnlineBatch | None = None
+        self._writer: Any = None  # with the store: its online writes (userrep.store.OnlineWriter)
+        self._batch: OnlineBatch | None = None
         self._queue: queue.Queue[_Write] = queue.Queue()
         self._applied = threading.Condition()  # the local consumer committed something
         self._wake = threading.Event()  # the local logger appended something
@@ -287,18 +288,25 @@ class OnlineService:
         ).start()
 
     # -- batches -------------------------------------------------------------------------
+    @property
+    def batch(self) -> OnlineBatch:
+        """The serving batch (loaded by the constructor, so always there once it returned)."""
+        if self._batch is None:
+            raise RuntimeError("OnlineService: no batch loaded")
+        return self._batch
+
     def reload(self) -> bool:
         """Load the promoted batch if it changed; the swap is one reference assignment. Reads and
         writes go on on the old batch meanwhile."""
         pointer = read_pointer(self.root)
         if pointer["serving"] is None:
             raise ValueError(f"batch_root: no batch is serving under {self.root}; promote one first")
-        if self.batch is not None and pointer["serving"] == self.batch.batch_id:
+        if self._batch is not None and pointer["serving"] == self._batch.batch_id:
             return False
         started = time.perf_counter()
         fresh, manifest = load_batch(self.root, pointer["serving"])
         fresh.start, replayed = self._shared_state(fresh, manifest)
-        self.batch = fresh
+        self._batch = fresh
         keep = {pointer["serving"], *pointer["history"][-1:]}  # the previous one stays ready for a rollback
         for stale in set(self.events_log.batches()) - keep:
             self.events_log.drop(stale)
@@ -432,7 +440,7 @@ class OnlineService:
         write.durable.wait()
         if write.error is not None:
             raise write.error
-        reply = write.ack
+        reply = dict(write.ack or {})  # set with durable (as is error)
         if wait:
             online = self._wait_applied(write.position, online)
             users = list(dict.fromkeys(row["user_id"] for row in write.rows))
@@ -494,9 +502,9 @@ class OnlineService:
                 raise ValueError(f"events[{i}].weight: {weight!r}, must be a finite number >= 0")
             rows.append({**row, "weight": weight})  # one shape, whoever else shares the commit
         items = np.array([str(row["item_id"]) for row in rows], object)
-        unknown = items[online.space.item_index(items) < 0]
-        if len(unknown):
-            raise ValueError(f"item_id: unknown item(s) {sorted(set(unknown))[:5]}")
+        unknown_items = items[online.space.item_index(items) < 0]
+        if len(unknown_items):
+            raise ValueError(f"item_id: unknown item(s) {sorted(set(unknown_items))[:5]}")
         return rows
 
     def _write_loop(self) -> None:
@@ -514,17 +522,17 @@ class OnlineService:
                     write.durable.set()
                 continue
             self._wake.set()
-            duplicates, at = set(duplicates), 0
+            repeated, at = set(duplicates), 0
             for write in writes:
                 mine = range(at, at + len(write.rows))
                 at += len(write.rows)
-                fresh = [write.rows[i - mine.start] for i in mine if i not in duplicates]
+                fresh = [write.rows[i - mine.start] for i in mine if i not in repeated]
                 write.position = position if fresh else None
                 write.ack = {
                     "batch_id": self.batch.batch_id,
                     "accepted": len(fresh),
                     "event_ids": [row.get("event_id") for row in fresh],
-                    "duplicates": [write.rows[i - mine.start].get("event_id") for i in mine if i in duplicates],
+                    "duplicates": [write.rows[i - mine.start].get("event_id") for i in mine if i in repeated],
                 }
                 write.durable.set()
 

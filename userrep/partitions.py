@@ -121,16 +121,16 @@ def split_dataset(
     pairs: what the encoders read besides the events) and the number of partitions.
     """
     work = Path(work)
-    streamed = not isinstance(source, Dataset)
-    partitions = partitions or partition_count(event_rows(Path(source)) if streamed else source.events.num_rows)
+    rows = source.events.num_rows if isinstance(source, Dataset) else event_rows(Path(source))
+    partitions = partitions or partition_count(rows)
     splitter = _Splitter(as_of, partitions, work / "events")
     try:
-        if streamed:
-            ds = load_dataset(source, keep=splitter)
-        else:
+        if isinstance(source, Dataset):
             ds = replace(source, events=EVENT_SCHEMA.empty_table())
             for batch in source.events.select(EVENT_COLUMNS).to_batches(1 << 20):
                 splitter(pa.Table.from_batches([batch]))
+        else:
+            ds = load_dataset(source, keep=splitter)
     finally:
         splitter.close(EVENT_SCHEMA)
     if ds.users is not None:

@@ -27,7 +27,7 @@ class EventSource:
 
     def __init__(self, data: Dataset | str | Path):
         self._ds = data if isinstance(data, Dataset) else None
-        self._path = None if self._ds is not None else Path(data)
+        self._path = data.path if isinstance(data, Dataset) else Path(data)  # read only without _ds
         self._subset: tuple[np.ndarray, Dataset] | None = None
         self._users: tuple[Dataset, np.ndarray, np.ndarray] | None = None
 

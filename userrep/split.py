@@ -73,6 +73,7 @@ def make_split(
             split.future,
             f"{split.note}; {warm:,} of {with_history:,} users with history are warm",
         )
+    assert split.cutoff is not None  # a time split always has one
     why = (
         f"a time split at {split.cutoff.isoformat()} leaves {warm:,} of {with_history:,} users with history "
         f"warm (auto needs >= {MIN_WARM} and >= {MIN_WARM_SHARE:.0%})"

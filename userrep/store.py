@@ -253,12 +253,11 @@ def _upsert(path: Path, tables: pa.Table | Iterable[pa.Table], key: str, value: 
     the old rows are copied a row group at a time without ``value``'s, then ``tables`` appended."""
     tables = [tables] if isinstance(tables, pa.Table) else tables
     tmp = path.with_suffix(".parquet.tmp")
-    writer, schema = None, None
+    writer: pq.ParquetWriter | None = None
     try:
         if path.exists():
             old = pq.ParquetFile(path)
-            schema = old.schema_arrow
-            writer = pq.ParquetWriter(tmp, schema)
+            writer = pq.ParquetWriter(tmp, old.schema_arrow)
             for group in range(old.num_row_groups):
                 rows = old.read_row_group(group)
                 rows = rows.filter(pa.compute.not_equal(rows.column(key), value))
@@ -266,9 +265,8 @@ def _upsert(path: Path, tables: pa.Table | Iterable[pa.Table], key: str, value: 
                     writer.write_table(rows)
         for table in tables:
             if writer is None:
-                schema = table.schema
-                writer = pq.ParquetWriter(tmp, schema)
-            writer.write_table(table.select(schema.names).cast(schema))
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table.select(writer.schema.names).cast(writer.schema))
     finally:
         if writer is not None:
             writer.close()

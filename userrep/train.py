@@ -87,12 +87,18 @@ def train_loop_per_worker(config: dict) -> None:
     _train(config)
 
 
+def _average(parameters) -> None:
+    """Average the parameters across the default process group (local SGD)."""
+    average_parameters(parameters, None)  # type: ignore[arg-type]  # None: the default group; torch's hint omits it
+
+
 def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
     """The training loop, identical for the in-process path and each Ray Train worker."""
     under_ray = config.get("matrix") is None
     rank, world, local_sgd = 0, 1, False
     torch.manual_seed(config["ae"]["seed"])  # initial weights (DDP then broadcasts rank 0's anyway)
-    model = core = _build_model(config)
+    core = _build_model(config)
+    model: torch.nn.Module = core  # DDP's wrapper when distributed
     ae: AEConfig = core.config
     optimizer = torch.optim.AdamW(core.parameters(), lr=ae.lr, weight_decay=ae.weight_decay)
     checkpoint_dir = Path(config["checkpoint_dir"]) if config.get("checkpoint_dir") else None
@@ -104,7 +110,6 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
         optimizer.load_state_dict(blob["optimizer"])
         start_epoch, losses, starts = blob["epoch"], list(blob["losses"]), list(blob.get("starts", []))
     starts.append(start_epoch)  # the epochs this fit (re)started at: a worker restart shows here
-    matrix = config.get("matrix")
     if under_ray:
         import ray.train
         import ray.train.torch
@@ -113,13 +118,15 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
         rank, world = context.get_world_rank(), context.get_world_size()
         local_sgd = world > 1 and ae.average_every > 1
         if local_sgd:  # parameters averaged every k steps instead of gradients every step
-            average_parameters(core.parameters(), None)  # every rank starts from the same weights
+            _average(core.parameters())  # every rank starts from the same weights
         else:
             # DDP: gradients averaged across workers. The model's buffers (standardization, group
             # index) are constants, synced once at wrap time: DDP's default re-broadcast before
             # every forward was a second collective a step (0.49x -> 0.7x of in-process, docs/model.md).
             model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"forward_sync_buffers": False})
         matrix = np.load(config["matrix_path"], mmap_mode="r")  # shared storage, as the checkpoints
+    else:
+        matrix = config["matrix"]
     progress = config.get("progress") if rank == 0 else None
     for epoch in range(start_epoch, ae.epochs):
         generator = torch.Generator().manual_seed(ae.seed * 1_000_003 + epoch * 101 + rank)  # corruption noise
@@ -137,12 +144,12 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
             optimizer.step()
             total += torch.tensor([loss.item() * len(raw), len(raw)], dtype=torch.float64)
             if local_sgd and step % ae.average_every == 0:
-                average_parameters(core.parameters(), None)
+                _average(core.parameters())
         if local_sgd:  # the checkpoint holds the workers' common model
-            average_parameters(core.parameters(), None)
+            _average(core.parameters())
         if world > 1:
             torch.distributed.all_reduce(total)
-        losses.append(float(total[0] / max(total[1], 1)))
+        losses.append(float(total[0]) / max(float(total[1]), 1.0))
         if rank == 0 and checkpoint_dir:
             _save_checkpoint(checkpoint_dir, epoch + 1, core, optimizer, losses, starts)
         # No ray.train.report per epoch: in Ray Train 2.60 it is a barrier across the workers
@@ -185,6 +192,7 @@ def fit_autoencoder(
     if workers == 0:
         model, losses, starts = _train({**config, "matrix": matrix, "progress": progress})
         return FitResult(model, tuple(losses), resumed_epoch, tuple(starts))
+    assert checkpoint_dir is not None  # checked above: workers need one
     _fit_with_ray(matrix, config, workers, checkpoint_dir)
     final = latest_checkpoint(checkpoint_dir)
     if final is None or int(final.stem.split("_")[1]) != ae.epochs:

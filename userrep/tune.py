@@ -199,7 +199,7 @@ def tune_dataset(
         )
         results = tuner.fit()
     trials = []
-    for result in results:
+    for result in results:  # type: ignore[attr-defined]  # a ResultGrid iterates through __getitem__
         if result.metrics and "ndcg@10" in result.metrics:
             trials.append(
                 {

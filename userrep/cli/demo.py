@@ -174,7 +174,11 @@ def _smoke(work: Path, world: Path) -> None:
     from userrep.downstream import load_head
 
     root = work / "batches"
-    serving = batch_dir(root, serving_batch(root))
+    serving_id = serving_batch(root)
+    if serving_id is None:  # the gate rejected batch 1
+        _error("serving smoke skipped", f"no batch is serving under {root}")
+        raise typer.Exit(code=1)
+    serving = batch_dir(root, serving_id)
     _, meta = load_head(serving / "downstream" / "future_listening.pt")
     artists = meta["artists"]
     items = load_dataset(world).items

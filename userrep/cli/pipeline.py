@@ -55,7 +55,9 @@ def pipeline_run(
         _error("error", f"--pipeline: expected training or refresh, got {pipeline!r}")
         raise typer.Exit(code=2)
     _validate_or_exit(data)
-    params = dict(data=str(data), as_of=as_of, batch_root=str(work / "batches"), feast_home=str(work / "feast"))
+    params: dict[str, object] = dict(
+        data=str(data), as_of=as_of, batch_root=str(work / "batches"), feast_home=str(work / "feast")
+    )
     if pipeline == "training":
         params.update(
             dim=dim,

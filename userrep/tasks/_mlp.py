@@ -29,6 +29,9 @@ class HeadConfig:
 
 
 class MLPHead(nn.Module):
+    mean: torch.Tensor  # buffers, declared so their type is Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         n_in: int,
@@ -45,7 +48,7 @@ class MLPHead(nn.Module):
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
         self.hidden = nn.Sequential(nn.Linear(n_in, config.hidden), nn.GELU(), nn.Dropout(config.dropout))
         self.out = nn.Linear(config.hidden, n_out)
-        self.side = nn.Linear(config.hidden, n_side) if n_side else None
+        self.side: nn.Linear | None = nn.Linear(config.hidden, n_side) if n_side else None
         if prior is not None:  # start from the base rates: a head that learns nothing ranks by popularity
             p = np.clip(prior, 1e-6, 1 - 1e-6)
             with torch.no_grad():
@@ -92,7 +95,7 @@ def fit_mlp(
     )
     xt, yt = torch.from_numpy(x), _tensor(y)
     st = None if side is None else _tensor(side)
-    if st is not None:
+    if st is not None and head.side is not None:
         with torch.no_grad():
             head.side.bias.copy_(_side_start(head.out.bias, st, yt))
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -18,11 +18,13 @@ EXACT_MAX = 100_000
 
 def build_index(vectors: np.ndarray, exact_max: int = EXACT_MAX) -> faiss.Index:
     x = _normalized(vectors)
+    index: faiss.Index
     if len(x) <= exact_max:
         index = faiss.IndexFlatIP(x.shape[1])
     else:
-        index = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 128
+        hnsw = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efSearch = 128
+        index = hnsw
     index.add(x)
     return index
 
@@ -50,7 +52,7 @@ class LiveIndex:
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         ids = np.asarray(ids, np.int64)
-        self.recent.remove_ids(ids)  # one pass over the small index for the whole micro-batch
+        self.recent.remove_ids(ids)  # type: ignore[arg-type]  # faiss's Python wrapper takes ids; its stubs say IDSelector. One pass over the small index for the whole micro-batch
         self.recent.add_with_ids(_normalized(vectors), ids)
         moved = ids[(ids >= 0) & (ids < self.built.ntotal)]
         if len(np.setdiff1d(moved, self._superseded, assume_unique=False)):
