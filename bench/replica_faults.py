@@ -68,7 +68,7 @@ def start_replica(work: Path, port: int, log: str, out: Path) -> tuple[subproces
 def start_redis(port: int, workdir: Path) -> subprocess.Popen:
     import redis
 
-    from userrep.eventlog import REDIS_DURABLE_ARGS
+    from userrep.redislog import REDIS_DURABLE_ARGS
 
     proc = subprocess.Popen(
         [

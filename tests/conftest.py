@@ -91,7 +91,7 @@ def start_redis(port: int, workdir: Path):
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server not installed (apt-get install -y redis-server; .ci/run does it)")
-    from userrep.eventlog import REDIS_DURABLE_ARGS
+    from userrep.redislog import REDIS_DURABLE_ARGS
 
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *REDIS_DURABLE_ARGS, "--dir", str(workdir)],

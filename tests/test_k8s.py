@@ -715,7 +715,7 @@ def test_checkov_finds_nothing_in_the_dockerfile():
 def test_the_redis_holding_the_event_stream_fsyncs_every_write(kind_objects):
     """Acknowledged events are durable only if Redis writes its append-only file before replying;
     the chart must start it as the tests and benches do (userrep.eventlog)."""
-    from userrep.eventlog import REDIS_DURABLE_ARGS
+    from userrep.redislog import REDIS_DURABLE_ARGS
 
     redis = _one(kind_objects, "StatefulSet", "userrep-redis")
     command = " ".join(" ".join(c.get("command", []) + c.get("args", [])) for c in containers(redis))

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from userrep.data import TS_TYPE
+from userrep.contract import TS_TYPE
 
 # Last.fm opened in March 2002; tag dates before it are corrupt (the file has 1956, 1957, 1979).
 LASTFM_FIRST_VALID = pd.Timestamp("2002-03-20", tz="UTC")

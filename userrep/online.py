@@ -30,7 +30,6 @@ user's windows, and an event dated later than now plus ``max_future_s`` is refus
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import socket
@@ -38,32 +37,25 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from userrep import eventlog
-from userrep.backfill import read_embeddings
-from userrep.batches import batch_dir, read_pointer
-from userrep.features import FeatureSpace, to_utc
-from userrep.layout import read_manifest
-from userrep.model import UserAutoencoder, embed
-from userrep.state import (
-    FeatureState,
-    UserState,
-    apply_events,
-    decode_user,
-    encode_user,
-    register_user,
-    state_features_at,
-    state_from_dataset,
-    user_clocks,
+from userrep.batches import read_pointer
+from userrep.onlinebatch import (
+    OnlineBatch,
+    UnknownUser,
+    apply_delivered,
+    load_batch,
+    push_changes,
+    user_clock,
+    validate_events,
+    write_shared_state,
 )
-from userrep.tasks.similar_users import LiveIndex, build_index
+from userrep.state import decode_user
 
 MICRO_BATCH = 2000  # events the logger commits together at most (one fsync)
 DELIVER = 64  # records a consumer takes at once (one state read, one re-embed, one online write)
@@ -96,157 +88,8 @@ class _Write:
     error: Exception | None = None
 
 
-class UnknownUser(KeyError):
-    """A user the serving batch has never seen (HTTP 404)."""
-
-
 class NotApplied(TimeoutError):
     """Durable events whose new embeddings were not written within the wait (HTTP 504)."""
-
-
-@dataclass
-class OnlineBatch:
-    batch_id: str
-    as_of: pd.Timestamp
-    space: FeatureSpace
-    model: UserAutoencoder
-    index: LiveIndex  # the pipeline's neighbour index plus the users re-embedded online
-    rows: dict  # user_id -> index id
-    users: dict  # index id -> user_id (neighbour answers)
-    space_id: str  # the snapshot the batch's features come from (stamped on pushed feature rows)
-    lock: threading.Lock
-    backfilled: np.ndarray  # (users, d) the batch's embeddings, rows as in ``rows``
-    history: tuple | None = None  # (artist indices, artist ids, half-life): the heads' history features
-    start: object = None  # log position its shared state was bootstrapped through (its group starts after)
-
-
-def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
-    """A batch's artefacts as one replica holds them (no user state); and its manifest."""
-    directory = batch_dir(root, batch_id)
-    manifest = read_manifest(directory)
-    space = FeatureSpace.load(directory / "encoders")
-    ids, vectors, _ = read_embeddings(directory / "embeddings.parquet")
-    index = LiveIndex(_neighbour_index(directory, ids, vectors))
-    online = OnlineBatch(
-        batch_id,
-        to_utc(manifest["as_of"]),
-        space,
-        UserAutoencoder.load(directory / "model.pt"),
-        index,
-        {u: i for i, u in enumerate(ids)},
-        dict(enumerate(ids)),
-        manifest.get("snapshot") or batch_id,
-        threading.Lock(),
-        vectors,
-        history=_history_spec(directory, space),
-    )
-    return online, manifest
-
-
-def _neighbour_index(directory: Path, ids: np.ndarray, vectors: np.ndarray):
-    """The index the pipeline built with the batch (HNSW above ``similar_users.EXACT_MAX`` users);
-    built here the same way only for a batch without downstream models."""
-    import faiss
-
-    path = directory / "downstream" / "similar_users.faiss"
-    if not path.exists():
-        return build_index(vectors)
-    index = faiss.read_index(str(path))
-    saved = np.load(directory / "downstream" / "similar_users.ids.npy")
-    if index.ntotal != len(ids) or not np.array_equal(saved.astype(object), ids):
-        raise ValueError(f"{path}: its {index.ntotal} rows are not the users of embeddings.parquet in file order")
-    return index
-
-
-def bootstrap_state(online: OnlineBatch, manifest: dict, events_log) -> tuple[FeatureState, list[str], object]:
-    """A batch's whole user state: its dataset before ``as_of``, the compacted online events at or
-    after ``as_of`` (in the data's ``events.online/``), every sign-up in the log (sign-ups are never
-    trimmed) and every event logged after the part compacted into the data. The data is read as
-    it is now, with its watermark now: a compaction after the batch was built moved events from
-    the log into the data, and each is counted once, from the data. Returns (state, users changed
-    by online writes, the last log position read)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    data = manifest["data"]["path"]
-    compacted = eventlog.watermark(data)
-    retained = events_log.retained_from()
-    if retained is not None and events_log.key(retained) > events_log.key(compacted):
-        raise ValueError(
-            f"batch {online.batch_id}: its data {data} holds the event log up to {compacted}, but the "
-            f"log was trimmed through {retained}; compact into that dataset first"
-        )
-    state = state_from_dataset(online.space, data, online.as_of)  # streamed: the events table is never held
-    touched = set()
-    parts = [pq.read_table(p, columns=["user_id", "item_id", "ts", "weight"]) for p in eventlog.part_files(data)]
-    if parts:
-        late = pa.concat_tables(parts)
-        late = late.filter(pc.greater_equal(late.column("ts"), pa.scalar(online.as_of, late.schema.field("ts").type)))
-        touched.update(_apply(online, state, [{"kind": "events", "events": late.to_pylist()}]))
-    last = None
-    for last, record in events_log.read():
-        if record["kind"] == "user" or not eventlog.covered(events_log, last, compacted):
-            touched.update(_apply(online, state, [record]))
-    return state, sorted(touched), last
-
-
-def _history_spec(directory: Path, space: FeatureSpace) -> tuple | None:
-    """What the batch's heads take besides the embedding: the candidate artists and the recency
-    decay of the user's history of them (from the future-listening head; None without one)."""
-    path = directory / "downstream" / "future_listening.pt"
-    if not path.exists():
-        return None
-    from userrep.downstream import load_head
-
-    _, meta = load_head(path)
-    return space.artist_index(meta["artists"]), meta["artists"], meta.get("half_life_days")
-
-
-def _apply(online: OnlineBatch, state: FeatureState, records: list[dict]) -> list[str]:
-    """Apply logged records to ``state`` (sign-ups, then all events at once); returns the users
-    changed. Events of items this batch's encoders do not know (logged under another batch) have
-    no vector here and are left out, said in the log line of the caller."""
-    touched = []
-    for record in records:
-        if record["kind"] == "user":
-            register_user(
-                state,
-                record["user_id"],
-                record.get("onboarding_artists", ()),
-                record.get("onboarding_genres", ()),
-                record.get("attributes") or {},
-            )
-            touched.append(record["user_id"])
-    events = pd.DataFrame([e for r in records if r["kind"] == "events" for e in r["events"]])
-    if len(events):
-        events = events[online.space.item_index(events["item_id"].astype(str).to_numpy(dtype=object)) >= 0]
-        touched += apply_events(state, events) if len(events) else []
-    return list(dict.fromkeys(touched))
-
-
-def _clock(online: OnlineBatch, user_id: str, user: UserState) -> pd.Timestamp:
-    """Where one user's feature windows end online (``user_clocks``)."""
-    return user_clocks(FeatureState(online.space, {user_id: user}), [user_id], online.as_of)[0]
-
-
-def _reembed(online: OnlineBatch, state: FeatureState, user_ids: list[str]) -> dict:
-    """Features and embeddings of users now; re-insert them in this replica's neighbour index."""
-    clocks = user_clocks(state, user_ids, online.as_of)
-    features = state_features_at(state, user_ids, clocks)
-    vectors = embed(online.model, features.matrix)
-    now = datetime.now(UTC).isoformat(timespec="milliseconds")
-    with online.lock:
-        rows = []
-        for user_id in user_ids:
-            row = online.rows.get(user_id)
-            if row is None:
-                row = online.rows[user_id] = len(online.rows) + 10_000_000  # ids of users added online
-                online.users[row] = user_id
-            rows.append(row)
-        ids = np.array(rows, np.int64)
-        online.index.upsert(ids, vectors)
-    return {"features": features, "vectors": vectors, "updated_at": now, "clocks": clocks, "state": state}
 
 
 class OnlineService:
@@ -326,17 +169,7 @@ class OnlineService:
             ready = self.events_log.ready(online.batch_id)
             if ready is not None:  # another replica did it while this one waited
                 return ready, None
-            state, touched, last = bootstrap_state(online, manifest, self.events_log)
-            vectors, updated = {}, None
-            if touched:  # their embeddings and online rows must include the logged writes
-                result = _reembed(online, state, touched)
-                self._push(online, result)
-                vectors, updated = dict(zip(touched, result["vectors"])), result["updated_at"]
-            blobs = {
-                u: encode_user(s, vectors.get(u), updated if u in vectors else None) for u, s in state.users.items()
-            }
-            self.events_log.bootstrap(online.batch_id, blobs, last)
-            return last, len(touched)
+            return write_shared_state(online, manifest, self.events_log, self._push)
 
     def watch(self, interval_s: float = 1.0, stop: threading.Event | None = None) -> threading.Thread:
         """Poll SERVING.json in a daemon thread and reload on change (a failed load keeps the old batch)."""
@@ -397,7 +230,7 @@ class OnlineService:
                 "user_id": user_id,
                 "batch_id": online.batch_id,
                 "embedding": vector.tolist(),
-                "as_of": _clock(online, user_id, state).isoformat(),
+                "as_of": user_clock(online, user_id, state).isoformat(),
             }
         if user_id in online.rows and online.rows[user_id] < len(online.backfilled):
             return {
@@ -435,7 +268,7 @@ class OnlineService:
         """
         received = time.perf_counter()
         online = self.batch
-        write = _Write(self._validated(online, events))
+        write = _Write(validate_events(online, events, self.events_log, self.max_future))
         self._queue.put(write)
         write.durable.wait()
         if write.error is not None:
@@ -454,7 +287,7 @@ class OnlineService:
         return {
             "user_id": user_id,
             "embedding": np.asarray(vector).tolist(),
-            "as_of": _clock(online, user_id, state).isoformat(),
+            "as_of": user_clock(online, user_id, state).isoformat(),
             "updated_at": updated,
         }
 
@@ -477,35 +310,6 @@ class OnlineService:
                 )
             with self._applied:
                 self._applied.wait(0.02)
-
-    def _validated(self, online: OnlineBatch, events: list[dict]) -> list[dict]:
-        """The events as log rows (ts normalized), or an error naming the field; changes nothing."""
-        users = list(dict.fromkeys(e["user_id"] for e in events))
-        missing = [u for u in users if u not in online.rows]
-        if missing:  # users signed up online are in the shared state
-            known = self.events_log.load(online.batch_id, missing)
-            unknown = [u for u in missing if u not in known]
-            if unknown:
-                raise UnknownUser(unknown[0])
-        latest = pd.Timestamp.now(tz="UTC") + self.max_future
-        rows = []
-        for i, event in enumerate(events):
-            ts = to_utc(event["ts"], f"events[{i}].ts")
-            if ts > latest:
-                raise ValueError(
-                    f"events[{i}].ts: {ts.isoformat()} is later than the server's clock plus "
-                    f"{self.max_future} (max_future_s)"
-                )
-            row = {**{k: v for k, v in event.items() if v is not None}, "ts": ts.isoformat()}
-            weight = row.get("weight", 1.0)
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"events[{i}].weight: {weight!r}, must be a finite number >= 0")
-            rows.append({**row, "weight": weight})  # one shape, whoever else shares the commit
-        items = np.array([str(row["item_id"]) for row in rows], object)
-        unknown_items = items[online.space.item_index(items) < 0]
-        if len(unknown_items):
-            raise ValueError(f"item_id: unknown item(s) {sorted(set(unknown_items))[:5]}")
-        return rows
 
     def _write_loop(self) -> None:
         """The logger: every request waiting (up to ``MICRO_BATCH`` events) deduplicated and logged
@@ -563,28 +367,7 @@ class OnlineService:
         records = {position: record for position, record in entries if record is not None}
 
         def work(todo, load):
-            batch = [records[p] for p in todo if p in records]
-            users = list(
-                dict.fromkeys(
-                    [r["user_id"] for r in batch if r["kind"] == "user"]
-                    + [e["user_id"] for r in batch if r["kind"] == "events" for e in r["events"]]
-                )
-            )
-            if not users:
-                return {}
-            state = FeatureState(online.space, {u: decode_user(b)[0] for u, b in load(users).items()})
-            touched = _apply(online, state, batch)
-            if len(touched) < len(users):
-                self.log(
-                    f"batch {online.batch_id}: events of {len(users) - len(touched)} user(s) name items "
-                    "its encoders do not know; left out of its online state (they reach the next batch)"
-                )
-            if not touched:
-                return {}
-            result = _reembed(online, state, touched)
-            signed_up = {r["user_id"] for r in batch if r["kind"] == "user"}
-            self._push(online, result, signed_up)  # before the commit: a crash here leaves the records to redo
-            return {u: encode_user(state.users[u], v, result["updated_at"]) for u, v in zip(touched, result["vectors"])}
+            return apply_delivered(online, [records[p] for p in todo if p in records], load, self._push, self.log)
 
         done = self.events_log.commit(online.batch_id, [p for p, _ in entries], work)
         self.applied_records += len(done)
@@ -607,35 +390,10 @@ class OnlineService:
         online = self._wait_applied(position, online)
         return {**self._user_reply(online, user_id), "batch_id": online.batch_id}
 
+    def _push(self, online: OnlineBatch, result: dict, signed_up=None) -> None:
+        if self.store is not None:
+            push_changes(self._writer, online, result, signed_up)
+
     def close(self) -> None:
         """Stop this replica's consumer and batch watch (its unfinished records go to another)."""
         self.stopped.set()
-
-    def _push(self, online: OnlineBatch, result: dict, signed_up=None) -> None:
-        """Features and embeddings of changed users to the online store, under this batch id.
-        ``signed_up``: the users whose sign-up information changed (None: all); only their
-        ``user_profile`` rows are written, since events do not change a profile (one Feast write,
-        ~3 ms, less per micro-batch of events)."""
-        if self.store is None:
-            return
-        from userrep.backfill import list_column
-        from userrep.store import embedding_rows, offline_frames
-
-        features, clocks, write = result["features"], result["clocks"], self._writer
-        history, profile = offline_frames(features, online.space_id, clocks)
-        write("user_history", history)
-        if signed_up is not None:
-            profile = profile.filter(pa.array(np.isin(features.user_ids, list(signed_up))))
-        write("user_profile", profile)
-        write(
-            "user_embedding", embedding_rows(features.user_ids, list_column(result["vectors"]), online.batch_id, clocks)
-        )
-        if online.history is not None:
-            from userrep.state import artist_history
-            from userrep.store import history_table
-
-            columns, artists, half_life = online.history
-            plays, recent = artist_history(result["state"], features.user_ids, clocks, columns, half_life)
-            write(
-                "user_artist_history", history_table(features.user_ids, artists, plays, recent, online.batch_id, clocks)
-            )

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
-from userrep.data import TS_TYPE
+from userrep.contract import TS_TYPE
 
 GENRES = (
     "pop",
