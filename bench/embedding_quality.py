@@ -21,7 +21,8 @@ import pandas as pd
 from sklearn.decomposition import PCA
 
 from userrep.data import load_dataset
-from userrep.features import build_user_features, fit_feature_space
+from userrep.features import fit_feature_space
+from userrep.featurize import build_user_features
 from userrep.model import AEConfig, embed, standardization
 from userrep.train import fit_autoencoder
 from userrep.world import WorldConfig, generate_world

@@ -15,7 +15,8 @@ import time
 
 from userrep.data import load_dataset
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
-from userrep.features import build_user_features, fit_feature_space
+from userrep.features import fit_feature_space
+from userrep.featurize import build_user_features
 from userrep.world import WorldConfig, generate_world
 
 

@@ -32,7 +32,8 @@ def main() -> None:
     from userrep.backfill import read_embeddings
     from userrep.batches import list_batches, read_pointer
     from userrep.data import load_dataset
-    from userrep.features import FeatureSpace, build_user_features, to_utc
+    from userrep.features import FeatureSpace, to_utc
+    from userrep.featurize import build_user_features
     from userrep.gate import GatePolicy, comparable_frame, feature_drift, knn_overlap, procrustes
     from userrep.model import UserAutoencoder, embed
 

@@ -151,7 +151,7 @@ class TaskService:
             return np.asarray(embedding, np.float32)[None, :]
         if self._store is None:
             raise BadInput("user_id: this server has no online store; send an embedding")
-        from userrep.store import online_embeddings
+        from userrep.onlinestore import online_embeddings
 
         vectors, found = online_embeddings(self._store, [user_id], bundle.batch_id)
         if not found[0]:
@@ -165,7 +165,7 @@ class TaskService:
         """(plays, recent) (1, K) of a user for heads that take history; (None, None) otherwise."""
         if user_id is None or self._store is None or not bundle.takes_history:
             return None, None
-        from userrep.store import online_history
+        from userrep.onlinestore import online_history
 
         return online_history(self._store, [user_id], bundle.batch_id, bundle.artists)
 

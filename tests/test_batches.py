@@ -25,7 +25,8 @@ from userrep.features import FeatureSpace
 from userrep.fsio import sha256
 from userrep.gate import run_gate
 from userrep.model import AEConfig
-from userrep.store import StoreConfig, online_embeddings, online_history, open_store
+from userrep.onlinestore import online_embeddings, online_history
+from userrep.store import StoreConfig, open_store
 
 pytestmark = pytest.mark.slow
 QUIET = dict(log=lambda *_: None)

@@ -12,7 +12,8 @@ import pytest
 
 from userrep.data import Dataset, load_dataset
 from userrep.evaluate import EvalConfig, evaluate, prepare
-from userrep.features import build_user_features, fit_feature_space
+from userrep.features import fit_feature_space
+from userrep.featurize import build_user_features
 from userrep.split import make_split
 from userrep.tasks._mlp import HeadConfig
 

@@ -11,7 +11,8 @@ from conftest import write_dataset
 
 from userrep.data import load_dataset
 from userrep.encoders import CollaborativeEncoder, ContentEncoder, ItemVectors, events_before
-from userrep.features import FeatureConfig, FeatureSpace, build_user_features, fit_feature_space
+from userrep.features import FeatureConfig, FeatureSpace, fit_feature_space
+from userrep.featurize import build_user_features
 from userrep.state import FeatureState, apply_events, register_user, state_features, state_from_dataset
 
 AS_OF = "2026-05-01T13:30:00Z"  # mid-day on purpose: windows include the part of as_of's day

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from userrep.data import load_dataset
-from userrep.features import build_user_features, fit_feature_space
+from userrep.features import fit_feature_space
+from userrep.featurize import build_user_features
 from userrep.model import AEConfig, UserAutoencoder, embed
 from userrep.state import FeatureState, apply_events, register_user, state_features
 from userrep.train import fit_autoencoder

@@ -8,7 +8,8 @@ import pytest
 
 from userrep.backfill import backfill_embeddings, read_embeddings
 from userrep.data import load_dataset
-from userrep.features import FeatureConfig, build_user_features, fit_feature_space
+from userrep.features import FeatureConfig, fit_feature_space
+from userrep.featurize import build_user_features
 from userrep.model import AEConfig, UserAutoencoder, embed
 from userrep.raylocal import ray_session
 from userrep.train import fit_autoencoder

@@ -8,7 +8,8 @@ import pytest
 from userrep.backfill import embeddings_table
 from userrep.data import load_dataset
 from userrep.features import FeatureSpace
-from userrep.store import StoreConfig, materialize, online_embeddings, open_store, publish_embeddings
+from userrep.onlinestore import online_embeddings
+from userrep.store import StoreConfig, materialize, open_store, publish_embeddings
 
 pytestmark = pytest.mark.slow
 

@@ -29,10 +29,12 @@ from userrep.data import load_dataset
 from userrep.downstream import load_head
 from userrep.encoders import events_before
 from userrep.eventlog import open_log
-from userrep.features import FeatureSpace, build_user_features
+from userrep.features import FeatureSpace
+from userrep.featurize import build_user_features
 from userrep.gate import run_gate
 from userrep.model import AEConfig, UserAutoencoder, embed
-from userrep.store import StoreConfig, online_history, open_store
+from userrep.onlinestore import online_history
+from userrep.store import StoreConfig, open_store
 from userrep.tasks.future_listening import deployed_scores
 
 pytestmark = pytest.mark.slow

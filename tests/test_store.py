@@ -8,14 +8,14 @@ import pytest
 
 from userrep.backfill import embeddings_table
 from userrep.data import load_dataset
-from userrep.features import FeatureSpace, build_user_features
+from userrep.features import FeatureSpace
+from userrep.featurize import build_user_features
+from userrep.onlinestore import OnlineWriter, online_embeddings
 from userrep.store import (
-    OnlineWriter,
     StoreConfig,
     embedding_rows,
     historical_features,
     materialize,
-    online_embeddings,
     open_store,
     publish_embeddings,
     training_set,
@@ -138,6 +138,7 @@ def test_the_redis_password_comes_from_the_environment_or_a_mounted_secret(tmp_p
 
 
 def test_materialize_loads_the_snapshots_rows_online_in_chunks(feast_world, monkeypatch):
+    import userrep.onlinestore
     import userrep.store
 
     _, store, ds, _, late = feast_world
@@ -155,8 +156,10 @@ def test_materialize_loads_the_snapshots_rows_online_in_chunks(feast_world, monk
     assert np.array_equal(np.array(got["history"], np.float32), history)
     assert np.array_equal(np.array(got["onboarding"], np.float32), direct.matrix[rows][:, slices["onboarding"]])
     # chunked writes: a chunk smaller than the snapshot gives the same rows
-    monkeypatch.setattr(userrep.store, "ONLINE_CHUNK", 7)
-    userrep.store.write_online(store, "user_history", userrep.store.offline_frames(direct, "chunked", late.as_of)[0])
+    monkeypatch.setattr(userrep.onlinestore, "ONLINE_CHUNK", 7)
+    userrep.onlinestore.write_online(
+        store, "user_history", userrep.store.offline_frames(direct, "chunked", late.as_of)[0]
+    )
     again = store.get_online_features(
         features=["user_history:history", "user_history:space_id"], entity_rows=[{"user_id": u} for u in users]
     ).to_dict()

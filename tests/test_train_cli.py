@@ -135,7 +135,7 @@ def _thinned_world(small_world, directory, keep_recent_users: int):
 
 @pytest.mark.slow
 def test_train_on_thin_data_widens_the_label_window_or_skips_with_the_reason(small_world, tmp_path):
-    from userrep.downstream import missing_tasks
+    from userrep.heads import missing_tasks
 
     widened = _thinned_world(small_world, tmp_path / "widened", keep_recent_users=10)
     out = tmp_path / "b-widened"

@@ -135,7 +135,8 @@ def embed_users(batch_dir: str | Path, ds, user_ids, as_of=None) -> tuple[np.nda
     Raises KeyError naming the users the dataset does not know at all.
     """
 
-    from userrep.features import FeatureSpace, build_user_features
+    from userrep.features import FeatureSpace
+    from userrep.featurize import build_user_features
 
     batch_dir = Path(batch_dir)
     manifest = read_manifest(batch_dir)

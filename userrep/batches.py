@@ -18,8 +18,8 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from userrep.downstream import missing_tasks
 from userrep.fsio import integrity_problems
+from userrep.heads import missing_tasks
 from userrep.layout import MANIFEST, POINTER, manifest_path, read_manifest
 
 

@@ -315,10 +315,11 @@ def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
         # The task features of the batch's +history heads, online under the batch id (the
         # future-listening step publishes them: both heads take the same features).
         from userrep import store as feast
+        from userrep.onlinestore import history_table
 
         as_of = read_manifest(out)["as_of"]
         ids, plays, recent = serving_history(out, ds, data)
-        table = feast.history_table(ids, data.artists, plays, recent, data.batch_id, as_of)
+        table = history_table(ids, data.artists, plays, recent, data.batch_id, as_of)
         published = feast.publish_history(
             feast.open_store(config.feast, apply=False), config.feast, table, data.batch_id
         )

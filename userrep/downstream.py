@@ -21,9 +21,7 @@ the gate compares: both batches of a comparison are measured the same way.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
@@ -31,13 +29,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from userrep.backfill import read_embeddings
 from userrep.baselines import choose, decayed_matrix, user_artist_matrix
 from userrep.data import Dataset
-from userrep.features import FeatureSpace, build_user_features, to_utc
+from userrep.features import FeatureSpace, to_utc
+from userrep.featurize import build_user_features
 from userrep.fsio import sha256
+from userrep.heads import load_head, register_task, save_head
 from userrep.layout import TASKS, read_manifest
 from userrep.metrics import auc
 from userrep.model import UserAutoencoder, embed
@@ -222,7 +221,7 @@ def train_task(
     if (
         data.skipped and task != "similar_users"
     ):  # registered as skipped: the batch is complete without it, the gate sees why
-        return _register(
+        return register_task(
             out, task, {**meta, "skipped": data.skipped, "metrics": {}, "n_train": 0, "n_valid": 0, "files": {}}
         )
     if task == "future_listening":
@@ -230,13 +229,13 @@ def train_task(
         designs = design.pop("validation")
         scores = future_listening.deployed_scores(head, design, data.x[valid], data.plays[valid], data.recent[valid])
         metrics = future_listening.ranking_metrics(scores, data.labels[valid], data.history[valid])
-        files = [_save_head(out / "future_listening.pt", head, {**meta, **design, "artists": data.artists.tolist()})]
+        files = [save_head(out / "future_listening.pt", head, {**meta, **design, "artists": data.artists.tolist()})]
         meta.update(design=design["design"], designs=designs)
     elif task == "artist_preference":
         head, design, metrics = _artist_preference(data, config)
         designs = design.pop("validation")
         files = [
-            _save_head(
+            save_head(
                 out / "artist_preference.pt",
                 head,
                 {**meta, **design, "artists": data.artists.tolist(), "artist_vectors": data.artist_vectors},
@@ -255,7 +254,7 @@ def train_task(
         found = similar_users.neighbours(similar_users.build_index(x), x, queries, 50)
         metrics = {"ndcg@50": similar_users.mean(similar_users.ndcg_with_overlap(found, queries, data.window_artists))}
         files = [out / "similar_users.faiss", out / "similar_users.ids.npy"]
-    return _register(
+    return register_task(
         out,
         task,
         {
@@ -348,77 +347,10 @@ def serving_history(batch_dir: str | Path, source: Dataset | EventSource, data: 
     return ids, plays, recent
 
 
-def _register(out: Path, task: str, record: dict) -> dict:
-    record = {**record, "trained_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    tmp = out / f"{task}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(out / f"{task}.json")  # the record last: a task without it is not done
-    return record
-
-
-def skipped_tasks(batch_dir: str | Path) -> dict[str, str]:
-    """Tasks registered as skipped (too little data), with the reason."""
-    out = Path(batch_dir) / "downstream"
-    records = {task: out / f"{task}.json" for task in TASKS}
-    return {
-        task: reason
-        for task, path in records.items()
-        if path.exists() and (reason := json.loads(path.read_text()).get("skipped"))
-    }
-
-
 def _reindex(pairs, rows: np.ndarray):
     """Pairs sampled on a row subset index that subset; map them to rows of the full matrix."""
     users, artists, y = pairs
     return rows[users], artists, y
-
-
-def _save_head(path: Path, head: MLPHead, meta: dict) -> Path:
-    torch.save(
-        {
-            "meta": meta,
-            "n_in": head.hidden[0].in_features,
-            "n_out": head.out.out_features,
-            "n_side": head.n_side,
-            "config": asdict(head.config),
-            "state": head.state_dict(),
-        },
-        path,
-    )
-    return path
-
-
-def load_head(path: str | Path) -> tuple[MLPHead, dict]:
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    n_in = blob["n_in"]
-    head = MLPHead(
-        n_in, blob["n_out"], np.zeros(n_in), np.ones(n_in), HeadConfig(**blob["config"]), n_side=blob.get("n_side", 0)
-    )
-    head.load_state_dict(_renamed(blob["state"]))
-    return head.eval(), blob["meta"]
-
-
-def _renamed(state: dict) -> dict:
-    """Heads saved before the side features had one ``net`` Sequential (0: hidden, 3: output)."""
-    names = {"net.0.": "hidden.0.", "net.3.": "out."}
-    return {
-        next((new + k[len(old) :] for old, new in names.items() if k.startswith(old)), k): v for k, v in state.items()
-    }
-
-
-def missing_tasks(batch_dir: str | Path) -> list[str]:
-    """Tasks without a registration record, or whose files are gone or changed since."""
-    out = Path(batch_dir) / "downstream"
-    missing = []
-    for task in TASKS:
-        record_path = out / f"{task}.json"
-        if not record_path.exists():
-            missing.append(task)
-            continue
-        record = json.loads(record_path.read_text())
-        if any(not (out / name).exists() or sha256(out / name) != digest for name, digest in record["files"].items()):
-            missing.append(task)
-    return missing
 
 
 def head_scores_auc(batch_dir: str | Path, x: np.ndarray, data: TaskData) -> float:

@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 from userrep.backfill import read_embeddings
 from userrep.batches import batch_dir, serving_batch
 from userrep.data import Dataset
-from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, missing_tasks, skipped_tasks, task_data
-from userrep.features import FeatureSpace, build_user_features, to_utc
+from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, task_data
+from userrep.features import FeatureSpace, to_utc
+from userrep.featurize import build_user_features
 from userrep.fsio import integrity_problems
+from userrep.heads import missing_tasks, skipped_tasks
 from userrep.layout import read_manifest
 from userrep.model import UserAutoencoder, embed
 from userrep.source import EventSource

@@ -114,7 +114,7 @@ class OnlineService:
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # this replica's consumer name
         self.claim_idle_ms = claim_idle_ms
         self._store = None
-        self._writer: Any = None  # with the store: its online writes (userrep.store.OnlineWriter)
+        self._writer: Any = None  # with the store: its online writes (userrep.onlinestore.OnlineWriter)
         self._batch: OnlineBatch | None = None
         self._queue: queue.Queue[_Write] = queue.Queue()
         self._applied = threading.Condition()  # the local consumer committed something
@@ -189,7 +189,8 @@ class OnlineService:
     @property
     def store(self):
         if self._store is None and self.store_config is not None:
-            from userrep.store import OnlineWriter, open_store
+            from userrep.onlinestore import OnlineWriter
+            from userrep.store import open_store
 
             self._store = open_store(self.store_config, apply=False)
             self._writer = OnlineWriter(self._store)
@@ -209,7 +210,7 @@ class OnlineService:
         are as of (the user's clock: the batch's as_of, or the midnight after their newest event)."""
         online = self.batch
         if self.store is not None:  # the online store is the source of truth for reads
-            from userrep.store import online_embeddings
+            from userrep.onlinestore import online_embeddings
 
             got, found, stamps = online_embeddings(self.store, [user_id], online.batch_id, with_times=True)
             if found[0]:

@@ -231,7 +231,7 @@ def validate_events(online: OnlineBatch, events: list[dict], events_log, max_fut
 
 def push_changes(write, online: OnlineBatch, result: dict, signed_up=None) -> None:
     """Features and embeddings of changed users to the online store (``write``: a
-    ``userrep.store.OnlineWriter``), under this batch id.
+    ``userrep.onlinestore.OnlineWriter``), under this batch id.
     ``signed_up``: the users whose sign-up information changed (None: all); only their
     ``user_profile`` rows are written, since events do not change a profile (one Feast write,
     ~3 ms, less per micro-batch of events)."""
@@ -246,8 +246,8 @@ def push_changes(write, online: OnlineBatch, result: dict, signed_up=None) -> No
     write("user_profile", profile)
     write("user_embedding", embedding_rows(features.user_ids, list_column(result["vectors"]), online.batch_id, clocks))
     if online.history is not None:
+        from userrep.onlinestore import history_table
         from userrep.state import artist_history
-        from userrep.store import history_table
 
         columns, artists, half_life = online.history
         plays, recent = artist_history(result["state"], features.user_ids, clocks, columns, half_life)

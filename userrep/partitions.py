@@ -40,7 +40,8 @@ import scipy.sparse as sp
 
 from userrep.data import EVENT_COLUMNS, EVENT_SCHEMA, Dataset, load_dataset, table_path
 from userrep.encoders import user_item_matrix
-from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, build_user_features, fit_feature_space, to_utc
+from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, fit_feature_space, to_utc
+from userrep.featurize import build_user_features
 
 # A task's memory follows its partition, not the dataset: 100k users in 7 partitions of ~1.9M
 # events never raised the step above the encoder fit's peak (2.4 GB with the dataset loaded).

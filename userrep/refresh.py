@@ -16,7 +16,8 @@ from userrep.backfill import embeddings_table
 from userrep.batches import batch_dir, serving_batch
 from userrep.build import default_as_of
 from userrep.data import load_dataset
-from userrep.features import FeatureSpace, build_user_features, to_utc
+from userrep.features import FeatureSpace, to_utc
+from userrep.featurize import build_user_features
 from userrep.model import UserAutoencoder, embed
 from userrep.store import StoreConfig, open_store, publish_embeddings
 

@@ -65,7 +65,7 @@ class EventSource:
         return pd.Timestamp(int(first.min()), unit="us", tz="UTC") if len(first) else None
 
     def known_users(self, as_of: pd.Timestamp) -> np.ndarray:
-        """Sorted ids of the users known at ``as_of`` (``features.known_users``): the users table
+        """Sorted ids of the users known at ``as_of`` (``featurize.known_users``): the users table
         plus everyone with an event before it."""
         base, ids, first = self._firsts()
         known = [ids[first < as_of.value // 1000]]

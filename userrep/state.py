@@ -18,15 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from userrep.data import Dataset, load_dataset, split_list
-from userrep.features import (
-    FeatureSpace,
-    StaticInputs,
-    UserFeatures,
-    bucket_events,
-    day_index,
-    features_from_buckets,
-    to_utc,
-)
+from userrep.features import FeatureSpace, UserFeatures, to_utc
+from userrep.featurize import StaticInputs, bucket_events, day_index, features_from_buckets
 
 
 @dataclass

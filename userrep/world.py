@@ -33,27 +33,9 @@ from rich.progress import Progress
 
 from userrep.contract import TS_TYPE
 
-GENRES = (
-    "pop",
-    "rock",
-    "hip-hop",
-    "electronic",
-    "indie",
-    "metal",
-    "jazz",
-    "classical",
-    "r&b",
-    "country",
-    "folk",
-    "latin",
-    "reggae",
-    "blues",
-    "punk",
-    "soul",
-    "ambient",
-    "k-pop",
-    "house",
-    "techno",
+GENRES = tuple(
+    "pop rock hip-hop electronic indie metal jazz classical r&b country folk latin reggae blues punk soul ambient "
+    "k-pop house techno".split()
 )
 CONTENT = ("energy", "valence", "danceability", "acousticness", "instrumentalness", "speechiness", "tempo", "loudness")
 COUNTRIES = ("US", "GB", "DE", "FR", "BR", "SE", "JP", "MX")
