@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from userrep.layout import read_manifest
+from userrep.layout import BatchDir, read_manifest
 
 
 def main() -> None:
@@ -55,13 +55,13 @@ def main() -> None:
 
     manifest = read_manifest(candidate)
     ds = load_dataset(manifest["data"]["path"])
-    ids, cand, _ = read_embeddings(candidate / "embeddings.parquet")
-    _, serv, _ = read_embeddings(serving / "embeddings.parquet")
+    ids, cand, _ = read_embeddings(BatchDir(candidate).embeddings)
+    _, serv, _ = read_embeddings(BatchDir(serving).embeddings)
     fit_rows = np.sort(rng.choice(len(ids), size=min(len(ids), 4 * policy.sample), replace=False))
     same_time = embed(
-        UserAutoencoder.load(serving / "model.pt"),
+        UserAutoencoder.load(BatchDir(serving).model),
         build_user_features(
-            ds, to_utc(manifest["as_of"]), FeatureSpace.load(serving / "encoders"), user_ids=ids[fit_rows]
+            ds, to_utc(manifest["as_of"]), FeatureSpace.load(BatchDir(serving).encoders), user_ids=ids[fit_rows]
         ).matrix,
     )
     align = procrustes(cand[fit_rows], same_time)

@@ -136,6 +136,7 @@ def fit_encoder(
     from pathlib import Path
 
     from userrep.jobs import FitSpec, run_fit
+    from userrep.layout import BatchDir
 
     spec = FitSpec(
         data=data,
@@ -154,7 +155,7 @@ def fit_encoder(
     )
     record = run_fit(spec, ray_address=ray_address, rayjob_namespace=rayjob_namespace)
     out = Path(batch_root) / record["batch_id"]
-    shutil.copyfile(out / "model.pt", model.path)
+    shutil.copyfile(BatchDir(out).model, model.path)
     model.metadata.update({"batch_id": record["batch_id"], "final_loss": record["training"]["losses"][-1]})
     print(json.dumps(record["timings_s"]))
     return record["batch_id"]
@@ -167,9 +168,10 @@ def backfill_embeddings(batch_root: str, batch_id: str, model: Input[Model], emb
     from pathlib import Path
 
     from userrep.build import backfill_stage
+    from userrep.layout import BatchDir
 
     manifest = backfill_stage(Path(batch_root) / batch_id)
-    shutil.copyfile(Path(batch_root) / batch_id / "embeddings.parquet", embeddings.path)
+    shutil.copyfile(BatchDir(Path(batch_root) / batch_id).embeddings, embeddings.path)
     embeddings.metadata.update({"batch_id": batch_id, "users": manifest["users"]})
     return batch_id
 
@@ -217,6 +219,7 @@ def drift_gate(batch_root: str, batch_id: str, after: str, decision: Output[Metr
     from pathlib import Path
 
     from userrep.gate import gate_batch
+    from userrep.layout import BatchDir
 
     record = gate_batch(batch_root, batch_id)  # on the data the candidate was built on, streamed
     candidate = Path(batch_root) / batch_id
@@ -224,7 +227,7 @@ def drift_gate(batch_root: str, batch_id: str, after: str, decision: Output[Metr
         decision.log_metric(f"{name}/passed", float(check["passed"]))
         if isinstance(check["value"], (int, float)):
             decision.log_metric(name, float(check["value"]))
-    html = candidate / "drift_report.html"
+    html = BatchDir(candidate).drift_report
     if html.exists():
         shutil.copyfile(html, report.path)
     else:

@@ -72,10 +72,11 @@ def run_local(pipeline: str, work: Path, log_path: Path | None = None, echo=prin
 
 def _outcome(batch_root: Path) -> dict:
     from userrep.batches import list_batches, read_pointer
+    from userrep.layout import BatchDir
 
     rows = sorted(list_batches(batch_root), key=lambda r: r["created_at"])
     latest = rows[-1]["batch_id"] if rows else None
-    gate_path = batch_root / latest / "gate.json" if latest else None
+    gate_path = BatchDir(batch_root / latest).gate if latest else None
     gate = json.loads(gate_path.read_text()) if gate_path and gate_path.exists() else None
     return {"latest": latest, "serving": read_pointer(batch_root)["serving"], "gate": gate}
 

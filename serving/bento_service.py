@@ -30,7 +30,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict, Field
 
-from userrep.layout import pointer_path
+from userrep.layout import BatchDir, pointer_path
 from userrep.tasks.history import WITH_HISTORY
 
 
@@ -88,8 +88,8 @@ def load_bundle(root: Path) -> Bundle:
     if batch_id is None:
         raise RuntimeError(f"no batch is serving under {root}")
     directory = batch_dir(root, batch_id)
-    recommend, meta = load_head(directory / "downstream" / "future_listening.pt")
-    preference, pmeta = load_head(directory / "downstream" / "artist_preference.pt")
+    recommend, meta = load_head(BatchDir(directory).head("future_listening"))
+    preference, pmeta = load_head(BatchDir(directory).head("artist_preference"))
     if pmeta["artists"] != meta["artists"]:
         raise RuntimeError(f"batch {batch_id}: the two heads have different candidate artists")
     return Bundle(

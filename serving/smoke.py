@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from userrep.layout import read_manifest
+from userrep.layout import BatchDir, read_manifest
 
 
 def free_port() -> int:
@@ -80,7 +80,7 @@ def promoted(work: Path) -> tuple[dict, list[str], list[str]]:
         raise SystemExit(f"no promoted batch under {root}: run `make demo` first")
     directory = batch_dir(root, serving_batch(root))
     manifest = read_manifest(directory)
-    ids, _, _ = read_embeddings(directory / "embeddings.parquet")
+    ids, _, _ = read_embeddings(BatchDir(directory).embeddings)
     items = load_dataset(manifest["data"]["path"]).items.column("item_id").to_pylist()
     return manifest, [str(u) for u in ids], items
 

@@ -64,6 +64,21 @@ def test_no_import_cycle_between_our_modules():
     assert cycles({**graph, "userrep.store": graph["userrep.store"] | {"userrep.build"}})  # the checker sees one
 
 
+LAYOUT_NAMES = (
+    "manifest.json",
+    "SERVING.json",
+    "build.json",
+    "features.parquet",
+    "model.pt",
+    "embeddings.parquet",
+    "gate.json",
+    "drift_report.html",
+    "FAILED.json",
+    "similar_users.faiss",
+    "similar_users.ids.npy",
+)
+
+
 def test_each_batch_layout_name_is_spelled_in_one_module():
     spelled = {
         name: sorted(
@@ -72,6 +87,6 @@ def test_each_batch_layout_name_is_spelled_in_one_module():
             for p in (REPO / package).rglob("*.py")
             if re.search(rf"[\"']{re.escape(name)}[\"']", p.read_text())
         )
-        for name in ("manifest.json", "SERVING.json")
+        for name in LAYOUT_NAMES
     }
-    assert spelled == {"manifest.json": ["userrep/layout.py"], "SERVING.json": ["userrep/layout.py"]}
+    assert spelled == {name: ["userrep/layout.py"] for name in LAYOUT_NAMES}

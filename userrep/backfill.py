@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from userrep.features import UserFeatures
-from userrep.layout import read_manifest
+from userrep.layout import BatchDir, read_manifest
 from userrep.model import UserAutoencoder, embed
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("batch_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
@@ -146,6 +146,6 @@ def embed_users(batch_dir: str | Path, ds, user_ids, as_of=None) -> tuple[np.nda
     unknown = [u for u in user_ids if u not in known]
     if unknown:
         raise ValueError(f"user_ids: unknown user_id(s) {unknown[:5]}: not in events or users of {ds.path}")
-    space = FeatureSpace.load(batch_dir / "encoders")
+    space = FeatureSpace.load(BatchDir(batch_dir).encoders)
     features = build_user_features(ds, as_of or manifest["as_of"], space, user_ids=list(user_ids))
-    return embed(UserAutoencoder.load(batch_dir / "model.pt"), features.matrix), manifest["batch_id"]
+    return embed(UserAutoencoder.load(BatchDir(batch_dir).model), features.matrix), manifest["batch_id"]

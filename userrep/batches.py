@@ -20,7 +20,7 @@ from pathlib import Path
 
 from userrep.fsio import integrity_problems
 from userrep.heads import missing_tasks
-from userrep.layout import MANIFEST, POINTER, manifest_path, read_manifest
+from userrep.layout import MANIFEST, POINTER, BatchDir, manifest_path, read_manifest
 
 
 class BatchError(ValueError):
@@ -76,9 +76,9 @@ def state(root: str | Path, batch_id: str) -> str:
         return "serving"
     if batch_id in pointer["history"]:
         return "previous"
-    if (path / "FAILED.json").exists():
+    if BatchDir(path).failed.exists():
         return "failed"
-    gate = path / "gate.json"
+    gate = BatchDir(path).gate
     if gate.exists():
         return "gated" if json.loads(gate.read_text())["passed"] else "rejected"
     return "incomplete" if missing_tasks(path) else "candidate"
@@ -109,11 +109,11 @@ def show(root: str | Path, batch_id: str) -> dict:
         "manifest": read_manifest(path),
         "missing_tasks": missing_tasks(path),
     }
-    for name in ("gate.json", "FAILED.json"):
-        if (path / name).exists():
-            out[name.split(".")[0].lower()] = json.loads((path / name).read_text())
+    for key, record in (("gate", BatchDir(path).gate), ("failed", BatchDir(path).failed)):
+        if record.exists():
+            out[key] = json.loads(record.read_text())
     out["downstream"] = {
-        p.stem: json.loads(p.read_text())["metrics"] for p in sorted((path / "downstream").glob("*.json"))
+        p.stem: json.loads(p.read_text())["metrics"] for p in sorted(BatchDir(path).downstream.glob("*.json"))
     }
     return out
 
@@ -122,7 +122,7 @@ def mark_failed(root: str | Path, batch_id: str, reason: str) -> None:
     """A failed candidate can never be promoted (the pipeline's exit handler calls this)."""
     path = Path(root) / batch_id
     path.mkdir(parents=True, exist_ok=True)
-    (path / "FAILED.json").write_text(json.dumps({"reason": reason, "at": _now()}, indent=2))
+    BatchDir(path).failed.write_text(json.dumps({"reason": reason, "at": _now()}, indent=2))
 
 
 def promote(root: str | Path, batch_id: str) -> dict:
@@ -132,16 +132,16 @@ def promote(root: str | Path, batch_id: str) -> dict:
     pointer = read_pointer(root)
     if pointer["serving"] == batch_id:
         raise BatchError(f"batch_id: {batch_id} is already serving")
-    if (path / "FAILED.json").exists():
+    if BatchDir(path).failed.exists():
         raise BatchError(
-            f"batch_id: {batch_id} is marked failed: {json.loads((path / 'FAILED.json').read_text())['reason']}"
+            f"batch_id: {batch_id} is marked failed: {json.loads(BatchDir(path).failed.read_text())['reason']}"
         )
     missing = missing_tasks(path)
     if missing:
         raise BatchError(f"batch_id: {batch_id} lacks downstream model(s) {', '.join(missing)}")
-    if not (path / "gate.json").exists():
+    if not BatchDir(path).gate.exists():
         raise BatchError(f"batch_id: {batch_id} has no gate decision (run `userrep batch gate {batch_id}`)")
-    gate = json.loads((path / "gate.json").read_text())
+    gate = json.loads(BatchDir(path).gate.read_text())
     if not gate["passed"]:
         raise BatchError(f"batch_id: the gate rejected {batch_id}: " + "; ".join(gate["reasons"]))
     if gate["serving"] != pointer["serving"]:

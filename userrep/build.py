@@ -39,7 +39,7 @@ from userrep.encoders import CollaborativeEncoder, ContentEncoder
 from userrep.eventlog import watermark
 from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, to_utc
 from userrep.fsio import data_fingerprint, sha256, write_json_atomic
-from userrep.layout import manifest_path, read_manifest
+from userrep.layout import BatchDir, manifest_path, read_manifest
 from userrep.model import AEConfig
 from userrep.partitions import partitioned_snapshot
 from userrep.source import EventSource
@@ -135,8 +135,8 @@ def config_from_dict(raw: dict) -> BuildConfig:
 def load_features(batch_dir: Path, rows: np.ndarray | None = None) -> UserFeatures:
     """The training snapshot of a batch; ``rows`` (sorted positions): only those rows, read a row
     group at a time (the gate's sample of 1M users reads a few MB, not the 2.5 GB matrix)."""
-    schema = FeatureSpace.load(batch_dir / "encoders").schema
-    parquet = pq.ParquetFile(batch_dir / "features.parquet")
+    schema = FeatureSpace.load(BatchDir(batch_dir).encoders).schema
+    parquet = pq.ParquetFile(BatchDir(batch_dir).features)
     ids, blocks, start = [], [], 0
     for group in range(parquet.num_row_groups):
         n = parquet.metadata.row_group(group).num_rows
@@ -201,24 +201,24 @@ def fit_stage(
                 stage.done("materialize")
             space = FeatureSpace.load(snapshot.space_dir)
             features = feast.training_set(store, snapshot, space, snapshot.user_ids)
-            space.save(out / "encoders")
+            space.save(BatchDir(out).encoders)
         else:
             space, features = partitioned_snapshot(
-                data, as_of, config.features, out / "encoders", out / "partitions", workers=config.workers
+                data, as_of, config.features, BatchDir(out).encoders, BatchDir(out).partitions, workers=config.workers
             )
             stage.done("encoders")
-        save_features(features, out / "features.parquet")
+        save_features(features, BatchDir(out).features)
         stage.done("features")
         fit = fit_autoencoder(
             features,
             config.ae,
             workers=config.workers,
-            checkpoint_dir=out / "checkpoints",
+            checkpoint_dir=BatchDir(out).checkpoints,
             resume=config.resume,
             progress=progress,
         )
-    shutil.rmtree(out / "partitions", ignore_errors=True)
-    fit.model.save(out / "model.pt")
+    shutil.rmtree(BatchDir(out).partitions, ignore_errors=True)
+    fit.model.save(BatchDir(out).model)
     stage.done("fit")
     record = {
         "batch_id": batch_id,
@@ -233,22 +233,22 @@ def fit_stage(
         "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
         "timings_s": {k: v for k, v in stage.finish().items() if k != "total"},
     }
-    write_json_atomic(out / "build.json", record)
+    write_json_atomic(BatchDir(out).build_record, record)
     return record
 
 
 def backfill_stage(out: str | Path, log=print) -> dict:
     """Embed every user with the fitted model, publish online, write the manifest (embeddings done)."""
     out = Path(out)
-    record = json.loads((out / "build.json").read_text())
+    record = json.loads(BatchDir(out).build_record.read_text())
     config = config_from_dict(record["config"])
     batch_id = record["batch_id"]
     stage = Stopwatch(log)
-    schema = FeatureSpace.load(out / "encoders").schema
-    features = load_features(out) if config.workers else out / "features.parquet"  # in-process: streamed
+    schema = FeatureSpace.load(BatchDir(out).encoders).schema
+    features = load_features(out) if config.workers else BatchDir(out).features  # in-process: streamed
     with _ray_if(config.workers):
         n_users = backfill_embeddings(
-            out / "model.pt", features, batch_id, out / "embeddings.parquet", workers=config.workers
+            BatchDir(out).model, features, batch_id, BatchDir(out).embeddings, workers=config.workers
         )
     stage.done("backfill")
     if config.feast is not None:
@@ -257,7 +257,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         published = feast.publish_embeddings(
             feast.open_store(config.feast, apply=False),
             config.feast,
-            pq.read_table(out / "embeddings.parquet"),
+            pq.read_table(BatchDir(out).embeddings),
             batch_id,
             record["as_of"],
         )
@@ -289,7 +289,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         "workers": config.workers,
         "training": record["training"],
         "timings_s": {**timings, "total": round(sum(timings.values()), 2)},
-        "files": {name: sha256(out / name) for name in ("model.pt", "embeddings.parquet", "features.parquet")},
+        "files": {path.name: sha256(path) for path in BatchDir(out).hashed},
     }
     write_json_atomic(manifest_path(out), manifest)  # a batch without a manifest is incomplete
     return manifest
@@ -298,7 +298,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
 def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
     """Train the downstream task models of a finished batch (the settings come from build.json)."""
     out = Path(out)
-    record = json.loads((out / "build.json").read_text())
+    record = json.loads(BatchDir(out).build_record.read_text())
     config = config_from_dict(record["config"])
     ds = EventSource(record["data"]["path"])  # streamed: never the whole events table
     downstream = config.downstream or DownstreamConfig()

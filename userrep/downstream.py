@@ -37,7 +37,7 @@ from userrep.features import FeatureSpace, to_utc
 from userrep.featurize import build_user_features
 from userrep.fsio import sha256
 from userrep.heads import load_head, register_task, save_head
-from userrep.layout import TASKS, read_manifest
+from userrep.layout import TASKS, BatchDir, read_manifest
 from userrep.metrics import auc
 from userrep.model import UserAutoencoder, embed
 from userrep.source import EventSource
@@ -102,8 +102,8 @@ def task_data(
     batch_dir = Path(batch_dir)
     source = source if isinstance(source, EventSource) else EventSource(source)
     manifest = read_manifest(batch_dir)
-    space = FeatureSpace.load(batch_dir / "encoders")
-    model = UserAutoencoder.load(batch_dir / "model.pt")
+    space = FeatureSpace.load(BatchDir(batch_dir).encoders)
+    model = UserAutoencoder.load(BatchDir(batch_dir).model)
     as_of = to_utc(manifest["as_of"])
     first = source.first_time()
     label_days = config.label_days
@@ -207,7 +207,8 @@ def train_task(
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     batch_dir = Path(batch_dir)
-    out = batch_dir / "downstream"
+    files_of = BatchDir(batch_dir)
+    out = files_of.downstream
     out.mkdir(exist_ok=True)
     data = data or task_data(batch_dir, ds, config)
     x, train, valid = data.x, data.train, data.valid
@@ -229,14 +230,16 @@ def train_task(
         designs = design.pop("validation")
         scores = future_listening.deployed_scores(head, design, data.x[valid], data.plays[valid], data.recent[valid])
         metrics = future_listening.ranking_metrics(scores, data.labels[valid], data.history[valid])
-        files = [save_head(out / "future_listening.pt", head, {**meta, **design, "artists": data.artists.tolist()})]
+        files = [
+            save_head(files_of.head("future_listening"), head, {**meta, **design, "artists": data.artists.tolist()})
+        ]
         meta.update(design=design["design"], designs=designs)
     elif task == "artist_preference":
         head, design, metrics = _artist_preference(data, config)
         designs = design.pop("validation")
         files = [
             save_head(
-                out / "artist_preference.pt",
+                files_of.head("artist_preference"),
                 head,
                 {**meta, **design, "artists": data.artists.tolist(), "artist_vectors": data.artist_vectors},
             )
@@ -245,15 +248,15 @@ def train_task(
     else:
         import faiss
 
-        ids, vectors, batch_id = read_embeddings(batch_dir / "embeddings.parquet")
+        ids, vectors, batch_id = read_embeddings(files_of.embeddings)
         if batch_id != data.batch_id:
             raise ValueError(f"embeddings.parquet: batch_id {batch_id} in batch {data.batch_id}")
-        faiss.write_index(similar_users.build_index(vectors), str(out / "similar_users.faiss"))
-        np.save(out / "similar_users.ids.npy", ids.astype(str))
+        faiss.write_index(similar_users.build_index(vectors), str(files_of.neighbour_index))
+        np.save(files_of.neighbour_ids, ids.astype(str))
         queries = valid[:1000]  # (the index needs no labels: it is built even on thin data)
         found = similar_users.neighbours(similar_users.build_index(x), x, queries, 50)
         metrics = {"ndcg@50": similar_users.mean(similar_users.ndcg_with_overlap(found, queries, data.window_artists))}
-        files = [out / "similar_users.faiss", out / "similar_users.ids.npy"]
+        files = [files_of.neighbour_index, files_of.neighbour_ids]
     return register_task(
         out,
         task,
@@ -328,8 +331,8 @@ def serving_history(batch_dir: str | Path, source: Dataset | EventSource, data: 
     batch_dir = Path(batch_dir)
     source = source if isinstance(source, EventSource) else EventSource(source)
     manifest = read_manifest(batch_dir)
-    space = FeatureSpace.load(batch_dir / "encoders")
-    ids, _, _ = read_embeddings(batch_dir / "embeddings.parquet")
+    space = FeatureSpace.load(BatchDir(batch_dir).encoders)
+    ids, _, _ = read_embeddings(BatchDir(batch_dir).embeddings)
     as_of = to_utc(manifest["as_of"])
     cols = space.artist_index(data.artists)
 
@@ -355,7 +358,7 @@ def _reindex(pairs, rows: np.ndarray):
 
 def head_scores_auc(batch_dir: str | Path, x: np.ndarray, data: TaskData) -> float:
     """AUC of a batch's artist-preference head on embeddings ``x`` (rows of ``data``) for validation pairs."""
-    head, meta = load_head(Path(batch_dir) / "downstream" / "artist_preference.pt")
+    head, meta = load_head(BatchDir(batch_dir).head("artist_preference"))
     columns = pd.Index(meta["artists"]).get_indexer(pd.Index(data.artists))  # data's artist -> the head's
     vectors = np.asarray(meta["artist_vectors"], np.float32)[np.maximum(columns, 0)]
     popularity = data.labels[data.train].sum(axis=0) + 1.0

@@ -30,7 +30,7 @@ from userrep.features import FeatureSpace, to_utc
 from userrep.featurize import build_user_features
 from userrep.fsio import integrity_problems
 from userrep.heads import missing_tasks, skipped_tasks
-from userrep.layout import read_manifest
+from userrep.layout import BatchDir, read_manifest
 from userrep.model import UserAutoencoder, embed
 from userrep.source import EventSource
 
@@ -171,7 +171,7 @@ def comparable_frame(batch_dir: Path, rows: np.ndarray | None = None) -> pd.Data
     """The training snapshot's named (basis-independent) columns as a DataFrame."""
     from userrep.build import load_features
 
-    space = FeatureSpace.load(batch_dir / "encoders")
+    space = FeatureSpace.load(BatchDir(batch_dir).encoders)
     matrix = load_features(batch_dir, rows).matrix
     names = space.column_names()
     keep = [i for i, (_, _, comparable) in enumerate(names) if comparable]
@@ -186,7 +186,7 @@ def feature_drift(candidate: Path, serving: Path, policy: GatePolicy):
     rng = np.random.default_rng(policy.seed)
     frames = []
     for path in (candidate, serving):
-        n = pq.read_metadata(path / "features.parquet").num_rows
+        n = pq.read_metadata(BatchDir(path).features).num_rows
         frames.append(comparable_frame(path, np.sort(rng.choice(n, size=min(n, policy.sample), replace=False))))
     common = [c for c in frames[0].columns if c in set(frames[1].columns)]
     # Columns zero in both snapshots carry no signal and only slow Evidently down.
@@ -256,12 +256,12 @@ def measure(
 
     # Same users, same time (the candidate's as_of), embedded by both batches -> alignment.
     rng = np.random.default_rng(policy.seed)
-    ids, cand, _ = read_embeddings(candidate / "embeddings.parquet")
-    serving_ids, serving_emb, _ = read_embeddings(serving / "embeddings.parquet")
+    ids, cand, _ = read_embeddings(BatchDir(candidate).embeddings)
+    serving_ids, serving_emb, _ = read_embeddings(BatchDir(serving).embeddings)
     common = np.flatnonzero(pd.Index(serving_ids).get_indexer(pd.Index(ids)) >= 0)
     fit_rows = np.sort(rng.choice(common, size=min(len(common), 4 * policy.sample), replace=False))
-    serving_space = FeatureSpace.load(serving / "encoders")
-    serving_model = UserAutoencoder.load(serving / "model.pt")
+    serving_space = FeatureSpace.load(BatchDir(serving).encoders)
+    serving_model = UserAutoencoder.load(BatchDir(serving).model)
     as_of = to_utc(manifest["as_of"])
     source = ds if isinstance(ds, EventSource) else EventSource(ds)
     same_time = embed(
@@ -315,7 +315,7 @@ def quality_pairs(candidate: Path, serving: Path) -> dict[str, dict]:
     """
     quality = {}
     for task in TASKS:
-        paths = [Path(p) / "downstream" / f"{task}.json" for p in (candidate, serving)]
+        paths = [BatchDir(p).task_record(task) for p in (candidate, serving)]
         if not all(p.exists() for p in paths):
             continue
         metric = QUALITY_METRICS[task]
@@ -356,9 +356,9 @@ def run_gate(
     }
     tmp = candidate / "gate.json.tmp"
     tmp.write_text(json.dumps(record, indent=2, default=_json_default))
-    os.replace(tmp, candidate / "gate.json")
+    os.replace(tmp, BatchDir(candidate).gate)
     if report and snapshot is not None:
-        snapshot.save_html(str(candidate / "drift_report.html"))
+        snapshot.save_html(str(BatchDir(candidate).drift_report))
     return record
 
 

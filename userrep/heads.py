@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from userrep.fsio import sha256, write_json_atomic
-from userrep.layout import TASKS
+from userrep.layout import TASKS, BatchDir
 from userrep.tasks._mlp import HeadConfig, MLPHead
 
 
@@ -25,7 +25,7 @@ def register_task(out: Path, task: str, record: dict) -> dict:
 
 def skipped_tasks(batch_dir: str | Path) -> dict[str, str]:
     """Tasks registered as skipped (too little data), with the reason."""
-    out = Path(batch_dir) / "downstream"
+    out = BatchDir(batch_dir).downstream
     records = {task: out / f"{task}.json" for task in TASKS}
     return {
         task: reason
@@ -69,7 +69,7 @@ def _renamed(state: dict) -> dict:
 
 def missing_tasks(batch_dir: str | Path) -> list[str]:
     """Tasks without a registration record, or whose files are gone or changed since."""
-    out = Path(batch_dir) / "downstream"
+    out = BatchDir(batch_dir).downstream
     missing = []
     for task in TASKS:
         record_path = out / f"{task}.json"

@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from userrep.layout import BatchDir
+
 RAYJOB_API = ("ray.io", "v1", "rayjobs")
 
 
@@ -116,7 +118,7 @@ def run_fit(spec: FitSpec, ray_address: str = "", rayjob_namespace: str = "", lo
         submit_rayjob(rayjob_namespace, spec, log=log, poll_s=poll_s)
     else:
         return fit_here(spec, log=log)
-    return json.loads((out / "build.json").read_text())  # written by the job on the shared volume
+    return json.loads(BatchDir(out).build_record.read_text())  # written by the job on the shared volume
 
 
 def submit_to_cluster(address: str, spec: FitSpec, log=print, poll_s: float = 5.0, timeout_s: float = 3600) -> str:

@@ -1,8 +1,17 @@
 """The names a batch root and a batch directory are made of, spelled here only.
 
     ROOT/SERVING.json         the pointer: serving batch id, history (userrep.batches)
-    ROOT/<batch id>/manifest.json   written last: a directory without it is not a finished batch
-    ROOT/<batch id>/downstream/<task>.pt   one head per downstream task (TASKS)
+    ROOT/<batch id>/          one batch (``BatchDir``):
+        build.json            the fit stage's record (settings, as_of, timings)
+        encoders/             the fitted FeatureSpace
+        features.parquet      every user's feature vector as of the batch's as_of
+        checkpoints/          the fit's per-epoch checkpoints (resume after a crash)
+        model.pt              the autoencoder
+        embeddings.parquet    every user's embedding (the backfill)
+        downstream/<task>.pt  one head per downstream task (TASKS), <task>.json its record
+        gate.json, drift_report.html   the gate's decision and its Evidently report
+        FAILED.json           a pipeline run that failed marks its batch (never promoted)
+        manifest.json         written last: a directory without it is not a finished batch
 
 Imports nothing from userrep, so every module (batches, build, downstream, gate, serving) can
 use it without a cycle.
@@ -11,6 +20,7 @@ use it without a cycle.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -28,3 +38,85 @@ def read_manifest(batch_dir: str | Path) -> dict:
 
 def pointer_path(root: str | Path) -> Path:
     return Path(root) / POINTER
+
+
+@dataclass(frozen=True)
+class BatchDir:
+    """The files of one batch directory."""
+
+    path: Path | str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.path)
+
+    @property
+    def manifest(self) -> Path:
+        return self.directory / MANIFEST
+
+    @property
+    def build_record(self) -> Path:
+        return self.directory / "build.json"
+
+    @property
+    def encoders(self) -> Path:
+        return self.directory / "encoders"
+
+    @property
+    def features(self) -> Path:
+        return self.directory / "features.parquet"
+
+    @property
+    def partitions(self) -> Path:
+        return self.directory / "partitions"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.directory / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.directory / "model.pt"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.directory / "embeddings.parquet"
+
+    @property
+    def downstream(self) -> Path:
+        return self.directory / "downstream"
+
+    def head(self, task: str) -> Path:
+        return self.downstream / f"{task}.pt"
+
+    def task_record(self, task: str) -> Path:
+        return self.downstream / f"{task}.json"
+
+    @property
+    def neighbour_index(self) -> Path:
+        """The similar-users FAISS index and its row ids, in embeddings.parquet order."""
+        return self.downstream / "similar_users.faiss"
+
+    @property
+    def neighbour_ids(self) -> Path:
+        return self.downstream / "similar_users.ids.npy"
+
+    @property
+    def gate(self) -> Path:
+        return self.directory / "gate.json"
+
+    @property
+    def drift_report(self) -> Path:
+        return self.directory / "drift_report.html"
+
+    @property
+    def failed(self) -> Path:
+        return self.directory / "FAILED.json"
+
+    @property
+    def hashed(self) -> tuple[Path, ...]:
+        """The files the manifest records a sha256 of."""
+        return (self.model, self.embeddings, self.features)

@@ -18,7 +18,7 @@ from userrep import eventlog
 from userrep.backfill import read_embeddings
 from userrep.batches import batch_dir
 from userrep.features import FeatureSpace, to_utc
-from userrep.layout import read_manifest
+from userrep.layout import BatchDir, read_manifest
 from userrep.model import UserAutoencoder, embed
 from userrep.state import (
     FeatureState,
@@ -58,14 +58,14 @@ def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
     """A batch's artefacts as one replica holds them (no user state); and its manifest."""
     directory = batch_dir(root, batch_id)
     manifest = read_manifest(directory)
-    space = FeatureSpace.load(directory / "encoders")
-    ids, vectors, _ = read_embeddings(directory / "embeddings.parquet")
+    space = FeatureSpace.load(BatchDir(directory).encoders)
+    ids, vectors, _ = read_embeddings(BatchDir(directory).embeddings)
     index = LiveIndex(_neighbour_index(directory, ids, vectors))
     online = OnlineBatch(
         batch_id,
         to_utc(manifest["as_of"]),
         space,
-        UserAutoencoder.load(directory / "model.pt"),
+        UserAutoencoder.load(BatchDir(directory).model),
         index,
         {u: i for i, u in enumerate(ids)},
         dict(enumerate(ids)),
@@ -82,11 +82,11 @@ def _neighbour_index(directory: Path, ids: np.ndarray, vectors: np.ndarray):
     built here the same way only for a batch without downstream models."""
     import faiss
 
-    path = directory / "downstream" / "similar_users.faiss"
+    path = BatchDir(directory).neighbour_index
     if not path.exists():
         return build_index(vectors)
     index = faiss.read_index(str(path))
-    saved = np.load(directory / "downstream" / "similar_users.ids.npy")
+    saved = np.load(BatchDir(directory).neighbour_ids)
     if index.ntotal != len(ids) or not np.array_equal(saved.astype(object), ids):
         raise ValueError(f"{path}: its {index.ntotal} rows are not the users of embeddings.parquet in file order")
     return index
@@ -144,7 +144,7 @@ def write_shared_state(online: OnlineBatch, manifest: dict, events_log, push) ->
 def _history_spec(directory: Path, space: FeatureSpace) -> tuple | None:
     """What the batch's heads take besides the embedding: the candidate artists and the recency
     decay of the user's history of them (from the future-listening head; None without one)."""
-    path = directory / "downstream" / "future_listening.pt"
+    path = BatchDir(directory).head("future_listening")
     if not path.exists():
         return None
     from userrep.downstream import load_head

@@ -12,7 +12,7 @@ import typer
 from userrep.cli.batch import _print_downstream, _print_gate, batch_list
 from userrep.cli.common import _error, _validate_or_exit, console
 from userrep.cli.pipeline import _pipeline_failed, _pipeline_log
-from userrep.layout import manifest_path, read_manifest
+from userrep.layout import BatchDir, manifest_path, read_manifest
 
 
 def serve(
@@ -151,7 +151,7 @@ def demo(
         )
 
     console.rule("4. gate decision for batch 2 and downstream metrics of both batches")
-    gate_path = root / ids[1] / "gate.json"
+    gate_path = BatchDir(root / ids[1]).gate
     if gate_path.exists():
         _print_gate(json.loads(gate_path.read_text()))
     _print_downstream(root, ids)
@@ -179,7 +179,7 @@ def _smoke(work: Path, world: Path) -> None:
         _error("serving smoke skipped", f"no batch is serving under {root}")
         raise typer.Exit(code=1)
     serving = batch_dir(root, serving_id)
-    _, meta = load_head(serving / "downstream" / "future_listening.pt")
+    _, meta = load_head(BatchDir(serving).head("future_listening"))
     artists = meta["artists"]
     items = load_dataset(world).items
     listened = artists[min(50, len(artists) - 1)]  # a mid-popularity artist the newcomer did not pick
