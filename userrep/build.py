@@ -38,7 +38,7 @@ from userrep.downstream import TASKS, DownstreamConfig, serving_history, task_da
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
 from userrep.eventlog import watermark
 from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, to_utc
-from userrep.fsio import data_fingerprint, sha256, write_json_atomic
+from userrep.fsio import data_fingerprint, midnight_after, sha256, write_json_atomic
 from userrep.layout import BatchDir, manifest_path, read_manifest
 from userrep.model import AEConfig
 from userrep.partitions import partitioned_snapshot
@@ -61,8 +61,7 @@ class BuildConfig:
 
 def default_as_of(ds: Dataset) -> pd.Timestamp:
     """Midnight after the last event: every event counts as history."""
-    last = pc.max(ds.events.column("ts")).as_py()
-    return (pd.Timestamp(last) + pd.Timedelta(microseconds=1)).ceil("D")
+    return midnight_after(pc.max(ds.events.column("ts")).as_py())
 
 
 def dataset_as_of(data: str | Path) -> pd.Timestamp:

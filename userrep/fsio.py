@@ -1,12 +1,15 @@
-"""Small file helpers every stage shares: content hashes, the dataset fingerprint, a batch's
-integrity against its manifest, and write-to-temp-then-rename (a reader sees the old file or the
-new one, never half of one)."""
+"""Small helpers every stage shares: content hashes, the dataset fingerprint, a batch's integrity
+against its manifest, write-to-temp-then-rename (a reader sees the old file or the new one, never
+half of one), and the default cut-off of a dataset (the midnight after its last event)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from userrep.data import TABLES, table_path
 from userrep.eventlog import part_files
@@ -36,8 +39,19 @@ def data_fingerprint(directory: str | Path) -> dict[str, str]:
 def write_json_atomic(path: str | Path, value: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str))  # Paths in configs become strings
+    tmp.write_text(json.dumps(value, indent=2, default=_plain))
     tmp.replace(path)
+
+
+def _plain(value):
+    """numpy scalars as numbers; anything else (Paths in configs, timestamps) as its string."""
+    return value.item() if isinstance(value, (np.floating, np.integer, np.bool_)) else str(value)
+
+
+def midnight_after(last) -> pd.Timestamp:
+    """The first midnight (UTC) strictly after ``last``: a cut-off before which every event up to
+    ``last`` counts as history (an event at midnight itself gives the next midnight)."""
+    return (pd.Timestamp(last) + pd.Timedelta(microseconds=1)).ceil("D")
 
 
 def integrity_problems(batch_dir: str | Path) -> list[str]:

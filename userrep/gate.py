@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +27,7 @@ from userrep.data import Dataset
 from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, task_data
 from userrep.features import FeatureSpace, to_utc
 from userrep.featurize import build_user_features
-from userrep.fsio import integrity_problems
+from userrep.fsio import integrity_problems, write_json_atomic
 from userrep.heads import missing_tasks, skipped_tasks
 from userrep.layout import BatchDir, read_manifest
 from userrep.model import UserAutoencoder, embed
@@ -354,18 +353,10 @@ def run_gate(
         "policy": asdict(policy),
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    tmp = candidate / "gate.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=_json_default))
-    os.replace(tmp, BatchDir(candidate).gate)
+    write_json_atomic(BatchDir(candidate).gate, record)
     if report and snapshot is not None:
         snapshot.save_html(str(BatchDir(candidate).drift_report))
     return record
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value)}")
 
 
 def gate_batch(root: str | Path, batch_id: str, data: str | Path | None = None, log=print) -> dict:

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from userrep.data import Dataset
 from userrep.features import to_utc
+from userrep.fsio import midnight_after
 
 SPLITS = ("auto", "time", "user-time", "random")
 MIN_WARM = 100  # auto: fewer warm users than this under a time split -> user-time
@@ -125,7 +126,7 @@ def _held_out_split(ds: Dataset, holdout: float, keys: np.ndarray, kind: str, wh
     rank_from_end = frame.groupby("user")["key"].rank(method="first", ascending=False).to_numpy() - 1
     size = frame.groupby("user")["key"].transform("size").to_numpy()
     mask = pa.array(rank_from_end < np.floor(holdout * size + 0.5))
-    as_of = (pd.Timestamp(pc.max(ds.events.column("ts")).as_py()) + pd.Timedelta(days=1)).ceil("D")
+    as_of = midnight_after(pc.max(ds.events.column("ts")).as_py())  # as a batch's default cut-off
     train_events, future = ds.events.filter(pc.invert(mask)), ds.events.filter(mask)
     held = (
         f"each user's last {holdout:.0%} of events by time"
