@@ -35,6 +35,7 @@ from userrep.source import EventSource
 
 # Which metric of each task the quality check compares (higher is better for all three).
 QUALITY_METRICS = {"future_listening": "ndcg@10", "artist_preference": "auc", "similar_users": "ndcg@50"}
+REPORT_COLUMNS = 30  # feature columns the HTML drift report shows, most drifted first (every column is measured)
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,14 @@ def comparable_frame(batch_dir: Path, rows: np.ndarray | None = None) -> pd.Data
 
 
 def feature_drift(candidate: Path, serving: Path, policy: GatePolicy):
-    """(drifted share, {column: score over the limit}, Evidently snapshot) on common named columns."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
+    """(drifted share, {column: score over the limit}, the two frames) on the common named columns.
+
+    Evidently's drift calculation (what its ``DriftedColumnsCount`` and ``ValueDrift`` metrics
+    compute) on every column, without building their widgets: rendering took ~0.25 s a column,
+    70 s of a gate on 330 columns. ``write_report`` renders the most drifted ones."""
+    from evidently.legacy.calculations.data_drift import get_drift_for_columns
+    from evidently.legacy.metric_results import DatasetColumns, DatasetUtilityColumns
+    from evidently.legacy.options.data_drift import DataDriftOptions
 
     rng = np.random.default_rng(policy.seed)
     frames = []
@@ -191,19 +197,42 @@ def feature_drift(candidate: Path, serving: Path, policy: GatePolicy):
     # Columns zero in both snapshots carry no signal and only slow Evidently down.
     common = [c for c in common if frames[0][c].any() or frames[1][c].any()]
     cur, ref = frames[0][common], frames[1][common]
-    definition = DataDefinition(numerical_columns=common)
-    snapshot = Report([DataDriftPreset()]).run(
-        Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
+    columns = DatasetColumns(
+        utility_columns=DatasetUtilityColumns(date=None, id=None, target=None, prediction=None),
+        target_type=None,
+        task=None,
+        num_feature_names=common,
+        cat_feature_names=[],
+        text_feature_names=[],
+        datetime_feature_names=[],
+        target_names=None,
     )
-    share, scores = None, {}
-    for metric in snapshot.dict()["metrics"]:
-        config = metric["config"]
-        if config["type"].endswith("DriftedColumnsCount"):
-            share = float(metric["value"]["share"])
-        elif config["type"].endswith("ValueDrift"):
-            scores[config["column"]] = float(metric["value"])
+    drift = get_drift_for_columns(
+        current_data=cur,
+        reference_data=ref,
+        dataset_columns=columns,
+        data_drift_options=DataDriftOptions(),
+        columns=common,
+        agg_data=True,
+    )
+    scores = {c: float(d.drift_score) for c, d in drift.drift_by_columns.items()}
     over = {c: round(v, 4) for c, v in scores.items() if v > policy.max_column_drift}
-    return share, over, snapshot
+    return float(drift.share_of_drifted_columns), over, (cur, ref, scores)
+
+
+def write_report(frames, path: Path, columns: int = REPORT_COLUMNS) -> None:
+    """Evidently's data-drift report (HTML) of the ``columns`` most drifted feature columns."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    cur, ref, scores = frames
+    shown = sorted(scores, key=scores.get, reverse=True)[:columns]
+    definition = DataDefinition(numerical_columns=shown)
+    snapshot = Report([DataDriftPreset(columns=shown)]).run(
+        Dataset.from_pandas(cur[shown], data_definition=definition),
+        Dataset.from_pandas(ref[shown], data_definition=definition),
+    )
+    snapshot.save_html(str(path))
 
 
 def procrustes(source: np.ndarray, target: np.ndarray):
@@ -238,7 +267,7 @@ def measure(
     downstream: DownstreamConfig = DownstreamConfig(),
     log=print,
 ):
-    """Every number of the gate; returns (GateInputs, Evidently snapshot or None, alignment details)."""
+    """Every number of the gate; returns (GateInputs, the drift frames for the report or None)."""
     candidate = Path(candidate)
     manifest = read_manifest(candidate)
     base = dict(
@@ -250,7 +279,7 @@ def measure(
         return GateInputs(serving=None, **base), None
     serving = Path(serving)
     serving_manifest = read_manifest(serving)
-    share, over, snapshot = feature_drift(candidate, serving, policy)
+    share, over, frames = feature_drift(candidate, serving, policy)
     log(f"feature drift: {share:.1%} of columns drifted, {len(over)} beyond the per-column limit")
 
     # Same users, same time (the candidate's as_of), embedded by both batches -> alignment.
@@ -303,7 +332,7 @@ def measure(
         quality=quality_pairs(candidate, serving),
         **base,
     )
-    return inputs, snapshot
+    return inputs, frames
 
 
 def quality_pairs(candidate: Path, serving: Path) -> dict[str, dict]:
@@ -341,7 +370,7 @@ def run_gate(
 ) -> dict:
     """Measure, decide, write ``gate.json`` (then the HTML report); returns the gate record."""
     candidate = Path(candidate)
-    inputs, snapshot = measure(candidate, serving, ds, policy, downstream, log)
+    inputs, frames = measure(candidate, serving, ds, policy, downstream, log)
     decision = decide(inputs, policy)
     record = {
         "candidate": inputs.candidate,
@@ -354,8 +383,8 @@ def run_gate(
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     write_json_atomic(BatchDir(candidate).gate, record)
-    if report and snapshot is not None:
-        snapshot.save_html(str(BatchDir(candidate).drift_report))
+    if report and frames is not None:
+        write_report(frames, BatchDir(candidate).drift_report)
     return record
 
 
