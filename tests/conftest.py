@@ -80,6 +80,43 @@ def small_world(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def two_batches(small_world, tmp_path_factory) -> Path:
+    """A work dir built once with a real Feast store: b1 (as of May 1) gated and serving, b2 (as of
+    June 30, later data) built, not gated. Each module takes its own copy (``copy_work``): they
+    promote, roll back and write online."""
+    from userrep import batches
+    from userrep.build import BuildConfig, build_batch
+    from userrep.data import load_dataset
+    from userrep.gate import run_gate
+    from userrep.model import AEConfig
+    from userrep.store import StoreConfig
+
+    work = tmp_path_factory.mktemp("two_batches")
+    root, quiet = work / "batches", dict(log=lambda *_: None)
+    config = BuildConfig(ae=AEConfig(epochs=8), feast=StoreConfig(home=work / "feast"))
+    build_batch(small_world, root / "b1", "2026-05-01", config, batch_id="b1", **quiet)
+    assert run_gate(root / "b1", None, load_dataset(small_world), **quiet)["passed"]
+    batches.promote(root, "b1")
+    build_batch(small_world, root / "b2", "2026-06-30", config, batch_id="b2", **quiet)
+    return work
+
+
+def copy_work(source: Path, target: Path):
+    """A copy of a work dir whose batches use the copy's own Feast home, its definitions registered
+    there; returns the copy's BuildConfig-ready StoreConfig."""
+    import shutil
+
+    from userrep.store import StoreConfig, open_store
+
+    shutil.copytree(source, target)
+    for record in (*target.glob("batches/*/build.json"), *target.glob("batches/*/manifest.json")):
+        record.write_text(record.read_text().replace(str(source / "feast"), str(target / "feast")))
+    store = StoreConfig(home=target / "feast")
+    open_store(store, apply=True)  # the registry's file sources now point into the copy
+    return store
+
+
 def start_redis(port: int, workdir: Path):
     """A real redis-server on 127.0.0.1:port (ours, stop it by PID), its append-only file fsynced
     on every write: the production profile of the online store and the event stream."""

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import copy_work
 from userrep import batches
 from userrep.backfill import embeddings_table, read_embeddings
-from userrep.build import BuildConfig, build_batch
+from userrep.build import BuildConfig
 from userrep.cli import app
 from userrep.data import load_dataset
 from userrep.downstream import serving_history, task_data
@@ -26,24 +27,18 @@ from userrep.fsio import sha256
 from userrep.gate import run_gate
 from userrep.model import AEConfig
 from userrep.onlinestore import online_embeddings, online_history
-from userrep.store import StoreConfig, open_store
+from userrep.store import open_store
 
 pytestmark = pytest.mark.slow
 QUIET = dict(log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
-def lifecycle(small_world, tmp_path_factory):
+def lifecycle(small_world, two_batches, tmp_path_factory):
     """b1 (as of May 1) built, gated and serving; b2 (as of June 30, later data) built, not gated."""
-    work = tmp_path_factory.mktemp("lifecycle")
-    root = work / "batches"
-    config = BuildConfig(ae=AEConfig(epochs=8), feast=StoreConfig(home=work / "feast"))
-    build_batch(small_world, root / "b1", "2026-05-01", config, batch_id="b1", **QUIET)
-    ds = load_dataset(small_world)
-    assert run_gate(root / "b1", None, ds, **QUIET)["passed"]
-    batches.promote(root, "b1")
-    build_batch(small_world, root / "b2", "2026-06-30", config, batch_id="b2", **QUIET)
-    return root, ds, config
+    work = tmp_path_factory.mktemp("lifecycle") / "work"
+    config = BuildConfig(ae=AEConfig(epochs=8), feast=copy_work(two_batches, work))
+    return work / "batches", load_dataset(small_world), config
 
 
 def corrupt_copy(root: Path, name: str) -> Path:

@@ -157,6 +157,7 @@ def evaluated(small_world, tmp_path_factory):
     return evaluate(small_world, out, MARGINS, log=lambda *_: None), out
 
 
+@pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_gur_beats_popularity_and_item_mean_where_it_should(evaluated):
     """Measured on this world (seed 7): future listening nDCG@10 gur 0.548 vs item_mean 0.527 and
     popularity 0.301, recall@50 0.724 vs 0.689; cold start gur 0.386 vs item_mean 0.267 and
@@ -181,6 +182,7 @@ def test_gur_beats_popularity_and_item_mean_where_it_should(evaluated):
     assert convergence["30"] > convergence["0"] + 0.05
 
 
+@pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_metrics_json_has_the_documented_shape(small_world, evaluated):
     metrics, tmp_path = evaluated
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
@@ -240,6 +242,7 @@ def test_metrics_json_has_the_documented_shape(small_world, evaluated):
     assert "| gur+history |" in summary and "future_listening ndcg@10: gur" in summary
 
 
+@pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_each_task_runs_on_its_own_users(small_world, tmp_path):
     """Too few warm test users for the warm tasks: they are skipped, cold start still runs."""
     config = replace(FAST, test_share=0.002, ablations=False)  # 2 of ~1,200 warm users held out
@@ -250,6 +253,7 @@ def test_each_task_runs_on_its_own_users(small_world, tmp_path):
     assert "future_listening" not in metrics["tasks"]
 
 
+@pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_seeds_report_mean_and_spread(small_world, tmp_path):
     config = replace(FAST, seeds=2, ablations=False, bootstrap=50)
     metrics = evaluate(small_world, tmp_path, config, log=lambda *_: None)

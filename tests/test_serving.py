@@ -21,10 +21,10 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
 from serving.smoke import free_port
+from tests.conftest import copy_work
 from userrep import batches
 from userrep.backfill import read_embeddings
 from userrep.baselines import decayed_matrix, user_artist_matrix
-from userrep.build import BuildConfig, build_batch
 from userrep.data import load_dataset
 from userrep.downstream import load_head
 from userrep.encoders import events_before
@@ -32,7 +32,7 @@ from userrep.eventlog import open_log
 from userrep.features import FeatureSpace
 from userrep.featurize import build_user_features
 from userrep.gate import run_gate
-from userrep.model import AEConfig, UserAutoencoder, embed
+from userrep.model import UserAutoencoder, embed
 from userrep.onlinestore import online_history
 from userrep.store import StoreConfig, open_store
 from userrep.tasks.future_listening import deployed_scores
@@ -57,15 +57,10 @@ def call(url: str, body=None, raw: bytes | None = None, timeout: float = 30):
 
 
 @pytest.fixture(scope="module")
-def served(small_world, tmp_path_factory):
-    work = tmp_path_factory.mktemp("serve")
-    root = work / "batches"
-    config = BuildConfig(ae=AEConfig(epochs=6), feast=StoreConfig(home=work / "feast"))
-    build_batch(small_world, root / "b1", "2026-05-01", config, batch_id="b1", **QUIET)
-    ds = load_dataset(small_world)
-    assert run_gate(root / "b1", None, ds, report=False, **QUIET)["passed"]
-    batches.promote(root, "b1")
-    build_batch(small_world, root / "b2", "2026-06-30", config, batch_id="b2", **QUIET)
+def served(small_world, two_batches, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve") / "work"
+    copy_work(two_batches, work)
+    root, ds = work / "batches", load_dataset(small_world)
     assert run_gate(root / "b2", root / "b1", ds, report=False, **QUIET)["passed"]
     port, bento_port = free_port(), free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}

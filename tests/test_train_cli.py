@@ -40,6 +40,7 @@ def batch(small_world, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_train_writes_manifest_and_embeddings_for_every_user(batch, small_world):
     manifest = json.loads((batch / "manifest.json").read_text())
     assert manifest["as_of"] == "2026-05-01T00:00:00+00:00"
@@ -60,6 +61,7 @@ def test_train_writes_manifest_and_embeddings_for_every_user(batch, small_world)
     assert len(table.column("embedding")[0]) == 16
 
 
+@pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_batch_id_is_deterministic_and_feast_changes_nothing(batch, small_world, tmp_path):
     """Same settings without Feast (features computed in-process): same id, bit-identical embeddings."""
     again = tmp_path / "again"
@@ -88,6 +90,7 @@ def test_batch_id_is_deterministic_and_feast_changes_nothing(batch, small_world,
     assert first["files"]["embeddings.parquet"] == second["files"]["embeddings.parquet"]
 
 
+@pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_embed_prints_cold_and_warm_users(batch, small_world):
     users = pd.read_parquet(small_world / "users.parquet")
     cold = users[users["signup_ts"] > pd.Timestamp("2026-05-01", tz="UTC")]["user_id"].iloc[0]
@@ -103,6 +106,7 @@ def test_embed_prints_cold_and_warm_users(batch, small_world):
     assert backfilled.loc[warm, "embedding"][:3] == pytest.approx(rows[0]["embedding"][:3], abs=1e-5)
 
 
+@pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_embed_unknown_user_is_a_clear_error(batch, small_world):
     result = runner.invoke(app, ["embed", "--batch", str(batch), "--data", str(small_world), "--users", "nobody"])
     assert result.exit_code == 1
