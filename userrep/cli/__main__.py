@@ -1,3 +1,6 @@
+"""`python -m userrep.cli`: the same command as the `userrep` entry point."""
+
 from userrep.cli import app
 
-app()
+if __name__ == "__main__":
+    app()
