@@ -13,7 +13,8 @@ model          model (the denoising autoencoder), train (one loop: in-process or
 Feast          store (snapshots, training sets), onlinestore (online rows)
 a batch        layout (every file name: BatchDir), fsio (hashes, atomic writes, the default cut-off),
                build (a batch in stages), jobs (where the fit runs), downstream + heads + tasks/
-               (task models), gate (drift and stability), batches (promote, roll back), refresh
+               (task models), predict (a batch's heads as one predictor), gate (drift and stability),
+               batches (promote, roll back), refresh
 online         eventlog + sqlitelog + redislog (the durable event log), onlinebatch (what a
                replica holds of a batch), online (the service: logger, consumer, batch swap)
 evaluation     evaluate + evaltasks (the protocol), baselines, metrics, uncertainty, report

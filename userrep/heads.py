@@ -38,7 +38,7 @@ def save_head(path: Path, head: MLPHead, meta: dict) -> Path:
     torch.save(
         {
             "meta": meta,
-            "n_in": head.hidden[0].in_features,
+            "n_in": head.n_in,
             "n_out": head.out.out_features,
             "n_side": head.n_side,
             "config": asdict(head.config),

@@ -43,7 +43,7 @@ class MLPHead(nn.Module):
         n_side: int = 0,
     ):
         super().__init__()
-        self.config, self.n_side = config, n_side
+        self.config, self.n_side, self.n_in = config, n_side, n_in
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
         self.hidden = nn.Sequential(nn.Linear(n_in, config.hidden), nn.GELU(), nn.Dropout(config.dropout))
