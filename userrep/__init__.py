@@ -18,5 +18,5 @@ a batch        layout (every file name: BatchDir), fsio (hashes, atomic writes, 
 online         eventlog + sqlitelog + redislog (the durable event log), onlinebatch (what a
                replica holds of a batch), online (the service: logger, consumer, batch swap)
 evaluation     evaluate + evaltasks (the protocol), baselines, metrics, uncertainty, report
-the command    cli/ (``userrep``), timing
+the command    cli/ (``userrep``), demo (the demo's lifecycle, printed by ``userrep demo``), timing
 """

@@ -12,7 +12,7 @@ import typer
 from userrep.cli.batch import _print_downstream, _print_gate, batch_list
 from userrep.cli.common import _error, _validate_or_exit, console
 from userrep.cli.pipeline import _pipeline_failed, _pipeline_log
-from userrep.layout import BatchDir, manifest_path, read_manifest
+from userrep.layout import BatchDir
 
 
 def serve(
@@ -88,60 +88,34 @@ def demo(
     """The lifecycle on the embedded default: world -> training pipeline for batch 1 (promoted) ->
     training pipeline for batch 2 on later data (gated against batch 1) -> decision and metrics ->
     serve the promoted batch and react to live events."""
-    import pandas as pd
-
     from pipelines.runner import run_local
-    from userrep.batches import state
-    from userrep.build import dataset_as_of
-    from userrep.jobs import FitSpec
-    from userrep.world import WorldConfig, generate_world, world_is_current
+    from userrep.demo import DemoSettings, ensure_world, pipeline_params, plan_batches
 
-    config = WorldConfig(users=users, seed=seed)
+    settings = DemoSettings(users=users, seed=seed, workers=workers, epochs=epochs, later_days=later_days)
     world, root = work / "world", work / "batches"
     console.rule("1. synthetic world")
-    if world_is_current(config, world):
+    started = time.perf_counter()
+    counts = ensure_world(work, settings)
+    if counts is None:
         console.print(f"[dim]world {world} is current (users={users}, seed={seed}); not regenerating[/]")
     else:
-        started = time.perf_counter()
-        counts = generate_world(config, world)
         console.print(f"generated {world} in {time.perf_counter() - started:.1f}s: {counts}")
     _validate_or_exit(world)
 
-    end = dataset_as_of(world)
-    ids = []
-    for step, (label, as_of) in enumerate(
-        [("batch 1", end - pd.Timedelta(days=later_days)), ("batch 2 on later data", end)]
-    ):
-        spec = FitSpec(
-            data=str(world),
-            batch_root=str(root),
-            as_of=as_of.isoformat(),
-            feast_home=str(work / "feast"),
-            epochs=epochs,
-            workers=workers,
-            seed=seed,
+    planned = plan_batches(work, settings)
+    for step, batch in enumerate(planned):
+        console.rule(
+            f"{2 + step}. training pipeline (kfp.local), {batch.label}: as of {batch.as_of:%Y-%m-%d} -> {batch.batch_id}"
         )
-        _, batch_id, _ = spec.batch_dir_and_id()
-        ids.append(batch_id)
-        console.rule(f"{2 + step}. training pipeline (kfp.local), {label}: as of {as_of:%Y-%m-%d} -> {batch_id}")
-        if manifest_path(root / batch_id).exists() and state(root, batch_id) in ("serving", "previous", "rejected"):
+        if batch.done:
             console.print(
-                f"[dim]batch {batch_id} already ran through the pipeline ({state(root, batch_id)}); not rerunning[/]"
+                f"[dim]batch {batch.batch_id} already ran through the pipeline ({batch.done}); not rerunning[/]"
             )
             continue
-        started, log_path = time.perf_counter(), _pipeline_log(work, f"training-{batch_id}")
+        started, log_path = time.perf_counter(), _pipeline_log(work, f"training-{batch.batch_id}")
         try:
             outcome = run_local(
-                "training",
-                work,
-                log_path=log_path,
-                echo=console.print,
-                data=str(world),
-                as_of=as_of.isoformat(),
-                batch_root=str(root),
-                feast_home=str(work / "feast"),
-                epochs=epochs,
-                workers=workers,
+                "training", work, log_path=log_path, echo=console.print, **pipeline_params(work, batch, settings)
             )
         except RuntimeError as exc:
             _pipeline_failed(exc, log_path)
@@ -151,6 +125,7 @@ def demo(
         )
 
     console.rule("4. gate decision for batch 2 and downstream metrics of both batches")
+    ids = [batch.batch_id for batch in planned]
     gate_path = BatchDir(root / ids[1]).gate
     if gate_path.exists():
         _print_gate(json.loads(gate_path.read_text()))
@@ -162,31 +137,20 @@ def demo(
     )
     if smoke:
         console.rule("5. serve the promoted batch (Ray Serve + BentoML) and react to live events")
-        _smoke(work, world)
+        _smoke(work)
 
 
-def _smoke(work: Path, world: Path) -> None:
-    import pyarrow.compute as pc
-
+def _smoke(work: Path) -> None:
     from serving.smoke import run_smoke
-    from userrep.batches import batch_dir, serving_batch
-    from userrep.data import artist_column, load_dataset
-    from userrep.downstream import load_head
+    from userrep.demo import smoke_inputs
 
-    root = work / "batches"
-    serving_id = serving_batch(root)
-    if serving_id is None:  # the gate rejected batch 1
-        _error("serving smoke skipped", f"no batch is serving under {root}")
-        raise typer.Exit(code=1)
-    serving = batch_dir(root, serving_id)
-    _, meta = load_head(BatchDir(serving).head("future_listening"))
-    artists = meta["artists"]
-    items = load_dataset(world).items
-    listened = artists[min(50, len(artists) - 1)]  # a mid-popularity artist the newcomer did not pick
-    tracks = items.filter(pc.equal(items.column(artist_column(items)), listened)).column("item_id").to_pylist()[:5]
-    as_of = read_manifest(serving)["as_of"]
     try:
-        run_smoke(work, artists[:2], tracks, as_of, log=console.print)
+        artists, tracks, as_of = smoke_inputs(work)
+    except ValueError as exc:  # the gate rejected batch 1
+        _error("serving smoke skipped", f"{exc}")
+        raise typer.Exit(code=1) from None
+    try:
+        run_smoke(work, artists, tracks, as_of, log=console.print)
     except (AssertionError, RuntimeError, TimeoutError) as exc:
         _error("serving smoke failed", f"{exc}")
         raise typer.Exit(code=1) from None
