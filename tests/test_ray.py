@@ -99,7 +99,8 @@ def test_a_killed_ray_train_worker_resumes_from_the_last_checkpoint(ray_cluster,
 TWO_NODE_DRIVER = """
 import sys, numpy as np
 from userrep.data import load_dataset
-from userrep.features import FeatureConfig, build_user_features, fit_feature_space
+from userrep.features import FeatureConfig, fit_feature_space
+from userrep.featurize import build_user_features
 from userrep.model import AEConfig, embed
 from userrep.raylocal import ray_session
 from userrep.train import fit_autoencoder
