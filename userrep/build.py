@@ -134,8 +134,9 @@ def config_from_dict(raw: dict) -> BuildConfig:
 def load_features(batch_dir: Path, rows: np.ndarray | None = None) -> UserFeatures:
     """The training snapshot of a batch; ``rows`` (sorted positions): only those rows, read a row
     group at a time (the gate's sample of 1M users reads a few MB, not the 2.5 GB matrix)."""
-    schema = FeatureSpace.load(BatchDir(batch_dir).encoders).schema
-    parquet = pq.ParquetFile(BatchDir(batch_dir).features)
+    files = BatchDir(batch_dir)
+    schema = FeatureSpace.load(files.encoders).schema
+    parquet = pq.ParquetFile(files.features)
     ids, blocks, start = [], [], 0
     for group in range(parquet.num_row_groups):
         n = parquet.metadata.row_group(group).num_rows
@@ -171,6 +172,7 @@ def fit_stage(
 ) -> dict:
     """Training set (from a Feast snapshot, or in-process) -> autoencoder; writes BATCH/build.json."""
     out = Path(out)
+    files = BatchDir(out)
     out.mkdir(parents=True, exist_ok=True)
     stage = Stopwatch(log)
     # The dataset is streamed (validated, split into user partitions) where features are computed;
@@ -200,24 +202,24 @@ def fit_stage(
                 stage.done("materialize")
             space = FeatureSpace.load(snapshot.space_dir)
             features = feast.training_set(store, snapshot, space, snapshot.user_ids)
-            space.save(BatchDir(out).encoders)
+            space.save(files.encoders)
         else:
             space, features = partitioned_snapshot(
-                data, as_of, config.features, BatchDir(out).encoders, BatchDir(out).partitions, workers=config.workers
+                data, as_of, config.features, files.encoders, files.partitions, workers=config.workers
             )
             stage.done("encoders")
-        save_features(features, BatchDir(out).features)
+        save_features(features, files.features)
         stage.done("features")
         fit = fit_autoencoder(
             features,
             config.ae,
             workers=config.workers,
-            checkpoint_dir=BatchDir(out).checkpoints,
+            checkpoint_dir=files.checkpoints,
             resume=config.resume,
             progress=progress,
         )
-    shutil.rmtree(BatchDir(out).partitions, ignore_errors=True)
-    fit.model.save(BatchDir(out).model)
+    shutil.rmtree(files.partitions, ignore_errors=True)
+    fit.model.save(files.model)
     stage.done("fit")
     record = {
         "batch_id": batch_id,
@@ -232,23 +234,22 @@ def fit_stage(
         "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
         "timings_s": {k: v for k, v in stage.finish().items() if k != "total"},
     }
-    write_json_atomic(BatchDir(out).build_record, record)
+    write_json_atomic(files.build_record, record)
     return record
 
 
 def backfill_stage(out: str | Path, log=print) -> dict:
     """Embed every user with the fitted model, publish online, write the manifest (embeddings done)."""
     out = Path(out)
-    record = json.loads(BatchDir(out).build_record.read_text())
+    files = BatchDir(out)
+    record = json.loads(files.build_record.read_text())
     config = config_from_dict(record["config"])
     batch_id = record["batch_id"]
     stage = Stopwatch(log)
-    schema = FeatureSpace.load(BatchDir(out).encoders).schema
-    features = load_features(out) if config.workers else BatchDir(out).features  # in-process: streamed
+    schema = FeatureSpace.load(files.encoders).schema
+    features = load_features(out) if config.workers else files.features  # in-process: streamed
     with _ray_if(config.workers):
-        n_users = backfill_embeddings(
-            BatchDir(out).model, features, batch_id, BatchDir(out).embeddings, workers=config.workers
-        )
+        n_users = backfill_embeddings(files.model, features, batch_id, files.embeddings, workers=config.workers)
     stage.done("backfill")
     if config.feast is not None:
         from userrep import store as feast
@@ -256,7 +257,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         published = feast.publish_embeddings(
             feast.open_store(config.feast, apply=False),
             config.feast,
-            pq.read_table(BatchDir(out).embeddings),
+            pq.read_table(files.embeddings),
             batch_id,
             record["as_of"],
         )
@@ -288,7 +289,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         "workers": config.workers,
         "training": record["training"],
         "timings_s": {**timings, "total": round(sum(timings.values()), 2)},
-        "files": {path.name: sha256(path) for path in BatchDir(out).hashed},
+        "files": {path.name: sha256(path) for path in files.hashed},
     }
     write_json_atomic(manifest_path(out), manifest)  # a batch without a manifest is incomplete
     return manifest

@@ -44,10 +44,7 @@ def pointer_path(root: str | Path) -> Path:
 class BatchDir:
     """The files of one batch directory."""
 
-    path: Path | str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
+    path: Path | str  # as given; ``directory`` is its Path
 
     @property
     def directory(self) -> Path:
