@@ -41,8 +41,8 @@ if stage == "world":
     extra["events"] = generate_world(WorldConfig(users=users, seed=0), world, progress=False)["events"]
 else:
     from userrep.build import dataset_as_of, fit_stage, backfill_stage, downstream_stage
-    from userrep.jobs import FitSpec
-    spec = FitSpec(data=str(world), batch_root=str(work / "batches"), feast_home=str(work / "feast"),
+    from userrep.spec import BatchSpec
+    spec = BatchSpec(data=str(world), batch_root=str(work / "batches"), feast_home=str(work / "feast"),
                    epochs=epochs, workers=0, batch_id="b1")
     config = spec.build_config()
     state = json.loads((work / "state.json").read_text()) if (work / "state.json").exists() else {}

@@ -50,24 +50,26 @@ def _steps_to(log_path: Path | None, echo):
             yield
 
 
-def run_local(pipeline: str, work: Path, log_path: Path | None = None, echo=print, **params) -> dict:
-    """Execute a pipeline with kfp.local's SubprocessRunner in this interpreter. With ``log_path``
-    the console shows one line per step (``echo``) and the full output goes to that file;
-    without it, kfp.local prints everything."""
+def run_local(pipeline: str, work: Path, spec, log_path: Path | None = None, echo=print, **params) -> dict:
+    """Execute a pipeline with kfp.local's SubprocessRunner in this interpreter. `spec`: the
+    batch's `BatchSpec`; `params`: the pipeline's other parameters. With ``log_path`` the console
+    shows one line per step (``echo``) and the full output goes to that file; without it, kfp.local
+    prints everything."""
     from kfp import local
 
     from pipelines.refresh import refresh_pipeline
     from pipelines.training import training_pipeline
 
     work = Path(work).resolve()
-    for key in ("data", "batch_root", "feast_home"):  # steps run as subprocesses: no relative paths
-        if params.get(key):
-            params[key] = str(Path(params[key]).resolve())
+    # steps run as subprocesses: no relative paths
+    spec = spec.replace(
+        **{key: str(Path(getattr(spec, key)).resolve()) for key in ("data", "batch_root", "feast_home")}
+    )
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"), raise_on_error=True)
     func = {"training": training_pipeline, "refresh": refresh_pipeline}[pipeline]
     with _steps_to(log_path, echo):
-        func(**{k: v for k, v in params.items() if v is not None})
-    return _outcome(Path(params["batch_root"]))
+        func(spec=spec.to_dict(), **{k: v for k, v in params.items() if v is not None})
+    return _outcome(Path(spec.batch_root))
 
 
 def _outcome(batch_root: Path) -> dict:

@@ -31,78 +31,54 @@ from components.batch import (
 )
 from pipelines.k8s import on_cluster
 from userrep.layout import TASKS
+from userrep.spec import BatchSpec
 
 TASK_LIST = list(TASKS)  # a pipeline parameter's default must be a list
+# The compiled default: the one set of defaults, on the cluster's volume (pipelines/k8s.py mounts it at /work).
+CLUSTER_SPEC = BatchSpec(data="/work/world", batch_root="/work/batches", feast_home="/work/feast").to_dict()
 
 
 @dsl.pipeline(name="userrep-training", description="Train, backfill, retrain downstream, gate and promote a batch.")
 def training_pipeline(
-    data: str = "/work/world",
-    as_of: str = "",
-    batch_root: str = "/work/batches",
-    feast_home: str = "/work/feast",
-    online: str = "sqlite",
-    redis: str = "127.0.0.1:6379",
-    dim: int = 64,
-    epochs: int = 20,
-    workers: int = 2,
-    label_days: int = 28,
+    spec: dict = CLUSTER_SPEC,
     ray_address: str = "",
     rayjob_namespace: str = "",
     tasks: list = TASK_LIST,
-    tune: bool = False,
     tune_budget_s: float = 180.0,
     events_log: str = "",
 ):
-    store = dict(feast_home=feast_home, online=online, redis=redis)
-    settings = dict(
-        data=data,
-        as_of=as_of,
-        batch_root=batch_root,
-        dim=dim,
-        epochs=epochs,
-        workers=workers,
-        label_days=label_days,
-        tune=tune,
-        **store,
-    )
-    finalize = on_cluster(finalize_batch(**settings), display_name="mark the batch failed unless the run succeeded")
+    """`spec`: a `userrep.spec.BatchSpec` as a dict, read by every step; the rest say where the
+    fit runs, which task models to train, the tune step's budget and the log to compact."""
+    finalize = on_cluster(finalize_batch(spec=spec), display_name="mark the batch failed unless the run succeeded")
     with dsl.ExitHandler(finalize, name="batch"):
         compaction = on_cluster(
-            compact_events(data=data, events_log=events_log),
+            compact_events(spec=spec, events_log=events_log),
             memory="4Gi",
             online_store=True,
             display_name="0. compact online events into the dataset",
         )  # (the stream's Redis)
         tuning = on_cluster(
-            tune_settings(data=data, as_of=as_of, batch_root=batch_root, tune=tune, budget_s=tune_budget_s),
+            tune_settings(spec=spec, budget_s=tune_budget_s),
             cpu="2",
             memory="8Gi",
-            display_name="0. tune settings (Ray Tune; off unless tune)",
+            display_name="0. tune settings (Ray Tune; off unless spec.tune)",
         ).after(compaction)
-        plan = on_cluster(plan_batch(**settings), display_name="1. plan batch id").after(tuning)
+        plan = on_cluster(plan_batch(spec=spec), display_name="1. plan batch id").after(tuning)
         batch_id = plan.outputs["batch_id"]
         snapshot = on_cluster(
-            materialize_features(data=data, as_of=plan.outputs["as_of"], **store),
+            materialize_features(spec=spec, as_of=plan.outputs["as_of"]),
             memory="4Gi",
             online_store=True,
             display_name="2. materialize features (Feast)",
         )
         fit = on_cluster(
             fit_encoder(
-                data=data,
+                spec=spec,
                 as_of=plan.outputs["as_of"],
                 snapshot_id=snapshot.outputs["Output"],
-                batch_root=batch_root,
                 batch_id=batch_id,
-                dim=dim,
-                epochs=epochs,
-                workers=workers,
-                label_days=label_days,
                 ray_address=ray_address,
                 rayjob_namespace=rayjob_namespace,
-                tune=tune,
-                **store,
             ),
             cpu="2",
             memory="8Gi",
@@ -110,7 +86,7 @@ def training_pipeline(
             display_name="3. fit autoencoder (Ray Train, or in-process)",
         )
         backfill = on_cluster(
-            backfill_embeddings(batch_root=batch_root, batch_id=fit.outputs["Output"], model=fit.outputs["model"]),
+            backfill_embeddings(spec=spec, batch_id=fit.outputs["Output"], model=fit.outputs["model"]),
             cpu="2",
             memory="8Gi",
             online_store=True,
@@ -118,25 +94,25 @@ def training_pipeline(
         )
         with dsl.ParallelFor(tasks, name="downstream-tasks") as task:
             trained = on_cluster(
-                train_downstream(batch_root=batch_root, task=task, embeddings=backfill.outputs["embeddings"]),
+                train_downstream(spec=spec, task=task, embeddings=backfill.outputs["embeddings"]),
                 memory="4Gi",
                 display_name="5. train downstream model",
             )
         evaluation = on_cluster(
             evaluate_batch(
-                batch_root=batch_root,
+                spec=spec,
                 batch_id=backfill.outputs["Output"],
                 trained=dsl.Collected(trained.outputs["Output"]),
             ),
             display_name="6. evaluate batch",
         )
         gate = on_cluster(
-            drift_gate(batch_root=batch_root, batch_id=backfill.outputs["Output"], after=batch_id),
+            drift_gate(spec=spec, batch_id=backfill.outputs["Output"], after=batch_id),
             memory="4Gi",
             display_name="7. drift + stability gate (Evidently)",
         ).after(evaluation)
         with dsl.If(gate.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
             on_cluster(
-                promote_batch(batch_root=batch_root, batch_id=backfill.outputs["Output"]),
+                promote_batch(spec=spec, batch_id=backfill.outputs["Output"]),
                 display_name="8. promote batch",
             )

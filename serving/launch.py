@@ -3,6 +3,7 @@ BentoML (task inference, a subprocess). Used by `userrep serve` / `make serve`."
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 SERVE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "BENTOML_DO_NOT_TRACK": "True"}
 INGRESSES = ("haproxy", "serve")
@@ -89,7 +92,6 @@ def serve_forever(
     port: int = 8000,
     bento_port: int = 3000,
     work: Path = Path("work"),
-    log=print,
     stop: threading.Event | None = None,
     events_log: str | None = None,
     replicas: int = 1,
@@ -115,14 +117,14 @@ def serve_forever(
             extra = haproxy_env() if attempt == "haproxy" else {}
             os.environ.update(extra)  # before Ray starts: its processes inherit it
             try:
-                if _serve(app_args, port, bento, bento_port, attempt, log, stop):
+                if _serve(app_args, port, bento, bento_port, attempt, stop):
                     return
             finally:
                 for key in extra:
                     os.environ.pop(key, None)
                 if extra:
                     shutil.rmtree(extra["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
-            log("the HAProxy ingress did not come up; starting again with Serve's own proxy")
+            log.info("the HAProxy ingress did not come up; starting again with Serve's own proxy")
     finally:
         if bento.poll() is None:
             os.killpg(bento.pid, signal.SIGTERM)
@@ -133,7 +135,7 @@ def serve_forever(
 
 
 def _serve(
-    app_args: dict, port: int, bento: subprocess.Popen, bento_port: int, ingress: str, log, stop: threading.Event
+    app_args: dict, port: int, bento: subprocess.Popen, bento_port: int, ingress: str, stop: threading.Event
 ) -> bool:
     """One Ray session serving until ``stop``; False if the embedding API never got ready behind
     the HAProxy ingress (the caller retries with Serve's proxy)."""
@@ -153,7 +155,7 @@ def _serve(
             serve.shutdown()
             return False
         wait_ready(f"http://127.0.0.1:{bento_port}/readyz", proc=bento)
-        log(
+        log.info(
             f"serving ({ingress} ingress): embeddings http://127.0.0.1:{port} (docs /docs), "
             f"tasks http://127.0.0.1:{bento_port}; Ctrl-C stops"
         )

@@ -30,8 +30,11 @@ class EmbeddingService:
         watch_s: float = 1.0,
         max_future_s: float | None = None,
     ):
+        from userrep.logs import configure
         from userrep.online import MAX_FUTURE_S, OnlineService
         from userrep.store import store_config
+
+        configure()  # a replica's lines (batch loaded, reload failed) reach Ray's worker log
 
         store = store_config(feast_home, online, redis) if feast_home else None
         Holder.service = OnlineService(

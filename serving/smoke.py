@@ -5,6 +5,7 @@ change, ask for similar users, stop."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from userrep.layout import BatchDir, read_manifest
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -42,10 +45,10 @@ def start(
     """Start `userrep serve` (``options``: more of its flags); returns it and both base URLs once ready."""
     port, bento_port = free_port(), free_port()
     exe = Path(sys.executable).parent / "userrep"
-    log = open(log_path, "w")
+    output = open(log_path, "w")
     proc = subprocess.Popen(
         [str(exe), "serve", "--work", str(work), "--port", str(port), "--bento-port", str(bento_port), *options],
-        stdout=log,
+        stdout=output,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -90,28 +93,26 @@ def _cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def run_smoke(
-    work: Path, onboarding_artists: list[str], items: list[str], ts: str, log=print, replicas: int = 2
-) -> dict:
+def run_smoke(work: Path, onboarding_artists: list[str], items: list[str], ts: str, replicas: int = 2) -> dict:
     """Returns what it measured; raises if any step does not answer as it should. Two replicas of
     the embedding API by default: the sign-up, the events and the reads may land on either."""
     work = Path(work)
     started = time.perf_counter()
     proc, api, tasks = start(work, work / "serve.log", options=("--replicas", str(replicas)))
     try:
-        log(
+        log.info(
             f"servers up in {time.perf_counter() - started:.0f}s ({replicas} embedding API replicas sharing the "
             f"event log and user state): {api} (docs {api}/docs), {tasks}"
         )
         user = f"demo-newcomer-{int(time.time())}"
         status, created = call(f"{api}/users", {"user_id": user, "onboarding_artists": onboarding_artists})
         assert status == 201, created
-        log(
+        log.info(
             f"POST /users {user} (onboarding {onboarding_artists}) -> cold-start embedding of batch "
             f"{created['batch_id']}, |e| = {np.linalg.norm(created['embedding']):.2f}"
         )
         _, before = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5})
-        log(f"recommendations before listening: {[a['artist_id'] for a in before['artists']]}")
+        log.info(f"recommendations before listening: {[a['artist_id'] for a in before['artists']]}")
         events = [
             {"event_id": f"{user}:{i}", "user_id": user, "item_id": item, "ts": ts, "weight": 1.0}
             for i, item in enumerate(items)
@@ -119,20 +120,20 @@ def run_smoke(
         status, posted = call(f"{api}/events?wait=true", events)
         assert status == 200, posted
         moved = posted["users"][0]["embedding"]
-        log(
+        log.info(
             f"POST /events?wait=true ({len(events)} plays) -> embedding moved: cosine to cold start "
             f"{_cosine(created['embedding'], moved):.3f}; receipt -> online write {posted['freshness_ms']:.0f} ms"
         )
         status, retried = call(f"{api}/events", events)  # the client's retry after a lost reply
         assert status == 202 and retried["accepted"] == 0 and len(retried["duplicates"]) == len(events), retried
-        log(
+        log.info(
             f"POST /events again (a retry, same event_ids) -> 202 in {retried['freshness_ms']:.0f} ms: "
             f"{len(retried['duplicates'])} duplicates acknowledged, 0 applied"
         )
         _, after = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5})
-        log(f"recommendations after listening:  {[a['artist_id'] for a in after['artists']]}")
+        log.info(f"recommendations after listening:  {[a['artist_id'] for a in after['artists']]}")
         _, similar = call(f"{api}/users/{user}/similar?k=3")
-        log(f"similar users: {[(n['user_id'], n['score']) for n in similar['neighbours']]}")
+        log.info(f"similar users: {[(n['user_id'], n['score']) for n in similar['neighbours']]}")
         return {
             "user": user,
             "cosine_moved": _cosine(created["embedding"], moved),
@@ -141,4 +142,4 @@ def run_smoke(
         }
     finally:
         stop(proc)
-        log("servers stopped")
+        log.info("servers stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -24,6 +25,24 @@ def shared_data() -> Path:
             pytest.fail(f"real datasets missing at {path} (set USERREP_SHARED_DATA)")
         pytest.skip(f"real datasets not found at {path} (set USERREP_SHARED_DATA)")
     return path
+
+
+@pytest.fixture
+def userrep_log():
+    """The messages the core logs during a test (its ``userrep`` loggers), whatever the CLI configured."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, handler = logging.getLogger("userrep"), Collect()
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(previous)
 
 
 def write_dataset(directory: Path, fmt: str = "csv", **tables: pd.DataFrame) -> Path:
@@ -93,12 +112,12 @@ def two_batches(small_world, tmp_path_factory) -> Path:
     from userrep.store import StoreConfig
 
     work = tmp_path_factory.mktemp("two_batches")
-    root, quiet = work / "batches", dict(log=lambda *_: None)
+    root = work / "batches"
     config = BuildConfig(ae=AEConfig(epochs=8), feast=StoreConfig(home=work / "feast"))
-    build_batch(small_world, root / "b1", "2026-05-01", config, batch_id="b1", **quiet)
-    assert run_gate(root / "b1", None, load_dataset(small_world), **quiet)["passed"]
+    build_batch(small_world, root / "b1", "2026-05-01", config, batch_id="b1")
+    assert run_gate(root / "b1", None, load_dataset(small_world))["passed"]
     batches.promote(root, "b1")
-    build_batch(small_world, root / "b2", "2026-06-30", config, batch_id="b2", **quiet)
+    build_batch(small_world, root / "b2", "2026-06-30", config, batch_id="b2")
     return work
 
 

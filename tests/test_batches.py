@@ -30,8 +30,6 @@ from userrep.onlinestore import online_embeddings, online_history
 from userrep.store import open_store
 
 pytestmark = pytest.mark.slow
-QUIET = dict(log=lambda *_: None)
-
 
 @pytest.fixture(scope="module")
 def lifecycle(small_world, two_batches, tmp_path_factory):
@@ -56,7 +54,7 @@ def refresh_hashes(batch: Path) -> None:
 
 def test_clean_retrain_on_later_data_passes_the_gate(lifecycle):
     root, ds, _ = lifecycle
-    record = run_gate(root / "b2", root / "b1", ds, **QUIET)
+    record = run_gate(root / "b2", root / "b1", ds)
     assert record["passed"], record["reasons"]
     inputs = record["inputs"]
     assert inputs["knn_overlap"] > 0.5 and inputs["head_auc_kept"] > 0.9 and inputs["embedding_drift"] < 0.7
@@ -131,7 +129,7 @@ def test_shuffled_embeddings_are_blocked_as_unstable(lifecycle):
     shuffled = vectors[np.random.default_rng(0).permutation(len(vectors))]
     pq.write_table(embeddings_table(ids, shuffled, batch_id), bad / "embeddings.parquet")
     refresh_hashes(bad)
-    record = run_gate(bad, root / "b1", ds, report=False, **QUIET)
+    record = run_gate(bad, root / "b1", ds, report=False)
     assert not record["passed"]
     assert any(r.startswith("stability_knn") for r in record["reasons"]), record["reasons"]
 
@@ -150,7 +148,7 @@ def test_a_feature_column_scaled_tenfold_is_blocked_by_name(lifecycle):
         bad / "features.parquet",
     )
     refresh_hashes(bad)
-    record = run_gate(bad, root / "b1", ds, report=False, **QUIET)
+    record = run_gate(bad, root / "b1", ds, report=False)
     assert not record["passed"]
     assert any(r.startswith("feature_column_drift") and "activity_30d:log_plays" in r for r in record["reasons"])
 
@@ -159,7 +157,7 @@ def test_a_missing_head_blocks_the_gate_and_promotion(lifecycle):
     root, ds, _ = lifecycle
     bad = corrupt_copy(root, "nohead")
     (bad / "downstream" / "artist_preference.pt").unlink()
-    record = run_gate(bad, root / "b1", ds, report=False, **QUIET)
+    record = run_gate(bad, root / "b1", ds, report=False)
     assert not record["passed"] and "artist_preference" in record["reasons"][0]
     # Even with a forged passing decision, promotion checks the models itself.
     shutil.copytree(bad, root / "nohead")
@@ -175,7 +173,7 @@ def test_a_missing_head_blocks_the_gate_and_promotion(lifecycle):
 def test_a_crash_before_the_switch_leaves_the_old_batch_serving(lifecycle):
     root, ds, _ = lifecycle
     if not (root / "b2" / "gate.json").exists():
-        run_gate(root / "b2", root / "b1", ds, report=False, **QUIET)
+        run_gate(root / "b2", root / "b1", ds, report=False)
     assert batches.serving_batch(root) == "b1"
     crash = (
         "import os, sys; from userrep import batches; "
@@ -190,7 +188,7 @@ def test_a_crash_before_the_switch_leaves_the_old_batch_serving(lifecycle):
 def test_promote_rollback_round_trip_and_online_reads_per_batch(lifecycle):
     root, ds, config = lifecycle
     if not (root / "b2" / "gate.json").exists():
-        run_gate(root / "b2", root / "b1", ds, report=False, **QUIET)
+        run_gate(root / "b2", root / "b1", ds, report=False)
     pointer = batches.promote(root, "b2")
     assert pointer["serving"] == "b2" and pointer["history"] == ["b1"]
     assert batches.state(root, "b1") == "previous"
@@ -224,7 +222,7 @@ def test_refresh_reembeds_with_the_serving_batch_and_publishes_under_its_id(life
 
     root, ds, config = lifecycle
     serving = batches.serving_batch(root)
-    result = refresh(small_world, "2026-06-15", root, config.feast, **QUIET)
+    result = refresh(small_world, "2026-06-15", root, config.feast)
     assert result["batch_id"] == serving and result["as_of"].startswith("2026-06-15")
     ids, vectors, batch_id = read_embeddings(result["path"])
     assert batch_id == serving and len(ids) == result["users"]
@@ -239,7 +237,7 @@ def test_online_core_without_a_store_reads_backfill_applies_events_and_follows_p
     from userrep.online import OnlineService, UnknownUser
 
     root, ds, _ = lifecycle
-    service = OnlineService(root, store=None, events_log=tmp_path / "events.sqlite", log=lambda *_: None)
+    service = OnlineService(root, store=None, events_log=tmp_path / "events.sqlite")
     serving = service.batch.batch_id
     ids, vectors, _ = read_embeddings(root / serving / "embeddings.parquet")
     got = service.embedding(str(ids[5]))
@@ -257,7 +255,7 @@ def test_online_core_without_a_store_reads_backfill_applies_events_and_follows_p
     if other in pointer["history"]:
         batches.rollback(root)
     else:
-        run_gate(root / other, root / serving, ds, report=False, **QUIET)
+        run_gate(root / other, root / serving, ds, report=False)
         batches.promote(root, other)
     assert service.reload() and service.batch.batch_id == other
     replayed = service.embedding(str(ids[5]))  # the logged event replayed into the new batch

@@ -154,7 +154,7 @@ def test_cold_slice_has_only_users_without_history(world):
 @pytest.fixture(scope="module")
 def evaluated(small_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluation")
-    return evaluate(small_world, out, MARGINS, log=lambda *_: None), out
+    return evaluate(small_world, out, MARGINS), out
 
 
 @pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
@@ -246,7 +246,7 @@ def test_metrics_json_has_the_documented_shape(small_world, evaluated):
 def test_each_task_runs_on_its_own_users(small_world, tmp_path):
     """Too few warm test users for the warm tasks: they are skipped, cold start still runs."""
     config = replace(FAST, test_share=0.002, ablations=False)  # 2 of ~1,200 warm users held out
-    metrics = evaluate(small_world, tmp_path, config, log=lambda *_: None)
+    metrics = evaluate(small_world, tmp_path, config)
     assert {"future_listening", "artist_preference"} <= set(metrics["skipped"])
     assert "too few warm users" in metrics["skipped"]["future_listening"]
     assert metrics["tasks"]["cold_start"]["gur"]["ndcg@10"] > 0
@@ -256,7 +256,7 @@ def test_each_task_runs_on_its_own_users(small_world, tmp_path):
 @pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_seeds_report_mean_and_spread(small_world, tmp_path):
     config = replace(FAST, seeds=2, ablations=False, bootstrap=50)
-    metrics = evaluate(small_world, tmp_path, config, log=lambda *_: None)
+    metrics = evaluate(small_world, tmp_path, config)
     spread = metrics["over_seeds"]["future_listening"]["gur"]["ndcg@10"]
     assert len(spread["values"]) == 2 and spread["values"][0] != spread["values"][1]
     assert spread["mean"] == pytest.approx(np.mean(spread["values"]))

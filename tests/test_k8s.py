@@ -200,9 +200,10 @@ def compiled_executors(tmp_path: Path) -> dict[str, dict]:
 
 
 def fit_rayjob(namespace: str = NAMESPACE) -> dict:
-    from userrep.jobs import FitSpec, rayjob_manifest
+    from userrep.jobs import rayjob_manifest
+    from userrep.spec import BatchSpec
 
-    return rayjob_manifest("userrep-fit-x", namespace, FitSpec(data="/work/world", batch_root="/work/batches"))
+    return rayjob_manifest("userrep-fit-x", namespace, BatchSpec(data="/work/world", batch_root="/work/batches"))
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,6 @@ from userrep.model import AEConfig, embed
 from userrep.online import OnlineService
 from userrep.state import FeatureState, state_features, user_clocks
 
-QUIET = dict(log=lambda *_: None)
-
 
 @pytest.fixture(scope="module")
 def served_root(small_world, tmp_path_factory):
@@ -32,7 +30,6 @@ def served_root(small_world, tmp_path_factory):
         "2026-05-01",
         BuildConfig(ae=AEConfig(epochs=3), downstream=None),
         batch_id="b1",
-        **QUIET,
     )
     _write_pointer(root, {"serving": "b1", "history": []})
     return root
@@ -47,7 +44,7 @@ def log(request, tmp_path):
 
 
 def service(root, where) -> OnlineService:
-    return OnlineService(root, store=None, events_log=where, **QUIET)
+    return OnlineService(root, store=None, events_log=where)
 
 
 def settled(check, timeout_s: float = 30.0) -> None:
@@ -157,7 +154,7 @@ def test_events_posted_after_a_batch_reach_the_next_batchs_training_data_and_sta
     shutil.copytree(small_world, data)  # compaction writes into the dataset
     root = tmp_path / "batches"
     config = BuildConfig(ae=AEConfig(epochs=2), downstream=None)
-    build_batch(data, root / "b1", "2026-05-01", config, batch_id="b1", **QUIET)
+    build_batch(data, root / "b1", "2026-05-01", config, batch_id="b1")
     _write_pointer(root, {"serving": "b1", "history": []})
     online = service(root, log)
     user, item = "u0000009", "t0000003"
@@ -184,7 +181,7 @@ def test_events_posted_after_a_batch_reach_the_next_batchs_training_data_and_sta
     ours = events.filter(pc.and_(pc.equal(events.column("user_id"), user), pc.equal(events.column("item_id"), item)))
     assert pc.sum(pc.greater_equal(ours.column("ts"), pd.Timestamp("2026-05-10", tz="UTC"))).as_py() == 4
 
-    manifest = build_batch(data, root / "b2", "2026-05-20", config, batch_id="b2", **QUIET)
+    manifest = build_batch(data, root / "b2", "2026-05-20", config, batch_id="b2")
     assert manifest["data"]["events_watermark"] == done["to"]
     assert any(name.startswith("events.online/") for name in manifest["data"]["fingerprint"])
     _write_pointer(root, {"serving": "b2", "history": ["b1"]})
@@ -241,7 +238,7 @@ def test_two_replicas_consuming_the_same_users_lose_no_update(served_root, log, 
 
 
 def test_a_consumer_that_dies_mid_batch_leaves_its_records_to_another_applied_once(served_root, log):
-    writer = OnlineService(served_root, store=None, events_log=log, consumer=False, **QUIET)
+    writer = OnlineService(served_root, store=None, events_log=log, consumer=False)
     user = "u0000070"
     before = weight_of(writer, user)
     for j in range(5):
@@ -251,7 +248,7 @@ def test_a_consumer_that_dies_mid_batch_leaves_its_records_to_another_applied_on
     batch = writer.batch.batch_id
     taken = writer.events_log.deliver(batch, "doomed", 64, 60_000)  # a consumer takes them, then dies
     assert len(taken) == 5 and weight_of(writer, user) == pytest.approx(before)
-    survivor = OnlineService(served_root, store=None, events_log=log, claim_idle_ms=300, **QUIET)
+    survivor = OnlineService(served_root, store=None, events_log=log, claim_idle_ms=300)
     settled(lambda: weight_of(survivor, user) == pytest.approx(before + 5))  # taken over once idle
     # The "dead" one was only stalled: it wakes and commits what it took; nothing is applied twice.
     assert writer.consume(writer.batch, taken) == []
@@ -261,7 +258,7 @@ def test_a_consumer_that_dies_mid_batch_leaves_its_records_to_another_applied_on
 def test_a_replica_hears_when_another_replicas_consumer_applies_its_records(served_root, log):
     import threading
 
-    writer = OnlineService(served_root, store=None, events_log=log, consumer=False, **QUIET)
+    writer = OnlineService(served_root, store=None, events_log=log, consumer=False)
     ack = writer.post_events(
         [{"event_id": "heard-1", "user_id": "u0000072", "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}],
         wait=False,
@@ -294,7 +291,7 @@ def test_a_wait_with_no_consumer_running_times_out_naming_the_events_durable(ser
     from userrep.online import NotApplied
 
     monkeypatch.setattr(userrep.online, "WAIT_S", 0.3)
-    alone = OnlineService(served_root, store=None, events_log=log, consumer=False, **QUIET)
+    alone = OnlineService(served_root, store=None, events_log=log, consumer=False)
     event = {"event_id": "lonely-1", "user_id": "u0000071", "item_id": "t0000001", "ts": "2026-05-02T10:00:00Z"}
     with pytest.raises(NotApplied, match="durable"):
         alone.post_events([event], wait=True)

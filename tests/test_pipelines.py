@@ -14,8 +14,10 @@ import yaml
 
 from components.batch import finalize_batch, plan_batch, tune_settings
 from pipelines.runner import compile_pipelines, run_local
+from pipelines.training import CLUSTER_SPEC
 from userrep import batches
-from userrep.jobs import FitSpec, rayjob_manifest, submit_rayjob
+from userrep.jobs import rayjob_manifest, submit_rayjob
+from userrep.spec import BatchSpec
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +51,11 @@ def test_training_dag_wires_every_step_in_order(compiled):
         for name, task in tasks.items()
     )  # display names on every step
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {
-        "data",
-        "as_of",
-        "dim",
-        "epochs",
-        "workers",
-        "label_days",
-        "ray_address",
-        "rayjob_namespace",
-        "tasks",
-    } <= set(params)
+    assert {"spec", "ray_address", "rayjob_namespace", "tasks"} <= set(params)
+    assert {"data", "as_of", "dim", "epochs", "workers", "label_days"} <= set(params["spec"]["defaultValue"])
+    for name, task in tasks.items():  # every step reads its settings from the one spec parameter
+        if not name.startswith(("condition", "for-loop")):
+            assert task["inputs"]["parameters"]["spec"]["componentInputParameter"].endswith("spec"), name
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     fit = executors["exec-fit-encoder"]
     assert fit["pvcMount"][0]["mountPath"] == "/work"
@@ -89,11 +85,11 @@ def test_plan_step_gives_the_deterministic_batch_id(small_world, tmp_path):
         workers=0,
         label_days=28,
     )
-    plan = plan_batch.python_func(**settings)
-    again = plan_batch.python_func(**settings)
+    plan = plan_batch.python_func(spec=settings)
+    again = plan_batch.python_func(spec=settings)
     assert plan.batch_id == again.batch_id and plan.batch_id.startswith("20260501-")
     assert plan.as_of == "2026-05-01T00:00:00+00:00"
-    assert plan_batch.python_func(**{**settings, "epochs": 4}).batch_id != plan.batch_id
+    assert plan_batch.python_func(spec={**settings, "epochs": 4}).batch_id != plan.batch_id
 
 
 def test_exit_handler_marks_only_unsuccessful_runs_failed(small_world, tmp_path):
@@ -109,19 +105,19 @@ def test_exit_handler_marks_only_unsuccessful_runs_failed(small_world, tmp_path)
         workers=0,
         label_days=28,
     )
-    _, batch_id, _ = FitSpec(**{k: v for k, v in settings.items()}).batch_dir_and_id()
+    _, batch_id, _ = BatchSpec(**{k: v for k, v in settings.items()}).batch_dir_and_id()
     (tmp_path / batch_id).mkdir()
     ok = SimpleNamespace(state="SUCCEEDED", error_message="", pipeline_job_resource_name="run-1")
-    assert finalize_batch.python_func(**settings, status=ok) == "SUCCEEDED"
+    assert finalize_batch.python_func(spec=settings, status=ok) == "SUCCEEDED"
     assert not (tmp_path / batch_id / "FAILED.json").exists()
     failed = SimpleNamespace(state="FAILED", error_message="fit-encoder: OOM", pipeline_job_resource_name="run-2")
-    finalize_batch.python_func(**settings, status=failed)
+    finalize_batch.python_func(spec=settings, status=failed)
     assert "fit-encoder: OOM" in json.loads((tmp_path / batch_id / "FAILED.json").read_text())["reason"]
 
 
-def test_rayjob_manifest_and_submission_against_a_fake_api(small_world, tmp_path):
+def test_rayjob_manifest_and_submission_against_a_fake_api(small_world, tmp_path, userrep_log):
     """The Kubernetes API server cannot run here: a fake CustomObjectsApi stands in for it."""
-    spec = FitSpec(data="/work/world", batch_root="/work/batches", as_of="2026-05-01", workers=2)
+    spec = BatchSpec(data="/work/world", batch_root="/work/batches", as_of="2026-05-01", workers=2)
     manifest = rayjob_manifest("userrep-fit-x", "ml", spec, image="reg/userrep:1")
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     job = manifest["spec"]
@@ -146,9 +142,9 @@ def test_rayjob_manifest_and_submission_against_a_fake_api(small_world, tmp_path
             states = [("Initializing", None), ("Running", "RUNNING"), ("Complete", "SUCCEEDED")]
             return {"status": dict(zip(("jobDeploymentStatus", "jobStatus"), states[min(self.polls, 3) - 1]))}
 
-    api, lines = FakeApi(), []
-    local = FitSpec(data=str(small_world), batch_root=str(tmp_path), as_of="2026-05-01", workers=2)
-    status = submit_rayjob("ml", local, log=lines.append, poll_s=0, api=api)
+    api, lines = FakeApi(), userrep_log
+    local = BatchSpec(data=str(small_world), batch_root=str(tmp_path), as_of="2026-05-01", workers=2)
+    status = submit_rayjob("ml", local, poll_s=0, api=api)
     assert status["jobStatus"] == "SUCCEEDED" and api.polls == 3
     assert api.created[0][:4] == ("ray.io", "v1", "ml", "rayjobs")
     assert any("Running" in line for line in lines)
@@ -167,7 +163,7 @@ def test_training_pipeline_runs_locally_and_promotes_then_a_failed_run_is_marked
         epochs=3,
         workers=0,
     )
-    outcome = run_local("training", tmp_path, as_of="2026-05-01", **params)
+    outcome = run_local("training", tmp_path, BatchSpec(as_of="2026-05-01", **params))
     batch_id = outcome["latest"]
     assert outcome["serving"] == batch_id and outcome["gate"]["passed"]
     info = batches.show(tmp_path / "batches", batch_id)
@@ -176,7 +172,7 @@ def test_training_pipeline_runs_locally_and_promotes_then_a_failed_run_is_marked
     assert (tmp_path / "kfp").is_dir()
     # A run whose downstream step cannot work (label window longer than the data) fails as a whole:
     with pytest.raises(RuntimeError, match="finished with status"):
-        run_local("training", tmp_path, as_of="2026-06-30", label_days=400, **params)
+        run_local("training", tmp_path, BatchSpec(as_of="2026-06-30", label_days=400, **params))
     failed = [b for b in batches.list_batches(tmp_path / "batches") if b["state"] == "failed"]
     assert len(failed) == 1 and failed[0]["as_of"].startswith("2026-06-30")
     with pytest.raises(batches.BatchError, match="marked failed"):
@@ -252,7 +248,9 @@ def test_submit_posts_the_compiled_pipeline_to_a_kfp_api(compiled, tmp_path):
     sent = runs[0]["pipeline_spec"]  # the IR and its kubernetes platform spec, as compiled
     assert sent["pipeline_spec"]["pipelineInfo"]["name"] == "userrep-training"
     assert "exec-fit-encoder" in sent["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert runs[0]["runtime_config"]["parameters"] == {"as_of": "2026-06-30", "epochs": 5}
+    sent_spec = runs[0]["runtime_config"]["parameters"]["spec"]  # the compiled default, two settings changed
+    assert set(runs[0]["runtime_config"]["parameters"]) == {"spec"}
+    assert sent_spec == {**CLUSTER_SPEC, "as_of": "2026-06-30", "epochs": 5}
     assert any(
         path.endswith("/experiments") and body["display_name"] == "nightly"
         for method, path, body in seen
@@ -282,7 +280,7 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(compiled, tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_path):
+def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_path, userrep_log):
     """A real Ray head (started here, stopped by its process group) stands in for a RayCluster."""
     import os
     import shutil
@@ -332,7 +330,7 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
                 break
             except OSError:
                 time.sleep(0.5)
-        spec = FitSpec(
+        spec = BatchSpec(
             data=str(small_world),
             batch_root=str(tmp_path / "batches"),
             as_of="2026-05-01",
@@ -341,8 +339,8 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
             epochs=2,
             workers=0,
         )
-        lines = []
-        record = run_fit(spec, ray_address=address, log=lines.append, poll_s=1.0)
+        lines = userrep_log
+        record = run_fit(spec, ray_address=address, poll_s=1.0)
         assert any("SUCCEEDED" in line for line in lines), lines
         assert record["batch_id"] == spec.batch_dir_and_id()[1] and len(record["training"]["losses"]) == 2
         assert (tmp_path / "batches" / record["batch_id"] / "model.pt").exists()
@@ -372,10 +370,7 @@ def test_the_tune_step_chooses_settings_that_plan_fit_and_exit_handler_all_use(s
         label_days=28,
     )
     off = tune_settings.python_func(
-        data=settings["data"],
-        as_of="2026-05-01",
-        batch_root=str(tmp_path),
-        tune=False,
+        spec={**settings, "tune": False},
         budget_s=10.0,
         choice=Metrics(name="c", uri=str(tmp_path / "c0")),
     )
@@ -383,23 +378,19 @@ def test_the_tune_step_chooses_settings_that_plan_fit_and_exit_handler_all_use(s
     choice = Metrics(name="c", uri=str(tmp_path / "c1"))
     # 30 s: Ray Tune's budget also covers its trial actors' start, and at 10 s a slow or busy box
     # ended the budget before any trial had reported (the wiring is under test here, not tuning)
-    path = Path(
-        tune_settings.python_func(
-            data=settings["data"], as_of="2026-05-01", batch_root=str(tmp_path), tune=True, budget_s=30.0, choice=choice
-        )
-    )
+    path = Path(tune_settings.python_func(spec={**settings, "tune": True}, budget_s=30.0, choice=choice))
     record = json.loads(path.read_text())
     validation = record["validation"]  # every score came from events before the batch's as_of
     assert validation["history_before"] == "2026-05-01T00:00:00+00:00"
     assert pd.Timestamp(validation["newest_event"]) < pd.Timestamp("2026-05-01", tz="UTC")
     assert choice.metadata["latent"] == record["best"]["latent"]
-    spec = FitSpec(**settings, tune=True)
+    spec = BatchSpec(**settings, tune=True)
     config = spec.build_config()
     assert config.ae.latent == record["best"]["latent"] and config.downstream.head.hidden == record["best"]["hidden"]
     assert config.tuned["from"] == str(path)
-    tuned_plan = plan_batch.python_func(**settings, tune=True)
-    assert tuned_plan.batch_id == spec.batch_dir_and_id()[1] != plan_batch.python_func(**settings).batch_id
+    tuned_plan = plan_batch.python_func(spec={**settings, "tune": True})
+    assert tuned_plan.batch_id == spec.batch_dir_and_id()[1] != plan_batch.python_func(spec=settings).batch_id
     (tmp_path / tuned_plan.batch_id).mkdir()
     failed = SimpleNamespace(state="FAILED", error_message="fit-encoder: OOM", pipeline_job_resource_name="run-3")
-    finalize_batch.python_func(**settings, status=failed, tune=True)  # the exit handler finds the same batch
+    finalize_batch.python_func(spec={**settings, "tune": True}, status=failed)  # the exit handler finds the same batch
     assert (tmp_path / tuned_plan.batch_id / "FAILED.json").exists()

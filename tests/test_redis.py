@@ -19,7 +19,7 @@ def test_redis_profile_materializes_and_serves_batches(redis_server, small_world
 
     config = StoreConfig(home=tmp_path / "feast", online="redis", redis=redis_server)
     store = open_store(config)
-    snapshot = materialize(load_dataset(small_world), "2026-04-01", config, store=store, log=lambda *_: None)
+    snapshot = materialize(load_dataset(small_world), "2026-04-01", config, store=store)
     host, port = redis_server.split(":")
     assert redis.Redis(host=host, port=int(port)).dbsize() >= len(snapshot.user_ids)  # rows really in Redis
     online = store.get_online_features(

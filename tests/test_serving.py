@@ -38,8 +38,6 @@ from userrep.store import StoreConfig, open_store
 from userrep.tasks.future_listening import deployed_scores
 
 pytestmark = pytest.mark.slow
-QUIET = dict(log=lambda *_: None)
-
 
 def call(url: str, body=None, raw: bytes | None = None, timeout: float = 30):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
@@ -61,7 +59,7 @@ def served(small_world, two_batches, tmp_path_factory):
     work = tmp_path_factory.mktemp("serve") / "work"
     copy_work(two_batches, work)
     root, ds = work / "batches", load_dataset(small_world)
-    assert run_gate(root / "b2", root / "b1", ds, report=False, **QUIET)["passed"]
+    assert run_gate(root / "b2", root / "b1", ds, report=False)["passed"]
     port, bento_port = free_port(), free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     exe = Path(sys.executable).parent / "userrep"

@@ -29,8 +29,8 @@ def feast_world(small_world, tmp_path_factory):
     config = StoreConfig(home=tmp_path_factory.mktemp("feast"))
     store = open_store(config)
     ds = load_dataset(small_world)
-    early = materialize(ds, "2026-03-01", config, store=store, log=lambda *_: None)
-    late = materialize(ds, "2026-06-01", config, store=store, log=lambda *_: None)
+    early = materialize(ds, "2026-03-01", config, store=store)
+    late = materialize(ds, "2026-06-01", config, store=store)
     return config, store, ds, early, late
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,8 @@ from userrep.source import EventSource
 from userrep.store import StoreConfig
 from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -167,20 +170,21 @@ def fit_stage(
     config: BuildConfig = BuildConfig(),
     batch_id: str | None = None,
     snapshot_id: str | None = None,
-    log=print,
     progress=None,
+    spec: dict | None = None,
 ) -> dict:
-    """Training set (from a Feast snapshot, or in-process) -> autoencoder; writes BATCH/build.json."""
+    """Training set (from a Feast snapshot, or in-process) -> autoencoder; writes BATCH/build.json.
+    `spec`: the `BatchSpec` this batch was asked for, kept in the build record and the manifest."""
     out = Path(out)
     files = BatchDir(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Stopwatch(log)
+    stage = Stopwatch()
     # The dataset is streamed (validated, split into user partitions) where features are computed;
     # a given snapshot holds the training set already.
     fingerprint = data_fingerprint(data)
     as_of = to_utc(as_of) if as_of is not None else dataset_as_of(data)
     batch_id = batch_id or default_batch_id(as_of, fingerprint, config)
-    log(f"batch {batch_id}: data {data}, as_of {as_of.isoformat()}, workers {config.workers}")
+    log.info(f"batch {batch_id}: data {data}, as_of {as_of.isoformat()}, workers {config.workers}")
     stage.done("load")
     snapshot = None
     with _ray_if(config.workers):  # one session for the feature tasks and the fit
@@ -197,7 +201,7 @@ def fit_stage(
                     )
             else:
                 snapshot = feast.materialize(
-                    data, as_of, config.feast, config.features, store=store, log=log, workers=config.workers
+                    data, as_of, config.feast, config.features, store=store, workers=config.workers
                 )
                 stage.done("materialize")
             space = FeatureSpace.load(snapshot.space_dir)
@@ -230,6 +234,7 @@ def fit_stage(
             "events_watermark": watermark(data),
         },  # the logged events the data holds
         "snapshot": snapshot.space_id if snapshot else None,
+        "spec": spec,
         "config": asdict(config),
         "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
         "timings_s": {k: v for k, v in stage.finish().items() if k != "total"},
@@ -238,14 +243,14 @@ def fit_stage(
     return record
 
 
-def backfill_stage(out: str | Path, log=print) -> dict:
+def backfill_stage(out: str | Path) -> dict:
     """Embed every user with the fitted model, publish online, write the manifest (embeddings done)."""
     out = Path(out)
     files = BatchDir(out)
     record = json.loads(files.build_record.read_text())
     config = config_from_dict(record["config"])
     batch_id = record["batch_id"]
-    stage = Stopwatch(log)
+    stage = Stopwatch()
     schema = FeatureSpace.load(files.encoders).schema
     features = load_features(out) if config.workers else files.features  # in-process: streamed
     with _ray_if(config.workers):
@@ -261,7 +266,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
             batch_id,
             record["as_of"],
         )
-        log(f"published {published} embeddings of batch {batch_id} to the {config.feast.online} online store")
+        log.info(f"published {published} embeddings of batch {batch_id} to the {config.feast.online} online store")
         stage.done("publish")
     timings = {**record["timings_s"], **{k: v for k, v in stage.finish().items() if k != "total"}}
     manifest = {
@@ -270,6 +275,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
         "as_of": record["as_of"],
         "data": record["data"],
         "snapshot": record["snapshot"],
+        "spec": record.get("spec"),
         "users": n_users,
         "feature_schema": [list(g) for g in schema.groups],
         "n_features": schema.n_features,
@@ -295,7 +301,7 @@ def backfill_stage(out: str | Path, log=print) -> dict:
     return manifest
 
 
-def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
+def downstream_stage(out: str | Path, tasks=TASKS) -> dict:
     """Train the downstream task models of a finished batch (the settings come from build.json)."""
     out = Path(out)
     record = json.loads(BatchDir(out).build_record.read_text())
@@ -306,7 +312,7 @@ def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
     results = {}
     for task in tasks:
         results[task] = done = train_task(out, task, ds, downstream, data)
-        log(
+        log.info(
             f"downstream {task}: skipped: {done['skipped']}"
             if done.get("skipped")
             else f"downstream {task} ({done.get('design', 'index')}): {done['metrics']}"
@@ -323,7 +329,7 @@ def downstream_stage(out: str | Path, tasks=TASKS, log=print) -> dict:
         published = feast.publish_history(
             feast.open_store(config.feast, apply=False), config.feast, table, data.batch_id
         )
-        log(f"published the candidate-artist history of {published} users of batch {data.batch_id}")
+        log.info(f"published the candidate-artist history of {published} users of batch {data.batch_id}")
     return results
 
 
@@ -337,17 +343,17 @@ def build_batch(
     as_of=None,
     config: BuildConfig = BuildConfig(),
     batch_id: str | None = None,
-    log=print,
     progress=None,
+    spec: dict | None = None,
 ) -> dict:
     """Every stage in one process (one Ray session); returns the manifest."""
     out = Path(out)
     with _ray_if(config.workers):
-        fit_stage(data, out, as_of, config, batch_id, log=log, progress=progress)
-        manifest = backfill_stage(out, log=log)
+        fit_stage(data, out, as_of, config, batch_id, progress=progress, spec=spec)
+        manifest = backfill_stage(out)
     if config.downstream is not None:
-        watch = Stopwatch(log)
-        results = downstream_stage(out, log=log)
+        watch = Stopwatch()
+        results = downstream_stage(out)
         watch.done("downstream")
         manifest["downstream"] = {
             task: {

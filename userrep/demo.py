@@ -14,14 +14,15 @@ from pathlib import Path
 import pandas as pd
 
 from userrep.layout import BatchDir, manifest_path, read_manifest
+from userrep.spec import BatchSpec
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     users: int = 20_000
     seed: int = 0
-    workers: int = 0  # in-process: the fastest fit on one box (bench/fit_throughput.py)
-    epochs: int = 20
+    workers: int = BatchSpec.workers
+    epochs: int = BatchSpec.epochs
     later_days: int = 30  # batch 2 sees this many more days of data than batch 1
 
 
@@ -30,6 +31,7 @@ class DemoBatch:
     label: str
     as_of: pd.Timestamp
     batch_id: str
+    spec: BatchSpec  # what the training pipeline gets
     done: str | None  # its state when it already ran through the pipeline (serving, previous, rejected)
 
 
@@ -41,30 +43,17 @@ def ensure_world(work: Path, settings: DemoSettings) -> dict | None:
     return None if world_is_current(config, work / "world") else generate_world(config, work / "world")
 
 
-def pipeline_params(work: Path, batch: DemoBatch, settings: DemoSettings) -> dict:
-    """The training pipeline's parameters for one demo batch."""
-    return dict(
-        data=str(work / "world"),
-        as_of=batch.as_of.isoformat(),
-        batch_root=str(work / "batches"),
-        feast_home=str(work / "feast"),
-        epochs=settings.epochs,
-        workers=settings.workers,
-    )
-
-
 def plan_batches(work: Path, settings: DemoSettings) -> list[DemoBatch]:
     """The two batches with the ids the pipeline will give them (deterministic), and whether each
     already went through it."""
     from userrep.batches import state
     from userrep.build import dataset_as_of
-    from userrep.jobs import FitSpec
 
     world, root = work / "world", work / "batches"
     end = dataset_as_of(world)
     planned = []
     for label, as_of in (("batch 1", end - pd.Timedelta(days=settings.later_days)), ("batch 2 on later data", end)):
-        spec = FitSpec(
+        spec = BatchSpec(
             data=str(world),
             batch_root=str(root),
             as_of=as_of.isoformat(),
@@ -75,7 +64,8 @@ def plan_batches(work: Path, settings: DemoSettings) -> list[DemoBatch]:
         )
         _, batch_id, _ = spec.batch_dir_and_id()
         done = state(root, batch_id) if manifest_path(root / batch_id).exists() else None
-        planned.append(DemoBatch(label, as_of, batch_id, done if done in ("serving", "previous", "rejected") else None))
+        done = done if done in ("serving", "previous", "rejected") else None
+        planned.append(DemoBatch(label, as_of, batch_id, spec, done))
     return planned
 
 

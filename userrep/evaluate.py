@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -54,8 +55,10 @@ from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
 from userrep.uncertainty import Board
 
+log = logging.getLogger(__name__)
 
-def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(), log=print) -> dict:
+
+def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig()) -> dict:
     """Run the protocol (``config.seeds`` times); write metrics.json, report.html, summary.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,8 +67,8 @@ def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(
     for i in range(config.seeds):
         seeded = replace(config, seed=config.seed + i)
         if config.seeds > 1:
-            log(f"seed {seeded.seed} ({i + 1}/{config.seeds})")
-        metrics, ctx, gur, space = _evaluate_once(ds, seeded, log)
+            log.info(f"seed {seeded.seed} ({i + 1}/{config.seeds})")
+        metrics, ctx, gur, space = _evaluate_once(ds, seeded)
         metrics["dataset"] = Path(data).resolve().name
         if config.seeds > 1:
             (out / f"seed_{seeded.seed}").mkdir(exist_ok=True)
@@ -84,12 +87,14 @@ def evaluate(data: str | Path, out: str | Path, config: EvalConfig = EvalConfig(
     return metrics
 
 
-def _evaluate_once(ds: Dataset, config: EvalConfig, log) -> tuple[dict, Context, np.ndarray, FeatureSpace]:
-    watch = Stopwatch(log)
+def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.ndarray, FeatureSpace]:
+    watch = Stopwatch()
     ctx, space = prepare(ds, config)
     split, features = ctx.split, ctx.features
-    log(split.note)
-    log(f"repeat rate {ctx.repeat_rate:.3f}: ranking {'unseen artists only' if ctx.unseen_only else 'all artists'}")
+    log.info(split.note)
+    log.info(
+        f"repeat rate {ctx.repeat_rate:.3f}: ranking {'unseen artists only' if ctx.unseen_only else 'all artists'}"
+    )
     watch.done("split + features")
     ae = replace(config.ae or AEConfig(latent=config.dim, epochs=config.epochs), seed=config.seed)
     gur_model = fit_autoencoder(features, ae).model

@@ -12,6 +12,7 @@ fitted on the same users at the same time embedded by both batches.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +33,8 @@ from userrep.heads import missing_tasks, skipped_tasks
 from userrep.layout import BatchDir, read_manifest
 from userrep.model import UserAutoencoder, embed
 from userrep.source import EventSource
+
+log = logging.getLogger(__name__)
 
 # Which metric of each task the quality check compares (higher is better for all three).
 QUALITY_METRICS = {"future_listening": "ndcg@10", "artist_preference": "auc", "similar_users": "ndcg@50"}
@@ -265,7 +268,6 @@ def measure(
     ds: Dataset | EventSource,
     policy: GatePolicy = GatePolicy(),
     downstream: DownstreamConfig = DownstreamConfig(),
-    log=print,
 ):
     """Every number of the gate; returns (GateInputs, the drift frames for the report or None)."""
     candidate = Path(candidate)
@@ -280,7 +282,7 @@ def measure(
     serving = Path(serving)
     serving_manifest = read_manifest(serving)
     share, over, frames = feature_drift(candidate, serving, policy)
-    log(f"feature drift: {share:.1%} of columns drifted, {len(over)} beyond the per-column limit")
+    log.info(f"feature drift: {share:.1%} of columns drifted, {len(over)} beyond the per-column limit")
 
     # Same users, same time (the candidate's as_of), embedded by both batches -> alignment.
     rng = np.random.default_rng(policy.seed)
@@ -299,7 +301,7 @@ def measure(
     align = procrustes(cand[fit_rows], same_time)
     queries = np.arange(min(len(fit_rows), policy.sample))
     overlap = knn_overlap(align(cand[fit_rows]), same_time, queries)
-    log(f"stability: kNN@10 overlap after Procrustes {overlap:.3f} on {len(queries)} users")
+    log.info(f"stability: kNN@10 overlap after Procrustes {overlap:.3f} on {len(queries)} users")
 
     from evidently.metrics.embeddings import ModelDriftMethod
 
@@ -307,7 +309,7 @@ def measure(
     cur = pd.DataFrame(align(cand[pick(len(cand))]))
     ref = pd.DataFrame(serving_emb[pick(len(serving_emb))])
     emb_drift, _, _ = ModelDriftMethod(threshold=policy.max_embedding_drift)(cur, ref)
-    log(f"embedding drift: domain-classifier ROC AUC {emb_drift:.3f}")
+    log.info(f"embedding drift: domain-classifier ROC AUC {emb_drift:.3f}")
 
     kept = None
     skipped = {**skipped_tasks(candidate), **skipped_tasks(serving)}
@@ -321,7 +323,7 @@ def measure(
         auc_own = head_scores_auc(serving, own, data)
         auc_aligned = head_scores_auc(serving, align(data.x), data)
         kept = auc_aligned / auc_own if auc_own > 0 else float("nan")
-        log(f"stability: serving AP head AUC {auc_aligned:.3f} on aligned candidate vs {auc_own:.3f} ({kept:.0%})")
+        log.info(f"stability: serving AP head AUC {auc_aligned:.3f} on aligned candidate vs {auc_own:.3f} ({kept:.0%})")
     inputs = GateInputs(
         serving=serving_manifest["batch_id"],
         drift_share=share,
@@ -365,12 +367,11 @@ def run_gate(
     ds: Dataset | EventSource,
     policy: GatePolicy = GatePolicy(),
     downstream: DownstreamConfig = DownstreamConfig(),
-    log=print,
     report: bool = True,
 ) -> dict:
     """Measure, decide, write ``gate.json`` (then the HTML report); returns the gate record."""
     candidate = Path(candidate)
-    inputs, frames = measure(candidate, serving, ds, policy, downstream, log)
+    inputs, frames = measure(candidate, serving, ds, policy, downstream)
     decision = decide(inputs, policy)
     record = {
         "candidate": inputs.candidate,
@@ -388,7 +389,7 @@ def run_gate(
     return record
 
 
-def gate_batch(root: str | Path, batch_id: str, data: str | Path | None = None, log=print) -> dict:
+def gate_batch(root: str | Path, batch_id: str, data: str | Path | None = None) -> dict:
     """The gate step, as `userrep batch gate` and the pipeline's drift_gate run it: the candidate
     ``batch_id`` against the batch serving under ``root`` (none: the first batch), on the data the
     candidate was built on unless ``data`` (streamed); writes gate.json and the drift report."""
@@ -396,4 +397,4 @@ def gate_batch(root: str | Path, batch_id: str, data: str | Path | None = None, 
     serving = serving_batch(root)
     serving_dir = batch_dir(root, serving) if serving and serving != batch_id else None
     events = EventSource(data or read_manifest(candidate)["data"]["path"])
-    return run_gate(candidate, serving_dir, events, log=log)
+    return run_gate(candidate, serving_dir, events)

@@ -11,128 +11,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from userrep.layout import BatchDir
+from userrep.spec import BatchSpec
+
+log = logging.getLogger(__name__)
 
 RAYJOB_API = ("ray.io", "v1", "rayjobs")
 
 
-@dataclass(frozen=True)
-class FitSpec:
-    data: str
-    batch_root: str
-    as_of: str = ""  # "" -> midnight after the last event
-    snapshot_id: str = ""  # "" -> materialize now
-    batch_id: str = ""  # "" -> derived from data, as_of and settings
-    feast_home: str = "work/feast"
-    online: str = "sqlite"
-    redis: str = "127.0.0.1:6379"
-    dim: int = 64
-    epochs: int = 20
-    workers: int = 2
-    label_days: int = 28
-    seed: int = 0
-    tune: bool = False  # settings from the tune step's choice (``tuned_path``) instead of dim/epochs
-
-    def build_config(self):
-        from userrep.build import BuildConfig
-        from userrep.downstream import DownstreamConfig
-        from userrep.features import FeatureConfig
-        from userrep.model import AEConfig
-        from userrep.store import store_config
-        from userrep.tasks._mlp import HeadConfig
-
-        ae, head, choice = (
-            AEConfig(latent=self.dim, epochs=self.epochs, seed=self.seed),
-            HeadConfig(seed=self.seed),
-            None,
-        )
-        if self.tune:
-            from userrep.tune import tuned_settings
-
-            ae, head, choice = tuned_settings(self.tuned_path(), self.seed)
-        return BuildConfig(
-            features=FeatureConfig(seed=self.seed),
-            ae=ae,
-            workers=self.workers,
-            feast=store_config(self.feast_home, self.online, self.redis),
-            downstream=DownstreamConfig(label_days=self.label_days, head=head, seed=self.seed),
-            tuned=choice,
-        )
-
-    def resolved_as_of(self):
-        from userrep.build import dataset_as_of
-        from userrep.features import to_utc
-
-        return to_utc(self.as_of) if self.as_of else dataset_as_of(self.data)
-
-    def tuned_path(self) -> Path:
-        """Where the tune step writes its choice for this data, cut-off and seed: a fixed place,
-        so the plan step, the fit and the exit handler all derive the same settings and batch id."""
-        import hashlib
-
-        from userrep.fsio import data_fingerprint
-
-        as_of = self.resolved_as_of()
-        key = json.dumps(
-            {"data": data_fingerprint(self.data), "as_of": as_of.isoformat(), "seed": self.seed}, sort_keys=True
-        )
-        return (
-            Path(self.batch_root)
-            / "_tuning"
-            / f"{as_of:%Y%m%d}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-            / "tuned.json"
-        )
-
-    def batch_dir_and_id(self) -> tuple[Path, str, str]:
-        """(batch dir, batch id, as_of ISO): what a run of this spec writes."""
-        from userrep.build import default_batch_id
-        from userrep.fsio import data_fingerprint
-
-        as_of = self.resolved_as_of()
-        batch_id = self.batch_id or default_batch_id(as_of, data_fingerprint(self.data), self.build_config())
-        return Path(self.batch_root) / batch_id, batch_id, as_of.isoformat()
-
-
-def fit_here(spec: FitSpec, log=print) -> dict:
+def fit_here(spec: BatchSpec) -> dict:
     from userrep.build import fit_stage
 
     out, batch_id, as_of = spec.batch_dir_and_id()
-    return fit_stage(spec.data, out, as_of, spec.build_config(), batch_id, spec.snapshot_id or None, log=log)
+    return fit_stage(
+        spec.data, out, as_of, spec.build_config(), batch_id, spec.snapshot_id or None, spec=spec.to_dict()
+    )
 
 
-def entrypoint(spec: FitSpec, python: str = "python") -> str:
-    return f"{python} -m userrep.jobs fit --spec '{json.dumps(asdict(spec))}'"
+def entrypoint(spec: BatchSpec, python: str = "python") -> str:
+    return f"{python} -m userrep.jobs fit --spec '{json.dumps(spec.to_dict())}'"
 
 
-def run_fit(spec: FitSpec, ray_address: str = "", rayjob_namespace: str = "", log=print, poll_s: float = 5.0) -> dict:
+def run_fit(spec: BatchSpec, ray_address: str = "", rayjob_namespace: str = "", poll_s: float = 5.0) -> dict:
     """Fit locally, or submit to Ray on Kubernetes and wait; returns the batch's build record."""
     out, _, _ = spec.batch_dir_and_id()
     if ray_address:
-        submit_to_cluster(ray_address, spec, log=log, poll_s=poll_s)
+        submit_to_cluster(ray_address, spec, poll_s=poll_s)
     elif rayjob_namespace:
-        submit_rayjob(rayjob_namespace, spec, log=log, poll_s=poll_s)
+        submit_rayjob(rayjob_namespace, spec, poll_s=poll_s)
     else:
-        return fit_here(spec, log=log)
+        return fit_here(spec)
     return json.loads(BatchDir(out).build_record.read_text())  # written by the job on the shared volume
 
 
-def submit_to_cluster(address: str, spec: FitSpec, log=print, poll_s: float = 5.0, timeout_s: float = 3600) -> str:
+def submit_to_cluster(address: str, spec: BatchSpec, poll_s: float = 5.0, timeout_s: float = 3600) -> str:
     """Ray Job Submission API (KubeRay's recommended path); streams status until the job ends."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
     job_id = client.submit_job(entrypoint=entrypoint(spec), runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
-    log(f"submitted {job_id} to {address}")
+    log.info(f"submitted {job_id} to {address}")
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         status = client.get_job_status(job_id)
         if status != last:
-            log(f"ray job {job_id}: {status}")
+            log.info(f"ray job {job_id}: {status}")
             last = status
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
@@ -151,7 +78,7 @@ FIT_POD_LABELS = {"app.kubernetes.io/part-of": "userrep", "app.kubernetes.io/com
 def rayjob_manifest(
     name: str,
     namespace: str,
-    spec: FitSpec,
+    spec: BatchSpec,
     image: str = "userrep:0.1.0",
     pvc: str = "userrep-work",
     mount: str = "/work",
@@ -213,9 +140,7 @@ def rayjob_manifest(
     }
 
 
-def submit_rayjob(
-    namespace: str, spec: FitSpec, log=print, poll_s: float = 5.0, timeout_s: float = 3600, api=None
-) -> dict:
+def submit_rayjob(namespace: str, spec: BatchSpec, poll_s: float = 5.0, timeout_s: float = 3600, api=None) -> dict:
     """Create the RayJob with the kubernetes client and wait for `jobStatus` to end."""
     from kubernetes import client, config
 
@@ -229,13 +154,13 @@ def submit_rayjob(
     name = f"userrep-fit-{batch_id.lower().replace('_', '-')}"[:63]
     group, version, plural = RAYJOB_API
     api.create_namespaced_custom_object(group, version, namespace, plural, rayjob_manifest(name, namespace, spec))
-    log(f"created RayJob {namespace}/{name}")
+    log.info(f"created RayJob {namespace}/{name}")
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         status = api.get_namespaced_custom_object(group, version, namespace, plural, name).get("status", {})
         state = (status.get("jobDeploymentStatus"), status.get("jobStatus"))
         if state != last:
-            log(f"RayJob {name}: deployment {state[0]}, job {state[1]}")
+            log.info(f"RayJob {name}: deployment {state[0]}, job {state[1]}")
             last = state
         if state[1] in ("SUCCEEDED", "FAILED", "STOPPED") or state[0] == "Failed":
             break
@@ -248,10 +173,13 @@ def submit_rayjob(
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m userrep.jobs")
     parser.add_argument("job", choices=["fit"])
-    parser.add_argument("--spec", required=True, help="FitSpec as JSON")
+    parser.add_argument("--spec", required=True, help="BatchSpec as JSON (userrep.spec)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    record = fit_here(FitSpec(**json.loads(args.spec)))
+    from userrep.logs import configure
+
+    configure()
+    record = fit_here(BatchSpec.from_dict(json.loads(args.spec)))
     print(json.dumps({"batch_id": record["batch_id"], "timings_s": record["timings_s"]}))
 
 

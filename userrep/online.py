@@ -30,6 +30,7 @@ user's windows, and an event dated later than now plus ``max_future_s`` is refus
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import socket
@@ -56,6 +57,8 @@ from userrep.onlinebatch import (
     write_shared_state,
 )
 from userrep.state import decode_user
+
+log = logging.getLogger(__name__)
 
 MICRO_BATCH = 2000  # events the logger commits together at most (one fsync)
 DELIVER = 64  # records a consumer takes at once (one state read, one re-embed, one online write)
@@ -100,7 +103,6 @@ class OnlineService:
         root: str | Path,
         store=None,
         events_log: str | Path | None = None,
-        log=print,
         max_future_s: float = MAX_FUTURE_S,
         consumer: bool = True,
         claim_idle_ms: int = CLAIM_IDLE_MS,
@@ -110,7 +112,6 @@ class OnlineService:
         self.store_config = store
         # a file (SQLite, embedded default) or redis://HOST:PORT/STREAM (production), see userrep.eventlog
         self.events_log = eventlog.open_log(events_log or eventlog.default_log(self.root))
-        self.log = log
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # this replica's consumer name
         self.claim_idle_ms = claim_idle_ms
         self._store = None
@@ -153,7 +154,7 @@ class OnlineService:
         keep = {pointer["serving"], *pointer["history"][-1:]}  # the previous one stays ready for a rollback
         for stale in set(self.events_log.batches()) - keep:
             self.events_log.drop(stale)
-        self.log(
+        log.info(
             f"loaded batch {fresh.batch_id} ({len(fresh.rows)} users"
             + (f", state bootstrapped, {replayed} users changed by the log" if replayed is not None else "")
             + f") in {time.perf_counter() - started:.1f}s"
@@ -180,7 +181,7 @@ class OnlineService:
                 try:
                     self.reload()
                 except Exception as exc:  # keep serving the loaded batch; say why
-                    self.log(f"reload failed, still serving {self.batch.batch_id}: {exc}")
+                    log.warning(f"reload failed, still serving {self.batch.batch_id}: {exc}")
 
         thread = threading.Thread(target=loop, name="batch-watch", daemon=True)
         thread.start()
@@ -321,7 +322,7 @@ class OnlineService:
             try:
                 position, duplicates = self.events_log.append_events(rows)
             except Exception as exc:  # noqa: BLE001 (handed to each waiting request)
-                self.log(f"event write failed: {type(exc).__name__}: {exc}")
+                log.error(f"event write failed: {type(exc).__name__}: {exc}")
                 for write in writes:
                     write.error = exc
                     write.durable.set()
@@ -360,7 +361,7 @@ class OnlineService:
                     continue
                 self.consume(online, entries)
             except Exception as exc:  # noqa: BLE001 (its records stay pending and come back)
-                self.log(f"event apply failed: {type(exc).__name__}: {exc}")
+                log.warning(f"event apply failed: {type(exc).__name__}: {exc}")
                 time.sleep(0.5)
 
     def consume(self, online: OnlineBatch, entries: list[tuple]) -> list:
@@ -368,7 +369,7 @@ class OnlineService:
         records = {position: record for position, record in entries if record is not None}
 
         def work(todo, load):
-            return apply_delivered(online, [records[p] for p in todo if p in records], load, self._push, self.log)
+            return apply_delivered(online, [records[p] for p in todo if p in records], load, self._push)
 
         done = self.events_log.commit(online.batch_id, [p for p, _ in entries], work)
         self.applied_records += len(done)

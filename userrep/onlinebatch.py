@@ -4,6 +4,7 @@ check incoming events and push changed users to the online store. ``userrep.onli
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from userrep.state import (
     user_clocks,
 )
 from userrep.tasks.similar_users import LiveIndex, build_index
+
+log = logging.getLogger(__name__)
 
 
 class UnknownUser(KeyError):
@@ -254,7 +257,7 @@ def push_changes(write, online: OnlineBatch, result: dict, signed_up=None) -> No
         write("user_artist_history", history_table(features.user_ids, artists, plays, recent, online.batch_id, clocks))
 
 
-def apply_delivered(online: OnlineBatch, records: list[dict], load, push, log) -> dict:
+def apply_delivered(online: OnlineBatch, records: list[dict], load, push) -> dict:
     """Apply delivered records to the users they touch (their state read once, ``load``),
     re-embed those users once and ``push`` them online; returns their new encoded state, for the
     caller's commit. The push comes before the commit: a crash between leaves the records to redo."""
@@ -269,7 +272,7 @@ def apply_delivered(online: OnlineBatch, records: list[dict], load, push, log) -
     state = FeatureState(online.space, {u: decode_user(b)[0] for u, b in load(users).items()})
     touched = apply_records(online, state, records)
     if len(touched) < len(users):
-        log(
+        log.warning(
             f"batch {online.batch_id}: events of {len(users) - len(touched)} user(s) name items "
             "its encoders do not know; left out of its online state (they reach the next batch)"
         )

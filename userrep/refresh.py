@@ -8,6 +8,7 @@ the online store under the same batch id (newer event_timestamp), never under an
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -22,8 +23,10 @@ from userrep.layout import BatchDir
 from userrep.model import UserAutoencoder, embed
 from userrep.store import StoreConfig, open_store, publish_embeddings
 
+log = logging.getLogger(__name__)
 
-def refresh(data: str | Path, as_of, batch_root: str | Path, store: StoreConfig | None, log=print) -> dict:
+
+def refresh(data: str | Path, as_of, batch_root: str | Path, store: StoreConfig | None) -> dict:
     batch_id = serving_batch(batch_root)
     if batch_id is None:
         raise ValueError(f"batch_root: no batch is serving under {batch_root}; train and promote one first")
@@ -38,5 +41,7 @@ def refresh(data: str | Path, as_of, batch_root: str | Path, store: StoreConfig 
     pq.write_table(table, out)
     if store is not None:
         publish_embeddings(open_store(store, apply=False), store, table, batch_id, as_of)
-    log(f"refreshed {len(features.user_ids)} embeddings of serving batch {batch_id} as of {as_of.isoformat()} -> {out}")
+    log.info(
+        f"refreshed {len(features.user_ids)} embeddings of serving batch {batch_id} as of {as_of.isoformat()} -> {out}"
+    )
     return {"batch_id": batch_id, "as_of": as_of.isoformat(), "users": len(features.user_ids), "path": str(out)}

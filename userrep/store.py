@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -38,6 +39,8 @@ from userrep.features import PROFILE_GROUPS, FeatureConfig, FeatureSpace, UserFe
 from userrep.fsio import data_fingerprint
 from userrep.onlinestore import embedding_rows, event_times, write_online
 from userrep.partitions import partitioned_snapshot
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,6 @@ def materialize(
     config: StoreConfig = StoreConfig(),
     features: FeatureConfig = FeatureConfig(),
     store=None,
-    log=print,
     workers: int = 0,
 ) -> Snapshot:
     """Fit encoders as of ``as_of``, write the snapshot's offline rows, apply, load them online.
@@ -190,7 +192,7 @@ def materialize(
 
         _upsert(home / "data" / f"{view}.parquet", chunks(), "space_id", sid)
     shutil.rmtree(space_dir / "partitions")
-    log(
+    log.info(
         f"materialized snapshot {sid}: {len(user_features.user_ids)} users as of {as_of.isoformat()} "
         f"-> {home / 'data'} and the {config.online} online store"
     )

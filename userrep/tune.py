@@ -23,6 +23,8 @@ from pathlib import Path
 
 from userrep.data import load_dataset
 
+log = logging.getLogger(__name__)
+
 # The space: what moved validation scores in docs/evaluation.md, a few values each.
 SPACE = {
     "latent": (32, 64, 128),
@@ -124,7 +126,6 @@ def tune_dataset(
     config: TuneConfig = TuneConfig(),
     split: str = "auto",
     cutoff: str | None = None,
-    log=print,
     as_of=None,
 ) -> dict:
     """Search ``SPACE`` with ASHA on the inner validation split; write and return ``OUT/tuned.json``.
@@ -155,7 +156,7 @@ def tune_dataset(
         raise ValueError(
             f"data: too few warm users in the validation split ({len(ctx.train_rows) + len(ctx.test_rows)})"
         )
-    log(
+    log.info(
         f"validation split of the history: {ctx.split.note}; {len(ctx.train_rows):,} head-training / "
         f"{len(ctx.test_rows):,} validation users"
     )
@@ -225,7 +226,7 @@ def tune_dataset(
         "seconds": round(time.monotonic() - started, 1),
     }
     (out / "tuned.json").write_text(json.dumps(record, indent=2))
-    log(
+    log.info(
         f"{len(trials)} of {config.trials} trials ran within the {config.budget_s:g} s budget; best: {trials[0]} "
         f"({record['seconds']} s)"
     )

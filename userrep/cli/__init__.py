@@ -21,6 +21,16 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _logging() -> None:
+    """Generalized user representations: data, training, batches, serving."""
+    from userrep.logs import configure
+
+    configure()  # the core's log lines are the commands' status lines (USERREP_LOG_LEVEL to change)
+
+
 app.add_typer(data.world_app, name="world")
 app.add_typer(model.features_app, name="features")
 app.add_typer(batch.batch_app, name="batch")

@@ -58,7 +58,7 @@ def batch_gate(
 def _gate(root: Path, batch_id: str, data: Path | None) -> dict:
     from userrep.gate import gate_batch
 
-    record = _batch_call(lambda: _run_or_exit(lambda: gate_batch(root, batch_id, data, log=console.print)))
+    record = _batch_call(lambda: _run_or_exit(lambda: gate_batch(root, batch_id, data)))
     _print_gate(record)
     return record
 

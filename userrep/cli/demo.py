@@ -60,7 +60,6 @@ def serve(
         port,
         bento_port,
         work,
-        log=console.print,
         events_log=events_log or None,
         replicas=replicas,
         ingress=ingress,
@@ -89,7 +88,7 @@ def demo(
     training pipeline for batch 2 on later data (gated against batch 1) -> decision and metrics ->
     serve the promoted batch and react to live events."""
     from pipelines.runner import run_local
-    from userrep.demo import DemoSettings, ensure_world, pipeline_params, plan_batches
+    from userrep.demo import DemoSettings, ensure_world, plan_batches
 
     settings = DemoSettings(users=users, seed=seed, workers=workers, epochs=epochs, later_days=later_days)
     world, root = work / "world", work / "batches"
@@ -114,9 +113,7 @@ def demo(
             continue
         started, log_path = time.perf_counter(), _pipeline_log(work, f"training-{batch.batch_id}")
         try:
-            outcome = run_local(
-                "training", work, log_path=log_path, echo=console.print, **pipeline_params(work, batch, settings)
-            )
+            outcome = run_local("training", work, batch.spec, log_path=log_path, echo=console.print)
         except RuntimeError as exc:
             _pipeline_failed(exc, log_path)
         console.print(
@@ -150,7 +147,7 @@ def _smoke(work: Path) -> None:
         _error("serving smoke skipped", f"{exc}")
         raise typer.Exit(code=1) from None
     try:
-        run_smoke(work, artists, tracks, as_of, log=console.print)
+        run_smoke(work, artists, tracks, as_of)
     except (AssertionError, RuntimeError, TimeoutError) as exc:
         _error("serving smoke failed", f"{exc}")
         raise typer.Exit(code=1) from None

@@ -58,33 +58,35 @@ def train(
     ] = None,
 ) -> None:
     """Build a batch: features (Feast) -> autoencoder -> backfill -> publish -> downstream models."""
-    from userrep.build import BuildConfig, build_batch
-    from userrep.downstream import DownstreamConfig
-    from userrep.features import FeatureConfig
-    from userrep.model import AEConfig
-    from userrep.store import StoreConfig
-    from userrep.tasks._mlp import HeadConfig
+    from userrep.build import build_batch
+    from userrep.spec import BatchSpec
 
-    ae, head, choice = AEConfig(latent=dim, epochs=epochs, seed=seed), HeadConfig(seed=seed), None
-    if tuned is not None:
-        from userrep.tune import tuned_settings
-
-        if not tuned.is_file():
-            _error("error", f"--tuned {tuned}: no such file (write it with `userrep tune`)")
-            raise typer.Exit(code=1)
-        ae, head, choice = tuned_settings(tuned, seed)
-    ae = replace(ae, average_every=average_every)
-    config = BuildConfig(
-        features=FeatureConfig(seed=seed),
-        ae=ae,
+    if tuned is not None and not tuned.is_file():
+        _error("error", f"--tuned {tuned}: no such file (write it with `userrep tune`)")
+        raise typer.Exit(code=1)
+    spec = BatchSpec(
+        data=str(data),
+        batch_root=str(out.parent),
+        as_of=as_of or "",
+        batch_id=batch_id or "",
+        feast_home=str(feast_home),
+        dim=dim,
+        epochs=epochs,
         workers=workers,
+        average_every=average_every,
+        label_days=label_days,
+        seed=seed,
+        tuned=str(tuned or ""),
+    )
+    config = spec.build_config()
+    config = replace(
+        config,
         resume=resume,
-        feast=StoreConfig(home=feast_home) if feast else None,
-        downstream=DownstreamConfig(label_days=label_days, head=head, seed=seed) if downstream else None,
-        tuned=choice,
+        feast=config.feast if feast else None,
+        downstream=config.downstream if downstream else None,
     )
     manifest = _run_or_exit(
-        lambda: build_batch(data, out, as_of, config, batch_id, log=console.print, progress=_epoch_printer(epochs))
+        lambda: build_batch(data, out, as_of, config, batch_id, progress=_epoch_printer(epochs), spec=spec.to_dict())
     )
     _print_manifest(manifest, out)
 
@@ -141,12 +143,10 @@ def evaluate(
     if tune:
         from userrep.tune import TuneConfig, tune_dataset, tuned_configs
 
-        tuned = _run_or_exit(
-            lambda: tune_dataset(data, out / "tuned", TuneConfig(seed=seed), split, cutoff, log=console.print)
-        )
+        tuned = _run_or_exit(lambda: tune_dataset(data, out / "tuned", TuneConfig(seed=seed), split, cutoff))
         ae, head = tuned_configs(tuned)
         config = replace(config, dim=ae.latent, epochs=ae.epochs, ae=ae, head=head)
-    metrics = _run_or_exit(lambda: run(data, out, config, log=console.print))
+    metrics = _run_or_exit(lambda: run(data, out, config))
     _print_metrics(metrics)
     console.print(f"wrote {out / 'metrics.json'} and {out / 'report.html'}")
 
@@ -162,9 +162,7 @@ def tune(
     """Choose autoencoder and head settings on a validation split of the history (Ray Tune, ASHA)."""
     from userrep.tune import TuneConfig, tune_dataset
 
-    record = _run_or_exit(
-        lambda: tune_dataset(data, out, TuneConfig(trials=trials, budget_s=budget, seed=seed), split, log=console.print)
-    )
+    record = _run_or_exit(lambda: tune_dataset(data, out, TuneConfig(trials=trials, budget_s=budget, seed=seed), split))
     table = Table(title=f"{len(record['trials'])} trials, best first ({record['seconds']} s)", title_justify="left")
     for name in record["trials"][0]:
         table.add_column(name, justify="right")
@@ -242,5 +240,5 @@ def features_materialize(
     from userrep.store import materialize
 
     config = _store_config(feast_home, online, redis)
-    snapshot = _run_or_exit(lambda: materialize(data, as_of, config, log=console.print))
+    snapshot = _run_or_exit(lambda: materialize(data, as_of, config))
     console.print(f"snapshot {snapshot.space_id}: {len(snapshot.user_ids):,} users, encoders in {snapshot.space_dir}")

@@ -10,6 +10,7 @@ import typer
 
 from userrep.cli.batch import _print_gate
 from userrep.cli.common import _error, _validate_or_exit, console
+from userrep.spec import BatchSpec
 
 pipeline_app = typer.Typer(help="Kubeflow pipelines: run embedded, compile, submit.", no_args_is_help=True)
 
@@ -20,15 +21,16 @@ def pipeline_run(
     as_of: Annotated[str, typer.Option(help="Batch cut-off (ISO-8601); default: midnight after the last event.")] = "",
     work: Annotated[Path, typer.Option(help="Work dir: batches/, feast/, kfp/ (pipeline root).")] = Path("work"),
     pipeline: Annotated[str, typer.Option(help="training or refresh.")] = "training",
-    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
-    epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
+    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = BatchSpec.dim,
+    epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = BatchSpec.epochs,
     workers: Annotated[
         int,
         typer.Option(
             min=0, help="Ray Train/Data workers (0: in-process, the fastest fit on one box; bench/fit_throughput.py)."
         ),
-    ] = 0,
-    label_days: Annotated[int, typer.Option(min=1, help="Downstream label window (days).")] = 28,
+    ] = BatchSpec.workers,
+    label_days: Annotated[int, typer.Option(min=1, help="Downstream label window (days).")] = BatchSpec.label_days,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = BatchSpec.seed,
     ray_address: Annotated[str, typer.Option(help="Ray Job Submission API of a RayCluster (fit runs there).")] = "",
     rayjob: Annotated[str, typer.Option(help="Namespace to create a KubeRay RayJob in for the fit.")] = "",
     tune: Annotated[
@@ -55,18 +57,23 @@ def pipeline_run(
         _error("error", f"--pipeline: expected training or refresh, got {pipeline!r}")
         raise typer.Exit(code=2)
     _validate_or_exit(data)
-    params: dict[str, object] = dict(
-        data=str(data), as_of=as_of, batch_root=str(work / "batches"), feast_home=str(work / "feast")
+    spec = BatchSpec(
+        data=str(data),
+        as_of=as_of,
+        batch_root=str(work / "batches"),
+        feast_home=str(work / "feast"),
+        dim=dim,
+        epochs=epochs,
+        workers=workers,
+        label_days=label_days,
+        seed=seed,
+        tune=tune,
     )
+    params: dict[str, object] = {}
     if pipeline == "training":
         params.update(
-            dim=dim,
-            epochs=epochs,
-            workers=workers,
-            label_days=label_days,
             ray_address=ray_address,
             rayjob_namespace=rayjob,
-            tune=tune,
             tune_budget_s=tune_budget,
             events_log=events_log
             if events_log.startswith("redis://") or not events_log
@@ -75,7 +82,7 @@ def pipeline_run(
     log_path = _pipeline_log(work, pipeline)
     console.print(f"pipeline {pipeline} (kfp.local); full log: {log_path}")
     try:
-        outcome = run_local(pipeline, work, log_path=log_path, echo=console.print, **params)
+        outcome = run_local(pipeline, work, spec, log_path=log_path, echo=console.print, **params)
     except RuntimeError as exc:  # kfp.local: a step failed
         _pipeline_failed(exc, log_path)
     if outcome["gate"]:
@@ -121,19 +128,41 @@ def pipeline_submit(
     if not package.exists():
         _error("error", f"--package {package}: not found (run `userrep pipeline compile` first)")
         raise typer.Exit(code=2)
-    arguments = {}
-    for item in param or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            _error("error", f"--param {item!r}: expected KEY=VALUE")
-            raise typer.Exit(code=2)
-        arguments[key] = int(value) if value.isdigit() else value
+    try:
+        arguments = submit_arguments(package, param or [])
+    except ValueError as exc:  # a malformed item or a setting the spec cannot take: usage, as before
+        _error("error", str(exc))
+        raise typer.Exit(code=2) from None
     try:
         url = submit(host, package, experiment, arguments, namespace=namespace)
     except Exception as exc:  # connection refused, auth, API errors: say which host, never a traceback
         _error("error", f"--host {host}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
         raise typer.Exit(code=1) from None
     console.print(f"run: {url}")
+
+
+def submit_arguments(package: Path, items: list[str]) -> dict:
+    """The run's arguments from ``KEY=VALUE`` items: a `BatchSpec` setting changes the package's
+    default `spec` (its compiled default, edited field by field); any other KEY is a pipeline parameter."""
+    import yaml
+
+    arguments: dict[str, object] = {}
+    settings: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE")
+        if key in BatchSpec.names():
+            settings[key] = value
+        else:
+            arguments[key] = int(value) if value.isdigit() else value
+    if settings:
+        pipeline = next(yaml.safe_load_all(package.read_text()))
+        default = pipeline["root"]["inputDefinitions"]["parameters"].get("spec", {}).get("defaultValue")
+        if default is None:
+            raise ValueError(f"--param {next(iter(settings))}: {package} has no spec parameter")
+        arguments["spec"] = BatchSpec.from_dict(default).with_text(settings).to_dict()
+    return arguments
 
 
 def _pipeline_log(work: Path, name: str) -> Path:

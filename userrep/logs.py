@@ -1,0 +1,52 @@
+"""Logging's one configuration point. The library only logs (``logging.getLogger(__name__)``);
+whatever runs it (the CLI, a pipeline step, a cluster job, the servers) calls `configure` once.
+
+Messages go to standard output as written (the CLI's status lines, a step's log in the KFP UI);
+warnings and errors carry their level. Set ``USERREP_LOG_LEVEL=DEBUG`` (or WARNING) to change
+how much is said.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# Third-party loggers that say INFO lines a user does not act on, at the level where they help.
+QUIET = {"ray": logging.WARNING, "faiss.loader": logging.WARNING, "feast": logging.WARNING, "urllib3": logging.WARNING}
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is when a record is emitted, not as it was when configured:
+    a CLI run inside a test runner (or a redirected step) swaps stdout, and a handler that kept
+    the old, closed stream would turn every later record into a "Logging error"."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def configure(level: str | int | None = None) -> None:
+    """Send the ``userrep`` loggers' records to stdout at ``level`` (default: ``USERREP_LOG_LEVEL``
+    or INFO) and quiet the noisy third-party ones. Calling it again replaces the handler."""
+    level = level or os.environ.get("USERREP_LOG_LEVEL", "INFO")
+    logger = logging.getLogger("userrep")
+    for handler in [h for h in logger.handlers if isinstance(h, _CurrentStdout)]:
+        logger.removeHandler(handler)
+    handler = _CurrentStdout()
+    handler.setFormatter(_Format("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # a step's runner may configure the root logger too: one line, not two
+    for name, quiet in QUIET.items():
+        logging.getLogger(name).setLevel(max(quiet, logging.getLogger(name).level))
