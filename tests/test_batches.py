@@ -31,6 +31,7 @@ from userrep.store import open_store
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def lifecycle(small_world, two_batches, tmp_path_factory):
     """b1 (as of May 1) built, gated and serving; b2 (as of June 30, later data) built, not gated."""

@@ -39,6 +39,7 @@ from userrep.tasks.future_listening import deployed_scores
 
 pytestmark = pytest.mark.slow
 
+
 def call(url: str, body=None, raw: bytes | None = None, timeout: float = 30):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -79,7 +80,34 @@ class Snapshot:
     user_ids: np.ndarray
 
 
+def import_feast():
+    """``import feast`` with typeguard's ``@typechecked`` as a no-op while it runs.
+
+    Feast decorates its classes with typeguard's ``@typechecked``, which re-parses and recompiles
+    each of their methods at import: 6 of the 12 s ``import feast`` took here (cProfile of the
+    import), paid again by every pipeline step and server process that opens the store. typeguard
+    documents the decorator as meant to be off in production (a no-op under ``python -O``): they
+    are feast's development-time argument checks, not its behaviour. Only this import is
+    affected; the decorator is restored after it (bench/startup.py measures both)."""
+    if "feast" in sys.modules:
+        return sys.modules["feast"]
+    import typeguard
+
+    checked = typeguard.typechecked
+    typeguard.typechecked = _unchecked
+    try:
+        import feast
+    finally:
+        typeguard.typechecked = checked
+    return feast
+
+
+def _unchecked(target=None, **_options):
+    return target if target is not None else (lambda decorated: decorated)
+
+
 def repo_config(config: StoreConfig):
+    import_feast()
     from feast.repo_config import RepoConfig
 
     home = Path(config.home).resolve()
@@ -106,7 +134,7 @@ def definitions(home: Path) -> list:
     relative path from the process's working directory, not the repo path, so the registered
     sources carry absolute paths.
     """
-    from feast import FileSource
+    FileSource = import_feast().FileSource
 
     from feature_repo import data_sources, entities, feature_services, features
 
@@ -136,7 +164,7 @@ def definitions(home: Path) -> list:
 
 def open_store(config: StoreConfig, apply: bool = True):
     """A FeatureStore on the home dir; ``apply`` registers the definitions (idempotent)."""
-    from feast import FeatureStore
+    FeatureStore = import_feast().FeatureStore
 
     home = Path(config.home)
     (home / "data").mkdir(parents=True, exist_ok=True)
