@@ -139,15 +139,18 @@ def backfill_embeddings(spec: dict, batch_id: str, model: Input[Model], embeddin
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_downstream(spec: dict, task: str, embeddings: Input[Dataset], metrics: Output[Metrics]) -> str:
-    """One downstream model, trained on the embeddings' own batch (the id travels with the artifact)."""
+def train_downstream(spec: dict, task: str, cpus: int, embeddings: Input[Dataset], metrics: Output[Metrics]) -> str:
+    """One downstream model, trained on the embeddings' own batch (the id travels with the artifact).
+    ``cpus``: the CPUs the step was given, the threads it uses (the tasks' steps run side by side)."""
     from pathlib import Path
 
     from userrep.build import downstream_stage
     from userrep.spec import for_step
+    from userrep.threads import limited_threads
 
     batch_id = embeddings.metadata["batch_id"]
-    record = downstream_stage(Path(for_step(spec).batch_root) / batch_id, tasks=[task])[task]
+    with limited_threads(cpus):
+        record = downstream_stage(Path(for_step(spec).batch_root) / batch_id, tasks=[task])[task]
     if record["batch_id"] != batch_id:
         raise ValueError(f"batch_id: {task} trained on {record['batch_id']}, embeddings are of {batch_id}")
     for name, value in record["metrics"].items():

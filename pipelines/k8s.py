@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from kfp import kubernetes
 
+from userrep.jobs import pod_labels
+
 PVC = "userrep-work"  # data, Feast home and batches (k8s/ creates it)
 MOUNT = "/work"
 REDIS_SECRET = "userrep-redis"  # key "password" -> REDIS_PASSWORD
 # Every step's pod: the chart's NetworkPolicies admit this component to Redis and to the training
 # cluster's Job Submission API (k8s/helm/userrep/templates/networkpolicy.yaml).
-POD_LABELS = {"app.kubernetes.io/part-of": "userrep", "app.kubernetes.io/component": "pipeline-step"}
+POD_LABELS = pod_labels("pipeline-step")
 
 
 def on_cluster(task, cpu: str = "1", memory: str = "2Gi", online_store: bool = False, display_name: str = ""):

@@ -21,15 +21,17 @@ class _StepLines(io.TextIOBase):
     ENDED = re.compile(r"Task '([^']+)' finished with status (\w+)")
 
     def __init__(self, log, echo, console):
+        # a task name's start times, first in first out: a ParallelFor's iterations share one name
         self.log, self.echo, self.console, self.started = log, echo, console, {}
 
     def write(self, text: str) -> int:
         self.log.write(text)
         plain = self.ANSI.sub("", text)
         for name in self.STARTED.findall(plain):
-            self.started[name] = time.perf_counter()
+            self.started.setdefault(name, []).append(time.perf_counter())
         for name, status in self.ENDED.findall(plain):
-            took = time.perf_counter() - self.started.pop(name, time.perf_counter())
+            starts = self.started.get(name) or [time.perf_counter()]
+            took = time.perf_counter() - starts.pop(0)
             with contextlib.redirect_stdout(self.console):  # echo (print, a rich console) writes to the terminal
                 self.echo(f"  {'done' if status == 'SUCCESS' else status.lower():>7}  {name}  {took:.0f}s")
         return len(text)

@@ -34,6 +34,9 @@ from userrep.layout import TASKS
 from userrep.spec import BatchSpec
 
 TASK_LIST = list(TASKS)  # a pipeline parameter's default must be a list
+# Each task model's step: the CPUs it requests and the threads it uses (userrep/threads.py: steps
+# side by side with a thread per core each spun against each other, 4x slower here).
+DOWNSTREAM_CPUS = 1
 # The compiled default: the one set of defaults, on the cluster's volume (pipelines/k8s.py mounts it at /work).
 CLUSTER_SPEC = BatchSpec(data="/work/world", batch_root="/work/batches", feast_home="/work/feast").to_dict()
 
@@ -94,7 +97,8 @@ def training_pipeline(
         )
         with dsl.ParallelFor(tasks, name="downstream-tasks") as task:
             trained = on_cluster(
-                train_downstream(spec=spec, task=task, embeddings=backfill.outputs["embeddings"]),
+                train_downstream(spec=spec, task=task, cpus=DOWNSTREAM_CPUS, embeddings=backfill.outputs["embeddings"]),
+                cpu=str(DOWNSTREAM_CPUS),
                 memory="4Gi",
                 display_name="5. train downstream model",
             )

@@ -121,6 +121,24 @@ def two_batches(small_world, tmp_path_factory) -> Path:
     return work
 
 
+DEMO_ARGS = ["--users", "300", "--workers", "0", "--epochs", "2", "--no-smoke"]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``userrep demo`` once on 300 users: the two batches through the training pipeline
+    (kfp.local). Returns (work dir, its arguments, the CLI result). The demo test reads what it
+    printed and reruns it; the pipeline test reads its batches and runs a failing pipeline on a
+    copy (``copy_work``): a full pipeline run costs ~2 min here, so one serves both."""
+    from typer.testing import CliRunner
+
+    from userrep.cli import app
+
+    work = tmp_path_factory.mktemp("demo")
+    args = ["demo", "--work", str(work), *DEMO_ARGS]
+    return work, args, CliRunner().invoke(app, args)
+
+
 def copy_work(source: Path, target: Path):
     """A copy of a work dir whose batches use the copy's own Feast home, its definitions registered
     there; returns the copy's BuildConfig-ready StoreConfig."""

@@ -25,9 +25,8 @@ def test_entry_point_is_installed_and_lists_jobs():
 
 
 @pytest.mark.slow
-def test_demo_runs_the_pipeline_twice_then_reuses(tmp_path):
-    args = ["demo", "--work", str(tmp_path), "--users", "300", "--workers", "0", "--epochs", "2", "--no-smoke"]
-    first = runner.invoke(app, args)
+def test_demo_runs_the_pipeline_twice_then_reuses(demo_run):
+    tmp_path, args, first = demo_run
     assert first.exit_code == 0, first.output
     assert "generated" in first.output and "users with events" in first.output
     built = sorted(p.parent.name for p in (tmp_path / "batches").glob("*/manifest.json"))

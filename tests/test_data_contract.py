@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import write_dataset
 from typer.testing import CliRunner
 
+from tests.conftest import write_dataset
 from userrep.cli import app
 from userrep.data import DatasetError, load_dataset, split_list, summarize
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_dataset
 
+from tests.conftest import write_dataset
 from userrep.data import load_dataset
 from userrep.encoders import CollaborativeEncoder, ContentEncoder, ItemVectors, events_before
 from userrep.features import FeatureConfig, FeatureSpace, fit_feature_space

@@ -303,9 +303,8 @@ def test_a_wait_with_no_consumer_running_times_out_naming_the_events_durable(ser
 def test_acknowledged_events_survive_a_kill_9_of_redis(served_root, tmp_path):
     import signal
 
-    from conftest import start_redis
-
     from serving.smoke import free_port
+    from tests.conftest import start_redis
 
     port, workdir = free_port(), tmp_path / "redis"
     workdir.mkdir()

@@ -151,33 +151,44 @@ def test_rayjob_manifest_and_submission_against_a_fake_api(small_world, tmp_path
 
 
 @pytest.mark.slow
-def test_training_pipeline_runs_locally_and_promotes_then_a_failed_run_is_marked(tmp_path):
-    from userrep.world import WorldConfig, generate_world
+def test_training_pipeline_runs_locally_and_promotes_then_a_failed_run_is_marked(demo_run, tmp_path):
+    """The demo's two training-pipeline runs (kfp.local, the ``demo_run`` fixture): each batch
+    complete and gated, the later one promoted over the first. Then, on a copy, a run that cannot
+    finish is marked failed and never served."""
+    from tests.conftest import copy_work
+    from userrep.layout import BatchDir
 
-    generate_world(WorldConfig(users=400, seed=5, chunk_users=400), tmp_path / "world", progress=False)
-    params = dict(
-        data=str(tmp_path / "world"),
-        batch_root=str(tmp_path / "batches"),
-        feast_home=str(tmp_path / "feast"),
-        dim=16,
-        epochs=3,
-        workers=0,
-    )
-    outcome = run_local("training", tmp_path, BatchSpec(as_of="2026-05-01", **params))
-    batch_id = outcome["latest"]
-    assert outcome["serving"] == batch_id and outcome["gate"]["passed"]
-    info = batches.show(tmp_path / "batches", batch_id)
-    assert info["state"] == "serving" and not info["missing_tasks"]
-    assert set(info["downstream"]) == {"future_listening", "artist_preference", "similar_users"}
-    assert (tmp_path / "kfp").is_dir()
+    demo, _, result = demo_run
+    assert result.exit_code == 0, result.output
+    assert (demo / "kfp").is_dir()
+    work = tmp_path / "work"
+    copy_work(demo, work)
+    root = work / "batches"
+    rows = sorted(batches.list_batches(root), key=lambda r: r["created_at"])
+    assert [r["state"] for r in rows] == ["previous", "serving"]
+    for row in rows:
+        info = batches.show(root, row["batch_id"])
+        assert not info["missing_tasks"]
+        assert set(info["downstream"]) == {"future_listening", "artist_preference", "similar_users"}
+        assert json.loads(BatchDir(root / row["batch_id"]).gate.read_text())["passed"]
+    serving = rows[-1]["batch_id"]
+    assert batches.serving_batch(root) == serving
     # A run whose downstream step cannot work (label window longer than the data) fails as a whole:
+    spec = BatchSpec(
+        data=str(work / "world"),
+        batch_root=str(root),
+        feast_home=str(work / "feast"),
+        as_of="2026-06-30",
+        epochs=2,
+        label_days=400,
+    )
     with pytest.raises(RuntimeError, match="finished with status"):
-        run_local("training", tmp_path, BatchSpec(as_of="2026-06-30", label_days=400, **params))
-    failed = [b for b in batches.list_batches(tmp_path / "batches") if b["state"] == "failed"]
+        run_local("training", work, spec)
+    failed = [b for b in batches.list_batches(root) if b["state"] == "failed"]
     assert len(failed) == 1 and failed[0]["as_of"].startswith("2026-06-30")
     with pytest.raises(batches.BatchError, match="marked failed"):
-        batches.promote(tmp_path / "batches", failed[0]["batch_id"])
-    assert batches.serving_batch(tmp_path / "batches") == batch_id
+        batches.promote(root, failed[0]["batch_id"])
+    assert batches.serving_batch(root) == serving
 
 
 def test_submit_posts_the_compiled_pipeline_to_a_kfp_api(compiled, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from userrep.features import UserFeatures
+from userrep.features import FeatureSpace, UserFeatures
 from userrep.layout import BatchDir, read_manifest
 from userrep.model import UserAutoencoder, embed
 
@@ -35,6 +35,13 @@ def embeddings_table(user_ids, vectors: np.ndarray, batch_id: str) -> pa.Table:
         },
         schema=SCHEMA,
     )
+
+
+def load_encoder(batch_dir: str | Path) -> tuple[FeatureSpace, UserAutoencoder]:
+    """A batch's encoder: its feature space (what turns events into features) and its autoencoder
+    (features into the embedding)."""
+    files = BatchDir(batch_dir)
+    return FeatureSpace.load(files.encoders), UserAutoencoder.load(files.model)
 
 
 def read_embeddings(path: str | Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -135,7 +142,6 @@ def embed_users(batch_dir: str | Path, ds, user_ids, as_of=None) -> tuple[np.nda
     Raises KeyError naming the users the dataset does not know at all.
     """
 
-    from userrep.features import FeatureSpace
     from userrep.featurize import build_user_features
 
     batch_dir = Path(batch_dir)
@@ -146,6 +152,6 @@ def embed_users(batch_dir: str | Path, ds, user_ids, as_of=None) -> tuple[np.nda
     unknown = [u for u in user_ids if u not in known]
     if unknown:
         raise ValueError(f"user_ids: unknown user_id(s) {unknown[:5]}: not in events or users of {ds.path}")
-    space = FeatureSpace.load(BatchDir(batch_dir).encoders)
+    space, model = load_encoder(batch_dir)
     features = build_user_features(ds, as_of or manifest["as_of"], space, user_ids=list(user_ids))
-    return embed(UserAutoencoder.load(BatchDir(batch_dir).model), features.matrix), manifest["batch_id"]
+    return embed(model, features.matrix), manifest["batch_id"]

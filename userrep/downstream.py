@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from userrep.backfill import read_embeddings
+from userrep.backfill import load_encoder, read_embeddings
 from userrep.baselines import choose, decayed_matrix, user_artist_matrix
 from userrep.data import Dataset
 from userrep.features import FeatureSpace, to_utc
@@ -39,7 +39,7 @@ from userrep.fsio import sha256
 from userrep.heads import load_head, register_task, save_head
 from userrep.layout import TASKS, BatchDir, read_manifest
 from userrep.metrics import auc
-from userrep.model import UserAutoencoder, embed
+from userrep.model import embed
 from userrep.source import EventSource
 from userrep.tasks import artist_preference, future_listening, history, similar_users
 from userrep.tasks._mlp import HeadConfig, MLPHead
@@ -102,8 +102,7 @@ def task_data(
     batch_dir = Path(batch_dir)
     source = source if isinstance(source, EventSource) else EventSource(source)
     manifest = read_manifest(batch_dir)
-    space = FeatureSpace.load(BatchDir(batch_dir).encoders)
-    model = UserAutoencoder.load(BatchDir(batch_dir).model)
+    space, model = load_encoder(batch_dir)
     as_of = to_utc(manifest["as_of"])
     first = source.first_time()
     label_days = config.label_days

@@ -182,15 +182,17 @@ def sorted_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.nda
     return unique.to_numpy(zero_copy_only=False).astype(object), index_in(column, unique)
 
 
-def events_before(ds: Dataset, as_of) -> pa.Table:
-    """Events strictly before ``as_of`` (point-in-time correctness starts here)."""
+def events_before(events: Dataset | pa.Table, as_of) -> pa.Table:
+    """Events strictly before ``as_of`` (point-in-time correctness starts here): a dataset's, or
+    those of a table of events (a streamed part). The one place that cut is written."""
+    events = events.events if isinstance(events, Dataset) else events
     cutoff = pa.scalar(
         pd.Timestamp(as_of).tz_convert("UTC") if pd.Timestamp(as_of).tzinfo else pd.Timestamp(as_of, tz="UTC"),
         pa.timestamp("us", tz="UTC"),
     )
-    if ds.events.num_rows and pc.less(pc.max(ds.events.column("ts")), cutoff).as_py():
-        return ds.events  # every event is before: no copy (5.4 GB at 1M users, the default as_of)
-    return ds.events.filter(pc.less(ds.events.column("ts"), cutoff))
+    if events.num_rows and pc.less(pc.max(events.column("ts")), cutoff).as_py():
+        return events  # every event is before: no copy (5.4 GB at 1M users, the default as_of)
+    return events.filter(pc.less(events.column("ts"), cutoff))
 
 
 def genre_vocabulary(items: pa.Table, max_genres: int) -> list[str]:

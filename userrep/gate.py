@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from userrep.backfill import read_embeddings
+from userrep.backfill import load_encoder, read_embeddings
 from userrep.batches import batch_dir, serving_batch
 from userrep.data import Dataset
 from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, task_data
@@ -31,7 +31,7 @@ from userrep.featurize import build_user_features
 from userrep.fsio import integrity_problems, write_json_atomic
 from userrep.heads import missing_tasks, skipped_tasks
 from userrep.layout import BatchDir, read_manifest
-from userrep.model import UserAutoencoder, embed
+from userrep.model import embed
 from userrep.source import EventSource
 
 log = logging.getLogger(__name__)
@@ -290,8 +290,7 @@ def measure(
     serving_ids, serving_emb, _ = read_embeddings(BatchDir(serving).embeddings)
     common = np.flatnonzero(pd.Index(serving_ids).get_indexer(pd.Index(ids)) >= 0)
     fit_rows = np.sort(rng.choice(common, size=min(len(common), 4 * policy.sample), replace=False))
-    serving_space = FeatureSpace.load(BatchDir(serving).encoders)
-    serving_model = UserAutoencoder.load(BatchDir(serving).model)
+    serving_space, serving_model = load_encoder(serving)
     as_of = to_utc(manifest["as_of"])
     source = ds if isinstance(ds, EventSource) else EventSource(ds)
     same_time = embed(

@@ -72,7 +72,16 @@ def submit_to_cluster(address: str, spec: BatchSpec, poll_s: float = 5.0, timeou
 
 # The fit's pods: the chart's NetworkPolicies admit traffic between pods of one component
 # (k8s/helm/userrep/templates/networkpolicy.yaml).
-FIT_POD_LABELS = {"app.kubernetes.io/part-of": "userrep", "app.kubernetes.io/component": "fit"}
+PART_OF = {"app.kubernetes.io/part-of": "userrep"}  # every object this project creates on a cluster
+
+
+def pod_labels(component: str) -> dict[str, str]:
+    """The labels of a pod of one component (``fit``, ``pipeline-step``): what the chart's
+    NetworkPolicies select on. The one place they are spelled in Python."""
+    return {**PART_OF, "app.kubernetes.io/component": component}
+
+
+FIT_POD_LABELS = pod_labels("fit")
 
 
 def rayjob_manifest(
@@ -116,7 +125,7 @@ def rayjob_manifest(
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "userrep"}},
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(PART_OF)},
         "spec": {
             "entrypoint": entrypoint(spec),
             "submissionMode": "HTTPMode",

@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from userrep import eventlog
-from userrep.backfill import read_embeddings
+from userrep.backfill import load_encoder, read_embeddings
 from userrep.batches import batch_dir
 from userrep.features import FeatureSpace, to_utc
 from userrep.layout import BatchDir, read_manifest
@@ -61,14 +61,14 @@ def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
     """A batch's artefacts as one replica holds them (no user state); and its manifest."""
     directory = batch_dir(root, batch_id)
     manifest = read_manifest(directory)
-    space = FeatureSpace.load(BatchDir(directory).encoders)
+    space, model = load_encoder(directory)
     ids, vectors, _ = read_embeddings(BatchDir(directory).embeddings)
     index = LiveIndex(_neighbour_index(directory, ids, vectors))
     online = OnlineBatch(
         batch_id,
         to_utc(manifest["as_of"]),
         space,
-        UserAutoencoder.load(BatchDir(directory).model),
+        model,
         index,
         {u: i for i, u in enumerate(ids)},
         dict(enumerate(ids)),

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from userrep.backfill import embeddings_table
+from userrep.backfill import embeddings_table, load_encoder
 from userrep.batches import batch_dir, serving_batch
 from userrep.build import default_as_of
 from userrep.data import load_dataset
-from userrep.features import FeatureSpace, to_utc
+from userrep.features import to_utc
 from userrep.featurize import build_user_features
-from userrep.layout import BatchDir
-from userrep.model import UserAutoencoder, embed
+from userrep.model import embed
 from userrep.store import StoreConfig, open_store, publish_embeddings
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,9 @@ def refresh(data: str | Path, as_of, batch_root: str | Path, store: StoreConfig 
     directory = batch_dir(batch_root, batch_id)
     ds = load_dataset(data)
     as_of = to_utc(as_of) if as_of else default_as_of(ds)
-    features = build_user_features(ds, as_of, FeatureSpace.load(BatchDir(directory).encoders))
-    vectors = embed(UserAutoencoder.load(BatchDir(directory).model), features.matrix)
+    space, model = load_encoder(directory)
+    features = build_user_features(ds, as_of, space)
+    vectors = embed(model, features.matrix)
     out = directory / "refresh" / f"{as_of:%Y%m%dT%H%M%S}.parquet"
     out.parent.mkdir(exist_ok=True)
     table = embeddings_table(features.user_ids, vectors, batch_id)

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from userrep.data import Dataset
+from userrep.encoders import events_before
 from userrep.features import to_utc
 from userrep.fsio import midnight_after
 
@@ -141,8 +142,7 @@ def _held_out_split(ds: Dataset, holdout: float, keys: np.ndarray, kind: str, wh
 
 def history_before(ds: Dataset, as_of) -> Dataset:
     """The dataset with its events before ``as_of`` only (what a batch as of that time may see)."""
-    cutoff = pa.scalar(to_utc(as_of), pa.timestamp("us", tz="UTC"))
-    return _with_events(ds, ds.events.filter(pc.less(ds.events.column("ts"), cutoff)))
+    return _with_events(ds, events_before(ds, as_of))
 
 
 def _with_events(ds: Dataset, events: pa.Table) -> Dataset:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from userrep.data import Dataset, load_dataset, split_list
+from userrep.encoders import events_before
 from userrep.features import FeatureSpace, UserFeatures, to_utc
 from userrep.featurize import StaticInputs, bucket_events, day_index, features_from_buckets
 
@@ -163,10 +163,10 @@ def state_from_dataset(space: FeatureSpace, data: Dataset | str | Path, as_of) -
     ``data``: a loaded dataset, or its directory, streamed: each batch of events is added to the
     state as it is read and validated, so the state is held, never the events table too."""
     state = FeatureState(space)
-    cutoff = pa.scalar(to_utc(as_of), pa.timestamp("us", tz="UTC"))
+    as_of = to_utc(as_of)
 
     def add(events: pa.Table) -> None:  # buckets merge, so adding batch by batch equals adding all at once
-        events = events.filter(pc.less(events.column("ts"), cutoff)).select(["user_id", "item_id", "ts", "weight"])
+        events = events_before(events, as_of).select(["user_id", "item_id", "ts", "weight"])
         if events.num_rows:
             apply_events(state, events.to_pandas())
 

@@ -17,6 +17,7 @@ snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -210,15 +211,16 @@ def materialize(
     # as_of + 1s] loads), a chunk of users at a time: Feast's materialize held the whole snapshot
     # as pandas and protos at once (the 100k-user step peaked at 5.4 GB with it, 2.5 GB without),
     # and the whole snapshot as arrow was 2 GB at 250k users (bench/scale.py).
-    for which, view in enumerate(("user_history", "user_profile")):
-
-        def chunks(view=view, which=which):
-            for start in range(0, len(user_features.user_ids), OFFLINE_CHUNK):
-                table = offline_frames(user_features.rows(slice(start, start + OFFLINE_CHUNK)), sid, as_of)[which]
+    views = ("user_history", "user_profile")
+    with contextlib.ExitStack() as files:
+        appends = [
+            files.enter_context(_upserting(home / "data" / f"{view}.parquet", "space_id", sid)) for view in views
+        ]
+        for start in range(0, len(user_features.user_ids), OFFLINE_CHUNK):
+            frames = offline_frames(user_features.rows(slice(start, start + OFFLINE_CHUNK)), sid, as_of)
+            for view, table, append in zip(views, frames, appends):
                 write_online(store, view, table)
-                yield table
-
-        _upsert(home / "data" / f"{view}.parquet", chunks(), "space_id", sid)
+                append(table)
     shutil.rmtree(space_dir / "partitions")
     log.info(
         f"materialized snapshot {sid}: {len(user_features.user_ids)} users as of {as_of.isoformat()} "
@@ -266,11 +268,26 @@ def offline_frames(features: UserFeatures, sid: str, as_of) -> tuple[pa.Table, p
 
 
 def _upsert(path: Path, tables: pa.Table | Iterable[pa.Table], key: str, value: str) -> None:
+    """Replace the rows of one snapshot/batch in an offline table with ``tables``."""
+    with _upserting(path, key, value) as append:
+        for table in [tables] if isinstance(tables, pa.Table) else tables:
+            append(table)
+
+
+@contextlib.contextmanager
+def _upserting(path: Path, key: str, value: str):
     """Replace the rows of one snapshot/batch in an offline table (write-then-rename), streamed:
-    the old rows are copied a row group at a time without ``value``'s, then ``tables`` appended."""
-    tables = [tables] if isinstance(tables, pa.Table) else tables
+    the old rows are copied a row group at a time without ``value``'s; the caller appends the new
+    ones through the function this yields. An error leaves the table as it was."""
     tmp = path.with_suffix(".parquet.tmp")
     writer: pq.ParquetWriter | None = None
+
+    def append(table: pa.Table) -> None:
+        nonlocal writer
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table.select(writer.schema.names).cast(writer.schema))
+
     try:
         if path.exists():
             old = pq.ParquetFile(path)
@@ -280,10 +297,7 @@ def _upsert(path: Path, tables: pa.Table | Iterable[pa.Table], key: str, value: 
                 rows = rows.filter(pa.compute.not_equal(rows.column(key), value))
                 if rows.num_rows:
                     writer.write_table(rows)
-        for table in tables:
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table.select(writer.schema.names).cast(writer.schema))
+        yield append
     finally:
         if writer is not None:
             writer.close()
