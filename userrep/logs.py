@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+# Our packages' loggers (``logging.getLogger(__name__)`` in each module): the ones configured here.
+OURS = ("userrep", "serving", "pipelines", "components")
 # Third-party loggers that say INFO lines a user does not act on, at the level where they help.
 QUIET = {"ray": logging.WARNING, "faiss.loader": logging.WARNING, "feast": logging.WARNING, "urllib3": logging.WARNING}
 
@@ -37,16 +39,17 @@ class _Format(logging.Formatter):
 
 
 def configure(level: str | int | None = None) -> None:
-    """Send the ``userrep`` loggers' records to stdout at ``level`` (default: ``USERREP_LOG_LEVEL``
+    """Send our packages' records (`OURS`) to stdout at ``level`` (default: ``USERREP_LOG_LEVEL``
     or INFO) and quiet the noisy third-party ones. Calling it again replaces the handler."""
     level = level or os.environ.get("USERREP_LOG_LEVEL", "INFO")
-    logger = logging.getLogger("userrep")
-    for handler in [h for h in logger.handlers if isinstance(h, _CurrentStdout)]:
-        logger.removeHandler(handler)
     handler = _CurrentStdout()
     handler.setFormatter(_Format("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False  # a step's runner may configure the root logger too: one line, not two
+    for name in OURS:
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, _CurrentStdout)]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False  # a step's runner may configure the root logger too: one line, not two
     for name, quiet in QUIET.items():
         logging.getLogger(name).setLevel(max(quiet, logging.getLogger(name).level))
