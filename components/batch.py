@@ -25,9 +25,14 @@ def plan_batch(spec: dict) -> NamedTuple("Plan", [("batch_id", str), ("as_of", s
     before the batch is built, so the exit handler knows which batch to mark failed."""
     from collections import namedtuple
 
+    from userrep.batches import serving_batch
     from userrep.spec import for_step
 
-    _, batch_id, as_of_iso = for_step(spec).batch_dir_and_id()
+    out, batch_id, as_of_iso = for_step(spec).batch_dir_and_id()
+    if serving_batch(out.parent) == batch_id:  # the run would rewrite the files being served
+        raise ValueError(
+            f"batch_id: {batch_id} is the serving batch (same data, cut-off and settings); nothing to retrain"
+        )
     return namedtuple("Plan", ["batch_id", "as_of"])(batch_id, as_of_iso)
 
 

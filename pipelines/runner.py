@@ -25,6 +25,8 @@ class _StepLines(io.TextIOBase):
         self.log, self.echo, self.console, self.started = log, echo, console, {}
 
     def write(self, text: str) -> int:
+        if self.log.closed:  # a handler some library bound to this stream outlived the run: say it on the console
+            return self.console.write(text)
         self.log.write(text)
         plain = self.ANSI.sub("", text)
         for name in self.STARTED.findall(plain):

@@ -45,6 +45,25 @@ def userrep_log():
     logger.setLevel(previous)
 
 
+@pytest.fixture
+def closing_services(monkeypatch):
+    """Every ``OnlineService`` a test starts is closed after it: a consumer thread left running
+    would keep polling a log (or a Redis) that later tests removed, and log about it into them."""
+    from userrep.online import OnlineService
+
+    started = []
+    init = OnlineService.__init__
+
+    def tracked(self, *args, **kwargs):
+        started.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineService, "__init__", tracked)
+    yield
+    for service in started:
+        service.close()
+
+
 def write_dataset(directory: Path, fmt: str = "csv", **tables: pd.DataFrame) -> Path:
     """Write each DataFrame as NAME.csv / NAME.parquet under directory."""
     directory.mkdir(parents=True, exist_ok=True)

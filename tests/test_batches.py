@@ -29,7 +29,7 @@ from userrep.model import AEConfig
 from userrep.onlinestore import online_embeddings, online_history
 from userrep.store import open_store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("closing_services")]
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,16 @@ import logging
 from userrep.logs import OURS, configure
 
 
-def test_every_package_of_ours_logs_to_the_current_stdout_once(capsys):
+def test_every_package_of_ours_logs_to_the_current_stderr_once(capsys):
     configure("INFO")
     configure("INFO")  # configuring again replaces the handler: still one line per record
     for name in OURS:
         logging.getLogger(f"{name}.somewhere").info("ready: %s", name)
     logging.getLogger("userrep.x").debug("not at INFO")
     logging.getLogger("serving.x").warning("reload failed")
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    out = captured.err.splitlines()
+    assert captured.out == ""  # stdout stays for a command's output
     assert out == [f"ready: {name}" for name in OURS] + ["warning: reload failed"]
 
 

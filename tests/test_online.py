@@ -19,6 +19,8 @@ from userrep.model import AEConfig, embed
 from userrep.online import OnlineService
 from userrep.state import FeatureState, state_features, user_clocks
 
+pytestmark = pytest.mark.usefixtures("closing_services")
+
 
 @pytest.fixture(scope="module")
 def served_root(small_world, tmp_path_factory):

@@ -90,6 +90,12 @@ def test_plan_step_gives_the_deterministic_batch_id(small_world, tmp_path):
     assert plan.batch_id == again.batch_id and plan.batch_id.startswith("20260501-")
     assert plan.as_of == "2026-05-01T00:00:00+00:00"
     assert plan_batch.python_func(spec={**settings, "epochs": 4}).batch_id != plan.batch_id
+    # the task models are part of a batch: their settings are part of its id
+    assert plan_batch.python_func(spec={**settings, "label_days": 400}).batch_id != plan.batch_id
+    # a run that would rebuild the serving batch (same inputs) stops at the plan: its files are never rewritten
+    (tmp_path / "SERVING.json").write_text(json.dumps({"serving": plan.batch_id, "history": [], "updated_at": None}))
+    with pytest.raises(ValueError, match="is the serving batch"):
+        plan_batch.python_func(spec=settings)
 
 
 def test_exit_handler_marks_only_unsuccessful_runs_failed(small_world, tmp_path):

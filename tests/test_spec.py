@@ -64,3 +64,19 @@ def test_the_one_set_of_defaults_is_what_the_cli_and_the_compiled_pipeline_use()
     options = {p.name: p.default for p in run.params}
     for name in ("dim", "epochs", "workers", "label_days", "seed"):
         assert options[name] == defaults[name], name
+
+
+def test_submit_params_change_the_compiled_spec_field_by_field(tmp_path):
+    from pipelines.runner import compile_pipelines
+    from pipelines.training import CLUSTER_SPEC
+    from userrep.cli.pipeline import submit_arguments
+
+    package = next(p for p in compile_pipelines(tmp_path) if p.stem == "training")
+    arguments = submit_arguments(package, ["epochs=5", "online=redis", "ray_address=http://head:8265"])
+    assert arguments == {"spec": {**CLUSTER_SPEC, "epochs": 5, "online": "redis"}, "ray_address": "http://head:8265"}
+    with pytest.raises(ValueError, match=r"spec\.epochs: expected an integer"):
+        submit_arguments(package, ["epochs=many"])
+    with pytest.raises(ValueError, match=r"spec\.online"):
+        submit_arguments(package, ["online=memcached"])
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        submit_arguments(package, ["epochs"])

@@ -79,8 +79,7 @@ def test_batch_id_is_deterministic_and_feast_changes_nothing(batch, small_world,
             "16",
             "--as-of",
             "2026-05-01",
-            "--no-feast",
-            "--no-downstream",
+            "--no-feast",  # the task models stay: their settings are part of the id
         ],
     )
     assert result.exit_code == 0, result.output
@@ -139,7 +138,7 @@ def _thinned_world(small_world, directory, keep_recent_users: int):
 
 @pytest.mark.slow
 def test_train_on_thin_data_widens_the_label_window_or_skips_with_the_reason(small_world, tmp_path):
-    from userrep.heads import missing_tasks
+    from userrep.batches import missing_tasks
 
     widened = _thinned_world(small_world, tmp_path / "widened", keep_recent_users=10)
     out = tmp_path / "b-widened"

@@ -18,9 +18,8 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from userrep.fsio import integrity_problems
-from userrep.heads import missing_tasks
-from userrep.layout import MANIFEST, POINTER, BatchDir, manifest_path, read_manifest
+from userrep.fsio import integrity_problems, sha256, write_json_atomic
+from userrep.layout import MANIFEST, POINTER, TASKS, BatchDir, manifest_path, read_manifest
 
 
 class BatchError(ValueError):
@@ -174,3 +173,39 @@ def rollback(root: str | Path) -> dict:
     }
     _write_pointer(root, new)
     return new
+
+
+# ---------------------------------------------------------------------------------------------
+# task records: a batch's downstream models, each registered by its record (written last)
+
+
+def register_task(batch_dir: str | Path, task: str, record: dict) -> dict:
+    """Write a task's record (its files' hashes, metrics) last: a task without it is not done."""
+    record = {**record, "trained_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    write_json_atomic(BatchDir(batch_dir).task_record(task), record)
+    return record
+
+
+def skipped_tasks(batch_dir: str | Path) -> dict[str, str]:
+    """Tasks registered as skipped (too little data), with the reason."""
+    records = {task: BatchDir(batch_dir).task_record(task) for task in TASKS}
+    return {
+        task: reason
+        for task, path in records.items()
+        if path.exists() and (reason := json.loads(path.read_text()).get("skipped"))
+    }
+
+
+def missing_tasks(batch_dir: str | Path) -> list[str]:
+    """Tasks without a registration record, or whose files are gone or changed since."""
+    out = BatchDir(batch_dir).downstream
+    missing = []
+    for task in TASKS:
+        record_path = BatchDir(batch_dir).task_record(task)
+        if not record_path.exists():
+            missing.append(task)
+            continue
+        record = json.loads(record_path.read_text())
+        if any(not (out / name).exists() or sha256(out / name) != digest for name, digest in record["files"].items()):
+            missing.append(task)
+    return missing

@@ -78,7 +78,8 @@ def _latest_event(batch: pa.Table) -> pa.Table:
 
 
 def default_batch_id(as_of: pd.Timestamp, fingerprint: dict[str, str], config: BuildConfig) -> str:
-    """Deterministic: the same data, cut-off and settings give the same id."""
+    """Deterministic: the same data, cut-off and settings give the same id. The downstream
+    settings count too: a batch is its embeddings and its task models, served together."""
     key = json.dumps(
         {
             "data": fingerprint,
@@ -86,6 +87,7 @@ def default_batch_id(as_of: pd.Timestamp, fingerprint: dict[str, str], config: B
             "features": asdict(config.features),
             "ae": asdict(config.ae),
             "workers": config.workers,
+            "downstream": asdict(config.downstream) if config.downstream is not None else None,
         },
         sort_keys=True,
     )

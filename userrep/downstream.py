@@ -32,11 +32,12 @@ import pyarrow.compute as pc
 
 from userrep.backfill import load_encoder, read_embeddings
 from userrep.baselines import choose, decayed_matrix, user_artist_matrix
+from userrep.batches import register_task
 from userrep.data import Dataset
 from userrep.features import FeatureSpace, to_utc
 from userrep.featurize import build_user_features
 from userrep.fsio import sha256
-from userrep.heads import load_head, register_task, save_head
+from userrep.heads import load_head, save_head
 from userrep.layout import TASKS, BatchDir, read_manifest
 from userrep.metrics import auc
 from userrep.model import embed
@@ -222,7 +223,7 @@ def train_task(
         data.skipped and task != "similar_users"
     ):  # registered as skipped: the batch is complete without it, the gate sees why
         return register_task(
-            out, task, {**meta, "skipped": data.skipped, "metrics": {}, "n_train": 0, "n_valid": 0, "files": {}}
+            batch_dir, task, {**meta, "skipped": data.skipped, "metrics": {}, "n_train": 0, "n_valid": 0, "files": {}}
         )
     if task == "future_listening":
         head, design = _future_listening(data, config.head)
@@ -257,7 +258,7 @@ def train_task(
         metrics = {"ndcg@50": similar_users.mean(similar_users.ndcg_with_overlap(found, queries, data.window_artists))}
         files = [files_of.neighbour_index, files_of.neighbour_ids]
     return register_task(
-        out,
+        batch_dir,
         task,
         {
             **meta,

@@ -1,8 +1,9 @@
 """Logging's one configuration point. The library only logs (``logging.getLogger(__name__)``);
 whatever runs it (the CLI, a pipeline step, a cluster job, the servers) calls `configure` once.
 
-Messages go to standard output as written (the CLI's status lines, a step's log in the KFP UI);
-warnings and errors carry their level. Set ``USERREP_LOG_LEVEL=DEBUG`` (or WARNING) to change
+Messages go to standard error as written, so a command's output on stdout (``userrep embed``'s
+JSON lines) stays clean when piped; a terminal, a step's log in the KFP UI and the servers' log
+files show both. Warnings and errors carry their level. Set ``USERREP_LOG_LEVEL=DEBUG`` (or WARNING) to change
 how much is said.
 """
 
@@ -18,14 +19,14 @@ OURS = ("userrep", "serving", "pipelines", "components")
 QUIET = {"ray": logging.WARNING, "faiss.loader": logging.WARNING, "feast": logging.WARNING, "urllib3": logging.WARNING}
 
 
-class _CurrentStdout(logging.StreamHandler):
-    """Writes to ``sys.stdout`` as it is when a record is emitted, not as it was when configured:
-    a CLI run inside a test runner (or a redirected step) swaps stdout, and a handler that kept
-    the old, closed stream would turn every later record into a "Logging error"."""
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was when configured:
+    a CLI run inside a test runner (or a redirected step) swaps it, and a handler that kept the
+    old, closed stream would turn every later record into a "Logging error"."""
 
     @property
     def stream(self):
-        return sys.stdout
+        return sys.stderr
 
     @stream.setter
     def stream(self, value) -> None:
@@ -39,14 +40,14 @@ class _Format(logging.Formatter):
 
 
 def configure(level: str | int | None = None) -> None:
-    """Send our packages' records (`OURS`) to stdout at ``level`` (default: ``USERREP_LOG_LEVEL``
+    """Send our packages' records (`OURS`) to stderr at ``level`` (default: ``USERREP_LOG_LEVEL``
     or INFO) and quiet the noisy third-party ones. Calling it again replaces the handler."""
     level = level or os.environ.get("USERREP_LOG_LEVEL", "INFO")
-    handler = _CurrentStdout()
+    handler = _CurrentStderr()
     handler.setFormatter(_Format("%(message)s"))
     for name in OURS:
         logger = logging.getLogger(name)
-        for old in [h for h in logger.handlers if isinstance(h, _CurrentStdout)]:
+        for old in [h for h in logger.handlers if isinstance(h, _CurrentStderr)]:
             logger.removeHandler(old)
         logger.addHandler(handler)
         logger.setLevel(level)
