@@ -46,28 +46,27 @@ else:
                    epochs=epochs, workers=0, batch_id="b1")
     config = spec.build_config()
     state = json.loads((work / "state.json").read_text()) if (work / "state.json").exists() else {}
-    quiet = lambda *_: None
     if stage == "load":
         from userrep.partitions import event_rows
         state["as_of"] = dataset_as_of(world).isoformat()  # the plan step: validated, streamed
         extra["events"] = event_rows(world)
     elif stage == "materialize":
         from userrep.store import materialize
-        state["snapshot"] = materialize(world, state["as_of"], config.feast, config.features, log=quiet).space_id
+        state["snapshot"] = materialize(world, state["as_of"], config.feast, config.features).space_id
     elif stage == "fit":
-        record = fit_stage(world, batch, state["as_of"], config, "b1", state["snapshot"], log=quiet)
+        record = fit_stage(world, batch, state["as_of"], config, "b1", state["snapshot"])
         extra["fit_s_per_epoch"] = round(record["timings_s"]["fit"] / epochs, 2)
         extra["training_set_s"] = record["timings_s"]["features"]
         extra["final_loss"] = record["training"]["losses"][-1]
     elif stage == "backfill":
-        extra["users"] = backfill_stage(batch, log=quiet)["users"]
+        extra["users"] = backfill_stage(batch)["users"]
     elif stage == "downstream":
-        done = downstream_stage(batch, log=quiet)
+        done = downstream_stage(batch)
         extra["tasks"] = {t: r.get("metrics", r.get("skipped")) for t, r in done.items()}
     elif stage == "gate":
         from userrep.gate import run_gate
         from userrep.source import EventSource
-        run_gate(batch, batch, EventSource(world), log=quiet)
+        run_gate(batch, batch, EventSource(world))
     (work / "state.json").write_text(json.dumps(state))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "peak_mib": round(peak), **extra}))

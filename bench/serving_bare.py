@@ -3,7 +3,6 @@ Ray Serve + BentoML pair, served by one plain uvicorn process (no proxy, no Serv
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import uvicorn
@@ -19,16 +18,18 @@ def main() -> None:
 
     from serving.api import Holder, create_app
     from serving.bento_service import TaskService
+    from userrep.logs import configure
     from userrep.online import OnlineService
     from userrep.store import store_config
+
+    configure()
 
     class BareHolder(Holder):
         service = OnlineService(
             args.work / "batches",
             store_config(args.work / "feast"),
             args.work / "online" / "bare-events.sqlite",
-            log=lambda line: print(line, file=sys.stderr),
-        )  # stdout: the bench's JSON
+        )  # its log lines go to stderr (userrep.logs); stdout: the bench's JSON
 
     app = create_app(BareHolder)
     tasks = TaskService.inner()  # the BentoML class's own logic, called directly

@@ -60,10 +60,15 @@ def test_the_one_set_of_defaults_is_what_the_cli_and_the_compiled_pipeline_use()
     assert {k: v for k, v in CLUSTER_SPEC.items() if k not in ("data", "batch_root", "feast_home")} == {
         k: v for k, v in defaults.items() if k not in ("data", "batch_root", "feast_home")
     }
-    run = get_command(app).commands["pipeline"].commands["run"]  # type: ignore[attr-defined]
-    options = {p.name: p.default for p in run.params}
-    for name in ("dim", "epochs", "workers", "label_days", "seed"):
-        assert options[name] == defaults[name], name
+    cli = get_command(app).commands  # type: ignore[attr-defined]
+    for command, names in (
+        (cli["pipeline"].commands["run"], ("dim", "epochs", "workers", "label_days", "seed")),
+        (cli["train"], ("dim", "epochs", "workers", "average_every", "label_days", "seed")),
+        (cli["demo"], ("epochs", "workers")),
+    ):
+        options = {p.name: p.default for p in command.params}
+        for name in names:
+            assert options[name] == defaults[name], (command.name, name)
 
 
 def test_submit_params_change_the_compiled_spec_field_by_field(tmp_path):

@@ -13,6 +13,7 @@ from userrep.cli.batch import _print_downstream, _print_gate, batch_list
 from userrep.cli.common import _error, _validate_or_exit, console
 from userrep.cli.pipeline import _pipeline_failed, _pipeline_log
 from userrep.layout import BatchDir
+from userrep.spec import BatchSpec
 
 
 def serve(
@@ -77,8 +78,8 @@ def demo(
             help="Ray workers for training and backfill (0: in-process, the "
             "fastest fit on one box; bench/fit_throughput.py).",
         ),
-    ] = 0,
-    epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = 20,
+    ] = BatchSpec.workers,
+    epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = BatchSpec.epochs,
     later_days: Annotated[int, typer.Option(min=1, help="Batch 2 sees this many more days of data than batch 1.")] = 30,
     smoke: Annotated[
         bool, typer.Option(help="End with a serving smoke (start both servers, new user, events).")

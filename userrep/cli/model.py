@@ -12,6 +12,7 @@ from rich.table import Table
 
 from userrep.cli.common import _error, _run_or_exit, console
 from userrep.layout import MANIFEST, manifest_path
+from userrep.spec import BatchSpec
 
 features_app = typer.Typer(help="The Feast feature store (feature_repo/).", no_args_is_help=True)
 
@@ -22,9 +23,11 @@ def train(
     as_of: Annotated[
         str | None, typer.Option(help="Feature cut-off (ISO-8601, UTC); default: midnight after the last event.")
     ] = None,
-    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = 64,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 20,
-    workers: Annotated[int, typer.Option(min=0, help="0: in-process; N: Ray Train + Ray Data with N workers.")] = 0,
+    dim: Annotated[int, typer.Option(min=2, help="Embedding dimension.")] = BatchSpec.dim,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = BatchSpec.epochs,
+    workers: Annotated[
+        int, typer.Option(min=0, help="0: in-process; N: Ray Train + Ray Data with N workers.")
+    ] = BatchSpec.workers,
     average_every: Annotated[
         int,
         typer.Option(
@@ -32,12 +35,12 @@ def train(
             help="With N >= 2 workers: 1 = DDP (gradients averaged every "
             "step); k = local SGD (parameters averaged every k steps).",
         ),
-    ] = 1,
+    ] = BatchSpec.average_every,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = False,
     batch_id: Annotated[
         str | None, typer.Option(help="Batch id; default: derived from data, as_of and settings.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = BatchSpec.seed,
     feast: Annotated[
         bool,
         typer.Option(help="Materialize to Feast, train on its point-in-time training set, publish embeddings online."),
@@ -48,7 +51,7 @@ def train(
     downstream: Annotated[bool, typer.Option(help="Train the downstream task models on this batch.")] = True,
     label_days: Annotated[
         int, typer.Option(min=1, help="Label window of the downstream tasks (days before as_of).")
-    ] = 28,
+    ] = BatchSpec.label_days,
     tuned: Annotated[
         Path | None,
         typer.Option(
@@ -59,7 +62,6 @@ def train(
 ) -> None:
     """Build a batch: features (Feast) -> autoencoder -> backfill -> publish -> downstream models."""
     from userrep.build import build_batch
-    from userrep.spec import BatchSpec
 
     if tuned is not None and not tuned.is_file():
         _error("error", f"--tuned {tuned}: no such file (write it with `userrep tune`)")
