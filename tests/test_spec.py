@@ -36,7 +36,7 @@ def test_a_bad_setting_is_an_error_naming_the_field(values, field):
 
 
 def test_a_required_setting_missing_is_an_error():
-    with pytest.raises(TypeError, match="batch_root"):
+    with pytest.raises(ValueError, match=r"spec\.batch_root: required"):
         BatchSpec.from_dict({"data": "/w/world"})
 
 

@@ -59,6 +59,9 @@ class BatchSpec:
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise ValueError(f"spec.{unknown[0]}: unknown setting (known: {', '.join(fields)})")
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values]
+        if required:
+            raise ValueError(f"spec.{required[0]}: required")
         return cls(**{name: _typed(name, str(fields[name].type), value) for name, value in values.items()})
 
     def replace(self, **changes: Any) -> BatchSpec:
