@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from userrep.backfill import load_encoder, read_embeddings
 from userrep.batches import batch_dir, missing_tasks, serving_batch, skipped_tasks
+from userrep.build import config_from_dict, load_features
 from userrep.data import Dataset
 from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, task_data
 from userrep.features import FeatureSpace, to_utc
@@ -171,8 +172,6 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
 
 def comparable_frame(batch_dir: Path, rows: np.ndarray | None = None) -> pd.DataFrame:
     """The training snapshot's named (basis-independent) columns as a DataFrame."""
-    from userrep.build import load_features
-
     space = FeatureSpace.load(BatchDir(batch_dir).encoders)
     matrix = load_features(batch_dir, rows).matrix
     names = space.column_names()
@@ -390,9 +389,12 @@ def run_gate(
 def gate_batch(root: str | Path, batch_id: str, data: str | Path | None = None) -> dict:
     """The gate step, as `userrep batch gate` and the pipeline's drift_gate run it: the candidate
     ``batch_id`` against the batch serving under ``root`` (none: the first batch), on the data the
-    candidate was built on unless ``data`` (streamed); writes gate.json and the drift report."""
+    candidate was built on unless ``data`` (streamed); writes gate.json and the drift report. The
+    head-stability check reads the candidate's task data with the candidate's own downstream
+    settings (its label window), as its task models were trained."""
     candidate = batch_dir(root, batch_id)
     serving = serving_batch(root)
     serving_dir = batch_dir(root, serving) if serving and serving != batch_id else None
     events = EventSource(data or read_manifest(candidate)["data"]["path"])
-    return run_gate(candidate, serving_dir, events)
+    built = config_from_dict(json.loads(BatchDir(candidate).build_record.read_text())["config"])
+    return run_gate(candidate, serving_dir, events, downstream=built.downstream or DownstreamConfig())
