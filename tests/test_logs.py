@@ -20,6 +20,16 @@ def test_every_package_of_ours_logs_to_the_current_stderr_once(capsys):
     assert out == [f"ready: {name}" for name in OURS] + ["warning: reload failed"]
 
 
+def test_a_bad_level_is_one_clear_line(monkeypatch):
+    from typer.testing import CliRunner
+
+    from userrep.cli import app
+
+    monkeypatch.setenv("USERREP_LOG_LEVEL", "LOUD")
+    result = CliRunner().invoke(app, ["batch", "list", "--root", "nowhere"])
+    assert result.exit_code == 2 and "USERREP_LOG_LEVEL: 'LOUD'" in result.output and "Traceback" not in result.output
+
+
 def test_noisy_third_party_info_is_quieted():
     configure()
     assert not logging.getLogger("faiss.loader").isEnabledFor(logging.INFO)

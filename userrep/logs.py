@@ -43,6 +43,9 @@ def configure(level: str | int | None = None) -> None:
     """Send our packages' records (`OURS`) to stderr at ``level`` (default: ``USERREP_LOG_LEVEL``
     or INFO) and quiet the noisy third-party ones. Calling it again replaces the handler."""
     level = level or os.environ.get("USERREP_LOG_LEVEL", "INFO")
+    if isinstance(level, str) and level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"USERREP_LOG_LEVEL: {level!r} is not a level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+    level = level.upper() if isinstance(level, str) else level
     handler = _CurrentStderr()
     handler.setFormatter(_Format("%(message)s"))
     for name in OURS:

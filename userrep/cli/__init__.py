@@ -26,9 +26,14 @@ app = typer.Typer(
 @app.callback()
 def _logging() -> None:
     """Generalized user representations: data, training, batches, serving."""
+    from userrep.cli.common import _error
     from userrep.logs import configure
 
-    configure()  # the core's log lines are the commands' status lines (USERREP_LOG_LEVEL to change)
+    try:
+        configure()  # the core's log lines are the commands' status lines (USERREP_LOG_LEVEL to change)
+    except ValueError as exc:
+        _error("error", str(exc))
+        raise typer.Exit(code=2) from None
 
 
 app.add_typer(data.world_app, name="world")
