@@ -21,9 +21,9 @@ from pathlib import Path
 ONE = """
 import json, sys, time
 from pathlib import Path
-from userrep.build import config_from_dict
-from userrep.downstream import DownstreamConfig, task_data, train_task
-from userrep.layout import BatchDir
+from userrep.batch.build import config_from_dict
+from userrep.batch.downstream import DownstreamConfig, task_data, train_task
+from userrep.batch.layout import BatchDir
 from userrep.source import EventSource
 from userrep.threads import limited_threads
 
@@ -61,7 +61,7 @@ def side_by_side(batch: Path, threads: int) -> dict:
 
 
 def main() -> None:
-    from userrep.batches import batch_dir, serving_batch
+    from userrep.batch.registry import batch_dir, serving_batch
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=Path("work"))

@@ -52,8 +52,8 @@ def matmul_peak_gflops() -> float:
 
 
 def main() -> None:
-    from userrep.batches import read_pointer
-    from userrep.build import load_features
+    from userrep.batch.build import load_features
+    from userrep.batch.registry import read_pointer
     from userrep.model import AEConfig
     from userrep.raylocal import ray_session
     from userrep.train import fit_autoencoder

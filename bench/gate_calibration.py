@@ -23,18 +23,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from userrep.layout import BatchDir, read_manifest
+from userrep.batch.layout import BatchDir, read_manifest
 
 
 def main() -> None:
     from evidently.metrics.embeddings import ModelDriftMethod
 
     from userrep.backfill import read_embeddings
-    from userrep.batches import list_batches, read_pointer
+    from userrep.batch.gate import GatePolicy, comparable_frame, feature_drift, knn_overlap, procrustes
+    from userrep.batch.registry import list_batches, read_pointer
     from userrep.data import load_dataset
     from userrep.features import FeatureSpace, to_utc
     from userrep.featurize import build_user_features
-    from userrep.gate import GatePolicy, comparable_frame, feature_drift, knn_overlap, procrustes
     from userrep.model import UserAutoencoder, embed
 
     parser = argparse.ArgumentParser()

@@ -40,8 +40,8 @@ if stage == "world":
     from userrep.world import WorldConfig, generate_world
     extra["events"] = generate_world(WorldConfig(users=users, seed=0), world, progress=False)["events"]
 else:
-    from userrep.build import dataset_as_of, fit_stage, backfill_stage, downstream_stage
-    from userrep.spec import BatchSpec
+    from userrep.batch.build import dataset_as_of, fit_stage, backfill_stage, downstream_stage
+    from userrep.batch.spec import BatchSpec
     spec = BatchSpec(data=str(world), batch_root=str(work / "batches"), feast_home=str(work / "feast"),
                    epochs=epochs, workers=0, batch_id="b1")
     config = spec.build_config()
@@ -64,7 +64,7 @@ else:
         done = downstream_stage(batch)
         extra["tasks"] = {t: r.get("metrics", r.get("skipped")) for t, r in done.items()}
     elif stage == "gate":
-        from userrep.gate import run_gate
+        from userrep.batch.gate import run_gate
         from userrep.source import EventSource
         run_gate(batch, batch, EventSource(world))
     (work / "state.json").write_text(json.dumps(state))

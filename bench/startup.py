@@ -20,9 +20,9 @@ import time
 CASES = {
     "import feast": "import feast",
     "userrep.store.import_feast()": "from userrep.store import import_feast; import_feast()",
-    "plan step (userrep.spec + build)": "import userrep.spec, userrep.build",
-    "promote step (userrep.batches)": "import userrep.batches",
-    "gate step (userrep.gate + evidently)": "import userrep.gate, evidently",
+    "plan step (userrep.batch.spec + build)": "import userrep.batch.spec, userrep.batch.build",
+    "promote step (userrep.batch.registry)": "import userrep.batch.registry",
+    "gate step (userrep.batch.gate + evidently)": "import userrep.batch.gate, evidently",
 }
 
 

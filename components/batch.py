@@ -25,8 +25,8 @@ def plan_batch(spec: dict) -> NamedTuple("Plan", [("batch_id", str), ("as_of", s
     before the batch is built, so the exit handler knows which batch to mark failed."""
     from collections import namedtuple
 
-    from userrep.batches import serving_batch
-    from userrep.spec import for_step
+    from userrep.batch.registry import serving_batch
+    from userrep.batch.spec import for_step
 
     out, batch_id, as_of_iso = for_step(spec).batch_dir_and_id()
     if serving_batch(out.parent) == batch_id:  # the run would rewrite the files being served
@@ -45,8 +45,8 @@ def compact_events(spec: dict, events_log: str) -> int:
     Returns the number of events appended."""
     from pathlib import Path
 
+    from userrep.batch.spec import for_step
     from userrep.eventlog import compact
-    from userrep.spec import for_step
 
     data = for_step(spec).data
     if not events_log or not (events_log.startswith("redis://") or Path(events_log).exists()):
@@ -61,7 +61,7 @@ def tune_settings(spec: dict, budget_s: float, choice: Output[Metrics]) -> str:
     """Ray Tune (ASHA) on a validation split of the events before `as_of`: the batch's autoencoder
     and head settings (`userrep.tune`). Off (`tune=False`) it returns at once and the batch uses
     the spec's dim/epochs. Returns where the choice was written."""
-    from userrep.spec import for_step
+    from userrep.batch.spec import for_step
     from userrep.tune import TuneConfig, tune_dataset
 
     settings = for_step(spec)
@@ -83,7 +83,7 @@ def materialize_features(spec: dict, as_of: str, snapshot: Output[Artifact]) -> 
     import json
     from pathlib import Path
 
-    from userrep.spec import for_step
+    from userrep.batch.spec import for_step
     from userrep.store import materialize
 
     settings = for_step(spec)
@@ -113,9 +113,9 @@ def fit_encoder(
     import shutil
     from pathlib import Path
 
-    from userrep.jobs import run_fit
-    from userrep.layout import BatchDir
-    from userrep.spec import for_step
+    from userrep.batch.jobs import run_fit
+    from userrep.batch.layout import BatchDir
+    from userrep.batch.spec import for_step
 
     settings = for_step(spec).replace(as_of=as_of, snapshot_id=snapshot_id, batch_id=batch_id)
     record = run_fit(settings, ray_address=ray_address, rayjob_namespace=rayjob_namespace)
@@ -132,9 +132,9 @@ def backfill_embeddings(spec: dict, batch_id: str, model: Input[Model], embeddin
     import shutil
     from pathlib import Path
 
-    from userrep.build import backfill_stage
-    from userrep.layout import BatchDir
-    from userrep.spec import for_step
+    from userrep.batch.build import backfill_stage
+    from userrep.batch.layout import BatchDir
+    from userrep.batch.spec import for_step
 
     out = Path(for_step(spec).batch_root) / batch_id
     manifest = backfill_stage(out)
@@ -149,8 +149,8 @@ def train_downstream(spec: dict, task: str, cpus: int, embeddings: Input[Dataset
     ``cpus``: the CPUs the step was given, the threads it uses (the tasks' steps run side by side)."""
     from pathlib import Path
 
-    from userrep.build import downstream_stage
-    from userrep.spec import for_step
+    from userrep.batch.build import downstream_stage
+    from userrep.batch.spec import for_step
     from userrep.threads import limited_threads
 
     batch_id = embeddings.metadata["batch_id"]
@@ -168,8 +168,8 @@ def evaluate_batch(spec: dict, batch_id: str, trained: list[str], metrics: Outpu
     """Check every downstream model of the batch is there; report their validation metrics."""
     from pathlib import Path
 
-    from userrep.batches import show
-    from userrep.spec import for_step
+    from userrep.batch.registry import show
+    from userrep.batch.spec import for_step
 
     info = show(for_step(spec).batch_root, batch_id)
     if info["missing_tasks"]:
@@ -188,9 +188,9 @@ def drift_gate(spec: dict, batch_id: str, after: str, decision: Output[Metrics],
     import shutil
     from pathlib import Path
 
-    from userrep.gate import gate_batch
-    from userrep.layout import BatchDir
-    from userrep.spec import for_step
+    from userrep.batch.gate import gate_batch
+    from userrep.batch.layout import BatchDir
+    from userrep.batch.spec import for_step
 
     batch_root = for_step(spec).batch_root
     record = gate_batch(batch_root, batch_id)  # on the data the candidate was built on, streamed
@@ -211,8 +211,8 @@ def drift_gate(spec: dict, batch_id: str, after: str, decision: Output[Metrics],
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def promote_batch(spec: dict, batch_id: str) -> str:
     """Switch serving to the batch (atomic pointer rename); returns the new serving id."""
-    from userrep.batches import promote
-    from userrep.spec import for_step
+    from userrep.batch.registry import promote
+    from userrep.batch.spec import for_step
 
     return promote(for_step(spec).batch_root, batch_id)["serving"]
 
@@ -224,8 +224,8 @@ def finalize_batch(spec: dict, status: dsl.PipelineTaskFinalStatus) -> str:
     An exit task may not consume other tasks' outputs, so it derives the (deterministic) batch id
     from the same spec the plan step used.
     """
-    from userrep.batches import mark_failed, serving_batch
-    from userrep.spec import for_step
+    from userrep.batch.registry import mark_failed, serving_batch
+    from userrep.batch.spec import for_step
 
     if status.state == "SUCCEEDED":
         return status.state
@@ -246,8 +246,8 @@ def refresh_embeddings(spec: dict, embeddings: Output[Dataset]) -> str:
     spec's as_of (no retrain)."""
     import shutil
 
-    from userrep.refresh import refresh
-    from userrep.spec import for_step
+    from userrep.batch.refresh import refresh
+    from userrep.batch.spec import for_step
     from userrep.store import store_config
 
     settings = for_step(spec)

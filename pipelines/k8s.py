@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kfp import kubernetes
 
-from userrep.jobs import pod_labels
+from userrep.batch.jobs import pod_labels
 
 PVC = "userrep-work"  # data, Feast home and batches (k8s/ creates it)
 MOUNT = "/work"

@@ -13,7 +13,7 @@ from pipelines.training import CLUSTER_SPEC
 
 @dsl.pipeline(name="userrep-refresh", description="Refresh the serving batch's embeddings with today's features.")
 def refresh_pipeline(spec: dict = CLUSTER_SPEC):
-    """`spec`: a `userrep.spec.BatchSpec` as a dict (data, as_of, batch_root, feast_home, online, redis are read)."""
+    """`spec`: a `userrep.batch.spec.BatchSpec` as a dict (data, as_of, batch_root, feast_home, online, redis are read)."""
     on_cluster(
         refresh_embeddings(spec=spec),
         cpu="2",

@@ -77,8 +77,8 @@ def run_local(pipeline: str, work: Path, spec, log_path: Path | None = None, ech
 
 
 def _outcome(batch_root: Path) -> dict:
-    from userrep.batches import list_batches, read_pointer
-    from userrep.layout import BatchDir
+    from userrep.batch.layout import BatchDir
+    from userrep.batch.registry import list_batches, read_pointer
 
     rows = sorted(list_batches(batch_root), key=lambda r: r["created_at"])
     latest = rows[-1]["batch_id"] if rows else None

@@ -30,8 +30,8 @@ from components.batch import (
     tune_settings,
 )
 from pipelines.k8s import on_cluster
-from userrep.layout import TASKS
-from userrep.spec import BatchSpec
+from userrep.batch.layout import TASKS
+from userrep.batch.spec import BatchSpec
 
 TASK_LIST = list(TASKS)  # a pipeline parameter's default must be a list
 # Each task model's step: the CPUs it requests and the threads it uses (userrep/threads.py: steps
@@ -50,7 +50,7 @@ def training_pipeline(
     tune_budget_s: float = 180.0,
     events_log: str = "",
 ):
-    """`spec`: a `userrep.spec.BatchSpec` as a dict, read by every step; the rest say where the
+    """`spec`: a `userrep.batch.spec.BatchSpec` as a dict, read by every step; the rest say where the
     fit runs, which task models to train, the tune step's budget and the log to compact."""
     finalize = on_cluster(finalize_batch(spec=spec), display_name="mark the batch failed unless the run succeeded")
     with dsl.ExitHandler(finalize, name="batch"):

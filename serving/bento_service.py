@@ -3,7 +3,7 @@
     POST /recommend/artists           {"user_id": ...} or {"embedding": [...], "batch_id": ...}, "k"
     POST /predict/artist-preference   same user input, "artists": [...]
 
-The heads, the artist list and the batch id are loaded together (``userrep.predict.TaskPredictor``)
+The heads, the artist list and the batch id are loaded together (``userrep.batch.predict.TaskPredictor``)
 and reloaded when SERVING.json changes; a request takes one predictor, so it never mixes a head of
 one batch with an embedding of another. A user's embedding comes from the online store under the
 predictor's batch id; an embedding stamped with another batch id is refused with 409.
@@ -30,8 +30,8 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict, Field
 
-from userrep.layout import pointer_path
-from userrep.predict import TaskPredictor
+from userrep.batch.layout import pointer_path
+from userrep.batch.predict import TaskPredictor
 
 
 class Conflict(BentoMLException):
@@ -70,7 +70,7 @@ class Bundle:
 
 
 def load_bundle(root: Path) -> Bundle:
-    from userrep.batches import batch_dir, read_pointer
+    from userrep.batch.registry import batch_dir, read_pointer
 
     mtime = pointer_path(root).stat().st_mtime
     batch_id = read_pointer(root)["serving"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from userrep.layout import BatchDir, read_manifest
+from userrep.batch.layout import BatchDir, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def stop(proc: subprocess.Popen) -> None:
 def promoted(work: Path) -> tuple[dict, list[str], list[str]]:
     """(manifest, user ids, item ids) of the batch serving under WORK (what the benchmarks post)."""
     from userrep.backfill import read_embeddings
-    from userrep.batches import batch_dir, serving_batch
+    from userrep.batch.registry import batch_dir, serving_batch
     from userrep.data import load_dataset
 
     root = Path(work) / "batches"

@@ -123,10 +123,10 @@ def two_batches(small_world, tmp_path_factory) -> Path:
     """A work dir built once with a real Feast store: b1 (as of May 1) gated and serving, b2 (as of
     June 30, later data) built, not gated. Each module takes its own copy (``copy_work``): they
     promote, roll back and write online."""
-    from userrep import batches
-    from userrep.build import BuildConfig, build_batch
+    from userrep.batch import registry as batches
+    from userrep.batch.build import BuildConfig, build_batch
+    from userrep.batch.gate import run_gate
     from userrep.data import load_dataset
-    from userrep.gate import run_gate
     from userrep.model import AEConfig
     from userrep.store import StoreConfig
 

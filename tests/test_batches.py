@@ -16,15 +16,15 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import copy_work
-from userrep import batches
 from userrep.backfill import embeddings_table, read_embeddings
-from userrep.build import BuildConfig
+from userrep.batch import registry as batches
+from userrep.batch.build import BuildConfig
+from userrep.batch.downstream import serving_history, task_data
+from userrep.batch.gate import run_gate
 from userrep.cli import app
 from userrep.data import load_dataset
-from userrep.downstream import serving_history, task_data
 from userrep.features import FeatureSpace
 from userrep.fsio import sha256
-from userrep.gate import run_gate
 from userrep.model import AEConfig
 from userrep.onlinestore import online_embeddings, online_history
 from userrep.store import open_store
@@ -82,7 +82,7 @@ def test_each_head_deploys_the_design_that_validates_better_and_its_features_are
 
 
 def test_task_models_train_on_a_seeded_user_sample_and_serve_every_user(lifecycle):
-    from userrep.downstream import DownstreamConfig
+    from userrep.batch.downstream import DownstreamConfig
 
     root, ds, _ = lifecycle
     full = task_data(root / "b1", ds)
@@ -101,7 +101,7 @@ def test_task_data_streamed_from_the_directory_equals_the_loaded_dataset(lifecyc
     """The pipeline's steps read the dataset directory a batch of events at a time (``EventSource``):
     the sample, its labels and embeddings and the served history equal those from the loaded table."""
     from userrep import data as data_module
-    from userrep.downstream import DownstreamConfig
+    from userrep.batch.downstream import DownstreamConfig
     from userrep.source import EventSource
 
     root, ds, _ = lifecycle
@@ -177,7 +177,7 @@ def test_a_crash_before_the_switch_leaves_the_old_batch_serving(lifecycle):
         run_gate(root / "b2", root / "b1", ds, report=False)
     assert batches.serving_batch(root) == "b1"
     crash = (
-        "import os, sys; from userrep import batches; "
+        "import os, sys; from userrep.batch import registry as batches; "
         "os.replace = lambda *a, **k: os._exit(9); batches.promote(sys.argv[1], 'b2')"
     )
     done = subprocess.run([sys.executable, "-c", crash, str(root)], capture_output=True, text=True, timeout=120)
@@ -219,7 +219,7 @@ def test_cli_lists_shows_and_refuses_with_reasons(lifecycle):
 
 
 def test_refresh_reembeds_with_the_serving_batch_and_publishes_under_its_id(lifecycle, small_world):
-    from userrep.refresh import refresh
+    from userrep.batch.refresh import refresh
 
     root, ds, config = lifecycle
     serving = batches.serving_batch(root)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from userrep.gate import GateInputs, GatePolicy, decide, knn_overlap, procrustes
+from userrep.batch.gate import GateInputs, GatePolicy, decide, knn_overlap, procrustes
 
 POLICY = GatePolicy()
 QUALITY = {
@@ -129,7 +129,7 @@ def _records(batch, **tasks):
 
 
 def test_a_task_skipped_by_both_batches_is_absent_and_one_skipped_by_the_candidate_blocks(tmp_path):
-    from userrep.gate import quality_pairs
+    from userrep.batch.gate import quality_pairs
 
     _records(tmp_path / "serving", artist_preference=None)
     _records(tmp_path / "both", artist_preference=None)

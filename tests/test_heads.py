@@ -10,7 +10,7 @@ def test_heads_saved_with_the_old_layer_names_still_load(tmp_path):
     """Batches written before the heads grew side features name their layers net.0 / net.3."""
     import torch
 
-    from userrep.heads import load_head, save_head
+    from userrep.batch.heads import load_head, save_head
     from userrep.tasks._mlp import HeadConfig, MLPHead, predict
 
     head = MLPHead(4, 3, np.zeros(4), np.ones(4), HeadConfig(hidden=8))

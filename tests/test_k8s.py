@@ -200,8 +200,8 @@ def compiled_executors(tmp_path: Path) -> dict[str, dict]:
 
 
 def fit_rayjob(namespace: str = NAMESPACE) -> dict:
-    from userrep.jobs import rayjob_manifest
-    from userrep.spec import BatchSpec
+    from userrep.batch.jobs import rayjob_manifest
+    from userrep.batch.spec import BatchSpec
 
     return rayjob_manifest("userrep-fit-x", namespace, BatchSpec(data="/work/world", batch_root="/work/batches"))
 

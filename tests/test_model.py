@@ -212,7 +212,7 @@ def test_the_embedding_keeps_which_artists_a_user_plays(world, fitted):
 
 def test_backfill_streamed_from_the_features_file_equals_backfill_from_memory(tmp_path):
     from userrep.backfill import backfill_embeddings, read_embeddings
-    from userrep.build import save_features
+    from userrep.batch.build import save_features
     from userrep.features import FeatureSchema, UserFeatures
 
     rng = np.random.default_rng(0)

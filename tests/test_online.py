@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from userrep.batches import _write_pointer
-from userrep.build import BuildConfig, build_batch
+from userrep.batch.build import BuildConfig, build_batch
+from userrep.batch.registry import _write_pointer
 from userrep.eventlog import open_log
 from userrep.model import AEConfig, embed
 from userrep.online import OnlineService
@@ -148,7 +148,7 @@ def test_events_posted_after_a_batch_reach_the_next_batchs_training_data_and_sta
 
     import pyarrow.compute as pc
 
-    from userrep.batches import read_pointer
+    from userrep.batch.registry import read_pointer
     from userrep.data import load_dataset
     from userrep.eventlog import compact, part_files
 

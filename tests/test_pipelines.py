@@ -15,9 +15,9 @@ import yaml
 from components.batch import finalize_batch, plan_batch, tune_settings
 from pipelines.runner import compile_pipelines, run_local
 from pipelines.training import CLUSTER_SPEC
-from userrep import batches
-from userrep.jobs import rayjob_manifest, submit_rayjob
-from userrep.spec import BatchSpec
+from userrep.batch import registry as batches
+from userrep.batch.jobs import rayjob_manifest, submit_rayjob
+from userrep.batch.spec import BatchSpec
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_rayjob_manifest_and_submission_against_a_fake_api(small_world, tmp_path
     manifest = rayjob_manifest("userrep-fit-x", "ml", spec, image="reg/userrep:1")
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     job = manifest["spec"]
-    assert job["entrypoint"].startswith("python -m userrep.jobs fit --spec ")
+    assert job["entrypoint"].startswith("python -m userrep.batch.jobs fit --spec ")
     assert json.loads(job["entrypoint"].split("--spec ", 1)[1].strip("'")) == {**spec.__dict__}
     assert job["shutdownAfterJobFinishes"] is True and job["submissionMode"] == "HTTPMode"
     cluster = job["rayClusterSpec"]
@@ -162,7 +162,7 @@ def test_training_pipeline_runs_locally_and_promotes_then_a_failed_run_is_marked
     complete and gated, the later one promoted over the first. Then, on a copy, a run that cannot
     finish is marked failed and never served."""
     from tests.conftest import copy_work
-    from userrep.layout import BatchDir
+    from userrep.batch.layout import BatchDir
 
     demo, _, result = demo_run
     assert result.exit_code == 0, result.output
@@ -309,7 +309,7 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
     import time
 
     from serving.smoke import free_port
-    from userrep.jobs import run_fit
+    from userrep.batch.jobs import run_fit
 
     bin_dir = Path(sys.executable).parent
     port, dashboard = free_port(), free_port()

@@ -215,7 +215,7 @@ def test_ray_data_backfill_equals_in_process(ray_cluster, tiny_features, tmp_pat
 def test_features_from_ray_data_partition_tasks_equal_the_in_memory_features_on_the_default_world(
     ray_cluster, tmp_path
 ):
-    from userrep.build import default_as_of
+    from userrep.batch.build import default_as_of
     from userrep.partitions import partition_count, partitioned_snapshot
     from userrep.world import WorldConfig, generate_world
 

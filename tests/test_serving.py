@@ -22,16 +22,16 @@ import pytest
 
 from serving.smoke import free_port
 from tests.conftest import copy_work
-from userrep import batches
 from userrep.backfill import read_embeddings
 from userrep.baselines import decayed_matrix, user_artist_matrix
+from userrep.batch import registry as batches
+from userrep.batch.downstream import load_head
+from userrep.batch.gate import run_gate
 from userrep.data import load_dataset
-from userrep.downstream import load_head
 from userrep.encoders import events_before
 from userrep.eventlog import open_log
 from userrep.features import FeatureSpace
 from userrep.featurize import build_user_features
-from userrep.gate import run_gate
 from userrep.model import UserAutoencoder, embed
 from userrep.onlinestore import online_history
 from userrep.store import StoreConfig, open_store

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from userrep.spec import BatchSpec
+from userrep.batch.spec import BatchSpec
 
 SPEC = BatchSpec(data="/w/world", batch_root="/w/batches", as_of="2026-05-01", dim=16, epochs=3, tune=True)
 

@@ -138,7 +138,7 @@ def _thinned_world(small_world, directory, keep_recent_users: int):
 
 @pytest.mark.slow
 def test_train_on_thin_data_widens_the_label_window_or_skips_with_the_reason(small_world, tmp_path):
-    from userrep.batches import missing_tasks
+    from userrep.batch.registry import missing_tasks
 
     widened = _thinned_world(small_world, tmp_path / "widened", keep_recent_users=10)
     out = tmp_path / "b-widened"

@@ -11,11 +11,11 @@ features       encoders (item vectors), features (the fitted feature space), fea
 model          model (the denoising autoencoder), train (one loop: in-process or Ray Train),
                backfill (every user's embedding), tune (Ray Tune), raylocal (the local Ray session)
 Feast          store (snapshots, training sets), onlinestore (online rows)
-a batch        spec (BatchSpec: the one settings object of a retrain), layout (every file name:
-               BatchDir), fsio (hashes, atomic writes, the default cut-off),
-               build (a batch in stages), jobs (where the fit runs), downstream + heads + tasks/
-               (task models), predict (a batch's heads as one predictor), gate (drift and stability),
-               batches (promote, roll back), refresh
+a batch        batch/: spec (BatchSpec: the one settings object of a retrain), layout (every file
+               name: BatchDir), build (a batch in stages), jobs (where the fit runs), downstream +
+               heads + predict (task models; their code in tasks/), gate (drift and stability),
+               registry (promote, roll back), refresh
+               fsio (hashes, atomic writes, the default cut-off)
 online         eventlog + sqlitelog + redislog (the durable event log), onlinebatch (what a
                replica holds of a batch), online (the service: logger, consumer, batch swap)
 evaluation     evaluate + evaltasks (the protocol), baselines, metrics, uncertainty, report

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from userrep.batch.layout import BatchDir, read_manifest
 from userrep.features import FeatureSpace, UserFeatures
-from userrep.layout import BatchDir, read_manifest
 from userrep.model import UserAutoencoder, embed
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("batch_id", pa.string()), ("embedding", pa.list_(pa.float32()))])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from userrep.layout import BatchDir, manifest_path, read_manifest
-from userrep.spec import BatchSpec
+from userrep.batch.layout import BatchDir, manifest_path, read_manifest
+from userrep.batch.spec import BatchSpec
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,8 @@ def ensure_world(work: Path, settings: DemoSettings) -> dict | None:
 def plan_batches(work: Path, settings: DemoSettings) -> list[DemoBatch]:
     """The two batches with the ids the pipeline will give them (deterministic), and whether each
     already went through it."""
-    from userrep.batches import state
-    from userrep.build import dataset_as_of
+    from userrep.batch.build import dataset_as_of
+    from userrep.batch.registry import state
 
     world, root = work / "world", work / "batches"
     end = dataset_as_of(world)
@@ -75,9 +75,9 @@ def smoke_inputs(work: Path) -> tuple[list[str], list[str], str]:
     as_of. Raises ValueError when no batch is serving (the gate rejected batch 1)."""
     import pyarrow.compute as pc
 
-    from userrep.batches import batch_dir, serving_batch
+    from userrep.batch.heads import load_head
+    from userrep.batch.registry import batch_dir, serving_batch
     from userrep.data import artist_column, load_dataset
-    from userrep.heads import load_head
 
     root = work / "batches"
     serving_id = serving_batch(root)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from userrep.batch.layout import read_manifest
 from userrep.data import TABLES, table_path
 from userrep.eventlog import part_files
-from userrep.layout import read_manifest
 
 
 def sha256(path: str | Path) -> str:

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from userrep import eventlog
-from userrep.batches import read_pointer
+from userrep.batch.registry import read_pointer
 from userrep.onlinebatch import (
     OnlineBatch,
     UnknownUser,

@@ -17,9 +17,9 @@ import pyarrow as pa
 
 from userrep import eventlog
 from userrep.backfill import load_encoder, read_embeddings
-from userrep.batches import batch_dir
+from userrep.batch.layout import BatchDir, read_manifest
+from userrep.batch.registry import batch_dir
 from userrep.features import FeatureSpace, to_utc
-from userrep.layout import BatchDir, read_manifest
 from userrep.model import UserAutoencoder, embed
 from userrep.state import (
     FeatureState,
@@ -150,7 +150,7 @@ def _history_spec(directory: Path, space: FeatureSpace) -> tuple | None:
     path = BatchDir(directory).head("future_listening")
     if not path.exists():
         return None
-    from userrep.downstream import load_head
+    from userrep.batch.downstream import load_head
 
     _, meta = load_head(path)
     return space.artist_index(meta["artists"]), meta["artists"], meta.get("half_life_days")

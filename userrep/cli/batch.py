@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from userrep.batch.layout import manifest_path
 from userrep.cli.common import ROOT_OPTION, _batch_call, _run_or_exit, console
-from userrep.layout import manifest_path
 
 batch_app = typer.Typer(help="Batches: list, show, gate, promote, roll back.", no_args_is_help=True)
 
@@ -18,7 +18,7 @@ batch_app = typer.Typer(help="Batches: list, show, gate, promote, roll back.", n
 @batch_app.command("list")
 def batch_list(root: ROOT_OPTION = Path("work/batches")) -> None:
     """Every batch with its state (serving, gated, rejected, candidate, incomplete, failed)."""
-    from userrep.batches import list_batches
+    from userrep.batch.registry import list_batches
 
     table = Table(title=f"batches in {root}", title_justify="left")
     for column in ("batch_id", "as_of", "created_at", "users", "state"):
@@ -37,7 +37,7 @@ def batch_show(
     batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")
 ) -> None:
     """Manifest, downstream metrics, gate decision of one batch (JSON)."""
-    from userrep.batches import show
+    from userrep.batch.registry import show
 
     print(json.dumps(_batch_call(lambda: show(root, batch_id)), indent=2))
 
@@ -56,7 +56,7 @@ def batch_gate(
 
 
 def _gate(root: Path, batch_id: str, data: Path | None) -> dict:
-    from userrep.gate import gate_batch
+    from userrep.batch.gate import gate_batch
 
     record = _batch_call(lambda: _run_or_exit(lambda: gate_batch(root, batch_id, data)))
     _print_gate(record)
@@ -87,7 +87,7 @@ def batch_promote(
     batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")
 ) -> None:
     """Serve this batch (gate passed, all models present): one atomic pointer switch."""
-    from userrep.batches import promote
+    from userrep.batch.registry import promote
 
     pointer = _batch_call(lambda: promote(root, batch_id))
     console.print(
@@ -98,14 +98,14 @@ def batch_promote(
 @batch_app.command("rollback")
 def batch_rollback(root: ROOT_OPTION = Path("work/batches")) -> None:
     """Serve the previous batch again."""
-    from userrep.batches import rollback
+    from userrep.batch.registry import rollback
 
     pointer = _batch_call(lambda: rollback(root))
     console.print(f"serving {pointer['serving']} again (rolled back from {pointer['rolled_back_from']})")
 
 
 def _print_downstream(root: Path, ids: list[str]) -> None:
-    from userrep.batches import show
+    from userrep.batch.registry import show
 
     table = Table(title="downstream models (validation on the batch's own label window)", title_justify="left")
     table.add_column("task / metric")

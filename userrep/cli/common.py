@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from userrep.layout import POINTER
+from userrep.batch.layout import POINTER
 
 console = Console(soft_wrap=True)  # status lines stay whole (greppable); tables still fit
 
@@ -99,7 +99,7 @@ ROOT_OPTION = Annotated[Path, typer.Option(help=f"Directory holding the batches 
 
 
 def _batch_call(job):
-    from userrep.batches import BatchError
+    from userrep.batch.registry import BatchError
 
     try:
         return job()

@@ -9,11 +9,11 @@ from typing import Annotated
 
 import typer
 
+from userrep.batch.layout import BatchDir
+from userrep.batch.spec import BatchSpec
 from userrep.cli.batch import _print_downstream, _print_gate, batch_list
 from userrep.cli.common import _error, _validate_or_exit, console
 from userrep.cli.pipeline import _pipeline_failed, _pipeline_log
-from userrep.layout import BatchDir
-from userrep.spec import BatchSpec
 
 
 def serve(
@@ -46,7 +46,7 @@ def serve(
 ) -> None:
     """Serve the promoted batch on 127.0.0.1 until Ctrl-C: Ray Serve + BentoML, reloading on promotion."""
     from serving.launch import INGRESSES, serve_forever
-    from userrep.batches import serving_batch
+    from userrep.batch.registry import serving_batch
 
     if ingress not in INGRESSES:
         _error("error", f"--ingress {ingress!r}: expected one of {', '.join(INGRESSES)}")

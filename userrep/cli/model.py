@@ -10,9 +10,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from userrep.batch.layout import MANIFEST, manifest_path
+from userrep.batch.spec import BatchSpec
 from userrep.cli.common import _error, _run_or_exit, console
-from userrep.layout import MANIFEST, manifest_path
-from userrep.spec import BatchSpec
 
 features_app = typer.Typer(help="The Feast feature store (feature_repo/).", no_args_is_help=True)
 
@@ -61,7 +61,7 @@ def train(
     ] = None,
 ) -> None:
     """Build a batch: features (Feast) -> autoencoder -> backfill -> publish -> downstream models."""
-    from userrep.build import build_batch
+    from userrep.batch.build import build_batch
 
     if tuned is not None and not tuned.is_file():
         _error("error", f"--tuned {tuned}: no such file (write it with `userrep tune`)")

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
+from userrep.batch.spec import BatchSpec
 from userrep.cli.batch import _print_gate
 from userrep.cli.common import _error, _validate_or_exit, console
-from userrep.spec import BatchSpec
 
 pipeline_app = typer.Typer(help="Kubeflow pipelines: run embedded, compile, submit.", no_args_is_help=True)
 

@@ -32,13 +32,13 @@ import pyarrow.compute as pc
 
 from userrep.backfill import load_encoder, read_embeddings
 from userrep.baselines import choose, decayed_matrix, user_artist_matrix
-from userrep.batches import register_task
+from userrep.batch.heads import load_head, save_head
+from userrep.batch.layout import TASKS, BatchDir, read_manifest
+from userrep.batch.registry import register_task
 from userrep.data import Dataset
 from userrep.features import FeatureSpace, to_utc
 from userrep.featurize import build_user_features
 from userrep.fsio import sha256
-from userrep.heads import load_head, save_head
-from userrep.layout import TASKS, BatchDir, read_manifest
 from userrep.metrics import auc
 from userrep.model import embed
 from userrep.source import EventSource

@@ -23,14 +23,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from userrep.backfill import load_encoder, read_embeddings
-from userrep.batches import batch_dir, missing_tasks, serving_batch, skipped_tasks
-from userrep.build import config_from_dict, load_features
+from userrep.batch.build import config_from_dict, load_features
+from userrep.batch.downstream import TASKS, DownstreamConfig, head_scores_auc, task_data
+from userrep.batch.layout import BatchDir, read_manifest
+from userrep.batch.registry import batch_dir, missing_tasks, serving_batch, skipped_tasks
 from userrep.data import Dataset
-from userrep.downstream import TASKS, DownstreamConfig, head_scores_auc, task_data
 from userrep.features import FeatureSpace, to_utc
 from userrep.featurize import build_user_features
 from userrep.fsio import integrity_problems, write_json_atomic
-from userrep.layout import BatchDir, read_manifest
 from userrep.model import embed
 from userrep.source import EventSource
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from userrep.heads import load_head
-from userrep.layout import BatchDir
+from userrep.batch.heads import load_head
+from userrep.batch.layout import BatchDir
 from userrep.tasks import artist_preference
 from userrep.tasks._mlp import MLPHead
 from userrep.tasks.future_listening import deployed_scores

@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from userrep.backfill import embeddings_table, load_encoder
-from userrep.batches import batch_dir, serving_batch
-from userrep.build import default_as_of
+from userrep.batch.build import default_as_of
+from userrep.batch.registry import batch_dir, serving_batch
 from userrep.data import load_dataset
 from userrep.features import to_utc
 from userrep.featurize import build_user_features

@@ -1,8 +1,8 @@
 """Where the autoencoder fit runs: here (local Ray), on a RayCluster, or as a KubeRay RayJob.
 
-The fit is the same function everywhere (`userrep.build.fit_stage`); a cluster runs it as
+The fit is the same function everywhere (`userrep.batch.build.fit_stage`); a cluster runs it as
 
-    python -m userrep.jobs fit --spec '{"data": ..., "batch_root": ..., ...}'
+    python -m userrep.batch.jobs fit --spec '{"data": ..., "batch_root": ..., ...}'
 
 with the data and batch root on shared storage (the PVC the pipeline mounts).
 """
@@ -15,8 +15,8 @@ import logging
 import os
 import time
 
-from userrep.layout import BatchDir
-from userrep.spec import BatchSpec
+from userrep.batch.layout import BatchDir
+from userrep.batch.spec import BatchSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ RAYJOB_API = ("ray.io", "v1", "rayjobs")
 
 
 def fit_here(spec: BatchSpec) -> dict:
-    from userrep.build import fit_stage
+    from userrep.batch.build import fit_stage
 
     out, batch_id, as_of = spec.batch_dir_and_id()
     return fit_stage(
@@ -33,7 +33,7 @@ def fit_here(spec: BatchSpec) -> dict:
 
 
 def entrypoint(spec: BatchSpec, python: str = "python") -> str:
-    return f"{python} -m userrep.jobs fit --spec '{json.dumps(spec.to_dict())}'"
+    return f"{python} -m userrep.batch.jobs fit --spec '{json.dumps(spec.to_dict())}'"
 
 
 def run_fit(spec: BatchSpec, ray_address: str = "", rayjob_namespace: str = "", poll_s: float = 5.0) -> dict:
@@ -180,9 +180,9 @@ def submit_rayjob(namespace: str, spec: BatchSpec, poll_s: float = 5.0, timeout_
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m userrep.jobs")
+    parser = argparse.ArgumentParser(prog="python -m userrep.batch.jobs")
     parser.add_argument("job", choices=["fit"])
-    parser.add_argument("--spec", required=True, help="BatchSpec as JSON (userrep.spec)")
+    parser.add_argument("--spec", required=True, help="BatchSpec as JSON (userrep.batch.spec)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from userrep.logs import configure

@@ -18,8 +18,8 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+from userrep.batch.layout import MANIFEST, POINTER, TASKS, BatchDir, manifest_path, read_manifest
 from userrep.fsio import integrity_problems, sha256, write_json_atomic
-from userrep.layout import MANIFEST, POINTER, TASKS, BatchDir, manifest_path, read_manifest
 
 
 class BatchError(ValueError):

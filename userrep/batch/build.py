@@ -8,8 +8,8 @@ A batch directory holds everything needed to embed a user the way this batch doe
     model.pt       the autoencoder with its standardization stats
     embeddings.parquet user_id, batch_id, embedding for every user known at as_of
     manifest.json  batch id, data fingerprint, as_of, schema, settings, loss curve, timings, hashes
-    downstream/    one model per task, trained on this batch's embeddings (userrep.downstream)
-    gate.json, drift_report.html   the promotion gate's decision and report (userrep.gate)
+    downstream/    one model per task, trained on this batch's embeddings (userrep.batch.downstream)
+    gate.json, drift_report.html   the promotion gate's decision and report (userrep.batch.gate)
 
 With a Feast store configured, the encoders come from the materialized snapshot and the training
 set from a point-in-time ``get_historical_features``; the embeddings are published to the online
@@ -34,13 +34,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userrep.backfill import backfill_embeddings
+from userrep.batch.downstream import TASKS, DownstreamConfig, serving_history, task_data, train_task
+from userrep.batch.layout import BatchDir, manifest_path, read_manifest
 from userrep.data import Dataset, load_dataset
-from userrep.downstream import TASKS, DownstreamConfig, serving_history, task_data, train_task
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
 from userrep.eventlog import watermark
 from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, to_utc
 from userrep.fsio import data_fingerprint, midnight_after, sha256, write_json_atomic
-from userrep.layout import BatchDir, manifest_path, read_manifest
 from userrep.model import AEConfig
 from userrep.partitions import partitioned_snapshot
 from userrep.source import EventSource

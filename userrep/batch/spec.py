@@ -2,7 +2,7 @@
 
 What a batch is built from and with: the CLI builds one from its options, the pipeline carries it
 as one `spec` parameter into every step, a Ray cluster's fit receives it as JSON
-(`python -m userrep.jobs fit --spec ...`), and the batch's build record and manifest keep it.
+(`python -m userrep.batch.jobs fit --spec ...`), and the batch's build record and manifest keep it.
 KFP passes a dict parameter as a protobuf Struct, where every number is a float: `from_dict`
 takes back integral floats for int fields and names the field it cannot take.
 """
@@ -83,8 +83,8 @@ class BatchSpec:
 
     def build_config(self):
         """The core's configs (features, autoencoder, downstream, Feast) for this spec."""
-        from userrep.build import BuildConfig
-        from userrep.downstream import DownstreamConfig
+        from userrep.batch.build import BuildConfig
+        from userrep.batch.downstream import DownstreamConfig
         from userrep.features import FeatureConfig
         from userrep.model import AEConfig
         from userrep.store import store_config
@@ -112,7 +112,7 @@ class BatchSpec:
         )
 
     def resolved_as_of(self):
-        from userrep.build import dataset_as_of
+        from userrep.batch.build import dataset_as_of
         from userrep.features import to_utc
 
         return to_utc(self.as_of) if self.as_of else dataset_as_of(self.data)
@@ -131,7 +131,7 @@ class BatchSpec:
 
     def batch_dir_and_id(self) -> tuple[Path, str, str]:
         """(batch dir, batch id, as_of ISO): what a run of this spec writes."""
-        from userrep.build import default_batch_id
+        from userrep.batch.build import default_batch_id
         from userrep.fsio import data_fingerprint
 
         as_of = self.resolved_as_of()

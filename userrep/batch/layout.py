@@ -1,6 +1,6 @@
 """The names a batch root and a batch directory are made of, spelled here only.
 
-    ROOT/SERVING.json         the pointer: serving batch id, history (userrep.batches)
+    ROOT/SERVING.json         the pointer: serving batch id, history (userrep.batch.registry)
     ROOT/<batch id>/          one batch (``BatchDir``):
         build.json            the fit stage's record (settings, as_of, timings)
         encoders/             the fitted FeatureSpace
