@@ -14,11 +14,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from userrep.batch.layout import BatchDir, read_manifest
+from userrep.batch.registry import read_pointer
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +41,70 @@ def call(url: str, body=None):
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+@dataclass
+class Servers:
+    """A started `userrep serve` (its process group), its two base URLs and its log."""
+
+    proc: subprocess.Popen
+    api: str
+    tasks: str
+    log_path: Path
+    started: float  # time.perf_counter() at launch
+    serving_at_launch: str | None  # the batch SERVING.json named when they were started
+
+    def wait_ready(self, timeout_s: float = 240) -> None:
+        """Until both servers answer (the serve command prints its last line), or raise."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"userrep serve exited ({self.proc.returncode}); see {self.log_path}")
+            if "Ctrl-C stops" in self.log_path.read_text():
+                return
+            time.sleep(1)
+        stop(self.proc)
+        raise TimeoutError(f"servers not ready after {timeout_s:.0f}s; see {self.log_path}")
+
+    def wait_serving(self, batch_id: str, timeout_s: float = 120) -> None:
+        """Until the embedding API answers with ``batch_id`` on ``CONFIRM`` calls in a row (its
+        replicas reload on promotion, each on its own), or raise."""
+        deadline, in_a_row, seen = time.monotonic() + timeout_s, 0, None
+        while time.monotonic() < deadline:
+            _, body = call(f"{self.api}/readyz")
+            seen = body.get("batch_id")
+            in_a_row = in_a_row + 1 if seen == batch_id else 0
+            if in_a_row >= CONFIRM:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"the embedding API still serves {seen} {timeout_s:.0f}s after {batch_id} was promoted")
+
+
+CONFIRM = 10  # /readyz answers in a row that count as every replica serving the batch
+
+
+def launch(work: Path, log_path: Path, options: tuple[str, ...] = ()) -> Servers:
+    """Start `userrep serve` (``options``: more of its flags) without waiting for it."""
+    port, bento_port = free_port(), free_port()
+    exe = Path(sys.executable).parent / "userrep"
+    with open(log_path, "w") as output:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [str(exe), "serve", "--work", str(work), "--port", str(port), "--bento-port", str(bento_port), *options],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    serving = read_pointer(Path(work) / "batches")["serving"]
+    return Servers(
+        proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{bento_port}", log_path, time.perf_counter(), serving
+    )
+
+
 def start(
     work: Path, log_path: Path, timeout_s: float = 240, options: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, str, str]:
     """Start `userrep serve` (``options``: more of its flags); returns it and both base URLs once ready."""
-    port, bento_port = free_port(), free_port()
-    exe = Path(sys.executable).parent / "userrep"
-    output = open(log_path, "w")
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--work", str(work), "--port", str(port), "--bento-port", str(bento_port), *options],
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"userrep serve exited ({proc.returncode}); see {log_path}")
-        if "Ctrl-C stops" in log_path.read_text():
-            return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{bento_port}"
-        time.sleep(1)
-    stop(proc)
-    raise TimeoutError(f"servers not ready after {timeout_s:.0f}s; see {log_path}")
+    servers = launch(work, log_path, options)
+    servers.wait_ready(timeout_s)
+    return servers.proc, servers.api, servers.tasks
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -93,17 +137,34 @@ def _cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def run_smoke(work: Path, onboarding_artists: list[str], items: list[str], ts: str, replicas: int = 2) -> dict:
+def run_smoke(
+    work: Path,
+    onboarding_artists: list[str],
+    items: list[str],
+    ts: str,
+    replicas: int = 2,
+    servers: Servers | None = None,
+) -> dict:
     """Returns what it measured; raises if any step does not answer as it should. Two replicas of
-    the embedding API by default: the sign-up, the events and the reads may land on either."""
+    the embedding API by default: the sign-up, the events and the reads may land on either.
+    ``servers``: already launched (``launch_servers``; the demo starts them while batch 2 trains),
+    checked to serve the batch promoted since; otherwise started here."""
     work = Path(work)
-    started = time.perf_counter()
-    proc, api, tasks = start(work, work / "serve.log", options=("--replicas", str(replicas)))
+    servers = servers or launch_servers(work, replicas)
     try:
-        log.info(
-            f"servers up in {time.perf_counter() - started:.0f}s ({replicas} embedding API replicas sharing the "
-            f"event log and user state): {api} (docs {api}/docs), {tasks}"
+        servers.wait_ready()
+        serving = read_pointer(work / "batches")["serving"]
+        servers.wait_serving(serving)
+        how = (
+            f"up in {time.perf_counter() - servers.started:.0f}s"
+            if servers.serving_at_launch == serving
+            else f"started while it trained, on {servers.serving_at_launch}; switched on promotion, no restart"
         )
+        log.info(
+            f"servers serving {serving} ({how}; {replicas} embedding API replicas sharing the event log and "
+            f"user state): {servers.api} (docs {servers.api}/docs), {servers.tasks}"
+        )
+        api, tasks = servers.api, servers.tasks
         user = f"demo-newcomer-{int(time.time())}"
         status, created = call(f"{api}/users", {"user_id": user, "onboarding_artists": onboarding_artists})
         assert status == 201, created
@@ -141,5 +202,10 @@ def run_smoke(work: Path, onboarding_artists: list[str], items: list[str], ts: s
             "freshness_ms": posted["freshness_ms"],
         }
     finally:
-        stop(proc)
+        stop(servers.proc)
         log.info("servers stopped")
+
+
+def launch_servers(work: Path, replicas: int = 2) -> Servers:
+    """`userrep serve` for the smoke: ``replicas`` embedding API replicas, log in WORK/serve.log."""
+    return launch(Path(work), Path(work) / "serve.log", options=("--replicas", str(replicas)))

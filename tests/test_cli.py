@@ -41,7 +41,13 @@ def test_demo_runs_the_pipeline_twice_then_reuses(demo_run):
     pointer = json.loads((tmp_path / "batches" / "SERVING.json").read_text())
     gate = json.loads((tmp_path / "batches" / built[1] / "gate.json").read_text())
     assert pointer["serving"] == (built[1] if gate["passed"] else built[0])
-    second = runner.invoke(app, args)
+    # the smoke's servers start on batch 1 while batch 2 trains and serve batch 2 once it is promoted
+    assert f"started the servers in the background on batch {built[0]}" in first.output
+    assert f"servers serving {pointer['serving']}" in first.output
+    assert f"cold-start embedding of batch {pointer['serving']}" in first.output
+    assert ("switched on promotion" in first.output) == gate["passed"]
+    assert "servers stopped" in first.output
+    second = runner.invoke(app, [*args, "--no-smoke"])
     assert second.exit_code == 0 and "is current" in second.output
     assert second.output.count("not rerunning") == 2
     assert json.loads((tmp_path / "batches" / "SERVING.json").read_text())["serving"] == pointer["serving"]

@@ -88,7 +88,7 @@ def demo(
     """The lifecycle on the embedded default: world -> training pipeline for batch 1 (promoted) ->
     training pipeline for batch 2 on later data (gated against batch 1) -> decision and metrics ->
     serve the promoted batch and react to live events."""
-    from pipelines.runner import run_local
+    from userrep.batch.registry import serving_batch
     from userrep.demo import DemoSettings, ensure_world, plan_batches
 
     settings = DemoSettings(users=users, seed=seed, workers=workers, epochs=epochs, later_days=later_days)
@@ -103,42 +103,70 @@ def demo(
     _validate_or_exit(world)
 
     planned = plan_batches(work, settings)
-    for step, batch in enumerate(planned):
-        console.rule(
-            f"{2 + step}. training pipeline (kfp.local), {batch.label}: as of {batch.as_of:%Y-%m-%d} -> {batch.batch_id}"
-        )
-        if batch.done:
-            console.print(
-                f"[dim]batch {batch.batch_id} already ran through the pipeline ({batch.done}); not rerunning[/]"
+    servers = None  # the smoke's servers, started while the last batch trains
+    try:
+        for step, batch in enumerate(planned):
+            console.rule(
+                f"{2 + step}. training pipeline (kfp.local), {batch.label}: as of {batch.as_of:%Y-%m-%d} -> {batch.batch_id}"
             )
-            continue
-        started, log_path = time.perf_counter(), _pipeline_log(work, f"training-{batch.batch_id}")
-        try:
-            outcome = run_local("training", work, batch.spec, log_path=log_path, echo=console.print)
-        except RuntimeError as exc:
-            _pipeline_failed(exc, log_path)
+            if smoke and step == len(planned) - 1 and serving_batch(root) is not None:
+                servers = _launch_servers(work)
+            if batch.done:
+                console.print(
+                    f"[dim]batch {batch.batch_id} already ran through the pipeline ({batch.done}); not rerunning[/]"
+                )
+                continue
+            _run_pipeline(work, batch)
+
+        console.rule("4. gate decision for batch 2 and downstream metrics of both batches")
+        ids = [batch.batch_id for batch in planned]
+        gate_path = BatchDir(root / ids[1]).gate
+        if gate_path.exists():
+            _print_gate(json.loads(gate_path.read_text()))
+        _print_downstream(root, ids)
+        batch_list(root)
         console.print(
-            f"pipeline finished in {time.perf_counter() - started:.0f}s; serving {outcome['serving']}; "
-            f"full log: {log_path}"
+            f"reports: {root}/<batch>/drift_report.html (Evidently), gate.json; KFP run artifacts under "
+            f"{work}/kfp; rollback: userrep batch rollback --root {root}"
         )
+        if smoke:
+            console.rule("5. serve the promoted batch (Ray Serve + BentoML) and react to live events")
+            _smoke(work, servers)
+            servers = None  # the smoke stopped them
+    finally:
+        if servers is not None:
+            from serving.smoke import stop
 
-    console.rule("4. gate decision for batch 2 and downstream metrics of both batches")
-    ids = [batch.batch_id for batch in planned]
-    gate_path = BatchDir(root / ids[1]).gate
-    if gate_path.exists():
-        _print_gate(json.loads(gate_path.read_text()))
-    _print_downstream(root, ids)
-    batch_list(root)
+            stop(servers.proc)
+
+
+def _launch_servers(work: Path):
+    """Both servers, started now on the serving batch so they are up when the smoke needs them
+    (they reload when the next batch is promoted); the smoke waits for them and checks the switch."""
+    from serving.smoke import launch_servers
+
+    servers = launch_servers(work)
     console.print(
-        f"reports: {root}/<batch>/drift_report.html (Evidently), gate.json; KFP run artifacts under "
-        f"{work}/kfp; rollback: userrep batch rollback --root {root}"
+        f"[dim]started the servers in the background on batch {servers.serving_at_launch} for the smoke "
+        f"(log {servers.log_path})[/]"
     )
-    if smoke:
-        console.rule("5. serve the promoted batch (Ray Serve + BentoML) and react to live events")
-        _smoke(work)
+    return servers
 
 
-def _smoke(work: Path) -> None:
+def _run_pipeline(work: Path, batch) -> None:
+    from pipelines.runner import run_local
+
+    started, log_path = time.perf_counter(), _pipeline_log(work, f"training-{batch.batch_id}")
+    try:
+        outcome = run_local("training", work, batch.spec, log_path=log_path, echo=console.print)
+    except RuntimeError as exc:
+        _pipeline_failed(exc, log_path)
+    console.print(
+        f"pipeline finished in {time.perf_counter() - started:.0f}s; serving {outcome['serving']}; full log: {log_path}"
+    )
+
+
+def _smoke(work: Path, servers) -> None:
     from serving.smoke import run_smoke
     from userrep.demo import smoke_inputs
 
@@ -148,7 +176,7 @@ def _smoke(work: Path) -> None:
         _error("serving smoke skipped", f"{exc}")
         raise typer.Exit(code=1) from None
     try:
-        run_smoke(work, artists, tracks, as_of)
+        run_smoke(work, artists, tracks, as_of, servers=servers)
     except (AssertionError, RuntimeError, TimeoutError) as exc:
         _error("serving smoke failed", f"{exc}")
         raise typer.Exit(code=1) from None
