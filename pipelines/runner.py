@@ -25,8 +25,6 @@ class _StepLines(io.TextIOBase):
         self.log, self.echo, self.console, self.started = log, echo, console, {}
 
     def write(self, text: str) -> int:
-        if self.log.closed:  # a handler some library bound to this stream outlived the run: say it on the console
-            return self.console.write(text)
         self.log.write(text)
         plain = self.ANSI.sub("", text)
         for name in self.STARTED.findall(plain):
@@ -40,6 +38,42 @@ class _StepLines(io.TextIOBase):
 
     def flush(self) -> None:
         self.log.flush()
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is at each record (the step-line filter during a run)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _kfp_root_logger():
+    """kfp.local logs each task's lines through the root logger, swapping its handlers and level
+    per task (``local_logger_context``) and ``builtins.print`` (``indented_print``). A ParallelFor's
+    tasks run in threads, and each restores what it saw on entry, so the last to leave can restore
+    another's state: the root level back at WARNING while a task still runs (its "finished" line
+    dropped), or a handler bound to this run's output left behind for the next run. Entering with
+    the root at INFO and a handler that follows ``sys.stdout`` makes every state a task can restore
+    a working one; the root and ``print`` are put back as they were afterwards."""
+    import builtins
+
+    root, handler = logging.getLogger(), _CurrentStdout()
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
+    saved = root.level, root.handlers[:], builtins.print
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        builtins.print = saved[2]
 
 
 @contextlib.contextmanager
@@ -71,7 +105,7 @@ def run_local(pipeline: str, work: Path, spec, log_path: Path | None = None, ech
     )
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"), raise_on_error=True)
     func = {"training": training_pipeline, "refresh": refresh_pipeline}[pipeline]
-    with _steps_to(log_path, echo):
+    with _steps_to(log_path, echo), _kfp_root_logger():
         func(spec=spec.to_dict(), **{k: v for k, v in params.items() if v is not None})
     return _outcome(Path(spec.batch_root))
 
@@ -114,9 +148,8 @@ def submit(
     import kfp
 
     # urllib3 logs one warning per connection retry before kfp gives up; the caller reports an
-    # unreachable host in one line, so those are noise (and, in-process after another CLI call,
-    # a root handler left on that call's closed stream turned each into a "Logging error"
-    # traceback). A filter, not a level: kfp's API client resets the urllib3 logger's level.
+    # unreachable host in one line, so those are noise. A filter, not a level: kfp's API client
+    # resets the urllib3 logger's level.
     retries = logging.getLogger("urllib3.connectionpool")
     errors_only = lambda record: record.levelno >= logging.ERROR  # noqa: E731
     retries.addFilter(errors_only)

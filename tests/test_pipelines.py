@@ -411,3 +411,49 @@ def test_the_tune_step_chooses_settings_that_plan_fit_and_exit_handler_all_use(s
     failed = SimpleNamespace(state="FAILED", error_message="fit-encoder: OOM", pipeline_job_resource_name="run-3")
     finalize_batch.python_func(spec={**settings, "tune": True}, status=failed)  # the exit handler finds the same batch
     assert (tmp_path / tuned_plan.batch_id / "FAILED.json").exists()
+
+
+def test_step_lines_survive_parallel_tasks_restoring_each_others_logging(tmp_path):
+    """kfp.local's ParallelFor runs tasks in threads, each swapping the root logger on entry and
+    restoring what it saw on exit. Forced into the order that lost a line (A enters, B enters, A
+    leaves, B logs its end): every task's line still reaches the console, and after the run the
+    root logger is as it was (no handler left on the run's closed log)."""
+    import threading
+
+    from kfp.local.logging_utils import local_logger_context
+
+    from pipelines.runner import _kfp_root_logger, _steps_to
+
+    echoed, root = [], logging.getLogger()
+    before = root.level, root.handlers[:]
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def task_a():
+        with local_logger_context():
+            logging.info("Executing task 'a'")
+            a_in.set()
+            b_in.wait(5)
+            logging.info("Task 'a' finished with status SUCCESS")
+        a_out.set()
+
+    def task_b():
+        a_in.wait(5)
+        with local_logger_context():
+            logging.info("Executing task 'b'")
+            b_in.set()
+            a_out.wait(5)
+            logging.info("Task 'b' finished with status SUCCESS")
+
+    root.setLevel(logging.WARNING)  # Python's default, what a CLI run starts from
+    try:
+        with _steps_to(tmp_path / "run.log", echoed.append), _kfp_root_logger():
+            threads = [threading.Thread(target=task_a), threading.Thread(target=task_b)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+        assert [line.split()[:2] for line in echoed] == [["done", "a"], ["done", "b"]]
+        assert "Task 'b' finished" in (tmp_path / "run.log").read_text()
+        assert (root.level, root.handlers) == (logging.WARNING, before[1])
+    finally:
+        root.setLevel(before[0])
