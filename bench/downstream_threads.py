@@ -2,7 +2,7 @@
 every library's default threads vs one thread each (`userrep.threads.limited_threads`), in one
 run (JSON). Each side is a fresh process on its own copy of the batch.
 
-Needs a batch in WORK (run `make demo` first: its serving batch, 20k users).
+Needs a batch in WORK (run `userrep demo --work WORK --users 20000` first: its serving batch).
 
     python bench/downstream_threads.py [--work work]
 """

@@ -14,6 +14,7 @@ from userrep.batch.spec import BatchSpec
 from userrep.cli.batch import _print_downstream, _print_gate, batch_list
 from userrep.cli.common import _error, _validate_or_exit, console
 from userrep.cli.pipeline import _pipeline_failed, _pipeline_log
+from userrep.demo import DemoSettings
 
 
 def serve(
@@ -69,8 +70,8 @@ def serve(
 
 def demo(
     work: Annotated[Path, typer.Option(help="Work directory for generated data and batches.")] = Path("work"),
-    users: Annotated[int, typer.Option(min=1, help="Users in the synthetic world.")] = 20_000,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    users: Annotated[int, typer.Option(min=1, help="Users in the synthetic world.")] = DemoSettings.users,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = DemoSettings.seed,
     workers: Annotated[
         int,
         typer.Option(
@@ -80,7 +81,9 @@ def demo(
         ),
     ] = BatchSpec.workers,
     epochs: Annotated[int, typer.Option(min=1, help="Autoencoder epochs.")] = BatchSpec.epochs,
-    later_days: Annotated[int, typer.Option(min=1, help="Batch 2 sees this many more days of data than batch 1.")] = 30,
+    later_days: Annotated[
+        int, typer.Option(min=1, help="Batch 2 sees this many more days of data than batch 1.")
+    ] = DemoSettings.later_days,
     smoke: Annotated[
         bool, typer.Option(help="End with a serving smoke (start both servers, new user, events).")
     ] = True,
@@ -89,7 +92,7 @@ def demo(
     training pipeline for batch 2 on later data (gated against batch 1) -> decision and metrics ->
     serve the promoted batch and react to live events."""
     from userrep.batch.registry import serving_batch
-    from userrep.demo import DemoSettings, ensure_world, plan_batches
+    from userrep.demo import ensure_world, plan_batches
 
     settings = DemoSettings(users=users, seed=seed, workers=workers, epochs=epochs, later_days=later_days)
     world, root = work / "world", work / "batches"
