@@ -20,15 +20,17 @@ class _StepLines(io.TextIOBase):
     STARTED = re.compile(r"Executing task '([^']+)'")
     ENDED = re.compile(r"Task '([^']+)' finished with status (\w+)")
 
-    def __init__(self, log, echo, console):
+    def __init__(self, log, echo, console, on_start=None):
         # a task name's start times, first in first out: a ParallelFor's iterations share one name
-        self.log, self.echo, self.console, self.started = log, echo, console, {}
+        self.log, self.echo, self.console, self.started, self.on_start = log, echo, console, {}, on_start
 
     def write(self, text: str) -> int:
         self.log.write(text)
         plain = self.ANSI.sub("", text)
         for name in self.STARTED.findall(plain):
             self.started.setdefault(name, []).append(time.perf_counter())
+            if self.on_start:
+                self.on_start(name)
         for name, status in self.ENDED.findall(plain):
             starts = self.started.get(name) or [time.perf_counter()]
             took = time.perf_counter() - starts.pop(0)
@@ -77,22 +79,24 @@ def _kfp_root_logger():
 
 
 @contextlib.contextmanager
-def _steps_to(log_path: Path | None, echo):
+def _steps_to(log_path: Path | None, echo, on_start=None):
     if log_path is None:
         yield
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        lines = _StepLines(log, echo, sys.stdout)
+        lines = _StepLines(log, echo, sys.stdout, on_start)
         with contextlib.redirect_stdout(lines), contextlib.redirect_stderr(lines):
             yield
 
 
-def run_local(pipeline: str, work: Path, spec, log_path: Path | None = None, echo=print, **params) -> dict:
+def run_local(
+    pipeline: str, work: Path, spec, log_path: Path | None = None, echo=print, on_start=None, **params
+) -> dict:
     """Execute a pipeline with kfp.local's SubprocessRunner in this interpreter. `spec`: the
     batch's `BatchSpec`; `params`: the pipeline's other parameters. With ``log_path`` the console
-    shows one line per step (``echo``) and the full output goes to that file; without it, kfp.local
-    prints everything."""
+    shows one line per step (``echo``) and the full output goes to that file (``on_start(name)``: a
+    step began); without it, kfp.local prints everything."""
     from kfp import local
 
     from pipelines.refresh import refresh_pipeline
@@ -105,7 +109,7 @@ def run_local(pipeline: str, work: Path, spec, log_path: Path | None = None, ech
     )
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "kfp"), raise_on_error=True)
     func = {"training": training_pipeline, "refresh": refresh_pipeline}[pipeline]
-    with _steps_to(log_path, echo), _kfp_root_logger():
+    with _steps_to(log_path, echo, on_start), _kfp_root_logger():
         func(spec=spec.to_dict(), **{k: v for k, v in params.items() if v is not None})
     return _outcome(Path(spec.batch_root))
 

@@ -78,6 +78,7 @@ class Servers:
         raise TimeoutError(f"the embedding API still serves {seen} {timeout_s:.0f}s after {batch_id} was promoted")
 
 
+SERVE_LOG = "serve.log"  # the smoke's servers' log, in the work dir
 CONFIRM = 10  # /readyz answers in a row that count as every replica serving the batch
 
 
@@ -208,4 +209,4 @@ def run_smoke(
 
 def launch_servers(work: Path, replicas: int = 2) -> Servers:
     """`userrep serve` for the smoke: ``replicas`` embedding API replicas, log in WORK/serve.log."""
-    return launch(Path(work), Path(work) / "serve.log", options=("--replicas", str(replicas)))
+    return launch(Path(work), Path(work) / SERVE_LOG, options=("--replicas", str(replicas)))

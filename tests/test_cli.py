@@ -47,6 +47,8 @@ def test_demo_runs_the_pipeline_twice_then_reuses(demo_run):
     assert f"cold-start embedding of batch {pointer['serving']}" in first.output
     assert ("switched on promotion" in first.output) == gate["passed"]
     assert "servers stopped" in first.output
+    last = first.output.strip().splitlines()[-1]  # the last line names the full logs
+    assert last.startswith("full logs:") and str(tmp_path / "logs") in last and "serve.log" in last
     second = runner.invoke(app, [*args, "--no-smoke"])
     assert second.exit_code == 0 and "is current" in second.output
     assert second.output.count("not rerunning") == 2

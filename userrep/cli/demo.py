@@ -13,7 +13,7 @@ from userrep.batch.layout import BatchDir
 from userrep.batch.spec import BatchSpec
 from userrep.cli.batch import _print_downstream, _print_gate, batch_list
 from userrep.cli.common import _error, _validate_or_exit, console
-from userrep.cli.pipeline import _pipeline_failed, _pipeline_log
+from userrep.cli.pipeline import _logs, _pipeline_failed, _pipeline_log, _step_progress
 from userrep.demo import DemoSettings
 
 
@@ -136,6 +136,10 @@ def demo(
             console.rule("5. serve the promoted batch (Ray Serve + BentoML) and react to live events")
             _smoke(work, servers)
             servers = None  # the smoke stopped them
+        from serving.smoke import SERVE_LOG
+
+        servers_log = f", {work / SERVE_LOG} (the servers)" if smoke else ""
+        console.print(f"full logs: {_logs(work)} (the pipelines){servers_log}")
     finally:
         if servers is not None:
             from serving.smoke import stop
@@ -161,7 +165,8 @@ def _run_pipeline(work: Path, batch) -> None:
 
     started, log_path = time.perf_counter(), _pipeline_log(work, f"training-{batch.batch_id}")
     try:
-        outcome = run_local("training", work, batch.spec, log_path=log_path, echo=console.print)
+        with _step_progress() as (echo, on_start):
+            outcome = run_local("training", work, batch.spec, log_path=log_path, echo=echo, on_start=on_start)
     except RuntimeError as exc:
         _pipeline_failed(exc, log_path)
     console.print(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -82,7 +85,8 @@ def pipeline_run(
     log_path = _pipeline_log(work, pipeline)
     console.print(f"pipeline {pipeline} (kfp.local); full log: {log_path}")
     try:
-        outcome = run_local(pipeline, work, spec, log_path=log_path, echo=console.print, **params)
+        with _step_progress() as (echo, on_start):
+            outcome = run_local(pipeline, work, spec, log_path=log_path, echo=echo, on_start=on_start, **params)
     except RuntimeError as exc:  # kfp.local: a step failed
         _pipeline_failed(exc, log_path)
     if outcome["gate"]:
@@ -165,8 +169,39 @@ def submit_arguments(package: Path, items: list[str]) -> dict:
     return arguments
 
 
+def _logs(work: Path) -> Path:
+    """Where the pipelines' full logs go."""
+    return work / "logs"
+
+
 def _pipeline_log(work: Path, name: str) -> Path:
-    return work / "logs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    return _logs(work) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+@contextlib.contextmanager
+def _step_progress() -> Iterator[tuple[Callable[[str], None], Callable[[str], None]]]:
+    """(echo, on_start) for ``run_local``: a spinner with its running time for each step while it
+    runs (on a terminal only), its line once it is done."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    # bound to the terminal now: during the run sys.stdout is the pipeline's log
+    out = Console(file=sys.stdout, soft_wrap=True)
+    running: dict[str, list] = {}  # a step name's progress tasks, first in first out (a ParallelFor's share a name)
+    with Progress(
+        SpinnerColumn(), TextColumn("  running  {task.description}"), TimeElapsedColumn(), console=out, transient=True
+    ) as bars:
+
+        def on_start(name: str) -> None:
+            running.setdefault(name, []).append(bars.add_task(name, total=None))
+
+        def echo(line: str) -> None:
+            name = line.split()[1]
+            if running.get(name):
+                bars.remove_task(running[name].pop(0))
+            out.print(line)
+
+        yield echo, on_start
 
 
 def _pipeline_failed(exc: Exception, log_path: Path):
