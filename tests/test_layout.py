@@ -90,3 +90,14 @@ def test_each_batch_layout_name_is_spelled_in_one_module():
         for name in LAYOUT_NAMES
     }
     assert spelled == {name: ["userrep/batch/layout.py"] for name in LAYOUT_NAMES}
+
+
+def test_no_module_is_over_400_lines():
+    """A module that no longer reads in one sitting is split (code health: one owner per part)."""
+    sizes = {
+        str(p.relative_to(REPO)): len(p.read_text().splitlines())
+        for package in PACKAGES
+        for p in (REPO / package).rglob("*.py")
+    }
+    assert len(sizes) > 50 and max(sizes.values()) > 300  # the walk found the packages
+    assert {name: n for name, n in sizes.items() if n > 400} == {}

@@ -22,10 +22,9 @@ its ``as_of`` plus a replay of the logged writes that data does not hold; its co
 starts right after the last record replayed, so a write logged during a switch is applied once,
 either by the replay or by the group.
 
-Online time, per user: a user's features are computed as of the later of the batch's ``as_of``
-and the midnight after that user's newest accepted event, which is what a batch recomputation of
-the same history at that time gives (``userrep.state.user_clocks``). No client can move another
-user's windows, and an event dated later than now plus ``max_future_s`` is refused naming ``ts``.
+Online time, per user: features as of the later of the batch's ``as_of`` and the midnight after the
+user's newest accepted event, as a batch recomputation then gives (``userrep.state.user_clocks``); no
+client moves another user's windows; an event later than now + ``max_future_s`` is refused naming ``ts``.
 """
 
 from __future__ import annotations
