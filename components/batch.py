@@ -213,8 +213,12 @@ def promote_batch(spec: dict, batch_id: str) -> str:
     """Switch serving to the batch (atomic pointer rename); returns the new serving id."""
     from userrep.batch.registry import promote
     from userrep.batch.spec import for_step
+    from userrep.store import store_config
 
-    return promote(for_step(spec).batch_root, batch_id)["serving"]
+    settings = for_step(spec)
+    # on a cluster (Redis online store) the pointer lock is a Redis lock: pods share the volume, not flock
+    store = store_config(settings.feast_home, settings.online, settings.redis)
+    return promote(settings.batch_root, batch_id, redis=store.redis if store.online == "redis" else None)["serving"]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

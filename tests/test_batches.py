@@ -261,3 +261,63 @@ def test_online_core_without_a_store_reads_backfill_applies_events_and_follows_p
     assert service.reload() and service.batch.batch_id == other
     replayed = service.embedding(str(ids[5]))  # the logged event replayed into the new batch
     assert replayed["batch_id"] == other and replayed["as_of"] != service.batch.as_of.isoformat()
+
+
+RACE = """
+import json, sys, time
+from userrep.batch import registry
+write = registry._write_pointer
+def slow_write(root, pointer):  # widen the window between the checks and the switch
+    time.sleep(1.0)
+    write(root, pointer)
+registry._write_pointer = slow_write
+root, batch_id, redis = sys.argv[1], sys.argv[2], sys.argv[3] or None
+try:
+    print(json.dumps({"promoted": registry.promote(root, batch_id, redis)["serving"]}))
+except registry.BatchError as exc:
+    print(json.dumps({"refused": str(exc)}))
+"""
+
+
+@pytest.mark.parametrize("lock", ["file", "redis"])
+def test_two_promotions_at_once_have_exactly_one_winner(lifecycle, tmp_path, lock, request):
+    """Two candidates, both gated against b1, promoted at the same moment by two processes: the
+    pointer lock lets one switch; the other then finds its gate compared against a batch that no
+    longer serves and is refused. The pointer names the winner with b1 as its one previous batch."""
+    root, _, _ = lifecycle
+    race_root = tmp_path / "batches"
+    race_root.mkdir()
+    shutil.copytree(root / "b1", race_root / "b1")
+    for name in ("c1", "c2"):  # b2's files under two ids, each with a passed gate against b1
+        shutil.copytree(root / "b2", race_root / name, ignore=shutil.ignore_patterns("gate.json"))
+        manifest = json.loads((race_root / name / "manifest.json").read_text())
+        (race_root / name / "manifest.json").write_text(json.dumps({**manifest, "batch_id": name}))
+        (race_root / name / "gate.json").write_text(json.dumps({"passed": True, "serving": "b1", "reasons": []}))
+    (race_root / "SERVING.json").write_text(json.dumps({"serving": "b1", "history": [], "updated_at": None}))
+    redis = request.getfixturevalue("redis_server") if lock == "redis" else ""
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACE, str(race_root), name, redis], stdout=subprocess.PIPE, text=True)
+        for name in ("c1", "c2")
+    ]
+    results = [json.loads(racer.communicate(timeout=120)[0]) for racer in racers]
+    winners = [r["promoted"] for r in results if "promoted" in r]
+    refused = [r["refused"] for r in results if "refused" in r]
+    assert len(winners) == 1 and len(refused) == 1, results
+    assert "gate it again" in refused[0] and winners[0] in refused[0]
+    pointer = batches.read_pointer(race_root)
+    assert pointer["serving"] == winners[0] and pointer["history"] == ["b1"]
+
+
+def test_a_pointer_lock_held_elsewhere_is_a_clear_refusal(lifecycle, tmp_path):
+    from filelock import FileLock
+
+    from userrep.batch.layout import POINTER_LOCK
+
+    root = tmp_path / "batches"
+    root.mkdir()
+    with FileLock(root / POINTER_LOCK), pytest.raises(batches.BatchError, match="another promotion or rollback"):
+        with batches.pointer_lock(root, wait_s=0.2):
+            pass
+    with pytest.raises(batches.BatchError, match="Redis 127.0.0.1:1 unreachable"):
+        with batches.pointer_lock(root, "127.0.0.1:1"):
+            pass

@@ -25,6 +25,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 POINTER = "SERVING.json"
+POINTER_LOCK = "SERVING.lock"  # held while the pointer changes (userrep.batch.registry)
 TASKS = ("future_listening", "artist_preference", "similar_users")  # the downstream models of every batch
 
 

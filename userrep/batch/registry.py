@@ -9,21 +9,69 @@ Promotion writes the new pointer to a temporary file, fsyncs it and renames it o
 the rename leaves the old batch serving. Everything a batch serves (encoders, model, embeddings,
 downstream heads, neighbour index) lives in its directory, so the one rename moves all of it.
 Rollback is the same rename with the previous id from ``history``.
+
+Pointer changes take a lock and check the batch under it (``pointer_lock``): of two promotions at
+once, the second sees the first's batch serving, not the one its gate compared against, and is
+refused. Locally the lock is a file lock next to the pointer; on a cluster (``redis``: the online
+store's Redis) a Redis lock, since file locks on a network volume do not hold across pods.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from userrep.batch.layout import MANIFEST, POINTER, TASKS, BatchDir, manifest_path, read_manifest
+from userrep.batch.layout import MANIFEST, POINTER, POINTER_LOCK, TASKS, BatchDir, manifest_path, read_manifest
 from userrep.fsio import integrity_problems, sha256, write_json_atomic
 
 
 class BatchError(ValueError):
     """A refused batch operation (the message says why)."""
+
+
+LOCK_WAIT_S = 60.0  # how long a pointer change waits for another to finish
+LOCK_LEASE_S = 300  # a Redis lock's expiry: a holder that died does not block promotions for ever
+
+
+@contextmanager
+def pointer_lock(root: str | Path, redis: str | None = None, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the batch root's pointer lock: a file lock (``filelock``) on ROOT/SERVING.lock, or
+    with ``redis`` ("host:port[,password=...]", Feast's form) a Redis lock named after the root."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BatchError(f"batch_root: {root} is not a directory")
+    if redis is None:
+        from filelock import FileLock, Timeout
+
+        try:
+            with FileLock(root / POINTER_LOCK, timeout=wait_s):
+                yield
+        except Timeout:
+            raise BatchError(
+                f"{root / POINTER_LOCK}: another promotion or rollback held it for {wait_s:.0f}s"
+            ) from None
+        return
+    import redis as redis_py
+
+    address, _, options = redis.partition(",")
+    host, _, port = address.partition(":")
+    password = dict(o.split("=", 1) for o in options.split(",") if "=" in o).get("password")
+    client = redis_py.Redis(host=host or "127.0.0.1", port=int(port or 6379), password=password)
+    lock = client.lock(f"userrep:{POINTER_LOCK}:{root.resolve()}", timeout=LOCK_LEASE_S, blocking_timeout=wait_s)
+    try:
+        acquired = lock.acquire()
+    except redis_py.exceptions.ConnectionError as exc:
+        raise BatchError(f"{POINTER_LOCK}: Redis {address} unreachable ({exc})") from None
+    if not acquired:
+        raise BatchError(f"{POINTER_LOCK} (Redis {address}): another promotion or rollback held it for {wait_s:.0f}s")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _now() -> str:
@@ -124,9 +172,14 @@ def mark_failed(root: str | Path, batch_id: str, reason: str) -> None:
     BatchDir(path).failed.write_text(json.dumps({"reason": reason, "at": _now()}, indent=2))
 
 
-def promote(root: str | Path, batch_id: str) -> dict:
-    """Switch serving to ``batch_id`` if it is complete, intact and passed its gate."""
-    root = Path(root)
+def promote(root: str | Path, batch_id: str, redis: str | None = None) -> dict:
+    """Switch serving to ``batch_id`` if it is complete, intact and passed its gate against the
+    batch serving now (checked under the pointer lock; ``redis``: see ``pointer_lock``)."""
+    with pointer_lock(root, redis):
+        return _promote(Path(root), batch_id)
+
+
+def _promote(root: Path, batch_id: str) -> dict:
     path = batch_dir(root, batch_id)
     pointer = read_pointer(root)
     if pointer["serving"] == batch_id:
@@ -157,9 +210,13 @@ def promote(root: str | Path, batch_id: str) -> dict:
     return new
 
 
-def rollback(root: str | Path) -> dict:
-    """Serve the previous batch again (one step)."""
-    root = Path(root)
+def rollback(root: str | Path, redis: str | None = None) -> dict:
+    """Serve the previous batch again (one step), under the pointer lock."""
+    with pointer_lock(root, redis):
+        return _rollback(Path(root))
+
+
+def _rollback(root: Path) -> dict:
     pointer = read_pointer(root)
     if not pointer["history"]:
         raise BatchError("rollback: no previous batch to return to")

@@ -82,25 +82,43 @@ def _print_gate(record: dict) -> None:
         console.print(f"[red]blocked:[/] {reason}", highlight=False)
 
 
+LOCK_REDIS_OPTION = Annotated[
+    str,
+    typer.Option(
+        "--lock-redis",
+        help="HOST:PORT of a Redis to hold the pointer lock in (a cluster's batch root on a shared volume; "
+        "password from REDIS_PASSWORD or REDIS_PASSWORD_FILE); empty: a file lock in ROOT.",
+    ),
+]
+
+
+def _lock_redis(address: str) -> str | None:
+    from userrep.store import store_config
+
+    return store_config(".", "redis", address).redis if address else None
+
+
 @batch_app.command("promote")
 def batch_promote(
-    batch_id: Annotated[str, typer.Argument(help="Batch id.")], root: ROOT_OPTION = Path("work/batches")
+    batch_id: Annotated[str, typer.Argument(help="Batch id.")],
+    root: ROOT_OPTION = Path("work/batches"),
+    lock_redis: LOCK_REDIS_OPTION = "",
 ) -> None:
     """Serve this batch (gate passed, all models present): one atomic pointer switch."""
     from userrep.batch.registry import promote
 
-    pointer = _batch_call(lambda: promote(root, batch_id))
+    pointer = _batch_call(lambda: promote(root, batch_id, _lock_redis(lock_redis)))
     console.print(
         f"serving {pointer['serving']} (previous: {pointer['history'][-1] if pointer['history'] else 'none'})"
     )
 
 
 @batch_app.command("rollback")
-def batch_rollback(root: ROOT_OPTION = Path("work/batches")) -> None:
+def batch_rollback(root: ROOT_OPTION = Path("work/batches"), lock_redis: LOCK_REDIS_OPTION = "") -> None:
     """Serve the previous batch again."""
     from userrep.batch.registry import rollback
 
-    pointer = _batch_call(lambda: rollback(root))
+    pointer = _batch_call(lambda: rollback(root, _lock_redis(lock_redis)))
     console.print(f"serving {pointer['serving']} again (rolled back from {pointer['rolled_back_from']})")
 
 
