@@ -146,9 +146,10 @@ DEMO_ARGS = ["--users", "300", "--workers", "0", "--epochs", "2"]
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """``userrep demo`` once on 300 users: the two batches through the training pipeline
-    (kfp.local), then the serving smoke (both servers, started while batch 2 trains). Returns (work dir, its arguments, the CLI result). The demo test reads what it
-    printed and reruns it; the pipeline test reads its batches and runs a failing pipeline on a
-    copy (``copy_work``): a full pipeline run costs ~2 min here, so one serves both."""
+    (kfp.local), then the serving smoke (both servers, started while batch 2 trains). Returns
+    (work dir, its arguments, the CLI result). The demo test reads what it printed and reruns it;
+    the pipeline test reads its batches and runs a failing pipeline on a copy (``copy_work``): a
+    full pipeline run costs ~2 min here, so one serves both."""
     from typer.testing import CliRunner
 
     from userrep.cli import app

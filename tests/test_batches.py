@@ -321,3 +321,43 @@ def test_a_pointer_lock_held_elsewhere_is_a_clear_refusal(lifecycle, tmp_path):
     with pytest.raises(batches.BatchError, match="Redis 127.0.0.1:1 unreachable"):
         with batches.pointer_lock(root, "127.0.0.1:1"):
             pass
+
+
+def test_prune_removes_old_batches_and_their_rows_never_serving_or_previous(two_batches, tmp_path):
+    """b3 serving, b1 the rollback target, b2 older history: ``batch prune --keep 0`` removes b2
+    only, with its offline and online rows and its feature service; b1 and b3 keep theirs, and a
+    rollback still finds b1."""
+    from feature_repo.feature_services import batch_service_name
+
+    runner = CliRunner()
+
+    work = tmp_path / "work"
+    config = copy_work(two_batches, work)
+    root = work / "batches"
+    shutil.copytree(root / "b2", root / "b3")
+    manifest = json.loads((root / "b3" / "manifest.json").read_text())
+    later = {"batch_id": "b3", "created_at": "2999-01-01T00:00:00+00:00"}
+    (root / "b3" / "manifest.json").write_text(json.dumps({**manifest, **later}))
+    (root / "SERVING.json").write_text(json.dumps({"serving": "b3", "history": ["b2", "b1"], "updated_at": None}))
+    assert batches.prune(root, keep=3)["removed"] == []
+    store = open_store(config, apply=False)
+    ids = {b: read_embeddings(root / b / "embeddings.parquet")[0][:20] for b in ("b1", "b2")}
+    assert all(online_embeddings(store, ids[b], b)[1].all() for b in ("b1", "b2"))
+
+    done = runner.invoke(
+        app, ["batch", "prune", "--keep", "0", "--root", str(root), "--feast-home", str(work / "feast")]
+    )
+    assert done.exit_code == 0, done.output
+    assert "removed 1 batch(es) b2" in done.output
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["b1", "b3"]
+    assert batches.read_pointer(root)["history"] == ["b1"]
+    store = open_store(config, apply=False)
+    assert not online_embeddings(store, ids["b2"], "b2")[1].any()
+    assert online_embeddings(store, ids["b1"], "b1")[1].all()
+    offline = pq.read_table(work / "feast" / "data" / "user_embedding.parquet").column("batch_id").to_pylist()
+    assert "b2" not in offline and "b1" in offline
+    services = {s.name for s in store.list_feature_services()}
+    assert batch_service_name("b2") not in services and batch_service_name("b1") in services
+    assert batches.rollback(root)["serving"] == "b1"
+    bad = runner.invoke(app, ["batch", "prune", "--keep", "-1", "--root", str(root)])
+    assert bad.exit_code == 2 and "keep" in bad.output

@@ -9,7 +9,7 @@ from userrep.backfill import embeddings_table
 from userrep.data import load_dataset
 from userrep.features import FeatureSpace
 from userrep.onlinestore import online_embeddings
-from userrep.store import StoreConfig, materialize, open_store, publish_embeddings
+from userrep.store import StoreConfig, materialize, open_store, publish_embeddings, unpublish_batch
 
 pytestmark = pytest.mark.slow
 
@@ -36,3 +36,7 @@ def test_redis_profile_materializes_and_serves_batches(redis_server, small_world
     got_b, found_b = online_embeddings(store, users, "rb")
     assert found_a.all() and found_b.all()
     assert np.array_equal(got_a, a) and np.array_equal(got_b, b)
+    # a batch's rows go (prune, erasure), the other batch's stay
+    unpublish_batch(store, config, "ra", users[:10])
+    assert not online_embeddings(store, users[:10], "ra")[1].any()
+    assert online_embeddings(store, users[10:], "ra")[1].all() and online_embeddings(store, users, "rb")[1].all()

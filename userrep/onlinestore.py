@@ -174,3 +174,46 @@ def online_history(store, user_ids, batch_id: str, artists) -> tuple[np.ndarray,
         plays[i, cols[keep]] = np.asarray(got["plays"][i], np.float32)[keep]
         recent[i, cols[keep]] = np.asarray(got["recent"][i], np.float32)[keep]
     return plays, recent
+
+
+def delete_online(store, views: list[str], user_ids, batch_id: str) -> None:
+    """Remove the rows of ``user_ids`` under ``batch_id`` from ``views`` of the online store. Feast
+    has no per-entity delete for these stores, so this deletes what its writers wrote, by the same
+    entity keys: a row per key in each view's SQLite table; in Redis one hash per key holds every
+    view of that entity (both of ours are keyed by user and batch), so the key goes."""
+    import sqlite3
+
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.infra.online_stores.helpers import _redis_key
+    from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+    from feast.infra.online_stores.sqlite import _quote_id, _table_id
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    config, online = store.config, store._get_provider().online_store
+    version, users = config.entity_key_serialization_version, [str(u) for u in user_ids]
+    for name in views:
+        view = store.get_feature_view(name)
+        join_keys = [e.name for e in view.entity_columns]  # the order the write path uses (OnlineWriter)
+        keys = [
+            EntityKeyProto(
+                join_keys=join_keys,
+                entity_values=[Value(string_val={"user_id": user, "batch_id": batch_id}[k]) for k in join_keys],
+            )
+            for user in users
+        ]
+        if isinstance(config.online_store, RedisOnlineStoreConfig):
+            client = online._get_client(config.online_store)
+            for start in range(0, len(keys), ONLINE_CHUNK):
+                client.delete(*[_redis_key(config.project, k, version) for k in keys[start : start + ONLINE_CHUNK]])
+            continue
+        table = _quote_id(_table_id(config.project, view, config.registry.enable_online_feature_view_versioning))
+        conn = online._get_conn(config)
+        try:
+            with conn:
+                conn.executemany(
+                    f"DELETE FROM {table} WHERE entity_key = ?", [(serialize_entity_key(k, version),) for k in keys]
+                )
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):  # a view never written has no table: nothing to delete
+                raise

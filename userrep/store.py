@@ -391,3 +391,18 @@ def publish_history(store, config: StoreConfig, table: pa.Table, batch_id: str) 
     _upsert(Path(config.home) / "data" / "user_artist_history.parquet", table, "batch_id", batch_id)
     write_online(store, "user_artist_history", table)
     return table.num_rows
+
+
+def unpublish_batch(store, config: StoreConfig, batch_id: str, user_ids) -> None:
+    """Remove what ``publish_embeddings`` and ``publish_history`` wrote for a batch: its offline
+    rows, its online rows (``user_ids``: the batch's users) and its feature service."""
+    from feature_repo.feature_services import batch_service_name
+    from userrep.onlinestore import delete_online
+
+    for view in ("user_embedding", "user_artist_history"):
+        path = Path(config.home) / "data" / f"{view}.parquet"
+        if path.exists():
+            _upsert(path, [], "batch_id", batch_id)
+    delete_online(store, ["user_embedding", "user_artist_history"], user_ids, batch_id)
+    if batch_service_name(batch_id) in {s.name for s in store.list_feature_services()}:
+        store.delete_feature_service(batch_service_name(batch_id))

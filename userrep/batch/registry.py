@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -230,6 +231,31 @@ def _rollback(root: Path) -> dict:
     }
     _write_pointer(root, new)
     return new
+
+
+def prune(root: str | Path, keep: int, on_remove=None, redis: str | None = None) -> dict:
+    """Remove all but the ``keep`` newest finished batches (by ``created_at``), never the serving
+    one or the one a rollback returns to; removed ids leave the pointer's history. ``on_remove``
+    (batch dir) is called before each directory goes (the online rows: ``userrep batch prune``).
+    Returns the removed and kept ids."""
+    if keep < 0:
+        raise BatchError(f"keep: expected 0 or more, got {keep}")
+    root = Path(root)
+    with pointer_lock(root, redis):
+        pointer = read_pointer(root)
+        protected = {pointer["serving"], *pointer["history"][-1:]} - {None}
+        newest = sorted(list_batches(root), key=lambda row: row["created_at"], reverse=True)
+        removed = [row["batch_id"] for row in newest[keep:] if row["batch_id"] not in protected]
+        for batch_id in removed:
+            if on_remove is not None:
+                on_remove(root / batch_id)
+            trash = root / f".removing-{batch_id}"  # out of every listing at once, then deleted
+            os.replace(root / batch_id, trash)
+            shutil.rmtree(trash)
+        if set(removed) & set(pointer["history"]):
+            history = [b for b in pointer["history"] if b not in removed]
+            _write_pointer(root, {**pointer, "history": history, "updated_at": _now()})
+    return {"removed": removed, "kept": [row["batch_id"] for row in newest if row["batch_id"] not in removed]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`userrep batch list | show | gate | promote | rollback`: the batch registry and the gate."""
+"""`userrep batch list | show | gate | promote | rollback | prune`: the batch registry and the gate."""
 
 from __future__ import annotations
 
@@ -120,6 +120,43 @@ def batch_rollback(root: ROOT_OPTION = Path("work/batches"), lock_redis: LOCK_RE
 
     pointer = _batch_call(lambda: rollback(root, _lock_redis(lock_redis)))
     console.print(f"serving {pointer['serving']} again (rolled back from {pointer['rolled_back_from']})")
+
+
+@batch_app.command("prune")
+def batch_prune(
+    keep: Annotated[int, typer.Option(min=0, help="Finished batches to keep, newest first (besides these two).")],
+    root: ROOT_OPTION = Path("work/batches"),
+    feast_home: Annotated[
+        Path, typer.Option(help="The Feast home whose rows of removed batches go too (skipped if absent).")
+    ] = Path("work/feast"),
+    online: Annotated[str, typer.Option(help="Online store: sqlite or redis.")] = "sqlite",
+    redis: Annotated[str, typer.Option(help="Redis HOST:PORT (online store and pointer lock) with --online redis.")] = (
+        "127.0.0.1:6379"
+    ),
+) -> None:
+    """Remove old batches and their offline and online rows; never the serving batch or the one a rollback returns to."""
+    from userrep.batch.layout import BatchDir
+    from userrep.batch.registry import prune
+
+    on_remove, store_note = None, f"{feast_home}: no Feast home; only the batch directories go"
+    if feast_home.is_dir():
+        from userrep.backfill import read_embeddings
+        from userrep.store import open_store, store_config, unpublish_batch
+
+        config = store_config(feast_home, online, redis)
+        store = open_store(config, apply=False)
+
+        def on_remove(path: Path) -> None:
+            ids, _, batch_id = read_embeddings(BatchDir(path).embeddings)
+            unpublish_batch(store, config, batch_id, ids)
+
+        store_note = f"their rows removed from {feast_home}"
+    lock = _lock_redis(redis) if online == "redis" else None
+    result = _batch_call(lambda: prune(root, keep, on_remove, lock))
+    console.print(
+        f"removed {len(result['removed'])} batch(es) {', '.join(result['removed']) or ''} ({store_note}); "
+        f"kept {', '.join(result['kept'])}"
+    )
 
 
 def _print_downstream(root: Path, ids: list[str]) -> None:
