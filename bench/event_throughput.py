@@ -20,6 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+TOKEN: str | None = None  # the servers' write token (main sets it once they are started)
+
+
+def _call(url: str, body=None):
+    from serving.smoke import call
+
+    return call(url, body, TOKEN)
+
 
 def run(
     api: str,
@@ -34,8 +42,6 @@ def run(
     rate: float | None = None,
 ) -> dict:
     """One cell; ``rate``: events/s offered in all (paced), else as fast as the clients go."""
-    from serving.smoke import call
-
     counter = itertools.count()
     lock = threading.Lock()
     latencies, freshness, accepted, errors = [], [], [0], [0]
@@ -58,7 +64,7 @@ def run(
                 for j in range(per_request)
             ]
             started = time.perf_counter()
-            status, reply = call(f"{api}/events" + ("?wait=true" if wait else ""), body)
+            status, reply = _call(f"{api}/events" + ("?wait=true" if wait else ""), body)
             elapsed = time.perf_counter() - started
             with lock:
                 if status == (200 if wait else 202):
@@ -70,7 +76,7 @@ def run(
 
     if wait:  # the ack cells leave a backlog when they outrun the consumer: drain it, or it is measured here
         drained = time.monotonic()
-        while call(f"{api}/events?wait=true", [{"user_id": users[0], "item_id": items[0], "ts": ts}])[0] != 200:
+        while _call(f"{api}/events?wait=true", [{"user_id": users[0], "item_id": items[0], "ts": ts}])[0] != 200:
             assert time.monotonic() - drained < 300, "backlog not drained in 5 minutes"
     started = time.monotonic()
     deadline = time.monotonic() + seconds
@@ -94,6 +100,7 @@ def run(
 
 
 def main() -> None:
+    from serving.auth import client_token
     from serving.smoke import promoted, start, stop
 
     parser = argparse.ArgumentParser()
@@ -113,6 +120,8 @@ def main() -> None:
         ("--events-log", args.events_log) if args.events_log else ()
     )
     proc, api, _ = start(args.work, args.work / "serve-events-bench.log", options=options)
+    global TOKEN
+    TOKEN = client_token(args.work)
     try:
         cells = (
             [(False, c, n, None) for n in (1, 10) for c in (1, 8, 32)]

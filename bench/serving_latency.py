@@ -20,6 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+TOKEN: str | None = None  # the servers' write token (main sets it once they are started)
+
+
+def _call(url: str, body=None):
+    from serving.smoke import call
+
+    return call(url, body, TOKEN)
+
 
 def percentiles(samples: list[float]) -> dict:
     ms = np.array(samples) * 1000
@@ -30,13 +38,11 @@ def concurrent_gets(api: str, users: list[str], n: int, clients: int) -> dict:
     """``n`` GETs per client from ``clients`` threads at once; latency percentiles and requests/s."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving.smoke import call
-
     def client(k: int) -> list[float]:
         timings = []
         for i in range(n):
             started = time.perf_counter()
-            status, _ = call(f"{api}/users/{users[(k * n + i) % len(users)]}/embedding")
+            status, _ = _call(f"{api}/users/{users[(k * n + i) % len(users)]}/embedding")
             timings.append(time.perf_counter() - started)
             assert status == 200
         return timings
@@ -48,8 +54,6 @@ def concurrent_gets(api: str, users: list[str], n: int, clients: int) -> dict:
 
 
 def measure(api: str, tasks: str, users: list[str], items: list[str], ts: str, n: int) -> dict:
-    from serving.smoke import call
-
     out = {
         "embedding_get": concurrent_gets(api, users, n, clients=1),
         "embedding_get_8_clients": concurrent_gets(api, users, n, clients=8),
@@ -58,7 +62,7 @@ def measure(api: str, tasks: str, users: list[str], items: list[str], ts: str, n
     for i in range(n):
         body = {"user_id": users[i % len(users)], "item_id": items[i % len(items)], "ts": ts}
         started = time.perf_counter()
-        status, reply = call(f"{api}/events?wait=true", body)
+        status, reply = _call(f"{api}/events?wait=true", body)
         timings.append(time.perf_counter() - started)
         assert status == 200, reply
         fresh.append(reply["freshness_ms"] / 1000)
@@ -67,7 +71,7 @@ def measure(api: str, tasks: str, users: list[str], items: list[str], ts: str, n
     timings = []
     for i in range(n):
         started = time.perf_counter()
-        status, _ = call(f"{tasks}/recommend/artists", {"user_id": users[i % len(users)], "k": 10})
+        status, _ = _call(f"{tasks}/recommend/artists", {"user_id": users[i % len(users)], "k": 10})
         timings.append(time.perf_counter() - started)
         assert status == 200
     out["recommend_post"] = percentiles(timings)
@@ -75,6 +79,7 @@ def measure(api: str, tasks: str, users: list[str], items: list[str], ts: str, n
 
 
 def main() -> None:
+    from serving.auth import client_token
     from serving.smoke import free_port, promoted, start, stop
 
     parser = argparse.ArgumentParser()
@@ -86,6 +91,8 @@ def main() -> None:
     ts = manifest["as_of"]
 
     proc, api, tasks = start(args.work, args.work / "serve-bench.log")
+    global TOKEN
+    TOKEN = client_token(args.work)
     try:
         served = measure(api, tasks, users, items, ts, args.n)
     finally:

@@ -3,7 +3,8 @@
 Plain FastAPI over ``userrep.online.OnlineService``: Ray Serve mounts it as its ingress
 (serving/ray_app.py) and the latency bench serves the same app with bare uvicorn.
 Every response carries the serving ``batch_id`` and an ``X-Batch-Id`` header; bad input is a
-4xx naming the field, never a traceback.
+4xx naming the field, never a traceback. Writes (``POST /events``, ``POST /users``) need the
+write token, reads the read token if one is set (``serving.auth``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class BodyLimit:
 
 
 def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
+    """The API; bearer tokens from the environment (``serving.auth``): none set, nothing is asked."""
+    from serving.auth import BearerAuth
     from userrep.online import NotApplied, UnknownUser
 
     api = FastAPI(
@@ -88,6 +91,7 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
         return holder.service.batch.batch_id if holder.service and holder.service.batch else None
 
     api.add_middleware(BodyLimit, batch_id=batch_id)
+    api.add_middleware(BearerAuth)  # added last, runs first: a refused request's body is never read
 
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

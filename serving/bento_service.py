@@ -13,7 +13,7 @@ for a ``user_id`` it is read from the online store (``user_artist_history``, sam
 current by the event path); a request with an ``embedding`` is scored as a user without history.
 
 Settings from the environment: USERREP_BATCH_ROOT, USERREP_FEAST_HOME (optional), USERREP_ONLINE,
-USERREP_REDIS.
+USERREP_REDIS, USERREP_READ_TOKEN(_FILE) (optional: requests then need it, or the write token).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.auth import BearerAuth
 from userrep.batch.layout import pointer_path
 from userrep.batch.predict import TaskPredictor
 
@@ -166,3 +167,7 @@ class TaskService:
         x = self._embedding(predictor, user_id, embedding, batch_id)
         probabilities = predictor.preference(x, artists, *self._history(predictor, user_id))
         return {"batch_id": predictor.batch_id, "user_id": user_id, "probabilities": probabilities}
+
+
+# every endpoint only reads (POST carries the input): the read token when one is set (serving.auth)
+TaskService.add_asgi_middleware(BearerAuth, all_reads=True)

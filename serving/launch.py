@@ -105,6 +105,12 @@ def serve_forever(
     stop = stop or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if not (os.environ.get("USERREP_WRITE_TOKEN") or os.environ.get("USERREP_WRITE_TOKEN_FILE")):
+        from serving.auth import ensure_write_token
+
+        # before Ray and BentoML start: their processes inherit it
+        os.environ["USERREP_WRITE_TOKEN_FILE"] = str(ensure_write_token(work).resolve())
+    log.info(f"writes need 'Authorization: Bearer <token>' (the write token: {_token_source()})")
     bento = start_bento(root, feast_home, bento_port, work)
     app_args = {
         "batch_root": str(Path(root).resolve()),
@@ -132,6 +138,11 @@ def serve_forever(
                 bento.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(bento.pid, signal.SIGKILL)
+
+
+def _token_source() -> str:
+    """Where the token comes from, never the token."""
+    return os.environ.get("USERREP_WRITE_TOKEN_FILE") or "$USERREP_WRITE_TOKEN"
 
 
 def _serve(

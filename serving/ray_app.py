@@ -30,11 +30,16 @@ class EmbeddingService:
         watch_s: float = 1.0,
         max_future_s: float | None = None,
     ):
+        from serving.auth import Tokens
         from userrep.logs import configure
         from userrep.online import MAX_FUTURE_S, OnlineService
         from userrep.store import store_config
 
         configure()  # a replica's lines (batch loaded, reload failed) reach Ray's worker log
+        if Tokens.from_env().write is None:  # never an open write endpoint
+            raise ValueError(
+                "USERREP_WRITE_TOKEN_FILE or USERREP_WRITE_TOKEN: no write token; the API refuses to start"
+            )
 
         store = store_config(feast_home, online, redis) if feast_home else None
         Holder.service = OnlineService(

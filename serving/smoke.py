@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.auth import Tokens, client_token, ensure_write_token
 from userrep.batch.layout import BatchDir, read_manifest
 from userrep.batch.registry import read_pointer
 
@@ -31,9 +32,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def call(url: str, body=None):
+def call(url: str, body=None, token: str | None = None):
+    """(status, parsed JSON) of a GET, or a POST of ``body``; ``token``: sent as a bearer token."""
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as reply:
             return reply.status, json.loads(reply.read())
@@ -84,6 +87,8 @@ CONFIRM = 10  # /readyz answers in a row that count as every replica serving the
 
 def launch(work: Path, log_path: Path, options: tuple[str, ...] = ()) -> Servers:
     """Start `userrep serve` (``options``: more of its flags) without waiting for it."""
+    if not Tokens.from_env().write:
+        ensure_write_token(work)  # here, not by the server: the client reads it before the server is up
     port, bento_port = free_port(), free_port()
     exe = Path(sys.executable).parent / "userrep"
     with open(log_path, "w") as output:  # the child keeps its own copy of the descriptor
@@ -165,36 +170,36 @@ def run_smoke(
             f"servers serving {serving} ({how}; {replicas} embedding API replicas sharing the event log and "
             f"user state): {servers.api} (docs {servers.api}/docs), {servers.tasks}"
         )
-        api, tasks = servers.api, servers.tasks
+        api, tasks, token = servers.api, servers.tasks, client_token(work)
         user = f"demo-newcomer-{int(time.time())}"
-        status, created = call(f"{api}/users", {"user_id": user, "onboarding_artists": onboarding_artists})
+        status, created = call(f"{api}/users", {"user_id": user, "onboarding_artists": onboarding_artists}, token)
         assert status == 201, created
         log.info(
             f"POST /users {user} (onboarding {onboarding_artists}) -> cold-start embedding of batch "
             f"{created['batch_id']}, |e| = {np.linalg.norm(created['embedding']):.2f}"
         )
-        _, before = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5})
+        _, before = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5}, token)
         log.info(f"recommendations before listening: {[a['artist_id'] for a in before['artists']]}")
         events = [
             {"event_id": f"{user}:{i}", "user_id": user, "item_id": item, "ts": ts, "weight": 1.0}
             for i, item in enumerate(items)
         ]
-        status, posted = call(f"{api}/events?wait=true", events)
+        status, posted = call(f"{api}/events?wait=true", events, token)
         assert status == 200, posted
         moved = posted["users"][0]["embedding"]
         log.info(
             f"POST /events?wait=true ({len(events)} plays) -> embedding moved: cosine to cold start "
             f"{_cosine(created['embedding'], moved):.3f}; receipt -> online write {posted['freshness_ms']:.0f} ms"
         )
-        status, retried = call(f"{api}/events", events)  # the client's retry after a lost reply
+        status, retried = call(f"{api}/events", events, token)  # the client's retry after a lost reply
         assert status == 202 and retried["accepted"] == 0 and len(retried["duplicates"]) == len(events), retried
         log.info(
             f"POST /events again (a retry, same event_ids) -> 202 in {retried['freshness_ms']:.0f} ms: "
             f"{len(retried['duplicates'])} duplicates acknowledged, 0 applied"
         )
-        _, after = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5})
+        _, after = call(f"{tasks}/recommend/artists", {"user_id": user, "k": 5}, token)
         log.info(f"recommendations after listening:  {[a['artist_id'] for a in after['artists']]}")
-        _, similar = call(f"{api}/users/{user}/similar?k=3")
+        _, similar = call(f"{api}/users/{user}/similar?k=3", token=token)
         log.info(f"similar users: {[(n['user_id'], n['score']) for n in similar['neighbours']]}")
         return {
             "user": user,

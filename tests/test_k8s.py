@@ -509,6 +509,30 @@ def _pods_of(objects: list[dict], kind: str) -> list[dict]:
     return [t for o in objects if o["kind"] == kind for _, t in pod_templates(o)]
 
 
+def _secret_volumes(objs: list[dict], volume: str) -> set[str]:
+    """The Secrets mounted as ``volume`` by any pod."""
+    return {
+        v["secret"]["secretName"]
+        for o in objs
+        for _, t in pod_templates(o)
+        for v in t["spec"].get("volumes", [])
+        if v["name"] == volume and "secret" in v
+    }
+
+
+def _token_env(objs: list[dict], kind: str) -> set[str]:
+    """The token variables the pods of ``kind`` get (every container of every pod template)."""
+    return {
+        e["name"]
+        for o in objs
+        if o["kind"] == kind
+        for _, t in pod_templates(o)
+        for c in t["spec"]["containers"]
+        for e in c.get("env", [])
+        if e["name"].startswith("USERREP_") and "TOKEN" in e["name"]
+    }
+
+
 RES = {"requests": {"cpu": "3", "memory": "5Gi"}, "limits": {"cpu": "3", "memory": "5Gi"}}
 HELM_CASES = {
     "image.repository": ("reg.example/userrep", lambda objs: project_images(objs) == {"reg.example/userrep:0.1.0"}),
@@ -556,17 +580,14 @@ HELM_CASES = {
         "redis:7.4.0-alpine",
         lambda objs: containers(_one(objs, "StatefulSet"))[0]["image"] == "redis:7.4.0-alpine",
     ),
-    "redis.passwordSecret": (
-        "vault-redis",
+    "redis.passwordSecret": ("vault-redis", lambda objs: _secret_volumes(objs, "redis-auth") == {"vault-redis"}),
+    "api.tokenSecret": ("vault-api", lambda objs: _secret_volumes(objs, "api-auth") == {"vault-api"}),
+    "api.protectReads": (  # the kind values protect reads; off, only the write token is wired
+        False,
         lambda objs: (
-            {
-                v["secret"]["secretName"]
-                for o in objs
-                for _, t in pod_templates(o)
-                for v in t["spec"].get("volumes", [])
-                if "secret" in v
-            }
-            == {"vault-redis"}
+            _token_env(objs, "Deployment") == set()
+            and _token_env(objs, "RayService") == {"USERREP_WRITE_TOKEN_FILE"}
+            and _secret_volumes(objs, "api-auth") == {"userrep-api-tokens"}
         ),
     ),
     "redis.storage": (

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
+from serving.auth import WRITE_TOKEN_FILE
 from serving.smoke import free_port
 from tests.conftest import copy_work
 from userrep.backfill import read_embeddings
@@ -40,9 +41,18 @@ from userrep.tasks.future_listening import deployed_scores
 pytestmark = pytest.mark.slow
 
 
-def call(url: str, body=None, raw: bytes | None = None, timeout: float = 30):
+READ_TOKEN = "reader-" + "x" * 24  # the served fixture's read token (the environment's)
+TOKEN: dict[str, str] = {}  # the write token `userrep serve` made in the work dir (the fixture reads it)
+
+
+def call(url: str, body=None, raw: bytes | None = None, timeout: float = 30, auth: bool | str = True):
+    """``auth``: True sends the write token (it reads too), a string sends that, False nothing."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    token = TOKEN["write"] if auth is True else auth or None
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             return reply.status, dict(reply.headers), json.loads(reply.read())
@@ -62,7 +72,10 @@ def served(small_world, two_batches, tmp_path_factory):
     root, ds = work / "batches", load_dataset(small_world)
     assert run_gate(root / "b2", root / "b1", ds, report=False)["passed"]
     port, bento_port = free_port(), free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # reads protected too; the write token is the one `userrep serve` makes in the work dir
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "USERREP_READ_TOKEN": READ_TOKEN}
+    for name in ("USERREP_WRITE_TOKEN", "USERREP_WRITE_TOKEN_FILE"):
+        env.pop(name, None)
     exe = Path(sys.executable).parent / "userrep"
     log = open(work / "serve.log", "w")
     proc = subprocess.Popen(
@@ -80,6 +93,7 @@ def served(small_world, two_batches, tmp_path_factory):
         time.sleep(1)
     else:
         pytest.fail("servers not ready: " + (work / "serve.log").read_text()[-3000:])
+    TOKEN["write"] = (work / WRITE_TOKEN_FILE).read_text().strip()
     yield SimpleServers(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{bento_port}", root, ds, work)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the CLI stops Serve, Ray and BentoML
     try:
@@ -361,3 +375,28 @@ def test_batch_switch_under_concurrent_readers_never_mixes_batches(served):
     assert ("api", "b1") in seen and ("api", "b2") in seen and ("tasks", "b1") in seen and ("tasks", "b2") in seen
     last = {kind: batch for kind, batch in seen}
     assert last == {"api": "b2", "tasks": "b2"}
+
+
+def test_writes_need_the_write_token_and_reads_a_read_token(served):
+    """No token: 401 naming the header (with WWW-Authenticate); the read token writes nothing
+    (403) but reads both servers; a wrong token is a 403; probes stay open. The token file
+    `userrep serve` made is private to its owner, and neither token reaches the servers' log."""
+    event = {"user_id": "u0000001", "item_id": "t0000001", "ts": "2026-07-01"}
+    status, headers, body = call(f"{served.api}/events", event, auth=False)
+    assert (
+        status == 401 and "Authorization: Bearer" in body["error"] and headers["www-authenticate"].startswith("Bearer")
+    )
+    assert call(f"{served.api}/users", {"user_id": "intruder"}, auth=False)[0] == 401
+    assert call(f"{served.api}/events", event, auth=READ_TOKEN)[0] == 403
+    assert call(f"{served.api}/events", event, auth=TOKEN["write"][:-1] + "!")[0] == 403
+    assert call(f"{served.api}/users/u0000001/embedding", auth=False)[0] == 401
+    assert call(f"{served.api}/users/u0000001/embedding", auth=READ_TOKEN)[0] == 200
+    assert call(f"{served.api}/users/u0000001/embedding", auth=TOKEN["write"])[0] == 200
+    recommend = {"user_id": "u0000001", "k": 3}
+    assert call(f"{served.tasks}/recommend/artists", recommend, auth=False)[0] == 401
+    assert call(f"{served.tasks}/recommend/artists", recommend, auth="wrong")[0] == 403
+    assert call(f"{served.tasks}/recommend/artists", recommend, auth=READ_TOKEN)[0] == 200
+    assert call(f"{served.api}/healthz", auth=False)[0] == 200 and call(f"{served.api}/readyz", auth=False)[0] == 200
+    assert (served.work / WRITE_TOKEN_FILE).stat().st_mode & 0o077 == 0
+    logs = (served.work / "serve.log").read_text()
+    assert "secrets/write.token" in logs and TOKEN["write"] not in logs and READ_TOKEN not in logs
