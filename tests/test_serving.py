@@ -19,6 +19,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 
 from serving.auth import WRITE_TOKEN_FILE
 from serving.smoke import free_port
@@ -400,3 +402,28 @@ def test_writes_need_the_write_token_and_reads_a_read_token(served):
     assert (served.work / WRITE_TOKEN_FILE).stat().st_mode & 0o077 == 0
     logs = (served.work / "serve.log").read_text()
     assert "secrets/write.token" in logs and TOKEN["write"] not in logs and READ_TOKEN not in logs
+
+
+# Fuzzing both servers from their own OpenAPI specs (schemathesis; loopback only, bounded examples):
+# whatever a client sends, never a 5xx. Each operation's cases come from its strategy (schemathesis's
+# pytest fixtures do not run under this pytest). Last in the module: the generated writes add users.
+FUZZ_EXAMPLES = 40  # per operation
+
+
+@pytest.mark.parametrize("server", ["api", "tasks"])
+def test_fuzz_both_servers_never_answer_with_a_server_error(served, server):
+    from schemathesis.checks import not_a_server_error
+
+    url = f"{served.api}/openapi.json" if server == "api" else f"{served.tasks}/docs.json"
+    schema = schemathesis.openapi.from_url(url)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert any(op.method.upper() == "POST" for op in operations), [op.label for op in operations]
+    headers = {"Authorization": f"Bearer {TOKEN['write']}"}
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def fuzz(case):
+            case.call_and_validate(headers=headers, checks=[not_a_server_error], timeout=60)
+
+        fuzz()
