@@ -19,7 +19,7 @@ export BENTOML_DO_NOT_TRACK := True
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo serve lint test test-fast bench lock clean
+.PHONY: help install demo serve lint test test-fast bench lock image-lock clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,6 +62,14 @@ lock: ## Re-resolve dependencies from pyproject.toml into constraints.txt
 	{ echo "# Full resolved dependency set (make lock). Installed with pip -c so every machine gets the same versions."; \
 	  .lock-venv/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/'; } > constraints.txt
 	rm -rf .lock-venv
+
+image-lock: $(STAMP) ## Pin every file the image installs by hash (requirements.lock; linux x86_64, CPython 3.11)
+	rm -rf .image-wheels && grep -v -e '^#' -e '^torch==' constraints.txt > .image-wheels.txt
+	$(BIN)/python -c "from k8s.image_lock import BUILD_PINS; print(*(f'{k}=={v}' for k, v in BUILD_PINS.items()), sep='\n')" >> .image-wheels.txt
+	$(BIN)/pip download --quiet --no-deps -r .image-wheels.txt -d .image-wheels
+	$(BIN)/pip download --quiet --no-deps torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu -d .image-torch
+	$(BIN)/python k8s/image_lock.py .image-wheels .image-torch/*.whl > requirements.lock
+	rm -rf .image-wheels .image-wheels.txt .image-torch
 
 clean: ## Remove the virtualenv and generated data
 	rm -rf $(VENV) $(TOOLS) $(WORK) .pytest_cache

@@ -250,7 +250,12 @@ def test_the_rayjob_the_pipeline_submits_passes_the_kuberay_schema_and_matches_t
     assert kuberay_problems(job) == []
     chart = kind_objects
     assert project_images([job]) == project_images(chart)  # the image the chart deploys
-    claims = {v["persistentVolumeClaim"]["claimName"] for _, t in pod_templates(job) for v in t["spec"]["volumes"]}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for _, t in pod_templates(job)
+        for v in t["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {o["metadata"]["name"] for o in chart if o["kind"] == "PersistentVolumeClaim"}
 
 
@@ -761,3 +766,46 @@ def test_ray_objects_run_this_ray_and_the_serve_app_this_repo_defines(kind_objec
     override = config["applications"][0]["deployments"][0]
     assert override["name"] == EmbeddingService.name and override["autoscaling_config"]["min_replicas"] >= 2
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+def test_every_container_runs_as_non_root_on_a_read_only_root_filesystem(kind_objects):
+    """The chart's pods and the RayJob the pipeline submits: non-root, a read-only root filesystem,
+    no privilege escalation, no capabilities, and a writable /tmp (Ray's session dir, BentoML's home)
+    wherever our image runs."""
+    templates = [t for o in [*kind_objects, fit_rayjob()] for t in pod_templates(o)]
+    assert len(templates) >= 6
+    for name, template in templates:
+        spec = template["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        for container in spec["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True, (name, container["name"])
+            assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+            if container["image"].startswith("userrep"):
+                tmp = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp"}
+                assert tmp and all("emptyDir" in v for v in spec["volumes"] if v["name"] in tmp), (name, "/tmp")
+
+
+def test_the_image_installs_only_hash_pinned_files_of_the_pinned_versions():
+    """requirements.lock names constraints.txt's version of each package userrep needs at run time,
+    each with a hash (`make image-lock` after `make lock`), and the Dockerfile installs only those,
+    on a base image pinned by digest, as a non-root user."""
+    import re
+
+    pins = dict(
+        line.lower().replace("_", "-").split("==")
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    lock = (REPO / "requirements.lock").read_text()
+    locked = dict(re.findall(r"^([a-z0-9-]+)==(\S+) \\\n    --hash=sha256:[0-9a-f]{64}$", lock, flags=re.M))
+    assert len(locked) == lock.count("--hash=") > 150
+    stale = {n: (v, pins.get(n)) for n, v in locked.items() if n in pins and pins[n] != v.removesuffix("+cpu")}
+    assert stale == {}, "run `make image-lock`"
+    assert {"torch", "ray", "feast", "bentoml", "setuptools"} <= set(locked) and "pytest" not in locked
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert dockerfile.count("FROM python:3.11.7-slim-bookworm@${PYTHON_DIGEST}") == 2
+    assert (
+        "--require-hashes" in dockerfile and "-r requirements.lock" in dockerfile and "-c constraints" not in dockerfile
+    )
+    assert re.search(r"^USER 10001$", dockerfile, flags=re.M)

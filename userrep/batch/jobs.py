@@ -97,16 +97,21 @@ def rayjob_manifest(
 ) -> dict:
     """A ray.io/v1 RayJob that runs the fit on a fresh RayCluster and tears it down after. The
     operator submits the job to the head over HTTP (no submitter pod to admit)."""
-    volume = [{"name": "work", "persistentVolumeClaim": {"claimName": pvc}}]
-    mounts = [{"name": "work", "mountPath": mount}]
+    volume = [{"name": "work", "persistentVolumeClaim": {"claimName": pvc}}, {"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "work", "mountPath": mount}, {"name": "tmp", "mountPath": "/tmp"}]  # Ray's session dir
     resources = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}
-    security = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 
     def pod(container_name: str) -> dict:
         return {
             "metadata": {"labels": dict(FIT_POD_LABELS)},
             "spec": {
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 10001,
+                    "fsGroup": 10001,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
                 "volumes": volume,
                 "containers": [
                     {
