@@ -15,7 +15,6 @@ import re
 import sys
 from pathlib import Path
 
-
 # What builds userrep itself in the image (pyproject.toml's build-system; pip leaves them out of
 # constraints.txt): installed from the lock too, so the build runs without build isolation.
 BUILD_PINS = {"setuptools": "84.2.1", "wheel": "0.48.0"}
