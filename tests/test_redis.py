@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from userrep.backfill import embeddings_table
+from userrep.batchrows import publish_embeddings, unpublish_batch
 from userrep.data import load_dataset
 from userrep.features import FeatureSpace
 from userrep.onlinestore import online_embeddings
-from userrep.store import StoreConfig, materialize, open_store, publish_embeddings, unpublish_batch
+from userrep.store import StoreConfig, materialize, open_store
 
 pytestmark = pytest.mark.slow
 

@@ -7,17 +7,16 @@ import pandas as pd
 import pytest
 
 from userrep.backfill import embeddings_table
+from userrep.batchrows import publish_embeddings
 from userrep.data import load_dataset
 from userrep.features import FeatureSpace
 from userrep.featurize import build_user_features
-from userrep.onlinestore import OnlineWriter, online_embeddings
+from userrep.onlinestore import OnlineWriter, embedding_rows, online_embeddings
 from userrep.store import (
     StoreConfig,
-    embedding_rows,
     historical_features,
     materialize,
     open_store,
-    publish_embeddings,
     training_set,
 )
 

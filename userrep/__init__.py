@@ -10,7 +10,7 @@ features       encoders (item vectors), features (the fitted feature space), fea
                same, incrementally per event)
 model          model (the denoising autoencoder), train (one loop: in-process or Ray Train),
                backfill (every user's embedding), tune (Ray Tune), raylocal (the local Ray session)
-Feast          store (snapshots, training sets), onlinestore (online rows)
+Feast          store (snapshots, training sets), onlinestore (online rows), batchrows (a batch's rows)
 a batch        batch/: spec (BatchSpec: the one settings object of a retrain), layout (every file
                name: BatchDir), build (a batch in stages), jobs (where the fit runs), downstream +
                heads + predict (task models; their code in tasks/), gate (drift and stability),

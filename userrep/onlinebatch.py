@@ -239,7 +239,8 @@ def push_changes(write, online: OnlineBatch, result: dict, signed_up=None) -> No
     ``user_profile`` rows are written, since events do not change a profile (one Feast write,
     ~3 ms, less per micro-batch of events)."""
     from userrep.backfill import list_column
-    from userrep.store import embedding_rows, offline_frames
+    from userrep.onlinestore import embedding_rows
+    from userrep.store import offline_frames
 
     features, clocks = result["features"], result["clocks"]
     history, profile = offline_frames(features, online.space_id, clocks)

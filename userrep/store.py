@@ -39,7 +39,7 @@ from userrep.backfill import list_column
 from userrep.data import Dataset
 from userrep.features import PROFILE_GROUPS, FeatureConfig, FeatureSpace, UserFeatures, to_utc
 from userrep.fsio import data_fingerprint
-from userrep.onlinestore import embedding_rows, event_times, write_online
+from userrep.onlinestore import event_times, write_online
 from userrep.partitions import partitioned_snapshot
 
 log = logging.getLogger(__name__)
@@ -267,8 +267,8 @@ def offline_frames(features: UserFeatures, sid: str, as_of) -> tuple[pa.Table, p
     )
 
 
-def _upsert(path: Path, tables: pa.Table | Iterable[pa.Table], key: str, value: str) -> None:
-    """Replace the rows of one snapshot/batch in an offline table with ``tables``."""
+def upsert_rows(path: Path, tables: pa.Table | Iterable[pa.Table], key: str, value: str) -> None:
+    """Replace the rows of one snapshot/batch in an offline table with ``tables`` (none: remove them)."""
     with _upserting(path, key, value) as append:
         for table in [tables] if isinstance(tables, pa.Table) else tables:
             append(table)
@@ -372,37 +372,3 @@ def _stack(column: pd.Series, size: int, name: str) -> np.ndarray:
             f"(snapshot written with another feature config?)"
         )
     return np.stack(column.to_numpy()).astype(np.float32) if size else np.zeros((len(column), 0), np.float32)
-
-
-def publish_embeddings(store, config: StoreConfig, embeddings: pa.Table, batch_id: str, as_of) -> int:
-    """Write one batch's embeddings offline (keyed by batch) and online; register its feature service."""
-    from feature_repo.feature_services import batch_service
-
-    n = embeddings.num_rows
-    table = embedding_rows(embeddings.column("user_id"), embeddings.column("embedding"), batch_id, as_of)
-    _upsert(Path(config.home) / "data" / "user_embedding.parquet", table, "batch_id", batch_id)
-    write_online(store, "user_embedding", table)
-    store.apply([batch_service(batch_id)])
-    return n
-
-
-def publish_history(store, config: StoreConfig, table: pa.Table, batch_id: str) -> int:
-    """Write one batch's ``user_artist_history`` rows offline (keyed by batch) and online."""
-    _upsert(Path(config.home) / "data" / "user_artist_history.parquet", table, "batch_id", batch_id)
-    write_online(store, "user_artist_history", table)
-    return table.num_rows
-
-
-def unpublish_batch(store, config: StoreConfig, batch_id: str, user_ids) -> None:
-    """Remove what ``publish_embeddings`` and ``publish_history`` wrote for a batch: its offline
-    rows, its online rows (``user_ids``: the batch's users) and its feature service."""
-    from feature_repo.feature_services import batch_service_name
-    from userrep.onlinestore import delete_online
-
-    for view in ("user_embedding", "user_artist_history"):
-        path = Path(config.home) / "data" / f"{view}.parquet"
-        if path.exists():
-            _upsert(path, [], "batch_id", batch_id)
-    delete_online(store, ["user_embedding", "user_artist_history"], user_ids, batch_id)
-    if batch_service_name(batch_id) in {s.name for s in store.list_feature_services()}:
-        store.delete_feature_service(batch_service_name(batch_id))

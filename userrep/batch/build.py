@@ -260,8 +260,9 @@ def backfill_stage(out: str | Path) -> dict:
     stage.done("backfill")
     if config.feast is not None:
         from userrep import store as feast
+        from userrep.batchrows import publish_embeddings
 
-        published = feast.publish_embeddings(
+        published = publish_embeddings(
             feast.open_store(config.feast, apply=False),
             config.feast,
             pq.read_table(files.embeddings),
@@ -323,14 +324,13 @@ def downstream_stage(out: str | Path, tasks=TASKS) -> dict:
         # The task features of the batch's +history heads, online under the batch id (the
         # future-listening step publishes them: both heads take the same features).
         from userrep import store as feast
+        from userrep.batchrows import publish_history
         from userrep.onlinestore import history_table
 
         as_of = read_manifest(out)["as_of"]
         ids, plays, recent = serving_history(out, ds, data)
         table = history_table(ids, data.artists, plays, recent, data.batch_id, as_of)
-        published = feast.publish_history(
-            feast.open_store(config.feast, apply=False), config.feast, table, data.batch_id
-        )
+        published = publish_history(feast.open_store(config.feast, apply=False), config.feast, table, data.batch_id)
         log.info(f"published the candidate-artist history of {published} users of batch {data.batch_id}")
     return results
 

@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 from userrep.backfill import embeddings_table, load_encoder
 from userrep.batch.build import default_as_of
 from userrep.batch.registry import batch_dir, serving_batch
+from userrep.batchrows import publish_embeddings
 from userrep.data import load_dataset
 from userrep.features import to_utc
 from userrep.featurize import build_user_features
 from userrep.model import embed
-from userrep.store import StoreConfig, open_store, publish_embeddings
+from userrep.store import StoreConfig, open_store
 
 log = logging.getLogger(__name__)
 

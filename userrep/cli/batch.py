@@ -141,7 +141,8 @@ def batch_prune(
     on_remove, store_note = None, f"{feast_home}: no Feast home; only the batch directories go"
     if feast_home.is_dir():
         from userrep.backfill import read_embeddings
-        from userrep.store import open_store, store_config, unpublish_batch
+        from userrep.batchrows import unpublish_batch
+        from userrep.store import open_store, store_config
 
         config = store_config(feast_home, online, redis)
         store = open_store(config, apply=False)
