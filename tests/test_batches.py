@@ -359,5 +359,9 @@ def test_prune_removes_old_batches_and_their_rows_never_serving_or_previous(two_
     services = {s.name for s in store.list_feature_services()}
     assert batch_service_name("b2") not in services and batch_service_name("b1") in services
     assert batches.rollback(root)["serving"] == "b1"
+    # a prune that died mid-delete: its renamed directory is never listed, and the next prune removes it
+    shutil.copytree(root / "b3", root / ".removing-b2")
+    assert [b["batch_id"] for b in batches.list_batches(root)] == ["b1", "b3"]
+    assert batches.prune(root, keep=5)["removed"] == [] and not (root / ".removing-b2").exists()
     bad = runner.invoke(app, ["batch", "prune", "--keep", "-1", "--root", str(root)])
     assert bad.exit_code == 2 and "keep" in bad.output

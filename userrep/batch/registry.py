@@ -34,6 +34,7 @@ class BatchError(ValueError):
     """A refused batch operation (the message says why)."""
 
 
+REMOVING = ".removing-"  # a pruned batch's directory while it is deleted (hidden from listings)
 LOCK_WAIT_S = 60.0  # how long a pointer change waits for another to finish
 LOCK_LEASE_S = 300  # a Redis lock's expiry: a holder that died does not block promotions for ever
 
@@ -135,6 +136,8 @@ def state(root: str | Path, batch_id: str) -> str:
 def list_batches(root: str | Path) -> list[dict]:
     rows = []
     for path in sorted(Path(root).glob(f"*/{MANIFEST}")):
+        if path.parent.name.startswith("."):  # a batch being removed (``prune``), or other tooling's
+            continue
         manifest = json.loads(path.read_text())
         rows.append(
             {
@@ -246,10 +249,12 @@ def prune(root: str | Path, keep: int, on_remove=None, redis: str | None = None)
         protected = {pointer["serving"], *pointer["history"][-1:]} - {None}
         newest = sorted(list_batches(root), key=lambda row: row["created_at"], reverse=True)
         removed = [row["batch_id"] for row in newest[keep:] if row["batch_id"] not in protected]
+        for leftover in root.glob(f"{REMOVING}*"):  # a prune that died while deleting
+            shutil.rmtree(leftover)
         for batch_id in removed:
             if on_remove is not None:
                 on_remove(root / batch_id)
-            trash = root / f".removing-{batch_id}"  # out of every listing at once, then deleted
+            trash = root / f"{REMOVING}{batch_id}"  # out of every listing at once, then deleted
             os.replace(root / batch_id, trash)
             shutil.rmtree(trash)
         if set(removed) & set(pointer["history"]):
