@@ -42,18 +42,6 @@ class _StepLines(io.TextIOBase):
         self.log.flush()
 
 
-class _CurrentStdout(logging.StreamHandler):
-    """Writes to ``sys.stdout`` as it is at each record (the step-line filter during a run)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def _kfp_root_logger():
     """kfp.local logs each task's lines through the root logger, swapping its handlers and level
@@ -65,7 +53,9 @@ def _kfp_root_logger():
     a working one; the root and ``print`` are put back as they were afterwards."""
     import builtins
 
-    root, handler = logging.getLogger(), _CurrentStdout()
+    from userrep.logs import CurrentStream
+
+    root, handler = logging.getLogger(), CurrentStream("stdout")
     handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
     saved = root.level, root.handlers[:], builtins.print
     root.handlers[:] = [handler]

@@ -19,14 +19,18 @@ OURS = ("userrep", "serving", "pipelines", "components")
 QUIET = {"ray": logging.WARNING, "faiss.loader": logging.WARNING, "feast": logging.WARNING, "urllib3": logging.WARNING}
 
 
-class _CurrentStderr(logging.StreamHandler):
-    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was when configured:
-    a CLI run inside a test runner (or a redirected step) swaps it, and a handler that kept the
-    old, closed stream would turn every later record into a "Logging error"."""
+class CurrentStream(logging.StreamHandler):
+    """Writes to ``sys.stderr`` (or ``sys.stdout``) as it is when a record is emitted, not as it was
+    when configured: a CLI run inside a test runner (or a redirected step) swaps it, and a handler
+    that kept the old, closed stream would turn every later record into a "Logging error"."""
+
+    def __init__(self, name: str = "stderr"):
+        self.name_of_stream = name
+        super().__init__()
 
     @property
     def stream(self):
-        return sys.stderr
+        return getattr(sys, self.name_of_stream)
 
     @stream.setter
     def stream(self, value) -> None:
@@ -46,11 +50,11 @@ def configure(level: str | int | None = None) -> None:
     if isinstance(level, str) and level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError(f"USERREP_LOG_LEVEL: {level!r} is not a level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
     level = level.upper() if isinstance(level, str) else level
-    handler = _CurrentStderr()
+    handler = CurrentStream()
     handler.setFormatter(_Format("%(message)s"))
     for name in OURS:
         logger = logging.getLogger(name)
-        for old in [h for h in logger.handlers if isinstance(h, _CurrentStderr)]:
+        for old in [h for h in logger.handlers if isinstance(h, CurrentStream)]:
             logger.removeHandler(old)
         logger.addHandler(handler)
         logger.setLevel(level)
