@@ -49,6 +49,8 @@ class Tokens:
 
 def _token(name: str) -> str | None:
     path = os.environ.get(f"{name}_FILE")
+    if path and not Path(path).is_file():
+        raise ValueError(f"{name}_FILE: {path}: no such file")
     value = Path(path).read_text().strip() if path else os.environ.get(name, "").strip()
     if (path or os.environ.get(name) is not None) and not value:
         raise ValueError(f"{name}{'_FILE' if path else ''}: the token is empty")
