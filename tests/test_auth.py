@@ -47,3 +47,15 @@ def test_serve_makes_one_private_write_token_per_work_dir(tmp_path, monkeypatch)
     assert ensure_write_token(tmp_path) == path and path.read_text() == token  # kept, never remade
     assert client_token(tmp_path) == token
     assert ensure_write_token(tmp_path / "other").read_text() != token
+
+
+def test_serve_names_a_bad_token_source_in_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from userrep.cli import app
+
+    (tmp_path / "batches").mkdir()
+    (tmp_path / "batches" / "SERVING.json").write_text('{"serving": "b1", "history": [], "updated_at": null}')
+    monkeypatch.setenv("USERREP_WRITE_TOKEN_FILE", str(tmp_path / "missing"))
+    result = CliRunner().invoke(app, ["serve", "--work", str(tmp_path)])
+    assert result.exit_code == 2 and "USERREP_WRITE_TOKEN_FILE" in result.output and "Traceback" not in result.output

@@ -56,6 +56,7 @@ def serve(
     if serving_batch(work / "batches") is None:
         _error("error", f"{work / 'batches'}: no batch is serving; run `make demo` first")
         raise typer.Exit(code=2)
+    _check_tokens()
     serve_forever(
         work / "batches",
         work / "feast" if feast else None,
@@ -147,10 +148,23 @@ def demo(
             stop(servers.proc)
 
 
+def _check_tokens() -> None:
+    """A token variable that names a missing file or holds nothing: one line, before anything starts."""
+    from serving.auth import Tokens
+
+    try:
+        Tokens.from_env()
+    except ValueError as exc:
+        _error("error", f"{exc}")
+        raise typer.Exit(code=2) from None
+
+
 def _launch_servers(work: Path):
     """Both servers, started now on the serving batch so they are up when the smoke needs them
     (they reload when the next batch is promoted); the smoke waits for them and checks the switch."""
     from serving.smoke import launch_servers
+
+    _check_tokens()
 
     servers = launch_servers(work)
     console.print(
