@@ -38,6 +38,7 @@ def runtime_closure(root: str = "userrep") -> set[str]:
     from packaging.requirements import Requirement
 
     seen: set[str] = set()
+    done: set[tuple[str, frozenset[str]]] = set()
     todo: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
     while todo:
         name, extras = todo.pop()
@@ -46,10 +47,10 @@ def runtime_closure(root: str = "userrep") -> set[str]:
             if req.marker and not any(req.marker.evaluate({"extra": e}) for e in extras or {""}):
                 continue
             key = (normalized(req.name), frozenset(req.extras))
-            if key[0] not in seen or req.extras:
-                seen.add(key[0])
-                if (key[0], key[1]) not in {(n, x) for n, x in todo}:
-                    todo.append(key)
+            seen.add(key[0])
+            if key not in done:  # a package once per set of extras asked of it
+                done.add(key)
+                todo.append(key)
     return seen
 
 

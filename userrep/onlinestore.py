@@ -192,6 +192,7 @@ def delete_online(store, views: list[str], user_ids, batch_id: str) -> None:
 
     config, online = store.config, store._get_provider().online_store
     version, users = config.entity_key_serialization_version, [str(u) for u in user_ids]
+    redis_keys: set[bytes] = set()  # views keyed alike share one Redis hash: each key deleted once
     for name in views:
         view = store.get_feature_view(name)
         join_keys = [e.name for e in view.entity_columns]  # the order the write path uses (OnlineWriter)
@@ -203,9 +204,7 @@ def delete_online(store, views: list[str], user_ids, batch_id: str) -> None:
             for user in users
         ]
         if isinstance(config.online_store, RedisOnlineStoreConfig):
-            client = online._get_client(config.online_store)
-            for start in range(0, len(keys), ONLINE_CHUNK):
-                client.delete(*[_redis_key(config.project, k, version) for k in keys[start : start + ONLINE_CHUNK]])
+            redis_keys.update(_redis_key(config.project, k, version) for k in keys)
             continue
         table = _quote_id(_table_id(config.project, view, config.registry.enable_online_feature_view_versioning))
         conn = online._get_conn(config)
@@ -217,3 +216,7 @@ def delete_online(store, views: list[str], user_ids, batch_id: str) -> None:
         except sqlite3.OperationalError as exc:
             if "no such table" not in str(exc):  # a view never written has no table: nothing to delete
                 raise
+    if redis_keys:
+        client, ordered = online._get_client(config.online_store), sorted(redis_keys)
+        for start in range(0, len(ordered), ONLINE_CHUNK):
+            client.delete(*ordered[start : start + ONLINE_CHUNK])
