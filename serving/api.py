@@ -79,6 +79,7 @@ class BodyLimit:
 def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
     """The API; bearer tokens from the environment (``serving.auth``): none set, nothing is asked."""
     from serving.auth import BearerAuth
+    from userrep.erasure import ErasedUser
     from userrep.online import NotApplied, UnknownUser
 
     api = FastAPI(
@@ -108,6 +109,13 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
                 "batch_id": batch_id(),
             },
             404,
+        )
+
+    @api.exception_handler(ErasedUser)
+    async def erased(request: Request, exc: ErasedUser):
+        return _reply(
+            {"error": f"user_id: {exc.args[0]!r} was erased; an erased id is not used again", "batch_id": batch_id()},
+            410,
         )
 
     @api.exception_handler(NotApplied)

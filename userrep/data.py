@@ -38,6 +38,7 @@ from userrep.contract import (
     split_list,
     true_mask,
 )
+from userrep.erasure import ERASURES, USER_COLUMNS, drop_erased, read_erasures
 
 EVENT_BATCH_ROWS = 1 << 20  # events normalized at a time (load_dataset's peak is about the table plus one batch)
 
@@ -120,6 +121,7 @@ def load_dataset(directory: str | Path, keep: Callable[[pa.Table], pa.Table | No
     notes: list[str] = []
     tables: dict[str, pa.Table] = {}
     files: dict[str, str] = {}
+    erased = read_erasures(directory)  # users erased from this dataset (``userrep.erasure``): left out
     for name in TABLES:
         if (directory / f"{name}.parquet").exists() and (directory / f"{name}.csv").exists():
             problems.append(Problem(f"{name}.*", None, f"both {name}.parquet and {name}.csv exist; keep one"))
@@ -136,7 +138,7 @@ def load_dataset(directory: str | Path, keep: Callable[[pa.Table], pa.Table | No
             tables[name] = read_table(path, name)
         except (pa.ArrowInvalid, OSError) as exc:
             problems.append(Problem(path.name, None, f"cannot be read: {exc}"))
-    known = {f"{n}{s}" for n in TABLES for s in (".parquet", ".csv")}
+    known = {f"{n}{s}" for n in TABLES for s in (".parquet", ".csv")} | {ERASURES}
     for extra in sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in known):
         notes.append(f"ignored {extra} (not a contract table)")
 
@@ -152,6 +154,9 @@ def load_dataset(directory: str | Path, keep: Callable[[pa.Table], pa.Table | No
         tables[name], table_problems, table_notes = normalize(name, files[name], table)
         problems += table_problems
         notes += table_notes
+        if name in USER_COLUMNS and not table_problems:
+            tables[name], dropped = drop_erased(tables[name], erased, USER_COLUMNS[name])
+            notes += [f"{files[name]}: left out {dropped} row(s) of erased users ({ERASURES})"] if dropped else []
     ids_are_text = all(
         pa.types.is_string(t.schema.field(c).type)
         for name, t in tables.items()
@@ -163,7 +168,7 @@ def load_dataset(directory: str | Path, keep: Callable[[pa.Table], pa.Table | No
     events, users_seen = None, None
     if "events" in files:
         events, users_seen, event_problems, event_notes = _read_events(
-            directory, files["events"], catalog, keep, collect_users="pairs" in tables
+            directory, files["events"], catalog, keep, collect_users="pairs" in tables, erased=erased
         )
         problems += event_problems
         notes += event_notes
@@ -208,15 +213,17 @@ def _event_sources(directory: Path, file: str):
         yield str(path.relative_to(directory)), _event_batches(path, EVENT_BATCH_ROWS, EVENT_COLUMNS)
 
 
-def _read_events(directory: Path, file: str, catalog: pa.Array | None, keep, collect_users: bool):
+def _read_events(directory: Path, file: str, catalog: pa.Array | None, keep, collect_users: bool, erased=()):
     """Read, normalize and check the events batch by batch, so the checks' temporary copies are one
     batch's, not the whole table's; problems name each file's own row numbers. Returns (the
     events ``keep`` held, or None after a problem; the distinct user ids when ``collect_users``;
-    problems; notes). ``catalog``: the item ids every event must reference (None: not checked)."""
+    problems; notes). ``catalog``: the item ids every event must reference (None: not checked);
+    ``erased``: hashes of erased users, whose events are left out (counted in a note)."""
     problems: list[Problem] = []
     notes: list[str] = []
     held: list[pa.Table] = []
     users: list[pa.Array] = []
+    left_out = 0
     for name, batches in _event_sources(directory, file):
         offset = 0
         try:
@@ -235,7 +242,8 @@ def _read_events(directory: Path, file: str, catalog: pa.Array | None, keep, col
                 offset += batch.num_rows
                 if problems:  # the load fails: nothing more is held or passed on
                     continue
-                table = table.select(EVENT_COLUMNS).cast(EVENT_SCHEMA)
+                table, dropped = drop_erased(table.select(EVENT_COLUMNS).cast(EVENT_SCHEMA), erased, ["user_id"])
+                left_out += dropped
                 if collect_users:
                     users.append(pc.unique(table.column("user_id")))
                 kept = table if keep is None else keep(table)
@@ -248,6 +256,7 @@ def _read_events(directory: Path, file: str, catalog: pa.Array | None, keep, col
             problems.append(Problem(file, None, "table 'events' has no rows"))
     if problems:
         return None, None, merged_problems(problems), notes
+    notes += [f"events: left out {left_out} row(s) of erased users ({ERASURES})"] if left_out else []
     events = pa.concat_tables(held) if held else EVENT_SCHEMA.empty_table()
     seen = pc.unique(pa.chunked_array(users, pa.string())) if collect_users else None
     return events, seen, [], notes

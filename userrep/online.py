@@ -50,7 +50,9 @@ from userrep.onlinebatch import (
     UnknownUser,
     apply_delivered,
     load_batch,
+    log_sign_up,
     push_changes,
+    still_serving,
     user_clock,
     validate_events,
     write_shared_state,
@@ -139,12 +141,12 @@ class OnlineService:
         return self._batch
 
     def reload(self) -> bool:
-        """Load the promoted batch if it changed; the swap is one reference assignment. Reads and
-        writes go on on the old batch meanwhile."""
+        """Load the promoted batch if it changed (or an erasure rewrote its files); the swap is one
+        reference assignment. Reads and writes go on on the old batch meanwhile."""
         pointer = read_pointer(self.root)
         if pointer["serving"] is None:
             raise ValueError(f"batch_root: no batch is serving under {self.root}; promote one first")
-        if self._batch is not None and pointer["serving"] == self._batch.batch_id:
+        if self._batch is not None and still_serving(self.root, self._batch, pointer["serving"]):
             return False
         started = time.perf_counter()
         fresh, manifest = load_batch(self.root, pointer["serving"])
@@ -379,14 +381,7 @@ class OnlineService:
     def register_user(self, user_id: str, onboarding_artists=(), onboarding_genres=(), attributes=None) -> dict:
         """Log the sign-up; answer once a consumer applied it (the cold-start embedding)."""
         online = self.batch
-        record = {
-            "kind": "user",
-            "user_id": user_id,
-            "onboarding_artists": list(onboarding_artists),
-            "onboarding_genres": list(onboarding_genres),
-            "attributes": attributes or {},
-        }
-        position = self.events_log.append(record)
+        position = log_sign_up(self.events_log, user_id, onboarding_artists, onboarding_genres, attributes)
         self._wake.set()
         online = self._wait_applied(position, online)
         return {**self._user_reply(online, user_id), "batch_id": online.batch_id}

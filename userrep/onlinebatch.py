@@ -19,6 +19,7 @@ from userrep import eventlog
 from userrep.backfill import load_encoder, read_embeddings
 from userrep.batch.layout import BatchDir, read_manifest
 from userrep.batch.registry import batch_dir
+from userrep.erasure import ErasedUser
 from userrep.features import FeatureSpace, to_utc
 from userrep.model import UserAutoencoder, embed
 from userrep.state import (
@@ -55,6 +56,7 @@ class OnlineBatch:
     backfilled: np.ndarray  # (users, d) the batch's embeddings, rows as in ``rows``
     history: tuple | None = None  # (artist indices, artist ids, half-life): the heads' history features
     start: object = None  # log position its shared state was bootstrapped through (its group starts after)
+    erasures: int = 0  # the manifest's count of erasures applied to the batch's files (a change reloads it)
 
 
 def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
@@ -76,8 +78,15 @@ def load_batch(root: Path, batch_id: str) -> tuple[OnlineBatch, dict]:
         threading.Lock(),
         vectors,
         history=_history_spec(directory, space),
+        erasures=manifest.get("erasures", 0),
     )
     return online, manifest
+
+
+def still_serving(root: Path, online: OnlineBatch, serving: str) -> bool:
+    """Whether ``online`` is what serves: the pointer's batch, its files as loaded (an erasure,
+    ``userrep.forget``, rewrites them and counts itself in the manifest)."""
+    return serving == online.batch_id and read_manifest(batch_dir(root, serving)).get("erasures", 0) == online.erasures
 
 
 def _neighbour_index(directory: Path, ids: np.ndarray, vectors: np.ndarray):
@@ -202,10 +211,18 @@ def reembed(online: OnlineBatch, state: FeatureState, user_ids: list[str]) -> di
     return {"features": features, "vectors": vectors, "updated_at": now, "clocks": clocks, "state": state}
 
 
+def refuse_erased(events_log, users: list[str]) -> None:
+    """``ErasedUser`` for the first of ``users`` that was erased (an erased id is not used again)."""
+    erased = events_log.erased(users)
+    if erased:
+        raise ErasedUser(sorted(erased)[0])
+
+
 def validate_events(online: OnlineBatch, events: list[dict], events_log, max_future: pd.Timedelta) -> list[dict]:
     """The events as log rows (ts normalized), or an error naming the field; changes nothing.
     Users outside the batch are looked up in the shared state (``events_log``: signed up online)."""
     users = list(dict.fromkeys(e["user_id"] for e in events))
+    refuse_erased(events_log, users)
     missing = [u for u in users if u not in online.rows]
     if missing:  # users signed up online are in the shared state
         known = events_log.load(online.batch_id, missing)
@@ -230,6 +247,19 @@ def validate_events(online: OnlineBatch, events: list[dict], events_log, max_fut
     if len(unknown_items):
         raise ValueError(f"item_id: unknown item(s) {sorted(set(unknown_items))[:5]}")
     return rows
+
+
+def log_sign_up(events_log, user_id: str, onboarding_artists, onboarding_genres, attributes) -> object:
+    """Log a sign-up (refused for an erased id); returns its position."""
+    refuse_erased(events_log, [user_id])
+    record = {
+        "kind": "user",
+        "user_id": user_id,
+        "onboarding_artists": list(onboarding_artists),
+        "onboarding_genres": list(onboarding_genres),
+        "attributes": attributes or {},
+    }
+    return events_log.append(record)
 
 
 def push_changes(write, online: OnlineBatch, result: dict, signed_up=None) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from userrep.erasure import id_hash, record_users, scrub, scrub_entries
+
 DEFAULT_STREAM = "userrep:events"
 # What a redis-server holding the stream must run with (every write on disk before its reply);
 # the tests and benches start it so, and k8s/ configures the same.
@@ -74,8 +76,7 @@ class RedisStreamLog:
         start = "-" if after is None else f"({after}"
         while True:
             entries = self.client.xrange(self.stream, min=start, max=upto or "+", count=batch)
-            for entry_id, fields in entries:
-                yield entry_id.decode(), json.loads(fields[b"record"])
+            yield from scrub_entries([(i.decode(), json.loads(f[b"record"])) for i, f in entries], self.erased)
             if len(entries) < batch:
                 return
             start = f"({entries[-1][0].decode()}"
@@ -135,7 +136,7 @@ class RedisStreamLog:
                 self.client.xreadgroup(group, consumer, {self.stream: ">"}, count=count, block=block_ms) or []
             ):
                 got += entries
-        return [(i.decode(), json.loads(f[b"record"]) if f else None) for i, f in got]
+        return scrub_entries([(i.decode(), json.loads(f[b"record"]) if f else None) for i, f in got], self.erased)
 
     def commit(self, batch: str, positions: list, work) -> list:
         import redis
@@ -207,6 +208,46 @@ class RedisStreamLog:
             keys = list(self.client.scan_iter(match=pattern, count=5000))
             for at in range(0, len(keys), 5000):
                 self.client.delete(*keys[at : at + 5000])
+
+    # -- erasure (userrep.erasure) -------------------------------------------------------
+    def erase(self, hashes: dict[str, str]) -> None:
+        """Record erased users (id hash -> time): every read leaves them out from now on."""
+        with self.client.pipeline() as pipe:
+            for digest, at in hashes.items():
+                pipe.hsetnx(self._key("erased"), digest, at)
+            pipe.execute()
+
+    def erased(self, users) -> set[str]:
+        """The ids of ``users`` that were erased."""
+        users = [str(u) for u in users]
+        if not users:
+            return set()
+        found = self.client.hmget(self._key("erased"), [id_hash(u) for u in users])
+        return {u for u, at in zip(users, found) if at is not None}
+
+    def forget(self, users) -> dict:
+        """Remove ``users``' state in every batch and the stream's records naming only them. A
+        stream entry cannot be rewritten: one shared with other users' events stays until
+        retention trims it (``records_left``), and every read leaves the erased users out of it."""
+        users = {str(u) for u in users}
+        keys = [self._key("state", batch, u) for batch in self.batches() for u in sorted(users)]
+        states = sum(self.client.delete(*keys[at : at + 5000]) for at in range(0, len(keys), 5000))
+        doomed, left, start = [], 0, "-"
+        while True:  # raw entries: ``read`` would hide the users this looks for
+            entries = self.client.xrange(self.stream, min=start, count=1000)
+            for entry_id, fields in entries:
+                record = json.loads(fields[b"record"])
+                if users & set(record_users(record)):
+                    if scrub(record, users).get("events"):
+                        left += 1
+                    else:
+                        doomed.append(entry_id)
+            if len(entries) < 1000:
+                break
+            start = f"({entries[-1][0].decode()}"
+        for at in range(0, len(doomed), 5000):
+            self.client.xdel(self.stream, *doomed[at : at + 5000])
+        return {"records_removed": len(doomed), "records_rewritten": 0, "records_left": left, "states": states}
 
     # -- retention -----------------------------------------------------------------------
     def retained_from(self):

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from userrep.erasure import id_hash, record_users, scrub, scrub_entries
+
 
 def _events_record(encoded: list[str]) -> str:
     return '{"kind": "events", "events": [' + ", ".join(encoded) + "]}"
@@ -35,6 +37,7 @@ class SqliteLog:
                                            PRIMARY KEY(batch, pos)) WITHOUT ROWID;
         CREATE TABLE IF NOT EXISTS applied(batch TEXT, pos INTEGER, PRIMARY KEY(batch, pos)) WITHOUT ROWID;
         CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS erased(hash TEXT PRIMARY KEY, at TEXT NOT NULL) WITHOUT ROWID;
     """
 
     def __init__(self, path: str | Path, event_id_ttl_s: float):
@@ -104,8 +107,9 @@ class SqliteLog:
                 )
                 .fetchall()
             )
-            for last, record in rows:
-                yield last, json.loads(record)
+            yield from scrub_entries([(pos, json.loads(record)) for pos, record in rows], self.erased)
+            if rows:
+                last = rows[-1][0]
             if len(rows) < 1000:
                 return
 
@@ -202,8 +206,8 @@ class SqliteLog:
                 if positions
                 else {}
             )
-        # a record trimmed away while pending (never: trim stops at pending records) is acknowledged empty
-        return [(p, json.loads(records[p]) if p in records else None) for p in positions]
+        # a record gone while pending (an erasure removed it; trim stops at pending ones) is acknowledged empty
+        return scrub_entries([(p, json.loads(records[p]) if p in records else None) for p in positions], self.erased)
 
     def commit(self, batch: str, positions: list, work) -> list:
         """Apply ``positions`` once: ``work(todo, load)`` gets the positions not applied yet and a
@@ -283,6 +287,54 @@ class SqliteLog:
         with self._tx() as db:
             for table in ("users", "pending", "applied", "groups"):
                 db.execute(f"DELETE FROM {table} WHERE batch = ?", (batch,))
+
+    # -- erasure (userrep.erasure) -------------------------------------------------------
+    def erase(self, hashes: dict[str, str]) -> None:
+        """Record erased users (id hash -> time): every read leaves them out from now on."""
+        with self._tx() as db:
+            db.executemany("INSERT OR IGNORE INTO erased VALUES(?, ?)", hashes.items())
+
+    def erased(self, users) -> set[str]:
+        """The ids of ``users`` that were erased."""
+        hashes = {id_hash(u): str(u) for u in users}
+        found: set[str] = set()
+        keys = list(hashes)
+        for at in range(0, len(keys), 500):
+            chunk = keys[at : at + 500]
+            found |= {
+                hashes[h]
+                for (h,) in self._db().execute(
+                    f"SELECT hash FROM erased WHERE hash IN ({','.join('?' * len(chunk))})", chunk
+                )
+            }
+        return found
+
+    def forget(self, users) -> dict:
+        """Remove ``users`` from the log and every batch's state, in one transaction: records
+        naming only them go, shared records are rewritten without their events (same position, so
+        the consumer groups' bookkeeping stands)."""
+        users = {str(u) for u in users}
+        removed = rewritten = 0
+        with self._tx() as db:
+            for pos, text in db.execute("SELECT pos, record FROM log").fetchall():
+                record = json.loads(text)
+                if not users & set(record_users(record)):
+                    continue
+                kept = scrub(record, users) or {}
+                if kept.get("events"):
+                    db.execute("UPDATE log SET record = ? WHERE pos = ?", (json.dumps(kept), pos))
+                    rewritten += 1
+                else:  # their sign-up, or a record of their events only
+                    db.execute("DELETE FROM log WHERE pos = ?", (pos,))
+                    removed += 1
+            ids = sorted(users)
+            states = 0
+            for at in range(0, len(ids), 500):
+                chunk = ids[at : at + 500]
+                states += db.execute(
+                    f"DELETE FROM users WHERE user_id IN ({','.join('?' * len(chunk))})", chunk
+                ).rowcount
+        return {"records_removed": removed, "records_rewritten": rewritten, "records_left": 0, "states": states}
 
     # -- retention -----------------------------------------------------------------------
     def retained_from(self):

@@ -7,6 +7,7 @@ userrep train | embed | evaluate | tune                        cli/model.py
 userrep features materialize
 userrep batch list | show ID | gate ID | promote ID | rollback  cli/batch.py
 userrep pipeline run | compile | submit                        cli/pipeline.py
+userrep users forget ID...                                     cli/users.py
 userrep serve | demo                                           cli/demo.py
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import typer
 
-from userrep.cli import batch, data, demo, model, pipeline
+from userrep.cli import batch, data, demo, model, pipeline, users
 
 app = typer.Typer(
     help="Generalized user representations: data, training, batches, serving.",
@@ -42,5 +43,6 @@ app.add_typer(batch.batch_app, name="batch")
 app.add_typer(pipeline.pipeline_app, name="pipeline")
 app.add_typer(data.data_app, name="data")
 app.add_typer(data.events_app, name="events")
+app.add_typer(users.users_app, name="users")
 for command in (model.train, model.embed, model.evaluate, model.tune, demo.serve, demo.demo):
     app.command()(command)
