@@ -238,7 +238,7 @@ class RedisStreamLog:
             for entry_id, fields in entries:
                 record = json.loads(fields[b"record"])
                 if users & set(record_users(record)):
-                    if scrub(record, users).get("events"):
+                    if (scrub(record, users) or {}).get("events"):
                         left += 1
                     else:
                         doomed.append(entry_id)
