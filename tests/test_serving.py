@@ -333,6 +333,20 @@ def test_unknown_users_are_404_with_a_hint(served):
     assert 400 <= status < 500 and "surprise" in json.dumps(body)
 
 
+def test_writes_for_an_erased_id_are_410_naming_it(served):
+    from userrep.erasure import id_hash
+    from userrep.eventlog import default_log, open_log
+
+    user = "erase-me-1"
+    assert call(f"{served.api}/users", {"user_id": user, "onboarding_artists": ["a000016"]})[0] == 201
+    # the record ``userrep users forget`` writes in the log (tests/test_erasure.py runs the whole command)
+    open_log(default_log(served.root)).erase({id_hash(user): "2026-07-01T00:00:00+00:00"})
+    status, _, body = call(f"{served.api}/events", {"user_id": user, "item_id": "t0000001", "ts": "2026-07-01"})
+    assert status == 410 and "user_id" in body["error"] and user in body["error"]
+    status, _, body = call(f"{served.api}/users", {"user_id": user})
+    assert status == 410 and "erased" in body["error"]
+
+
 def test_batch_switch_under_concurrent_readers_never_mixes_batches(served):
     user = "u0000030"
     vectors = {b: batch_vector(served.root, b, user) for b in ("b1", "b2")}
