@@ -40,6 +40,10 @@ batch's manifest keeps the watermark, so its bootstrap replays exactly the recor
 not hold. Then the log is trimmed (retention) up to the watermark, but never past a record that
 a live consumer group has not delivered and acknowledged (the serving batch's and the previous
 one's, kept for a rollback); sign-ups are kept (the dataset has no table for them). A rerun after a crash rewrites the same part names: nothing twice.
+
+Erased users (``userrep.erasure``): each backend keeps the erasure record (``erase``/``erased``),
+leaves the erased users' events and sign-ups out of every ``read`` and ``deliver``, and removes
+them from its records and every batch's state (``forget``).
 """
 
 from __future__ import annotations
