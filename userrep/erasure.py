@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -62,16 +63,20 @@ def erased_among(ids: Iterable, hashes) -> set[str]:
     return {u for u in {str(u) for u in ids} if id_hash(u) in hashes}
 
 
+def naming(table: pa.Table, users: set[str], columns: Iterable[str]) -> pa.Array:
+    """Which rows of ``table`` name any of ``users`` in ``columns`` (a boolean mask)."""
+    value_set = pa.array(sorted(users), pa.string())
+    named = pa.array(np.zeros(table.num_rows, bool))
+    for column in columns:
+        named = pc.or_(
+            named, pc.fill_null(pc.is_in(table.column(column).cast(pa.string()), value_set=value_set), False)
+        )
+    return named
+
+
 def without_users(table: pa.Table, users: set[str], columns: Iterable[str]) -> pa.Table:
     """``table`` without the rows naming any of ``users`` in ``columns``."""
-    if not users:
-        return table
-    value_set = pa.array(sorted(users), pa.string())
-    named = None
-    for column in columns:
-        hit = pc.fill_null(pc.is_in(table.column(column).cast(pa.string()), value_set=value_set), False)
-        named = hit if named is None else pc.or_(named, hit)
-    return table if named is None else table.filter(pc.invert(named))
+    return table.filter(pc.invert(naming(table, users, columns))) if users else table
 
 
 def drop_erased(table: pa.Table, hashes, columns: Iterable[str]) -> tuple[pa.Table, int]:
@@ -91,6 +96,13 @@ def record_users(record: dict | None) -> list[str]:
     if record["kind"] == "user":
         return [str(record["user_id"])]
     return [str(e["user_id"]) for e in record.get("events", ())]
+
+
+def event_ids_of(record: dict | None, users: set[str]) -> list[str]:
+    """The client event ids of ``users``' events in a log record (remembered for retries)."""
+    if record is None or record["kind"] != "events":
+        return []
+    return [e["event_id"] for e in record["events"] if str(e["user_id"]) in users and e.get("event_id")]
 
 
 def scrub(record: dict | None, erased: set[str]) -> dict | None:

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from userrep.batch.layout import BatchDir, read_manifest
 from userrep.batch.registry import pointer_lock
 from userrep.data import table_path
-from userrep.erasure import USER_COLUMNS, id_hash, record_erasures, without_users
+from userrep.erasure import USER_COLUMNS, id_hash, naming, record_erasures, without_users
 from userrep.eventlog import open_log, part_files
 from userrep.fsio import sha256, write_json_atomic
 
@@ -89,6 +89,15 @@ def rewrite_csv(path: Path, users: set[str], columns) -> int:
     else:
         tmp.unlink()
     return removed
+
+
+def compacted_event_ids(data: Path, users: set[str]) -> list[str]:
+    """The client event ids of ``users``' events in the dataset's compacted online parts."""
+    found = []
+    for part in part_files(data):
+        rows = pq.read_table(part, columns=["user_id", "event_id"])
+        found += [e for e in rows.filter(naming(rows, users, ["user_id"])).column("event_id").to_pylist() if e]
+    return found
 
 
 def forget_in_dataset(data: Path, users: set[str]) -> dict[str, int]:
@@ -207,9 +216,9 @@ def forget(
         record_erasures(path, hashes)
     opened = open_log(events_log) if events_log is not None else None
     report: dict = {"users": len(users), "erased_at": now, "datasets": [str(p) for p in datasets]}
-    if opened is not None:
+    if opened is not None:  # with the event ids of their compacted events (the log remembers ids for retries)
         opened.erase(hashes)
-        report["log"] = opened.forget(users)
+        report["log"] = opened.forget(users, [e for path in datasets for e in compacted_event_ids(path, users)])
     report["dataset"] = {f"{p}/{name}": n for p in datasets for name, n in forget_in_dataset(p, users).items()}
     batch_ids = set(opened.batches()) if opened is not None else set()
     if root is not None:

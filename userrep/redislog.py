@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from userrep.erasure import id_hash, record_users, scrub, scrub_entries
+from userrep.erasure import event_ids_of, id_hash, record_users, scrub, scrub_entries
 
 DEFAULT_STREAM = "userrep:events"
 # What a redis-server holding the stream must run with (every write on disk before its reply);
@@ -225,19 +225,19 @@ class RedisStreamLog:
         found = self.client.hmget(self._key("erased"), [id_hash(u) for u in users])
         return {u for u, at in zip(users, found) if at is not None}
 
-    def forget(self, users) -> dict:
-        """Remove ``users``' state in every batch and the stream's records naming only them. A
-        stream entry cannot be rewritten: one shared with other users' events stays until
-        retention trims it (``records_left``), and every read leaves the erased users out of it."""
-        users = {str(u) for u in users}
-        keys = [self._key("state", batch, u) for batch in self.batches() for u in sorted(users)]
-        states = sum(self.client.delete(*keys[at : at + 5000]) for at in range(0, len(keys), 5000))
+    def forget(self, users, event_ids=()) -> dict:
+        """Remove ``users``' state in every batch, their remembered event ids (in the stream and
+        ``event_ids``) and the stream's records naming only them. A stream entry cannot be
+        rewritten: one shared with other users' events stays until retention trims it
+        (``records_left``), and every read leaves the erased users out of it."""
+        users, event_ids = {str(u) for u in users}, set(event_ids)
         doomed, left, start = [], 0, "-"
         while True:  # raw entries: ``read`` would hide the users this looks for
             entries = self.client.xrange(self.stream, min=start, count=1000)
             for entry_id, fields in entries:
                 record = json.loads(fields[b"record"])
                 if users & set(record_users(record)):
+                    event_ids.update(event_ids_of(record, users))
                     if (scrub(record, users) or {}).get("events"):
                         left += 1
                     else:
@@ -247,7 +247,12 @@ class RedisStreamLog:
             start = f"({entries[-1][0].decode()}"
         for at in range(0, len(doomed), 5000):
             self.client.xdel(self.stream, *doomed[at : at + 5000])
+        states = self._delete([self._key("state", batch, u) for batch in self.batches() for u in sorted(users)])
+        self._delete([self._key("event_id", e) for e in sorted(event_ids)])
         return {"records_removed": len(doomed), "records_rewritten": 0, "records_left": left, "states": states}
+
+    def _delete(self, keys: list[str]) -> int:
+        return sum(self.client.delete(*keys[at : at + 5000]) for at in range(0, len(keys), 5000))
 
     # -- retention -----------------------------------------------------------------------
     def retained_from(self):

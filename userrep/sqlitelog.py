@@ -11,11 +11,20 @@ import threading
 import time
 from pathlib import Path
 
-from userrep.erasure import id_hash, record_users, scrub, scrub_entries
+from userrep.erasure import event_ids_of, id_hash, record_users, scrub, scrub_entries
 
 
 def _events_record(encoded: list[str]) -> str:
     return '{"kind": "events", "events": [' + ", ".join(encoded) + "]}"
+
+
+def _delete_in(db, table: str, column: str, values) -> int:
+    """Delete the rows of ``table`` whose ``column`` is one of ``values``; returns how many."""
+    values, deleted = sorted(values), 0
+    for at in range(0, len(values), 500):
+        chunk = values[at : at + 500]
+        deleted += db.execute(f"DELETE FROM {table} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk).rowcount
+    return deleted
 
 
 class CommitConflict(Exception):
@@ -309,17 +318,19 @@ class SqliteLog:
             }
         return found
 
-    def forget(self, users) -> dict:
+    def forget(self, users, event_ids=()) -> dict:
         """Remove ``users`` from the log and every batch's state, in one transaction: records
         naming only them go, shared records are rewritten without their events (same position, so
-        the consumer groups' bookkeeping stands)."""
-        users = {str(u) for u in users}
+        the consumer groups' bookkeeping stands); their remembered event ids (those in the log and
+        ``event_ids``, from the compacted data) go too."""
+        users, event_ids = {str(u) for u in users}, set(event_ids)
         removed = rewritten = 0
         with self._tx() as db:
             for pos, text in db.execute("SELECT pos, record FROM log").fetchall():
                 record = json.loads(text)
                 if not users & set(record_users(record)):
                     continue
+                event_ids.update(event_ids_of(record, users))
                 kept = scrub(record, users) or {}
                 if kept.get("events"):
                     db.execute("UPDATE log SET record = ? WHERE pos = ?", (json.dumps(kept), pos))
@@ -327,13 +338,8 @@ class SqliteLog:
                 else:  # their sign-up, or a record of their events only
                     db.execute("DELETE FROM log WHERE pos = ?", (pos,))
                     removed += 1
-            ids = sorted(users)
-            states = 0
-            for at in range(0, len(ids), 500):
-                chunk = ids[at : at + 500]
-                states += db.execute(
-                    f"DELETE FROM users WHERE user_id IN ({','.join('?' * len(chunk))})", chunk
-                ).rowcount
+            states = _delete_in(db, "users", "user_id", users)
+            _delete_in(db, "event_ids", "id", event_ids)
         return {"records_removed": removed, "records_rewritten": rewritten, "records_left": 0, "states": states}
 
     # -- retention -----------------------------------------------------------------------
