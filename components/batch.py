@@ -199,11 +199,7 @@ def drift_gate(spec: dict, batch_id: str, after: str, decision: Output[Metrics],
         decision.log_metric(f"{name}/passed", float(check["passed"]))
         if isinstance(check["value"], (int, float)):
             decision.log_metric(name, float(check["value"]))
-    html = BatchDir(candidate).drift_report
-    if html.exists():
-        shutil.copyfile(html, report.path)
-    else:
-        Path(report.path).write_text(f"<p>first batch {batch_id}: nothing to compare against</p>")
+    shutil.copyfile(BatchDir(candidate).rollout_report, report.path)  # the decision and every number behind it
     print("gate:", "PASS" if record["passed"] else "BLOCK", record["reasons"])
     return bool(record["passed"])
 

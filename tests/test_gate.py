@@ -129,16 +129,16 @@ def _records(batch, **tasks):
 
 
 def test_a_task_skipped_by_both_batches_is_absent_and_one_skipped_by_the_candidate_blocks(tmp_path):
-    from userrep.batch.gate import quality_pairs
+    from userrep.batch.quality import recorded_quality
 
     _records(tmp_path / "serving", artist_preference=None)
     _records(tmp_path / "both", artist_preference=None)
-    assert quality_pairs(tmp_path / "both", tmp_path / "serving") == {}  # nothing to regress from
+    assert recorded_quality(tmp_path / "both", tmp_path / "serving") == {}  # nothing to regress from
     assert decide(healthy(quality={})).passed
 
     _records(tmp_path / "was_trained", artist_preference=0.8)
     _records(tmp_path / "now_skipped", artist_preference=None)
-    quality = quality_pairs(tmp_path / "now_skipped", tmp_path / "was_trained")
+    quality = recorded_quality(tmp_path / "now_skipped", tmp_path / "was_trained")
     assert math.isnan(quality["artist_preference"]["candidate"])
     decision = decide(healthy(quality=quality))
     assert not decision.passed and "quality_artist_preference" in decision.reasons[0]

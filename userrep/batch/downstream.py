@@ -308,7 +308,7 @@ def _artist_preference(data: TaskData, config: DownstreamConfig) -> tuple[MLPHea
     x, train, valid = data.x, data.train, data.valid
     popularity = data.labels[train].sum(axis=0) + 1.0
     pairs = artist_preference.sample_pairs(data.labels[train], popularity, config.seed)
-    valid_pairs = _reindex(artist_preference.sample_pairs(data.labels[valid], popularity, config.seed + 1), valid)
+    valid_pairs = reindex_pairs(artist_preference.sample_pairs(data.labels[valid], popularity, config.seed + 1), valid)
     head_config = artist_preference.pair_config(config.head, len(pairs[0]))
     heads, validation = {}, {}
     for design, side in ((EMBEDDING, None), (WITH_HISTORY, data.side)):
@@ -350,7 +350,7 @@ def serving_history(batch_dir: str | Path, source: Dataset | EventSource, data: 
     return ids, plays, recent
 
 
-def _reindex(pairs, rows: np.ndarray):
+def reindex_pairs(pairs, rows: np.ndarray):
     """Pairs sampled on a row subset index that subset; map them to rows of the full matrix."""
     users, artists, y = pairs
     return rows[users], artists, y
@@ -362,7 +362,9 @@ def head_scores_auc(batch_dir: str | Path, x: np.ndarray, data: TaskData) -> flo
     columns = pd.Index(meta["artists"]).get_indexer(pd.Index(data.artists))  # data's artist -> the head's
     vectors = np.asarray(meta["artist_vectors"], np.float32)[np.maximum(columns, 0)]
     popularity = data.labels[data.train].sum(axis=0) + 1.0
-    users, artists, y = _reindex(artist_preference.sample_pairs(data.labels[data.valid], popularity, 1), data.valid)
+    users, artists, y = reindex_pairs(
+        artist_preference.sample_pairs(data.labels[data.valid], popularity, 1), data.valid
+    )
     known = columns[artists] >= 0
     side = data.side if meta.get("design") == WITH_HISTORY else None
     return artist_preference.evaluate(head, x, vectors, (users[known], artists[known], y[known]), side)

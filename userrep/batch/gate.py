@@ -23,10 +23,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from userrep.backfill import load_encoder, read_embeddings
+from userrep.batch import rollout
 from userrep.batch.build import config_from_dict, load_features
-from userrep.batch.downstream import TASKS, DownstreamConfig, head_scores_auc, task_data
+from userrep.batch.downstream import DownstreamConfig
 from userrep.batch.layout import BatchDir, read_manifest
-from userrep.batch.registry import batch_dir, missing_tasks, serving_batch, skipped_tasks
+from userrep.batch.quality import METRICS as QUALITY_METRICS
+from userrep.batch.quality import on_candidate_window, recorded_quality
+from userrep.batch.registry import batch_dir, missing_tasks, serving_batch
 from userrep.data import Dataset
 from userrep.features import FeatureSpace, to_utc
 from userrep.featurize import build_user_features
@@ -36,8 +39,6 @@ from userrep.source import EventSource
 
 log = logging.getLogger(__name__)
 
-# Which metric of each task the quality check compares (higher is better for all three).
-QUALITY_METRICS = {"future_listening": "ndcg@10", "artist_preference": "auc", "similar_users": "ndcg@50"}
 REPORT_COLUMNS = 30  # feature columns the HTML drift report shows, most drifted first (every column is measured)
 
 
@@ -147,20 +148,23 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
         )
     for task, pair in inputs.quality.items():
         cand, serv = pair["candidate"], pair["serving"]
-        # Small validation sets are noisy: a drop within the sampling error is not a regression.
-        noise = (
-            policy.quality_z * 0.5 * math.sqrt(1 / pair["n_candidate"] + 1 / pair["n_serving"])
-            if pair.get("n_candidate") and pair.get("n_serving")
-            else 0.0
-        )
+        # Noise: the paired difference's standard error on the same users (``userrep.batch.quality``);
+        # for a comparison of two records, each on its own users, the bound 0.5 / sqrt(n) per side.
+        if math.isfinite(pair.get("se", math.nan)):
+            noise = policy.quality_z * pair["se"]
+        elif pair.get("n_candidate") and pair.get("n_serving"):
+            noise = policy.quality_z * 0.5 * math.sqrt(1 / pair["n_candidate"] + 1 / pair["n_serving"])
+        else:
+            noise = 0.0
         allowed = max(policy.max_quality_drop * serv, noise)
         ok = math.isfinite(cand) and cand >= serv - allowed
+        same = f" on the same {pair['n']} users and labels" if "se" in pair else ""
         check(
             f"quality_{task}",
             ok,
             pair,
             round(allowed, 4),
-            f"{QUALITY_METRICS[task]} {cand:.4f} vs serving {serv:.4f} (allowed drop {allowed:.4f}: "
+            f"{QUALITY_METRICS[task]} {cand:.4f} vs serving {serv:.4f}{same} (allowed drop {allowed:.4f}: "
             f"{policy.max_quality_drop:.0%} or {policy.quality_z:g} standard errors)",
         )
     return Decision(not reasons, tuple(reasons), checks)
@@ -218,15 +222,17 @@ def feature_drift(candidate: Path, serving: Path, policy: GatePolicy):
     )
     scores = {c: float(d.drift_score) for c, d in drift.drift_by_columns.items()}
     over = {c: round(v, 4) for c, v in scores.items() if v > policy.max_column_drift}
-    return float(drift.share_of_drifted_columns), over, (cur, ref, scores)
+    drifted = {c: bool(d.drift_detected) for c, d in drift.drift_by_columns.items()}
+    shown = {"current": cur, "reference": ref, "column_scores": scores, "column_drifted": drifted}
+    return float(drift.share_of_drifted_columns), over, shown
 
 
-def write_report(frames, path: Path, columns: int = REPORT_COLUMNS) -> None:
+def write_report(frames: dict, path: Path, columns: int = REPORT_COLUMNS) -> None:
     """Evidently's data-drift report (HTML) of the ``columns`` most drifted feature columns."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
-    cur, ref, scores = frames
+    cur, ref, scores = frames["current"], frames["reference"], frames["column_scores"]
     shown = sorted(scores, key=scores.get, reverse=True)[:columns]
     definition = DataDefinition(numerical_columns=shown)
     snapshot = Report([DataDriftPreset(columns=shown)]).run(
@@ -247,8 +253,8 @@ def procrustes(source: np.ndarray, target: np.ndarray):
     return lambda x: ((x - mu_s) / max(scale_a, 1e-12)) @ rotation * scale_b + mu_t
 
 
-def knn_overlap(aligned: np.ndarray, reference: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
-    """Mean |kNN(aligned[q]) & kNN(reference[q])| / k, both searched among ``reference`` (self excluded)."""
+def knn_overlaps(aligned: np.ndarray, reference: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per query, |kNN(aligned[q]) & kNN(reference[q])| / k, both searched among ``reference`` (self excluded)."""
     import faiss
 
     index = faiss.IndexFlatL2(reference.shape[1])
@@ -256,8 +262,12 @@ def knn_overlap(aligned: np.ndarray, reference: np.ndarray, queries: np.ndarray,
     _, ours = index.search(np.ascontiguousarray(aligned[queries], np.float32), k + 1)
     _, theirs = index.search(np.ascontiguousarray(reference[queries], np.float32), k + 1)
     top = lambda found, q: set([i for i in found if i != q][:k])  # noqa: E731
-    overlaps = [len(top(a, q) & top(b, q)) / k for q, a, b in zip(queries, ours, theirs)]
-    return float(np.mean(overlaps))
+    return np.array([len(top(a, q) & top(b, q)) / k for q, a, b in zip(queries, ours, theirs)])
+
+
+def knn_overlap(aligned: np.ndarray, reference: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """The mean of ``knn_overlaps``: the stability check's value."""
+    return float(np.mean(knn_overlaps(aligned, reference, queries, k)))
 
 
 def measure(
@@ -267,7 +277,8 @@ def measure(
     policy: GatePolicy = GatePolicy(),
     downstream: DownstreamConfig = DownstreamConfig(),
 ):
-    """Every number of the gate; returns (GateInputs, the drift frames for the report or None)."""
+    """Every number of the gate; returns (GateInputs, what the reports draw or None: the drift
+    frames, both batches' embeddings of the same users, each query user's kNN overlap)."""
     candidate = Path(candidate)
     manifest = read_manifest(candidate)
     base = dict(
@@ -297,7 +308,8 @@ def measure(
     )
     align = procrustes(cand[fit_rows], same_time)
     queries = np.arange(min(len(fit_rows), policy.sample))
-    overlap = knn_overlap(align(cand[fit_rows]), same_time, queries)
+    overlaps = knn_overlaps(align(cand[fit_rows]), same_time, queries)
+    overlap = float(np.mean(overlaps))
     log.info(f"stability: kNN@10 overlap after Procrustes {overlap:.3f} on {len(queries)} users")
 
     from evidently.metrics.embeddings import ModelDriftMethod
@@ -308,19 +320,10 @@ def measure(
     emb_drift, _, _ = ModelDriftMethod(threshold=policy.max_embedding_drift)(cur, ref)
     log.info(f"embedding drift: domain-classifier ROC AUC {emb_drift:.3f}")
 
-    kept = None
-    skipped = {**skipped_tasks(candidate), **skipped_tasks(serving)}
-    if not missing_tasks(serving) and "artist_preference" not in skipped:
-        data = task_data(candidate, source, downstream)
-        start = as_of - pd.Timedelta(days=data.label_days)
-        own = embed(
-            serving_model,
-            build_user_features(source.of_users(data.user_ids), start, serving_space, user_ids=data.user_ids).matrix,
-        )
-        auc_own = head_scores_auc(serving, own, data)
-        auc_aligned = head_scores_auc(serving, align(data.x), data)
-        kept = auc_aligned / auc_own if auc_own > 0 else float("nan")
-        log.info(f"stability: serving AP head AUC {auc_aligned:.3f} on aligned candidate vs {auc_own:.3f} ({kept:.0%})")
+    if missing_tasks(serving):  # nothing to score on the candidate's window
+        kept, quality = None, recorded_quality(candidate, serving)
+    else:
+        kept, quality = on_candidate_window(candidate, serving, source, downstream, align)
     inputs = GateInputs(
         serving=serving_manifest["batch_id"],
         drift_share=share,
@@ -328,34 +331,16 @@ def measure(
         embedding_drift=round(float(emb_drift), 4),
         knn_overlap=round(overlap, 4),
         head_auc_kept=None if kept is None else round(float(kept), 4),
-        quality=quality_pairs(candidate, serving),
+        quality=quality,
         **base,
     )
-    return inputs, frames
-
-
-def quality_pairs(candidate: Path, serving: Path) -> dict[str, dict]:
-    """Per task, the validation metric of both batches' downstream records.
-
-    A task the serving batch skipped (too little data), or both did, is absent: there is nothing
-    to regress from. A task only the candidate skipped compares as NaN, which ``decide`` blocks.
-    """
-    quality = {}
-    for task in TASKS:
-        paths = [BatchDir(p).task_record(task) for p in (candidate, serving)]
-        if not all(p.exists() for p in paths):
-            continue
-        metric = QUALITY_METRICS[task]
-        cand_record, serving_record = (json.loads(p.read_text()) for p in paths)
-        if metric not in serving_record["metrics"]:
-            continue
-        quality[task] = {
-            "candidate": cand_record["metrics"].get(metric, float("nan")),
-            "serving": serving_record["metrics"][metric],
-            "n_candidate": cand_record["n_valid"],
-            "n_serving": serving_record["n_valid"],
-        }
-    return quality
+    shown = queries[: rollout.POINTS]
+    return inputs, {
+        **frames,
+        "aligned": align(cand[fit_rows][shown]),
+        "same_time": same_time[shown],
+        "knn_overlaps": overlaps,
+    }
 
 
 def run_gate(
@@ -366,9 +351,10 @@ def run_gate(
     downstream: DownstreamConfig = DownstreamConfig(),
     report: bool = True,
 ) -> dict:
-    """Measure, decide, write ``gate.json`` (then the HTML report); returns the gate record."""
+    """Measure, decide, write ``gate.json``, then the rollout report and Evidently's drift report
+    (``report``); returns the gate record."""
     candidate = Path(candidate)
-    inputs, frames = measure(candidate, serving, ds, policy, downstream)
+    inputs, evidence = measure(candidate, serving, ds, policy, downstream)
     decision = decide(inputs, policy)
     record = {
         "candidate": inputs.candidate,
@@ -381,8 +367,10 @@ def run_gate(
         "decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     write_json_atomic(BatchDir(candidate).gate, record)
-    if report and frames is not None:
-        write_report(frames, BatchDir(candidate).drift_report)
+    if report:
+        rollout.write_rollout(BatchDir(candidate).rollout_report, record, evidence, rollout.calibration())
+        if evidence is not None:
+            write_report(evidence, BatchDir(candidate).drift_report)
     return record
 
 

@@ -9,7 +9,9 @@
         model.pt              the autoencoder
         embeddings.parquet    every user's embedding (the backfill)
         downstream/<task>.pt  one head per downstream task (TASKS), <task>.json its record
-        gate.json, drift_report.html   the gate's decision and its Evidently report
+        gate.json             the gate's decision
+        rollout.html          the rollout report: the decision and every number it was made on
+        drift_report.html     Evidently's feature drift report
         FAILED.json           a pipeline run that failed marks its batch (never promoted)
         manifest.json         written last: a directory without it is not a finished batch
 
@@ -105,6 +107,10 @@ class BatchDir:
     @property
     def gate(self) -> Path:
         return self.directory / "gate.json"
+
+    @property
+    def rollout_report(self) -> Path:
+        return self.directory / "rollout.html"
 
     @property
     def drift_report(self) -> Path:

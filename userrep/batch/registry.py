@@ -163,6 +163,8 @@ def show(root: str | Path, batch_id: str) -> dict:
     for key, record in (("gate", BatchDir(path).gate), ("failed", BatchDir(path).failed)):
         if record.exists():
             out[key] = json.loads(record.read_text())
+    if BatchDir(path).rollout_report.exists():
+        out["rollout_report"] = str(BatchDir(path).rollout_report)
     out["downstream"] = {
         p.stem: json.loads(p.read_text())["metrics"] for p in sorted(BatchDir(path).downstream.glob("*.json"))
     }

@@ -50,8 +50,11 @@ def batch_gate(
         Path | None, typer.Option(help="Dataset directory; default: the one the batch was built on.")
     ] = None,
 ) -> None:
-    """Measure the candidate against the serving batch, decide, write gate.json and drift_report.html."""
+    """Measure the candidate against the serving batch, decide, write gate.json, rollout.html and drift_report.html."""
+    from userrep.batch.layout import BatchDir
+
     record = _gate(root, batch_id, data)
+    console.print(f"rollout report: {BatchDir(root / batch_id).rollout_report}")
     raise typer.Exit(code=0 if record["passed"] else 3)
 
 

@@ -130,8 +130,8 @@ def demo(
         _print_downstream(root, ids)
         batch_list(root)
         console.print(
-            f"reports: {root}/<batch>/drift_report.html (Evidently), gate.json; KFP run artifacts under "
-            f"{work}/kfp; rollback: userrep batch rollback --root {root}"
+            f"reports: {root}/<batch>/rollout.html, drift_report.html (Evidently), gate.json; KFP run artifacts "
+            f"under {work}/kfp; rollback: userrep batch rollback --root {root}"
         )
         if smoke:
             console.rule("5. serve the promoted batch (Ray Serve + BentoML) and react to live events")
@@ -141,6 +141,9 @@ def demo(
 
         servers_log = f", {work / SERVE_LOG} (the servers)" if smoke else ""
         console.print(f"full logs: {_logs(work)} (the pipelines){servers_log}")
+        rollout = BatchDir(root / ids[1]).rollout_report
+        if rollout.exists():
+            console.print(f"rollout report of batch 2 ({ids[1]}), the decision and every number behind it: {rollout}")
     finally:
         if servers is not None:
             from serving.smoke import stop
