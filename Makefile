@@ -19,7 +19,7 @@ export BENTOML_DO_NOT_TRACK := True
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo serve lint test test-fast bench lock image-lock clean
+.PHONY: help install demo serve lint test test-fast system-deps bench lock image-lock clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,8 +47,18 @@ lint: $(STAMP) $(TOOLS_STAMP) ## Lint (ruff check), formatting (ruff format --ch
 	$(TOOLS)/bin/ruff format --check .
 	$(TOOLS)/bin/mypy --python-executable $(BIN)/python
 
-test: $(STAMP) $(TOOLS_STAMP) ## Run the whole test suite
+test: $(STAMP) $(TOOLS_STAMP) system-deps ## Run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# What the tests start besides Python: a real redis-server, headless Chromium (Debian packages).
+SYSTEM_DEPS := redis-server chromium
+system-deps: ## Install the Debian packages the tests start, where missing
+	@missing=""; for c in $(SYSTEM_DEPS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (Debian packages the tests start)"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 test-fast: $(STAMP) $(TOOLS_STAMP) ## Run the tests not marked slow (inner loop)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
