@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from userrep.batch.gate import GateInputs, GatePolicy, decide, knn_overlap, procrustes
+from userrep.batch.drift import knn_overlap, procrustes
+from userrep.batch.policy import GateInputs, GatePolicy, decide
 
 POLICY = GatePolicy()
 QUALITY = {

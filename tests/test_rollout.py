@@ -97,3 +97,14 @@ def test_a_candidate_whose_heads_are_worse_on_the_same_labels_is_blocked(two_bat
     assert pair["recorded"]["candidate"] == task["metrics"]["auc"]  # what the records alone compared
     assert not record["passed"] and record["reasons"][0].startswith("quality_artist_preference")
     assert pair["candidate"] < 0.5 < pair["serving"] and "same" in record["reasons"][0]
+
+
+def test_the_calibrated_limits_pass_a_clean_retrain_and_block_each_planted_shift(gated):
+    from userrep.batch.calibration import PLANTED, holds, scores
+    from userrep.batch.layout import read_manifest
+    from userrep.source import EventSource
+
+    root, _ = gated
+    result = scores(root / "b2", root / "b1", EventSource(read_manifest(root / "b2")["data"]["path"]))
+    assert set(result["planted"]) == set(PLANTED)
+    assert holds(result) == {"clean": True, **dict.fromkeys(PLANTED, True)}, result

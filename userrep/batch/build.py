@@ -9,7 +9,7 @@ A batch directory holds everything needed to embed a user the way this batch doe
     embeddings.parquet user_id, batch_id, embedding for every user known at as_of
     manifest.json  batch id, data fingerprint, as_of, schema, settings, loss curve, timings, hashes
     downstream/    one model per task, trained on this batch's embeddings (userrep.batch.downstream)
-    gate.json, drift_report.html   the promotion gate's decision and report (userrep.batch.gate)
+    gate.json, rollout.html, drift_report.html   the promotion gate's decision and reports (userrep.batch.gate)
 
 With a Feast store configured, the encoders come from the materialized snapshot and the training
 set from a point-in-time ``get_historical_features``; the embeddings are published to the online

@@ -16,7 +16,7 @@ its recency decay) scores them:
   batch's space, relevance the overlap of their window artists.
 
 Per task: both means, the mean paired difference and its standard error (``paired``).
-``userrep.batch.gate.decide`` blocks a candidate worse beyond the tolerance and that error. The
+``userrep.batch.policy.decide`` blocks a candidate worse beyond the tolerance and that error. The
 same pass gives the head-stability check: the serving artist-preference head's AUC on the
 aligned candidate embeddings over its AUC on its own.
 """

@@ -1,0 +1,138 @@
+"""The gate's decision: every threshold (``GatePolicy``), the numbers it decides on (``GateInputs``,
+measured by ``userrep.batch.gate.measure``) and ``decide``, a pure function of the two (one test
+per branch). Calibration: bench/gate_calibration.py (docs/batches.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from userrep.batch.quality import METRICS as QUALITY_METRICS
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """Every threshold of the gate. Calibration: bench/gate_calibration.py (docs/batches.md)."""
+
+    max_drift_share: float = 0.3  # share of comparable feature columns Evidently flags as drifted
+    max_column_drift: float = 1.0  # any one column: Wasserstein distance in reference std units
+    max_embedding_drift: float = 0.62  # domain-classifier ROC AUC, aligned candidate vs serving embeddings
+    min_knn_overlap: float = 0.3  # kNN@10 overlap of the same users in the serving index
+    min_head_auc_kept: float = 0.85  # serving AP head on aligned candidate embeddings / on its own
+    max_quality_drop: float = 0.05  # candidate head metric may be at most this much (relative) worse...
+    quality_z: float = 2.0  # ...or within z standard errors (metrics in [0, 1]: SE <= 0.5 / sqrt(n) per side)
+    sample: int = 2000  # rows per side for drift checks, queries for kNN overlap
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """The numbers ``decide`` needs (None: not measurable, e.g. no serving batch yet)."""
+
+    candidate: str
+    serving: str | None
+    missing_tasks: tuple[str, ...] = ()
+    integrity: tuple[str, ...] = ()  # files whose hash no longer matches the manifest
+    drift_share: float | None = None
+    column_drift: dict[str, float] = field(default_factory=dict)  # columns above the per-column limit
+    embedding_drift: float | None = None
+    knn_overlap: float | None = None
+    head_auc_kept: float | None = None
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {candidate, serving}
+
+
+@dataclass(frozen=True)
+class Decision:
+    passed: bool
+    reasons: tuple[str, ...]
+    checks: dict
+
+
+def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
+    """Pure: promote only if every check that can be measured passes."""
+    checks, reasons = {}, []
+
+    def check(name: str, ok: bool, value, limit, why: str) -> None:
+        checks[name] = {"passed": bool(ok), "value": value, "limit": limit}
+        if not ok:
+            reasons.append(f"{name}: {why}")
+
+    check(
+        "downstream_models",
+        not inputs.missing_tasks,
+        list(inputs.missing_tasks),
+        [],
+        f"missing or changed downstream model(s): {', '.join(inputs.missing_tasks)}",
+    )
+    check(
+        "integrity",
+        not inputs.integrity,
+        list(inputs.integrity),
+        [],
+        f"files changed since the manifest: {', '.join(inputs.integrity)}",
+    )
+    if inputs.serving is None:
+        return Decision(not reasons, tuple(reasons), checks)
+    if inputs.drift_share is not None:
+        check(
+            "feature_drift",
+            inputs.drift_share <= policy.max_drift_share,
+            inputs.drift_share,
+            policy.max_drift_share,
+            f"{inputs.drift_share:.0%} of comparable feature columns drifted (limit {policy.max_drift_share:.0%})",
+        )
+        worst = sorted(inputs.column_drift.items(), key=lambda kv: -kv[1])
+        check(
+            "feature_column_drift",
+            not worst,
+            dict(worst[:10]),
+            policy.max_column_drift,
+            "column(s) shifted beyond the limit: " + ", ".join(f"{c} ({v:.2f})" for c, v in worst[:5]),
+        )
+    if inputs.embedding_drift is not None:
+        check(
+            "embedding_drift",
+            inputs.embedding_drift <= policy.max_embedding_drift,
+            inputs.embedding_drift,
+            policy.max_embedding_drift,
+            f"domain classifier separates aligned candidate from serving embeddings "
+            f"(ROC AUC {inputs.embedding_drift:.3f})",
+        )
+    if inputs.knn_overlap is not None:
+        check(
+            "stability_knn",
+            inputs.knn_overlap >= policy.min_knn_overlap,
+            inputs.knn_overlap,
+            policy.min_knn_overlap,
+            f"kNN@10 overlap after alignment {inputs.knn_overlap:.3f} is below the floor",
+        )
+    if inputs.head_auc_kept is not None:
+        check(
+            "stability_heads",
+            inputs.head_auc_kept >= policy.min_head_auc_kept,
+            inputs.head_auc_kept,
+            policy.min_head_auc_kept,
+            f"serving heads keep only {inputs.head_auc_kept:.0%} of their AUC on the aligned candidate space",
+        )
+    for task, pair in inputs.quality.items():
+        cand, serv = pair["candidate"], pair["serving"]
+        # Noise: the paired difference's standard error on the same users (``userrep.batch.quality``);
+        # for a comparison of two records, each on its own users, the bound 0.5 / sqrt(n) per side.
+        if math.isfinite(pair.get("se", math.nan)):
+            noise = policy.quality_z * pair["se"]
+        elif pair.get("n_candidate") and pair.get("n_serving"):
+            noise = policy.quality_z * 0.5 * math.sqrt(1 / pair["n_candidate"] + 1 / pair["n_serving"])
+        else:
+            noise = 0.0
+        allowed = max(policy.max_quality_drop * serv, noise)
+        ok = math.isfinite(cand) and cand >= serv - allowed
+        same = f" on the same {pair['n']} users and labels" if "se" in pair else ""
+        check(
+            f"quality_{task}",
+            ok,
+            pair,
+            round(allowed, 4),
+            f"{QUALITY_METRICS[task]} {cand:.4f} vs serving {serv:.4f}{same} (allowed drop {allowed:.4f}: "
+            f"{policy.max_quality_drop:.0%} or {policy.quality_z:g} standard errors)",
+        )
+    return Decision(not reasons, tuple(reasons), checks)
