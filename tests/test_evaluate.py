@@ -262,3 +262,23 @@ def test_seeds_report_mean_and_spread(small_world, tmp_path):
     assert spread["mean"] == pytest.approx(np.mean(spread["values"]))
     assert (tmp_path / "seed_0" / "metrics.json").exists() and (tmp_path / "seed_1" / "metrics.json").exists()
     assert "Over 2 seeds (mean +- standard deviation)" in (tmp_path / "summary.md").read_text()
+
+
+def test_bold_marks_every_best_value_per_column_as_printed():
+    from userrep.report import _metrics_table, markdown_summary
+
+    metrics = {
+        "tasks": {
+            "future_listening": {
+                "gur": {"ndcg@10": 0.6449, "recall@50": 0.50},
+                "pca": {"ndcg@10": 0.6451, "recall@50": 0.61},  # ties gur at 3 decimals, not at 4
+                "raw": {"ndcg@10": 0.30, "recall@50": 0.40},
+            }
+        },
+        "skipped": {},
+    }
+    rows = {line.split("|")[1].strip(): line for line in markdown_summary(metrics).splitlines()[2:5]}
+    assert "**0.645**" in rows["gur"] and "**0.645**" in rows["pca"] and "**" not in rows["raw"]
+    assert "**0.500**" not in rows["gur"] and "**0.610**" in rows["pca"]  # the best of its own column only
+    html = _metrics_table(metrics)  # 4 decimals: only the larger one
+    assert html.count("font-weight:bold>0.6451") == 1 and "font-weight:bold>0.6449" not in html

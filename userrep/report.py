@@ -59,7 +59,7 @@ def _metrics_table(metrics: dict) -> str:
         out.append(f"<tr><th>{html.escape(task)}</th>{''.join(f'<th>{html.escape(n)}</th>' for n in names)}</tr>")
         for method, values in methods.items():
             cells = "".join(
-                f"<td{' style=font-weight:bold' if values.get(n) is not None and values.get(n) == best[n] else ''}>"
+                f"<td{' style=font-weight:bold' if is_best(values.get(n), best[n], 4) else ''}>"
                 f"{_fmt(values.get(n))}{_ci_text(values.get(f'{n}_ci'))}</td>"
                 for n in names
             )
@@ -70,6 +70,12 @@ def _metrics_table(metrics: dict) -> str:
 def _best(methods: dict, metric: str):
     found = [v.get(metric) for v in methods.values() if v.get(metric) is not None]
     return max(found) if found else None
+
+
+def is_best(value, best, digits: int) -> bool:
+    """Whether ``value`` is its column's best as printed (``digits`` decimals): every value that
+    shows the same as the best is bold, not only the one that is larger in a later decimal."""
+    return value is not None and best is not None and f"{value:.{digits}f}" == f"{best:.{digits}f}"
 
 
 def _ci_text(ci) -> str:
@@ -219,7 +225,7 @@ def markdown_summary(metrics: dict) -> str:
             values = tasks.get(task, {}).get(method, {})
             value, best = values.get(metric), _best(tasks.get(task, {}), metric)
             text = "-" if value is None else f"{value:.3f}"
-            text = f"**{text}**" if value is not None and value == best else text
+            text = f"**{text}**" if is_best(value, best, 3) else text
             ci = values.get(f"{metric}_ci")
             cells.append(text + ("" if not ci or ci[0] is None else f" ({ci[0]:.3f}-{ci[1]:.3f})"))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -248,6 +254,7 @@ def _seeds_table(metrics: dict) -> str:
                 v[metric]["mean"] for v in seeds.get(task, {}).values() if metric in v and v[metric]["mean"] is not None
             ]
             text = "-" if not found or found["mean"] is None else f"{found['mean']:.3f} +- {found['std']:.3f}"
-            cells.append(f"**{text}**" if found and means and found["mean"] == max(means) else text)
+            best = max(means) if means else None
+            cells.append(f"**{text}**" if found and is_best(found["mean"], best, 3) else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

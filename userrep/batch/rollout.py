@@ -71,9 +71,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _bold_best(values: list[float | None]) -> list[bool]:
-    """Which cells of one column hold its best (highest) value."""
+    """Which cells of one column hold its best (highest) value, as printed (``report.is_best``)."""
+    from userrep.report import is_best
+
     finite = [v for v in values if v is not None and math.isfinite(v)]
-    return [v is not None and bool(finite) and v == max(finite) for v in values]
+    return [bool(finite) and is_best(v, max(finite), 4) for v in values]
 
 
 def checks_table(record: dict) -> str:

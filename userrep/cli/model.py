@@ -176,7 +176,7 @@ def tune(
 
 def _print_metrics(metrics: dict) -> None:
     """A table per task (value and 95% interval, best per column bold), then the comparisons."""
-    from userrep.report import comparison_lines
+    from userrep.report import comparison_lines, is_best
 
     for task, methods in metrics["tasks"].items():
         names = list(dict.fromkeys(k for v in methods.values() for k in v if not k.endswith("_ci")))
@@ -192,7 +192,7 @@ def _print_metrics(metrics: dict) -> None:
                 text = (
                     "-" if value is None else f"{value:.4f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
                 )
-                cells.append(f"[bold]{text}[/]" if value is not None and value == best[n] else text)
+                cells.append(f"[bold]{text}[/]" if is_best(value, best[n], 4) else text)
             table.add_row(f"[cyan]{method}[/]" if method.startswith("gur") else method, *cells)
         console.print(table)
     for line in comparison_lines(metrics):
