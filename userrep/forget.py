@@ -20,7 +20,8 @@ In this order, each step idempotent, so a run that died is finished by running i
 
 Not rewritten: trained weights (encoders, autoencoder, heads) hold no row of any one user; they
 leave when a batch built after the erasure replaces theirs and ``userrep batch prune`` removes it.
-The gate's drift report shows feature distributions of a 2,000-row sample, without ids.
+The gate's reports show feature distributions of a 2,000-row sample and a projection of 1,000
+users' embeddings, without ids.
 """
 
 from __future__ import annotations
