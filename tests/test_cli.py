@@ -47,8 +47,10 @@ def test_demo_runs_the_pipeline_twice_then_reuses(demo_run):
     assert f"cold-start embedding of batch {pointer['serving']}" in first.output
     assert ("switched on promotion" in first.output) == gate["passed"]
     assert "servers stopped" in first.output
-    last = first.output.strip().splitlines()[-1]  # the last line names the full logs
-    assert last.startswith("full logs:") and str(tmp_path / "logs") in last and "serve.log" in last
+    logs_line, last = first.output.strip().splitlines()[-2:]  # the full logs, then batch 2's rollout report
+    assert logs_line.startswith("full logs:") and str(tmp_path / "logs") in logs_line and "serve.log" in logs_line
+    report = tmp_path / "batches" / built[1] / "rollout.html"
+    assert last.startswith("rollout report of batch 2") and last.endswith(str(report)) and report.exists()
     second = runner.invoke(app, [*args, "--no-smoke"])
     assert second.exit_code == 0 and "is current" in second.output
     assert second.output.count("not rerunning") == 2

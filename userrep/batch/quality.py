@@ -86,18 +86,15 @@ def per_user(batch_dir: Path, x: np.ndarray, data: TaskData, source: EventSource
         where = pd.Index(meta["artists"]).get_indexer(pd.Index(data.artists))
         ranked = np.full((len(valid), len(data.artists)), -np.inf, np.float32)
         ranked[:, where >= 0] = scores[:, where[where >= 0]]
-        out["future_listening"] = future_listening.ranking_rows(ranked, data.labels[valid], data.history[valid])[
-            "ndcg@10"
-        ]
+        rows = future_listening.ranking_rows(ranked, data.labels[valid], data.history[valid])
+        out["future_listening"] = rows["ndcg@10"]
     if files.head("artist_preference").exists():
         head, meta = load_head(files.head("artist_preference"))
         columns = pd.Index(meta["artists"]).get_indexer(pd.Index(data.artists))
         vectors = np.asarray(meta["artist_vectors"], np.float32)[np.maximum(columns, 0)]
         side = data.side if meta.get("design") == WITH_HISTORY else None
-        scores = artist_preference.scores(head, x, vectors, pairs, side)
-        out["artist_preference"] = np.where(
-            columns[pairs[1]] >= 0, scores, np.nan
-        )  # per pair: ``pair_auc`` groups them
+        scores = artist_preference.scores(head, x, vectors, pairs, side)  # per pair: ``pair_auc`` groups them
+        out["artist_preference"] = np.where(columns[pairs[1]] >= 0, scores, np.nan)
     queries = valid[:QUERIES]
     found = similar_users.neighbours(similar_users.build_index(x), x, queries, 50)
     out["similar_users"] = similar_users.ndcg_with_overlap(found, queries, data.window_artists)
