@@ -304,7 +304,9 @@ class SqliteLog:
             db.executemany("INSERT OR IGNORE INTO erased VALUES(?, ?)", hashes.items())
 
     def erased(self, users) -> set[str]:
-        """The ids of ``users`` that were erased."""
+        """The ids of ``users`` that were erased (every read asks: none erased is one cheap query)."""
+        if self._db().execute("SELECT 1 FROM erased LIMIT 1").fetchone() is None:
+            return set()
         hashes = {id_hash(u): str(u) for u in users}
         found: set[str] = set()
         keys = list(hashes)
