@@ -15,7 +15,7 @@ users_app = typer.Typer(help="Users: erase them from every store.", no_args_is_h
 @users_app.command("forget")
 def users_forget(
     user_ids: Annotated[list[str], typer.Argument(help="The user ids to erase.")],
-    data: Annotated[Path, typer.Option(help="The dataset the users are erased from (its erasures.json records it).")],
+    data: Annotated[Path, typer.Option(help="The dataset the users are erased from (the erasure is recorded in it).")],
     root: ROOT_OPTION = Path("work/batches"),
     feast_home: Annotated[Path, typer.Option(help="The Feast home (skipped if absent).")] = Path("work/feast"),
     log: Annotated[
@@ -31,6 +31,7 @@ def users_forget(
 ) -> None:
     """Erase users from the dataset, every batch, the Feast store and the event log, and record it so nothing brings them back."""
     from userrep.cli.batch import _lock_redis
+    from userrep.erasure import ERASURES
     from userrep.forget import forget
     from userrep.store import store_config
 
@@ -41,7 +42,7 @@ def users_forget(
     done = report.get("log") or {}
     console.print(
         f"erased {report['users']} user(s) at {report['erased_at']} (recorded in "
-        + ", ".join(f"{path}/erasures.json" for path in report["datasets"])
+        + ", ".join(f"{path}/{ERASURES}" for path in report["datasets"])
         + (" and the event log" if events_log else "")
         + ")"
     )
