@@ -25,18 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from userrep.batch.drift import aligned_pair, embedding_drift, feature_drift, frame_drift, knn_overlap
-from userrep.batch.policy import GatePolicy
+from userrep.batch.policy import LIMITS, GatePolicy, limit_of, within
 from userrep.source import EventSource
 
 SHIFT = 0.25  # reference standard deviations: the smallest move a downstream team would notice
 SCALED = 10.0  # the planted column's scale
-# check -> (the GateInputs value it reads, "max" for an upper limit or "min" for a floor, the policy field)
-LIMITS = {
-    "feature_drift": ("max", "max_drift_share"),
-    "feature_column_drift": ("max", "max_column_drift"),
-    "embedding_drift": ("max", "max_embedding_drift"),
-    "stability_knn": ("min", "min_knn_overlap"),
-}
+CALIBRATED = ("feature_drift", "feature_column_drift", "embedding_drift", "stability_knn")  # of ``LIMITS``
 PLANTED = {
     "scaled_column": "feature_column_drift",
     "shuffled_embeddings": "stability_knn",
@@ -83,9 +77,9 @@ def margins(results: list[dict], policy: GatePolicy = GatePolicy()) -> dict:
     """Per check: its limit, the worst clean retrain and the mildest planted shift of ``results``
     (``scores`` of several pairs), and the margin on each side (positive: on the right side)."""
     out = {}
-    for check, (kind, field) in LIMITS.items():
-        limit = getattr(policy, field)
-        sign = 1.0 if kind == "max" else -1.0  # margins are measured as "how far inside/outside"
+    for check in CALIBRATED:
+        limit = limit_of(check, policy)
+        sign = 1.0 if LIMITS[check][1] == "max" else -1.0  # margins are measured as "how far inside/outside"
         clean = [r["clean"][check] for r in results]
         planted = [r["planted"][s] for r in results for s, c in PLANTED.items() if c == check]
         worst = max(clean, key=lambda v: sign * v)
@@ -97,13 +91,7 @@ def margins(results: list[dict], policy: GatePolicy = GatePolicy()) -> dict:
     return out
 
 
-def inside(check: str, value: float, policy: GatePolicy = GatePolicy()) -> bool:
-    """Whether ``value`` passes ``check``'s limit."""
-    kind, field = LIMITS[check]
-    return value <= getattr(policy, field) if kind == "max" else value >= getattr(policy, field)
-
-
 def holds(result: dict, policy: GatePolicy = GatePolicy()) -> dict[str, bool]:
     """Whether the limits pass the clean retrain (``clean``) and block each planted shift."""
-    out = {"clean": all(inside(check, v, policy) for check, v in result["clean"].items())}
-    return out | {shift: not inside(PLANTED[shift], v, policy) for shift, v in result["planted"].items()}
+    out = {"clean": all(within(check, v, policy) for check, v in result["clean"].items())}
+    return out | {shift: not within(PLANTED[shift], v, policy) for shift, v in result["planted"].items()}

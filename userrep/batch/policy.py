@@ -25,6 +25,26 @@ class GatePolicy:
     seed: int = 0
 
 
+# Each check on one number: the GatePolicy field holding its limit, and "max" (an upper limit) or
+# "min" (a floor). ``decide`` and the calibration (``userrep.batch.calibration``) read it here.
+LIMITS = {
+    "feature_drift": ("max_drift_share", "max"),
+    "feature_column_drift": ("max_column_drift", "max"),
+    "embedding_drift": ("max_embedding_drift", "max"),
+    "stability_knn": ("min_knn_overlap", "min"),
+    "stability_heads": ("min_head_auc_kept", "min"),
+}
+
+
+def limit_of(check: str, policy: GatePolicy) -> float:
+    return getattr(policy, LIMITS[check][0])
+
+
+def within(check: str, value: float, policy: GatePolicy) -> bool:
+    """Whether ``value`` passes ``check``'s limit."""
+    return value <= limit_of(check, policy) if LIMITS[check][1] == "max" else value >= limit_of(check, policy)
+
+
 @dataclass(frozen=True)
 class GateInputs:
     """The numbers ``decide`` needs (None: not measurable, e.g. no serving batch yet)."""
@@ -76,7 +96,7 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
     if inputs.drift_share is not None:
         check(
             "feature_drift",
-            inputs.drift_share <= policy.max_drift_share,
+            within("feature_drift", inputs.drift_share, policy),
             inputs.drift_share,
             policy.max_drift_share,
             f"{inputs.drift_share:.0%} of comparable feature columns drifted (limit {policy.max_drift_share:.0%})",
@@ -89,31 +109,21 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
             policy.max_column_drift,
             "column(s) shifted beyond the limit: " + ", ".join(f"{c} ({v:.2f})" for c, v in worst[:5]),
         )
-    if inputs.embedding_drift is not None:
-        check(
+    for name, value, why in (
+        (
             "embedding_drift",
-            inputs.embedding_drift <= policy.max_embedding_drift,
             inputs.embedding_drift,
-            policy.max_embedding_drift,
-            f"domain classifier separates aligned candidate from serving embeddings "
-            f"(ROC AUC {inputs.embedding_drift:.3f})",
-        )
-    if inputs.knn_overlap is not None:
-        check(
-            "stability_knn",
-            inputs.knn_overlap >= policy.min_knn_overlap,
-            inputs.knn_overlap,
-            policy.min_knn_overlap,
-            f"kNN@10 overlap after alignment {inputs.knn_overlap:.3f} is below the floor",
-        )
-    if inputs.head_auc_kept is not None:
-        check(
+            "domain classifier separates aligned candidate from serving embeddings (ROC AUC {:.3f})",
+        ),
+        ("stability_knn", inputs.knn_overlap, "kNN@10 overlap after alignment {:.3f} is below the floor"),
+        (
             "stability_heads",
-            inputs.head_auc_kept >= policy.min_head_auc_kept,
             inputs.head_auc_kept,
-            policy.min_head_auc_kept,
-            f"serving heads keep only {inputs.head_auc_kept:.0%} of their AUC on the aligned candidate space",
-        )
+            "serving heads keep only {:.0%} of their AUC on the aligned candidate space",
+        ),
+    ):
+        if value is not None:
+            check(name, within(name, value, policy), value, limit_of(name, policy), why.format(value))
     for task, pair in inputs.quality.items():
         cand, serv = pair["candidate"], pair["serving"]
         # Noise: the paired difference's standard error on the same users (``userrep.batch.quality``);
