@@ -20,20 +20,29 @@ IMAGE = "userrep:0.1.0"  # replaced by `userrep pipeline compile --image`
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def plan_batch(spec: dict) -> NamedTuple("Plan", [("batch_id", str), ("as_of", str)]):
+def plan_batch(
+    spec: dict,
+) -> NamedTuple("Plan", [("batch_id", str), ("as_of", str), ("anchor", str), ("tasks", list)]):
     """The batch id (deterministic: data fingerprint, as_of, settings, the tune step's choice)
-    before the batch is built, so the exit handler knows which batch to mark failed."""
+    before the batch is built, so the exit handler knows which batch to mark failed; the batch
+    whose space it continues (`spec.align_to` resolved once, for every later step), or "none";
+    and the registered downstream tasks (userrep.tasks.registry), the ParallelFor's items."""
     from collections import namedtuple
 
     from userrep.batch.registry import serving_batch
     from userrep.batch.spec import for_step
+    from userrep.tasks.registry import names
 
-    out, batch_id, as_of_iso = for_step(spec).batch_dir_and_id()
+    settings = for_step(spec)
+    out, batch_id, as_of_iso = settings.batch_dir_and_id()
     if serving_batch(out.parent) == batch_id:  # the run would rewrite the files being served
         raise ValueError(
             f"batch_id: {batch_id} is the serving batch (same data, cut-off and settings); nothing to retrain"
         )
-    return namedtuple("Plan", ["batch_id", "as_of"])(batch_id, as_of_iso)
+    anchor = settings.anchor()
+    tasks = list(names())
+    print(f"batch {batch_id} as of {as_of_iso}, continuing the space of: {anchor}; tasks: {', '.join(tasks)}")
+    return namedtuple("Plan", ["batch_id", "as_of", "anchor", "tasks"])(batch_id, as_of_iso, anchor, tasks)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -77,18 +86,18 @@ def tune_settings(spec: dict, budget_s: float, choice: Output[Metrics]) -> str:
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def materialize_features(spec: dict, as_of: str, snapshot: Output[Artifact]) -> str:
-    """Fit encoders as of `as_of` (the plan's), write Feast offline rows, apply, materialize online;
-    returns the snapshot id."""
+def materialize_features(spec: dict, as_of: str, anchor: str, snapshot: Output[Artifact]) -> str:
+    """Fit encoders as of `as_of` (the plan's), aligned onto the `anchor` batch's (the plan's), write
+    Feast offline rows, apply, materialize online; returns the snapshot id."""
     import json
     from pathlib import Path
 
     from userrep.batch.spec import for_step
     from userrep.store import materialize
 
-    settings = for_step(spec)
+    settings = for_step(spec).replace(align_to=anchor)
     config = settings.build_config()
-    snap = materialize(settings.data, as_of, config.feast, config.features)
+    snap = materialize(settings.data, as_of, config.feast, config.features, anchor=settings.anchor_dir())
     snapshot.metadata.update({"space_id": snap.space_id, "as_of": snap.as_of.isoformat(), "users": len(snap.user_ids)})
     Path(snapshot.path).write_text(json.dumps(snapshot.metadata))
     return snap.space_id
@@ -100,14 +109,16 @@ def fit_encoder(
     as_of: str,
     snapshot_id: str,
     batch_id: str,
+    anchor: str,
     ray_address: str,
     rayjob_namespace: str,
     model: Output[Model],
 ) -> str:
     """Training set from the Feast snapshot -> autoencoder (Ray Train); returns the batch id.
 
-    `ray_address` (a RayCluster's Job Submission API) or `rayjob_namespace` (create a RayJob with
-    the kubernetes client) run the fit on Kubernetes and wait; otherwise in this step.
+    `anchor`: the batch whose space it continues (the plan's). `ray_address` (a RayCluster's Job
+    Submission API) or `rayjob_namespace` (create a RayJob with the kubernetes client) run the fit
+    on Kubernetes and wait; otherwise in this step.
     """
     import json
     import shutil
@@ -117,7 +128,7 @@ def fit_encoder(
     from userrep.batch.layout import BatchDir
     from userrep.batch.spec import for_step
 
-    settings = for_step(spec).replace(as_of=as_of, snapshot_id=snapshot_id, batch_id=batch_id)
+    settings = for_step(spec).replace(as_of=as_of, snapshot_id=snapshot_id, batch_id=batch_id, align_to=anchor)
     record = run_fit(settings, ray_address=ray_address, rayjob_namespace=rayjob_namespace)
     out = Path(settings.batch_root) / record["batch_id"]
     shutil.copyfile(BatchDir(out).model, model.path)
@@ -144,9 +155,12 @@ def backfill_embeddings(spec: dict, batch_id: str, model: Input[Model], embeddin
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_downstream(spec: dict, task: str, cpus: int, embeddings: Input[Dataset], metrics: Output[Metrics]) -> str:
+def train_downstream(
+    spec: dict, task: str, tasks: list, cpus: int, embeddings: Input[Dataset], metrics: Output[Metrics]
+) -> str:
     """One downstream model, trained on the embeddings' own batch (the id travels with the artifact).
-    ``cpus``: the CPUs the step was given, the threads it uses (the tasks' steps run side by side)."""
+    ``tasks``: every task of the run (the first one's step also publishes the batch's online
+    history); ``cpus``: the CPUs the step was given, the threads it uses (the steps run side by side)."""
     from pathlib import Path
 
     from userrep.batch.build import downstream_stage
@@ -155,7 +169,8 @@ def train_downstream(spec: dict, task: str, cpus: int, embeddings: Input[Dataset
 
     batch_id = embeddings.metadata["batch_id"]
     with limited_threads(cpus):
-        record = downstream_stage(Path(for_step(spec).batch_root) / batch_id, tasks=[task])[task]
+        out = Path(for_step(spec).batch_root) / batch_id
+        record = downstream_stage(out, tasks=[task], publish_history=task == tasks[0])[task]
     if record["batch_id"] != batch_id:
         raise ValueError(f"batch_id: {task} trained on {record['batch_id']}, embeddings are of {batch_id}")
     for name, value in record["metrics"].items():

@@ -3,11 +3,13 @@
 0. compact the online event log into the dataset, so every acknowledged event reaches training
    (with `events_log`); tune the autoencoder and head settings on the history (Ray Tune + ASHA;
    with `tune`)
-1. plan the batch id (deterministic, before the batch is built)
-2. materialize features in Feast as of `as_of`
-3. fit the autoencoder on Feast's point-in-time training set (Ray Train; local, RayCluster or RayJob)
+1. plan the batch id (deterministic, before the batch is built) and the batch whose space it
+   continues (`spec.align_to`: the serving batch by default; userrep.continuity)
+2. materialize features in Feast as of `as_of`, the encoders aligned onto that batch's
+3. fit the autoencoder on Feast's point-in-time training set, continued from that batch's (Ray
+   Train; local, RayCluster or RayJob)
 4. backfill every user's embedding (Ray Data) and publish it online under the batch id
-5. train every downstream model on that batch, in parallel (`tasks`)
+5. train every registered downstream task on that batch, in parallel (userrep.tasks.registry)
 6. evaluate: all models present, their validation metrics
 7. gate: feature/embedding drift, stability, quality vs the serving batch
 8. promote if the gate passed (atomic pointer switch)
@@ -30,10 +32,8 @@ from components.batch import (
     tune_settings,
 )
 from pipelines.k8s import on_cluster
-from userrep.batch.layout import TASKS
 from userrep.batch.spec import BatchSpec
 
-TASK_LIST = list(TASKS)  # a pipeline parameter's default must be a list
 # Each task model's step: the CPUs it requests and the threads it uses (userrep/threads.py: steps
 # side by side with a thread per core each spun against each other, 4x slower here).
 DOWNSTREAM_CPUS = 1
@@ -46,12 +46,12 @@ def training_pipeline(
     spec: dict = CLUSTER_SPEC,
     ray_address: str = "",
     rayjob_namespace: str = "",
-    tasks: list = TASK_LIST,
     tune_budget_s: float = 180.0,
     events_log: str = "",
 ):
     """`spec`: a `userrep.batch.spec.BatchSpec` as a dict, read by every step; the rest say where the
-    fit runs, which task models to train, the tune step's budget and the log to compact."""
+    fit runs, the tune step's budget and the log to compact. The downstream tasks are the
+    registered ones (userrep.tasks.registry), listed by the plan step."""
     finalize = on_cluster(finalize_batch(spec=spec), display_name="mark the batch failed unless the run succeeded")
     with dsl.ExitHandler(finalize, name="batch"):
         compaction = on_cluster(
@@ -69,7 +69,7 @@ def training_pipeline(
         plan = on_cluster(plan_batch(spec=spec), display_name="1. plan batch id").after(tuning)
         batch_id = plan.outputs["batch_id"]
         snapshot = on_cluster(
-            materialize_features(spec=spec, as_of=plan.outputs["as_of"]),
+            materialize_features(spec=spec, as_of=plan.outputs["as_of"], anchor=plan.outputs["anchor"]),
             memory="4Gi",
             online_store=True,
             display_name="2. materialize features (Feast)",
@@ -80,6 +80,7 @@ def training_pipeline(
                 as_of=plan.outputs["as_of"],
                 snapshot_id=snapshot.outputs["Output"],
                 batch_id=batch_id,
+                anchor=plan.outputs["anchor"],
                 ray_address=ray_address,
                 rayjob_namespace=rayjob_namespace,
             ),
@@ -95,9 +96,15 @@ def training_pipeline(
             online_store=True,
             display_name="4. backfill embeddings (Ray Data, or in-process)",
         )
-        with dsl.ParallelFor(tasks, name="downstream-tasks") as task:
+        with dsl.ParallelFor(plan.outputs["tasks"], name="downstream-tasks") as task:
             trained = on_cluster(
-                train_downstream(spec=spec, task=task, cpus=DOWNSTREAM_CPUS, embeddings=backfill.outputs["embeddings"]),
+                train_downstream(
+                    spec=spec,
+                    task=task,
+                    tasks=plan.outputs["tasks"],
+                    cpus=DOWNSTREAM_CPUS,
+                    embeddings=backfill.outputs["embeddings"],
+                ),
                 cpu=str(DOWNSTREAM_CPUS),
                 memory="4Gi",
                 display_name="5. train downstream model",

@@ -1,9 +1,11 @@
-"""BentoML service: downstream task inference with the promoted batch's heads.
+"""BentoML service: downstream task inference with the promoted batch's heads, one route per
+registered task that has one (``userrep.tasks.registry``: ``task.route``, ``task.request``):
 
     POST /recommend/artists           {"user_id": ...} or {"embedding": [...], "batch_id": ...}, "k"
     POST /predict/artist-preference   same user input, "artists": [...]
 
-The heads, the artist list and the batch id are loaded together (``userrep.batch.predict.TaskPredictor``)
+(and any other registered task's route, with its own request fields beside the user's).
+The heads and the batch id are loaded together (``userrep.batch.predict.TaskPredictor``)
 and reloaded when SERVING.json changes; a request takes one predictor, so it never mixes a head of
 one batch with an embedding of another. A user's embedding comes from the online store under the
 predictor's batch id; an embedding stamped with another batch id is refused with 409.
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.auth import BearerAuth
 from userrep.batch.layout import pointer_path
 from userrep.batch.predict import TaskPredictor
+from userrep.tasks.registry import tasks
 
 
 class Conflict(BentoMLException):
@@ -47,19 +50,15 @@ class UnknownUser(BentoMLException):
     error_code = HTTPStatus.NOT_FOUND
 
 
+class NotServed(BentoMLException):
+    error_code = HTTPStatus.NOT_FOUND
+
+
 class UserInput(BaseModel):
     model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it, not silently ignored
     user_id: str | None = Field(default=None, min_length=1, max_length=256)
     embedding: list[float] | None = Field(default=None, max_length=4096)
     batch_id: str | None = Field(default=None, max_length=256)
-
-
-class RecommendInput(UserInput):
-    k: int = Field(default=10, ge=1, le=1000)
-
-
-class PreferenceInput(UserInput):
-    artists: list[str] = Field(min_length=1, max_length=1000)
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,6 @@ def load_bundle(root: Path) -> Bundle:
     return Bundle(mtime, TaskPredictor.load(batch_dir(root, batch_id), batch_id))
 
 
-@bentoml.service(name="userrep_tasks", traffic={"timeout": 30})
 class TaskService:
     def __init__(self) -> None:
         self.root = Path(os.environ.get("USERREP_BATCH_ROOT", "work/batches"))
@@ -135,39 +133,50 @@ class TaskService:
             )
         return vectors[:1]
 
-    def _history(self, predictor: TaskPredictor, user_id: str | None):
-        """(plays, recent) (1, K) of a user for heads that take history; (None, None) otherwise."""
-        if user_id is None or self._store is None or not predictor.takes_history:
-            return None, None
+    def _history(self, predictor: TaskPredictor, scorer, user_id: str | None):
+        """(plays, recent) (1, K) of a user over the scorer's history artists; None where it takes
+        none, or the user came as an embedding (scored as a user without history)."""
+        if user_id is None or self._store is None or scorer.history_artists is None:
+            return None
         from userrep.onlinestore import online_history
 
-        return online_history(self._store, [user_id], predictor.batch_id, predictor.artists)
+        return online_history(self._store, [user_id], predictor.batch_id, scorer.history_artists)
 
-    @bentoml.api(route="/recommend/artists", input_spec=RecommendInput)
-    def recommend_artists(
-        self, user_id: str | None = None, embedding: list[float] | None = None, batch_id: str | None = None, k: int = 10
-    ) -> dict:
+    def answer(self, task: str, fields: dict) -> dict:
+        """One route's answer: the user's embedding in the predictor's batch, the task's scorer."""
         predictor = self.current()
-        x = self._embedding(predictor, user_id, embedding, batch_id)
-        top = predictor.recommend(x, k, *self._history(predictor, user_id))
-        return {"batch_id": predictor.batch_id, "user_id": user_id, "artists": top}
-
-    @bentoml.api(route="/predict/artist-preference", input_spec=PreferenceInput)
-    def predict_artist_preference(
-        self,
-        artists: list[str],
-        user_id: str | None = None,
-        embedding: list[float] | None = None,
-        batch_id: str | None = None,
-    ) -> dict:
-        predictor = self.current()
-        unknown = predictor.unknown_artists(artists)
-        if unknown:
-            raise BadInput(f"artists: unknown to batch {predictor.batch_id}: {unknown[:5]}")
-        x = self._embedding(predictor, user_id, embedding, batch_id)
-        probabilities = predictor.preference(x, artists, *self._history(predictor, user_id))
-        return {"batch_id": predictor.batch_id, "user_id": user_id, "probabilities": probabilities}
+        try:
+            scorer = predictor.scorer(task)
+        except LookupError as error:
+            raise NotServed(str(error)) from None
+        request = tasks()[task].request.model_validate({k: v for k, v in fields.items() if k not in USER_FIELDS})
+        user_id = fields.get("user_id")
+        x = self._embedding(predictor, user_id, fields.get("embedding"), fields.get("batch_id"))
+        try:
+            return {"user_id": user_id, **predictor.answer(task, x, self._history(predictor, scorer, user_id), request)}
+        except ValueError as error:  # a request field the batch cannot answer (e.g. an unknown artist)
+            raise BadInput(str(error)) from None
 
 
+USER_FIELDS = frozenset(UserInput.model_fields)
+
+
+def endpoint(task: str, request: type[BaseModel]):
+    """The route of one registered task: its request fields beside the user's."""
+    spec = type(f"{task.title().replace('_', '')}Input", (UserInput, request), {})
+
+    def call(self: TaskService, **fields) -> dict:
+        return self.answer(task, fields)
+
+    call.__name__ = task
+    return bentoml.api(route=tasks()[task].route, input_spec=spec)(call)
+
+
+# BentoML reads a service's routes from its class when it is decorated: one per registered task
+# with a route (userrep.tasks.registry), added before.
+for _name, _task in tasks().items():
+    if _task.route is not None:
+        setattr(TaskService, _name, endpoint(_name, _task.request))
+TaskService = bentoml.service(name="userrep_tasks", traffic={"timeout": 30})(TaskService)
 # every endpoint only reads (POST carries the input): the read token when one is set (serving.auth)
 TaskService.add_asgi_middleware(BearerAuth, all_reads=True)

@@ -121,7 +121,7 @@ def small_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def two_batches(small_world, tmp_path_factory) -> Path:
     """A work dir built once with a real Feast store: b1 (as of May 1) gated and serving, b2 (as of
-    June 30, later data) built, not gated. Each module takes its own copy (``copy_work``): they
+    June 30, later data) built in b1's space (``userrep.continuity``), not gated. Each module takes its own copy (``copy_work``): they
     promote, roll back and write online."""
     from userrep.batch import registry as batches
     from userrep.batch.build import BuildConfig, build_batch
@@ -136,7 +136,7 @@ def two_batches(small_world, tmp_path_factory) -> Path:
     build_batch(small_world, root / "b1", "2026-05-01", config, batch_id="b1")
     assert run_gate(root / "b1", None, load_dataset(small_world))["passed"]
     batches.promote(root, "b1")
-    build_batch(small_world, root / "b2", "2026-06-30", config, batch_id="b2")
+    build_batch(small_world, root / "b2", "2026-06-30", config, batch_id="b2", anchor=root / "b1")
     return work
 
 

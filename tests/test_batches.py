@@ -58,7 +58,12 @@ def test_clean_retrain_on_later_data_passes_the_gate(lifecycle):
     record = run_gate(root / "b2", root / "b1", ds)
     assert record["passed"], record["reasons"]
     inputs = record["inputs"]
-    assert inputs["knn_overlap"] > 0.5 and inputs["head_auc_kept"] > 0.9 and inputs["embedding_drift"] < 0.7
+    assert inputs["knn_overlap"] > 0.5 and inputs["heads_kept"] > 0.9 and inputs["embedding_drift"] < 0.7
+    # b2 continues b1's space: the gate reads it unaligned, as b1's consumers would
+    assert json.loads((root / "b2" / "manifest.json").read_text())["aligned_to"]["batch_id"] == "b1"
+    assert inputs["continues"] and set(inputs["heads_kept_by_task"]) == {"artist_preference", "future_listening"}
+    space = inputs["space"]
+    assert space["cosine_median"] > 0.8 and space["knn_embeddings"] >= space["knn_features"] - 0.1, space
     assert (root / "b2" / "gate.json").exists() and (root / "b2" / "drift_report.html").stat().st_size > 10_000
     assert batches.state(root, "b2") == "gated"
 

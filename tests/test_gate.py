@@ -26,7 +26,7 @@ def healthy(**changes) -> GateInputs:
         column_drift={},
         embedding_drift=0.55,
         knn_overlap=0.7,
-        head_auc_kept=0.98,
+        heads_kept=0.98,
         quality=QUALITY,
     )
     return GateInputs(**{**base, **changes})
@@ -81,7 +81,7 @@ def test_unstable_neighbourhoods_block():
 
 
 def test_heads_losing_auc_on_the_aligned_space_block():
-    decision = decide(healthy(head_auc_kept=0.6), POLICY)
+    decision = decide(healthy(heads_kept=0.6), POLICY)
     assert [r.split(":")[0] for r in decision.reasons] == ["stability_heads"]
 
 

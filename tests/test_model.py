@@ -187,10 +187,10 @@ def test_share_loss_is_zero_only_for_a_perfect_reconstruction(world, fitted):
     perfect = model.standardize(raw).clone()
     probs = raw[:, shares] / raw[:, shares].sum(dim=1, keepdim=True).clamp_min(1e-12)
     perfect[:, shares] = torch.log(probs.clamp_min(1e-30))
-    assert float(model.loss(raw, forward=lambda _: perfect)) == pytest.approx(0.0, abs=1e-5)
+    assert float(model.loss(raw, forward=lambda _: (perfect, None))) == pytest.approx(0.0, abs=1e-5)
     shuffled = perfect.clone()
     shuffled[:, shares] = perfect[:, shares].flip(dims=[1])
-    assert float(model.loss(raw, forward=lambda _: shuffled)) > 0.1
+    assert float(model.loss(raw, forward=lambda _: (shuffled, None))) > 0.1
     with pytest.raises(ValueError, match="share_loss"):
         UserAutoencoder(model.schema, model.mean.numpy(), model.std.numpy(), AEConfig(share_loss="l1"))
 
@@ -205,7 +205,7 @@ def test_the_embedding_keeps_which_artists_a_user_plays(world, fitted):
     shares = features.matrix[:, features.schema.slices()["artists_all"]]
     warm = shares.sum(axis=1) > 0
     with torch.no_grad():
-        logits = model(model.standardize(torch.from_numpy(features.matrix[warm])))
+        logits = model(model.standardize(torch.from_numpy(features.matrix[warm])))[0]
     top5 = np.argsort(-logits[:, features.schema.slices()["artists_all"]].numpy(), axis=1)[:, :5]
     assert (top5 == shares[warm].argmax(axis=1)[:, None]).any(axis=1).mean() > 0.9
 

@@ -28,8 +28,8 @@ from tests.conftest import copy_work
 from userrep.backfill import read_embeddings
 from userrep.baselines import decayed_matrix, user_artist_matrix
 from userrep.batch import registry as batches
-from userrep.batch.downstream import load_head
 from userrep.batch.gate import run_gate
+from userrep.batch.heads import load_head
 from userrep.data import load_dataset
 from userrep.encoders import events_before
 from userrep.eventlog import open_log

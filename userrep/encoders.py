@@ -7,6 +7,7 @@ artist vectors as the mean of the artist's item vectors.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +20,8 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from userrep.data import Dataset, artist_column, split_list
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -223,3 +226,26 @@ def _fill_unplayed_from_artist(items: pa.Table, vectors: np.ndarray, played: np.
     counts = np.bincount(inverse[played], minlength=len(sums))[:, None]
     means = (sums / np.maximum(counts, 1)).astype(np.float32)
     return np.where(played[:, None], vectors, means[inverse])
+
+
+def rotation_onto(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The orthogonal matrix R minimizing ||source @ R - target|| (orthogonal Procrustes)."""
+    from scipy.linalg import orthogonal_procrustes
+
+    rotation, _ = orthogonal_procrustes(np.asarray(source, np.float64), np.asarray(target, np.float64))
+    return rotation
+
+
+def align_vectors(new: ItemVectors, anchor: ItemVectors) -> ItemVectors:
+    """``new`` rotated onto ``anchor`` on the items both give a vector, so that a batch's feature
+    columns keep the meaning they had in the batch it continues (``userrep.continuity``); a new
+    item keeps where its own fit put it, in that basis. Unchanged when they share fewer items than
+    dimensions, or the dimensions differ (a rotation changes no distance: nothing else moves)."""
+    rows = anchor.lookup(new.item_ids)
+    both = rows >= 0
+    both[both] = (np.abs(new.vectors[both]).sum(axis=1) > 0) & (np.abs(anchor.vectors[rows[both]]).sum(axis=1) > 0)
+    if new.dim != anchor.dim or both.sum() < new.dim:
+        log.warning(f"encoder {new.name}: {both.sum()} items shared with the anchor; its vectors are not aligned")
+        return new
+    rotation = rotation_onto(new.vectors[both], anchor.vectors[rows[both]])
+    return ItemVectors(new.name, new.item_ids, (new.vectors @ rotation).astype(np.float32))

@@ -1,5 +1,6 @@
-"""What the evaluation runs on one prepared split (``Context``): its settings, the heads of each
-representation on every task, similar users, ablations and cold -> warm convergence.
+"""What the evaluation runs on one prepared split (``Context``): its settings, every registered
+task (``userrep.tasks.registry``: each task's ``evaluate`` scores each representation), ablations
+and cold -> warm convergence.
 ``userrep.evaluate`` prepares the context, runs these and writes the report."""
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from userrep.data import Dataset
-from userrep.features import UserFeatures, window_name
+from userrep.features import FeatureSpace, UserFeatures, window_name
 from userrep.featurize import build_user_features
-from userrep.metrics import auc, ndcg_rows
 from userrep.model import AEConfig, embed
 from userrep.split import Split
-from userrep.tasks import artist_preference, future_listening, history, similar_users
+from userrep.tasks import future_listening
 from userrep.tasks._mlp import HeadConfig
+from userrep.tasks.registry import tasks
 from userrep.train import fit_autoencoder
 from userrep.uncertainty import ROUNDS, Board
 
@@ -80,202 +81,93 @@ class Context:
     recent: np.ndarray | None = None  # (users, K) pre-cutoff plays with the chosen recency decay
     side: np.ndarray | None = None  # (users, K, 3) ``history.side_features``, set with ``recent``
     blends: dict = field(default_factory=dict)  # method -> the history/prior weights chosen for +history heads
+    # the directly scored baselines (``rows -> (rows, K)`` scores, each chosen on validation users),
+    # the ALS user factors (a similar-users baseline) and the onboarding-mean representation (a
+    # cold-start baseline): set once the baselines are tuned
+    direct: dict = field(default_factory=dict)
+    space: FeatureSpace | None = None  # the split's feature space (its artists, genres)
+    als_factors: np.ndarray | None = None
+    onboarding_mean: np.ndarray | None = None
+
+    # Which tasks can run on this split, and why not: the tasks read these, never recount.
+    @property
+    def heads_trainable(self) -> bool:
+        return len(self.fit_rows) >= MIN_TRAIN
+
+    @property
+    def warm(self) -> bool:
+        return self.heads_trainable and len(self.test_rows) >= MIN_TEST
+
+    @property
+    def cold_scorable(self) -> bool:
+        return self.heads_trainable and len(self.cold_rows) >= MIN_COLD
+
+    @property
+    def validated(self) -> bool:
+        """Enough validation users to early-stop heads and make choices on them."""
+        return len(self.valid_rows) >= MIN_TEST
+
+    @property
+    def why_no_heads(self) -> str:
+        return f"too few warm users to train heads ({len(self.train_rows)})"
+
+    @property
+    def why_not_warm(self) -> str:
+        return f"too few warm users with both history and labels ({len(self.train_rows) + len(self.test_rows)})"
+
+    @property
+    def why_not_cold(self) -> str:
+        if len(self.cold_rows) < MIN_COLD:
+            return f"only {len(self.cold_rows)} users without history but with onboarding/attributes and labels"
+        return self.why_no_heads
+
+    def valid_ndcg(self, scores: np.ndarray) -> float:
+        """nDCG@10 of ``scores`` (validation users x K) as the test users are scored (unseen-only
+        or not): every choice made on validation users uses this one number."""
+        valid = self.valid_rows
+        rows = future_listening.ranking_rows(scores, self.labels[valid], self.history[valid], self.unseen_only)
+        return float(np.nanmean(rows["ndcg@10"]))
+
+    def ranking_validation(self, x: np.ndarray):
+        """Early-stopping score of an embedding-only future-listening head: the validation users'
+        nDCG@10 (None: too few validation users)."""
+        if not self.validated:
+            return None
+        return lambda head: self.valid_ndcg(future_listening.scores(head, x[self.valid_rows]))
 
 
-def valid_ndcg(ctx: Context, scores: np.ndarray) -> float:
-    """nDCG@10 of ``scores`` (validation users x K) as the test users are scored (unseen-only or not):
-    every choice made on validation users uses this one number."""
-    valid = ctx.valid_rows
-    return float(
-        np.nanmean(
-            future_listening.ranking_rows(scores, ctx.labels[valid], ctx.history[valid], ctx.unseen_only)["ndcg@10"]
-        )
-    )
-
-
-def _ranking_validation(ctx: Context, x: np.ndarray):
-    """Early-stopping score of an embedding-only future-listening head: the validation users' nDCG@10."""
-    valid = ctx.valid_rows
-    if len(valid) < MIN_TEST:
-        return None
-    return lambda head: valid_ndcg(ctx, future_listening.scores(head, x[valid]))
-
-
-def _head_tasks(
-    ctx: Context,
-    board: Board,
-    method: str,
-    x: np.ndarray,
-    config: EvalConfig,
-    cold_x: np.ndarray | None = None,
-    warm: bool = True,
-    preference: bool = True,
-) -> None:
-    """Heads for one representation, fit on warm head-training users (early-stopped on the
-    validation users), scored on test and cold users.
-
-    With ``cold_x`` (the head-training users' cold-like representations) the heads also see the
-    user's history of each candidate (row ``METHOD+history``), and the future-listening head
-    learns from the fitting users twice: with their history, and as cold-like users (no history).
-    """
-    fit, test, cold, valid = ctx.fit_rows, ctx.test_rows, ctx.cold_rows, ctx.valid_rows
-    side = ctx.side if cold_x is not None else None
-    warm_weight = cold_weight = 0.0
-    if cold_x is None:
-        head = future_listening.fit_head(x[fit], ctx.labels[fit], config.head, validate=_ranking_validation(ctx, x))
-    else:
-        assert side is not None and ctx.recent is not None, "history features are set with cold_x"
-        cold_fit, cold_valid = (cold_x[np.searchsorted(ctx.train_rows, rows)] for rows in (fit, valid))
-        checked = len(valid) >= MIN_TEST
-        head, meta = future_listening.fit_with_history(
-            (x[fit], cold_fit, ctx.labels[fit], side[fit]),
-            (x[valid], cold_valid, side[valid], side[valid, :, 0], ctx.recent[valid]) if checked else None,
-            ctx.popularity,
-            config.head,
-            lambda scores: valid_ndcg(ctx, scores),
-        )
-        warm_weight, cold_weight = meta["history_weight"], meta["prior_weight"]
-        if checked:
-            ctx.blends[method] = {"history_weight": warm_weight, "prior_weight": cold_weight}
-    if warm:
-        scores = future_listening.scores(head, x[test], None if side is None else side[test])
-        if warm_weight:
-            scores = scores + warm_weight * _played_scores(ctx, test)
-        board.add_rows(
-            "future_listening",
-            method,
-            "test",
-            future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only),
-        )
-    if warm and preference:
-        pick = lambda rows: None if side is None else side[rows]  # noqa: E731
-        check = (
-            None
-            if len(valid) < MIN_TEST
-            else (
-                lambda h: auc(
-                    ctx.valid_pairs[2],
-                    artist_preference.scores(h, x[valid], ctx.artist_vectors, ctx.valid_pairs, pick(valid)),
-                )
-            )
-        )
-        pair_config = artist_preference.pair_config(config.head, len(ctx.fit_pairs[0]))
-        pref = artist_preference.fit_head(x[fit], ctx.artist_vectors, ctx.fit_pairs, pair_config, pick(fit), check)
-        users, _, y = ctx.test_pairs
-        board.add_auc(
-            "artist_preference",
-            method,
-            "test",
-            users,
-            y,
-            artist_preference.scores(pref, x[test], ctx.artist_vectors, ctx.test_pairs, pick(test)),
-        )
-    if len(cold) >= MIN_COLD:
-        no_history = None if side is None else np.zeros((len(cold),) + side.shape[1:], np.float32)
-        prior = history.prior(ctx.popularity, len(cold))
-        scores = future_listening.scores(head, x[cold], no_history) + cold_weight * prior
-        board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(scores, ctx.labels[cold], 10)})
-
-
-def _played_scores(ctx: Context, rows: np.ndarray) -> np.ndarray:
-    assert ctx.side is not None and ctx.recent is not None, "history features are not set"
-    return history.played_scores(ctx.side[rows, :, 0], ctx.recent[rows], ctx.popularity)
-
-
-def run_tasks(
-    ctx: Context, reps: dict, cold_reps: dict, direct: dict, als_factors: np.ndarray, board: Board, config: EvalConfig
-) -> dict:
-    """Every task on its own users: a task that cannot run is skipped with its reason, alone."""
-    train, test, cold = ctx.train_rows, ctx.test_rows, ctx.cold_rows
+def run_tasks(ctx: Context, reps: dict, cold_reps: dict, board: Board, config: EvalConfig) -> dict:
+    """Every registered task (``userrep.tasks.registry``) on its own users, for each head
+    representation (``HEAD_METHODS``; with ``cold_reps``: also its ``+history`` rows): a task that
+    cannot run is skipped with its reason, alone."""
+    heads = {m: reps[m] for m in HEAD_METHODS}
     skipped: dict[str, str] = {}
-    heads = len(ctx.fit_rows) >= MIN_TRAIN
-    warm = heads and len(test) >= MIN_TEST
-    if not warm:
-        reason = f"too few warm users with both history and labels ({len(train) + len(test)})"
-        skipped.update({"future_listening": reason, "artist_preference": reason})
-    if len(cold) < MIN_COLD or not heads:
-        skipped["cold_start"] = (
-            f"only {len(cold)} users without history but with onboarding/attributes and labels"
-            if len(cold) < MIN_COLD
-            else f"too few warm users to train heads ({len(train)})"
-        )
-    if heads:
-        for method in HEAD_METHODS:
-            _head_tasks(ctx, board, method, reps[method], config, warm=warm)
-            _head_tasks(ctx, board, method + WITH_HISTORY, reps[method], config, cold_x=cold_reps[method], warm=warm)
-    if warm:
-        users, artists, y = ctx.test_pairs
-        for method, scores_of in direct.items():
-            scores = scores_of(test)
-            board.add_rows(
-                "future_listening",
-                method,
-                "test",
-                future_listening.ranking_rows(scores, ctx.labels[test], ctx.history[test], ctx.unseen_only),
-            )
-            board.add_auc("artist_preference", method, "test", users, y, np.asarray(scores)[users, artists])
-    if "cold_start" not in skipped:
-        onboarding = reps["onboarding_mean"]
-        onboarding_head = future_listening.fit_head(
-            onboarding[ctx.fit_rows],
-            ctx.labels[ctx.fit_rows],
-            config.head,
-            validate=_ranking_validation(ctx, onboarding),
-        )
-        cold_scores = {
-            "onboarding_mean": future_listening.scores(onboarding_head, onboarding[cold]),
-            "popularity": direct["popularity"](cold),
-            "als": direct["als"](cold),
-        }
-        for method, scores in cold_scores.items():
-            board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(scores, ctx.labels[cold], 10)})
-    if not run_similar_users(ctx, board, {**{m: reps[m] for m in HEAD_METHODS}, "als": als_factors}, config):
-        skipped["similar_users"] = "no test users with pairs or label-window plays to judge neighbours by"
+    for task in tasks().values():
+        skipped.update(task.evaluate(ctx, board, heads, {m: cold_reps[m] for m in HEAD_METHODS}, config))
     return skipped
 
 
-def run_similar_users(ctx: Context, board: Board | None, reps: dict, config: EvalConfig) -> dict | None:
-    """nDCG@50 of FAISS neighbours per representation; into ``board``, or returned when None."""
-    rng = np.random.default_rng(config.seed)
-    if ctx.related is not None and ctx.related.nnz:
-        candidates = ctx.test_rows[np.diff(ctx.related.indptr)[ctx.test_rows] > 0]
-        score = lambda found, q: similar_users.ndcg_with_pairs(found, q, ctx.related)  # noqa: E731
-    else:
-        candidates = ctx.test_rows[np.diff(ctx.label_artists.indptr)[ctx.test_rows] > 0]
-        score = lambda found, q: similar_users.ndcg_with_overlap(found, q, ctx.label_artists)  # noqa: E731
-    if len(candidates) == 0:
-        return None
-    n = min(config.similar_queries, len(candidates))
-    queries = np.sort(rng.choice(candidates, size=n, replace=False))
-    out = {}
-    for method, x in reps.items():
-        rows = score(similar_users.neighbours(similar_users.build_index(x), x, queries, 50), queries)
-        out[method] = {"ndcg@50": similar_users.mean(rows)}
-        if board is not None:  # the population's first n resampling weights: queries are a sample already
-            padded = np.full(len(board.weights["queries"][0]), np.nan)
-            padded[:n] = rows
-            board.add_rows("similar_users", method, "queries", {"ndcg@50": padded})
-    return out
-
-
 def run_ablations(ctx: Context, features: UserFeatures, ae: AEConfig, config: EvalConfig, windows) -> dict:
-    """The autoencoder retrained without each group (by kind, then by window); same heads and users."""
+    """The autoencoder retrained without each group (by kind, then by window); same heads and users
+    (each task's representation rows only: no baselines, no +history heads)."""
     present = {name for name, _ in features.schema.groups}
     tokens = [g for g in ABLATION_GROUPS if any(n == g or n.startswith(f"{g}_") for n in present)]
     tokens += [window_name(w) for w in windows]
-    board = Board({"test": len(ctx.test_rows), "cold": len(ctx.cold_rows)}, config.seed, rounds=1)
-    similar = {}
+    populations = {
+        "test": len(ctx.test_rows),
+        "cold": len(ctx.cold_rows),
+        "queries": min(config.similar_queries, len(ctx.test_rows)),
+    }
+    board = Board(populations, config.seed, rounds=1)
     for token in tokens:
         reduced = features.without([token])
         x = embed(fit_autoencoder(reduced, ae).model, reduced.matrix)
-        _head_tasks(ctx, board, token, x, config, preference=False)  # the pair head: the slowest, least telling
-        similar.update(run_similar_users(ctx, None, {token: x}, config) or {})
+        for task in tasks().values():
+            task.evaluate(ctx, board, {token: x}, None, config)
     out: dict[str, dict] = {token: {} for token in tokens}
     for task, methods in board.tasks().items():
         for token, values in methods.items():
             out[token][task] = {k: v for k, v in values.items() if not k.endswith("_ci")}
-    for token, values in similar.items():
-        out[token]["similar_users"] = values
     return out
 
 

@@ -44,7 +44,6 @@ from userrep.evaltasks import (
     run_ablations,
     run_convergence,
     run_tasks,
-    valid_ndcg,
 )
 from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, fit_feature_space
 from userrep.featurize import build_user_features, static_inputs
@@ -111,7 +110,8 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
     cold_like = features.cold_like(ctx.train_rows)
     cold_reps = {name: encode(cold_like) for name, encode in encoders.items()}
     watch.done("representations")
-    direct, choices, als = _tuned_baselines(ctx, space, config)
+    ctx.direct, choices, als = _tuned_baselines(ctx, space, config)
+    ctx.als_factors, ctx.onboarding_mean, ctx.space = als.user_factors, reps["onboarding_mean"], space
     watch.done("baselines (tuned on validation users)")
     board = Board(
         {
@@ -122,7 +122,7 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
         config.seed,
         config.bootstrap,
     )
-    skipped = run_tasks(ctx, reps, cold_reps, direct, als.user_factors, board, config)
+    skipped = run_tasks(ctx, reps, cold_reps, board, config)
     watch.done("tasks")
     ablations = (
         run_ablations(ctx, features, ae, config, space.config.windows)
@@ -226,7 +226,7 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
     events, as_of = ctx.split.train.events, ctx.split.as_of
 
     def score(scores_of) -> float:
-        return valid_ndcg(ctx, scores_of(valid)) if len(valid) else 0.0
+        return ctx.valid_ndcg(scores_of(valid)) if len(valid) else 0.0
 
     half_life, decayed, by_decay = baselines.choose(
         history.HALF_LIVES,

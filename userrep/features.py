@@ -18,7 +18,7 @@ Groups (``collab_7d``, ``content_30d``, ``genres_180d``, ``activity_7d``, ``onbo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from userrep.encoders import (
     CollaborativeEncoder,
     ContentEncoder,
     ItemVectors,
+    align_vectors,
     events_before,
     genre_matrix,
     genre_vocabulary,
@@ -263,12 +264,14 @@ def fit_feature_space(
     as_of,
     config: FeatureConfig = FeatureConfig(),
     interactions: tuple[np.ndarray, sp.csr_matrix] | None = None,
+    anchor: FeatureSpace | None = None,
 ) -> FeatureSpace:
     """Fit both encoders and the vocabularies on data strictly before ``as_of``.
 
     ``interactions``: ``user_item_matrix`` of the events before ``as_of`` where the caller built
     it without holding the events (``userrep.partitions``); it is consumed. Default: built from
-    ``ds.events``.
+    ``ds.events``. ``anchor``: the space of the batch this one continues; every encoder's item
+    vectors are rotated onto its (``userrep.encoders.align_vectors``).
     """
     as_of = to_utc(as_of)
     _, matrix = interactions if interactions is not None else user_item_matrix(events_before(ds, as_of), ds.items)
@@ -292,7 +295,7 @@ def fit_feature_space(
     plays = np.bincount(item_artist, weights=item_plays, minlength=len(artists))
     played = np.flatnonzero(plays > 0)
     top = played[np.lexsort((played, -plays[played]))][: config.top_artists]
-    return FeatureSpace(
+    space = FeatureSpace(
         config,
         as_of.isoformat(),
         collab,
@@ -303,4 +306,9 @@ def fit_feature_space(
         artists,
         item_genres,
         top.astype(np.int64),
+    )
+    if anchor is None:
+        return space
+    return replace(
+        space, collab=align_vectors(space.collab, anchor.collab), content=align_vectors(space.content, anchor.content)
     )

@@ -61,6 +61,11 @@ class AEConfig:
     # the parameters are averaged every k steps and at each epoch's end (less communication, a
     # slightly different model; docs/model.md, fit throughput). No effect in-process.
     average_every: int = 1
+    # A fit continued from an anchor batch (``userrep.continuity``): how strongly each user's
+    # embedding is held to the anchor's, as a multiple of the mean squared difference per
+    # dimension: to the anchor model's embedding of the same input (the function) and to the
+    # user's embedding in the anchor batch (the user's place). 0 for a fit from scratch.
+    stability_weight: float = 0.0
 
 
 class UserAutoencoder(nn.Module):
@@ -125,18 +130,39 @@ class UserAutoencoder(nn.Module):
         """Raw feature rows -> embeddings (what backfill and serving call)."""
         return self.encoder(self.standardize(raw))
 
-    def forward(self, corrupted: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(corrupted))
+    def forward(self, corrupted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction, embedding) of standardized, corrupted rows."""
+        z = self.encoder(corrupted)
+        return self.decoder(z), z
 
-    def loss(self, raw: torch.Tensor, generator: torch.Generator | None = None, forward=None) -> torch.Tensor:
+    def loss(
+        self,
+        raw: torch.Tensor,
+        generator: torch.Generator | None = None,
+        forward=None,
+        anchor: nn.Module | None = None,
+        previous: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Group-weighted reconstruction loss of the clean input from a corrupted copy (MSE; share
-        groups: multinomial, see the module docstring).
+        groups: multinomial, see the module docstring), plus, for a fit continued from an anchor
+        batch, ``stability_weight`` times the mean squared distance of each embedding to the
+        anchor encoder's embedding of the same input (``anchor``) and to the user's embedding in
+        the anchor batch (``previous``; NaN rows: users the anchor did not know).
 
         ``forward`` is the module to run (a DDP wrapper of this model when distributed).
         """
         clean = self.standardize(raw)
-        recon = (forward or self)(self.corrupt(clean, generator))
+        corrupted = self.corrupt(clean, generator)
+        recon, z = (forward or self)(corrupted)
         loss = (((recon - clean) ** 2) * self.loss_weight).sum(dim=1)
+        weight = self.config.stability_weight
+        if weight and anchor is not None:
+            with torch.no_grad():
+                held = anchor(corrupted)
+            loss = loss + weight * ((z - held) ** 2).mean(dim=1)
+        if weight and previous is not None:
+            known = torch.isfinite(previous[:, :1])
+            loss = loss + weight * torch.where(known, (z - torch.nan_to_num(previous)) ** 2, 0.0).mean(dim=1)
         for sl, weight in zip(self.share_slices, self.share_weights):
             # Multinomial likelihood minus its floor: sum(shares) * KL(shares normalized ||
             # softmax), 0 for a perfect reconstruction as with MSE; rows without plays add 0.

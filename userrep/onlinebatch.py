@@ -159,7 +159,7 @@ def _history_spec(directory: Path, space: FeatureSpace) -> tuple | None:
     path = BatchDir(directory).head("future_listening")
     if not path.exists():
         return None
-    from userrep.batch.downstream import load_head
+    from userrep.batch.heads import load_head
 
     _, meta = load_head(path)
     return space.artist_index(meta["artists"]), meta["artists"], meta.get("half_life_days")

@@ -253,14 +253,17 @@ def partitioned_snapshot(
     work: Path,
     partitions: int | None = None,
     workers: int = 0,
+    anchor: FeatureSpace | None = None,
 ) -> tuple[FeatureSpace, UserFeatures]:
     """The encoders and every user's features as of ``as_of``, without holding the events: the
     dataset is split into user partitions under ``work`` as it is read, the encoders are fitted
     on the partitions' user x item matrix, and the features computed partition by partition.
     Equal to ``fit_feature_space`` + ``build_user_features`` on the whole dataset (tested).
-    The space is saved to ``space_dir``; the caller removes ``work`` once done with the matrix.
+    ``anchor``: see ``fit_feature_space``. The space is saved to ``space_dir``; the caller removes ``work`` once done with the matrix.
     """
     ds, partitions = split_dataset(source, as_of, work, partitions)
-    space = fit_feature_space(ds, as_of, config, interactions=partition_interactions(work, partitions, ds.items))
+    space = fit_feature_space(
+        ds, as_of, config, interactions=partition_interactions(work, partitions, ds.items), anchor=anchor
+    )
     space.save(space_dir)
     return space, partitioned_features(work, partitions, as_of, space_dir, workers)

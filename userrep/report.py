@@ -14,12 +14,21 @@ import pandas as pd
 import plotly.graph_objects as go
 from sklearn.manifold import TSNE
 
-MAIN_METRIC = {
-    "future_listening": "ndcg@10",
-    "artist_preference": "auc",
-    "similar_users": "ndcg@50",
-    "cold_start": "ndcg@10",
-}
+from userrep.tasks import registry
+
+
+def columns() -> tuple[tuple[str, str], ...]:
+    """Every (row, metric) the report shows, from the registered tasks' ``columns``."""
+    return tuple(
+        (row, metric) for task in registry.tasks().values() for row, found in task.columns.items() for metric in found
+    )
+
+
+def main_metric() -> dict[str, str]:
+    """Each row's headline metric: the first of its columns."""
+    return {row: found[0] for task in registry.tasks().values() for row, found in task.columns.items()}
+
+
 _MAP_POINTS = 2000
 
 
@@ -116,14 +125,14 @@ def _comparison_list(metrics: dict) -> str:
 
 
 def _task_bars(metrics: dict) -> go.Figure:
-    fig = go.Figure()
+    fig, main = go.Figure(), main_metric()
     methods = sorted({m for task in metrics["tasks"].values() for m in task})
     for method in methods:
         x, y = [], []
         for task, values in metrics["tasks"].items():
             if method in values:
-                x.append(f"{task}<br>{MAIN_METRIC[task]}")
-                y.append(values[method].get(MAIN_METRIC[task]))
+                x.append(f"{task}<br>{main.get(task, '')}")
+                y.append(values[method].get(main.get(task)))
         fig.add_bar(name=method, x=x, y=y)
     fig.update_layout(barmode="group", height=420, margin=dict(t=30), legend_title="method")
     return fig
@@ -181,14 +190,14 @@ def _convergence(metrics: dict) -> go.Figure | None:
 def _ablation_table(metrics: dict) -> str:
     if not metrics["ablations"]:
         return "<p>(not run)</p>"
-    full = metrics["tasks"]
-    head = "".join(f"<th>{html.escape(t)} {html.escape(MAIN_METRIC[t])}</th>" for t in MAIN_METRIC if t in full)
+    full, main = metrics["tasks"], main_metric()
+    head = "".join(f"<th>{html.escape(t)} {html.escape(main[t])}</th>" for t in main if t in full)
     body = []
     for group, tasks in metrics["ablations"].items():
         cells = []
-        for task in (t for t in MAIN_METRIC if t in full):
-            value = tasks.get(task, {}).get(MAIN_METRIC[task])
-            base = full[task].get("gur", {}).get(MAIN_METRIC[task])
+        for task in (t for t in main if t in full):
+            value = tasks.get(task, {}).get(main[task])
+            base = full[task].get("gur", {}).get(main[task])
             if value is None or base is None:
                 cells.append("<td>-</td>")
                 continue
@@ -202,26 +211,16 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-COLUMNS = (
-    ("future_listening", "ndcg@10"),
-    ("future_listening", "recall@50"),
-    ("future_listening", "ndcg@10_new"),
-    ("artist_preference", "auc"),
-    ("similar_users", "ndcg@50"),
-    ("cold_start", "ndcg@10"),
-)
-
-
 def markdown_summary(metrics: dict) -> str:
     """One markdown table: methods x main metrics with 95% intervals, the best per column bold, then
     the paired comparisons (the README's results tables)."""
-    tasks = metrics["tasks"]
+    tasks, shown = metrics["tasks"], columns()
     methods = list(dict.fromkeys(m for task in tasks.values() for m in task))
-    header = "| method | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in COLUMNS) + " |"
-    lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
+    header = "| method | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in shown) + " |"
+    lines = [header, "|---" * (len(shown) + 1) + "|"]
     for method in methods:
         cells = []
-        for task, metric in COLUMNS:
+        for task, metric in shown:
             values = tasks.get(task, {}).get(method, {})
             value, best = values.get(metric), _best(tasks.get(task, {}), metric)
             text = "-" if value is None else f"{value:.3f}"
@@ -240,15 +239,15 @@ def _seeds_table(metrics: dict) -> str:
     if not seeds:
         return ""
     runs = len(next(v for task in seeds.values() for m in task.values() for v in m.values())["values"])
-    methods = list(dict.fromkeys(m for task in seeds.values() for m in task))
+    methods, shown = list(dict.fromkeys(m for task in seeds.values() for m in task)), columns()
     lines = [
         f"\nOver {runs} seeds (mean +- standard deviation):\n",
-        "| method | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
+        "| method | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in shown) + " |",
+        "|---" * (len(shown) + 1) + "|",
     ]
     for method in methods:
         cells = []
-        for task, metric in COLUMNS:
+        for task, metric in shown:
             found = seeds.get(task, {}).get(method, {}).get(metric)
             means = [
                 v[metric]["mean"] for v in seeds.get(task, {}).values() if metric in v and v[metric]["mean"] is not None

@@ -175,9 +175,11 @@ def open_store(config: StoreConfig, apply: bool = True):
     return store
 
 
-def space_id(fingerprint: dict, as_of: pd.Timestamp, config: FeatureConfig) -> str:
-    key = json.dumps({"data": fingerprint, "as_of": as_of.isoformat(), "features": asdict(config)}, sort_keys=True)
-    return f"{as_of:%Y%m%d}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+def space_id(fingerprint: dict, as_of: pd.Timestamp, config: FeatureConfig, anchor: str | None = None) -> str:
+    """A snapshot's id: its data, time and settings, and the batch whose space it continues."""
+    key = {"data": fingerprint, "as_of": as_of.isoformat(), "features": asdict(config)}
+    text = json.dumps(key if anchor is None else {**key, "anchor": anchor}, sort_keys=True)
+    return f"{as_of:%Y%m%d}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 def materialize(
@@ -187,21 +189,30 @@ def materialize(
     features: FeatureConfig = FeatureConfig(),
     store=None,
     workers: int = 0,
+    anchor: str | Path | None = None,
 ) -> Snapshot:
     """Fit encoders as of ``as_of``, write the snapshot's offline rows, apply, load them online.
 
     The features are computed partition by partition (``userrep.partitions``; Ray Data tasks
-    when ``workers`` > 0, in a Ray session the caller holds).
+    when ``workers`` > 0, in a Ray session the caller holds). ``anchor``: the directory of the
+    batch whose space this snapshot continues (its encoders' item vectors are aligned onto it).
     """
 
     as_of = to_utc(as_of)
     path = data.path if isinstance(data, Dataset) else Path(data)
-    sid = space_id(data_fingerprint(path), as_of, features)
+    anchor_space = None
+    if anchor is not None:
+        from userrep.batch.layout import BatchDir, read_manifest
+
+        anchor_space = FeatureSpace.load(BatchDir(anchor).encoders)
+    sid = space_id(data_fingerprint(path), as_of, features, read_manifest(anchor)["batch_id"] if anchor else None)
     home = Path(config.home)
     (home / "data").mkdir(parents=True, exist_ok=True)
     space_dir = home / "snapshots" / sid
     # A directory is streamed into user partitions, never held (``userrep.partitions``).
-    _, user_features = partitioned_snapshot(data, as_of, features, space_dir, space_dir / "partitions", workers=workers)
+    _, user_features = partitioned_snapshot(
+        data, as_of, features, space_dir, space_dir / "partitions", workers=workers, anchor=anchor_space
+    )
     np.save(space_dir / "users.npy", user_features.user_ids.astype(str))
     (space_dir / "snapshot.json").write_text(
         json.dumps({"space_id": sid, "as_of": as_of.isoformat(), "users": len(user_features.user_ids)})

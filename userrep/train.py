@@ -15,6 +15,7 @@ checkpoint directory must be shared storage.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,10 +77,15 @@ def _epoch_rows(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.T
     return order[rank::world][: n // world]
 
 
-def _batches(matrix: np.ndarray, rows: torch.Tensor, batch_size: int):
-    """Batches of ``matrix`` rows (an array, or a memory-mapped .npy: only the rows taken are read)."""
+def _batches(matrix: np.ndarray, rows: torch.Tensor, batch_size: int, previous: np.ndarray | None = None):
+    """(raw rows, their previous embeddings or None) batches of ``matrix`` (an array, or a
+    memory-mapped .npy: only the rows taken are read)."""
     for start in range(0, len(rows), batch_size):
-        yield torch.from_numpy(np.ascontiguousarray(matrix[rows[start : start + batch_size].numpy()]))
+        taken = rows[start : start + batch_size].numpy()
+        yield (
+            torch.from_numpy(np.ascontiguousarray(matrix[taken])),
+            None if previous is None else torch.from_numpy(np.ascontiguousarray(previous[taken])),
+        )
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -98,6 +104,11 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
     rank, world, local_sgd = 0, 1, False
     torch.manual_seed(config["ae"]["seed"])  # initial weights (DDP then broadcasts rank 0's anyway)
     core = _build_model(config)
+    anchor = None  # a continued fit: the starting encoder, frozen, its embeddings held (``AEConfig.stability_weight``)
+    if config.get("init_state") is not None:
+        core.load_state_dict(config["init_state"])
+        if core.config.stability_weight:
+            anchor = copy.deepcopy(core.encoder).eval().requires_grad_(False)
     model: torch.nn.Module = core  # DDP's wrapper when distributed
     ae: AEConfig = core.config
     optimizer = torch.optim.AdamW(core.parameters(), lr=ae.lr, weight_decay=ae.weight_decay)
@@ -125,20 +136,23 @@ def _train(config: dict) -> tuple[UserAutoencoder, list[float], list[int]]:
             # every forward was a second collective a step (0.49x -> 0.7x of in-process, docs/model.md).
             model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"forward_sync_buffers": False})
         matrix = np.load(config["matrix_path"], mmap_mode="r")  # shared storage, as the checkpoints
+        previous = np.load(config["previous_path"], mmap_mode="r") if config.get("previous_path") else None
     else:
-        matrix = config["matrix"]
+        matrix, previous = config["matrix"], config.get("previous")
     progress = config.get("progress") if rank == 0 else None
     for epoch in range(start_epoch, ae.epochs):
         generator = torch.Generator().manual_seed(ae.seed * 1_000_003 + epoch * 101 + rank)  # corruption noise
         # each rank takes batch_size / world rows a step: the global batch, and so the number of
         # optimizer steps an epoch, is the in-process loop's whatever the worker count
         batches = _batches(
-            matrix, _epoch_rows(len(matrix), ae.seed, epoch, rank, world), max(1, ae.batch_size // world)
+            matrix, _epoch_rows(len(matrix), ae.seed, epoch, rank, world), max(1, ae.batch_size // world), previous
         )
         model.train()
         total = torch.zeros(2, dtype=torch.float64)  # (loss sum, rows), all-reduced across workers
-        for step, raw in enumerate(batches, start=1):
-            loss = core.loss(raw, generator, forward=model)  # through DDP when distributed
+        for step, (raw, held) in enumerate(batches, start=1):
+            loss = core.loss(
+                raw, generator, forward=model, anchor=anchor, previous=held
+            )  # through DDP when distributed
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -166,9 +180,14 @@ def fit_autoencoder(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress=None,
+    init: UserAutoencoder | None = None,
+    previous: np.ndarray | None = None,
 ) -> FitResult:
     """Train on ``features``. ``workers=0``: plain torch here; ``workers>=1``: Ray Train workers.
 
+    ``init``: a model to start from (its weights and standardization; ``userrep.continuity``
+    builds it from the anchor batch), which with ``ae.stability_weight`` also holds the embeddings
+    near its own; ``previous``: (users, latent) each row's embedding in the anchor batch (NaN: none).
     Without ``resume`` an existing checkpoint directory is cleared first.
     """
     # Absolute: Ray Train workers run in their own working directory.
@@ -181,19 +200,22 @@ def fit_autoencoder(
     resumed = latest_checkpoint(checkpoint_dir)
     resumed_epoch = int(resumed.stem.split("_")[1]) if resumed else 0
     matrix = np.ascontiguousarray(features.matrix, dtype=np.float32)
-    mean, std = standardization(matrix)
+    mean, std = (init.mean.numpy(), init.std.numpy()) if init is not None else standardization(matrix)
     config = {
         "schema": [list(g) for g in features.schema.groups],
         "mean": mean.tolist(),
         "std": std.tolist(),
         "ae": asdict(ae),
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
+        "init_state": None if init is None else init.state_dict(),
     }
+    if previous is not None:
+        previous = np.ascontiguousarray(previous, dtype=np.float32)
     if workers == 0:
-        model, losses, starts = _train({**config, "matrix": matrix, "progress": progress})
+        model, losses, starts = _train({**config, "matrix": matrix, "previous": previous, "progress": progress})
         return FitResult(model, tuple(losses), resumed_epoch, tuple(starts))
     assert checkpoint_dir is not None  # checked above: workers need one
-    _fit_with_ray(matrix, config, workers, checkpoint_dir)
+    _fit_with_ray(matrix, previous, config, workers, checkpoint_dir)
     final = latest_checkpoint(checkpoint_dir)
     if final is None or int(final.stem.split("_")[1]) != ae.epochs:
         raise RuntimeError(f"Ray training finished without the epoch {ae.epochs} checkpoint in {checkpoint_dir}")
@@ -203,7 +225,9 @@ def fit_autoencoder(
     return FitResult(model.eval(), tuple(blob["losses"]), resumed_epoch, tuple(blob["starts"]))
 
 
-def _fit_with_ray(matrix: np.ndarray, config: dict, workers: int, checkpoint_dir: Path) -> None:
+def _fit_with_ray(
+    matrix: np.ndarray, previous: np.ndarray | None, config: dict, workers: int, checkpoint_dir: Path
+) -> None:
     """Ray Train workers read the matrix memory-mapped from ``checkpoint_dir`` (shared storage on
     a cluster): a Ray Data dataset started a streaming execution every epoch, about 0.25 s of
     each (docs/model.md). A worker that dies is restarted once and resumes from the newest
@@ -214,13 +238,19 @@ def _fit_with_ray(matrix: np.ndarray, config: dict, workers: int, checkpoint_dir
     from userrep.raylocal import train_cpus_per_worker
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    matrix_path = checkpoint_dir / "matrix.npy"
-    with open(matrix_path.with_suffix(".tmp"), "wb") as out:
-        np.save(out, matrix)
-    os.replace(matrix_path.with_suffix(".tmp"), matrix_path)
+    matrix_path, previous_path = checkpoint_dir / "matrix.npy", checkpoint_dir / "previous.npy"
+    for path, array in ((matrix_path, matrix), (previous_path, previous)):
+        if array is not None:
+            with open(path.with_suffix(".tmp"), "wb") as out:
+                np.save(out, array)
+            os.replace(path.with_suffix(".tmp"), path)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**config, "matrix_path": str(matrix_path)},
+        train_loop_config={
+            **config,
+            "matrix_path": str(matrix_path),
+            "previous_path": str(previous_path) if previous is not None else None,
+        },
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": train_cpus_per_worker(workers)}),
         run_config=RunConfig(
             name="autoencoder",
@@ -232,3 +262,4 @@ def _fit_with_ray(matrix: np.ndarray, config: dict, workers: int, checkpoint_dir
         trainer.fit()
     finally:
         matrix_path.unlink(missing_ok=True)
+        previous_path.unlink(missing_ok=True)

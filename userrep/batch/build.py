@@ -34,8 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from userrep.backfill import backfill_embeddings
-from userrep.batch.downstream import TASKS, DownstreamConfig, serving_history, task_data, train_task
+from userrep.batch.downstream import DownstreamConfig, serving_history, task_data, train_task
 from userrep.batch.layout import BatchDir, manifest_path, read_manifest
+from userrep.continuity import continue_fit, load_anchor
 from userrep.data import Dataset, load_dataset
 from userrep.encoders import CollaborativeEncoder, ContentEncoder
 from userrep.eventlog import watermark
@@ -45,8 +46,8 @@ from userrep.model import AEConfig
 from userrep.partitions import partitioned_snapshot
 from userrep.source import EventSource
 from userrep.store import StoreConfig
+from userrep.tasks import registry as task_registry
 from userrep.timing import Stopwatch
-from userrep.train import fit_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,12 @@ def fit_stage(
     snapshot_id: str | None = None,
     progress=None,
     spec: dict | None = None,
+    anchor: str | Path | None = None,
 ) -> dict:
     """Training set (from a Feast snapshot, or in-process) -> autoencoder; writes BATCH/build.json.
-    `spec`: the `BatchSpec` this batch was asked for, kept in the build record and the manifest."""
+    `spec`: the `BatchSpec` this batch was asked for, kept in the build record and the manifest.
+    `anchor`: the directory of the batch whose space this one continues (``userrep.continuity``;
+    None: a new space)."""
     out = Path(out)
     files = BatchDir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +207,7 @@ def fit_stage(
                     )
             else:
                 snapshot = feast.materialize(
-                    data, as_of, config.feast, config.features, store=store, workers=config.workers
+                    data, as_of, config.feast, config.features, store=store, workers=config.workers, anchor=anchor
                 )
                 stage.done("materialize")
             space = FeatureSpace.load(snapshot.space_dir)
@@ -211,13 +215,21 @@ def fit_stage(
             space.save(files.encoders)
         else:
             space, features = partitioned_snapshot(
-                data, as_of, config.features, files.encoders, files.partitions, workers=config.workers
+                data,
+                as_of,
+                config.features,
+                files.encoders,
+                files.partitions,
+                workers=config.workers,
+                anchor=FeatureSpace.load(BatchDir(anchor).encoders) if anchor else None,
             )
             stage.done("encoders")
         save_features(features, files.features)
         stage.done("features")
-        fit = fit_autoencoder(
+        fit, aligned_to = continue_fit(
             features,
+            space,
+            load_anchor(anchor) if anchor else None,
             config.ae,
             workers=config.workers,
             checkpoint_dir=files.checkpoints,
@@ -237,6 +249,8 @@ def fit_stage(
         },  # the logged events the data holds
         "snapshot": snapshot.space_id if snapshot else None,
         "spec": spec,
+        "aligned_to": aligned_to,
+        "tasks": list(task_registry.names()),  # the downstream tasks this batch is built with
         "config": asdict(config),
         "training": {"losses": [round(x, 6) for x in fit.losses], "resumed_from_epoch": fit.resumed_from_epoch},
         "timings_s": {k: v for k, v in stage.finish().items() if k != "total"},
@@ -279,6 +293,8 @@ def backfill_stage(out: str | Path) -> dict:
         "data": record["data"],
         "snapshot": record["snapshot"],
         "spec": record.get("spec"),
+        "aligned_to": record.get("aligned_to"),
+        "tasks": record.get("tasks"),
         "users": n_users,
         "feature_schema": [list(g) for g in schema.groups],
         "n_features": schema.n_features,
@@ -304,8 +320,11 @@ def backfill_stage(out: str | Path) -> dict:
     return manifest
 
 
-def downstream_stage(out: str | Path, tasks=TASKS) -> dict:
-    """Train the downstream task models of a finished batch (the settings come from build.json)."""
+def downstream_stage(out: str | Path, tasks: list[str] | None = None, publish_history: bool = True) -> dict:
+    """Train the downstream task models of a finished batch (``tasks``: default every registered
+    one; the settings come from build.json). ``publish_history``: also publish the candidate-artist
+    history the batch's +history heads take online (the pipeline's steps run one task each: the
+    first task's step publishes)."""
     out = Path(out)
     record = json.loads(BatchDir(out).build_record.read_text())
     config = config_from_dict(record["config"])
@@ -313,24 +332,23 @@ def downstream_stage(out: str | Path, tasks=TASKS) -> dict:
     downstream = config.downstream or DownstreamConfig()
     data = task_data(out, ds, downstream)
     results = {}
-    for task in tasks:
+    for task in tasks or task_registry.names():
         results[task] = done = train_task(out, task, ds, downstream, data)
         log.info(
             f"downstream {task}: skipped: {done['skipped']}"
             if done.get("skipped")
             else f"downstream {task} ({done.get('design', 'index')}): {done['metrics']}"
         )
-    if config.feast is not None and "future_listening" in tasks and not data.skipped:
-        # The task features of the batch's +history heads, online under the batch id (the
-        # future-listening step publishes them: both heads take the same features).
+    if config.feast is not None and publish_history and not data.skipped:
+        # The task features of the batch's +history heads, online under the batch id.
         from userrep import store as feast
-        from userrep.batchrows import publish_history
+        from userrep.batchrows import publish_history as publish
         from userrep.onlinestore import history_table
 
         as_of = read_manifest(out)["as_of"]
         ids, plays, recent = serving_history(out, ds, data)
         table = history_table(ids, data.artists, plays, recent, data.batch_id, as_of)
-        published = publish_history(feast.open_store(config.feast, apply=False), config.feast, table, data.batch_id)
+        published = publish(feast.open_store(config.feast, apply=False), config.feast, table, data.batch_id)
         log.info(f"published the candidate-artist history of {published} users of batch {data.batch_id}")
     return results
 
@@ -347,11 +365,12 @@ def build_batch(
     batch_id: str | None = None,
     progress=None,
     spec: dict | None = None,
+    anchor: str | Path | None = None,
 ) -> dict:
-    """Every stage in one process (one Ray session); returns the manifest."""
+    """Every stage in one process (one Ray session); returns the manifest. ``anchor``: see ``fit_stage``."""
     out = Path(out)
     with _ray_if(config.workers):
-        fit_stage(data, out, as_of, config, batch_id, progress=progress, spec=spec)
+        fit_stage(data, out, as_of, config, batch_id, progress=progress, spec=spec, anchor=anchor)
         manifest = backfill_stage(out)
     if config.downstream is not None:
         watch = Stopwatch()

@@ -5,18 +5,19 @@ listening in [T - L, T)" (L = ``label_days``): the batch's own encoders and auto
 the users' features as of T - L, labels come from the window. Serving then applies the heads to
 embeddings as of T (and later, online) to predict the next window.
 
-Each task is one call (the KFP pipeline fans out over ``TASKS``) writing into BATCH/downstream/:
+``task_data`` computes what every task of a batch shares (``TaskData``); each registered task
+(``userrep.tasks.registry``: future listening, artist preference, similar users, and any other
+package's) is one call of ``train_task`` (the KFP pipeline fans out over the registry), which
+writes its files into BATCH/downstream/ and its registration record last:
 
-    future_listening.pt      multi-label head: embedding [+ the user's history of each artist] -> logit per top-K artist
-    artist_preference.pt     pair head: (embedding, artist vector [, the user's history of it]) -> logit
-    similar_users.faiss      FAISS index over the batch's embeddings (+ similar_users.ids.npy)
-    TASK.json                batch id, validation metrics, design, file hashes (the registration record)
+    <task>.pt / .faiss ...   the task's model files
+    <task>.json              batch id, validation metrics, design, file hashes
 
-Two designs per head, the better on validation users deployed (``design`` in the record and the
-head's meta): ``embedding`` (the embedding alone) and ``embedding+history`` (the embedding plus the
-user's own history of each candidate, ``userrep.tasks.history``; what a downstream team deploys).
-The validation users choose early stopping, blend weights and the design, and report the metric
-the gate compares: both batches of a comparison are measured the same way.
+Heads come in designs chosen on the validation users: ``embedding`` (the embedding alone) and,
+where a task has it, ``embedding+history`` (the embedding plus the user's own history of each
+candidate, ``userrep.tasks.history``; what a downstream team deploys). The validation users choose
+early stopping, blend weights and the design, and report the metric the gate compares: both
+batches of a comparison are measured the same way.
 """
 
 from __future__ import annotations
@@ -32,20 +33,16 @@ import pyarrow.compute as pc
 
 from userrep.backfill import load_encoder, read_embeddings
 from userrep.baselines import choose, decayed_matrix, user_artist_matrix
-from userrep.batch.heads import load_head, save_head
-from userrep.batch.layout import TASKS, BatchDir, read_manifest
+from userrep.batch.layout import BatchDir, read_manifest
 from userrep.batch.registry import register_task
 from userrep.data import Dataset
 from userrep.features import FeatureSpace, to_utc
 from userrep.featurize import build_user_features
 from userrep.fsio import sha256
-from userrep.metrics import auc
 from userrep.model import embed
 from userrep.source import EventSource
-from userrep.tasks import artist_preference, future_listening, history, similar_users
-from userrep.tasks._mlp import HeadConfig, MLPHead
-
-EMBEDDING, WITH_HISTORY = "embedding", history.WITH_HISTORY  # the two designs of a head
+from userrep.tasks import future_listening, history, registry
+from userrep.tasks._mlp import HeadConfig
 
 
 @dataclass(frozen=True)
@@ -88,6 +85,18 @@ class TaskData:
     def side(self) -> np.ndarray:
         """(users, K, 3) the history features of every (user, top-K artist)."""
         return history.side_features(self.plays, self.recent)
+
+    def head_meta(self, task: str, config: DownstreamConfig) -> dict:
+        """What every task's saved head keeps beside its own: which batch and window it was
+        trained on, its settings, the recency decay of the history features."""
+        return {
+            "task": task,
+            "batch_id": self.batch_id,
+            "label_days": self.label_days,
+            "embedding_dim": int(self.x.shape[1]),
+            "head": asdict(config.head),
+            "half_life_days": self.half_life_days,
+        }
 
 
 MIN_LABELLED = 20  # users with a label-window play needed to train and validate a task
@@ -203,125 +212,35 @@ def train_task(
     config: DownstreamConfig = DownstreamConfig(),
     data: TaskData | None = None,
 ) -> dict:
-    """Train one task's model on the batch, validate it, write its files and registration record."""
-    if task not in TASKS:
-        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
+    """Train one registered task's model on the batch, validate it, write its files and
+    registration record (``register_task``); a task that needs labels the batch lacks is
+    registered as skipped, with the reason (the batch is complete without it, the gate sees why)."""
+    spec = registry.get(task)
     batch_dir = Path(batch_dir)
-    files_of = BatchDir(batch_dir)
-    out = files_of.downstream
-    out.mkdir(exist_ok=True)
+    files = BatchDir(batch_dir)
+    files.downstream.mkdir(exist_ok=True)
     data = data or task_data(batch_dir, ds, config)
-    x, train, valid = data.x, data.train, data.valid
-    meta = {
-        "task": task,
-        "batch_id": data.batch_id,
-        "label_days": data.label_days,
-        "head": asdict(config.head),
-        "half_life_days": data.half_life_days,
-    }  # the recency decay of the history features
-    if (
-        data.skipped and task != "similar_users"
-    ):  # registered as skipped: the batch is complete without it, the gate sees why
-        return register_task(
-            batch_dir, task, {**meta, "skipped": data.skipped, "metrics": {}, "n_train": 0, "n_valid": 0, "files": {}}
-        )
-    if task == "future_listening":
-        head, design = _future_listening(data, config.head)
-        designs = design.pop("validation")
-        scores = future_listening.deployed_scores(head, design, data.x[valid], data.plays[valid], data.recent[valid])
-        metrics = future_listening.ranking_metrics(scores, data.labels[valid], data.history[valid])
-        files = [
-            save_head(files_of.head("future_listening"), head, {**meta, **design, "artists": data.artists.tolist()})
-        ]
-        meta.update(design=design["design"], designs=designs)
-    elif task == "artist_preference":
-        head, design, metrics = _artist_preference(data, config)
-        designs = design.pop("validation")
-        files = [
-            save_head(
-                files_of.head("artist_preference"),
-                head,
-                {**meta, **design, "artists": data.artists.tolist(), "artist_vectors": data.artist_vectors},
-            )
-        ]
-        meta.update(design=design["design"], designs=designs)
-    else:
-        import faiss
-
-        ids, vectors, batch_id = read_embeddings(files_of.embeddings)
-        if batch_id != data.batch_id:
-            raise ValueError(f"embeddings.parquet: batch_id {batch_id} in batch {data.batch_id}")
-        faiss.write_index(similar_users.build_index(vectors), str(files_of.neighbour_index))
-        np.save(files_of.neighbour_ids, ids.astype(str))
-        queries = valid[:1000]  # (the index needs no labels: it is built even on thin data)
-        found = similar_users.neighbours(similar_users.build_index(x), x, queries, 50)
-        metrics = {"ndcg@50": similar_users.mean(similar_users.ndcg_with_overlap(found, queries, data.window_artists))}
-        files = [files_of.neighbour_index, files_of.neighbour_ids]
+    record = {"task": task, "batch_id": data.batch_id, "label_days": data.label_days, "head": asdict(config.head)}
+    record["half_life_days"] = data.half_life_days  # the recency decay of the history features
+    skipped = {"metrics": {}, "n_train": 0, "n_valid": 0, "files": {}}
+    if data.skipped and spec.needs_labels:
+        return register_task(batch_dir, task, {**record, "skipped": data.skipped, **skipped})
+    try:
+        trained = spec.train(files, data, config)
+    except registry.Skipped as reason:
+        return register_task(batch_dir, task, {**record, "skipped": str(reason), **skipped})
     return register_task(
         batch_dir,
         task,
         {
-            **meta,
-            "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
-            "n_train": int(len(train)),
-            "n_valid": int(len(valid)),
-            "files": {f.name: sha256(f) for f in files},
+            **record,
+            **trained.meta,
+            "metrics": {k: round(float(v), 6) for k, v in trained.metrics.items()},
+            "n_train": int(len(data.train)),
+            "n_valid": int(len(data.valid)),
+            "files": {f.name: sha256(f) for f in trained.files},
         },
     )
-
-
-def _future_listening(data: TaskData, config: HeadConfig) -> tuple[MLPHead, dict]:
-    """Both designs (the +history head: ``future_listening.fit_with_history``), each early-stopped
-    on the validation users; the better one by their nDCG@10."""
-    x, cold_x, labels, train, valid, side = data.x, data.cold_x, data.labels, data.train, data.valid, data.side
-
-    def ndcg(scores: np.ndarray) -> float:
-        return float(
-            np.nan_to_num(future_listening.ranking_metrics(scores, labels[valid], data.history[valid])["ndcg@10"])
-        )
-
-    plain = future_listening.fit_head(
-        x[train], labels[train], config, validate=lambda h: ndcg(future_listening.scores(h, x[valid]))
-    )
-    both, with_history = future_listening.fit_with_history(
-        (x[train], cold_x[train], labels[train], side[train]),
-        (x[valid], cold_x[valid], side[valid], data.plays[valid], data.recent[valid]),
-        data.popularity,
-        config,
-        ndcg,
-    )
-    validation = {
-        EMBEDDING: ndcg(future_listening.scores(plain, x[valid])),
-        WITH_HISTORY: ndcg(
-            future_listening.deployed_scores(both, with_history, x[valid], data.plays[valid], data.recent[valid])
-        ),
-    }
-    validation = {k: round(v, 6) for k, v in validation.items()}
-    if validation[WITH_HISTORY] >= validation[EMBEDDING]:
-        return both, {**with_history, "validation": validation}
-    return plain, {"design": EMBEDDING, "validation": validation}
-
-
-def _artist_preference(data: TaskData, config: DownstreamConfig) -> tuple[MLPHead, dict, dict]:
-    """Both designs (the +history head also sees the user's own history of the pair's artist),
-    early-stopped on validation pairs; the better by their AUC."""
-    x, train, valid = data.x, data.train, data.valid
-    popularity = data.labels[train].sum(axis=0) + 1.0
-    pairs = artist_preference.sample_pairs(data.labels[train], popularity, config.seed)
-    valid_pairs = reindex_pairs(artist_preference.sample_pairs(data.labels[valid], popularity, config.seed + 1), valid)
-    head_config = artist_preference.pair_config(config.head, len(pairs[0]))
-    heads, validation = {}, {}
-    for design, side in ((EMBEDDING, None), (WITH_HISTORY, data.side)):
-
-        def valid_auc(head, side=side) -> float:
-            return auc(valid_pairs[2], artist_preference.scores(head, x, data.artist_vectors, valid_pairs, side))
-
-        heads[design] = artist_preference.fit_head(
-            x[train], data.artist_vectors, pairs, head_config, None if side is None else side[train], valid_auc
-        )
-        validation[design] = round(float(np.nan_to_num(valid_auc(heads[design]))), 6)
-    design = WITH_HISTORY if validation[WITH_HISTORY] >= validation[EMBEDDING] else EMBEDDING
-    return heads[design], {"design": design, "validation": validation}, {"auc": validation[design]}
 
 
 def serving_history(batch_dir: str | Path, source: Dataset | EventSource, data: TaskData):
@@ -348,23 +267,3 @@ def serving_history(batch_dir: str | Path, source: Dataset | EventSource, data: 
 
     plays, recent = source.fold(add, None)
     return ids, plays, recent
-
-
-def reindex_pairs(pairs, rows: np.ndarray):
-    """Pairs sampled on a row subset index that subset; map them to rows of the full matrix."""
-    users, artists, y = pairs
-    return rows[users], artists, y
-
-
-def head_scores_auc(batch_dir: str | Path, x: np.ndarray, data: TaskData) -> float:
-    """AUC of a batch's artist-preference head on embeddings ``x`` (rows of ``data``) for validation pairs."""
-    head, meta = load_head(BatchDir(batch_dir).head("artist_preference"))
-    columns = pd.Index(meta["artists"]).get_indexer(pd.Index(data.artists))  # data's artist -> the head's
-    vectors = np.asarray(meta["artist_vectors"], np.float32)[np.maximum(columns, 0)]
-    popularity = data.labels[data.train].sum(axis=0) + 1.0
-    users, artists, y = reindex_pairs(
-        artist_preference.sample_pairs(data.labels[data.valid], popularity, 1), data.valid
-    )
-    known = columns[artists] >= 0
-    side = data.side if meta.get("design") == WITH_HISTORY else None
-    return artist_preference.evaluate(head, x, vectors, (users[known], artists[known], y[known]), side)

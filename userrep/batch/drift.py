@@ -24,6 +24,7 @@ from userrep.featurize import build_user_features
 from userrep.model import embed
 from userrep.source import EventSource
 
+NEIGHBOUR_POOL = 20_000  # users the space's within-batch neighbours are searched among
 REPORT_COLUMNS = 30  # feature columns the HTML drift report shows, most drifted first (every column is measured)
 
 
@@ -175,3 +176,61 @@ def embedding_drift(aligned: np.ndarray, serving: np.ndarray, policy: GatePolicy
     rng = np.random.default_rng(policy.seed + 1)
     pick = lambda x: pd.DataFrame(x[np.sort(rng.choice(len(x), size=min(len(x), policy.sample), replace=False))])  # noqa: E731
     return round(float(ModelDriftMethod(threshold=policy.max_embedding_drift)(pick(aligned), pick(serving))[0]), 4)
+
+
+def space_stability(candidate: Path, serving: Path, policy: GatePolicy) -> dict:
+    """How far the space moved between two batches as a consumer sees it, with no alignment:
+    each user's two stored embeddings (the same-user cosine), and the kNN@10 overlap of each query
+    user's neighbours searched in each batch's own embeddings, next to the same overlap of the
+    batches' own feature vectors (standardized by each batch's model): what the users' data
+    itself kept. Neighbours are searched by cosine among a seeded sample of at most
+    ``NEIGHBOUR_POOL`` users both batches know; ``policy.sample // 2`` of them query."""
+    rng = np.random.default_rng(policy.seed)
+    ids, ours, _ = read_embeddings(BatchDir(candidate).embeddings)
+    their_ids, theirs, _ = read_embeddings(BatchDir(serving).embeddings)
+    where = pd.Index(their_ids).get_indexer(pd.Index(ids))
+    common = np.flatnonzero(where >= 0)
+    a, b = ours[common], theirs[where[common]]
+    cosine = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    sample = np.sort(rng.choice(len(common), size=min(len(common), NEIGHBOUR_POOL), replace=False))
+    queries = np.sort(rng.choice(len(sample), size=min(len(sample), policy.sample // 2), replace=False))
+
+    def standardized(batch_dir: Path, rows: np.ndarray) -> np.ndarray:
+        _, model = load_encoder(batch_dir)
+        order = np.argsort(rows)  # load_features reads sorted rows
+        matrix = np.empty((len(rows), model.mean.shape[0]), np.float32)
+        matrix[order] = load_features(batch_dir, rows[order]).matrix
+        return (matrix - model.mean.numpy()) / model.std.numpy()
+
+    feature_rows = (common[sample], where[common[sample]])
+    overlaps = {
+        "embeddings": cosine_knn_overlaps(a[sample], b[sample], queries),
+        "features": cosine_knn_overlaps(
+            standardized(candidate, feature_rows[0]), standardized(serving, feature_rows[1]), queries
+        ),
+    }
+    return {
+        "users": int(len(common)),
+        "cosine_median": round(float(np.median(cosine)), 4),
+        "cosine_p10": round(float(np.percentile(cosine, 10)), 4),
+        "knn_embeddings": round(float(overlaps["embeddings"].mean()), 4),
+        "knn_features": round(float(overlaps["features"].mean()), 4),
+        "queries": int(len(queries)),
+        "per_user": {"cosine": cosine, **{f"knn_{k}": v for k, v in overlaps.items()}},
+    }
+
+
+def cosine_knn_overlaps(a: np.ndarray, b: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per query row, |kNN_a & kNN_b| / k: its neighbours by cosine among the rows of ``a``, and
+    among the same rows of ``b`` (each searched in its own space, self excluded)."""
+    import faiss
+
+    def neighbours(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), np.float32)
+        index = faiss.IndexFlatIP(x.shape[1])
+        index.add(x)
+        return index.search(x[queries], k + 1)[1]
+
+    found_a, found_b = neighbours(a), neighbours(b)
+    top = lambda found, q: set([i for i in found if i != q][:k])  # noqa: E731
+    return np.array([len(top(x, q) & top(y, q)) / k for q, x, y in zip(queries, found_a, found_b)])

@@ -19,11 +19,18 @@ import numpy as np
 from userrep.batch import rollout
 from userrep.batch.build import config_from_dict
 from userrep.batch.downstream import DownstreamConfig
-from userrep.batch.drift import aligned_pair, embedding_drift, feature_drift, knn_overlaps, write_report
+from userrep.batch.drift import (
+    aligned_pair,
+    embedding_drift,
+    feature_drift,
+    knn_overlaps,
+    space_stability,
+    write_report,
+)
 from userrep.batch.layout import BatchDir, read_manifest
 from userrep.batch.policy import GateInputs, GatePolicy, decide
 from userrep.batch.quality import on_candidate_window, recorded_quality
-from userrep.batch.registry import batch_dir, missing_tasks, serving_batch
+from userrep.batch.registry import batch_dir, batch_tasks, missing_tasks, served_tasks, serving_batch
 from userrep.data import Dataset
 from userrep.fsio import integrity_problems, write_json_atomic
 from userrep.source import EventSource
@@ -53,6 +60,9 @@ def measure(
         return GateInputs(serving=None, **base), None
     serving = Path(serving)
     serving_manifest = read_manifest(serving)
+    # a task the serving batch serves that the candidate is not built with: its consumers would lose it
+    dropped = [t for t in served_tasks(serving) if t not in batch_tasks(candidate)]
+    base["missing_tasks"] = base["missing_tasks"] + tuple(dropped)
     share, over, frames = feature_drift(candidate, serving, policy)
     log.info(f"feature drift: {share:.1%} of columns drifted, {len(over)} beyond the per-column limit")
 
@@ -65,18 +75,27 @@ def measure(
     emb_drift = embedding_drift(pair.align(pair.candidate), pair.serving, policy)
     log.info(f"embedding drift: domain-classifier ROC AUC {emb_drift:.3f}")
     align = pair.align
+    continues = (manifest.get("aligned_to") or {}).get("batch_id") == serving_manifest["batch_id"]
+    space = space_stability(candidate, serving, policy)
+    log.info(
+        f"space: same-user cosine {space['cosine_median']:.3f} (median, unaligned), kNN@10 overlap "
+        f"{space['knn_embeddings']:.3f} (embeddings) vs {space['knn_features']:.3f} (features)"
+    )
 
     if missing_tasks(serving):  # nothing to score on the candidate's window
         kept, quality = None, recorded_quality(candidate, serving)
     else:
-        kept, quality = on_candidate_window(candidate, serving, source, downstream, align)
+        kept, quality = on_candidate_window(candidate, serving, source, downstream, align, continues)
     inputs = GateInputs(
         serving=serving_manifest["batch_id"],
         drift_share=share,
         column_drift=over,
         embedding_drift=emb_drift,
         knn_overlap=round(overlap, 4),
-        head_auc_kept=None if kept is None else round(float(kept), 4),
+        heads_kept=min(kept.values()) if kept else None,
+        heads_kept_by_task=kept or {},
+        continues=continues,
+        space={k: v for k, v in space.items() if k != "per_user"},
         quality=quality,
         **base,
     )
@@ -86,6 +105,7 @@ def measure(
         "aligned": align(pair.fitted[shown]),
         "same_time": pair.same_time[shown],
         "knn_overlaps": overlaps,
+        "space": space["per_user"],
     }
 
 

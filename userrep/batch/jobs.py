@@ -28,7 +28,14 @@ def fit_here(spec: BatchSpec) -> dict:
 
     out, batch_id, as_of = spec.batch_dir_and_id()
     return fit_stage(
-        spec.data, out, as_of, spec.build_config(), batch_id, spec.snapshot_id or None, spec=spec.to_dict()
+        spec.data,
+        out,
+        as_of,
+        spec.build_config(),
+        batch_id,
+        spec.snapshot_id or None,
+        spec=spec.to_dict(),
+        anchor=spec.anchor_dir(),
     )
 
 

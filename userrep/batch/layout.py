@@ -8,7 +8,7 @@
         checkpoints/          the fit's per-epoch checkpoints (resume after a crash)
         model.pt              the autoencoder
         embeddings.parquet    every user's embedding (the backfill)
-        downstream/<task>.pt  one head per downstream task (TASKS), <task>.json its record
+        downstream/<task>.pt  one model per downstream task (userrep.tasks.registry), <task>.json its record
         gate.json             the gate's decision
         rollout.html          the rollout report: the decision and every number it was made on
         drift_report.html     Evidently's feature drift report
@@ -28,7 +28,6 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 POINTER = "SERVING.json"
 POINTER_LOCK = "SERVING.lock"  # held while the pointer changes (userrep.batch.registry)
-TASKS = ("future_listening", "artist_preference", "similar_users")  # the downstream models of every batch
 
 
 def manifest_path(batch_dir: str | Path) -> Path:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from userrep.batch.quality import METRICS as QUALITY_METRICS
-
 
 @dataclass(frozen=True)
 class GatePolicy:
@@ -18,7 +16,9 @@ class GatePolicy:
     max_column_drift: float = 1.0  # any one column: Wasserstein distance in reference std units
     max_embedding_drift: float = 0.59  # domain-classifier ROC AUC, standardized aligned candidate vs serving embeddings
     min_knn_overlap: float = 0.3  # kNN@10 overlap of the same users in the serving index
-    min_head_auc_kept: float = 0.85  # serving AP head on aligned candidate embeddings / on its own
+    # the serving batch's heads on the candidate's embeddings / on their own, like for like (worst
+    # task): as served when the candidate continues the serving space, after alignment otherwise
+    min_heads_kept: float = 0.9
     max_quality_drop: float = 0.05  # candidate head metric may be at most this much (relative) worse...
     quality_z: float = 2.0  # ...or within z standard errors (metrics in [0, 1]: SE <= 0.5 / sqrt(n) per side)
     sample: int = 2000  # rows per side for drift checks, queries for kNN overlap
@@ -32,7 +32,7 @@ LIMITS = {
     "feature_column_drift": ("max_column_drift", "max"),
     "embedding_drift": ("max_embedding_drift", "max"),
     "stability_knn": ("min_knn_overlap", "min"),
-    "stability_heads": ("min_head_auc_kept", "min"),
+    "stability_heads": ("min_heads_kept", "min"),
 }
 
 
@@ -57,7 +57,11 @@ class GateInputs:
     column_drift: dict[str, float] = field(default_factory=dict)  # columns above the per-column limit
     embedding_drift: float | None = None
     knn_overlap: float | None = None
-    head_auc_kept: float | None = None
+    heads_kept: float | None = None  # the worst task's share (``heads_kept_by_task``)
+    heads_kept_by_task: dict[str, float] = field(default_factory=dict)
+    # the candidate continues the serving batch's space (``userrep.continuity``): measured unaligned
+    continues: bool = False
+    space: dict[str, float] = field(default_factory=dict)  # ``userrep.batch.drift.space_stability``, shown
     quality: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {candidate, serving}
 
 
@@ -118,8 +122,9 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
         ("stability_knn", inputs.knn_overlap, "kNN@10 overlap after alignment {:.3f} is below the floor"),
         (
             "stability_heads",
-            inputs.head_auc_kept,
-            "serving heads keep only {:.0%} of their AUC on the aligned candidate space",
+            inputs.heads_kept,
+            "the serving batch's heads keep only {:.0%} of their quality on the candidate's embeddings"
+            + (" as served" if inputs.continues else " (aligned: the candidate starts a new space)"),
         ),
     ):
         if value is not None:
@@ -142,7 +147,7 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
             ok,
             pair,
             round(allowed, 4),
-            f"{QUALITY_METRICS[task]} {cand:.4f} vs serving {serv:.4f}{same} (allowed drop {allowed:.4f}: "
+            f"{pair.get('metric', 'quality')} {cand:.4f} vs serving {serv:.4f}{same} (allowed drop {allowed:.4f}: "
             f"{policy.max_quality_drop:.0%} or {policy.quality_z:g} standard errors)",
         )
     return Decision(not reasons, tuple(reasons), checks)

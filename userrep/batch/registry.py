@@ -26,8 +26,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from userrep.batch.layout import MANIFEST, POINTER, POINTER_LOCK, TASKS, BatchDir, manifest_path, read_manifest
+from userrep.batch.layout import MANIFEST, POINTER, POINTER_LOCK, BatchDir, manifest_path, read_manifest
 from userrep.fsio import integrity_problems, sha256, write_json_atomic
+from userrep.tasks import registry as task_registry
 
 
 class BatchError(ValueError):
@@ -276,9 +277,17 @@ def register_task(batch_dir: str | Path, task: str, record: dict) -> dict:
     return record
 
 
+def batch_tasks(batch_dir: str | Path) -> list[str]:
+    """The downstream tasks a batch is built with: those registered when it was fitted (its build
+    record keeps them), else every registered one."""
+    record = BatchDir(batch_dir).build_record
+    found = json.loads(record.read_text()).get("tasks") if record.exists() else None
+    return list(found) if found is not None else list(task_registry.names())
+
+
 def skipped_tasks(batch_dir: str | Path) -> dict[str, str]:
     """Tasks registered as skipped (too little data), with the reason."""
-    records = {task: BatchDir(batch_dir).task_record(task) for task in TASKS}
+    records = {task: BatchDir(batch_dir).task_record(task) for task in batch_tasks(batch_dir)}
     return {
         task: reason
         for task, path in records.items()
@@ -287,10 +296,10 @@ def skipped_tasks(batch_dir: str | Path) -> dict[str, str]:
 
 
 def missing_tasks(batch_dir: str | Path) -> list[str]:
-    """Tasks without a registration record, or whose files are gone or changed since."""
+    """The batch's tasks without a registration record, or whose files are gone or changed since."""
     out = BatchDir(batch_dir).downstream
     missing = []
-    for task in TASKS:
+    for task in batch_tasks(batch_dir):
         record_path = BatchDir(batch_dir).task_record(task)
         if not record_path.exists():
             missing.append(task)
@@ -299,3 +308,13 @@ def missing_tasks(batch_dir: str | Path) -> list[str]:
         if any(not (out / name).exists() or sha256(out / name) != digest for name, digest in record["files"].items()):
             missing.append(task)
     return missing
+
+
+def served_tasks(batch_dir: str | Path) -> list[str]:
+    """The batch's tasks with a model (registered, not skipped): what its consumers can call."""
+    skipped = skipped_tasks(batch_dir)
+    return [
+        task
+        for task in batch_tasks(batch_dir)
+        if BatchDir(batch_dir).task_record(task).exists() and task not in skipped
+    ]

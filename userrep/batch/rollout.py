@@ -5,8 +5,9 @@ network), a few MB; written by the gate right after ``gate.json``.
 Sections: the decision and every check (value, limit, verdict); feature drift (the most drifted
 columns first, with their distributions in both batches); embedding drift (both batches'
 embeddings of the same users at the same time, projected together, and where the score lies among
-the calibration's clean retrains); stability (the kNN@10 overlap of every query user, the serving
-heads on the aligned candidate); downstream quality of both batches on the same users and labels,
+the calibration's clean retrains); the space as consumers see it (same-user cosine unaligned,
+within-space kNN@10 overlap of embeddings next to that of the users' feature vectors, the serving
+batch's heads on the candidate's embeddings per task); stability after alignment; downstream quality of both batches on the same users and labels,
 with 95% intervals and the paired difference. Evidently's full drift report stays beside it
 (``BatchDir.drift_report``).
 """
@@ -22,7 +23,6 @@ import numpy as np
 import plotly.graph_objects as go
 
 from userrep.batch.layout import BatchDir
-from userrep.batch.quality import METRICS
 
 CALIBRATION = Path(__file__).with_name("gate_calibration.json")  # bench/gate_calibration.py --write
 Z95 = 1.96
@@ -155,6 +155,51 @@ def stability_figure(evidence: dict, record: dict) -> go.Figure:
     return figure
 
 
+def _label(quality: dict, task: str) -> str:
+    return f"{task} {quality[task].get('metric', '')}".strip()
+
+
+def space_section(evidence: dict, record: dict) -> tuple[str, go.Figure]:
+    """The space as a consumer on the serving batch sees it: no alignment anywhere."""
+    inputs = record["inputs"]
+    space, kept = inputs.get("space") or {}, inputs.get("heads_kept_by_task") or {}
+    how = (
+        "the candidate continues the serving batch's space (userrep.continuity), so the serving heads read "
+        "its embeddings as served"
+        if inputs.get("continues")
+        else "the candidate starts a new space, so the serving heads read its embeddings after alignment"
+    )
+    rows = [
+        [
+            "same-user cosine, unaligned (median / 10th percentile)",
+            f"{_num(space.get('cosine_median'))} / {_num(space.get('cosine_p10'))}",
+            str(space.get("users", "-")),
+        ],
+        [
+            "kNN@10 overlap, each batch searched in its own space: embeddings",
+            _num(space.get("knn_embeddings")),
+            str(space.get("queries", "-")),
+        ],
+        [
+            "the same users' feature vectors (what their data kept)",
+            _num(space.get("knn_features")),
+            str(space.get("queries", "-")),
+        ],
+        *[[f"serving {html.escape(t)} head on the candidate / on its own", _num(v), "-"] for t, v in kept.items()],
+    ]
+    text = f"<p>{how}. Floor on the worst head: {_num(record['policy'].get('min_heads_kept'))}.</p>" + _table(
+        ["measure", "value", "users"], rows
+    )
+    figure = go.Figure()
+    per_user = evidence.get("space") or {}
+    for name in ("cosine", "knn_embeddings", "knn_features"):
+        if name in per_user:
+            figure.add_histogram(x=list(per_user[name]), xbins={"start": -1.05, "end": 1.05, "size": 0.1}, name=name)
+    figure.update_layout(barmode="overlay", title="per user: same-user cosine and kNN@10 overlaps", height=300)
+    figure.update_traces(opacity=0.6)
+    return text, figure
+
+
 def _half_width(pair: dict, side: str) -> float:
     """Half the 95% interval of one batch's mean (0: not measured per user)."""
     sd, n = pair.get(f"sd_{side}"), pair.get("n")
@@ -179,7 +224,7 @@ def quality_section(record: dict) -> tuple[str, go.Figure | None]:
         ]
         columns.append([f"<b>{t}</b>" if bold else t for t, bold in zip(texts, _bold_best([pair[s] for s in sides]))])
     means = _table(
-        ["batch", *(f"{t} {METRICS[t]}" for t in tasks)],
+        ["batch", *(_label(quality, t) for t in tasks)],
         [[side, *(c[i] for c in columns)] for i, side in enumerate(sides)],
     )
     paired_rows = []
@@ -218,7 +263,7 @@ def quality_section(record: dict) -> tuple[str, go.Figure | None]:
     figure = go.Figure()
     for side in sides:
         figure.add_bar(
-            x=[f"{t} {METRICS[t]}" for t in tasks],
+            x=[_label(quality, t) for t in tasks],
             y=[quality[t][side] for t in tasks],
             error_y={"type": "data", "array": [_half_width(quality[t], side) for t in tasks]},
             name=side,
@@ -250,6 +295,7 @@ def write_rollout(path: Path, record: dict, evidence: dict | None, calibration: 
 
     if evidence is not None:
         drift_text, drift_figures = drift_section(evidence, record)
+        space_text, space_figure = space_section(evidence, record)
         parts += ["<h2>Feature drift</h2>", drift_text, *map(place, drift_figures)]
         parts += [
             "<h2>Embedding drift</h2>",
@@ -257,10 +303,12 @@ def write_rollout(path: Path, record: dict, evidence: dict | None, calibration: 
             f"with ROC AUC {record['inputs']['embedding_drift']:.3f} (limit {record['policy']['max_embedding_drift']}; "
             "0.5: indistinguishable).</p>",
             *map(place, embedding_figures(evidence, record, calibration)),
-            "<h2>Stability</h2>",
-            f"<p>Mean kNN@10 overlap {record['inputs']['knn_overlap']:.3f} (floor {record['policy']['min_knn_overlap']}); "
-            f"the serving artist-preference head keeps {_num(record['inputs']['head_auc_kept'])} of its AUC on the "
-            f"aligned candidate embeddings (floor {record['policy']['min_head_auc_kept']}).</p>",
+            "<h2>The space, as consumers see it</h2>",
+            space_text,
+            place(space_figure),
+            "<h2>Stability after alignment</h2>",
+            f"<p>Mean kNN@10 overlap {record['inputs']['knn_overlap']:.3f} (floor {record['policy']['min_knn_overlap']}) "
+            "of the same users in the serving index, the candidate aligned onto it.</p>",
             place(stability_figure(evidence, record)),
         ]
         quality_text, quality_figure = quality_section(record)

@@ -37,6 +37,9 @@ class BatchSpec:
     seed: int = 0
     tune: bool = False  # settings from the tune step's choice (`tuned_path`) instead of dim/epochs
     tuned: str = ""  # an explicit tuned.json (`userrep tune`) instead of dim/epochs
+    # The batch whose space this one continues (userrep.continuity): "serving" (the batch serving
+    # under batch_root when the batch is planned; none yet: a new space), a batch id, or "none".
+    align_to: str = "serving"
 
     def __post_init__(self):
         for name, least in (("dim", 2), ("epochs", 1), ("workers", 0), ("average_every", 1), ("label_days", 1)):
@@ -46,6 +49,8 @@ class BatchSpec:
             raise ValueError(f"spec.online: expected sqlite or redis, got {self.online!r}")
         if not self.data or not self.batch_root:
             raise ValueError(f"spec.{'data' if not self.data else 'batch_root'}: required")
+        if not self.align_to:
+            raise ValueError('spec.align_to: expected "serving", "none" or a batch id')
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,6 +133,26 @@ class BatchSpec:
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:8]
         return Path(self.batch_root) / "_tuning" / f"{as_of:%Y%m%d}-{digest}" / "tuned.json"
+
+    def anchor(self) -> str:
+        """The id of the batch this one continues (``align_to`` resolved now), or "none"."""
+        if self.align_to == "none":
+            return "none"
+        from userrep.batch.registry import batch_dir, serving_batch
+
+        if self.align_to == "serving":
+            serving = serving_batch(self.batch_root) if Path(self.batch_root).is_dir() else None
+            return serving or "none"
+        try:
+            batch_dir(self.batch_root, self.align_to)
+        except ValueError as exc:
+            raise ValueError(f"spec.align_to: {exc}") from None
+        return self.align_to
+
+    def anchor_dir(self) -> Path | None:
+        """The directory of the batch this one continues (None: a new space)."""
+        anchor = self.anchor()
+        return None if anchor == "none" else Path(self.batch_root) / anchor
 
     def batch_dir_and_id(self) -> tuple[Path, str, str]:
         """(batch dir, batch id, as_of ISO): what a run of this spec writes."""

@@ -59,6 +59,13 @@ def train(
             "settings replace --dim/--epochs (recorded in the manifest)."
         ),
     ] = None,
+    align_to: Annotated[
+        str,
+        typer.Option(
+            help="The batch whose space this one continues (docs/batches.md): serving (the batch serving "
+            "under OUT's parent, if any), a batch id there, or none (a new space)."
+        ),
+    ] = BatchSpec.align_to,
 ) -> None:
     """Build a batch: features (Feast) -> autoencoder -> backfill -> publish -> downstream models."""
     from userrep.batch.build import build_batch
@@ -79,8 +86,10 @@ def train(
         label_days=label_days,
         seed=seed,
         tuned=str(tuned or ""),
+        align_to=align_to,
     )
     config = spec.build_config()
+    anchor = _run_or_exit(spec.anchor_dir)
     config = replace(
         config,
         resume=resume,
@@ -88,7 +97,9 @@ def train(
         downstream=config.downstream if downstream else None,
     )
     manifest = _run_or_exit(
-        lambda: build_batch(data, out, as_of, config, batch_id, progress=_epoch_printer(epochs), spec=spec.to_dict())
+        lambda: build_batch(
+            data, out, as_of, config, batch_id, progress=_epoch_printer(epochs), spec=spec.to_dict(), anchor=anchor
+        )
     )
     _print_manifest(manifest, out)
 

@@ -7,11 +7,15 @@ popular negatives make the task about taste, not about popularity.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from userrep.metrics import auc
+from userrep.tasks import history
 from userrep.tasks._mlp import HeadConfig, MLPHead, fit_mlp, predict
 
 PAIR_SAMPLES = 2_500_000  # training budget of the head (pairs x epochs)
@@ -81,3 +85,168 @@ def evaluate(
     head: MLPHead, x_users: np.ndarray, artist_vectors: np.ndarray, pairs, side: np.ndarray | None = None
 ) -> float:
     return auc(pairs[2], scores(head, x_users, artist_vectors, pairs, side))
+
+
+# -- the task (userrep.tasks.registry) ------------------------------------------------------------
+
+
+class PreferenceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    artists: list[str] = Field(min_length=1, max_length=1000)
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """The deployed pair head of one batch: P(the user plays each asked artist)."""
+
+    head: MLPHead
+    meta: dict
+
+    @property
+    def dim(self) -> int:
+        return self.meta["embedding_dim"]
+
+    @property
+    def with_history(self) -> bool:
+        return self.meta.get("design") == history.WITH_HISTORY
+
+    @property
+    def history_artists(self) -> list[str] | None:
+        return self.meta["artists"] if self.with_history else None
+
+    @cached_property
+    def index(self) -> dict[str, int]:
+        return {a: i for i, a in enumerate(self.meta["artists"])}
+
+    def answer(self, x: np.ndarray, past: tuple | None, request: PreferenceRequest) -> dict:
+        unknown = [a for a in request.artists if a not in self.index]
+        if unknown:
+            raise ValueError(f"artists: unknown to batch {self.meta['batch_id']}: {unknown[:5]}")
+        rows = np.array([self.index[a] for a in request.artists])
+        side = None
+        if self.with_history:
+            plays, recent = past or (None, None)
+            plays = np.zeros((1, len(self.index)), np.float32) if plays is None else plays
+            side = history.side_features(plays, plays if recent is None else recent)
+        vectors = np.asarray(self.meta["artist_vectors"], np.float32)
+        logits = scores(self.head, x, vectors, (np.zeros(len(rows), np.int64), rows, None), side)
+        return {"probabilities": {a: history.probability(v) for a, v in zip(request.artists, logits)}}
+
+
+class ArtistPreference:
+    """Whether the user plays a given artist in the next window: a pair head on (embedding, artist
+    vector[, the user's history of it]), in the design better on validation pairs; AUC per user."""
+
+    name = "artist_preference"
+    metric = "auc"
+    columns = {"artist_preference": ("auc",)}
+    has_head = True
+    needs_labels = True
+    route = "/predict/artist-preference"
+    request = PreferenceRequest
+
+    def train(self, files, data, config):
+        from userrep.batch.heads import save_head
+        from userrep.tasks.registry import Trained
+
+        x, train, valid = data.x, data.train, data.valid
+        popularity = data.labels[train].sum(axis=0) + 1.0
+        pairs = sample_pairs(data.labels[train], popularity, config.seed)
+        valid_pairs = on_rows(sample_pairs(data.labels[valid], popularity, config.seed + 1), valid)
+        head_config = pair_config(config.head, len(pairs[0]))
+        heads, validation = {}, {}
+        for design, side in ((history.EMBEDDING, None), (history.WITH_HISTORY, data.side)):
+
+            def valid_auc(head, side=side) -> float:
+                return auc(valid_pairs[2], scores(head, x, data.artist_vectors, valid_pairs, side))
+
+            heads[design] = fit_head(
+                x[train], data.artist_vectors, pairs, head_config, None if side is None else side[train], valid_auc
+            )
+            validation[design] = round(float(np.nan_to_num(valid_auc(heads[design]))), 6)
+        design = (
+            history.WITH_HISTORY
+            if validation[history.WITH_HISTORY] >= validation[history.EMBEDDING]
+            else history.EMBEDDING
+        )
+        meta = {
+            **data.head_meta(self.name, config),
+            "design": design,
+            "artists": data.artists.tolist(),
+            "artist_vectors": data.artist_vectors,
+        }
+        path = save_head(files.head(self.name), heads[design], meta)
+        return Trained({"auc": validation[design]}, [path], {"design": design, "designs": validation})
+
+    def paired(self, batches, xs, window):
+        """Per validation user, the AUC of each batch's head on the same sampled (user, artist)
+        pairs: the pairs of artists every head knows."""
+        from userrep.batch.heads import load_head
+        from userrep.batch.layout import BatchDir
+
+        data = window.data
+        popularity = data.labels[data.train].sum(axis=0) + 1.0
+        pairs = on_rows(sample_pairs(data.labels[data.valid], popularity, window.seed + 1), data.valid)
+        found = []
+        for batch, x in zip(batches, xs):
+            head, meta = load_head(BatchDir(batch).head(self.name))
+            columns = pd.Index(meta["artists"]).get_indexer(pd.Index(data.artists))
+            vectors = np.asarray(meta["artist_vectors"], np.float32)[np.maximum(columns, 0)]
+            side = data.side if meta.get("design") == history.WITH_HISTORY else None
+            found.append(np.where(columns[pairs[1]] >= 0, scores(head, x, vectors, pairs, side), np.nan))
+        users, _, y = pairs
+        known = np.all(np.isfinite(found), axis=0)
+        rows = np.unique(users[known])
+        out = [np.full(len(data.valid), np.nan) for _ in found]
+        at = np.searchsorted(data.valid, rows)
+        for i, row in enumerate(rows):
+            mine = known & (users == row)
+            for values, pair_scores in zip(out, found):
+                values[at[i]] = auc(y[mine], pair_scores[mine])
+        return out
+
+    def scorer(self, files):
+        from userrep.batch.heads import load_head
+
+        return Predictor(*load_head(files.head(self.name))) if files.head(self.name).exists() else None
+
+    def evaluate(self, ctx, board, reps, cold_reps, config):
+        if not ctx.warm:
+            return {self.name: ctx.why_not_warm}
+        if cold_reps is None:  # ablations: the pair head is the slowest and least telling; left out
+            return {}
+        for method, x in reps.items():
+            self._evaluate_head(ctx, board, method, x, config, None)
+            if method in cold_reps:
+                self._evaluate_head(ctx, board, method + "+history", x, config, ctx.side)
+        users, artists, y = ctx.test_pairs
+        for method, scores_of in ctx.direct.items():
+            board.add_auc(self.name, method, "test", users, y, np.asarray(scores_of(ctx.test_rows))[users, artists])
+        return {}
+
+    def _evaluate_head(self, ctx, board, method: str, x: np.ndarray, config, side: np.ndarray | None) -> None:
+        fit, test, valid = ctx.fit_rows, ctx.test_rows, ctx.valid_rows
+        pick = lambda rows: None if side is None else side[rows]  # noqa: E731
+        check = (
+            None
+            if not ctx.validated
+            else (
+                lambda h: auc(ctx.valid_pairs[2], scores(h, x[valid], ctx.artist_vectors, ctx.valid_pairs, pick(valid)))
+            )
+        )
+        head = fit_head(
+            x[fit], ctx.artist_vectors, ctx.fit_pairs, pair_config(config.head, len(ctx.fit_pairs[0])), pick(fit), check
+        )
+        users, _, y = ctx.test_pairs
+        board.add_auc(
+            self.name, method, "test", users, y, scores(head, x[test], ctx.artist_vectors, ctx.test_pairs, pick(test))
+        )
+
+
+def on_rows(pairs, rows: np.ndarray):
+    """Pairs sampled on a row subset index that subset; map them to rows of the full matrix."""
+    users, artists, y = pairs
+    return rows[users], artists, y
+
+
+TASK = ArtistPreference()

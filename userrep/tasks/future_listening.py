@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from userrep.metrics import ndcg_rows, recall_rows
 from userrep.tasks import history
@@ -100,3 +104,190 @@ def deployed_scores(
     return history.blended(
         logits, plays, recent, np.asarray(meta["popularity"], np.float32), meta["history_weight"], meta["prior_weight"]
     )
+
+
+# -- the task (userrep.tasks.registry) ------------------------------------------------------------
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(default=10, ge=1, le=1000)
+
+
+@dataclass(frozen=True)
+class Recommender:
+    """The deployed head of one batch: the top ``k`` of its candidate artists for a user."""
+
+    head: MLPHead
+    meta: dict
+
+    @property
+    def dim(self) -> int:
+        return self.head.n_in
+
+    @property
+    def history_artists(self) -> list[str] | None:
+        return self.meta["artists"] if self.meta.get("design") == history.WITH_HISTORY else None
+
+    def answer(self, x: np.ndarray, past: tuple | None, request: RecommendRequest) -> dict:
+        """Each score is the sigmoid of the ranking score (a +history head adds the history score)."""
+        plays, recent = past or (None, None)
+        top = deployed_scores(self.head, self.meta, x, plays, recent)[0]
+        artists = self.meta["artists"]
+        return {
+            "artists": [
+                {"artist_id": artists[i], "score": history.probability(top[i])} for i in np.argsort(-top)[: request.k]
+            ]
+        }
+
+
+class FutureListening:
+    """Which of the batch's candidate artists the user plays in the next window: a multi-label head
+    over them, in the design better on the validation users (``fit_both``); nDCG@10 per user."""
+
+    name = "future_listening"
+    metric = "ndcg@10"
+    columns = {"future_listening": ("ndcg@10", "recall@50", "ndcg@10_new"), "cold_start": ("ndcg@10",)}
+    has_head = True
+    needs_labels = True
+    route = "/recommend/artists"
+    request = RecommendRequest
+
+    def train(self, files, data, config):
+        from userrep.batch.heads import save_head
+        from userrep.tasks.registry import Trained
+
+        valid = data.valid
+        head, design = fit_both(data, config.head)
+        designs = design.pop("validation")
+        scores = deployed_scores(head, design, data.x[valid], data.plays[valid], data.recent[valid])
+        metrics = ranking_metrics(scores, data.labels[valid], data.history[valid])
+        meta = {**data.head_meta(self.name, config), **design, "artists": data.artists.tolist()}
+        return Trained(
+            metrics, [save_head(files.head(self.name), head, meta)], {"design": design["design"], "designs": designs}
+        )
+
+    def paired(self, batches, xs, window):
+        return [self._per_user(batch, x, window) for batch, x in zip(batches, xs)]
+
+    def _per_user(self, batch_dir, x: np.ndarray, window) -> np.ndarray:
+        """nDCG@10 per validation user of one batch's deployed head over the window's candidate
+        artists; an artist the head does not rank scores -inf for it (it could not be recommended)."""
+        from userrep.batch.heads import load_head
+        from userrep.batch.layout import BatchDir
+
+        data, valid = window.data, window.data.valid
+        head, meta = load_head(BatchDir(batch_dir).head(self.name))
+        plays, recent = history.window_history(batch_dir, window, meta["artists"], meta.get("half_life_days"))
+        scores = deployed_scores(head, meta, x[valid], plays, recent)
+        where = pd.Index(meta["artists"]).get_indexer(pd.Index(data.artists))
+        ranked = np.full((len(valid), len(data.artists)), -np.inf, np.float32)
+        ranked[:, where >= 0] = scores[:, where[where >= 0]]
+        return ranking_rows(ranked, data.labels[valid], data.history[valid])["ndcg@10"]
+
+    def scorer(self, files):
+        from userrep.batch.heads import load_head
+
+        return Recommender(*load_head(files.head(self.name))) if files.head(self.name).exists() else None
+
+    def evaluate(self, ctx, board, reps, cold_reps, config):
+        skipped = {}
+        if not ctx.warm:
+            skipped[self.name] = ctx.why_not_warm
+        if not ctx.cold_scorable:
+            skipped["cold_start"] = ctx.why_not_cold
+        if not ctx.heads_trainable:
+            return skipped
+        for method, x in reps.items():
+            self._evaluate_head(ctx, board, method, x, config)
+            if cold_reps is not None and method in cold_reps:
+                self._evaluate_head(ctx, board, method + "+history", x, config, cold_reps[method])
+        if cold_reps is None:  # (ablations: the representations' heads only)
+            return skipped
+        test = ctx.test_rows
+        if ctx.warm:
+            for method, scores_of in ctx.direct.items():
+                rows = ranking_rows(scores_of(test), ctx.labels[test], ctx.history[test], ctx.unseen_only)
+                board.add_rows(self.name, method, "test", rows)
+        if ctx.cold_scorable:
+            cold = ctx.cold_rows
+            onboarding = ctx.onboarding_mean
+            head = fit_head(
+                onboarding[ctx.fit_rows],
+                ctx.labels[ctx.fit_rows],
+                config.head,
+                validate=ctx.ranking_validation(onboarding),
+            )
+            cold_scores = {
+                "onboarding_mean": scores(head, onboarding[cold]),
+                "popularity": ctx.direct["popularity"](cold),
+                "als": ctx.direct["als"](cold),
+            }
+            for method, found in cold_scores.items():
+                board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(found, ctx.labels[cold], 10)})
+        return skipped
+
+    def _evaluate_head(self, ctx, board, method: str, x: np.ndarray, config, cold_x: np.ndarray | None = None) -> None:
+        """One representation's head, fit on the warm head-training users (early-stopped on the
+        validation users), scored on test and cold users. With ``cold_x`` (the head-training
+        users' cold-like representations): the +history head (``fit_with_history``)."""
+        fit, test, cold, valid = ctx.fit_rows, ctx.test_rows, ctx.cold_rows, ctx.valid_rows
+        side = ctx.side if cold_x is not None else None
+        warm_weight = cold_weight = 0.0
+        if cold_x is None or side is None:
+            head = fit_head(x[fit], ctx.labels[fit], config.head, validate=ctx.ranking_validation(x))
+        else:
+            cold_fit, cold_valid = (cold_x[np.searchsorted(ctx.train_rows, rows)] for rows in (fit, valid))
+            checked = ctx.validated
+            head, meta = fit_with_history(
+                (x[fit], cold_fit, ctx.labels[fit], side[fit]),
+                (x[valid], cold_valid, side[valid], side[valid, :, 0], ctx.recent[valid]) if checked else None,
+                ctx.popularity,
+                config.head,
+                ctx.valid_ndcg,
+            )
+            warm_weight, cold_weight = meta["history_weight"], meta["prior_weight"]
+            if checked:
+                ctx.blends[method] = {"history_weight": warm_weight, "prior_weight": cold_weight}
+        if ctx.warm:
+            found = scores(head, x[test], None if side is None else side[test])
+            if warm_weight and side is not None:
+                found = found + warm_weight * history.played_scores(side[test, :, 0], ctx.recent[test], ctx.popularity)
+            board.add_rows(
+                self.name, method, "test", ranking_rows(found, ctx.labels[test], ctx.history[test], ctx.unseen_only)
+            )
+        if ctx.cold_scorable:
+            no_history = None if side is None else np.zeros((len(cold),) + side.shape[1:], np.float32)
+            found = scores(head, x[cold], no_history) + cold_weight * history.prior(ctx.popularity, len(cold))
+            board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(found, ctx.labels[cold], 10)})
+
+
+def fit_both(data, config: HeadConfig) -> tuple[MLPHead, dict]:
+    """Both designs on a batch's task data (the +history head: ``fit_with_history``), each
+    early-stopped on the validation users; the better one by their nDCG@10."""
+    x, cold_x, labels, train, valid, side = data.x, data.cold_x, data.labels, data.train, data.valid, data.side
+
+    def ndcg(found: np.ndarray) -> float:
+        return float(np.nan_to_num(ranking_metrics(found, labels[valid], data.history[valid])["ndcg@10"]))
+
+    plain = fit_head(x[train], labels[train], config, validate=lambda h: ndcg(scores(h, x[valid])))
+    both, with_history = fit_with_history(
+        (x[train], cold_x[train], labels[train], side[train]),
+        (x[valid], cold_x[valid], side[valid], data.plays[valid], data.recent[valid]),
+        data.popularity,
+        config,
+        ndcg,
+    )
+    validation = {
+        history.EMBEDDING: ndcg(scores(plain, x[valid])),
+        history.WITH_HISTORY: ndcg(
+            deployed_scores(both, with_history, x[valid], data.plays[valid], data.recent[valid])
+        ),
+    }
+    validation = {k: round(v, 6) for k, v in validation.items()}
+    if validation[history.WITH_HISTORY] >= validation[history.EMBEDDING]:
+        return both, {**with_history, "validation": validation}
+    return plain, {"design": history.EMBEDDING, "validation": validation}
+
+
+TASK = FutureListening()

@@ -19,6 +19,7 @@ import numpy as np
 HALF_LIVES = (None, 7.0, 30.0, 90.0, 365.0)  # days; recency decays tried, the best on validation users kept
 BLEND_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)  # of the history score added to a +history head
 WITH_HISTORY = "embedding+history"  # the design of a batch's heads that take these features
+EMBEDDING = "embedding"  # the other design: the embedding alone
 
 
 def side_features(plays: np.ndarray, recent: np.ndarray) -> np.ndarray:
@@ -73,3 +74,30 @@ def blended(
         warm, history_weight * played_scores(plays, recent, popularity), prior_weight * prior(popularity, len(logits))
     )
     return (logits + extra).astype(np.float32)
+
+
+def probability(logit: float) -> float:
+    """A served score: the sigmoid of a head's logit, rounded for the wire."""
+    return round(float(1 / (1 + np.exp(-logit))), 6)
+
+
+def window_history(batch_dir, window, artists, half_life_days: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(plays, recent) (validation users, len(artists)) of the gate's window (``registry.Window``):
+    each validation user's history of ``artists`` before the window starts, in one batch's space,
+    with that batch's recency decay (what its deployed +history heads take)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from userrep.baselines import decayed_matrix, user_artist_matrix
+    from userrep.batch.layout import BatchDir
+    from userrep.features import FeatureSpace
+
+    space = FeatureSpace.load(BatchDir(batch_dir).encoders)
+    users = window.data.user_ids[window.data.valid]
+    events = window.source.of_users(users).events
+    start = pa.scalar(window.start.to_pydatetime(), pa.timestamp("us", tz="UTC"))
+    before = events.filter(pc.less(events.column("ts"), start))
+    cols = space.artist_index(artists)
+    plays = user_artist_matrix(before, space, users)[:, cols].toarray()
+    recent = decayed_matrix(before, space, users, window.start, half_life_days)[:, cols].toarray()
+    return plays, recent

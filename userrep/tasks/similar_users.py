@@ -128,3 +128,83 @@ def mean(values: np.ndarray) -> float:
     """Mean over queries with a relevant user."""
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else float("nan")
+
+
+# -- the task (userrep.tasks.registry) ------------------------------------------------------------
+
+
+class SimilarUsers:
+    """Nearest users by cosine: the batch's FAISS index over every user's embedding (served by
+    the embedding API, kept current online by ``LiveIndex``); nDCG@50 per query user, relevance
+    the overlap of label-window artists."""
+
+    name = "similar_users"
+    metric = "ndcg@50"
+    columns = {"similar_users": ("ndcg@50",)}
+    has_head = False  # the index is rebuilt from each batch's own embeddings; no consumer model
+    needs_labels = False  # the index is built even where the labels are too thin to validate it
+    route = None
+    request = None
+
+    def train(self, files, data, config):
+        from userrep.backfill import read_embeddings
+        from userrep.tasks.registry import Trained
+
+        ids, vectors, batch_id = read_embeddings(files.embeddings)
+        if batch_id != data.batch_id:
+            raise ValueError(f"embeddings.parquet: batch_id {batch_id} in batch {data.batch_id}")
+        faiss.write_index(build_index(vectors), str(files.neighbour_index))
+        np.save(files.neighbour_ids, ids.astype(str))
+        queries = data.valid[:QUERIES]
+        found = neighbours(build_index(data.x), data.x, queries, 50)
+        metrics = {"ndcg@50": mean(ndcg_with_overlap(found, queries, data.window_artists))}
+        return Trained(metrics, [files.neighbour_index, files.neighbour_ids])
+
+    def paired(self, batches, xs, window):
+        """Per query (the first ``QUERIES`` validation users), nDCG@50 of its neighbours among the
+        window's users in each batch's embeddings."""
+        queries = window.data.valid[:QUERIES]
+        return [
+            ndcg_with_overlap(neighbours(build_index(x), x, queries, 50), queries, window.data.window_artists)
+            for x in xs
+        ]
+
+    def scorer(self, files):
+        return None
+
+    def evaluate(self, ctx, board, reps, cold_reps, config):
+        if not run_similar_users(
+            ctx, board, {**reps, **({"als": ctx.als_factors} if cold_reps is not None else {})}, config
+        ):
+            return {self.name: "no test users with pairs or label-window plays to judge neighbours by"}
+        return {}
+
+
+QUERIES = 1000  # validation users queried for neighbours
+
+
+def run_similar_users(ctx, board, reps: dict, config) -> dict | None:
+    """nDCG@50 of FAISS neighbours per representation; into ``board``, or returned when None."""
+    rng = np.random.default_rng(config.seed)
+    if ctx.related is not None and ctx.related.nnz:
+        candidates = ctx.test_rows[np.diff(ctx.related.indptr)[ctx.test_rows] > 0]
+        score = lambda found, q: ndcg_with_pairs(found, q, ctx.related)  # noqa: E731
+    else:
+        candidates = ctx.test_rows[np.diff(ctx.label_artists.indptr)[ctx.test_rows] > 0]
+        score = lambda found, q: ndcg_with_overlap(found, q, ctx.label_artists)  # noqa: E731
+    if len(candidates) == 0:
+        return None
+    n = min(config.similar_queries, len(candidates))
+    queries = np.sort(rng.choice(candidates, size=n, replace=False))
+    out = {}
+    for method, x in reps.items():
+        rows = score(neighbours(build_index(x), x, queries, 50), queries)
+        out[method] = {"ndcg@50": mean(rows)}
+        if board is not None:  # the population's first n resampling weights: queries are a sample already
+            padded = np.full(len(board.weights["queries"][0]), np.nan)
+            padded[:n] = rows
+            board.add_rows("similar_users", method, "queries", {"ndcg@50": padded})
+    return out
+
+
+TASK = SimilarUsers()
