@@ -201,6 +201,11 @@ def run_smoke(
         log.info(f"recommendations after listening:  {[a['artist_id'] for a in after['artists']]}")
         _, similar = call(f"{api}/users/{user}/similar?k=3", token=token)
         log.info(f"similar users: {[(n['user_id'], n['score']) for n in similar['neighbours']]}")
+        for name, route in default_routes().items():  # every other registered task's route
+            status, answer = call(f"{tasks}{route}", {"user_id": user}, token)
+            assert status == 200, answer
+            shown = {k: v for k, v in answer.items() if k not in ("batch_id", "user_id")}
+            log.info(f"POST {route} ({name}) -> {json.dumps(shown)[:160]}")
         return {
             "user": user,
             "cosine_moved": _cosine(created["embedding"], moved),
@@ -210,6 +215,25 @@ def run_smoke(
     finally:
         stop(servers.proc)
         log.info("servers stopped")
+
+
+def default_routes() -> dict[str, str]:
+    """The BentoML routes of the registered tasks (``userrep.tasks.registry``) whose request has
+    a default for every field, beside future listening's, which the smoke calls itself."""
+    from pydantic import ValidationError
+
+    from userrep.tasks.registry import tasks
+
+    found = {}
+    for name, task in tasks().items():
+        if task.route is None or task.request is None or task.route == "/recommend/artists":
+            continue
+        try:
+            task.request()
+        except ValidationError:  # a field the smoke cannot choose (e.g. which artists)
+            continue
+        found[name] = task.route
+    return found
 
 
 def launch_servers(work: Path, replicas: int = 2) -> Servers:

@@ -13,6 +13,7 @@ import torch
 from tests.conftest import copy_work
 from userrep.batch.gate import gate_batch
 from userrep.batch.layout import BatchDir
+from userrep.tasks import registry
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def test_the_rollout_report_renders_the_decision_and_every_number(gated):
     for name in record["checks"]:
         assert f"<td>{name}</td>" in dom
     quality = record["inputs"]["quality"]
-    assert set(quality) == {"future_listening", "artist_preference", "similar_users"}
+    assert set(quality) == set(registry.names())
     for pair in quality.values():  # both batches on the same users and labels, with the paired error
         assert pair["n"] > 0 and pair["se"] >= 0 and f"{pair['candidate']:.4g}" in dom
 

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from userrep.cli import app
+from userrep.tasks import registry
 
 runner = CliRunner()
 
@@ -48,7 +49,7 @@ def test_train_writes_manifest_and_embeddings_for_every_user(batch, small_world)
         manifest["timings_s"]
     )
     records = {p.stem: json.loads(p.read_text()) for p in (batch / "downstream").glob("*.json")}
-    assert set(records) == {"future_listening", "artist_preference", "similar_users"}
+    assert set(records) == set(registry.names())
     assert all(r["batch_id"] == manifest["batch_id"] for r in records.values())
     assert len(manifest["training"]["losses"]) == 3
     assert sum(size for _, size in manifest["feature_schema"]) == manifest["n_features"]
