@@ -2,8 +2,10 @@
 
 Plain FastAPI over ``userrep.online.OnlineService``: Ray Serve mounts it as its ingress
 (serving/ray_app.py) and the latency bench serves the same app with bare uvicorn.
-Every response carries the serving ``batch_id`` and an ``X-Batch-Id`` header; bad input is a
-4xx naming the field, never a traceback. Writes (``POST /events``, ``POST /users``) need the
+Every response carries the ``batch_id`` it was computed in and an ``X-Batch-Id`` header; reads
+take an optional ``batch_id`` (a live batch: the serving one, the previous ones kept live, a
+pinned one; 410 for a batch that is not live, 404 for none); bad input is a 4xx naming the
+field, never a traceback. Writes (``POST /events``, ``POST /users``) need the
 write token, reads the read token if one is set (``serving.auth``).
 """
 
@@ -39,6 +41,10 @@ class NewUser(BaseModel):
     onboarding_artists: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default=[], max_length=100)
     onboarding_genres: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default=[], max_length=100)
     attributes: dict[str, str] = Field(default={}, max_length=50)
+
+
+# a read's batch: default the serving one (an id is a directory name: no path characters)
+BATCH_ID = Annotated[str | None, Query(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")]
 
 
 class Holder:
@@ -80,7 +86,7 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
     """The API; bearer tokens from the environment (``serving.auth``): none set, nothing is asked."""
     from serving.auth import BearerAuth
     from userrep.erasure import ErasedUser
-    from userrep.online import NotApplied, UnknownUser
+    from userrep.online import NotApplied, NotLive, UnknownUser
 
     api = FastAPI(
         title="userrep embeddings",
@@ -118,6 +124,10 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
             410,
         )
 
+    @api.exception_handler(NotLive)
+    async def not_live(request: Request, exc: NotLive):
+        return _reply({"error": str(exc), "live": exc.live, "batch_id": batch_id()}, 410 if exc.known else 404)
+
     @api.exception_handler(NotApplied)
     async def not_applied(request: Request, exc: NotApplied):  # durable: a retry (same event_ids) is a duplicate
         return _reply({"error": str(exc), "durable": True, "batch_id": batch_id()}, 504)
@@ -145,12 +155,12 @@ def create_app(holder: type[Holder] | Holder = Holder) -> FastAPI:
     # threadpool hop of a plain `def` cost more than the read: 8 clients, bare server, p50 / p99
     # 8.7 / 16.0 ms in the pool vs 6.1 / 8.1 ms inline (serving README, reads).
     @api.get("/users/{user_id}/embedding")
-    async def get_embedding(user_id: Annotated[str, Field(max_length=256)]):
-        return _reply(holder.service.embedding(user_id))
+    async def get_embedding(user_id: Annotated[str, Field(max_length=256)], batch_id: BATCH_ID = None):
+        return _reply(holder.service.embedding(user_id, batch_id))
 
     @api.get("/users/{user_id}/similar")
-    def similar(user_id: str, k: Annotated[int, Query(ge=1, le=1000)] = 10):
-        return _reply(holder.service.similar(user_id, k))
+    def similar(user_id: str, k: Annotated[int, Query(ge=1, le=1000)] = 10, batch_id: BATCH_ID = None):
+        return _reply(holder.service.similar(user_id, k, batch_id))
 
     events_adapter = TypeAdapter(list[Event])
 

@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from userrep.batch.registry import LIVE_PREVIOUS
+
 log = logging.getLogger(__name__)
 
 SERVE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "BENTOML_DO_NOT_TRACK": "True"}
@@ -67,11 +69,14 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_bento(root: Path, feast_home: Path | None, port: int, work: Path) -> subprocess.Popen:
+def start_bento(
+    root: Path, feast_home: Path | None, port: int, work: Path, live_previous: int = LIVE_PREVIOUS
+) -> subprocess.Popen:
     env = {
         **os.environ,
         **SERVE_ENV,
         "USERREP_BATCH_ROOT": str(Path(root).resolve()),
+        "USERREP_LIVE_PREVIOUS": str(live_previous),
         "BENTOML_HOME": str((work / "bentoml").resolve()),
         "BENTOML_CONFIG_OPTIONS": "api_server.logging.access.enabled=false",
     }
@@ -96,9 +101,11 @@ def serve_forever(
     events_log: str | None = None,
     replicas: int = 1,
     ingress: str = "haproxy",
+    live_previous: int = LIVE_PREVIOUS,
 ) -> None:
     """Block until SIGINT/SIGTERM (or ``stop``), then stop what was started, by PID. ``ingress``:
-    "haproxy" (falls back to Serve's own proxy, said in the log, if it does not come up) or "serve"."""
+    "haproxy" (falls back to Serve's own proxy, said in the log, if it does not come up) or "serve".
+    ``live_previous``: batches served before the serving one that both servers keep live."""
     if ingress not in INGRESSES:
         raise ValueError(f"ingress: {ingress!r}, expected one of {INGRESSES}")
     os.environ.update(SERVE_ENV)
@@ -111,12 +118,13 @@ def serve_forever(
         # before Ray and BentoML start: their processes inherit it
         os.environ["USERREP_WRITE_TOKEN_FILE"] = str(ensure_write_token(work).resolve())
     log.info(f"writes need 'Authorization: Bearer <token>' (the write token: {_token_source()})")
-    bento = start_bento(root, feast_home, bento_port, work)
+    bento = start_bento(root, feast_home, bento_port, work, live_previous)
     app_args = {
         "batch_root": str(Path(root).resolve()),
         "feast_home": str(Path(feast_home).resolve()) if feast_home else None,
         "events_log": events_log,
         "replicas": replicas,
+        "live_previous": live_previous,
     }  # None: the log's default place (userrep.eventlog)
     try:
         for attempt in INGRESSES[INGRESSES.index(ingress) :]:

@@ -29,8 +29,10 @@ class EmbeddingService:
         events_log: str | None = None,
         watch_s: float = 1.0,
         max_future_s: float | None = None,
+        live_previous: int | None = None,
     ):
         from serving.auth import Tokens
+        from userrep.batch.registry import LIVE_PREVIOUS
         from userrep.logs import configure
         from userrep.online import MAX_FUTURE_S, OnlineService
         from userrep.store import store_config
@@ -43,7 +45,11 @@ class EmbeddingService:
 
         store = store_config(feast_home, online, redis) if feast_home else None
         Holder.service = OnlineService(
-            Path(batch_root), store, events_log, max_future_s=MAX_FUTURE_S if max_future_s is None else max_future_s
+            Path(batch_root),
+            store,
+            events_log,
+            max_future_s=MAX_FUTURE_S if max_future_s is None else max_future_s,
+            live_previous=LIVE_PREVIOUS if live_previous is None else int(live_previous),
         )
         Holder.service.watch(watch_s)  # reload when SERVING.json changes
 
@@ -51,7 +57,9 @@ class EmbeddingService:
 def application(args: dict):
     """Serve's application builder (`import_path: serving.ray_app:application` + `args` in a
     RayService's serveConfigV2); keys: batch_root, feast_home, online, redis, events_log, watch_s,
-    max_future_s (how far past the server's clock an event's ts may lie; default 1 h), replicas
+    max_future_s (how far past the server's clock an event's ts may lie; default 1 h),
+    live_previous (batches served before the serving one that stay live; default
+    ``userrep.batch.registry.LIVE_PREVIOUS``), replicas
     (default 1; a serveConfigV2 ``deployments`` entry overrides it)."""
     args = dict(args)
     replicas = int(args.pop("replicas", 1))

@@ -252,8 +252,11 @@ def test_bento_heads_match_offline_inference_and_refuse_other_batches(served):
         scored = call(f"{served.tasks}/recommend/artists", {"user_id": user, **every})[2]
         plain = {a["artist_id"]: a["score"] for a in plain["artists"]}
         assert max(abs(a["score"] - plain[a["artist_id"]]) for a in scored["artists"]) > 1e-3
+    # b2 is built but not live (never promoted): an embedding of it is refused, naming it
     status, _, body = call(f"{served.tasks}/recommend/artists", {"embedding": vector.tolist(), "batch_id": "b2"})
-    assert status == 409 and "b2" in json.dumps(body)
+    assert status == 410 and "b2" in json.dumps(body)
+    status, _, body = call(f"{served.tasks}/recommend/artists", {"user_id": user, "batch_id": "b9"})
+    assert status == 404 and "b9" in json.dumps(body)
     artists = meta["artists"][:3]
     status, _, body = call(f"{served.tasks}/predict/artist-preference", {"user_id": user, "artists": artists})
     assert status == 200 and set(body["probabilities"]) == set(artists)
@@ -391,6 +394,12 @@ def test_batch_switch_under_concurrent_readers_never_mixes_batches(served):
     assert ("api", "b1") in seen and ("api", "b2") in seen and ("tasks", "b1") in seen and ("tasks", "b2") in seen
     last = {kind: batch for kind, batch in seen}
     assert last == {"api": "b2", "tasks": "b2"}
+    # a consumer still on b1 (kept live: the previous batch) reads b1's coordinates and b1's heads
+    status, headers, body = call(f"{served.api}/users/{user}/embedding?batch_id=b1")
+    assert status == 200 and body["batch_id"] == headers.get("x-batch-id") == "b1"
+    np.testing.assert_allclose(body["embedding"], vectors["b1"], atol=1e-5)
+    status, _, body = call(f"{served.tasks}/recommend/artists", {"user_id": user, "k": 3, "batch_id": "b1"})
+    assert status == 200 and body["batch_id"] == "b1" and [a["artist_id"] for a in body["artists"]] == tops["b1"]
 
 
 def test_writes_need_the_write_token_and_reads_a_read_token(served):

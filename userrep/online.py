@@ -11,11 +11,18 @@ Each ``OnlineService`` (one per replica) runs two stages:
 
 * the **logger**: every ``POST /events`` request waiting is checked, deduplicated by client
   ``event_id`` and appended as one durable record (group commit), then acknowledged;
-* the **consumer**: one member of the serving batch's consumer group. It takes records from the
+* the **consumer**: one member of each live batch's consumer group. It takes records from the
   group (any replica's), reads the touched users' state once, applies them, re-embeds those users
   once, writes their rows to the online store once, and commits state + "applied" + ack in one
-  transaction. A request that asked to wait (``?wait=true``) returns once its record is applied,
-  by whichever consumer.
+  transaction. A request that asked to wait (``?wait=true``) returns once its record is applied
+  in every live batch, by whichever consumers.
+
+**Live batches** (``userrep.batch.registry.live_batches``): the serving batch, the
+``live_previous`` batches served before it and every pinned one are all loaded; every read may
+name one (``batch_id``, default the serving one), and every event updates the user in each. A
+consumer whose model was trained on the previous batch keeps reading that batch's coordinates,
+kept current, until it moves. A batch that exists but is not live is ``NotLive`` (HTTP 410); an
+id no batch has, ``NotLive`` with ``known`` False (HTTP 404).
 
 A batch's shared state is written by the first replica that loads it: the batch's dataset as of
 its ``as_of`` plus a replay of the logged writes that data does not hold; its consumer group
@@ -44,20 +51,23 @@ import numpy as np
 import pandas as pd
 
 from userrep import eventlog
-from userrep.batch.registry import read_pointer
+from userrep.batch.layout import manifest_path
+from userrep.batch.registry import LIVE_PREVIOUS, live_batches, read_pointer
 from userrep.onlinebatch import (
     OnlineBatch,
-    UnknownUser,
     apply_delivered,
     load_batch,
     log_sign_up,
+    nearest_users,
     push_changes,
+    read_embedding,
     still_serving,
     user_clock,
+    user_state,
     validate_events,
     write_shared_state,
 )
-from userrep.state import decode_user
+from userrep.onlinebatch import UnknownUser as UnknownUser  # re-exported: the reads raise it (HTTP 404)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,15 @@ class NotApplied(TimeoutError):
     """Durable events whose new embeddings were not written within the wait (HTTP 504)."""
 
 
+class NotLive(LookupError):
+    """A read named a batch that is not live: one that exists (``known``: HTTP 410) or none (404)."""
+
+    def __init__(self, batch_id: str, known: bool, live: list[str]):
+        self.batch_id, self.known, self.live = batch_id, known, live
+        why = "is not live" if known else "is not a batch"
+        super().__init__(f"batch_id: {batch_id!r} {why} (live: {', '.join(live)})")
+
+
 class OnlineService:
     """One replica: reads, near-real-time writes (logger + consumer), reload on promotion."""
 
@@ -107,8 +126,10 @@ class OnlineService:
         max_future_s: float = MAX_FUTURE_S,
         consumer: bool = True,
         claim_idle_ms: int = CLAIM_IDLE_MS,
+        live_previous: int = LIVE_PREVIOUS,
     ):
         self.root = Path(root)
+        self.live_previous = live_previous
         self.max_future = pd.Timedelta(seconds=max_future_s)
         self.store_config = store
         # a file (SQLite, embedded default) or redis://HOST:PORT/STREAM (production), see userrep.eventlog
@@ -117,7 +138,7 @@ class OnlineService:
         self.claim_idle_ms = claim_idle_ms
         self._store = None
         self._writer: Any = None  # with the store: its online writes (userrep.onlinestore.OnlineWriter)
-        self._batch: OnlineBatch | None = None
+        self._live: dict[str, OnlineBatch] = {}  # the live batches, the serving one first
         self._queue: queue.Queue[_Write] = queue.Queue()
         self._applied = threading.Condition()  # the local consumer committed something
         self._wake = threading.Event()  # the local logger appended something
@@ -136,31 +157,60 @@ class OnlineService:
     @property
     def batch(self) -> OnlineBatch:
         """The serving batch (loaded by the constructor, so always there once it returned)."""
-        if self._batch is None:
+        if not self._live:
             raise RuntimeError("OnlineService: no batch loaded")
-        return self._batch
+        return next(iter(self._live.values()))
+
+    @property
+    def live(self) -> list[OnlineBatch]:
+        """Every live batch, the serving one first (one snapshot: a reload swaps the whole dict)."""
+        return list(self._live.values())
+
+    def live_batch(self, batch_id: str | None = None) -> OnlineBatch:
+        """The live batch ``batch_id`` (None: the serving one); ``NotLive`` otherwise."""
+        if batch_id is None:
+            return self.batch
+        found = self._live.get(batch_id)
+        if found is None:
+            known = (
+                "/" not in batch_id and not batch_id.startswith(".") and manifest_path(self.root / batch_id).exists()
+            )
+            raise NotLive(batch_id, known, list(self._live))
+        return found
 
     def reload(self) -> bool:
-        """Load the promoted batch if it changed (or an erasure rewrote its files); the swap is one
-        reference assignment. Reads and writes go on on the old batch meanwhile."""
+        """Load the live batches if they changed (a promotion, a pin, an erasure that rewrote a
+        batch's files); the swap is one reference assignment. Reads and writes go on on the old
+        ones meanwhile; a batch already loaded and unchanged is kept as it is."""
         pointer = read_pointer(self.root)
         if pointer["serving"] is None:
             raise ValueError(f"batch_root: no batch is serving under {self.root}; promote one first")
-        if self._batch is not None and still_serving(self.root, self._batch, pointer["serving"]):
+        wanted = live_batches(pointer, self.live_previous)
+        current = self._live
+        if list(current) == wanted and all(still_serving(self.root, b, b.batch_id) for b in current.values()):
             return False
-        started = time.perf_counter()
-        fresh, manifest = load_batch(self.root, pointer["serving"])
-        fresh.start, replayed = self._shared_state(fresh, manifest)
-        self._batch = fresh
-        keep = {pointer["serving"], *pointer["history"][-1:]}  # the previous one stays ready for a rollback
+        live = {}
+        for batch_id in wanted:  # kept as loaded: unchanged files, its shared state still in the log
+            kept = current.get(batch_id)
+            usable = kept is not None and still_serving(self.root, kept, batch_id)
+            live[batch_id] = kept if usable and self.events_log.ready(batch_id) is not None else self._load(batch_id)
+        self._live = live
+        keep = {*wanted, *pointer["history"][-1:]}  # the previous one stays ready for a rollback
         for stale in set(self.events_log.batches()) - keep:
             self.events_log.drop(stale)
+        log.info(f"live batches: {', '.join(live)} (serving {wanted[0]})")
+        return True
+
+    def _load(self, batch_id: str) -> OnlineBatch:
+        started = time.perf_counter()
+        fresh, manifest = load_batch(self.root, batch_id)
+        fresh.start, replayed = self._shared_state(fresh, manifest)
         log.info(
             f"loaded batch {fresh.batch_id} ({len(fresh.rows)} users"
             + (f", state bootstrapped, {replayed} users changed by the log" if replayed is not None else "")
             + f") in {time.perf_counter() - started:.1f}s"
         )
-        return True
+        return fresh
 
     def _shared_state(self, online: OnlineBatch, manifest: dict) -> tuple:
         """The batch's shared state: found ready, or bootstrapped by this replica (one at a time)."""
@@ -198,66 +248,19 @@ class OnlineService:
             self._writer = OnlineWriter(self._store)
         return self._store
 
-    # -- reads ---------------------------------------------------------------------------
+    # -- reads (userrep.onlinebatch: read_embedding, nearest_users) -----------------------
     def user_state(self, user_id: str, online: OnlineBatch | None = None) -> tuple:
         """(state, newest online embedding or None, its time) of a user in the shared store."""
-        online = online or self.batch
-        blob = self.events_log.load(online.batch_id, [user_id]).get(user_id)
-        if blob is None:
-            raise UnknownUser(user_id)
-        return decode_user(blob)
+        return user_state(self.events_log, online or self.batch, user_id)
 
-    def embedding(self, user_id: str) -> dict:
-        """The user's newest embedding in the serving batch, with ``as_of``: the time its features
-        are as of (the user's clock: the batch's as_of, or the midnight after their newest event)."""
-        online = self.batch
-        if self.store is not None:  # the online store is the source of truth for reads
-            from userrep.onlinestore import online_embeddings
+    def embedding(self, user_id: str, batch_id: str | None = None) -> dict:
+        """The user's newest embedding in the live batch ``batch_id`` (default: the serving one)."""
+        return read_embedding(self.live_batch(batch_id), self.store, self.events_log, user_id)
 
-            got, found, stamps = online_embeddings(self.store, [user_id], online.batch_id, with_times=True)
-            if found[0]:
-                return {
-                    "user_id": user_id,
-                    "batch_id": online.batch_id,
-                    "embedding": got[0].tolist(),
-                    "as_of": stamps[0].isoformat(),
-                }
-        try:  # no online store (or a row not there yet): the shared state's newest embedding
-            state, vector, _ = self.user_state(user_id, online)
-        except UnknownUser:
-            if user_id not in online.rows:
-                raise
-            vector = None
-        if vector is not None:
-            return {
-                "user_id": user_id,
-                "batch_id": online.batch_id,
-                "embedding": vector.tolist(),
-                "as_of": user_clock(online, user_id, state).isoformat(),
-            }
-        if user_id in online.rows and online.rows[user_id] < len(online.backfilled):
-            return {
-                "user_id": user_id,
-                "batch_id": online.batch_id,
-                "embedding": online.backfilled[online.rows[user_id]].tolist(),
-                "as_of": online.as_of.isoformat(),
-            }
-        raise UnknownUser(user_id)
-
-    def similar(self, user_id: str, k: int = 10) -> dict:
-        """Nearest users by cosine. The query is the user's newest embedding; the candidates are
-        this replica's index (the batch's users, plus the users whose writes this replica applied)."""
-        online = self.batch
-        query = np.asarray(self.embedding(user_id)["embedding"], np.float32)
-        row = online.rows.get(user_id, -1)
-        with online.lock:
-            scores, found = online.index.search(query, k + 1)
-        neighbours = [
-            {"user_id": online.users[int(i)], "score": round(float(s), 6)}
-            for s, i in zip(scores[0], found[0])
-            if i >= 0 and int(i) != row
-        ][:k]
-        return {"user_id": user_id, "batch_id": online.batch_id, "neighbours": neighbours}
+    def similar(self, user_id: str, k: int = 10, batch_id: str | None = None) -> dict:
+        """Nearest users by cosine in the live batch ``batch_id`` (default: the serving one)."""
+        online = self.live_batch(batch_id)
+        return nearest_users(online, read_embedding(online, self.store, self.events_log, user_id), k)
 
     # -- writes --------------------------------------------------------------------------
     def post_events(self, events: list[dict], wait: bool = True) -> dict:
@@ -295,18 +298,16 @@ class OnlineService:
         }
 
     def _wait_applied(self, position, online: OnlineBatch) -> OnlineBatch:
-        """Until the record at ``position`` is in the serving batch's state (applied by its group,
-        or held by its bootstrap after a switch); returns that batch."""
+        """Until the record at ``position`` is in every live batch's state (applied by its group,
+        or held by its bootstrap after a switch); returns the serving batch."""
         deadline = time.monotonic() + WAIT_S
         key = self.events_log.key
         while True:
-            online = self.batch
-            if (
-                position is None
-                or key(position) <= key(online.start)
-                or self.events_log.applied(online.batch_id, [position])
+            live = self.live
+            if position is None or all(
+                key(position) <= key(b.start) or self.events_log.applied(b.batch_id, [position]) for b in live
             ):
-                return online
+                return live[0]
             if time.monotonic() > deadline:
                 raise NotApplied(
                     f"events: durable at {position} but not applied within {WAIT_S:.0f}s; their embeddings follow"
@@ -350,20 +351,22 @@ class OnlineService:
             self._applied.notify_all()
 
     def _consume_loop(self) -> None:
-        """The consumer: records of the serving batch's group, applied a micro-batch at a time."""
+        """The consumer: records of each live batch's group, applied a micro-batch at a time."""
         while not self.stopped.is_set():
-            online = self.batch
-            try:
-                entries = self.events_log.deliver(online.batch_id, self.name, DELIVER, self.claim_idle_ms)
-                if not entries:
-                    if not self.events_log.blocks:  # a local append wakes it at once; other replicas' within 20 ms
-                        self._wake.wait(0.02)
-                        self._wake.clear()
-                    continue
-                self.consume(online, entries)
-            except Exception as exc:  # noqa: BLE001 (its records stay pending and come back)
-                log.warning(f"event apply failed: {type(exc).__name__}: {exc}")
-                time.sleep(0.5)
+            delivered = False
+            for online in self.live:
+                try:
+                    entries = self.events_log.deliver(online.batch_id, self.name, DELIVER, self.claim_idle_ms)
+                    if entries:
+                        delivered = True
+                        self.consume(online, entries)
+                except Exception as exc:  # noqa: BLE001 (its records stay pending and come back)
+                    log.warning(f"event apply failed in batch {online.batch_id}: {type(exc).__name__}: {exc}")
+                    time.sleep(0.5)
+            if not delivered and not self.events_log.blocks:
+                # a local append wakes it at once; other replicas' within 20 ms
+                self._wake.wait(0.02)
+                self._wake.clear()
 
     def consume(self, online: OnlineBatch, entries: list[tuple]) -> list:
         """Apply delivered records once: one state read, one re-embed, one online write, one commit."""

@@ -312,3 +312,68 @@ def apply_delivered(online: OnlineBatch, records: list[dict], load, push) -> dic
     result = reembed(online, state, touched)
     push(online, result, {r["user_id"] for r in records if r["kind"] == "user"})
     return {u: encode_user(state.users[u], v, result["updated_at"]) for u, v in zip(touched, result["vectors"])}
+
+
+# -- reads ------------------------------------------------------------------------------------
+
+
+def user_state(events_log, online: OnlineBatch, user_id: str) -> tuple:
+    """(state, newest online embedding or None, its time) of a user in the batch's shared state."""
+    blob = events_log.load(online.batch_id, [user_id]).get(user_id)
+    if blob is None:
+        raise UnknownUser(user_id)
+    return decode_user(blob)
+
+
+def read_embedding(online: OnlineBatch, store, events_log, user_id: str) -> dict:
+    """The user's newest embedding in ``online``, with ``as_of``: the time its features are as of
+    (the user's clock: the batch's as_of, or the midnight after their newest event). The online
+    store (when there is one) is the source of truth; then the shared state; then the backfill."""
+    if store is not None:
+        from userrep.onlinestore import online_embeddings
+
+        got, found, stamps = online_embeddings(store, [user_id], online.batch_id, with_times=True)
+        if found[0]:
+            return {
+                "user_id": user_id,
+                "batch_id": online.batch_id,
+                "embedding": got[0].tolist(),
+                "as_of": stamps[0].isoformat(),
+            }
+    try:  # no online store (or a row not there yet): the shared state's newest embedding
+        state, vector, _ = user_state(events_log, online, user_id)
+    except UnknownUser:
+        if user_id not in online.rows:
+            raise
+        vector = None
+    if vector is not None:
+        return {
+            "user_id": user_id,
+            "batch_id": online.batch_id,
+            "embedding": vector.tolist(),
+            "as_of": user_clock(online, user_id, state).isoformat(),
+        }
+    if user_id in online.rows and online.rows[user_id] < len(online.backfilled):
+        return {
+            "user_id": user_id,
+            "batch_id": online.batch_id,
+            "embedding": online.backfilled[online.rows[user_id]].tolist(),
+            "as_of": online.as_of.isoformat(),
+        }
+    raise UnknownUser(user_id)
+
+
+def nearest_users(online: OnlineBatch, found: dict, k: int) -> dict:
+    """Nearest users by cosine to ``found`` (``read_embedding``'s answer). The candidates are this
+    replica's index (the batch's users, plus the users whose writes this replica applied)."""
+    user_id = found["user_id"]
+    query = np.asarray(found["embedding"], np.float32)
+    row = online.rows.get(user_id, -1)
+    with online.lock:
+        scores, hits = online.index.search(query, k + 1)
+    neighbours = [
+        {"user_id": online.users[int(i)], "score": round(float(s), 6)}
+        for s, i in zip(scores[0], hits[0])
+        if i >= 0 and int(i) != row
+    ][:k]
+    return {"user_id": user_id, "batch_id": online.batch_id, "neighbours": neighbours}

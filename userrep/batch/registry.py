@@ -2,13 +2,20 @@
 
 A batch root (default ``work/batches``) holds one directory per batch and ``SERVING.json``:
 
-    {"serving": "20260630-ab12cd34", "history": ["20260531-..."], "updated_at": "..."}
+    {"serving": "20260630-ab12cd34", "history": ["20260531-..."], "updated_at": "...",
+     "pins": {"recs-team": "20260531-..."}}
 
 Promotion writes the new pointer to a temporary file, fsyncs it and renames it over the old one
 (atomic on POSIX): a reader sees the old batch or the new one, never a mix, and a crash before
 the rename leaves the old batch serving. Everything a batch serves (encoders, model, embeddings,
 downstream heads, neighbour index) lives in its directory, so the one rename moves all of it.
 Rollback is the same rename with the previous id from ``history``.
+
+**Live batches** (``live_batches``): the serving batch, the ``LIVE_PREVIOUS`` batches served
+before it, and every batch a consumer pinned (``pin``: a downstream team whose model was trained
+on that batch's embeddings declares it, ``userrep batch pin BATCH --consumer NAME``). The servers
+answer reads in any live batch (``batch_id``) and apply near-real-time events to all of them;
+``prune`` never removes a pinned batch. Pins live in the pointer file, changed under its lock.
 
 Pointer changes take a lock and check the batch under it (``pointer_lock``): of two promotions at
 once, the second sees the first's batch serving, not the one its gate compared against, and is
@@ -35,6 +42,7 @@ class BatchError(ValueError):
     """A refused batch operation (the message says why)."""
 
 
+LIVE_PREVIOUS = 1  # previous batches kept live beside the serving one (``userrep serve --live-previous``)
 REMOVING = ".removing-"  # a pruned batch's directory while it is deleted (hidden from listings)
 LOCK_WAIT_S = 60.0  # how long a pointer change waits for another to finish
 LOCK_LEASE_S = 300  # a Redis lock's expiry: a holder that died does not block promotions for ever
@@ -135,7 +143,7 @@ def state(root: str | Path, batch_id: str) -> str:
 
 
 def list_batches(root: str | Path) -> list[dict]:
-    rows = []
+    rows, pinned = [], consumers(read_pointer(root))
     for path in sorted(Path(root).glob(f"*/{MANIFEST}")):
         if path.parent.name.startswith("."):  # a batch being removed (``prune``), or other tooling's
             continue
@@ -147,6 +155,7 @@ def list_batches(root: str | Path) -> list[dict]:
                 "created_at": manifest["created_at"],
                 "users": manifest["users"],
                 "state": state(root, path.parent.name),
+                "pinned_by": pinned.get(manifest["batch_id"], []),
             }
         )
     return rows
@@ -160,6 +169,7 @@ def show(root: str | Path, batch_id: str) -> dict:
         "path": str(path),
         "manifest": read_manifest(path),
         "missing_tasks": missing_tasks(path),
+        "pinned_by": consumers(read_pointer(root)).get(batch_id, []),
     }
     for key, record in (("gate", BatchDir(path).gate), ("failed", BatchDir(path).failed)):
         if record.exists():
@@ -212,7 +222,7 @@ def _promote(root: Path, batch_id: str) -> dict:
     if changed:
         raise BatchError(f"batch_id: files of {batch_id} changed since its manifest: {', '.join(changed)}")
     history = pointer["history"] + ([pointer["serving"]] if pointer["serving"] else [])
-    new = {"serving": batch_id, "history": history, "updated_at": _now()}
+    new = {"serving": batch_id, "history": history, "updated_at": _now(), "pins": pins_of(pointer)}
     _write_pointer(root, new)
     return new
 
@@ -234,14 +244,77 @@ def _rollback(root: Path) -> dict:
         "history": pointer["history"][:-1],
         "updated_at": _now(),
         "rolled_back_from": pointer["serving"],
+        "pins": pins_of(pointer),
     }
     _write_pointer(root, new)
     return new
 
 
+# ---------------------------------------------------------------------------------------------
+# live batches and consumers' pins
+
+
+def pins_of(pointer: dict) -> dict[str, str]:
+    """consumer -> the batch it declared it is on."""
+    return dict(pointer.get("pins") or {})
+
+
+def live_batches(pointer: dict, previous: int = LIVE_PREVIOUS) -> list[str]:
+    """The batches the servers answer in and apply events to: the serving one first, then the
+    ``previous`` served before it (newest first), then the pinned ones; none without a serving one."""
+    if pointer["serving"] is None:
+        return []
+    recent = pointer["history"][::-1][: max(previous, 0)]
+    return list(dict.fromkeys([pointer["serving"], *recent, *sorted(set(pins_of(pointer).values()))]))
+
+
+def consumers(pointer: dict) -> dict[str, list[str]]:
+    """batch id -> the consumers pinned to it."""
+    out: dict[str, list[str]] = {}
+    for consumer, batch_id in sorted(pins_of(pointer).items()):
+        out.setdefault(batch_id, []).append(consumer)
+    return out
+
+
+CONSUMER_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def pin(root: str | Path, batch_id: str, consumer: str, redis: str | None = None) -> dict:
+    """Declare that ``consumer`` is on ``batch_id`` (the serving batch or one served before): the
+    batch stays live and is never pruned until the consumer moves (``pin`` again) or ``unpin``s."""
+    if not consumer or len(consumer) > 128 or set(consumer) - CONSUMER_CHARS:
+        raise BatchError(f"consumer: expected 1-128 letters, digits, '.', '_' or '-', got {consumer!r}")
+    root = Path(root)
+    with pointer_lock(root, redis):
+        batch_dir(root, batch_id)
+        pointer = read_pointer(root)
+        if batch_id != pointer["serving"] and batch_id not in pointer["history"]:
+            raise BatchError(
+                f"batch_id: {batch_id} has not served ({state(root, batch_id)}); a consumer pins the serving "
+                f"batch ({pointer['serving']}) or one served before it"
+            )
+        new = {**pointer, "pins": {**pins_of(pointer), consumer: batch_id}, "updated_at": _now()}
+        _write_pointer(root, new)
+    return new
+
+
+def unpin(root: str | Path, consumer: str, redis: str | None = None) -> dict:
+    """``consumer`` is on no batch any more (its batch leaves the live set unless another holds it)."""
+    root = Path(root)
+    with pointer_lock(root, redis):
+        pointer = read_pointer(root)
+        pins = pins_of(pointer)
+        if consumer not in pins:
+            raise BatchError(f"consumer: {consumer!r} has no pin (pinned: {', '.join(sorted(pins)) or 'none'})")
+        del pins[consumer]
+        new = {**pointer, "pins": pins, "updated_at": _now()}
+        _write_pointer(root, new)
+    return new
+
+
 def prune(root: str | Path, keep: int, on_remove=None, redis: str | None = None) -> dict:
     """Remove all but the ``keep`` newest finished batches (by ``created_at``), never the serving
-    one or the one a rollback returns to; removed ids leave the pointer's history. ``on_remove``
+    one, the one a rollback returns to or one a consumer pinned; removed ids leave the pointer's history. ``on_remove``
     (batch dir) is called before each directory goes (the online rows: ``userrep batch prune``).
     Returns the removed and kept ids."""
     if keep < 0:
@@ -249,7 +322,7 @@ def prune(root: str | Path, keep: int, on_remove=None, redis: str | None = None)
     root = Path(root)
     with pointer_lock(root, redis):
         pointer = read_pointer(root)
-        protected = {pointer["serving"], *pointer["history"][-1:]} - {None}
+        protected = {pointer["serving"], *pointer["history"][-1:], *pins_of(pointer).values()} - {None}
         newest = sorted(list_batches(root), key=lambda row: row["created_at"], reverse=True)
         removed = [row["batch_id"] for row in newest[keep:] if row["batch_id"] not in protected]
         for leftover in root.glob(f"{REMOVING}*"):  # a prune that died while deleting

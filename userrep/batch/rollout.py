@@ -200,6 +200,20 @@ def space_section(evidence: dict, record: dict) -> tuple[str, go.Figure]:
     return text, figure
 
 
+def consumers_note(root: Path, record: dict) -> str:
+    """Who is on which batch (``userrep batch pin``): the teams a promotion leaves on the old space."""
+    from userrep.batch.registry import consumers, read_pointer
+
+    pinned = consumers(read_pointer(root))
+    if not pinned:
+        return "<p>No consumer has pinned a batch (<code>userrep batch pin BATCH --consumer NAME</code>).</p>"
+    rows = [[html.escape(b), html.escape(", ".join(names))] for b, names in sorted(pinned.items())]
+    return (
+        f"<p>Consumers pinned to a batch: after a promotion they keep reading it (<code>batch_id</code>) while "
+        f"it is live. {html.escape(str(record['serving']))} is serving now.</p>" + _table(["batch", "consumers"], rows)
+    )
+
+
 def _half_width(pair: dict, side: str) -> float:
     """Half the 95% interval of one batch's mean (0: not measured per user)."""
     sd, n = pair.get(f"sd_{side}"), pair.get("n")
@@ -296,6 +310,7 @@ def write_rollout(path: Path, record: dict, evidence: dict | None, calibration: 
     if evidence is not None:
         drift_text, drift_figures = drift_section(evidence, record)
         space_text, space_figure = space_section(evidence, record)
+        space_text += consumers_note(path.parent.parent, record)
         parts += ["<h2>Feature drift</h2>", drift_text, *map(place, drift_figures)]
         parts += [
             "<h2>Embedding drift</h2>",

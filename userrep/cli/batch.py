@@ -1,4 +1,5 @@
-"""`userrep batch list | show | gate | promote | rollback | prune`: the batch registry and the gate."""
+"""`userrep batch list | show | gate | promote | rollback | pin | unpin | prune`: the batch registry
+and the gate."""
 
 from __future__ import annotations
 
@@ -12,22 +13,24 @@ from rich.table import Table
 from userrep.batch.layout import manifest_path
 from userrep.cli.common import ROOT_OPTION, _batch_call, _run_or_exit, console
 
-batch_app = typer.Typer(help="Batches: list, show, gate, promote, roll back.", no_args_is_help=True)
+batch_app = typer.Typer(help="Batches: list, show, gate, promote, roll back, pin.", no_args_is_help=True)
 
 
 @batch_app.command("list")
 def batch_list(root: ROOT_OPTION = Path("work/batches")) -> None:
-    """Every batch with its state (serving, gated, rejected, candidate, incomplete, failed)."""
+    """Every batch with its state (serving, previous, gated, rejected, candidate, incomplete, failed)
+    and the consumers pinned to it."""
     from userrep.batch.registry import list_batches
 
     table = Table(title=f"batches in {root}", title_justify="left")
-    for column in ("batch_id", "as_of", "created_at", "users", "state"):
+    for column in ("batch_id", "as_of", "created_at", "users", "state", "pinned by"):
         table.add_column(column)
     for row in list_batches(root):
         style = {"serving": "bold green", "rejected": "red", "failed": "red"}.get(row["state"], "")
         table.add_row(
             *(str(row[c]) for c in ("batch_id", "as_of", "created_at", "users")),
             f"[{style}]{row['state']}[/]" if style else row["state"],
+            ", ".join(row["pinned_by"]),
         )
     console.print(table)
 
@@ -125,6 +128,37 @@ def batch_rollback(root: ROOT_OPTION = Path("work/batches"), lock_redis: LOCK_RE
     console.print(f"serving {pointer['serving']} again (rolled back from {pointer['rolled_back_from']})")
 
 
+CONSUMER_OPTION = Annotated[
+    str, typer.Option("--consumer", help="The consuming team or model (letters, digits, '.', '_', '-').")
+]
+
+
+@batch_app.command("pin")
+def batch_pin(
+    batch_id: Annotated[str, typer.Argument(help="The batch the consumer's model was trained on.")],
+    consumer: CONSUMER_OPTION,
+    root: ROOT_OPTION = Path("work/batches"),
+    lock_redis: LOCK_REDIS_OPTION = "",
+) -> None:
+    """Declare that a consumer is on this batch: it stays live (reads with its batch_id, events
+    applied) and is never pruned until the consumer moves or unpins."""
+    from userrep.batch.registry import pin
+
+    _batch_call(lambda: pin(root, batch_id, consumer, _lock_redis(lock_redis)))
+    console.print(f"{consumer} is pinned to {batch_id}")
+
+
+@batch_app.command("unpin")
+def batch_unpin(
+    consumer: CONSUMER_OPTION, root: ROOT_OPTION = Path("work/batches"), lock_redis: LOCK_REDIS_OPTION = ""
+) -> None:
+    """The consumer is on no batch any more."""
+    from userrep.batch.registry import unpin
+
+    pointer = _batch_call(lambda: unpin(root, consumer, _lock_redis(lock_redis)))
+    console.print(f"{consumer} unpinned; pins left: {pointer['pins'] or 'none'}")
+
+
 @batch_app.command("prune")
 def batch_prune(
     keep: Annotated[int, typer.Option(min=0, help="Finished batches to keep, newest first (besides these two).")],
@@ -137,7 +171,8 @@ def batch_prune(
         "127.0.0.1:6379"
     ),
 ) -> None:
-    """Remove old batches and their offline and online rows; never the serving batch or the one a rollback returns to."""
+    """Remove old batches and their offline and online rows; never the serving batch, the one a
+    rollback returns to or a pinned one."""
     from userrep.batch.layout import BatchDir
     from userrep.batch.registry import prune
 

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from userrep.batch.layout import BatchDir
+from userrep.batch.registry import LIVE_PREVIOUS
 from userrep.batch.spec import BatchSpec
 from userrep.cli.batch import _print_downstream, _print_gate, batch_list
 from userrep.cli.common import _error, _validate_or_exit, console
@@ -44,6 +45,14 @@ def serve(
             "does not come up) or serve (Serve's own Python proxy)."
         ),
     ] = "haproxy",
+    live_previous: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Batches served before the serving one that stay live (reads name them with batch_id; "
+            "events update them); pinned batches stay live too.",
+        ),
+    ] = LIVE_PREVIOUS,
 ) -> None:
     """Serve the promoted batch on 127.0.0.1 until Ctrl-C: Ray Serve + BentoML, reloading on promotion."""
     from serving.launch import INGRESSES, serve_forever
@@ -66,6 +75,7 @@ def serve(
         events_log=events_log or None,
         replicas=replicas,
         ingress=ingress,
+        live_previous=live_previous,
     )
 
 
