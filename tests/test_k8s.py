@@ -595,6 +595,13 @@ HELM_CASES = {
             and _secret_volumes(objs, "api-auth") == {"userrep-api-tokens"}
         ),
     ),
+    "api.livePrevious": (  # both servers keep the same batches live
+        3,
+        lambda objs: (
+            "live_previous: 3" in _one(objs, "RayService")["spec"]["serveConfigV2"]
+            and {"name": "USERREP_LIVE_PREVIOUS", "value": "3"} in containers(_one(objs, "Deployment"))[0]["env"]
+        ),
+    ),
     "redis.storage": (
         "7Gi",
         lambda objs: (
