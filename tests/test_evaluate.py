@@ -58,7 +58,7 @@ def test_no_post_cutoff_event_reaches_features_or_encoders(world):
     assert leaky_split.train.events.equals(split.train.events)
     space = fit_feature_space(split.train, split.as_of)
     leaky_space = fit_feature_space(leaky_split.train, leaky_split.as_of)
-    assert np.array_equal(space.collab.vectors, leaky_space.collab.vectors)
+    assert np.array_equal(space.encoder("collab").vectors, leaky_space.encoder("collab").vectors)
     assert np.array_equal(
         build_user_features(split.train, split.as_of, space).matrix,
         build_user_features(leaky_split.train, leaky_split.as_of, leaky_space).matrix,

@@ -51,7 +51,7 @@ def test_planted_future_event_changes_nothing(world, space, features):
     item = world.items.column("item_id")[-1].as_py()
     leaky = _with_event(world, user, item, pd.Timestamp(AS_OF))  # at as_of: not before it
     assert np.array_equal(build_user_features(leaky, AS_OF, space).matrix, features.matrix)
-    assert np.array_equal(CollaborativeEncoder().fit(leaky, AS_OF).vectors, space.collab.vectors)
+    assert np.array_equal(CollaborativeEncoder().fit(leaky, AS_OF).vectors, space.encoder("collab").vectors)
     # The same event one microsecond earlier does change that user's features.
     earlier = _with_event(world, user, item, pd.Timestamp(AS_OF) - pd.Timedelta(microseconds=1))
     assert not np.array_equal(build_user_features(earlier, AS_OF, space, user_ids=[user]).matrix, features.matrix[:1])
@@ -73,7 +73,7 @@ def test_groups_are_named_and_sized(world, space, features):
         == min(FeatureConfig().top_artists, len(played))
     )
     assert features.matrix.shape == (1_500, features.schema.n_features)
-    assert dict(features.schema.groups)["collab_7d"] == space.collab.dim
+    assert dict(features.schema.groups)["collab_7d"] == space.encoder("collab").dim
     assert np.isfinite(features.matrix).all()
 
 
@@ -204,20 +204,22 @@ def test_space_save_load_round_trip(tmp_path, space, world, features):
 
 def test_item_vectors_round_trip_and_artist_means(tmp_path, space, world):
     path = tmp_path / "collab.parquet"
-    space.collab.save(path)
+    space.encoder("collab").save(path)
     loaded = ItemVectors.load(path)
-    assert loaded.name == "collab" and np.array_equal(loaded.vectors, space.collab.vectors)
-    artists, vectors = space.collab.artist_vectors(world.items)
+    assert loaded.name == "collab" and np.array_equal(loaded.vectors, space.encoder("collab").vectors)
+    artists, vectors = space.encoder("collab").artist_vectors(world.items)
     items = world.items.to_pandas()
     first = artists[0]
-    rows = space.collab.lookup(items.loc[items["artist_id"] == first, "item_id"])
-    np.testing.assert_allclose(vectors[0], space.collab.vectors[rows].mean(axis=0), rtol=1e-5)
+    rows = space.encoder("collab").lookup(items.loc[items["artist_id"] == first, "item_id"])
+    np.testing.assert_allclose(vectors[0], space.encoder("collab").vectors[rows].mean(axis=0), rtol=1e-5)
 
 
 def test_collaborative_vectors_group_items_by_genre(world, space):
     items = world.items.to_pandas()
     genre = items["genres"].str.split("|").str[0].to_numpy()
-    x = space.collab.vectors / np.maximum(np.linalg.norm(space.collab.vectors, axis=1, keepdims=True), 1e-9)
+    x = space.encoder("collab").vectors / np.maximum(
+        np.linalg.norm(space.encoder("collab").vectors, axis=1, keepdims=True), 1e-9
+    )
     sample = np.arange(0, len(x), 7)
     sims = x[sample] @ x.T
     sims[np.arange(len(sample)), sample] = -np.inf
@@ -246,9 +248,13 @@ def test_partitioned_snapshot_equals_the_in_memory_encoders_and_features(tmp_pat
     got_space, got = partitioned_snapshot(
         world.path, AS_OF, FeatureConfig(), tmp_path / "space", tmp_path / "work", partitions=partitions
     )
-    assert np.array_equal(got_space.collab.vectors, space.collab.vectors)  # the same user x item matrix
+    assert np.array_equal(
+        got_space.encoder("collab").vectors, space.encoder("collab").vectors
+    )  # the same user x item matrix
     assert np.array_equal(got_space.top_artists, space.top_artists)
-    assert np.array_equal(FeatureSpace.load(tmp_path / "space").collab.vectors, space.collab.vectors)
+    assert np.array_equal(
+        FeatureSpace.load(tmp_path / "space").encoder("collab").vectors, space.encoder("collab").vectors
+    )
     assert list(got.user_ids) == list(features.user_ids)
     assert np.array_equal(got.matrix, features.matrix)  # bit for bit, not within a tolerance
     # every event of a user lies in that user's one partition, and only events before as_of

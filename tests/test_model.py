@@ -92,7 +92,7 @@ def test_plays_of_an_onboarded_artist_keep_a_new_user_near_its_cold_start_point(
     items = ds.items.to_pandas()
     tracks = items.groupby("artist_id")["item_id"].apply(list)
     plays = ds.events.to_pandas().merge(items[["item_id", "artist_id"]], on="item_id")
-    ids, vectors = space.collab.artist_vectors(ds.items)
+    ids, vectors = space.encoder("collab").artist_vectors(ds.items)
     vectors = _unit(vectors)
     row = {a: i for i, a in enumerate(ids)}
     popular = [

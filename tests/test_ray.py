@@ -234,7 +234,7 @@ def test_features_from_ray_data_partition_tasks_equal_the_in_memory_features_on_
         partitions=partitions,
         workers=2,
     )
-    assert np.array_equal(got_space.collab.vectors, space.collab.vectors)
+    assert np.array_equal(got_space.encoder("collab").vectors, space.encoder("collab").vectors)
     assert partitions >= 3 and len(expected.user_ids) == WorldConfig().users
     assert list(got.user_ids) == list(expected.user_ids)
     assert np.array_equal(got.matrix, expected.matrix)

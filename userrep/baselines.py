@@ -65,18 +65,20 @@ def pca_encoder(features: UserFeatures, fit_rows: np.ndarray, dim: int, seed: in
     return lambda matrix: pca.transform(raw(matrix)).astype(np.float32)
 
 
-def item_mean_encoder(features: UserFeatures):
-    """Play-weighted mean collaborative item vector over all history: the ``collab_all`` group."""
+def item_mean_encoder(features: UserFeatures, encoder: str):
+    """Play-weighted mean item vector of ``encoder`` (the space's primary, collaborative one) over
+    all history: its ``<encoder>_all`` group."""
     slices = features.schema.slices()
-    if "collab_all" not in slices:
+    if f"{encoder}_all" not in slices:
         raise ValueError("item_mean needs the all-history window (FeatureConfig.windows containing 0)")
-    return lambda matrix: matrix[:, slices["collab_all"]]
+    return lambda matrix: matrix[:, slices[f"{encoder}_all"]]
 
 
-def onboarding_mean_representation(features: UserFeatures, collab_dim: int) -> np.ndarray:
-    """The onboarding group's leading block: mean collaborative vector of the picked artists."""
+def onboarding_mean_representation(features: UserFeatures, dim: int) -> np.ndarray:
+    """The onboarding group's leading block: the picked artists' mean vector of the primary
+    encoder (``dim``: its size)."""
     start = features.schema.slices()["onboarding"].start
-    return features.matrix[:, start : start + collab_dim]
+    return features.matrix[:, start : start + dim]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from userrep.uncertainty import ROUNDS, Board
 
 HEAD_METHODS = ("gur", "pca", "raw", "item_mean")
 WITH_HISTORY = "+history"  # suffix of the rows whose heads also see the user's history
-ABLATION_GROUPS = ("onboarding", "collab", "content", "artists", "demographics")
+# the groups an ablation drops, by kind: these, each modality encoder's (between the first two), by window
+ABLATION_GROUPS = ("onboarding", "artists", "demographics")
 MIN_COLD = 5  # fewer cold users with labels than this: the cold-start task is skipped
 MIN_TRAIN, MIN_TEST = 10, 5  # warm users needed to train heads / to score warm tasks
 # Below this share of label-window plays on artists already played, ranking seen artists is
@@ -63,7 +64,7 @@ class Context:
     labels: np.ndarray  # (users, K) label-window plays of the top-K artists
     history: np.ndarray  # (users, K) pre-cutoff plays of the same artists
     popularity: np.ndarray  # (K,) pre-cutoff play weight
-    artist_vectors: np.ndarray  # (K, d) collaborative artist vectors
+    artist_vectors: np.ndarray  # (K, d) the primary (collaborative) encoder's artist vectors
     train_rows: np.ndarray  # head-training users: fit_rows + valid_rows
     test_rows: np.ndarray
     fit_rows: np.ndarray  # what heads are fitted on
@@ -151,7 +152,8 @@ def run_ablations(ctx: Context, features: UserFeatures, ae: AEConfig, config: Ev
     """The autoencoder retrained without each group (by kind, then by window); same heads and users
     (each task's representation rows only: no baselines, no +history heads)."""
     present = {name for name, _ in features.schema.groups}
-    tokens = [g for g in ABLATION_GROUPS if any(n == g or n.startswith(f"{g}_") for n in present)]
+    kinds = [ABLATION_GROUPS[0], *(e.name for e in ctx.space.encoders), *ABLATION_GROUPS[1:]] if ctx.space else []
+    tokens = [g for g in kinds if any(n == g or n.startswith(f"{g}_") for n in present)]
     tokens += [window_name(w) for w in windows]
     populations = {
         "test": len(ctx.test_rows),

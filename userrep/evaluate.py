@@ -101,10 +101,10 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
         "gur": lambda matrix: embed(gur_model, matrix),
         "pca": baselines.pca_encoder(features, ctx.train_rows, config.dim, config.seed),
         "raw": baselines.raw_encoder(features),
-        "item_mean": baselines.item_mean_encoder(features),
+        "item_mean": baselines.item_mean_encoder(features, space.primary.name),
     }
     reps = {name: encode(features.matrix) for name, encode in encoders.items()}
-    reps["onboarding_mean"] = baselines.onboarding_mean_representation(features, space.collab.dim)
+    reps["onboarding_mean"] = baselines.onboarding_mean_representation(features, space.primary.dim)
     # Head-training users seen through onboarding and attributes alone: what a cold user looks like
     # (rows follow ctx.train_rows).
     cold_like = features.cold_like(ctx.train_rows)
@@ -190,7 +190,7 @@ def _context(ds: Dataset, split: Split, space, features: UserFeatures, config: E
     n_valid = int(round(config.valid_share * len(train)))
     fit, valid = np.sort(train[n_valid:]), np.sort(train[:n_valid])
     repeat = future_all.multiply(history_all > 0).sum() / max(float(future_all[has_history].sum()), 1e-12)
-    artist_ids, artist_vecs = space.collab.artist_vectors(ds.items)
+    artist_ids, artist_vecs = space.primary.artist_vectors(ds.items)
     vectors = artist_vecs[pd.Index(artist_ids).get_indexer(space.artists[top])]
     train, test = np.sort(train), np.sort(test)
     pairs = lambda rows, seed: artist_preference.sample_pairs(labels[rows], weight[top], seed)  # noqa: E731

@@ -1,7 +1,7 @@
 """Point-in-time user features, in batch and incrementally, derived by one shared function.
 
-A ``FeatureSpace`` holds everything fitted before ``as_of`` (item vectors of both encoders, the
-genre vocabulary, attribute categories). Features for a user at ``as_of`` come from two parts:
+A ``FeatureSpace`` holds everything fitted before ``as_of`` (the item vectors of each modality
+encoder, ``userrep.encoders.fit_encoders``; the genre vocabulary, attribute categories). Features for a user at ``as_of`` come from two parts:
 
 * history: the user's (day, item, weight) buckets for events with ``ts < as_of``; window ``w``
   covers bucket days ``>= day(as_of) - w`` (w whole days plus the part of as_of's own day);
@@ -11,8 +11,9 @@ genre vocabulary, attribute categories). Features for a user at ``as_of`` come f
 ``FeatureState`` keeps the same buckets per user and ``apply_events`` updates them online. Both
 call ``features_from_buckets`` so their vectors agree to float tolerance.
 
-Groups (``collab_7d``, ``content_30d``, ``genres_180d``, ``activity_7d``, ``onboarding``,
-``demographics``) are contiguous column ranges, so ablations drop whole groups by name.
+Groups (each encoder's per window, named ``<encoder>_<window>``; ``genres_180d``, ``activity_7d``,
+``artists_all``, ``onboarding``, ``demographics``) are contiguous column ranges, so ablations drop
+whole groups by name.
 """
 
 from __future__ import annotations
@@ -29,17 +30,15 @@ import scipy.sparse as sp
 
 from userrep.data import Dataset, artist_column
 from userrep.encoders import (
-    CollaborativeEncoder,
-    ContentEncoder,
     ItemVectors,
     align_vectors,
     events_before,
+    fit_encoders,
     genre_matrix,
     genre_vocabulary,
     user_item_matrix,
 )
 
-HISTORY_KINDS = ("collab", "content", "genres", "activity", "artists")
 PROFILE_GROUPS = ("onboarding", "demographics")  # the groups that are not history (Feast view user_profile)
 ACTIVITY = ("log_plays", "log_distinct_artists", "active_day_share", "has_history")  # "all": log active days
 
@@ -77,12 +76,13 @@ class FeatureSchema:
         return out
 
     def history_groups(self) -> list[str]:
-        return [name for name, _ in self.groups if name.split("_")[0] in HISTORY_KINDS]
+        return [name for name, _ in self.groups if name not in PROFILE_GROUPS]
 
     def without(self, drop: list[str] | tuple[str, ...]) -> tuple[FeatureSchema, np.ndarray]:
         """The schema minus the groups matched by ``drop`` and the column indices kept.
 
-        A token matches a group by full name (``collab_7d``), kind (``collab``) or window (``7d``).
+        A token matches a group by full name (``genres_7d``), kind (``genres``, or an encoder's
+        name) or window (``7d``).
         """
         unknown = [d for d in drop if not any(_matches(n, d) for n, _ in self.groups)]
         if unknown:
@@ -112,8 +112,9 @@ class FeatureSpace:
 
     config: FeatureConfig
     as_of: str
-    collab: ItemVectors
-    content: ItemVectors
+    # the modality encoders' item vectors, in column order (``userrep.encoders.fit_encoders``);
+    # each names its own columns and files
+    encoders: tuple[ItemVectors, ...]
     genres: tuple[str, ...]
     attributes: dict[str, tuple[str, ...]]
     item_artist: np.ndarray  # (items,) artist index
@@ -123,7 +124,20 @@ class FeatureSpace:
 
     @property
     def item_ids(self) -> np.ndarray:
-        return self.collab.item_ids
+        return self.primary.item_ids
+
+    @property
+    def primary(self) -> ItemVectors:
+        """The first encoder: its artist vectors are what the pair heads and the onboarding-mean
+        baseline take, its all-history columns the item-mean baseline."""
+        return self.encoders[0]
+
+    def encoder(self, name: str) -> ItemVectors:
+        """The encoder called ``name``; a ValueError naming ``encoder`` otherwise."""
+        for vectors in self.encoders:
+            if vectors.name == name:
+                return vectors
+        raise ValueError(f"encoder: expected one of {', '.join(e.name for e in self.encoders)}, got {name!r}")
 
     @property
     def longest_window(self) -> int:
@@ -136,35 +150,35 @@ class FeatureSpace:
         return FeatureSchema(tuple(sizes.items()))
 
     @cached_property
-    def artist_means(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean collaborative and content vector of each artist's items (what onboarding picks
-        contribute); computed once per space, not per request."""
+    def artist_means(self) -> tuple[np.ndarray, ...]:
+        """Each encoder's mean vector of each artist's items (what onboarding picks contribute);
+        computed once per space, not per request."""
         counts = np.maximum(np.bincount(self.item_artist, minlength=len(self.artists)), 1)[:, None]
         means = []
-        for vectors in (self.collab.vectors, self.content.vectors):
-            sums = np.zeros((len(self.artists), vectors.shape[1]))
-            np.add.at(sums, self.item_artist, vectors)
+        for encoder in self.encoders:
+            sums = np.zeros((len(self.artists), encoder.dim))
+            np.add.at(sums, self.item_artist, encoder.vectors)
             means.append(sums / counts)
-        return means[0], means[1]
+        return tuple(means)
 
     def column_names(self) -> list[tuple[str, str, bool]]:
         """(group, column, comparable) for every feature column, in matrix order.
 
-        ``comparable`` is False for coordinates of a fitted basis (collab/content vectors): two
+        ``comparable`` is False for coordinates of a fitted basis (the encoders' vectors): two
         encoder fits give unrelated coordinates, so only named columns (genre and artist shares,
         activity counts, onboarding genres, demographics) can be compared across batches.
         """
         out = []
         for w in self.config.windows:
             tag = window_name(w)
-            out += [(f"collab_{tag}", f"collab_{tag}[{i}]", False) for i in range(self.collab.dim)]
-            out += [(f"content_{tag}", f"content_{tag}[{i}]", False) for i in range(self.content.dim)]
+            for e in self.encoders:
+                out += [(f"{e.name}_{tag}", f"{e.name}_{tag}[{i}]", False) for i in range(e.dim)]
             out += [(f"genres_{tag}", f"genres_{tag}:{g}", True) for g in self.genres]
             out += [(f"activity_{tag}", f"activity_{tag}:{a}", True) for a in ACTIVITY]
         tag = window_name(self.longest_window)
         out += [(f"artists_{tag}", f"artists_{tag}:{self.artists[a]}", True) for a in self.top_artists]
-        out += [("onboarding", f"onboarding:collab[{i}]", False) for i in range(self.collab.dim)]
-        out += [("onboarding", f"onboarding:content[{i}]", False) for i in range(self.content.dim)]
+        for e in self.encoders:
+            out += [("onboarding", f"onboarding:{e.name}[{i}]", False) for i in range(e.dim)]
         out += [("onboarding", f"onboarding:genre:{g}", True) for g in self.genres]
         out.append(("onboarding", "onboarding:has_picks", True))
         for col, categories in self.attributes.items():
@@ -174,8 +188,8 @@ class FeatureSpace:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.collab.save(directory / "collab.parquet")
-        self.content.save(directory / "content.parquet")
+        for encoder in self.encoders:
+            encoder.save(directory / f"{encoder.name}.parquet")
         np.savez_compressed(
             directory / "space.npz",
             item_artist=self.item_artist,
@@ -186,6 +200,7 @@ class FeatureSpace:
         meta = {
             "config": asdict(self.config),
             "as_of": self.as_of,
+            "encoders": [e.name for e in self.encoders],
             "genres": list(self.genres),
             "attributes": {k: list(v) for k, v in self.attributes.items()},
         }
@@ -200,8 +215,11 @@ class FeatureSpace:
         return cls(
             config,
             meta["as_of"],
-            ItemVectors.load(directory / "collab.parquet"),
-            ItemVectors.load(directory / "content.parquet"),
+            # (spaces saved before the list was: their files, in name order, were that order)
+            tuple(
+                ItemVectors.load(directory / f"{name}.parquet")
+                for name in meta.get("encoders") or [p.stem for p in sorted(directory.glob("*.parquet"))]
+            ),
             tuple(meta["genres"]),
             {k: tuple(v) for k, v in meta["attributes"].items()},
             arrays["item_artist"],
@@ -222,7 +240,7 @@ class FeatureSpace:
         return self._artist_index.get_indexer(pd.Index(artist_ids))
 
     def item_index(self, item_ids) -> np.ndarray:
-        return self.collab.lookup(item_ids)
+        return self.primary.lookup(item_ids)
 
 
 @dataclass(frozen=True)
@@ -266,7 +284,8 @@ def fit_feature_space(
     interactions: tuple[np.ndarray, sp.csr_matrix] | None = None,
     anchor: FeatureSpace | None = None,
 ) -> FeatureSpace:
-    """Fit both encoders and the vocabularies on data strictly before ``as_of``.
+    """Fit the modality encoders (``userrep.encoders.fit_encoders``) and the vocabularies on data
+    strictly before ``as_of``.
 
     ``interactions``: ``user_item_matrix`` of the events before ``as_of`` where the caller built
     it without holding the events (``userrep.partitions``); it is consumed. Default: built from
@@ -276,9 +295,8 @@ def fit_feature_space(
     as_of = to_utc(as_of)
     _, matrix = interactions if interactions is not None else user_item_matrix(events_before(ds, as_of), ds.items)
     item_plays = np.bincount(matrix.indices, weights=matrix.data, minlength=ds.items.num_rows)
-    collab = CollaborativeEncoder(dim=config.collab_dim, seed=config.seed).fit_matrix(matrix, ds.items)
+    encoders = fit_encoders(ds, as_of, config, matrix)
     del matrix
-    content = ContentEncoder(dim=config.content_dim, max_genres=config.max_genres).fit(ds, as_of)
     genres = tuple(genre_vocabulary(ds.items, config.max_genres))
     attributes = {}
     if ds.users is not None:
@@ -298,8 +316,7 @@ def fit_feature_space(
     space = FeatureSpace(
         config,
         as_of.isoformat(),
-        collab,
-        content,
+        encoders,
         genres,
         attributes,
         item_artist.astype(np.int32),
@@ -309,6 +326,5 @@ def fit_feature_space(
     )
     if anchor is None:
         return space
-    return replace(
-        space, collab=align_vectors(space.collab, anchor.collab), content=align_vectors(space.content, anchor.content)
-    )
+    theirs = {e.name: e for e in anchor.encoders}
+    return replace(space, encoders=tuple(align_vectors(e, theirs[e.name]) if e.name in theirs else e for e in encoders))

@@ -125,7 +125,7 @@ def features_from_buckets(
         plays = sp.csr_matrix((wt.astype(np.float32), (u, i)), shape=(n_users, len(space.item_ids)))
         total = np.bincount(u, weights=wt, minlength=n_users)
         inv = np.where(total > 0, 1.0 / np.maximum(total, 1e-12), 0.0)[:, None]
-        blocks += [plays @ space.collab.vectors * inv, plays @ space.content.vectors * inv]
+        blocks += [plays @ encoder.vectors * inv for encoder in space.encoders]
         if space.genres:
             blocks.append(plays @ space.item_genres * inv)
         artist_plays = sp.csr_matrix((wt, (u, space.item_artist[i])), shape=(n_users, len(space.artists)))
@@ -153,7 +153,6 @@ def _onboarding(space: FeatureSpace, n_users: int, static: StaticInputs) -> np.n
     )
     counts = np.asarray(picks.sum(axis=1)).ravel()
     inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)[:, None]
-    artist_collab, artist_content = space.artist_means
     genre = (
         pd.Index(space.genres).get_indexer(pd.Index(static.genre_names))
         if len(static.genre_names)
@@ -165,7 +164,7 @@ def _onboarding(space: FeatureSpace, n_users: int, static: StaticInputs) -> np.n
     ).toarray()
     genre_shares = genre_picks / np.maximum(genre_picks.sum(axis=1, keepdims=True), 1)
     has = (counts > 0) | (genre_picks.sum(axis=1) > 0)
-    return np.hstack([picks @ artist_collab * inv, picks @ artist_content * inv, genre_shares, has[:, None]])
+    return np.hstack([*(picks @ means * inv for means in space.artist_means), genre_shares, has[:, None]])
 
 
 def _demographics(space: FeatureSpace, n_users: int, static: StaticInputs) -> np.ndarray:

@@ -145,22 +145,33 @@ class UserAutoencoder(nn.Module):
     ) -> torch.Tensor:
         """Group-weighted reconstruction loss of the clean input from a corrupted copy (MSE; share
         groups: multinomial, see the module docstring), plus, for a fit continued from an anchor
-        batch, ``stability_weight`` times the mean squared distance of each embedding to the
-        anchor encoder's embedding of the same input (``anchor``) and to the user's embedding in
-        the anchor batch (``previous``; NaN rows: users the anchor did not know).
+        batch, ``stability_weight`` times the mean squared distance of each clean input's
+        embedding to the anchor encoder's embedding of it (``anchor``) and to the user's
+        embedding in the anchor batch (``previous``; NaN rows: users the anchor did not know).
+
+        The stability terms hold the embedding of the *clean* input, the one served: held on the
+        corrupted copy instead, they taught the encoder to map noisy inputs to clean targets,
+        which blurred its function on clean ones (a same-data retrain with another seed kept
+        kNN@10 0.86 of the anchor's neighbours at any weight from 3 to 1000; 0.98 held on clean
+        inputs). Both copies go through one forward call (one DDP step when distributed).
 
         ``forward`` is the module to run (a DDP wrapper of this model when distributed).
         """
         clean = self.standardize(raw)
         corrupted = self.corrupt(clean, generator)
-        recon, z = (forward or self)(corrupted)
-        loss = (((recon - clean) ** 2) * self.loss_weight).sum(dim=1)
         weight = self.config.stability_weight
-        if weight and anchor is not None:
+        held_terms = bool(weight) and (anchor is not None or previous is not None)
+        if held_terms:
+            both_recon, both_z = (forward or self)(torch.cat([corrupted, clean]))
+            recon, z = both_recon[: len(clean)], both_z[len(clean) :]
+        else:
+            recon, z = (forward or self)(corrupted)
+        loss = (((recon - clean) ** 2) * self.loss_weight).sum(dim=1)
+        if held_terms and anchor is not None:
             with torch.no_grad():
-                held = anchor(corrupted)
+                held = anchor(clean)
             loss = loss + weight * ((z - held) ** 2).mean(dim=1)
-        if weight and previous is not None:
+        if held_terms and previous is not None:
             known = torch.isfinite(previous[:, :1])
             loss = loss + weight * torch.where(known, (z - torch.nan_to_num(previous)) ** 2, 0.0).mean(dim=1)
         for sl, weight in zip(self.share_slices, self.share_weights):

@@ -189,11 +189,12 @@ class OnlineService:
         current = self._live
         if list(current) == wanted and all(still_serving(self.root, b, b.batch_id) for b in current.values()):
             return False
-        live = {}
+        live: dict[str, OnlineBatch] = {}
         for batch_id in wanted:  # kept as loaded: unchanged files, its shared state still in the log
             kept = current.get(batch_id)
             usable = kept is not None and still_serving(self.root, kept, batch_id)
-            live[batch_id] = kept if usable and self.events_log.ready(batch_id) is not None else self._load(batch_id)
+            fresh = not usable or self.events_log.ready(batch_id) is None
+            live[batch_id] = self._load(batch_id) if fresh or kept is None else kept
         self._live = live
         keep = {*wanted, *pointer["history"][-1:]}  # the previous one stays ready for a rollback
         for stale in set(self.events_log.batches()) - keep:

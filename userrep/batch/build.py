@@ -2,7 +2,7 @@
 
 A batch directory holds everything needed to embed a user the way this batch does:
 
-    encoders/      collab.parquet, content.parquet, space.npz, space.json (the FeatureSpace)
+    encoders/      <encoder>.parquet per modality encoder, space.npz, space.json (the FeatureSpace)
     features.parquet   the training snapshot (user_id, features) at as_of
     checkpoints/   one per epoch (resume)
     model.pt       the autoencoder with its standardization stats
@@ -38,7 +38,7 @@ from userrep.batch.downstream import DownstreamConfig, serving_history, task_dat
 from userrep.batch.layout import BatchDir, manifest_path, read_manifest
 from userrep.continuity import continue_fit, load_anchor
 from userrep.data import Dataset, load_dataset
-from userrep.encoders import CollaborativeEncoder, ContentEncoder
+from userrep.encoders import describe_encoders
 from userrep.eventlog import watermark
 from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, to_utc
 from userrep.fsio import data_fingerprint, midnight_after, sha256, write_json_atomic
@@ -298,16 +298,7 @@ def backfill_stage(out: str | Path) -> dict:
         "users": n_users,
         "feature_schema": [list(g) for g in schema.groups],
         "n_features": schema.n_features,
-        "encoders": {
-            "collab": {
-                **asdict(CollaborativeEncoder(dim=config.features.collab_dim, seed=config.features.seed)),
-                "method": "randomized SVD of log(1+plays) x IDF user-item matrix, rows L2-normalized",
-            },
-            "content": {
-                **asdict(ContentEncoder(dim=config.features.content_dim, max_genres=config.features.max_genres)),
-                "method": "PCA of z-scored content_* columns and genre multi-hot",
-            },
-        },
+        "encoders": describe_encoders(config.features),
         "feature_config": asdict(config.features),
         "ae_config": asdict(config.ae),
         "tuned": config.tuned,

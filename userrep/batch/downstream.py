@@ -69,7 +69,7 @@ class TaskData:
     labels: np.ndarray  # (users, K) window plays of the top-K artists
     history: np.ndarray  # (users, K) plays of the same artists before T - L
     artists: np.ndarray  # (K,) artist ids
-    artist_vectors: np.ndarray  # (K, collab dim)
+    artist_vectors: np.ndarray  # (K, d) the primary encoder's artist vectors
     train: np.ndarray
     valid: np.ndarray
     window_artists: object  # (users, all artists) csr window plays, for neighbour relevance
@@ -142,7 +142,7 @@ def task_data(
     half_life, recent, _ = choose(
         history.HALF_LIVES, lambda h: _dense(decayed_matrix(before, space, users, start, h), top), ndcg
     )
-    artist_ids, vectors = space.collab.artist_vectors(source.items)
+    artist_ids, vectors = space.primary.artist_vectors(source.items)
     artist_vectors = vectors[pd.Index(artist_ids).get_indexer(space.artists[top])]
     return TaskData(
         manifest["batch_id"],
