@@ -20,18 +20,14 @@ IMAGE = "userrep:0.1.0"  # replaced by `userrep pipeline compile --image`
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def plan_batch(
-    spec: dict,
-) -> NamedTuple("Plan", [("batch_id", str), ("as_of", str), ("anchor", str), ("tasks", list)]):
+def plan_batch(spec: dict) -> NamedTuple("Plan", [("batch_id", str), ("as_of", str), ("anchor", str)]):
     """The batch id (deterministic: data fingerprint, as_of, settings, the tune step's choice)
-    before the batch is built, so the exit handler knows which batch to mark failed; the batch
-    whose space it continues (`spec.align_to` resolved once, for every later step), or "none";
-    and the registered downstream tasks (userrep.tasks.registry), the ParallelFor's items."""
+    before the batch is built, so the exit handler knows which batch to mark failed; and the batch
+    whose space it continues (`spec.align_to` resolved once, for every later step), or "none"."""
     from collections import namedtuple
 
     from userrep.batch.registry import serving_batch
     from userrep.batch.spec import for_step
-    from userrep.tasks.registry import names
 
     settings = for_step(spec)
     out, batch_id, as_of_iso = settings.batch_dir_and_id()
@@ -40,9 +36,8 @@ def plan_batch(
             f"batch_id: {batch_id} is the serving batch (same data, cut-off and settings); nothing to retrain"
         )
     anchor = settings.anchor()
-    tasks = list(names())
-    print(f"batch {batch_id} as of {as_of_iso}, continuing the space of: {anchor}; tasks: {', '.join(tasks)}")
-    return namedtuple("Plan", ["batch_id", "as_of", "anchor", "tasks"])(batch_id, as_of_iso, anchor, tasks)
+    print(f"batch {batch_id} as of {as_of_iso}, continuing the space of: {anchor}")
+    return namedtuple("Plan", ["batch_id", "as_of", "anchor"])(batch_id, as_of_iso, anchor)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -155,22 +150,21 @@ def backfill_embeddings(spec: dict, batch_id: str, model: Input[Model], embeddin
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_downstream(
-    spec: dict, task: str, tasks: list, cpus: int, embeddings: Input[Dataset], metrics: Output[Metrics]
-) -> str:
+def train_downstream(spec: dict, task: str, cpus: int, embeddings: Input[Dataset], metrics: Output[Metrics]) -> str:
     """One downstream model, trained on the embeddings' own batch (the id travels with the artifact).
-    ``tasks``: every task of the run (the first one's step also publishes the batch's online
-    history); ``cpus``: the CPUs the step was given, the threads it uses (the steps run side by side)."""
+    The first registered task's step also publishes the batch's online history; ``cpus``: the CPUs
+    the step was given, the threads it uses (the steps run side by side)."""
     from pathlib import Path
 
     from userrep.batch.build import downstream_stage
     from userrep.batch.spec import for_step
+    from userrep.tasks.registry import names
     from userrep.threads import limited_threads
 
     batch_id = embeddings.metadata["batch_id"]
     with limited_threads(cpus):
         out = Path(for_step(spec).batch_root) / batch_id
-        record = downstream_stage(out, tasks=[task], publish_history=task == tasks[0])[task]
+        record = downstream_stage(out, tasks=[task], publish_history=task == names()[0])[task]
     if record["batch_id"] != batch_id:
         raise ValueError(f"batch_id: {task} trained on {record['batch_id']}, embeddings are of {batch_id}")
     for name, value in record["metrics"].items():

@@ -33,7 +33,13 @@ from components.batch import (
 )
 from pipelines.k8s import on_cluster
 from userrep.batch.spec import BatchSpec
+from userrep.tasks.registry import names
 
+# The registered downstream tasks (userrep.tasks.registry) when the pipeline is defined: the
+# parameter's default, so a compiled pipeline lists the tasks of the package it was compiled with.
+# (A ParallelFor over the plan step's output would follow the registry at run time, but kfp.local
+# cannot pass an upstream output into a loop: "Parent pipeline input argument ... not found".)
+TASK_LIST = list(names())
 # Each task model's step: the CPUs it requests and the threads it uses (userrep/threads.py: steps
 # side by side with a thread per core each spun against each other, 4x slower here).
 DOWNSTREAM_CPUS = 1
@@ -46,12 +52,13 @@ def training_pipeline(
     spec: dict = CLUSTER_SPEC,
     ray_address: str = "",
     rayjob_namespace: str = "",
+    tasks: list = TASK_LIST,
     tune_budget_s: float = 180.0,
     events_log: str = "",
 ):
     """`spec`: a `userrep.batch.spec.BatchSpec` as a dict, read by every step; the rest say where the
-    fit runs, the tune step's budget and the log to compact. The downstream tasks are the
-    registered ones (userrep.tasks.registry), listed by the plan step."""
+    fit runs, which downstream tasks to train (default: every registered one), the tune step's
+    budget and the log to compact."""
     finalize = on_cluster(finalize_batch(spec=spec), display_name="mark the batch failed unless the run succeeded")
     with dsl.ExitHandler(finalize, name="batch"):
         compaction = on_cluster(
@@ -96,15 +103,9 @@ def training_pipeline(
             online_store=True,
             display_name="4. backfill embeddings (Ray Data, or in-process)",
         )
-        with dsl.ParallelFor(plan.outputs["tasks"], name="downstream-tasks") as task:
+        with dsl.ParallelFor(tasks, name="downstream-tasks") as task:
             trained = on_cluster(
-                train_downstream(
-                    spec=spec,
-                    task=task,
-                    tasks=plan.outputs["tasks"],
-                    cpus=DOWNSTREAM_CPUS,
-                    embeddings=backfill.outputs["embeddings"],
-                ),
+                train_downstream(spec=spec, task=task, cpus=DOWNSTREAM_CPUS, embeddings=backfill.outputs["embeddings"]),
                 cpu=str(DOWNSTREAM_CPUS),
                 memory="4Gi",
                 display_name="5. train downstream model",

@@ -38,7 +38,7 @@ def test_training_dag_wires_every_step_in_order(compiled):
     assert deps["materialize-features"] == {"plan-batch"}
     assert deps["fit-encoder"] == {"materialize-features", "plan-batch"}
     assert deps["backfill-embeddings"] == {"fit-encoder"}
-    assert deps["for-loop-2"] == {"backfill-embeddings", "plan-batch"}  # the plan lists the registered tasks
+    assert deps["for-loop-2"] == {"backfill-embeddings"}
     assert {"for-loop-2", "backfill-embeddings"} <= deps["evaluate-batch"]
     assert "evaluate-batch" in deps["drift-gate"]
     assert "drift-gate" in deps["condition-3"]
@@ -52,7 +52,8 @@ def test_training_dag_wires_every_step_in_order(compiled):
         for name, task in tasks.items()
     )  # display names on every step
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"spec", "ray_address", "rayjob_namespace"} <= set(params)
+    assert {"spec", "ray_address", "rayjob_namespace", "tasks"} <= set(params)
+    assert params["tasks"]["defaultValue"] == list(registry.names())  # the registered tasks
     assert {"data", "as_of", "dim", "epochs", "workers", "label_days"} <= set(params["spec"]["defaultValue"])
     for name, task in tasks.items():  # every step reads its settings from the one spec parameter
         if not name.startswith(("condition", "for-loop")):
