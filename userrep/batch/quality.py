@@ -28,7 +28,7 @@ import pandas as pd
 from userrep.backfill import load_encoder
 from userrep.batch.downstream import DownstreamConfig, TaskData, task_data
 from userrep.batch.layout import BatchDir, read_manifest
-from userrep.batch.registry import batch_tasks, skipped_tasks
+from userrep.batch.registry import batch_tasks, missing_tasks, skipped_tasks
 from userrep.features import to_utc
 from userrep.featurize import build_user_features
 from userrep.model import embed
@@ -111,7 +111,8 @@ def on_candidate_window(
     own = window_embeddings(serving, source, data, start)
     window = registry.Window(candidate, data, source, start, downstream.seed)
     crossed = data.x if continues else align(data.x)
-    skipped = {**skipped_tasks(candidate), **skipped_tasks(serving)}
+    # skipped, or missing (the gate blocks it as such): nothing to score, the records stand
+    skipped = {**skipped_tasks(candidate), **skipped_tasks(serving), **dict.fromkeys(missing_tasks(candidate), "")}
     quality, kept = {}, {}
     for task, pair in recorded.items():
         spec = registry.get(task)
