@@ -118,6 +118,11 @@ class Predictor:
     def index(self) -> dict[str, int]:
         return {a: i for i, a in enumerate(self.meta["artists"])}
 
+    @cached_property
+    def vectors(self) -> np.ndarray:
+        """(K, d) the candidate artists' vectors: converted once per loaded batch, not per request."""
+        return np.asarray(self.meta["artist_vectors"], np.float32)
+
     def answer(self, x: np.ndarray, past: tuple | None, request: PreferenceRequest) -> dict:
         unknown = [a for a in request.artists if a not in self.index]
         if unknown:
@@ -128,8 +133,7 @@ class Predictor:
             plays, recent = past or (None, None)
             plays = np.zeros((1, len(self.index)), np.float32) if plays is None else plays
             side = history.side_features(plays, plays if recent is None else recent)
-        vectors = np.asarray(self.meta["artist_vectors"], np.float32)
-        logits = scores(self.head, x, vectors, (np.zeros(len(rows), np.int64), rows, None), side)
+        logits = scores(self.head, x, self.vectors, (np.zeros(len(rows), np.int64), rows, None), side)
         return {"probabilities": {a: history.probability(v) for a, v in zip(request.artists, logits)}}
 
 
