@@ -103,7 +103,7 @@ def test_online_reads_never_mix_batches(feast_world):
 
 
 def test_the_online_writer_stores_what_feast_reads_back(feast_world):
-    from userrep.backfill import list_column
+    from userrep.onlinestore import list_column
 
     _, store, _, early, _ = feast_world
     users = [str(u) for u in early.user_ids[50:60]]

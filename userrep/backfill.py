@@ -15,15 +15,9 @@ import pyarrow.parquet as pq
 from userrep.batch.layout import BatchDir, read_manifest
 from userrep.features import FeatureSpace, UserFeatures
 from userrep.model import UserAutoencoder, embed
+from userrep.onlinestore import list_column
 
 SCHEMA = pa.schema([("user_id", pa.string()), ("batch_id", pa.string()), ("embedding", pa.list_(pa.float32()))])
-
-
-def list_column(block: np.ndarray) -> pa.Array:
-    """Rows of a 2-D array as one list<float32> column (what Feast's Array(Float32) reads)."""
-    block = np.ascontiguousarray(block, np.float32)
-    offsets = np.arange(len(block) + 1, dtype=np.int32) * block.shape[1]
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(block.ravel(), pa.float32()))
 
 
 def embeddings_table(user_ids, vectors: np.ndarray, batch_id: str) -> pa.Table:

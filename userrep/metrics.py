@@ -8,7 +8,6 @@ hits in the top k over all relevant items of the row.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 def _discounts(k: int) -> np.ndarray:
@@ -69,6 +68,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     n_pos, n_neg = labels.sum(), (~labels).sum()
     if n_pos == 0 or n_neg == 0:
         return float("nan")
+    from scipy.stats import rankdata  # here: scipy.stats costs every process that imports this module ~1 s
+
     ranks = rankdata(scores)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

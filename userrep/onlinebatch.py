@@ -268,8 +268,7 @@ def push_changes(write, online: OnlineBatch, result: dict, signed_up=None) -> No
     ``signed_up``: the users whose sign-up information changed (None: all); only their
     ``user_profile`` rows are written, since events do not change a profile (one Feast write,
     ~3 ms, less per micro-batch of events)."""
-    from userrep.backfill import list_column
-    from userrep.onlinestore import embedding_rows
+    from userrep.onlinestore import embedding_rows, list_column
     from userrep.store import offline_frames
 
     features, clocks = result["features"], result["clocks"]

@@ -20,6 +20,13 @@ HISTORY_FIELDS = [
 ]
 
 
+def list_column(block: np.ndarray) -> pa.Array:
+    """Rows of a 2-D array as one list<float32> column (what Feast's Array(Float32) reads)."""
+    block = np.ascontiguousarray(block, np.float32)
+    offsets = np.arange(len(block) + 1, dtype=np.int32) * block.shape[1]
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(block.ravel(), pa.float32()))
+
+
 def event_times(as_of, n: int) -> pa.Array:
     """One timestamp per row: ``as_of`` is one time for all rows or a sequence of n (one per user)."""
     times = list(as_of) if isinstance(as_of, (list, tuple, np.ndarray, pd.Index, pd.Series)) else [as_of] * n

@@ -35,11 +35,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from userrep.backfill import list_column
 from userrep.data import Dataset
 from userrep.features import PROFILE_GROUPS, FeatureConfig, FeatureSpace, UserFeatures, to_utc
 from userrep.fsio import data_fingerprint
-from userrep.onlinestore import event_times, write_online
+from userrep.onlinestore import event_times, list_column, write_online
 from userrep.partitions import partitioned_snapshot
 
 log = logging.getLogger(__name__)
