@@ -174,6 +174,28 @@ def copy_work(source: Path, target: Path):
     return store
 
 
+def post_to_bento(root: Path, work: Path, route: str, body: dict) -> dict:
+    """A real BentoML task server started on the batches under ``root`` (logs in ``work``): POST
+    ``body`` as JSON to ``route``, stop the server, return the answer."""
+    import json
+    import urllib.request
+
+    from serving.launch import start_bento, wait_ready
+    from serving.smoke import free_port, stop
+
+    port = free_port()
+    proc = start_bento(root, None, port, work)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", proc=proc)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{route}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.loads(reply.read())
+    finally:
+        stop(proc)
+
+
 def start_redis(port: int, workdir: Path):
     """A real redis-server on 127.0.0.1:port (ours, stop it by PID), its append-only file fsynced
     on every write: the production profile of the online store and the event stream."""

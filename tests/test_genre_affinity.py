@@ -4,16 +4,13 @@ the rollout report and its BentoML route, found through the registry alone."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from serving.launch import start_bento, wait_ready
-from serving.smoke import free_port, stop
-from tests.conftest import copy_work
+from tests.conftest import copy_work, post_to_bento
 from userrep.backfill import read_embeddings
 from userrep.batch.gate import run_gate
 from userrep.batch.layout import BatchDir
@@ -56,19 +53,10 @@ def test_genre_affinity_is_trained_gated_reported_and_served(small_world, two_ba
     assert "quality_genre_affinity" in gate["checks"]
     assert "genre_affinity" in (root / "b2" / "rollout.html").read_text()
 
-    port = free_port()
-    proc = start_bento(root, None, port, work)  # b1 serves; an embedding is sent with its batch
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", proc=proc)
-        _, vectors, _ = read_embeddings(BatchDir(root / "b1").embeddings)
-        body = json.dumps({"embedding": vectors[0].tolist(), "batch_id": "b1", "k": 3}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/predict/genre-affinity", body, {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            answer = json.loads(reply.read())
-    finally:
-        stop(proc)
+    # b1 serves; an embedding is sent with its batch
+    _, vectors, _ = read_embeddings(BatchDir(root / "b1").embeddings)
+    body = {"embedding": vectors[0].tolist(), "batch_id": "b1", "k": 3}
+    answer = post_to_bento(root, work, "/predict/genre-affinity", body)
     assert answer["batch_id"] == "b1" and len(answer["genres"]) == 3
     shares = [g["share"] for g in answer["genres"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-6

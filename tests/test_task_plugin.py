@@ -6,7 +6,6 @@ rollout report and served by BentoML, with no other change anywhere."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +14,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.linear_model import LogisticRegression
 
-from serving.launch import start_bento, wait_ready
-from serving.smoke import free_port, stop
+from tests.conftest import post_to_bento
 from userrep.backfill import read_embeddings
 from userrep.batch import registry as batches
 from userrep.batch.build import BuildConfig, build_batch
@@ -134,18 +132,8 @@ def test_a_task_registered_by_another_package_is_trained_gated_reported_and_serv
     assert "heavy_listener" in gate["inputs"]["heads_kept_by_task"] and "quality_heavy_listener" in gate["checks"]
     assert "heavy_listener accuracy" in (root / "b2" / "rollout.html").read_text()
 
-    port = free_port()
-    proc = start_bento(root, None, port, tmp_path)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", proc=proc)
-        _, vectors, _ = read_embeddings(BatchDir(root / "b1").embeddings)
-        body = json.dumps({"embedding": vectors[0].tolist(), "batch_id": "b1", "threshold": 0.0}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/predict/heavy-listener", body, {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            answer = json.loads(reply.read())
-    finally:
-        stop(proc)
+    _, vectors, _ = read_embeddings(BatchDir(root / "b1").embeddings)
+    body = {"embedding": vectors[0].tolist(), "batch_id": "b1", "threshold": 0.0}
+    answer = post_to_bento(root, tmp_path, "/predict/heavy-listener", body)
     expected = TASK.scorer(BatchDir(root / "b1")).answer(vectors[:1], None, HeavyRequest(threshold=0.0))
     assert answer == {"batch_id": "b1", "user_id": None, **expected} and answer["heavy"] is True

@@ -19,7 +19,7 @@ from userrep.batch.spec import BatchSpec
 
 @dataclass(frozen=True)
 class DemoSettings:
-    # 10k users: `make demo` in about 7-8 min on 2 cores (README); the docs' measurements use --users 20000
+    # 10k users: `make demo` in about 6-7 min on 2 cores (README); the docs' measurements use --users 20000
     users: int = 10_000
     seed: int = 0
     workers: int = BatchSpec.workers
