@@ -150,21 +150,23 @@ def backfill_embeddings(spec: dict, batch_id: str, model: Input[Model], embeddin
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train_downstream(spec: dict, task: str, cpus: int, embeddings: Input[Dataset], metrics: Output[Metrics]) -> str:
+def train_downstream(
+    spec: dict, task: str, tasks: list, cpus: int, embeddings: Input[Dataset], metrics: Output[Metrics]
+) -> str:
     """One downstream model, trained on the embeddings' own batch (the id travels with the artifact).
-    The first registered task's step also publishes the batch's online history; ``cpus``: the CPUs
-    the step was given, the threads it uses (the steps run side by side)."""
+    ``tasks``: every task of the run (the first one's step also publishes the batch's online
+    history, so a run of a subset publishes it too); ``cpus``: the CPUs the step was given, the
+    threads it uses (the steps run side by side)."""
     from pathlib import Path
 
     from userrep.batch.build import downstream_stage
     from userrep.batch.spec import for_step
-    from userrep.tasks.registry import names
     from userrep.threads import limited_threads
 
     batch_id = embeddings.metadata["batch_id"]
     with limited_threads(cpus):
         out = Path(for_step(spec).batch_root) / batch_id
-        record = downstream_stage(out, tasks=[task], publish_history=task == names()[0])[task]
+        record = downstream_stage(out, tasks=[task], publish_history=task == tasks[0])[task]
     if record["batch_id"] != batch_id:
         raise ValueError(f"batch_id: {task} trained on {record['batch_id']}, embeddings are of {batch_id}")
     for name, value in record["metrics"].items():

@@ -105,7 +105,9 @@ def training_pipeline(
         )
         with dsl.ParallelFor(tasks, name="downstream-tasks") as task:
             trained = on_cluster(
-                train_downstream(spec=spec, task=task, cpus=DOWNSTREAM_CPUS, embeddings=backfill.outputs["embeddings"]),
+                train_downstream(
+                    spec=spec, task=task, tasks=tasks, cpus=DOWNSTREAM_CPUS, embeddings=backfill.outputs["embeddings"]
+                ),
                 cpu=str(DOWNSTREAM_CPUS),
                 memory="4Gi",
                 display_name="5. train downstream model",

@@ -176,24 +176,19 @@ def copy_work(source: Path, target: Path):
 
 def post_to_bento(root: Path, work: Path, route: str, body: dict) -> dict:
     """A real BentoML task server started on the batches under ``root`` (logs in ``work``): POST
-    ``body`` as JSON to ``route``, stop the server, return the answer."""
-    import json
-    import urllib.request
-
+    ``body`` as JSON to ``route``, stop the server, return the answer (a 200's)."""
     from serving.launch import start_bento, wait_ready
-    from serving.smoke import free_port, stop
+    from serving.smoke import call, free_port, stop
 
     port = free_port()
     proc = start_bento(root, None, port, work)
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", proc=proc)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}{route}", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return json.loads(reply.read())
+        status, answer = call(f"http://127.0.0.1:{port}{route}", body)
     finally:
         stop(proc)
+    assert status == 200, (status, answer)
+    return answer
 
 
 def start_redis(port: int, workdir: Path):
