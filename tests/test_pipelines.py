@@ -376,6 +376,9 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
 def test_the_tune_step_chooses_settings_that_plan_fit_and_exit_handler_all_use(small_world, tmp_path):
     from kfp.dsl import Metrics
 
+    from tests.test_tune import check_tuned
+    from userrep.tune import TuneConfig
+
     settings = dict(
         data=str(small_world),
         as_of="2026-05-01",
@@ -399,6 +402,7 @@ def test_the_tune_step_chooses_settings_that_plan_fit_and_exit_handler_all_use(s
     # ended the budget before any trial had reported (the wiring is under test here, not tuning)
     path = Path(tune_settings.python_func(spec={**settings, "tune": True}, budget_s=30.0, choice=choice))
     record = json.loads(path.read_text())
+    check_tuned(record, most=TuneConfig().trials)  # the budget may stop the search sooner
     validation = record["validation"]  # every score came from events before the batch's as_of
     assert validation["history_before"] == "2026-05-01T00:00:00+00:00"
     assert pd.Timestamp(validation["newest_event"]) < pd.Timestamp("2026-05-01", tz="UTC")

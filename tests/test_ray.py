@@ -65,7 +65,7 @@ def test_a_killed_ray_train_worker_resumes_from_the_last_checkpoint(ray_cluster,
     import psutil
 
     # the kill lands 5 epochs in, well before the end (an epoch of 400 users takes well under a second)
-    checkpoints, epochs = tmp_path / "checkpoints", 40
+    checkpoints, epochs = tmp_path / "checkpoints", 16
     outcome = {}
 
     def fit() -> None:

@@ -13,27 +13,30 @@ from userrep.tune import SPACE
 runner = CliRunner()
 
 
+DEFAULTS = {"latent": 64, "share_weight": 32.0, "group_drop_rate": 0.1, "history_drop_rate": 0.25, "hidden": 256}
+
+
+def check_tuned(record: dict, most: int) -> None:
+    """A tuned.json record: between 1 and ``most`` trials, best first, the defaults among them."""
+    scores = [t["ndcg@10"] for t in record["trials"]]
+    assert 1 <= len(scores) <= most and scores == sorted(scores, reverse=True) and 0 < scores[0] < 1
+    assert all(record["best"][name] in values for name, values in SPACE.items())
+    defaults = {**DEFAULTS, "weight_decay": 1e-4}
+    assert any(all(t[k] == v for k, v in defaults.items()) for t in record["trials"])  # the defaults ran too
+    assert record["best"]["epochs"] in (5, 10, 20)
+
+
 @pytest.mark.slow
 def test_tune_writes_the_best_trial_and_train_records_it(small_world, tmp_path):
+    """One trial (the defaults' ASHA rungs): the command and `train --tuned`. The pipeline's tune
+    step runs a search of several trials (tests/test_pipelines.py)."""
     result = runner.invoke(
-        app, ["tune", "--data", str(small_world), "--out", str(tmp_path / "tuned"), "--trials", "3", "--budget", "30"]
+        app, ["tune", "--data", str(small_world), "--out", str(tmp_path / "tuned"), "--trials", "1", "--budget", "30"]
     )
     assert result.exit_code == 0, result.output
     assert "validation split of the history" in result.output and "validation nDCG@10" in result.output
     record = json.loads((tmp_path / "tuned" / "tuned.json").read_text())
-    scores = [t["ndcg@10"] for t in record["trials"]]
-    assert 1 <= len(scores) <= 3 and scores == sorted(scores, reverse=True) and 0 < scores[0] < 1
-    assert all(record["best"][name] in values for name, values in SPACE.items())
-    defaults = {
-        "latent": 64,
-        "share_weight": 32.0,
-        "group_drop_rate": 0.1,
-        "history_drop_rate": 0.25,
-        "hidden": 256,
-        "weight_decay": 1e-4,
-    }
-    assert any(all(t[k] == v for k, v in defaults.items()) for t in record["trials"])  # the defaults ran too
-    assert record["best"]["epochs"] in (5, 10, 20)
+    check_tuned(record, most=1)
 
     out = tmp_path / "batch"
     result = runner.invoke(
