@@ -142,6 +142,33 @@ def test_auto_split_keeps_the_time_split_where_most_users_are_warm(world):
     assert split.kind == "time" and "users with history are warm" in split.note
 
 
+def test_new_users_are_held_out_where_a_split_has_too_few(world):
+    """A user-time split leaves no user new at its cut-off: a seeded sample of users with history,
+    labels and onboarding picks or attributes lose every history event (their labels stay); a
+    split with enough new users of its own is left as it was."""
+    from userrep.split import NEW_USER_SHARE, hold_out_new_users
+
+    split = make_split(world, kind="user-time")
+    held, chosen = hold_out_new_users(split, seed=0, target=10_000)
+    again, same = hold_out_new_users(split, seed=0, target=10_000)
+    history = set(split.train.events.column("user_id").to_pylist())
+    assert 0.9 * NEW_USER_SHARE * len(history) < len(chosen) <= NEW_USER_SHARE * len(history)
+    assert list(same) == list(chosen)
+    assert not set(chosen) & set(held.train.events.column("user_id").to_pylist())
+    assert (
+        held.train.events.num_rows
+        == split.train.events.num_rows
+        - pa.compute.sum(pa.compute.is_in(split.train.events.column("user_id"), pa.array(list(chosen)))).as_py()
+    )
+    assert held.future.equals(split.future) and "held out as new users (0 were new" in held.note
+    few, none = hold_out_new_users(split, seed=0, target=5)
+    assert len(none) == 5 and hold_out_new_users(split, seed=0, target=0)[0] is split
+    # a time split's own new users count: with as many as asked for, nothing is held out
+    timed = make_split(world, kind="time")
+    ctx, _ = prepare(world, replace(FAST, split="time", new_users=0))
+    assert hold_out_new_users(timed, seed=0, target=len(ctx.cold_rows))[0] is timed
+
+
 def test_cold_slice_has_only_users_without_history(world):
     ctx, _ = prepare(world, FAST)
     history_users = set(ctx.split.train.events.column("user_id").to_pylist())
@@ -252,6 +279,18 @@ def test_each_task_runs_on_its_own_users(small_world, tmp_path):
     assert "too few warm users" in metrics["skipped"]["future_listening"]
     assert metrics["tasks"]["cold_start"]["gur"]["ndcg@10"] > 0
     assert "future_listening" not in metrics["tasks"]
+
+
+@pytest.mark.slow  # an evaluation: tens of seconds
+def test_cold_start_is_scored_on_held_out_users_where_every_user_is_warm(small_world, tmp_path):
+    """Under a user-time split every user has history; cold start is scored on users held out as
+    new, embedded from onboarding picks and attributes alone, and the head beats popularity there."""
+    metrics = evaluate(small_world, tmp_path, replace(FAST, split="user-time", ablations=False))
+    assert "cold_start" not in metrics["skipped"] and metrics["split"] == "user-time"
+    assert metrics["counts"]["cold"] == metrics["counts"]["cold_held_out"] > 100
+    cold = metrics["tasks"]["cold_start"]
+    assert cold["gur+history"]["ndcg@10"] > cold["popularity"]["ndcg@10"]
+    assert "held out as new" in (tmp_path / "report.html").read_text()
 
 
 @pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds

@@ -15,7 +15,7 @@ from userrep.data import Dataset
 from userrep.features import FeatureSpace, UserFeatures, window_name
 from userrep.featurize import build_user_features
 from userrep.model import AEConfig, embed
-from userrep.split import Split
+from userrep.split import NEW_USERS, Split
 from userrep.tasks import future_listening
 from userrep.tasks._mlp import HeadConfig
 from userrep.tasks.registry import tasks
@@ -44,6 +44,9 @@ class EvalConfig:
     epochs: int = 20
     head: HeadConfig = field(default_factory=HeadConfig)
     ae: AEConfig | None = None  # the autoencoder's settings (e.g. tuned); None: defaults with dim and epochs
+    # Fewer users new at the split's cut-off than this: users with history are held out as new
+    # users up to it (``userrep.split.hold_out_new_users``); 0: only the split's own new users.
+    new_users: int = NEW_USERS
     test_share: float = 0.2
     valid_share: float = 0.2  # of the head-training users: validation for baseline choices
     # Off by default: nine more autoencoder fits, ~5 min on 20k users; the comparison is the protocol.
@@ -89,6 +92,7 @@ class Context:
     space: FeatureSpace | None = None  # the split's feature space (its artists, genres)
     als_factors: np.ndarray | None = None
     onboarding_mean: np.ndarray | None = None
+    held_out_new: np.ndarray = field(default_factory=lambda: np.array([], np.int64))  # cold rows with hidden history
 
     # Which tasks can run on this split, and why not: the tasks read these, never recount.
     @property

@@ -7,7 +7,9 @@
    history only.
 2. Users: *warm* = history and labels, split 80/20 by user into head-training and test users;
    a share of the head-training users validates every choice a baseline makes (never test users);
-   *cold* = no history, onboarding picks or attributes, and labels.
+   *cold* = no history, onboarding picks or attributes, and labels: new at the cut-off, and where
+   fewer than ``EvalConfig.new_users`` are, users with history held out as new (their history
+   hidden from encoders, features and baselines; ``userrep.split.hold_out_new_users``).
 3. Methods. Representations with the same heads (``gur``, ``pca``, ``raw``, ``item_mean``;
    ``onboarding_mean`` for cold start), each also with a head that adds the user's own history of
    each candidate (``gur+history``, ...: what a team would deploy); scored directly:
@@ -48,7 +50,7 @@ from userrep.evaltasks import (
 from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, fit_feature_space
 from userrep.featurize import build_user_features, static_inputs
 from userrep.model import AEConfig, embed
-from userrep.split import Split, make_split
+from userrep.split import Split, hold_out_new_users, make_split
 from userrep.tasks import artist_preference, history
 from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
@@ -150,6 +152,7 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
             "warm_train": len(ctx.train_rows),
             "warm_test": len(ctx.test_rows),
             "cold": len(ctx.cold_rows),
+            "cold_held_out": len(ctx.held_out_new),
             "validation": len(ctx.valid_rows),
             "top_k_artists": int(ctx.labels.shape[1]),
         },
@@ -162,9 +165,12 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
 def prepare(ds: Dataset, config: EvalConfig):
     """Split, fit the feature space on history, build features and the shared task context."""
     split = make_split(ds, config.cutoff, config.seed, kind=config.split)
+    split, new_users = hold_out_new_users(split, config.seed, config.new_users)
     space = fit_feature_space(split.train, split.as_of, FeatureConfig(seed=config.seed))
     features = build_user_features(split.train, split.as_of, space)
-    return _context(ds, split, space, features, config), space
+    ctx = _context(ds, split, space, features, config)
+    ctx.held_out_new = np.intersect1d(ctx.cold_rows, pd.Index(features.user_ids).get_indexer(pd.Index(new_users)))
+    return ctx, space
 
 
 def _context(ds: Dataset, split: Split, space, features: UserFeatures, config: EvalConfig) -> Context:

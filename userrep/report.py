@@ -47,7 +47,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 th{{background:#f3f3f3}}td:first-child,th:first-child{{text-align:left}}.neg{{color:#b00}}.pos{{color:#070}}</style></head><body>
 <h1>Evaluation: {html.escape(metrics["dataset"])}</h1>
 <p>{html.escape(metrics["note"])}. Users with a representation: {metrics["n_users"]:,};
-warm train/test {metrics["counts"]["warm_train"]:,}/{metrics["counts"]["warm_test"]:,}; cold {metrics["counts"]["cold"]:,};
+warm train/test {metrics["counts"]["warm_train"]:,}/{metrics["counts"]["warm_test"]:,}; cold {metrics["counts"]["cold"]:,} ({metrics["counts"]["cold_held_out"]:,} held out as new);
 top-K artists {metrics["counts"]["top_k_artists"]:,}. Total time {metrics["timings_s"]["total"]} s.</p>
 {f"<p>Skipped:</p><ul>{skipped}</ul>" if skipped else ""}
 <h2>Tasks</h2>{_metrics_table(metrics)}{parts[0]}

@@ -12,11 +12,15 @@
 
 The training side is a ``Dataset`` whose events contain *only* history, so no label event can
 reach encoders or features whatever they do with time.
+
+New users (``hold_out_new_users``): where a split leaves few users without history but with
+onboarding picks or attributes (a user-time split leaves none), a seeded sample of users with all
+three loses its history, so cold start is scored on users embedded as at sign-up.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -31,6 +35,8 @@ from userrep.fsio import midnight_after
 SPLITS = ("auto", "time", "user-time", "random")
 MIN_WARM = 100  # auto: fewer warm users than this under a time split -> user-time
 MIN_WARM_SHARE = 0.25  # ... or fewer than this share of the users with any history
+NEW_USERS = 200  # fewer users new at the cut-off than this: hold out users with history as new (up to it)
+NEW_USER_SHARE = 0.1  # ... at most this share of the users who could be
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,43 @@ def _held_out_split(ds: Dataset, holdout: float, keys: np.ndarray, kind: str, wh
         f"{kind} split ({why}): {held} held out ({future.num_rows:,} label / {train_events.num_rows:,} history events)"
     )
     return Split(kind, None, as_of, _with_events(ds, train_events), future, note)
+
+
+def hold_out_new_users(split: Split, seed: int, target: int = NEW_USERS) -> tuple[Split, np.ndarray]:
+    """``split`` with new users simulated where it has fewer than ``target``: users with history,
+    label-window events and onboarding picks or attributes, drawn with ``seed`` (at most
+    ``NEW_USER_SHARE`` of them), lose every history event. The encoders, features and baselines
+    then know them as the online path knows a user at sign-up; their labels stay. Returns the split
+    and those users (none: the split as it was)."""
+    events, users = split.train.events, split.train.users
+    if target <= 0 or users is None:
+        return split, np.array([], dtype=object)
+    ids = users.column("user_id").to_numpy(zero_copy_only=False).astype(object)
+    static = np.zeros(len(ids), bool)
+    for name in ("onboarding_artists", "onboarding_genres", *split.train.attribute_columns):
+        if name in users.column_names:
+            static |= _given(users.column(name))
+    history = pd.Index(pc.unique(events.column("user_id")).to_numpy(zero_copy_only=False))
+    labelled = pd.Index(pc.unique(split.future.column("user_id")).to_numpy(zero_copy_only=False))
+    has_history, has_labels = history.get_indexer(ids) >= 0, labelled.get_indexer(ids) >= 0
+    natural = int((static & has_labels & ~has_history).sum())
+    eligible = np.sort(ids[static & has_labels & has_history])
+    n = min(target - natural, int(NEW_USER_SHARE * len(eligible)))
+    if n <= 0:
+        return split, np.array([], dtype=object)
+    chosen = np.sort(np.random.default_rng(seed).choice(eligible, size=n, replace=False))
+    kept = events.filter(pc.invert(pc.is_in(events.column("user_id"), pa.array(chosen.tolist()))))
+    note = f"{split.note}; {n:,} users with history held out as new users ({natural:,} were new at the cut-off)"
+    return replace(split, train=_with_events(split.train, kept), note=note), chosen
+
+
+def _given(column: pa.ChunkedArray) -> np.ndarray:
+    """Per row: a value is there (not null, not an empty text or list)."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        size = pc.list_value_length(column)
+    else:
+        size = pc.utf8_length(pc.cast(column, pa.string()))
+    return pc.fill_null(pc.greater(size, 0), False).to_numpy(zero_copy_only=False)
 
 
 def history_before(ds: Dataset, as_of) -> Dataset:

@@ -151,7 +151,8 @@ def tune_dataset(
     out.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(data)
     history = history_before(ds, as_of) if as_of is not None else make_split(ds, cutoff, config.seed, kind=split).train
-    ctx, _ = prepare(history, EvalConfig(split=split, seed=config.seed))  # history only, split again
+    # history only, split again; no users held out as new (the search scores warm users)
+    ctx, _ = prepare(history, EvalConfig(split=split, seed=config.seed, new_users=0))
     if len(ctx.train_rows) < 10 or len(ctx.test_rows) < 5:
         raise ValueError(
             f"data: too few warm users in the validation split ({len(ctx.train_rows) + len(ctx.test_rows)})"
