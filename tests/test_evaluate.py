@@ -284,13 +284,21 @@ def test_each_task_runs_on_its_own_users(small_world, tmp_path):
 @pytest.mark.slow  # an evaluation: tens of seconds
 def test_cold_start_is_scored_on_held_out_users_where_every_user_is_warm(small_world, tmp_path):
     """Under a user-time split every user has history; cold start is scored on users held out as
-    new, embedded from onboarding picks and attributes alone, and the head beats popularity there."""
+    new, embedded from onboarding picks and attributes alone, and the head beats popularity there;
+    with their first events back (the hand-over) it does better still."""
     metrics = evaluate(small_world, tmp_path, replace(FAST, split="user-time", ablations=False))
     assert "cold_start" not in metrics["skipped"] and metrics["split"] == "user-time"
     assert metrics["counts"]["cold"] == metrics["counts"]["cold_held_out"] > 100
     cold = metrics["tasks"]["cold_start"]
     assert cold["gur+history"]["ndcg@10"] > cold["popularity"]["ndcg@10"]
     assert "held out as new" in (tmp_path / "report.html").read_text()
+    # the hand-over: the same users with their first 1, 3, 10 history events back
+    handover = metrics["tasks"]["handover"]
+    steps = [f"ndcg@10_after_{k}" for k in (0, 1, 3, 10)]
+    assert handover["gur+history"]["ndcg@10_after_0"] == pytest.approx(cold["gur+history"]["ndcg@10"])
+    assert handover["gur+history"][steps[-1]] > handover["gur+history"][steps[0]]  # events help
+    assert len({handover["popularity"][s] for s in steps}) == 1  # popularity ignores them
+    assert handover["history"][steps[-1]] > handover["history"][steps[0]]
 
 
 @pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds

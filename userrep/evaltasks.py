@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 
 from userrep.data import Dataset
@@ -93,6 +94,10 @@ class Context:
     als_factors: np.ndarray | None = None
     onboarding_mean: np.ndarray | None = None
     held_out_new: np.ndarray = field(default_factory=lambda: np.array([], np.int64))  # cold rows with hidden history
+    hidden_events: pa.Table | None = None  # their history events, hidden from the training side
+    # k -> those users with their first k history events back (``future_listening.HANDOVER_EVENTS``):
+    # each representation ("reps"), the +history heads' side features ("side"), decayed plays ("recent")
+    handover: dict = field(default_factory=dict)
 
     # Which tasks can run on this split, and why not: the tasks read these, never recount.
     @property

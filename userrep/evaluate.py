@@ -18,7 +18,8 @@
 4. Tasks (``userrep.tasks``): future listening (nDCG@10, recall@50, nDCG@10 on new artists; ranked
    over unseen artists only where users do not repeat, see ``REPEAT_NEAR_ZERO``), artist
    preference (AUC), similar users (nDCG@50 against pairs, else label-window artist overlap),
-   cold start (future-listening nDCG@10 on cold users). Each task runs when its own users exist.
+   cold start (future-listening nDCG@10 on cold users), the hand-over (users held out as new, with
+   their first 1, 3, 10 events back). Each task runs when its own users exist.
 5. Every value has a 95% bootstrap interval over users (``userrep.uncertainty``); our best row is
    compared with the best baseline by a paired bootstrap (``comparisons``). ``seeds`` > 1 repeats
    the whole protocol and reports mean and spread.
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from userrep import baselines
@@ -52,6 +55,7 @@ from userrep.featurize import build_user_features, static_inputs
 from userrep.model import AEConfig, embed
 from userrep.split import Split, hold_out_new_users, make_split
 from userrep.tasks import artist_preference, history
+from userrep.tasks.future_listening import HANDOVER_EVENTS
 from userrep.timing import Stopwatch
 from userrep.train import fit_autoencoder
 from userrep.uncertainty import Board
@@ -115,11 +119,13 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
     ctx.direct, choices, als = _tuned_baselines(ctx, space, config)
     ctx.als_factors, ctx.onboarding_mean, ctx.space = als.user_factors, reps["onboarding_mean"], space
     watch.done("baselines (tuned on validation users)")
+    ctx.handover = _handover(ctx, space, encoders, choices["history"]["half_life_days"])
     board = Board(
         {
             "test": len(ctx.test_rows),
             "cold": len(ctx.cold_rows),
             "queries": min(config.similar_queries, len(ctx.test_rows)),
+            "handover": len(ctx.held_out_new),
         },
         config.seed,
         config.bootstrap,
@@ -165,12 +171,56 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
 def prepare(ds: Dataset, config: EvalConfig):
     """Split, fit the feature space on history, build features and the shared task context."""
     split = make_split(ds, config.cutoff, config.seed, kind=config.split)
+    before = split.train.events
     split, new_users = hold_out_new_users(split, config.seed, config.new_users)
     space = fit_feature_space(split.train, split.as_of, FeatureConfig(seed=config.seed))
     features = build_user_features(split.train, split.as_of, space)
     ctx = _context(ds, split, space, features, config)
     ctx.held_out_new = np.intersect1d(ctx.cold_rows, pd.Index(features.user_ids).get_indexer(pd.Index(new_users)))
+    held = pa.array(features.user_ids[ctx.held_out_new].tolist(), pa.string())
+    ctx.hidden_events = before.filter(pc.is_in(before.column("user_id"), held))
     return ctx, space
+
+
+def _handover(ctx: Context, space: FeatureSpace, encoders: dict, half_life_days: float | None) -> dict:
+    """``Context.handover``: per k in ``HANDOVER_EVENTS``, the users held out as new as of the
+    cut-off with their first k history events back (onboarding picks and attributes as before).
+    The k events are moved in time to end just before the cut-off, their gaps kept: a new user's
+    first plays are recent, and left where they were (often months earlier under a user-time
+    split) they fall outside every window but the longest."""
+    hidden = ctx.hidden_events
+    if not len(ctx.held_out_new) or hidden is None or hidden.num_rows == 0:
+        return {}
+    users = ctx.features.user_ids[ctx.held_out_new]
+    frame = pd.DataFrame(
+        {
+            "user": hidden.column("user_id").to_numpy(zero_copy_only=False),
+            "ts": hidden.column("ts").cast("int64").to_numpy(),
+        }
+    )
+    rank = frame.sort_values(["user", "ts"], kind="stable").groupby("user").cumcount().sort_index().to_numpy()
+    train, out = ctx.split.train, {}
+    cut = ctx.split.as_of.value // 1000 - 1_000_000  # us, a second before the cut-off
+    for k in HANDOVER_EVENTS:
+        first = frame[rank < k]
+        moved = first["ts"] + (cut - first.groupby("user")["ts"].transform("max"))
+        events = hidden.filter(pa.array(rank < k))
+        events = events.set_column(
+            events.schema.get_field_index("ts"),
+            "ts",
+            pa.array(moved.to_numpy(), pa.int64()).cast(events.schema.field("ts").type),
+        )
+        partial = Dataset(train.path, events, train.items, train.users, train.pairs)
+        matrix = build_user_features(partial, ctx.split.as_of, space, user_ids=users).matrix
+        plays = baselines.user_artist_matrix(events, space, users)[:, ctx.top_cols].toarray()
+        decayed = baselines.decayed_matrix(events, space, users, ctx.split.as_of, half_life_days)
+        recent = decayed[:, ctx.top_cols].toarray().astype(np.float32)
+        out[k] = {
+            "reps": {name: encode(matrix) for name, encode in encoders.items()},
+            "side": history.side_features(plays, recent),
+            "recent": recent,
+        }
+    return out
 
 
 def _context(ds: Dataset, split: Split, space, features: UserFeatures, config: EvalConfig) -> Context:

@@ -12,6 +12,8 @@ from userrep.metrics import ndcg_rows, recall_rows
 from userrep.tasks import history
 from userrep.tasks._mlp import HeadConfig, MLPHead, fit_mlp, predict
 
+HANDOVER_EVENTS = (1, 3, 10)  # evaluation's hand-over: users held out as new get their first k events back
+
 
 def fit_head(
     x: np.ndarray, labels: np.ndarray, config: HeadConfig = HeadConfig(), side: np.ndarray | None = None, validate=None
@@ -147,7 +149,12 @@ class FutureListening:
 
     name = "future_listening"
     metric = "ndcg@10"
-    columns = {"future_listening": ("ndcg@10", "recall@50", "ndcg@10_new"), "cold_start": ("ndcg@10",)}
+    columns = {
+        "future_listening": ("ndcg@10", "recall@50", "ndcg@10_new"),
+        "cold_start": ("ndcg@10",),
+        # users held out as new, scored cold and with their first k history events back
+        "handover": tuple(f"ndcg@10_after_{k}" for k in (0, *HANDOVER_EVENTS)),
+    }
     has_head = True
     needs_labels = True
     route = "/recommend/artists"
@@ -225,6 +232,18 @@ class FutureListening:
             }
             for method, found in cold_scores.items():
                 board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(found, ctx.labels[cold], 10)})
+        if ctx.cold_scorable and ctx.handover:  # popularity, and the user's own plays first once there are some
+            labels = ctx.labels[ctx.held_out_new]
+            popular = ndcg_rows(ctx.direct["popularity"](ctx.held_out_new), labels, 10)
+            board.add_rows(
+                "handover", "popularity", "handover", {f"ndcg@10_after_{k}": popular for k in (0, *ctx.handover)}
+            )
+            own = {"ndcg@10_after_0": popular}  # no plays yet: the popularity order
+            for k, given in ctx.handover.items():
+                own[f"ndcg@10_after_{k}"] = ndcg_rows(
+                    history.history_scores(given["recent"], ctx.popularity), labels, 10
+                )
+            board.add_rows("handover", "history", "handover", own)
         return skipped
 
     def _evaluate_head(self, ctx, board, method: str, x: np.ndarray, config, cold_x: np.ndarray | None = None) -> None:
@@ -260,6 +279,25 @@ class FutureListening:
             no_history = None if side is None else np.zeros((len(cold),) + side.shape[1:], np.float32)
             found = scores(head, x[cold], no_history) + cold_weight * history.prior(ctx.popularity, len(cold))
             board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(found, ctx.labels[cold], 10)})
+            self._handover(ctx, board, method, head, found[np.searchsorted(cold, ctx.held_out_new)], side, warm_weight)
+
+    def _handover(self, ctx, board, method: str, head, cold_found, side, warm_weight: float) -> None:
+        """The head on the users held out as new: seen cold (``cold_found``), then with their first
+        k history events back, scored as a warm user is (the history weight too)."""
+        base = method.split("+")[0]
+        if not ctx.handover or base not in next(iter(ctx.handover.values()))["reps"]:
+            return  # (ablations: no hand-over)
+        labels = ctx.labels[ctx.held_out_new]
+        after = {"ndcg@10_after_0": ndcg_rows(cold_found, labels, 10)}
+        for k, given in ctx.handover.items():
+            given_side = None if side is None else given["side"]
+            found = scores(head, given["reps"][base], given_side)
+            if warm_weight and given_side is not None:
+                found = found + warm_weight * history.played_scores(
+                    given_side[:, :, 0], given["recent"], ctx.popularity
+                )
+            after[f"ndcg@10_after_{k}"] = ndcg_rows(found, labels, 10)
+        board.add_rows("handover", method, "handover", after)
 
 
 def fit_both(data, config: HeadConfig) -> tuple[MLPHead, dict]:
