@@ -177,7 +177,7 @@ def prepare(ds: Dataset, config: EvalConfig):
     features = build_user_features(split.train, split.as_of, space)
     ctx = _context(ds, split, space, features, config)
     ctx.held_out_new = np.intersect1d(ctx.cold_rows, pd.Index(features.user_ids).get_indexer(pd.Index(new_users)))
-    held = pa.array(features.user_ids[ctx.held_out_new].tolist(), pa.string())
+    held = pa.array(features.user_ids[ctx.held_out_new].tolist(), before.schema.field("user_id").type)
     ctx.hidden_events = before.filter(pc.is_in(before.column("user_id"), held))
     return ctx, space
 

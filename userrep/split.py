@@ -169,7 +169,8 @@ def hold_out_new_users(split: Split, seed: int, target: int = NEW_USERS) -> tupl
     if n <= 0:
         return split, np.array([], dtype=object)
     chosen = np.sort(np.random.default_rng(seed).choice(eligible, size=n, replace=False))
-    kept = events.filter(pc.invert(pc.is_in(events.column("user_id"), pa.array(chosen.tolist()))))
+    held = pa.array(chosen.tolist(), events.schema.field("user_id").type)
+    kept = events.filter(pc.invert(pc.is_in(events.column("user_id"), held)))
     note = f"{split.note}; {n:,} users with history held out as new users ({natural:,} were new at the cut-off)"
     return replace(split, train=_with_events(split.train, kept), note=note), chosen
 
