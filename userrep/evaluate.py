@@ -202,9 +202,10 @@ def _handover(ctx: Context, space: FeatureSpace, encoders: dict, half_life_days:
     train, out = ctx.split.train, {}
     cut = ctx.split.as_of.value // 1000 - 1_000_000  # us, a second before the cut-off
     for k in HANDOVER_EVENTS:
-        first = frame[rank < k]
-        moved = first["ts"] + (cut - first.groupby("user")["ts"].transform("max"))
-        events = hidden.filter(pa.array(rank < k))
+        first = rank < k
+        ts = frame["ts"][first]
+        moved = ts + (cut - ts.groupby(frame["user"][first]).transform("max"))
+        events = hidden.filter(pa.array(first))
         events = events.set_column(
             events.schema.get_field_index("ts"),
             "ts",

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from userrep.contract import split_list
 from userrep.data import Dataset
 from userrep.encoders import events_before
 from userrep.features import to_utc
@@ -157,9 +158,11 @@ def hold_out_new_users(split: Split, seed: int, target: int = NEW_USERS) -> tupl
         return split, np.array([], dtype=object)
     ids = users.column("user_id").to_numpy(zero_copy_only=False).astype(object)
     static = np.zeros(len(ids), bool)
-    for name in ("onboarding_artists", "onboarding_genres", *split.train.attribute_columns):
+    for name in ("onboarding_artists", "onboarding_genres"):  # picks as the features read them
         if name in users.column_names:
-            static |= _given(users.column(name))
+            static |= np.diff(split_list(users.column(name)).offsets.to_numpy()) > 0
+    for name in split.train.attribute_columns:
+        static |= pc.is_valid(users.column(name)).to_numpy(zero_copy_only=False)
     history = pd.Index(pc.unique(events.column("user_id")).to_numpy(zero_copy_only=False))
     labelled = pd.Index(pc.unique(split.future.column("user_id")).to_numpy(zero_copy_only=False))
     has_history, has_labels = history.get_indexer(ids) >= 0, labelled.get_indexer(ids) >= 0
@@ -173,15 +176,6 @@ def hold_out_new_users(split: Split, seed: int, target: int = NEW_USERS) -> tupl
     kept = events.filter(pc.invert(pc.is_in(events.column("user_id"), held)))
     note = f"{split.note}; {n:,} users with history held out as new users ({natural:,} were new at the cut-off)"
     return replace(split, train=_with_events(split.train, kept), note=note), chosen
-
-
-def _given(column: pa.ChunkedArray) -> np.ndarray:
-    """Per row: a value is there (not null, not an empty text or list)."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        size = pc.list_value_length(column)
-    else:
-        size = pc.utf8_length(pc.cast(column, pa.string()))
-    return pc.fill_null(pc.greater(size, 0), False).to_numpy(zero_copy_only=False)
 
 
 def history_before(ds: Dataset, as_of) -> Dataset:
