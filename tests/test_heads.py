@@ -75,3 +75,47 @@ def test_the_online_state_gives_the_batch_history_features(small_world):
     assert np.allclose(plays, user_artist_matrix(events, space, users)[:, columns].toarray(), atol=1e-4)
     batch = decayed_matrix(events, space, users, pd.Timestamp("2026-05-01", tz="UTC"), 30.0)[:, columns].toarray()
     assert np.allclose(recent, batch, rtol=0.03, atol=1e-4)  # a play's age: whole days online, exact in batch
+
+
+def test_the_collaborative_inputs_are_chosen_where_co_occurrence_predicts_what_comes_next(tmp_path):
+    """Items come in pairs and a user goes on to play the partner of what they played: the
+    embedding (noise here) cannot know it, EASE^R and ALS over all users' plays can. The +history
+    head picks their weights on validation users, they lift their nDCG, and a saved and reloaded
+    head scores with them from the plays it is given."""
+    from userrep.baselines import collaborative_models
+    from userrep.batch.heads import load_head, save_head
+    from userrep.tasks import future_listening
+    from userrep.tasks._mlp import HeadConfig
+
+    rng = np.random.default_rng(0)
+    n, k = 400, 20
+    rows, pairs = np.arange(n)[:, None], rng.integers(0, k // 2, size=(n, 2)) * 2  # two pairs per user
+    played, labels = np.zeros((n, k), np.float32), np.zeros((n, k), np.float32)
+    played[rows, pairs] = 1.0
+    played[rows, pairs + 1] = rng.random((n, 2)) < 0.5  # half the time the partner was played too: co-occurrence
+    labels[rows, pairs + 1] = 1.0
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    side = future_listening.history.side_features(played, played)
+    fit, valid = np.arange(300), np.arange(300, n)
+
+    def ndcg(found):
+        return future_listening.ranking_metrics(found, labels[valid], np.zeros_like(labels[valid]))["ndcg@10"]
+
+    args = (
+        (x[fit], x[fit] * 0, labels[fit], side[fit]),
+        (x[valid], x[valid] * 0, side[valid], played[valid], played[valid]),
+        played.sum(axis=0),
+        HeadConfig(hidden=8, epochs=3),
+        ndcg,
+    )
+    head, without = future_listening.fit_with_history(*args)
+    models, choices = collaborative_models(played, valid, 4, 0, ndcg)
+    assert set(choices) == {"ease", "als"} and models["ease"].shape == (k, k) and models["als"][0].shape == (k, 4)
+    head, meta = future_listening.fit_with_history(*args, models)
+    assert without["collab_weights"] == {} and without["collab_models"] == {}
+    assert any(meta["collab_weights"].values())
+    assert set(meta["collab_models"]) == {name for name, w in meta["collab_weights"].items() if w}
+    head, meta = load_head(save_head(tmp_path / "head.pt", head, meta))
+    deployed = future_listening.deployed_scores(head, meta, x[valid], played[valid], played[valid])
+    plain = future_listening.deployed_scores(head, {**meta, "collab_weights": {}}, x[valid], played[valid], played[valid])
+    assert ndcg(deployed) > ndcg(plain) + 0.05

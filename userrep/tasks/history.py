@@ -8,6 +8,13 @@ downstream models train with them, and serving scores with them, so what is meas
 Inputs are two (users, K) matrices over the K candidate artists: ``plays`` (summed play weight
 before the reference time) and ``recent`` (the same with each play weighted 0.5 ** (age in days /
 half-life); ``recent = plays`` without decay).
+
+The collaborative inputs score the candidates from the user's own plays with models of all users'
+plays over them (``collaborative``): EASE^R's item-item weights, and ALS's artist factors with the
+user folded in. They carry what the embedding cannot on item-centric data (movies: nothing is
+watched twice, so the history score is worthless there and co-occurrence is all). Their weights
+are chosen on validation users with the history weight, for every representation alike; 0 turns
+one off.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import numpy as np
 
 HALF_LIVES = (None, 7.0, 30.0, 90.0, 365.0)  # days; recency decays tried, the best on validation users kept
 BLEND_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)  # of the history score added to a +history head
+COLLAB_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 64.0)  # of each collaborative score (64: near that input's own order)
 WITH_HISTORY = "embedding+history"  # the design of a batch's heads that take these features
 EMBEDDING = "embedding"  # the other design: the embedding alone
 
@@ -52,6 +60,68 @@ def prior(popularity: np.ndarray, n: int) -> np.ndarray:
     return np.broadcast_to(history_scores(np.zeros((1, len(popularity))), popularity), (n, len(popularity)))
 
 
+def collaborative(plays: np.ndarray, models: dict) -> dict[str, np.ndarray]:
+    """Each collaborative input's scores (users, K) of the candidates from the users' plays, scaled
+    per user to a largest magnitude of 1 (their scales differ by user and model; a blend weight
+    needs one), 0 for a user without plays. ``models``: ``"ease"``: EASE^R's item-item weights
+    (K, K, diagonal 0) over the played sets; ``"als"``: (artist factors (K, d), L2), the user
+    folded in from log(1 + plays) as ALS itself does (``implicit``'s ``recalculate_user``)."""
+    plays = np.asarray(plays, np.float32)
+    out = {}
+    if models.get("ease") is not None:
+        out["ease"] = _per_user_scaled((plays > 0).astype(np.float32) @ np.asarray(models["ease"], np.float32))
+    if models.get("als") is not None:
+        factors, regularization = models["als"]
+        out["als"] = _per_user_scaled(_fold_in(plays, np.asarray(factors, np.float32), regularization) @ factors.T)
+    return out
+
+
+def _per_user_scaled(raw: np.ndarray) -> np.ndarray:
+    top = np.abs(raw).max(axis=1, keepdims=True)
+    return np.divide(raw, top, out=np.zeros_like(raw), where=top > 0).astype(np.float32)
+
+
+def _fold_in(plays: np.ndarray, factors: np.ndarray, regularization: float) -> np.ndarray:
+    import scipy.sparse as sp
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    confidence = sp.csr_matrix(np.log1p(plays))
+    model = AlternatingLeastSquares(factors=factors.shape[1], regularization=regularization, random_state=0)
+    model.item_factors = factors
+    with threadpool_limits(1, "blas"):  # implicit's advice (baselines.fit_als)
+        return np.asarray(model.recalculate_user(np.arange(len(plays)), confidence), np.float32)
+
+
+def collab_sum(collab: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray | float:
+    """The weighted sum of the collaborative scores (0 where every weight is 0)."""
+    return sum((w * collab[name] for name, w in weights.items() if w), 0.0)
+
+
+def best_weights(
+    logits: np.ndarray, history: np.ndarray, collab: dict[str, np.ndarray], score
+) -> tuple[float, dict[str, float]]:
+    """(history weight, {input: weight}) of ``logits + w_h * history + sum(w_c * collab[c])`` that
+    ``score`` (validation users) likes best: coordinate ascent from all 0, each weight over its
+    grid with the others held, two sweeps (a full grid is 8 x 7 x 7 scorings per head)."""
+    weights = {"history": 0.0, **{name: 0.0 for name in collab}}
+    grids = {"history": BLEND_WEIGHTS, **{name: COLLAB_WEIGHTS for name in collab}}
+    scores = {"history": history, **collab}
+
+    def value(w: dict) -> float:
+        return score(logits + sum((v * scores[k] for k, v in w.items() if v), 0.0))
+
+    best = value(weights)
+    for _ in range(2):
+        for name, grid in grids.items():
+            for candidate in grid:
+                trial = {**weights, name: candidate}
+                found = value(trial)
+                if found > best:
+                    best, weights = found, trial
+    return weights.pop("history"), weights
+
+
 def best_weight(logits: np.ndarray, extra: np.ndarray, score: Callable[[np.ndarray], float]) -> float:
     """The blend weight w of ``logits + w * extra`` that ``score`` (validation users) likes best."""
     values = [score(logits + w * extra) for w in BLEND_WEIGHTS]
@@ -65,14 +135,16 @@ def blended(
     popularity: np.ndarray,
     history_weight: float,
     prior_weight: float,
+    collab: dict[str, np.ndarray] | None = None,
+    collab_weights: dict[str, float] | None = None,
 ) -> np.ndarray:
     """A +history head's ranking scores: its logits plus, for users with history among the
-    candidates, the weighted history score of the artists they played, and for users without,
-    the weighted popularity prior (the weights were chosen on validation users)."""
+    candidates, the weighted history score of the artists they played and the weighted
+    collaborative scores (``collab``: ``collaborative``'s), and for users without, the weighted
+    popularity prior (the weights were chosen on validation users)."""
     warm = (np.asarray(plays) > 0).any(axis=1, keepdims=True)
-    extra = np.where(
-        warm, history_weight * played_scores(plays, recent, popularity), prior_weight * prior(popularity, len(logits))
-    )
+    known = history_weight * played_scores(plays, recent, popularity) + collab_sum(collab or {}, collab_weights or {})
+    extra = np.where(warm, known, prior_weight * prior(popularity, len(logits)))
     return (logits + extra).astype(np.float32)
 
 
