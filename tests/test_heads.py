@@ -110,7 +110,8 @@ def test_the_collaborative_inputs_are_chosen_where_co_occurrence_predicts_what_c
     )
     head, without = future_listening.fit_with_history(*args)
     models, choices = collaborative_models(played, valid, 4, 0, ndcg)
-    assert set(choices) == {"ease", "als"} and models["ease"].shape == (k, k) and models["als"][0].shape == (k, 4)
+    assert set(choices) == {"ease", "als"} and models["ease"].shape == (k, k)
+    assert models["als"][0].shape == (k, 4) and models["als"][1].shape == (4, 4)  # artist factors, Y'Y + L2 I
     head, meta = future_listening.fit_with_history(*args, models)
     assert without["collab_weights"] == {} and without["collab_models"] == {}
     assert any(meta["collab_weights"].values())
@@ -119,3 +120,20 @@ def test_the_collaborative_inputs_are_chosen_where_co_occurrence_predicts_what_c
     deployed = future_listening.deployed_scores(head, meta, x[valid], played[valid], played[valid])
     plain = future_listening.deployed_scores(head, {**meta, "collab_weights": {}}, x[valid], played[valid], played[valid])
     assert ndcg(deployed) > ndcg(plain) + 0.05
+
+
+def test_the_served_als_fold_in_solves_as_implicit_does():
+    import scipy.sparse as sp
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    from userrep.baselines import fit_als
+    from userrep.tasks import history
+
+    rng = np.random.default_rng(0)
+    plays = (rng.random((300, 200)) < 0.05) * rng.integers(1, 20, size=(300, 200)).astype(np.float32)
+    factors = fit_als(sp.csr_matrix(plays), 16, 0, regularization=0.5).artist_factors
+    reference = AlternatingLeastSquares(factors=16, regularization=0.5)
+    reference.item_factors = factors
+    expected = reference.recalculate_user(np.arange(300), sp.csr_matrix(np.log1p(plays)))
+    gram = factors.T @ factors + 0.5 * np.eye(16, dtype=np.float32)
+    assert np.allclose(history._fold_in(plays, factors, gram), expected, atol=1e-4)

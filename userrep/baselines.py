@@ -208,5 +208,7 @@ def collaborative_models(plays: np.ndarray, valid: np.ndarray, dim: int, seed: i
     regularization, als, by_reg = choose(
         (0.05, 0.5, 5.0), lambda r: fit_als(matrix, dim, seed, regularization=r), lambda m: score(m.scores(valid, cols))
     )
-    models = {"ease": ease, "als": (als.artist_factors, regularization)}
+    factors = als.artist_factors
+    gram = factors.T @ factors + np.float32(regularization) * np.eye(factors.shape[1], dtype=np.float32)
+    models = {"ease": ease, "als": (factors, gram)}
     return models, {"ease": ease_choice, "als": {"regularization": regularization, "validation": by_reg}}

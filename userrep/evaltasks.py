@@ -132,19 +132,19 @@ class Context:
             return f"only {len(self.cold_rows)} users without history but with onboarding/attributes and labels"
         return self.why_no_heads
 
-    def valid_ndcg(self, scores: np.ndarray) -> float:
-        """nDCG@10 of ``scores`` (validation users x K) as the test users are scored (unseen-only
-        or not): every choice made on validation users uses this one number."""
+    def valid_score(self, scores: np.ndarray) -> float:
+        """``future_listening.validation_score`` of ``scores`` (validation users x K), ranked as the
+        test users are (unseen-only or not): every choice made on validation users uses this one
+        number."""
         valid = self.valid_rows
-        rows = future_listening.ranking_rows(scores, self.labels[valid], self.history[valid], self.unseen_only)
-        return float(np.nanmean(rows["ndcg@10"]))
+        return future_listening.validation_score(scores, self.labels[valid], self.history[valid], self.unseen_only)
 
     def ranking_validation(self, x: np.ndarray):
-        """Early-stopping score of an embedding-only future-listening head: the validation users'
-        nDCG@10 (None: too few validation users)."""
+        """Early-stopping score of an embedding-only future-listening head on the validation users
+        (``valid_score``; None: too few validation users)."""
         if not self.validated:
             return None
-        return lambda head: self.valid_ndcg(future_listening.scores(head, x[self.valid_rows]))
+        return lambda head: self.valid_score(future_listening.scores(head, x[self.valid_rows]))
 
 
 def run_tasks(ctx: Context, reps: dict, cold_reps: dict, board: Board, config: EvalConfig) -> dict:

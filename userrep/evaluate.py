@@ -278,12 +278,13 @@ def _context(ds: Dataset, split: Split, space, features: UserFeatures, config: E
 
 def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dict, baselines.ALSModel]:
     """The directly scored baselines as ``rows -> (rows, K) scores``, each choice made on the
-    validation users' future-listening nDCG@10; also sets ``ctx.side`` (with the chosen decay)."""
+    validation users' future-listening score (``Context.valid_score``); also sets ``ctx.side``
+    (with the chosen decay) and the +history heads' collaborative inputs."""
     valid, users = ctx.valid_rows, ctx.features.user_ids
     events, as_of = ctx.split.train.events, ctx.split.as_of
 
     def score(scores_of) -> float:
-        return ctx.valid_ndcg(scores_of(valid)) if len(valid) else 0.0
+        return ctx.valid_score(scores_of(valid)) if len(valid) else 0.0
 
     half_life, decayed, by_decay = baselines.choose(
         history.HALF_LIVES,
@@ -297,7 +298,7 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
     binary = (plays > 0).astype(np.float32)
     # The +history heads' collaborative inputs; their EASE^R is the ease baseline (the same choice).
     ctx.collab_models, collab_choices = baselines.collaborative_models(
-        plays, valid, config.dim, config.seed, lambda found: ctx.valid_ndcg(found) if len(valid) else 0.0
+        plays, valid, config.dim, config.seed, lambda found: ctx.valid_score(found) if len(valid) else 0.0
     )
     ease, ease_choice = ctx.collab_models["ease"], collab_choices["ease"]
     onboarding = _onboarding_matrix(ctx.split.train, ctx.features, space)

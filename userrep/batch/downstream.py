@@ -134,13 +134,12 @@ def task_data(
     train, valid = np.sort(rows[n_valid:]), np.sort(rows[:n_valid])
     popularity = np.asarray(plays_all.sum(axis=0)).ravel()[top].astype(np.float32)
 
-    def ndcg(recent: np.ndarray) -> float:  # the history baseline on the validation users
+    def score(recent: np.ndarray) -> float:  # the history baseline on the validation users
         scores = history.history_scores(recent[valid], popularity)
-        value = future_listening.ranking_metrics(scores, labels[valid], played[valid])["ndcg@10"] if len(valid) else 0.0
-        return float(np.nan_to_num(value))
+        return future_listening.validation_score(scores, labels[valid], played[valid]) if len(valid) else 0.0
 
     half_life, recent, _ = choose(
-        history.HALF_LIVES, lambda h: _dense(decayed_matrix(before, space, users, start, h), top), ndcg
+        history.HALF_LIVES, lambda h: _dense(decayed_matrix(before, space, users, start, h), top), score
     )
     artist_ids, vectors = space.primary.artist_vectors(source.items)
     artist_vectors = vectors[pd.Index(artist_ids).get_indexer(space.artists[top])]

@@ -64,15 +64,15 @@ def collaborative(plays: np.ndarray, models: dict) -> dict[str, np.ndarray]:
     """Each collaborative input's scores (users, K) of the candidates from the users' plays, scaled
     per user to a largest magnitude of 1 (their scales differ by user and model; a blend weight
     needs one), 0 for a user without plays. ``models``: ``"ease"``: EASE^R's item-item weights
-    (K, K, diagonal 0) over the played sets; ``"als"``: (artist factors (K, d), L2), the user
-    folded in from log(1 + plays) as ALS itself does (``implicit``'s ``recalculate_user``)."""
+    (K, K, diagonal 0) over the played sets; ``"als"``: (artist factors Y (K, d), Y'Y + L2 I), the
+    user folded in from log(1 + plays) as ALS itself solves for a user (``_fold_in``)."""
     plays = np.asarray(plays, np.float32)
     out = {}
     if models.get("ease") is not None:
         out["ease"] = _per_user_scaled((plays > 0).astype(np.float32) @ np.asarray(models["ease"], np.float32))
     if models.get("als") is not None:
-        factors, regularization = models["als"]
-        out["als"] = _per_user_scaled(_fold_in(plays, np.asarray(factors, np.float32), regularization) @ factors.T)
+        factors, gram = models["als"]
+        out["als"] = _per_user_scaled(_fold_in(plays, factors, gram) @ factors.T)
     return out
 
 
@@ -81,16 +81,18 @@ def _per_user_scaled(raw: np.ndarray) -> np.ndarray:
     return np.divide(raw, top, out=np.zeros_like(raw), where=top > 0).astype(np.float32)
 
 
-def _fold_in(plays: np.ndarray, factors: np.ndarray, regularization: float) -> np.ndarray:
-    import scipy.sparse as sp
-    from implicit.cpu.als import AlternatingLeastSquares
-    from threadpoolctl import threadpool_limits
-
-    confidence = sp.csr_matrix(np.log1p(plays))
-    model = AlternatingLeastSquares(factors=factors.shape[1], regularization=regularization, random_state=0)
-    model.item_factors = factors
-    with threadpool_limits(1, "blas"):  # implicit's advice (baselines.fit_als)
-        return np.asarray(model.recalculate_user(np.arange(len(plays)), confidence), np.float32)
+def _fold_in(plays: np.ndarray, factors: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Each user's ALS factors from confidence log(1 + plays) with the artist factors held
+    (``gram``: their Y'Y + L2 I, kept with them): the least-squares solve ``implicit`` runs per
+    user (``recalculate_user``), in numpy, because a served request folds in one user and
+    implicit's own call costs 20 ms of set-up there."""
+    confidence = np.log1p(plays)
+    out = np.zeros((len(plays), factors.shape[1]), np.float32)
+    for user in np.flatnonzero((confidence > 0).any(axis=1)):
+        cols = np.flatnonzero(confidence[user] > 0)
+        c, y = confidence[user, cols], factors[cols]
+        out[user] = np.linalg.solve(gram + (y.T * (c - 1.0)) @ y, y.T @ c)
+    return out
 
 
 def collab_sum(collab: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray | float:

@@ -119,6 +119,22 @@ def ndcg_with_overlap(found: np.ndarray, queries: np.ndarray, artists: sp.csr_ma
     return ndcg_from_gains(gains, ideal)
 
 
+def ndcg_with_taste(found: np.ndarray, queries: np.ndarray, taste, k: int = 50) -> np.ndarray:
+    """Per-query nDCG@k, binary relevance: the k users nearest the query by cosine of their true
+    taste vectors (``taste``: (users, g), dense or sparse rows), the query itself excluded. A
+    representation that recovers taste finds them; one at chance finds k / users of them."""
+    unit = sp.csr_matrix(taste, dtype=np.float64)
+    norms = np.sqrt(np.asarray(unit.multiply(unit).sum(axis=1)).ravel())
+    unit = sp.diags(1 / np.maximum(norms, 1e-12)) @ unit
+    similarity = (unit[queries] @ unit.T).toarray()
+    similarity[np.arange(len(queries)), queries] = -np.inf
+    nearest = np.argpartition(-similarity, k, axis=1)[:, :k]
+    relevant = np.zeros(similarity.shape, bool)
+    np.put_along_axis(relevant, nearest, True, axis=1)
+    gains = np.where(found >= 0, np.take_along_axis(relevant, np.maximum(found, 0), axis=1), False).astype(np.float64)
+    return ndcg_from_gains(gains, np.ones((len(queries), k)))
+
+
 def _normalized(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -140,7 +156,8 @@ class SimilarUsers:
 
     name = "similar_users"
     metric = "ndcg@50"
-    columns = {"similar_users": ("ndcg@50",)}
+    # ndcg@50: against pairs, else label-window overlap; ndcg@50_taste: against true taste neighbours
+    columns = {"similar_users": ("ndcg@50", "ndcg@50_taste")}
     has_head = False  # the index is rebuilt from each batch's own embeddings; no consumer model
     needs_labels = False  # the index is built even where the labels are too thin to validate it
     route = None
@@ -196,15 +213,36 @@ def run_similar_users(ctx, board, reps: dict, config) -> dict | None:
         return None
     n = min(config.similar_queries, len(candidates))
     queries = np.sort(rng.choice(candidates, size=n, replace=False))
+    known, taste = true_taste(ctx)
+    in_known = np.flatnonzero(np.isin(known, ctx.test_rows))
+    taste_queries = np.sort(rng.choice(in_known, size=min(config.similar_queries, len(in_known)), replace=False))
     out = {}
     for method, x in reps.items():
-        rows = score(neighbours(build_index(x), x, queries, 50), queries)
-        out[method] = {"ndcg@50": mean(rows)}
+        rows = {"ndcg@50": score(neighbours(build_index(x), x, queries, 50), queries)}
+        if len(taste_queries):  # neighbours among the users whose taste is known
+            found = neighbours(build_index(x[known]), x[known], taste_queries, 50)
+            rows["ndcg@50_taste"] = ndcg_with_taste(found, taste_queries, taste)
+        out[method] = {metric: mean(values) for metric, values in rows.items()}
         if board is not None:  # the population's first n resampling weights: queries are a sample already
-            padded = np.full(len(board.weights["queries"][0]), np.nan)
-            padded[:n] = rows
-            board.add_rows("similar_users", method, "queries", {"ndcg@50": padded})
+            size = len(board.weights["queries"][0])
+            padded = {metric: np.r_[values, np.full(size - len(values), np.nan)] for metric, values in rows.items()}
+            board.add_rows("similar_users", method, "queries", padded)
     return out
+
+
+def true_taste(ctx) -> tuple[np.ndarray, np.ndarray | sp.csr_matrix]:
+    """(rows, taste vectors) of the users whose true taste is known: the synthetic world's hidden
+    taste at the cut-off (``world.true_taste``); on real data, the held-out listening, each
+    user's label-window plays over the artists (the taste a representation built from history
+    should predict; users without any have none)."""
+    from userrep.world import true_taste as world_taste
+
+    hidden = world_taste(ctx.ds.path, ctx.features.user_ids, ctx.split.as_of) if ctx.ds.path else None
+    if hidden is not None:
+        known = np.flatnonzero(~np.isnan(hidden).any(axis=1))
+        return known, hidden[known]
+    known = np.flatnonzero(np.diff(ctx.label_artists.indptr) > 0)
+    return known, ctx.label_artists[known]
 
 
 TASK = SimilarUsers()
