@@ -179,6 +179,33 @@ def test_cold_slice_has_only_users_without_history(world):
     assert set(ctx.features.user_ids[ctx.test_rows]) <= history_users
 
 
+def test_taste_neighbours_follow_the_worlds_hidden_taste(small_world, world):
+    """The world's true taste at the cut-off moves from the first mixture by each user's drift,
+    and nDCG@50 against true taste neighbours is 1 for the true neighbours, near chance for random."""
+    from userrep.tasks.similar_users import ndcg_with_taste
+    from userrep.world import GENRES, true_taste
+
+    users = world.users.column("user_id").to_numpy(zero_copy_only=False)
+    truth = pd.read_parquet(small_world / "truth.parquet").set_index("user_id").loc[users]
+    first = truth[[f"taste0_{g}" for g in GENRES]].to_numpy()
+    assert np.allclose(true_taste(small_world, users, pd.Timestamp("2026-01-01", tz="UTC")), first)
+    late = true_taste(small_world, users, pd.Timestamp("2027-01-01", tz="UTC"))  # after the window: moved all it does
+    second = truth[[f"taste1_{g}" for g in GENRES]].to_numpy()
+    drift = truth["drift"].to_numpy()[:, None]
+    assert np.allclose(late, (1 - drift) * first + drift * second)
+    assert true_taste(small_world / "missing", users, pd.Timestamp("2026-03-01", tz="UTC")) is None
+
+    queries = np.arange(0, 1_500, 15)
+    unit = late / np.linalg.norm(late, axis=1, keepdims=True)
+    similarity = unit[queries] @ unit.T
+    similarity[np.arange(len(queries)), queries] = -np.inf
+    nearest = np.argsort(-similarity, axis=1)[:, :50]
+    assert np.allclose(ndcg_with_taste(nearest, queries, late), 1.0)
+    rng = np.random.default_rng(0)
+    random = np.stack([rng.choice(np.setdiff1d(np.arange(1_500), [q]), 50, replace=False) for q in queries])
+    assert ndcg_with_taste(random, queries, late).mean() < 0.08  # chance: 50 / 1,499 = 0.033
+
+
 @pytest.fixture(scope="module")
 def evaluated(small_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluation")
@@ -242,7 +269,9 @@ def test_metrics_json_has_the_documented_shape(small_world, evaluated):
                     assert 0 <= lo <= values[name[:-3]] <= hi <= 1
                 else:
                     assert 0 <= value <= 1
-    assert set(tasks["similar_users"]["gur"]) == {"ndcg@50", "ndcg@50_ci"}
+    assert set(tasks["similar_users"]["gur"]) == {"ndcg@50", "ndcg@50_ci", "ndcg@50_taste", "ndcg@50_taste_ci"}
+    blend = on_disk["history_blend"]["gur+history"]
+    assert set(blend["collab_weights"]) == {"ease", "als"} and on_disk["baselines"]["collaborative_als"]["validation"]
     assert {"gur", "gur+history", "onboarding_mean", "popularity"} <= set(tasks["cold_start"])
     best = on_disk["comparisons"]["future_listening"]["ndcg@10"]
     assert best["ours"].startswith("gur") and not best["baseline"].startswith("gur")
@@ -259,7 +288,10 @@ def test_metrics_json_has_the_documented_shape(small_world, evaluated):
         "180d",
         "all",
     }
-    assert set(on_disk["ablations"]["collab"]["future_listening"]) == ranking
+    assert set(on_disk["ablations"]["collab"]["future_listening"]) == ranking | {f"{m}_ci" for m in ranking}
+    lo, hi = on_disk["ablations"]["collab"]["similar_users"]["ndcg@50_taste_ci"]
+    assert lo <= on_disk["ablations"]["collab"]["similar_users"]["ndcg@50_taste"] <= hi
+    assert "| without collab |" in (tmp_path / "summary.md").read_text()
     assert list(on_disk["convergence"]) == ["0", "1", "3", "7", "30"]
     gur = metrics["tasks"]["future_listening"]["gur"]["ndcg@10"]
     assert on_disk["tasks"]["future_listening"]["gur"]["ndcg@10"] == pytest.approx(gur, abs=1e-5)

@@ -118,7 +118,9 @@ def test_the_collaborative_inputs_are_chosen_where_co_occurrence_predicts_what_c
     assert set(meta["collab_models"]) == {name for name, w in meta["collab_weights"].items() if w}
     head, meta = load_head(save_head(tmp_path / "head.pt", head, meta))
     deployed = future_listening.deployed_scores(head, meta, x[valid], played[valid], played[valid])
-    plain = future_listening.deployed_scores(head, {**meta, "collab_weights": {}}, x[valid], played[valid], played[valid])
+    plain = future_listening.deployed_scores(
+        head, {**meta, "collab_weights": {}}, x[valid], played[valid], played[valid]
+    )
     assert ndcg(deployed) > ndcg(plain) + 0.05
 
 

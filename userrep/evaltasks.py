@@ -85,7 +85,9 @@ class Context:
     unseen_only: bool  # rank unseen artists only (repeat_rate below REPEAT_NEAR_ZERO)
     recent: np.ndarray | None = None  # (users, K) pre-cutoff plays with the chosen recency decay
     side: np.ndarray | None = None  # (users, K, 3) ``history.side_features``, set with ``recent``
-    collab_models: dict = field(default_factory=dict)  # the +history heads' collaborative inputs (``history.collaborative``)
+    collab_models: dict = field(
+        default_factory=dict
+    )  # the +history heads' collaborative inputs (``history.collaborative``)
     blends: dict = field(default_factory=dict)  # method -> the weights chosen for its +history head
     # the directly scored baselines (``rows -> (rows, K)`` scores, each chosen on validation users),
     # the ALS user factors (a similar-users baseline) and the onboarding-mean representation (a
@@ -159,8 +161,9 @@ def run_tasks(ctx: Context, reps: dict, cold_reps: dict, board: Board, config: E
 
 
 def run_ablations(ctx: Context, features: UserFeatures, ae: AEConfig, config: EvalConfig, windows) -> dict:
-    """The autoencoder retrained without each group (by kind, then by window); same heads and users
-    (each task's representation rows only: no baselines, no +history heads)."""
+    """The autoencoder retrained without each group (by kind, then by window); same heads, users
+    and bootstrap resamples, so each value has its interval (each task's representation rows
+    only: no baselines, no +history heads)."""
     present = {name for name, _ in features.schema.groups}
     kinds = [ABLATION_GROUPS[0], *(e.name for e in ctx.space.encoders), *ABLATION_GROUPS[1:]] if ctx.space else []
     tokens = [g for g in kinds if any(n == g or n.startswith(f"{g}_") for n in present)]
@@ -170,7 +173,7 @@ def run_ablations(ctx: Context, features: UserFeatures, ae: AEConfig, config: Ev
         "cold": len(ctx.cold_rows),
         "queries": min(config.similar_queries, len(ctx.test_rows)),
     }
-    board = Board(populations, config.seed, rounds=1)
+    board = Board(populations, config.seed, config.bootstrap)
     for token in tokens:
         reduced = features.without([token])
         x = embed(fit_autoencoder(reduced, ae).model, reduced.matrix)
@@ -179,7 +182,7 @@ def run_ablations(ctx: Context, features: UserFeatures, ae: AEConfig, config: Ev
     out: dict[str, dict] = {token: {} for token in tokens}
     for task, methods in board.tasks().items():
         for token, values in methods.items():
-            out[token][task] = {k: v for k, v in values.items() if not k.endswith("_ci")}
+            out[token][task] = values
     return out
 
 

@@ -223,7 +223,9 @@ def _movielens_tables(src: str | Path | None) -> tuple[pd.DataFrame, pd.DataFram
         src = Path(src)
         ratings = pd.read_csv(src / "ratings.csv", dtype={"userId": str, "movieId": str})
         movies = pd.read_csv(src / "movies.csv", dtype=str, keep_default_na=False)
-    return ratings.assign(rating=ratings["rating"].astype(float), timestamp=ratings["timestamp"].astype("int64")), movies
+    return ratings.assign(
+        rating=ratings["rating"].astype(float), timestamp=ratings["timestamp"].astype("int64")
+    ), movies
 
 
 def thin_dataset(src: str | Path, out: str | Path, keep: float, seed: int = 0) -> dict[str, int]:

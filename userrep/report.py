@@ -230,7 +230,46 @@ def markdown_summary(metrics: dict) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     compared = "".join(f"\n- {line}" for line in comparison_lines(metrics))
     skipped = "".join(f"\n\n{task} skipped: {reason}" for task, reason in metrics["skipped"].items())
-    return "\n".join(lines) + ("\n" + compared if compared else "") + skipped + "\n" + _seeds_table(metrics)
+    return (
+        "\n".join(lines)
+        + ("\n" + compared if compared else "")
+        + skipped
+        + "\n"
+        + _seeds_table(metrics)
+        + _ablations_table(metrics)
+    )
+
+
+ABLATION_COLUMNS = (
+    ("future_listening", "ndcg@10"),
+    ("cold_start", "ndcg@10"),
+    ("similar_users", "ndcg@50_taste"),
+    ("similar_users", "ndcg@50"),
+)  # the paper's ablation view: listening, cold start, and the space's neighbourhoods
+
+
+def _ablations_table(metrics: dict) -> str:
+    """The full model (``gur``) and each ablation, with 95% intervals (when --ablations ran)."""
+    ablations = metrics.get("ablations")
+    if not ablations:
+        return ""
+    rows = {"gur (all groups)": {t: v.get("gur", {}) for t, v in metrics["tasks"].items()}}
+    rows.update({f"without {group}": tasks for group, tasks in ablations.items()})
+    shown = [(t, m) for t, m in ABLATION_COLUMNS if any(m in r.get(t, {}) for r in rows.values())]
+    lines = [
+        "\nAblations (the autoencoder retrained without each group; same heads, users and resamples):\n",
+        "| model | " + " | ".join(f"{t.replace('_', ' ')} {m}" for t, m in shown) + " |",
+        "|---" * (len(shown) + 1) + "|",
+    ]
+    for name, tasks in rows.items():
+        cells = []
+        for task, metric in shown:
+            values = tasks.get(task, {})
+            value, ci = values.get(metric), values.get(f"{metric}_ci")
+            text = "-" if value is None else f"{value:.3f}"
+            cells.append(text + ("" if not ci or ci[0] is None else f" ({ci[0]:.3f}-{ci[1]:.3f})"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _seeds_table(metrics: dict) -> str:

@@ -24,7 +24,12 @@ def fit_head(
 
 
 def fit_with_history(
-    fit: tuple, valid: tuple | None, popularity: np.ndarray, config: HeadConfig, score, collab_models: dict | None = None
+    fit: tuple,
+    valid: tuple | None,
+    popularity: np.ndarray,
+    config: HeadConfig,
+    score,
+    collab_models: dict | None = None,
 ) -> tuple[MLPHead, dict]:
     """The +history head (the ``embedding+history`` design) and its meta, as ``userrep evaluate``
     measures it and a batch deploys it.
@@ -294,7 +299,9 @@ class FutureListening:
                 ctx.valid_score,
                 ctx.collab_models,
             )
-            warm_weight, cold_weight, collab_weights = (meta[k] for k in ("history_weight", "prior_weight", "collab_weights"))
+            warm_weight, cold_weight, collab_weights = (
+                meta[k] for k in ("history_weight", "prior_weight", "collab_weights")
+            )
             if checked:
                 ctx.blends[method] = {k: meta[k] for k in ("history_weight", "prior_weight", "collab_weights")}
         weights = (warm_weight, collab_weights)
