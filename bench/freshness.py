@@ -66,6 +66,11 @@ def scores_of(batch_dir: Path, state, users: np.ndarray, at: pd.Timestamp, artis
     return out
 
 
+def ndcg(found: np.ndarray, labels: np.ndarray) -> float:
+    """Mean nDCG@10 over all candidate artists (music: played ones count)."""
+    return float(np.nanmean(ranking_rows(found, labels, np.zeros_like(labels))["ndcg@10"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None, help="dataset (default: a 10k-user world, seed 0)")
@@ -116,16 +121,11 @@ def main() -> None:
         labels = (user_artist_matrix(window, space, warm)[:, cols] > 0).toarray().astype(np.float32)
         users = warm[labels.sum(axis=1) > 0]
         labels = labels[labels.sum(axis=1) > 0]
-        none = np.zeros_like(labels)
-
-        def ndcg(found: np.ndarray) -> float:
-            return float(np.nanmean(ranking_rows(found, labels, none)["ndcg@10"]))
-
         row = {
             "day": d,
             "users": int(len(users)),
-            "frozen": ndcg(scores_of(frozen_dir, frozen_state, users, start, artists)),
-            "nrt": ndcg(scores_of(frozen_dir, state, users, at, artists)),
+            "frozen": ndcg(scores_of(frozen_dir, frozen_state, users, start, artists), labels),
+            "nrt": ndcg(scores_of(frozen_dir, state, users, at, artists), labels),
         }
         if d in retrain_days:
             began = time.perf_counter()
@@ -133,7 +133,9 @@ def main() -> None:
             if d:
                 timings[f"batch_d{d}"] = round(time.perf_counter() - began, 1)
             fresh_space, _ = load_encoder(fresh)
-            row["retrained"] = ndcg(scores_of(fresh, state_from_dataset(fresh_space, ds, at), users, at, artists))
+            row["retrained"] = ndcg(
+                scores_of(fresh, state_from_dataset(fresh_space, ds, at), users, at, artists), labels
+            )
             gap = row["retrained"] - row["frozen"]
             row["recovered"] = (row["nrt"] - row["frozen"]) / gap if gap > 1e-4 else None
         rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
