@@ -84,8 +84,9 @@ def _per_user_scaled(raw: np.ndarray) -> np.ndarray:
 def _fold_in(plays: np.ndarray, factors: np.ndarray, gram: np.ndarray) -> np.ndarray:
     """Each user's ALS factors from confidence log(1 + plays) with the artist factors held
     (``gram``: their Y'Y + L2 I, kept with them): the least-squares solve ``implicit`` runs per
-    user (``recalculate_user``), in numpy, because a served request folds in one user and
-    implicit's own call costs 20 ms of set-up there."""
+    user (``recalculate_user``), in numpy: a served request folds in one user, and implicit's
+    call took 16 ms for it here against 0.3 ms for both collaborative inputs this way (1,000
+    candidates, 64 factors, one BLAS thread)."""
     confidence = np.log1p(plays)
     out = np.zeros((len(plays), factors.shape[1]), np.float32)
     for user in np.flatnonzero((confidence > 0).any(axis=1)):
