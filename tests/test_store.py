@@ -179,3 +179,17 @@ def test_the_training_set_joined_in_chunks_is_the_whole_join(feast_world, monkey
     assert len(users) > 3 * 97 and list(chunked.user_ids) == list(users)
     assert np.array_equal(chunked.matrix, whole.matrix)
     assert np.array_equal(whole.matrix, build_user_features(ds, early.as_of, space, user_ids=users).matrix)
+
+
+def test_history_rows_keep_recent_aligned_where_it_is_the_plays_matrix_itself():
+    """Without a recency decay ``recent`` is ``plays``: converting a float64 csr shares its index
+    arrays, and sorting them in place once scrambled ``recent``'s values across artists."""
+    import scipy.sparse as sp
+
+    from userrep.onlinestore import history_table
+
+    plays = sp.csr_matrix((np.array([1.0, 2.0, 3.0]), np.array([2, 0, 1]), np.array([0, 2, 3])), shape=(2, 3))
+    table = history_table(["a", "b"], ["x", "y", "z"], plays, plays, "b1", pd.Timestamp("2026-01-01", tz="UTC"))
+    rows = table.to_pandas().set_index("user_id")
+    assert list(rows.loc["a", "artists"]) == ["x", "z"] and list(rows.loc["a", "recent"]) == [2.0, 1.0]
+    assert list(rows.loc["a", "plays"]) == list(rows.loc["a", "recent"])

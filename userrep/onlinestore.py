@@ -128,7 +128,9 @@ def history_table(user_ids, artists, plays, recent, batch_id: str, as_of) -> pa.
     a play have no row); ``as_of``: one time, or one per user."""
     import scipy.sparse as sp
 
-    plays = sp.csr_matrix(plays, dtype=np.float32)
+    # A copy: a float64 csr converts with its index arrays shared, so sorting them in place would
+    # scramble ``recent`` where it is the same matrix (no recency decay: recent = plays).
+    plays = sp.csr_matrix(plays, dtype=np.float32, copy=True)
     plays.eliminate_zeros()
     plays.sort_indices()
     users = np.repeat(np.arange(plays.shape[0]), np.diff(plays.indptr))

@@ -146,18 +146,15 @@ def generate_world(config: WorldConfig, out: str | Path, progress: bool = True) 
     return counts
 
 
-def true_taste(data_dir: str | Path, user_ids: np.ndarray, at: pd.Timestamp) -> np.ndarray | None:
-    """Each user's hidden taste over ``GENRES`` at time ``at`` (rows follow ``user_ids``; NaN for a
-    user the truth does not know), as the generator moves it from the first mixture to the second;
-    None where ``data_dir`` holds no complete world with its truth."""
-    data_dir = Path(data_dir)
+def true_taste(data_dir: Path, user_ids: np.ndarray, at: pd.Timestamp) -> np.ndarray | None:
+    """Each user's hidden taste over ``GENRES`` at ``at`` (rows follow ``user_ids``; NaN: unknown),
+    moved from the first mixture to the second as generated; None without a complete world."""
     if not (data_dir / "world.json").exists() or not (data_dir / "truth.parquet").exists():
         return None
     config = json.loads((data_dir / "world.json").read_text())["config"]
     truth = pd.read_parquet(data_dir / "truth.parquet").set_index("user_id").reindex(pd.Index(user_ids))
     start = pd.Timestamp(config["start"], tz="UTC")
-    moved = (pd.Timestamp(at) - start).total_seconds() / (config["days"] * _SECONDS_PER_DAY)
-    lam = truth["drift"].to_numpy() * min(max(moved, 0.0), 1.0)
+    lam = truth["drift"].to_numpy() * np.clip((at - start).total_seconds() / (config["days"] * _SECONDS_PER_DAY), 0, 1)
     first, second = (truth[[f"{k}_{g}" for g in GENRES]].to_numpy() for k in ("taste0", "taste1"))
     return (1 - lam)[:, None] * first + lam[:, None] * second
 
