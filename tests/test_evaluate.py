@@ -238,6 +238,21 @@ def test_gur_beats_popularity_and_item_mean_where_it_should(evaluated):
 
 
 @pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
+def test_freshness_scores_the_deployed_head_frozen_and_with_later_events(evaluated):
+    """On day 0 the near-real-time state is the frozen one, so both score alike; on later days the
+    events since the cut-off move it, on the same users and labels, and the report shows the curve."""
+    metrics, out = evaluated
+    found = metrics["freshness"]
+    assert found["day"][0] == 0 and len(found["day"]) >= 2 and found["window_days"] == 7
+    assert found["nrt"][0] == pytest.approx(found["frozen"][0], abs=1e-9)
+    assert found["nrt"][-1] != found["frozen"][-1] and min(found["users"]) > 50
+    for day, (low, high) in enumerate(found["gain_ci"]):
+        assert low <= found["nrt"][day] - found["frozen"][day] <= high
+    assert "<h2>Freshness</h2>" in (out / "report.html").read_text()
+    assert "| 0 | " in (out / "summary.md").read_text().split("**Freshness**")[1]
+
+
+@pytest.mark.slow  # the module's trained batch / evaluation: tens of seconds
 def test_metrics_json_has_the_documented_shape(small_world, evaluated):
     metrics, tmp_path = evaluated
     on_disk = json.loads((tmp_path / "metrics.json").read_text())

@@ -10,18 +10,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
+from userrep.baselines import decayed_matrix, user_artist_matrix
 from userrep.data import Dataset
 from userrep.features import FeatureSpace, UserFeatures, window_name
 from userrep.featurize import build_user_features
 from userrep.model import AEConfig, embed
 from userrep.split import NEW_USERS, Split
-from userrep.tasks import future_listening
+from userrep.tasks import future_listening, history
 from userrep.tasks._mlp import HeadConfig
 from userrep.tasks.registry import tasks
 from userrep.train import fit_autoencoder
-from userrep.uncertainty import ROUNDS, Board
+from userrep.uncertainty import ROUNDS, Board, interval, resample_weights, weighted_means
 
 HEAD_METHODS = ("gur", "pca", "raw", "item_mean")
 WITH_HISTORY = "+history"  # suffix of the rows whose heads also see the user's history
@@ -54,6 +56,10 @@ class EvalConfig:
     ablations: bool = False
     convergence_days: tuple[int, ...] = (0, 1, 3, 7, 30)
     convergence_users: int = 1000
+    # Freshness (global time splits): days after the cut-off, the label window after each, users
+    freshness_days: tuple[int, ...] = (0, 3, 7, 14)
+    freshness_window: int = 7
+    freshness_users: int = 1000
     similar_queries: int = 1000
     bootstrap: int = ROUNDS
 
@@ -101,6 +107,9 @@ class Context:
     # k -> those users with their first k history events back (``future_listening.HANDOVER_EVENTS``):
     # each representation ("reps"), the +history heads' side features ("side"), decayed plays ("recent")
     handover: dict = field(default_factory=dict)
+    half_life_days: float | None = None  # the recency decay of ``recent``, chosen on validation users
+    # the gur+history head as a team deploys it: (head, (history weight, {collaborative input: weight}))
+    deployed: tuple | None = None
 
     # Which tasks can run on this split, and why not: the tasks read these, never recount.
     @property
@@ -210,6 +219,62 @@ def run_convergence(ctx: Context, space, model, full: np.ndarray, config: EvalCo
         x = embed(model, build_user_features(partial, ctx.split.as_of, space, user_ids=users).matrix)
         out[str(days)] = float(np.mean(_cosine(x, full[rows])))
     return out
+
+
+def run_freshness(ctx: Context, space, model, frozen_x: np.ndarray, config: EvalConfig) -> dict:
+    """Frozen against near-real-time, on a global time split: the deployed ``gur+history`` head
+    scores a sample of test users on each day d after the cut-off, against their plays in
+    [cutoff + d, cutoff + d + window), with the user state as of the cut-off (``frozen``: what
+    serving holds without events) and as of cutoff + d (``nrt``: the events of [cutoff, cutoff + d)
+    added, the features and history the online path computes from them). Per day: both means on
+    the same users and nrt - frozen with its paired 95% interval. A retrained arm needs a batch
+    per day: ``bench/freshness.py``."""
+    split = ctx.split
+    if split.cutoff is None or ctx.deployed is None or not len(ctx.test_rows):
+        return {}
+    head, weights = ctx.deployed
+    rows = np.sort(
+        np.random.default_rng(config.seed).choice(
+            ctx.test_rows, size=min(config.freshness_users, len(ctx.test_rows)), replace=False
+        )
+    )
+    users = ctx.features.user_ids[rows]
+    mine = pa.array(users.tolist(), split.train.events.schema.field("user_id").type)
+    past = split.train.events.filter(pc.is_in(split.train.events.column("user_id"), mine))
+    later = split.future.filter(pc.is_in(split.future.column("user_id"), mine))
+    ts = later.column("ts").cast(pa.int64()).to_numpy()
+    cutoff_us = split.cutoff.value // 1000
+    frozen = future_listening.scores(head, frozen_x[rows], ctx.side[rows]) + future_listening.history_terms(
+        ctx, ctx.side[rows], ctx.recent[rows], weights
+    )
+    out: dict[str, list] = {"day": [], "users": [], "frozen": [], "nrt": [], "gain_ci": []}
+    for day in config.freshness_days:
+        start = cutoff_us + day * 86_400_000_000
+        if len(ts) == 0 or ts.max() < start + config.freshness_window * 86_400_000_000:
+            break  # the data ends before this day's label window does
+        at = split.cutoff + pd.Timedelta(days=day)
+        in_window = (ts >= start) & (ts < start + config.freshness_window * 86_400_000_000)
+        labels = (user_artist_matrix(later.filter(pa.array(in_window)), space, users)[:, ctx.top_cols] > 0).toarray()
+        events = pa.concat_tables([past, later.filter(pa.array(ts < start))])
+        state = Dataset(ctx.ds.path, events, ctx.ds.items, ctx.ds.users, ctx.ds.pairs)
+        x = embed(model, build_user_features(state, at, space, user_ids=users).matrix)
+        plays = user_artist_matrix(events, space, users)[:, ctx.top_cols].toarray()
+        recent = decayed_matrix(events, space, users, at, ctx.half_life_days)[:, ctx.top_cols].toarray()
+        side = history.side_features(plays, recent.astype(np.float32))
+        nrt = future_listening.scores(head, x, side) + future_listening.history_terms(ctx, side, recent, weights)
+        found = [
+            future_listening.ranking_rows(f, labels, ctx.history[rows], ctx.unseen_only)["ndcg@10"]
+            for f in (frozen, nrt)
+        ]
+        scored = labels.sum(axis=1) > 0
+        gain = found[1][scored] - found[0][scored]
+        samples = weighted_means(gain, resample_weights(len(gain), config.seed, config.bootstrap))
+        out["day"].append(day)
+        out["users"].append(int(scored.sum()))
+        out["frozen"].append(float(found[0][scored].mean()))
+        out["nrt"].append(float(found[1][scored].mean()))
+        out["gain_ci"].append(interval(samples))
+    return {"window_days": config.freshness_window, **out} if out["day"] else {}
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

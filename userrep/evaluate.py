@@ -48,6 +48,7 @@ from userrep.evaltasks import (
     EvalConfig,
     run_ablations,
     run_convergence,
+    run_freshness,
     run_tasks,
 )
 from userrep.features import FeatureConfig, FeatureSpace, UserFeatures, fit_feature_space
@@ -140,6 +141,8 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
     watch.done("ablations")
     convergence = run_convergence(ctx, space, gur_model, reps["gur"], config)
     watch.done("convergence")
+    freshness = run_freshness(ctx, space, gur_model, reps["gur"], config)
+    watch.done("freshness")
     metrics = {
         "split": split.kind,
         "cutoff": split.cutoff.isoformat() if split.cutoff is not None else None,
@@ -152,6 +155,7 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
         "history_blend": ctx.blends,
         "ablations": ablations,
         "convergence": convergence,
+        "freshness": freshness,
         "skipped": skipped,
         "note": split.note,
         "counts": {
@@ -292,6 +296,7 @@ def _tuned_baselines(ctx: Context, space, config: EvalConfig) -> tuple[dict, dic
         lambda m: score(lambda rows: history.history_scores(m[rows][:, ctx.top_cols], ctx.popularity)),
     )
     ctx.recent = decayed[:, ctx.top_cols].toarray().astype(np.float32)
+    ctx.half_life_days = half_life
     ctx.side = history.side_features(ctx.history_artists[:, ctx.top_cols].toarray(), ctx.recent)
     history_scores = lambda rows: history.history_scores(ctx.recent[rows], ctx.popularity)  # noqa: E731
     plays = ctx.history_artists[:, ctx.top_cols].toarray().astype(np.float32)

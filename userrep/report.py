@@ -35,7 +35,12 @@ _MAP_POINTS = 2000
 def write_report(
     metrics: dict, ctx, embeddings: np.ndarray, genres: tuple[str, ...], data_dir: Path, path: Path
 ) -> None:
-    figures = [_task_bars(metrics), _embedding_map(ctx, embeddings, genres, data_dir), _convergence(metrics)]
+    figures = [
+        _task_bars(metrics),
+        _embedding_map(ctx, embeddings, genres, data_dir),
+        _convergence(metrics),
+        _freshness(metrics),
+    ]
     parts = [
         f.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False)
         for i, f in enumerate(f for f in figures if f is not None)
@@ -54,6 +59,7 @@ top-K artists {metrics["counts"]["top_k_artists"]:,}. Total time {metrics["timin
 <h2>Embedding space</h2>{"".join(parts[1:2])}
 <h2>Cold &rarr; warm convergence</h2><p>Mean cosine between a warm user's embedding from only its first d days of history and
 from all of it (d = 0: onboarding and attributes only).</p>{"".join(parts[2:3])}
+<h2>Freshness</h2>{_freshness_text(metrics)}{"".join(parts[3:4])}
 <h2>Ablations</h2><p>The autoencoder retrained without each feature group; difference to the full embedding (gur).</p>
 {_ablation_table(metrics)}</body></html>"""
     path.write_text(page, encoding="utf-8")
@@ -187,6 +193,55 @@ def _convergence(metrics: dict) -> go.Figure | None:
     return fig
 
 
+def _freshness_text(metrics: dict) -> str:
+    found = metrics.get("freshness")
+    if not found:
+        return "<p>Not measured: it needs a global time split and test users with later plays.</p>"
+    return (
+        f"<p>The deployed <code>gur+history</code> head on {found['users'][0]:,} test users, each day d after the "
+        f"cut-off scored on their plays of the next {found['window_days']} days, with the user state frozen "
+        "at the cut-off and near-real-time (the events since added). A retrained arm: "
+        "<code>bench/freshness.py</code>.</p>"
+    )
+
+
+def _freshness(metrics: dict) -> go.Figure | None:
+    found = metrics.get("freshness")
+    if not found:
+        return None
+    fig = go.Figure()
+    for arm, name in (("frozen", "frozen at the cut-off"), ("nrt", "near-real-time")):
+        fig.add_scatter(x=found["day"], y=found[arm], name=name, mode="lines+markers")
+    fig.update_layout(
+        height=360,
+        margin=dict(t=30),
+        xaxis_title="days after the cut-off",
+        yaxis_title=f"future listening nDCG@10, next {found['window_days']} days",
+    )
+    return fig
+
+
+def _freshness_table(metrics: dict) -> str:
+    """Frozen against near-real-time by day (``userrep.evaltasks.run_freshness``)."""
+    found = metrics.get("freshness")
+    if not found:
+        return ""
+    lines = [
+        f"\n**Freshness** (gur+history, test users' plays of the next {found['window_days']} days; "
+        "state frozen at the cut-off or near-real-time):\n",
+        "| day | users | frozen | near-real-time | gain (95% interval) |",
+        "|---|---|---|---|---|",
+    ]
+    for i, day in enumerate(found["day"]):
+        low, high = found["gain_ci"][i]
+        gain = found["nrt"][i] - found["frozen"][i]
+        ci = "" if low is None or high is None else f" ({low:+.3f} to {high:+.3f})"
+        lines.append(
+            f"| {day} | {found['users'][i]:,} | {found['frozen'][i]:.3f} | {found['nrt'][i]:.3f} | {gain:+.3f}{ci} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _ablation_table(metrics: dict) -> str:
     if not metrics["ablations"]:
         return "<p>(not run)</p>"
@@ -236,6 +291,7 @@ def markdown_summary(metrics: dict) -> str:
         + skipped
         + "\n"
         + _seeds_table(metrics)
+        + _freshness_table(metrics)
         + _ablations_table(metrics)
     )
 

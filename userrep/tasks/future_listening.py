@@ -305,10 +305,12 @@ class FutureListening:
             if checked:
                 ctx.blends[method] = {k: meta[k] for k in ("history_weight", "prior_weight", "collab_weights")}
         weights = (warm_weight, collab_weights)
+        if method == "gur+history":
+            ctx.deployed = (head, weights)  # evaluation's freshness curve scores it (``run_freshness``)
         if ctx.warm:
             found = scores(head, x[test], None if side is None else side[test])
             if side is not None:
-                found = found + _known(ctx, side[test], ctx.recent[test], weights)
+                found = found + history_terms(ctx, side[test], ctx.recent[test], weights)
             board.add_rows(
                 self.name, method, "test", ranking_rows(found, ctx.labels[test], ctx.history[test], ctx.unseen_only)
             )
@@ -330,7 +332,7 @@ class FutureListening:
             given_side = None if side is None else given["side"]
             found = scores(head, given["reps"][base], given_side)
             if given_side is not None:
-                found = found + _known(ctx, given_side, given["recent"], weights)
+                found = found + history_terms(ctx, given_side, given["recent"], weights)
             after[f"ndcg@10_after_{k}"] = ndcg_rows(found, labels, 10)
         board.add_rows("handover", method, "handover", after)
 
@@ -340,7 +342,7 @@ def _plays(side: np.ndarray) -> np.ndarray:
     return np.expm1(side[:, :, 1])
 
 
-def _known(ctx, side: np.ndarray, recent: np.ndarray, weights: tuple[float, dict]) -> np.ndarray:
+def history_terms(ctx, side: np.ndarray, recent: np.ndarray, weights: tuple[float, dict]) -> np.ndarray:
     """What a +history head adds to its logits for users with history (``history.blended``), in
     evaluation's populations: ``weights`` = (history, {collaborative input: weight})."""
     warm, collab = weights
