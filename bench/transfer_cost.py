@@ -77,10 +77,15 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|---|",
         ]
         for n, v in r["by_n"].items():
-            scale = {"disk_bytes": 1e-6}
+            shown = {
+                "cpu_s": (1, 1),
+                "online_bytes_per_user": (1, 0),
+                "disk_bytes": (1e-6, 1),
+                "p50_ms_all_routes": (1, 1),
+            }
             cells = [
-                f"{v[key]['shared'] * scale.get(key, 1):,.1f} / {v[key]['team'] * scale.get(key, 1):,.1f} ({v[key]['ratio']:.2f}x)"
-                for key in ("cpu_s", "online_bytes_per_user", "disk_bytes", "p50_ms_all_routes")
+                f"{v[key]['shared'] * scale:,.{digits}f} / {v[key]['team'] * scale:,.{digits}f} ({v[key]['ratio']:.2f}x)"
+                for key, (scale, digits) in shown.items()
             ]
             out.append(f"| {n} | " + " | ".join(cells) + f" | {v['worst_quality_ratio']:.3f} |")
         out += ["", "| task | shared | per-team | ratio (95% interval) |", "|---|---|---|---|"]

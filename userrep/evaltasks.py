@@ -230,7 +230,7 @@ def run_freshness(ctx: Context, space, model, frozen_x: np.ndarray, config: Eval
     the same users and nrt - frozen with its paired 95% interval. A retrained arm needs a batch
     per day: ``bench/freshness.py``."""
     split = ctx.split
-    if split.cutoff is None or ctx.deployed is None or not len(ctx.test_rows):
+    if split.cutoff is None or ctx.deployed is None or ctx.side is None or ctx.recent is None or not len(ctx.test_rows):
         return {}
     head, weights = ctx.deployed
     rows = np.sort(

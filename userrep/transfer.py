@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -115,7 +116,9 @@ def truth_labels(data: Path, users: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def fit_classifier(x: np.ndarray, y: np.ndarray, rows: dict, config: HeadConfig) -> tuple[object, dict]:
+def fit_classifier(
+    x: np.ndarray, y: np.ndarray, rows: dict, config: HeadConfig
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
     """The MLP head (one-hot BCE) and a gradient-boosted learner, the better on validation
     accuracy (both arms choose alike: the gap is the representation's, not the learner's).
     Returns (predict(x) -> classes, record)."""
@@ -211,7 +214,7 @@ def compare(
     users = np.random.default_rng(seed).permutation(len(ids))[: config.max_users]
     cut = [int(len(users) * share) for share in (0.6, 0.8)]
     rows = {"fit": users[: cut[0]], "valid": users[cut[0] : cut[1]], "test": np.sort(users[cut[1] :])}
-    truth_models = {}
+    truth_models: dict[tuple[str, str], Callable[[np.ndarray], np.ndarray]] = {}
     for task, y in labels.items():
         for arm, x in (("shared", emb), ("team", raw_t)):
             with cpu(cost[arm], task):
@@ -223,11 +226,14 @@ def compare(
     quality = {}
     for task in REGISTERED:
         xs = [td.x, (raw_x - mean) / std if task == "similar_users" else raw_x]
-        quality[task] = ratio(*registry.get(task).paired([shared, team], xs, window), seed)
+        shared_units, team_units = registry.get(task).paired([shared, team], xs, window)
+        quality[task] = ratio(shared_units, team_units, seed)
     for task, y in labels.items():
         on = rows["test"]
-        found = [truth_models[task, arm](x[on]) == y[on] for arm, x in (("shared", emb), ("team", raw_t))]
-        quality[task] = ratio(*(f.astype(float) for f in found), seed)
+        shared_units, team_units = (
+            (truth_models[task, arm](x[on]) == y[on]).astype(float) for arm, x in (("shared", emb), ("team", raw_t))
+        )
+        quality[task] = ratio(shared_units, team_units, seed)
 
     # -- bytes: on disk (features, encoders, models) and online per user
     files = {arm: BatchDir(folder) for arm, folder in (("shared", shared), ("team", team))}
@@ -261,6 +267,7 @@ def compare(
         for task in ("future_listening", "artist_preference", "genre_affinity"):
             spec = registry.get(task)
             scorer = spec.scorer(BatchDir(batch))
+            assert scorer is not None and spec.request is not None  # each has a head and a route
             request = spec.request(artists=list(td.artists[:20])) if task == "artist_preference" else spec.request()
             latency[arm][task] = percentiles(
                 lambda row, s=scorer, x=x, r=request: s.answer(x[row : row + 1], past, r), picks
