@@ -107,13 +107,15 @@ def fit_encoder(
     anchor: str,
     ray_address: str,
     rayjob_namespace: str,
+    image: str,
     model: Output[Model],
 ) -> str:
     """Training set from the Feast snapshot -> autoencoder (Ray Train); returns the batch id.
 
     `anchor`: the batch whose space it continues (the plan's). `ray_address` (a RayCluster's Job
     Submission API) or `rayjob_namespace` (create a RayJob with the kubernetes client) run the fit
-    on Kubernetes and wait; otherwise in this step.
+    on Kubernetes and wait; otherwise in this step. `image`: the RayJob's pods' (the pipeline's
+    parameter, which `userrep pipeline compile --image` sets to every step's image).
     """
     import json
     import shutil
@@ -124,7 +126,7 @@ def fit_encoder(
     from userrep.batch.spec import for_step
 
     settings = for_step(spec).replace(as_of=as_of, snapshot_id=snapshot_id, batch_id=batch_id, align_to=anchor)
-    record = run_fit(settings, ray_address=ray_address, rayjob_namespace=rayjob_namespace)
+    record = run_fit(settings, ray_address=ray_address, rayjob_namespace=rayjob_namespace, image=image)
     out = Path(settings.batch_root) / record["batch_id"]
     shutil.copyfile(BatchDir(out).model, model.path)
     model.metadata.update({"batch_id": record["batch_id"], "final_loss": record["training"]["losses"][-1]})

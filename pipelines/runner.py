@@ -128,8 +128,8 @@ def compile_pipelines(out: Path, image: str = IMAGE_PLACEHOLDER) -> list[Path]:
     for name, func in (("training", training_pipeline), ("refresh", refresh_pipeline)):
         path = out / f"{name}.yaml"
         compiler.Compiler().compile(func, str(path))
-        if image != IMAGE_PLACEHOLDER:
-            path.write_text(path.read_text().replace(f"image: {IMAGE_PLACEHOLDER}", f"image: {image}"))
+        if image != IMAGE_PLACEHOLDER:  # every step's image and the training pipeline's `image` (a RayJob's)
+            path.write_text(path.read_text().replace(IMAGE_PLACEHOLDER, image))
         paths.append(path)
     return paths
 

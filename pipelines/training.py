@@ -19,6 +19,7 @@ An exit handler marks the batch failed if any step fails, so it can never be pro
 from kfp import dsl
 
 from components.batch import (
+    IMAGE,
     backfill_embeddings,
     compact_events,
     drift_gate,
@@ -44,7 +45,8 @@ TASK_LIST = list(names())
 # side by side with a thread per core each spun against each other, 4x slower here).
 DOWNSTREAM_CPUS = 1
 # The compiled default: the one set of defaults, on the cluster's volume (pipelines/k8s.py mounts it at /work).
-CLUSTER_SPEC = BatchSpec(data="/work/world", batch_root="/work/batches", feast_home="/work/feast").to_dict()
+# The one difference from BatchSpec's defaults: a cluster fits on Ray Train with 2 workers.
+CLUSTER_SPEC = BatchSpec(data="/work/world", batch_root="/work/batches", feast_home="/work/feast", workers=2).to_dict()
 
 
 @dsl.pipeline(name="userrep-training", description="Train, backfill, retrain downstream, gate and promote a batch.")
@@ -52,12 +54,13 @@ def training_pipeline(
     spec: dict = CLUSTER_SPEC,
     ray_address: str = "",
     rayjob_namespace: str = "",
+    image: str = IMAGE,
     tasks: list = TASK_LIST,
     tune_budget_s: float = 180.0,
     events_log: str = "",
 ):
     """`spec`: a `userrep.batch.spec.BatchSpec` as a dict, read by every step; the rest say where the
-    fit runs, which downstream tasks to train (default: every registered one), the tune step's
+    fit runs (and `image`, a RayJob's pods': compiled as every step's image), which downstream tasks to train (default: every registered one), the tune step's
     budget and the log to compact."""
     finalize = on_cluster(finalize_batch(spec=spec), display_name="mark the batch failed unless the run succeeded")
     with dsl.ExitHandler(finalize, name="batch"):
@@ -90,6 +93,7 @@ def training_pipeline(
                 anchor=plan.outputs["anchor"],
                 ray_address=ray_address,
                 rayjob_namespace=rayjob_namespace,
+                image=image,
             ),
             cpu="2",
             memory="8Gi",

@@ -199,11 +199,14 @@ def compiled_executors(tmp_path: Path) -> dict[str, dict]:
     return executors
 
 
-def fit_rayjob(namespace: str = NAMESPACE) -> dict:
+def fit_rayjob(namespace: str = NAMESPACE, image: str | None = None) -> dict:
+    """The RayJob the fit step creates, its pods on ``image`` (default: the compiled pipeline's)."""
+    from components.batch import IMAGE
     from userrep.batch.jobs import rayjob_manifest
     from userrep.batch.spec import BatchSpec
 
-    return rayjob_manifest("userrep-fit-x", namespace, BatchSpec(data="/work/world", batch_root="/work/batches"))
+    spec = BatchSpec(data="/work/world", batch_root="/work/batches")
+    return rayjob_manifest("userrep-fit-x", namespace, spec, image or IMAGE)
 
 
 @pytest.fixture(scope="module")
@@ -245,11 +248,19 @@ def test_chart_renders_objects_every_validator_accepts(values_file, tmp_path):
     assert scan.returncode == 0, scan.stdout[-3000:]
 
 
-def test_the_rayjob_the_pipeline_submits_passes_the_kuberay_schema_and_matches_the_chart(kind_objects):
+def test_the_rayjob_the_pipeline_submits_passes_the_kuberay_schema_and_matches_the_chart(kind_objects, tmp_path):
+    from pipelines.runner import compile_pipelines
+
     job = fit_rayjob()
     assert kuberay_problems(job) == []
     chart = kind_objects
     assert project_images([job]) == project_images(chart)  # the image the chart deploys
+    # Compiled for another image, the pipeline hands the fit step that image for its RayJob.
+    training = next(
+        p for p in compile_pipelines(tmp_path, image="registry.example/userrep:2.0") if p.stem == "training"
+    )
+    image = yaml.safe_load(training.read_text().split("\n---\n")[0])["root"]["inputDefinitions"]["parameters"]["image"]
+    assert project_images([fit_rayjob(image=image["defaultValue"])]) == {"registry.example/userrep:2.0"}
     claims = {
         v["persistentVolumeClaim"]["claimName"]
         for _, t in pod_templates(job)

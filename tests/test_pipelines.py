@@ -16,7 +16,7 @@ from components.batch import finalize_batch, plan_batch, tune_settings
 from pipelines.runner import compile_pipelines, run_local
 from pipelines.training import CLUSTER_SPEC
 from userrep.batch import registry as batches
-from userrep.batch.jobs import rayjob_manifest, submit_rayjob
+from userrep.batch.jobs import rayjob_manifest, run_fit, submit_rayjob
 from userrep.batch.spec import BatchSpec
 from userrep.tasks import registry
 
@@ -152,9 +152,14 @@ def test_rayjob_manifest_and_submission_against_a_fake_api(small_world, tmp_path
 
     api, lines = FakeApi(), userrep_log
     local = BatchSpec(data=str(small_world), batch_root=str(tmp_path), as_of="2026-05-01", workers=2)
-    status = submit_rayjob("ml", local, poll_s=0, api=api)
+    status = submit_rayjob("ml", local, "reg/userrep:7", poll_s=0, api=api)
     assert status["jobStatus"] == "SUCCEEDED" and api.polls == 3
     assert api.created[0][:4] == ("ray.io", "v1", "ml", "rayjobs")
+    sent = api.created[0][4]["spec"]["rayClusterSpec"]  # the image actually sent, on every pod
+    pods = [sent["headGroupSpec"]["template"], *(g["template"] for g in sent["workerGroupSpecs"])]
+    assert {c["image"] for pod in pods for c in pod["spec"]["containers"]} == {"reg/userrep:7"}
+    with pytest.raises(ValueError, match="image: a RayJob needs"):
+        run_fit(local, rayjob_namespace="ml")
     assert any("Running" in line for line in lines)
 
 
@@ -311,7 +316,6 @@ def test_fit_on_a_ray_cluster_through_the_job_submission_api(small_world, tmp_pa
     import time
 
     from serving.smoke import free_port
-    from userrep.batch.jobs import run_fit
 
     bin_dir = Path(sys.executable).parent
     port, dashboard = free_port(), free_port()

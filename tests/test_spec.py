@@ -57,8 +57,10 @@ def test_the_one_set_of_defaults_is_what_the_cli_and_the_compiled_pipeline_use()
     from userrep.cli import app
 
     defaults = BatchSpec(data="d", batch_root="b").to_dict()
-    assert {k: v for k, v in CLUSTER_SPEC.items() if k not in ("data", "batch_root", "feast_home")} == {
-        k: v for k, v in defaults.items() if k not in ("data", "batch_root", "feast_home")
+    places = ("data", "batch_root", "feast_home")  # the cluster's volume
+    assert CLUSTER_SPEC["workers"] == 2 and defaults["workers"] == 0  # a cluster fits on Ray Train
+    assert {k: v for k, v in CLUSTER_SPEC.items() if k not in (*places, "workers")} == {
+        k: v for k, v in defaults.items() if k not in (*places, "workers")
     }
     cli = get_command(app).commands  # type: ignore[attr-defined]
     for command, names in (

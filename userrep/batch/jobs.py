@@ -43,13 +43,18 @@ def entrypoint(spec: BatchSpec, python: str = "python") -> str:
     return f"{python} -m userrep.batch.jobs fit --spec '{json.dumps(spec.to_dict())}'"
 
 
-def run_fit(spec: BatchSpec, ray_address: str = "", rayjob_namespace: str = "", poll_s: float = 5.0) -> dict:
-    """Fit locally, or submit to Ray on Kubernetes and wait; returns the batch's build record."""
+def run_fit(
+    spec: BatchSpec, ray_address: str = "", rayjob_namespace: str = "", image: str = "", poll_s: float = 5.0
+) -> dict:
+    """Fit locally, or submit to Ray on Kubernetes and wait; returns the batch's build record.
+    ``image``: the RayJob's pods' (the pipeline step's own, so the fit runs the code the step does)."""
     out, _, _ = spec.batch_dir_and_id()
     if ray_address:
         submit_to_cluster(ray_address, spec, poll_s=poll_s)
     elif rayjob_namespace:
-        submit_rayjob(rayjob_namespace, spec, poll_s=poll_s)
+        if not image:
+            raise ValueError("image: a RayJob needs the image its pods run (the pipeline's --image)")
+        submit_rayjob(rayjob_namespace, spec, image, poll_s=poll_s)
     else:
         return fit_here(spec)
     return json.loads(BatchDir(out).build_record.read_text())  # written by the job on the shared volume
@@ -95,7 +100,7 @@ def rayjob_manifest(
     name: str,
     namespace: str,
     spec: BatchSpec,
-    image: str = "userrep:0.1.0",
+    image: str,
     pvc: str = "userrep-work",
     mount: str = "/work",
     worker_replicas: int = 2,
@@ -161,8 +166,11 @@ def rayjob_manifest(
     }
 
 
-def submit_rayjob(namespace: str, spec: BatchSpec, poll_s: float = 5.0, timeout_s: float = 3600, api=None) -> dict:
-    """Create the RayJob with the kubernetes client and wait for `jobStatus` to end."""
+def submit_rayjob(
+    namespace: str, spec: BatchSpec, image: str, poll_s: float = 5.0, timeout_s: float = 3600, api=None
+) -> dict:
+    """Create the RayJob (its pods running ``image``) with the kubernetes client and wait for
+    `jobStatus` to end."""
     from kubernetes import client, config
 
     if api is None:
@@ -174,7 +182,9 @@ def submit_rayjob(namespace: str, spec: BatchSpec, poll_s: float = 5.0, timeout_
     _, batch_id, _ = spec.batch_dir_and_id()
     name = f"userrep-fit-{batch_id.lower().replace('_', '-')}"[:63]
     group, version, plural = RAYJOB_API
-    api.create_namespaced_custom_object(group, version, namespace, plural, rayjob_manifest(name, namespace, spec))
+    api.create_namespaced_custom_object(
+        group, version, namespace, plural, rayjob_manifest(name, namespace, spec, image)
+    )
     log.info(f"created RayJob {namespace}/{name}")
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
