@@ -229,14 +229,23 @@ def test_cli_lists_shows_and_refuses_with_reasons(lifecycle):
 
 
 def test_refresh_reembeds_with_the_serving_batch_and_publishes_under_its_id(lifecycle, small_world):
+    from userrep.backfill import load_encoder
     from userrep.batch.refresh import refresh
+    from userrep.featurize import build_user_features
+    from userrep.model import embed
 
     root, ds, config = lifecycle
     serving = batches.serving_batch(root)
     result = refresh(small_world, "2026-06-15", root, config.feast)
+    # streamed partition by partition (userrep.partitions), equal to the loaded dataset's features
+    space, model = load_encoder(root / serving)
+    expected = build_user_features(ds, pd.Timestamp("2026-06-15", tz="UTC"), space)
     assert result["batch_id"] == serving and result["as_of"].startswith("2026-06-15")
     ids, vectors, batch_id = read_embeddings(result["path"])
     assert batch_id == serving and len(ids) == result["users"]
+    assert list(ids) == list(expected.user_ids)
+    assert np.allclose(vectors, embed(model, expected.matrix), atol=1e-5)
+    assert not list((root / serving / "refresh").glob("*.parts"))  # the partitions are removed
     _, backfilled, _ = read_embeddings(root / serving / "embeddings.parquet")
     assert not np.allclose(vectors, backfilled)  # other day, other features, same encoder
     got, found = online_embeddings(open_store(config.feast, apply=False), ids[:10], serving)
