@@ -8,7 +8,11 @@ from userrep.batch.jobs import pod_labels
 
 PVC = "userrep-work"  # data, Feast home and batches (k8s/ creates it)
 MOUNT = "/work"
-REDIS_SECRET = "userrep-redis"  # key "password" -> REDIS_PASSWORD
+REDIS_SECRET = "userrep-redis"  # key "password" -> REDIS_PASSWORD (the chart's redis.passwordSecret default)
+# The chart's Redis (statefulset.yaml) and the event stream its RayService logs to (rayservice.yaml);
+# a test renders the chart and checks both against these.
+CHART_REDIS = "userrep-redis:6379"
+CHART_EVENTS_LOG = f"redis://{CHART_REDIS}/userrep:events"
 # Every step's pod: the chart's NetworkPolicies admit this component to Redis and to the training
 # cluster's Job Submission API (k8s/helm/userrep/templates/networkpolicy.yaml).
 POD_LABELS = pod_labels("pipeline-step")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 IMAGE_PLACEHOLDER = "userrep:0.1.0"
+CHART = Path(__file__).resolve().parent.parent / "k8s" / "helm" / "userrep"
 
 
 class _StepLines(io.TextIOBase):
@@ -115,13 +116,23 @@ def _outcome(batch_root: Path) -> dict:
     return {"latest": latest, "serving": read_pointer(batch_root)["serving"], "gate": gate}
 
 
-def compile_pipelines(out: Path, image: str = IMAGE_PLACEHOLDER) -> list[Path]:
-    """IR YAML for both pipelines, with kfp-kubernetes settings (PVC, secret, resources) and `image`."""
+def compile_pipelines(out: Path, image: str | None = None, chart: dict | None = None) -> list[Path]:
+    """IR YAML for both pipelines, with kfp-kubernetes settings (PVC, secret, resources) and
+    ``image`` (default: the chart's, else the placeholder).
+
+    ``chart``: the Helm values the release was installed with (``chart_values``): its image, the
+    Redis password's secret, and the release's Redis and event stream as the compiled defaults,
+    so that a run submitted with no parameters writes the online store and compacts the events
+    the servers logged into its training data."""
+    import yaml
     from kfp import compiler
 
+    from pipelines.k8s import CHART_EVENTS_LOG, CHART_REDIS, REDIS_SECRET
     from pipelines.refresh import refresh_pipeline
     from pipelines.training import training_pipeline
 
+    if image is None:
+        image = f"{chart['image']['repository']}:{chart['image']['tag']}" if chart else IMAGE_PLACEHOLDER
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -130,8 +141,32 @@ def compile_pipelines(out: Path, image: str = IMAGE_PLACEHOLDER) -> list[Path]:
         compiler.Compiler().compile(func, str(path))
         if image != IMAGE_PLACEHOLDER:  # every step's image and the training pipeline's `image` (a RayJob's)
             path.write_text(path.read_text().replace(IMAGE_PLACEHOLDER, image))
+        if chart is not None:
+            text = path.read_text().replace(f": {REDIS_SECRET}\n", f": {chart['redis']['passwordSecret']}\n")
+            pipeline, platform = yaml.safe_load_all(text)
+            parameters = pipeline["root"]["inputDefinitions"]["parameters"]
+            parameters["spec"]["defaultValue"].update(online="redis", redis=CHART_REDIS)
+            if "events_log" in parameters:
+                parameters["events_log"]["defaultValue"] = CHART_EVENTS_LOG
+            path.write_text(yaml.safe_dump_all([pipeline, platform], sort_keys=False))
         paths.append(path)
     return paths
+
+
+def chart_values(*files: Path) -> dict:
+    """The chart's values.yaml with each file's values merged over it, as ``helm install -f`` does."""
+    import yaml
+
+    def merged(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for file in files:
+        values = merged(values, yaml.safe_load(Path(file).read_text()) or {})
+    return values
 
 
 def submit(

@@ -270,6 +270,33 @@ def test_the_rayjob_the_pipeline_submits_passes_the_kuberay_schema_and_matches_t
     assert claims == {o["metadata"]["name"] for o in chart if o["kind"] == "PersistentVolumeClaim"}
 
 
+def test_pipelines_compiled_from_the_charts_values_log_where_its_servers_log(tmp_path):
+    """`userrep pipeline compile --values`: the runbook's submit, with no parameters, writes the
+    release's Redis and compacts the events its RayService logged, with the release's password
+    secret and image (here values-kind.yaml with a secret and tag of its own)."""
+    from pipelines.runner import chart_values, compile_pipelines
+
+    (tmp_path / "mine.yaml").write_text(
+        yaml.safe_dump({"redis": {"passwordSecret": "my-redis"}, "image": {"tag": "9.9"}})
+    )
+    values = chart_values(KIND, tmp_path / "mine.yaml")
+    rendered = helm({"redis.passwordSecret": "my-redis", "image.tag": "9.9"}, tmp_path)["objects"]
+    service = next(o for o in rendered if o["kind"] == "RayService")
+    served = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    compiled = {p.stem: p.read_text() for p in compile_pipelines(tmp_path / "compiled", chart=values)}
+    training, platform = yaml.safe_load_all(compiled["training"])
+    parameters = training["root"]["inputDefinitions"]["parameters"]
+    assert parameters["events_log"]["defaultValue"] == served["events_log"]
+    assert parameters["spec"]["defaultValue"]["online"] == served["online"] == "redis"
+    assert parameters["spec"]["defaultValue"]["redis"] == served["redis"]
+    assert parameters["image"]["defaultValue"] == "userrep:9.9" and project_images(rendered) == {"userrep:9.9"}
+    for text in compiled.values():
+        executors = list(yaml.safe_load_all(text))[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        secrets = {s["secretName"] for e in executors.values() for s in e.get("secretAsEnv", [])}
+        assert secrets == {"my-redis"}  # the release's, on every step that writes the online store
+        assert "image: userrep:9.9" in text and "userrep:0.1.0" not in text
+
+
 def _set(obj: dict, path: str, value) -> dict:
     obj = json.loads(json.dumps(obj))
     node, *keys, leaf = [obj] + [int(k) if k.isdigit() else k for k in path.split(".")]

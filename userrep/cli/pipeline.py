@@ -97,12 +97,24 @@ def pipeline_run(
 @pipeline_app.command("compile")
 def pipeline_compile(
     out: Annotated[Path, typer.Option(help="Directory for training.yaml and refresh.yaml.")] = Path("work/pipelines"),
-    image: Annotated[str, typer.Option(help="Container image of every step (the Dockerfile's).")] = "userrep:0.1.0",
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="Container image of every step (the Dockerfile's; default: the --values', else userrep:0.1.0)."
+        ),
+    ] = None,
+    values: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="The Helm values file(s) the release was installed with: its image, Redis secret, Redis "
+            "and event stream become the compiled defaults."
+        ),
+    ] = None,
 ) -> None:
     """Compile both pipelines to KFP IR YAML with kfp-kubernetes settings (PVC, Redis secret, resources)."""
-    from pipelines.runner import compile_pipelines
+    from pipelines.runner import chart_values, compile_pipelines
 
-    for path in compile_pipelines(out, image):
+    for path in compile_pipelines(out, image, chart_values(*values) if values else None):
         console.print(f"wrote {path}")
 
 
