@@ -43,7 +43,7 @@ def compare(candidate: Path, serving: Path, source: EventSource, continues: bool
     policy = GatePolicy()
     space = space_stability(candidate, serving, policy)
     align = None if continues else aligned_pair(candidate, serving, source, policy).align
-    kept, _ = on_candidate_window(candidate, serving, source, DownstreamConfig(), align, continues)
+    kept, _, _ = on_candidate_window(candidate, serving, source, DownstreamConfig(), align, continues)
     return {**{k: v for k, v in space.items() if k != "per_user"}, "heads_kept": kept}
 
 
@@ -86,7 +86,7 @@ def main() -> None:
         if name != "first":
             result[name] = compare(work / name, work / "first", source, continues=name.endswith("continued"))
     # what continuity costs: the continued month-later batch vs the new-space one, same users and labels
-    _, quality = on_candidate_window(
+    _, quality, _ = on_candidate_window(
         work / "month_continued", work / "month_new_space", source, DownstreamConfig(), None, continues=True
     )
     result["quality_continued_vs_new_space"] = {

@@ -143,3 +143,35 @@ def test_a_task_skipped_by_both_batches_is_absent_and_one_skipped_by_the_candida
     assert math.isnan(quality["artist_preference"]["candidate"])
     decision = decide(healthy(quality=quality))
     assert not decision.passed and "quality_artist_preference" in decision.reasons[0]
+
+
+def test_a_chain_of_small_losses_is_blocked_against_the_best_recent_batch():
+    """Five retrains in a row, each planted 4% worse than the batch it replaces: every one is
+    within the 5% tolerance of the serving batch, so without memory all five pass (18% lost in
+    all). Against the best of the last K promoted, the chain stops by the third batch, and the
+    reason names the batch it was measured against."""
+
+    def pair(candidate: float, other: float, **more) -> dict:
+        return {"metric": "ndcg@10", "candidate": candidate, "serving": other, "se": 0.002, "n": 2000, **more}
+
+    for memory, blocked_by in ((0, None), (POLICY.memory, 2)):
+        policy = GatePolicy(memory=memory)
+        promoted = [("b0", 0.60)]  # (batch, its quality on the candidates' users and labels)
+        blocked, reasons = None, ()
+        for step in range(1, 6):
+            quality = 0.60 * 0.96**step
+            serving, before = promoted[-1], promoted[:-1][-memory:] if memory else []
+            best = max(before, key=lambda b: b[1], default=None)
+            inputs = healthy(
+                candidate=f"b{step}",
+                serving=serving[0],
+                quality={"future_listening": pair(quality, serving[1])},
+                memory={"future_listening": pair(quality, best[1], batch=best[0])} if best else {},
+            )
+            decision = decide(inputs, policy)
+            if not decision.passed:
+                blocked, reasons = step, decision.reasons
+                break
+            promoted.append((f"b{step}", quality))
+        assert blocked == blocked_by, memory
+    assert reasons[0].startswith("memory_future_listening") and "b0, the best of the last 3 promoted" in reasons[0]

@@ -100,6 +100,36 @@ def test_a_candidate_whose_heads_are_worse_on_the_same_labels_is_blocked(two_bat
     assert pair["candidate"] < 0.5 < pair["serving"] and "same" in record["reasons"][0]
 
 
+def test_the_gates_memory_scores_recent_batches_on_the_candidates_users(gated, small_world):
+    """The memory runs the same like-for-like scoring against each recent batch: with the serving
+    batch itself as the only recent one, it must find exactly the serving batch's numbers. The
+    recent batches come from the pointer's history, newest first, still on disk."""
+    from userrep.batch.gate import recent_batches, run_gate
+    from userrep.batch.layout import pointer_path
+    from userrep.batch.registry import read_pointer
+    from userrep.data import load_dataset
+
+    root, _ = gated
+    record = run_gate(root / "b2", root / "b1", load_dataset(small_world), report=False, recent=[root / "b1"])
+    quality, memory = record["inputs"]["quality"], record["inputs"]["memory"]
+    assert set(memory) == {t for t, spec in registry.tasks().items() if spec.has_head}
+    for task, pair in memory.items():
+        assert pair["batch"] == "b1" and pair["serving"] == quality[task]["serving"]
+        assert pair["candidate"] == quality[task]["candidate"] and record["checks"][f"memory_{task}"]["passed"]
+    from userrep.batch.rollout import checks_table
+
+    assert f"memory_{next(iter(memory))}" in checks_table(record) and " vs b1 " in checks_table(record)
+    assert recent_batches(root, 3) == [] and read_pointer(root)["history"] == []  # b1 is the first served
+    pointer = pointer_path(root)
+    saved = pointer.read_text()
+    try:
+        pointer.write_text(json.dumps({**json.loads(saved), "history": ["b2", "gone", "b1"]}))
+        assert recent_batches(root, 3) == [root / "b1", root / "b2"]  # newest first, "gone" pruned
+        assert recent_batches(root, 1) == [root / "b1"] and recent_batches(root, 3, skip="b2") == [root / "b1"]
+    finally:
+        pointer.write_text(saved)
+
+
 def test_the_calibrated_limits_pass_a_clean_retrain_and_block_each_planted_shift(gated):
     from userrep.batch.calibration import PLANTED, holds, scores
     from userrep.batch.layout import read_manifest

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,10 +28,17 @@ from userrep.batch.drift import (
     space_stability,
     write_report,
 )
-from userrep.batch.layout import BatchDir, read_manifest
+from userrep.batch.layout import BatchDir, manifest_path, read_manifest
 from userrep.batch.policy import GateInputs, GatePolicy, decide
 from userrep.batch.quality import on_candidate_window, recorded_quality
-from userrep.batch.registry import batch_dir, batch_tasks, missing_tasks, served_tasks, serving_batch
+from userrep.batch.registry import (
+    batch_dir,
+    batch_tasks,
+    missing_tasks,
+    read_pointer,
+    served_tasks,
+    serving_batch,
+)
 from userrep.data import Dataset
 from userrep.fsio import integrity_problems, write_json_atomic
 from userrep.source import EventSource
@@ -46,9 +54,11 @@ def measure(
     ds: Dataset | EventSource,
     policy: GatePolicy = GatePolicy(),
     downstream: DownstreamConfig = DownstreamConfig(),
+    recent: Sequence[Path] = (),
 ):
     """Every number of the gate; returns (GateInputs, what the reports draw or None: the drift
-    frames, both batches' embeddings of the same users, each query user's kNN overlap)."""
+    frames, both batches' embeddings of the same users, each query user's kNN overlap).
+    ``recent``: the batches promoted before the serving one that its memory compares with."""
     candidate = Path(candidate)
     manifest = read_manifest(candidate)
     base = dict(
@@ -82,10 +92,11 @@ def measure(
         f"{space['knn_embeddings']:.3f} (embeddings) vs {space['knn_features']:.3f} (features)"
     )
 
+    memory: dict[str, dict] = {}
     if missing_tasks(serving):  # nothing to score on the candidate's window
         kept, quality = None, recorded_quality(candidate, serving)
     else:
-        kept, quality = on_candidate_window(candidate, serving, source, downstream, align, continues)
+        kept, quality, memory = on_candidate_window(candidate, serving, source, downstream, align, continues, recent)
     inputs = GateInputs(
         serving=serving_manifest["batch_id"],
         drift_share=share,
@@ -97,6 +108,7 @@ def measure(
         continues=continues,
         space={k: v for k, v in space.items() if k != "per_user"},
         quality=quality,
+        memory=memory,
         **base,
     )
     shown = queries[: rollout.POINTS]
@@ -116,11 +128,12 @@ def run_gate(
     policy: GatePolicy = GatePolicy(),
     downstream: DownstreamConfig = DownstreamConfig(),
     report: bool = True,
+    recent: Sequence[Path] = (),
 ) -> dict:
     """Measure, decide, write ``gate.json``, then the rollout report and Evidently's drift report
-    (``report``); returns the gate record."""
+    (``report``); returns the gate record. ``recent``: see ``measure``."""
     candidate = Path(candidate)
-    inputs, evidence = measure(candidate, serving, ds, policy, downstream)
+    inputs, evidence = measure(candidate, serving, ds, policy, downstream, recent)
     decision = decide(inputs, policy)
     record = {
         "candidate": inputs.candidate,
@@ -151,4 +164,22 @@ def gate_batch(root: str | Path, batch_id: str, data: str | Path | None = None) 
     serving_dir = batch_dir(root, serving) if serving and serving != batch_id else None
     events = EventSource(data or read_manifest(candidate)["data"]["path"])
     built = config_from_dict(json.loads(BatchDir(candidate).build_record.read_text())["config"])
-    return run_gate(candidate, serving_dir, events, downstream=built.downstream or DownstreamConfig())
+    return run_gate(
+        candidate,
+        serving_dir,
+        events,
+        downstream=built.downstream or DownstreamConfig(),
+        recent=recent_batches(root, GatePolicy().memory, skip=batch_id),
+    )
+
+
+def recent_batches(root: str | Path, memory: int, skip: str | None = None) -> list[Path]:
+    """The last ``memory`` batches promoted before the serving one that are still on disk (a
+    pruned batch is gone from the comparison), newest first."""
+    found: list[Path] = []
+    for batch_id in reversed(read_pointer(root)["history"]):
+        if len(found) >= memory:
+            break
+        if batch_id != skip and manifest_path(Path(root) / batch_id).exists():
+            found.append(batch_dir(root, batch_id))
+    return found

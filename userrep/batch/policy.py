@@ -21,6 +21,10 @@ class GatePolicy:
     min_heads_kept: float = 0.9
     max_quality_drop: float = 0.05  # candidate head metric may be at most this much (relative) worse...
     quality_z: float = 2.0  # ...or within z standard errors (metrics in [0, 1]: SE <= 0.5 / sqrt(n) per side)
+    # The same quality check against the best of the last ``memory`` batches promoted before the
+    # serving one (on the candidate's users and labels): losses that each pass against the batch
+    # before cannot chain (0: the serving batch only).
+    memory: int = 3
     sample: int = 2000  # rows per side for drift checks, queries for kNN overlap
     seed: int = 0
 
@@ -63,6 +67,8 @@ class GateInputs:
     continues: bool = False
     space: dict[str, float] = field(default_factory=dict)  # ``userrep.batch.drift.space_stability``, shown
     quality: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {candidate, serving}
+    # task -> {batch, candidate, serving (that batch's), se, n}: against the best recent batch
+    memory: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,25 +135,35 @@ def decide(inputs: GateInputs, policy: GatePolicy = GatePolicy()) -> Decision:
     ):
         if value is not None:
             check(name, within(name, value, policy), value, limit_of(name, policy), why.format(value))
-    for task, pair in inputs.quality.items():
-        cand, serv = pair["candidate"], pair["serving"]
-        # Noise: the paired difference's standard error on the same users (``userrep.batch.quality``);
-        # for a comparison of two records, each on its own users, the bound 0.5 / sqrt(n) per side.
-        if math.isfinite(pair.get("se", math.nan)):
-            noise = policy.quality_z * pair["se"]
-        elif pair.get("n_candidate") and pair.get("n_serving"):
-            noise = policy.quality_z * 0.5 * math.sqrt(1 / pair["n_candidate"] + 1 / pair["n_serving"])
-        else:
-            noise = 0.0
-        allowed = max(policy.max_quality_drop * serv, noise)
-        ok = math.isfinite(cand) and cand >= serv - allowed
-        same = f" on the same {pair['n']} users and labels" if "se" in pair else ""
-        check(
-            f"quality_{task}",
-            ok,
-            pair,
-            round(allowed, 4),
-            f"{pair.get('metric', 'quality')} {cand:.4f} vs serving {serv:.4f}{same} (allowed drop {allowed:.4f}: "
-            f"{policy.max_quality_drop:.0%} or {policy.quality_z:g} standard errors)",
-        )
+    for name, against, compared in (
+        ("quality", lambda pair: "serving", inputs.quality),
+        ("memory", lambda pair: f"{pair['batch']}, the best of the last {policy.memory} promoted,", inputs.memory),
+    ):
+        for task, pair in compared.items():
+            ok, allowed = _kept_quality(pair, policy)
+            same = f" on the same {pair['n']} users and labels" if "se" in pair else ""
+            check(
+                f"{name}_{task}",
+                ok,
+                pair,
+                round(allowed, 4),
+                f"{pair.get('metric', 'quality')} {pair['candidate']:.4f} vs {against(pair)} {pair['serving']:.4f}"
+                f"{same} (allowed drop {allowed:.4f}: {policy.max_quality_drop:.0%} or {policy.quality_z:g} "
+                "standard errors)",
+            )
     return Decision(not reasons, tuple(reasons), checks)
+
+
+def _kept_quality(pair: dict, policy: GatePolicy) -> tuple[bool, float]:
+    """Whether the candidate's quality is within the tolerance of the other batch's, and the drop allowed."""
+    cand, serv = pair["candidate"], pair["serving"]
+    # Noise: the paired difference's standard error on the same users (``userrep.batch.quality``);
+    # for a comparison of two records, each on its own users, the bound 0.5 / sqrt(n) per side.
+    if math.isfinite(pair.get("se", math.nan)):
+        noise = policy.quality_z * pair["se"]
+    elif pair.get("n_candidate") and pair.get("n_serving"):
+        noise = policy.quality_z * 0.5 * math.sqrt(1 / pair["n_candidate"] + 1 / pair["n_serving"])
+    else:
+        noise = 0.0
+    allowed = max(policy.max_quality_drop * serv, noise)
+    return math.isfinite(cand) and cand >= serv - allowed, allowed

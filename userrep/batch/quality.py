@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,17 +97,25 @@ def recorded_quality(candidate: Path, serving: Path) -> dict[str, dict]:
 
 
 def on_candidate_window(
-    candidate: Path, serving: Path, source: EventSource, downstream: DownstreamConfig, align, continues: bool
-) -> tuple[dict[str, float] | None, dict[str, dict]]:
+    candidate: Path,
+    serving: Path,
+    source: EventSource,
+    downstream: DownstreamConfig,
+    align,
+    continues: bool,
+    recent: Sequence[Path] = (),
+) -> tuple[dict[str, float] | None, dict[str, dict], dict[str, dict]]:
     """(per task with a head, the share of its like-for-like quality the serving batch's head
     keeps on the candidate's embeddings: as served, with no alignment, when the candidate
     ``continues`` the serving batch's space, else after ``align``; None where the candidate has
     no task data. Per task, the like-for-like comparison, or the recorded one where the candidate
-    skipped it)."""
+    skipped it. Per task, the comparison with the best of the ``recent`` batches (promoted before
+    the serving one) on the same users and labels: the gate's memory, so that a chain of small
+    losses, each within the tolerance of the batch before, cannot add up)."""
     recorded = recorded_quality(candidate, serving)
     data = task_data(candidate, source, downstream)
     if data.skipped:
-        return None, recorded
+        return None, recorded, {}
     start = to_utc(read_manifest(candidate)["as_of"]) - pd.Timedelta(days=data.label_days)
     own = window_embeddings(serving, source, data, start)
     window = registry.Window(candidate, data, source, start, downstream.seed)
@@ -133,4 +142,26 @@ def on_candidate_window(
             both = compare(theirs_on_ours, theirs)
             kept[task] = round(both["candidate"] / both["serving"], 4) if both["serving"] > 0 else float("nan")
     log.info(f"stability: the serving heads keep {kept} of their quality on the candidate's embeddings")
-    return kept, quality
+    return kept, quality, best_recent(candidate, recent, source, data, window, skipped)
+
+
+def best_recent(candidate: Path, recent: Sequence[Path], source: EventSource, data: TaskData, window, skipped) -> dict:
+    """Per task with a head, the candidate against the recent batch whose deployed head scores best
+    on the candidate's window (``compare``, its ``serving`` side that batch's; ``batch`` its id)."""
+    found: dict[str, dict] = {}
+    for batch in recent:
+        if missing_tasks(batch):
+            continue
+        theirs_x = window_embeddings(batch, source, data, window.start)
+        batch_id = read_manifest(batch)["batch_id"]
+        for task in batch_tasks(candidate):
+            spec = registry.tasks().get(task)
+            if spec is None or not spec.has_head or task in skipped or task in skipped_tasks(batch):
+                continue
+            ours, theirs = spec.paired([candidate, batch], [data.x, theirs_x], window)
+            pair = {"metric": spec.metric, "batch": batch_id, **compare(ours, theirs)}
+            if task not in found or pair["serving"] > found[task]["serving"]:
+                found[task] = pair
+    for task, pair in found.items():
+        log.info(f"memory {task}: {pair['metric']} {pair['candidate']:.4f} vs {pair['serving']:.4f} of {pair['batch']}")
+    return found

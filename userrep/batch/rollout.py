@@ -52,7 +52,8 @@ def _num(value) -> str:
             if "se" in value
             else ""
         )
-        return f"{_num(value['candidate'])} vs serving {_num(value['serving'])}{same}"
+        other = html.escape(value["batch"]) if "batch" in value else "serving"  # the gate's memory names its batch
+        return f"{_num(value['candidate'])} vs {other} {_num(value['serving'])}{same}"
     if isinstance(value, dict):
         return ", ".join(f"{k} {_num(v)}" for k, v in list(value.items())[:5]) or "none"
     if isinstance(value, list):
