@@ -153,10 +153,9 @@ class ArtistPreference:
         from userrep.batch.heads import save_head
         from userrep.tasks.registry import Trained
 
-        x, train, valid = data.x, data.train, data.valid
-        popularity = data.labels[train].sum(axis=0) + 1.0
-        pairs = sample_pairs(data.labels[train], popularity, config.seed)
-        valid_pairs = on_rows(sample_pairs(data.labels[valid], popularity, config.seed + 1), valid)
+        x, train = data.x, data.train
+        pairs = sample_pairs(data.labels[train], _pair_popularity(data), config.seed)
+        valid_pairs = validation_pairs(data, config.seed)
         head_config = pair_config(config.head, len(pairs[0]))
         heads, validation = {}, {}
         for design, side in ((history.EMBEDDING, None), (history.WITH_HISTORY, data.side)):
@@ -189,8 +188,7 @@ class ArtistPreference:
         from userrep.batch.layout import BatchDir
 
         data = window.data
-        popularity = data.labels[data.train].sum(axis=0) + 1.0
-        pairs = on_rows(sample_pairs(data.labels[data.valid], popularity, window.seed + 1), data.valid)
+        pairs = validation_pairs(data, window.seed)
         found = []
         for batch, x in zip(batches, xs):
             head, meta = load_head(BatchDir(batch).head(self.name))
@@ -245,6 +243,18 @@ class ArtistPreference:
         board.add_auc(
             self.name, method, "test", users, y, scores(head, x[test], ctx.artist_vectors, ctx.test_pairs, pick(test))
         )
+
+
+def _pair_popularity(data) -> np.ndarray:
+    """The negatives' sampling weight: each artist's label-window plays among training users, + 1."""
+    return data.labels[data.train].sum(axis=0) + 1.0
+
+
+def validation_pairs(data, seed: int):
+    """The (user, artist, label) pairs of a task data's validation users, rows in the task data's
+    numbering: what a head is early-stopped and chosen on, and what the gate scores both batches'
+    heads on (one recipe, one seed: ``seed`` + 1, the training pairs taking ``seed``)."""
+    return on_rows(sample_pairs(data.labels[data.valid], _pair_popularity(data), seed + 1), data.valid)
 
 
 def on_rows(pairs, rows: np.ndarray):
