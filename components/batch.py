@@ -16,7 +16,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-IMAGE = "userrep:0.1.0"  # replaced by `userrep pipeline compile --image`
+IMAGE = "userrep:0.1.0"  # the one placeholder: `userrep pipeline compile --image/--values` replaces it
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

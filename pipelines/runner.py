@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-IMAGE_PLACEHOLDER = "userrep:0.1.0"
 CHART = Path(__file__).resolve().parent.parent / "k8s" / "helm" / "userrep"
 
 
@@ -127,20 +126,21 @@ def compile_pipelines(out: Path, image: str | None = None, chart: dict | None = 
     import yaml
     from kfp import compiler
 
+    from components.batch import IMAGE  # what every step is compiled with, replaced here
     from pipelines.k8s import CHART_EVENTS_LOG, CHART_REDIS, REDIS_SECRET
     from pipelines.refresh import refresh_pipeline
     from pipelines.training import training_pipeline
 
     if image is None:
-        image = f"{chart['image']['repository']}:{chart['image']['tag']}" if chart else IMAGE_PLACEHOLDER
+        image = f"{chart['image']['repository']}:{chart['image']['tag']}" if chart else IMAGE
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, func in (("training", training_pipeline), ("refresh", refresh_pipeline)):
         path = out / f"{name}.yaml"
         compiler.Compiler().compile(func, str(path))
-        if image != IMAGE_PLACEHOLDER:  # every step's image and the training pipeline's `image` (a RayJob's)
-            path.write_text(path.read_text().replace(IMAGE_PLACEHOLDER, image))
+        if image != IMAGE:  # every step's image and the training pipeline's `image` (a RayJob's)
+            path.write_text(path.read_text().replace(IMAGE, image))
         if chart is not None:
             text = path.read_text().replace(f": {REDIS_SECRET}\n", f": {chart['redis']['passwordSecret']}\n")
             pipeline, platform = yaml.safe_load_all(text)

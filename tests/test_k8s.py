@@ -754,10 +754,11 @@ def test_the_chart_refuses_to_install_without_a_storage_class(tmp_path):
 
 
 def test_every_image_is_the_one_the_pipelines_compile_with(kind_objects, tmp_path):
-    from pipelines.runner import IMAGE_PLACEHOLDER, compile_pipelines
+    from components.batch import IMAGE
+    from pipelines.runner import compile_pipelines
 
     images = project_images(kind_objects) | project_images([fit_rayjob()])
-    assert images == {IMAGE_PLACEHOLDER}
+    assert images == {IMAGE}
     compiled = yaml.safe_load(compile_pipelines(tmp_path)[0].read_text().split("\n---\n")[0])
     assert {e["container"]["image"] for e in compiled["deploymentSpec"]["executors"].values()} == images
 
