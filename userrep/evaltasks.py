@@ -143,6 +143,16 @@ class Context:
             return f"only {len(self.cold_rows)} users without history but with onboarding/attributes and labels"
         return self.why_no_heads
 
+    def history_inputs(self, events: pa.Table, users: np.ndarray, at: pd.Timestamp) -> tuple[np.ndarray, np.ndarray]:
+        """(side features, decayed plays) (users, K) of ``users`` from ``events`` as of ``at``, with
+        the recency decay chosen on validation users: what a +history head takes for a user whose
+        state holds those events (the hand-over, the freshness curve)."""
+        assert self.space is not None  # set with the tuned baselines, before either runs
+        plays = user_artist_matrix(events, self.space, users)[:, self.top_cols].toarray()
+        decayed = decayed_matrix(events, self.space, users, at, self.half_life_days)
+        recent = decayed[:, self.top_cols].toarray().astype(np.float32)
+        return history.side_features(plays, recent), recent
+
     def valid_score(self, scores: np.ndarray) -> float:
         """``future_listening.validation_score`` of ``scores`` (validation users x K), ranked as the
         test users are (unseen-only or not): every choice made on validation users uses this one
@@ -258,9 +268,7 @@ def run_freshness(ctx: Context, space, model, frozen_x: np.ndarray, config: Eval
         events = pa.concat_tables([past, later.filter(pa.array(ts < start))])
         state = Dataset(ctx.ds.path, events, ctx.ds.items, ctx.ds.users, ctx.ds.pairs)
         x = embed(model, build_user_features(state, at, space, user_ids=users).matrix)
-        plays = user_artist_matrix(events, space, users)[:, ctx.top_cols].toarray()
-        recent = decayed_matrix(events, space, users, at, ctx.half_life_days)[:, ctx.top_cols].toarray()
-        side = history.side_features(plays, recent.astype(np.float32))
+        side, recent = ctx.history_inputs(events, users, at)
         nrt = future_listening.scores(head, x, side) + future_listening.history_terms(ctx, side, recent, weights)
         found = [
             future_listening.ranking_rows(f, labels, ctx.history[rows], ctx.unseen_only)["ndcg@10"]

@@ -120,7 +120,7 @@ def _evaluate_once(ds: Dataset, config: EvalConfig) -> tuple[dict, Context, np.n
     ctx.direct, choices, als = _tuned_baselines(ctx, space, config)
     ctx.als_factors, ctx.onboarding_mean, ctx.space = als.user_factors, reps["onboarding_mean"], space
     watch.done("baselines (tuned on validation users)")
-    ctx.handover = _handover(ctx, space, encoders, choices["history"]["half_life_days"])
+    ctx.handover = _handover(ctx, space, encoders)
     board = Board(
         {
             "test": len(ctx.test_rows),
@@ -186,7 +186,7 @@ def prepare(ds: Dataset, config: EvalConfig):
     return ctx, space
 
 
-def _handover(ctx: Context, space: FeatureSpace, encoders: dict, half_life_days: float | None) -> dict:
+def _handover(ctx: Context, space: FeatureSpace, encoders: dict) -> dict:
     """``Context.handover``: per k in ``HANDOVER_EVENTS``, the users held out as new as of the
     cut-off with their first k history events back (onboarding picks and attributes as before).
     The k events are moved in time to end just before the cut-off, their gaps kept: a new user's
@@ -217,14 +217,8 @@ def _handover(ctx: Context, space: FeatureSpace, encoders: dict, half_life_days:
         )
         partial = Dataset(train.path, events, train.items, train.users, train.pairs)
         matrix = build_user_features(partial, ctx.split.as_of, space, user_ids=users).matrix
-        plays = baselines.user_artist_matrix(events, space, users)[:, ctx.top_cols].toarray()
-        decayed = baselines.decayed_matrix(events, space, users, ctx.split.as_of, half_life_days)
-        recent = decayed[:, ctx.top_cols].toarray().astype(np.float32)
-        out[k] = {
-            "reps": {name: encode(matrix) for name, encode in encoders.items()},
-            "side": history.side_features(plays, recent),
-            "recent": recent,
-        }
+        side, recent = ctx.history_inputs(events, users, ctx.split.as_of)
+        out[k] = {"reps": {name: encode(matrix) for name, encode in encoders.items()}, "side": side, "recent": recent}
     return out
 
 

@@ -197,6 +197,7 @@ def compare(
     at_start = build_user_features(source.of_users(td.user_ids), start, space, user_ids=td.user_ids)
     raw_x = at_start.matrix.astype(np.float32)
     mean, std = raw_x[train].mean(axis=0), np.maximum(raw_x[train].std(axis=0), 1e-6)
+    raw_standard = ((raw_x - mean) / std).astype(np.float32)  # what the team's index is searched with
     team_fitted = replace(fitted, x=raw_x, cold_x=at_start.cold_like().astype(np.float32))
     for task in REGISTERED:
         with cpu(cost["team"], task):
@@ -225,7 +226,7 @@ def compare(
     window = registry.Window(shared, replace(td, train=train, valid=test), source, start, seed)
     quality = {}
     for task in REGISTERED:
-        xs = [td.x, (raw_x - mean) / std if task == "similar_users" else raw_x]
+        xs = [td.x, raw_standard if task == "similar_users" else raw_x]
         shared_units, team_units = registry.get(task).paired([shared, team], xs, window)
         quality[task] = ratio(shared_units, team_units, seed)
     for task, y in labels.items():
@@ -260,7 +261,7 @@ def compare(
     past = (np.zeros_like(td.plays[:1]), np.zeros_like(td.recent[:1]))
     arms = (
         ("shared", shared, td.x, td.x, build_index(emb), emb),
-        ("team", team, raw_x, ((raw_x - mean) / std).astype(np.float32), team_index, raw_t),
+        ("team", team, raw_x, raw_standard, team_index, raw_t),
     )
     for arm, batch, x, queries, index, at_t in arms:
         latency[arm] = {}

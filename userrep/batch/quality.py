@@ -153,10 +153,10 @@ def best_recent(candidate: Path, recent: Sequence[Path], source: EventSource, da
         if missing_tasks(batch):
             continue
         theirs_x = window_embeddings(batch, source, data, window.start)
-        batch_id = read_manifest(batch)["batch_id"]
+        batch_id, theirs_skipped = read_manifest(batch)["batch_id"], skipped_tasks(batch)
         for task in batch_tasks(candidate):
             spec = registry.tasks().get(task)
-            if spec is None or not spec.has_head or task in skipped or task in skipped_tasks(batch):
+            if spec is None or not spec.has_head or task in skipped or task in theirs_skipped:
                 continue
             ours, theirs = spec.paired([candidate, batch], [data.x, theirs_x], window)
             pair = {"metric": spec.metric, "batch": batch_id, **compare(ours, theirs)}
